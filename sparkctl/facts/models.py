@@ -1,0 +1,133 @@
+"""HostFacts: what one read-only probe learned about a host. Frozen data, built by pure parsers."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Fact(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Interface(_Fact):
+    """A netdev as `ip -j addr` shows it."""
+
+    name: str
+    mtu: int
+    operstate: str = "UNKNOWN"
+    up: bool = False
+    ipv4: list[str] = Field(default_factory=list, description="addresses with prefix, e.g. 192.168.100.10/24")
+
+
+class NmConnection(_Fact):
+    """A NetworkManager profile (`nmcli -t connection show` + its settings)."""
+
+    uuid: str
+    name: str
+    type: str = ""
+    device: str = Field("", description="device it is active on, '' if inactive")
+    interface_name: str = ""
+    autoconnect: bool = True
+    ipv4_method: str = ""
+    ipv4_addresses: list[str] = Field(default_factory=list)
+    ipv6_method: str = ""
+    mtu: int | None = Field(None, description="802-3-ethernet.mtu; None means auto")
+    filename: str = ""
+
+
+class NmDevice(_Fact):
+    """A device as `nmcli -t device status` shows it."""
+
+    name: str
+    type: str
+    state: str
+    connection: str = ""
+
+
+class GidEntry(_Fact):
+    """One entry of an RDMA port's GID table (sysfs)."""
+
+    device: str
+    port: int
+    index: int
+    gid: str
+    type: str = ""
+    ndev: str = ""
+
+    @property
+    def ipv4(self) -> str | None:
+        """The IPv4 address of an IPv4-mapped GID (::ffff:a.b.c.d), else None."""
+        groups = self.gid.lower().split(":")
+        if len(groups) != 8 or groups[:5] != ["0000"] * 5 or groups[5] != "ffff":
+            return None
+        raw = groups[6] + groups[7]
+        return ".".join(str(int(raw[i : i + 2], 16)) for i in range(0, 8, 2))
+
+
+class Gpu(_Fact):
+    """One GPU as nvidia-smi reports it."""
+
+    name: str
+    compute_cap: str
+    driver: str
+    temperature: int | None = None
+
+
+class Process(_Fact):
+    """A process on the host."""
+
+    pid: int
+    user: str
+    args: str
+
+
+class Listener(_Fact):
+    """A listening TCP socket."""
+
+    address: str
+    port: int
+
+
+class Runtime(_Fact):
+    """What the worker runtime (venv or image) holds."""
+
+    python: str = ""
+    ray: str = ""
+    vllm: str = ""
+    torch: str = ""
+    image_id: str = ""
+
+
+class HostFacts(_Fact):
+    """Everything planning and checks need to know about one host."""
+
+    host: str
+    user: str = ""
+    home: str = ""
+    hostname: str = ""
+    sudo_nopasswd: bool = False
+    ssh_client_ip: str = ""
+    ssh_server_ip: str = ""
+    ssh_interface: str = Field("", description="interface the SSH session uses (never touched)")
+    interfaces: dict[str, Interface] = Field(default_factory=dict)
+    nm_running: bool = False
+    nm_connections: list[NmConnection] = Field(default_factory=list)
+    nm_devices: dict[str, NmDevice] = Field(default_factory=dict)
+    env_file: str | None = Field(None, description="content of the env file sparkctl manages, None if absent")
+    non_carry_over: str | None = None
+    processes: list[Process] = Field(default_factory=list)
+    listeners: list[Listener] = Field(default_factory=list)
+    meminfo_kb: dict[str, int] = Field(default_factory=dict)
+    gids: list[GidEntry] = Field(default_factory=list)
+    gpus: list[Gpu] = Field(default_factory=list)
+    netplan: dict[str, str] = Field(default_factory=dict, description="netplan files naming a fabric interface")
+    runtime: Runtime = Field(default_factory=Runtime)
+    files: dict[str, str] = Field(default_factory=dict, description="sparkctl-owned state files on the host")
+
+    def connection(self, name: str) -> NmConnection | None:
+        """The NetworkManager profile called `name`, if any."""
+        return next((c for c in self.nm_connections if c.name == name), None)
+
+    def processes_matching(self, needle: str) -> list[Process]:
+        """Processes whose command line contains `needle`."""
+        return [p for p in self.processes if needle in p.args]

@@ -1,0 +1,265 @@
+"""Pure parsers: tool output (in the formats the real tools print) -> facts."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from sparkctl.facts.models import (
+    GidEntry,
+    Gpu,
+    HostFacts,
+    Interface,
+    Listener,
+    NmConnection,
+    NmDevice,
+    Process,
+    Runtime,
+)
+from sparkctl.facts.probe import MARK
+
+
+def split_terse(line: str) -> list[str]:
+    """Split one `nmcli -t` line on unescaped ':' and undo nmcli's `\\:` / `\\\\` escapes."""
+    fields, cur, i = [], [], 0
+    while i < len(line):
+        ch = line[i]
+        if ch == "\\" and i + 1 < len(line):
+            cur.append(line[i + 1])
+            i += 2
+            continue
+        if ch == ":":
+            fields.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+        i += 1
+    fields.append("".join(cur))
+    return fields
+
+
+def parse_sections(output: str) -> dict[str, str]:
+    """Split probe output into its named sections."""
+    sections: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in output.splitlines():
+        if line.startswith(MARK + " "):
+            name = line[len(MARK) + 1 :].strip()
+            current = sections.setdefault(name, [])
+            continue
+        if current is not None:
+            current.append(line)
+    return {k: "\n".join(v) for k, v in sections.items()}
+
+
+def parse_ip_addr(text: str) -> dict[str, Interface]:
+    """`ip -j addr show` -> interfaces by name."""
+    result: dict[str, Interface] = {}
+    for link in json.loads(text or "[]"):
+        v4 = [f"{a['local']}/{a['prefixlen']}" for a in link.get("addr_info", []) if a.get("family") == "inet"]
+        flags = link.get("flags", [])
+        result[link["ifname"]] = Interface(
+            name=link["ifname"],
+            mtu=int(link.get("mtu", 0)),
+            operstate=link.get("operstate", "UNKNOWN"),
+            up="UP" in flags,
+            ipv4=v4,
+        )
+    return result
+
+
+def parse_route_dev(text: str) -> str:
+    """`ip -j route get X` -> the device the route uses ('' if none)."""
+    try:
+        routes: list[dict[str, Any]] = json.loads(text or "[]")
+    except json.JSONDecodeError:
+        return ""
+    return str(routes[0].get("dev", "")) if routes else ""
+
+
+def parse_nm_connections(listing: str, settings: str) -> list[NmConnection]:
+    """`nmcli -t -f NAME,UUID,TYPE,DEVICE,AUTOCONNECT,FILENAME connection show` + per-profile settings."""
+    details: dict[str, dict[str, str]] = {}
+    for block in re.split(r"\n\s*\n", settings.strip()):
+        kv: dict[str, str] = {}
+        for line in block.splitlines():
+            key, _, value = line.partition(":")
+            kv[key] = value.replace("\\:", ":").replace("\\\\", "\\")
+        if "connection.uuid" in kv:
+            details[kv["connection.uuid"]] = kv
+    result = []
+    for line in listing.splitlines():
+        if not line.strip():
+            continue
+        f = split_terse(line)
+        if len(f) < 6:
+            continue
+        name, uuid, ctype, device, autoconnect, filename = f[:6]
+        d = details.get(uuid, {})
+        mtu = d.get("802-3-ethernet.mtu", "auto")
+        addrs = [a.strip() for a in d.get("ipv4.addresses", "").split(",") if a.strip() and a.strip() != "--"]
+        result.append(
+            NmConnection(
+                uuid=uuid,
+                name=name,
+                type=ctype,
+                device="" if device in ("", "--") else device,
+                interface_name="" if d.get("connection.interface-name", "--") == "--" else d["connection.interface-name"],
+                autoconnect=autoconnect == "yes",
+                ipv4_method=d.get("ipv4.method", ""),
+                ipv4_addresses=addrs,
+                ipv6_method=d.get("ipv6.method", ""),
+                mtu=int(mtu) if mtu.isdigit() and int(mtu) > 0 else None,
+                filename=filename,
+            )
+        )
+    return result
+
+
+def parse_nm_devices(text: str) -> dict[str, NmDevice]:
+    """`nmcli -t -f DEVICE,TYPE,STATE,CONNECTION device status` -> devices by name."""
+    result = {}
+    for line in text.splitlines():
+        f = split_terse(line)
+        if len(f) >= 4 and f[0]:
+            result[f[0]] = NmDevice(name=f[0], type=f[1], state=f[2], connection="" if f[3] == "--" else f[3])
+    return result
+
+
+def parse_gids(text: str) -> list[GidEntry]:
+    """`grep -H '' <port>/gids/* <port>/gid_attrs/{types,ndevs}/*` -> the non-empty GID entries."""
+    table: dict[tuple[str, int, int], dict[str, str]] = {}
+    pattern = re.compile(r"^/sys/class/infiniband/([^/]+)/ports/(\d+)/(gids|gid_attrs/types|gid_attrs/ndevs)/(\d+):(.*)$")
+    for line in text.splitlines():
+        m = pattern.match(line)
+        if not m:
+            continue
+        dev, port, kind, idx, value = m.groups()
+        table.setdefault((dev, int(port), int(idx)), {})[kind.rsplit("/", 1)[-1]] = value.strip()
+    entries = []
+    for (dev, port, idx), v in sorted(table.items()):
+        gid = v.get("gids", "")
+        if not gid or set(gid) <= {"0", ":"}:
+            continue
+        entries.append(GidEntry(device=dev, port=port, index=idx, gid=gid, type=v.get("types", ""), ndev=v.get("ndevs", "")))
+    return entries
+
+
+def parse_nvidia_smi(text: str) -> list[Gpu]:
+    """`nvidia-smi --query-gpu=name,compute_cap,driver_version,temperature.gpu --format=csv,noheader`."""
+    gpus = []
+    for line in text.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) < 3 or not re.match(r"^\d+\.\d+$", parts[1]):
+            continue
+        temp = parts[3] if len(parts) > 3 else ""
+        gpus.append(Gpu(name=parts[0], compute_cap=parts[1], driver=parts[2], temperature=int(temp) if temp.isdigit() else None))
+    return gpus
+
+
+def parse_processes(text: str) -> list[Process]:
+    """`ps -eo pid=,user=,args=`."""
+    result = []
+    for line in text.splitlines():
+        parts = line.split(None, 2)
+        if len(parts) == 3 and parts[0].isdigit():
+            result.append(Process(pid=int(parts[0]), user=parts[1], args=parts[2]))
+    return result
+
+
+def parse_listeners(text: str) -> list[Listener]:
+    """`ss -ltnH` -> listening (address, port)."""
+    result = []
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) < 4:
+            continue
+        addr, _, port = parts[3].rpartition(":")
+        if port.isdigit():
+            result.append(Listener(address=addr.strip("[]").split("%")[0], port=int(port)))
+    return result
+
+
+def parse_meminfo(text: str) -> dict[str, int]:
+    """`/proc/meminfo` lines -> kB values."""
+    result = {}
+    for line in text.splitlines():
+        m = re.match(r"^(\w+):\s+(\d+)", line)
+        if m:
+            result[m.group(1)] = int(m.group(2))
+    return result
+
+
+def parse_runtime(text: str) -> Runtime:
+    """Python version, dist-info names and/or a docker image id -> Runtime."""
+    values: dict[str, str] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("Python "):
+            values["python"] = line.split()[1]
+        elif line.startswith("image_id="):
+            values["image_id"] = line.removeprefix("image_id=")
+        else:
+            m = re.match(r"^(ray|vllm|torch)-([^-]+)\.dist-info$", line)
+            if m:
+                values[m.group(1)] = m.group(2)
+    return Runtime(**values)
+
+
+def parse_netplan(text: str) -> dict[str, str]:
+    """`== file` headers followed by file content -> {file: content}."""
+    files: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in text.splitlines():
+        if line.startswith("== /"):
+            current = files.setdefault(line[3:], [])
+        elif current is not None:
+            current.append(line)
+    return {k: "\n".join(v) + "\n" for k, v in files.items()}
+
+
+def _file_section(text: str) -> str | None:
+    lines = text.split("\n")
+    if not lines or lines[-1] != f"{MARK} present":
+        return None
+    body = lines[:-1]
+    if body and body[-1] == "":
+        body = body[:-1]
+    return "\n".join(body) + "\n" if body else ""
+
+
+def parse_probe(host: str, output: str) -> HostFacts:
+    """Whole probe output -> HostFacts."""
+    s = parse_sections(output)
+    ident = s.get("identity", "").splitlines() + ["", "", ""]
+    ssh_lines = s.get("ssh", "").split("\n", 1) + [""]
+    ssh_conn = ssh_lines[0].split()
+    state_files = {}
+    for line in s.get("state_files", "").splitlines():
+        name, _, value = line.partition(":")
+        state_files[name] = value
+    return HostFacts(
+        host=host,
+        user=ident[0].strip(),
+        home=ident[1].strip(),
+        hostname=ident[2].strip(),
+        sudo_nopasswd=s.get("sudo", "").strip() == "nopasswd",
+        ssh_client_ip=ssh_conn[0] if len(ssh_conn) >= 4 else "",
+        ssh_server_ip=ssh_conn[2] if len(ssh_conn) >= 4 else "",
+        ssh_interface=parse_route_dev(ssh_lines[1]),
+        interfaces=parse_ip_addr(s.get("ip_addr", "")),
+        nm_running=s.get("nm_running", "").strip() == "running",
+        nm_connections=parse_nm_connections(s.get("nm_connections", ""), s.get("nm_settings", "")),
+        nm_devices=parse_nm_devices(s.get("nm_devices", "")),
+        env_file=_file_section(s.get("env_file", "")),
+        non_carry_over=_file_section(s.get("non_carry_over", "")),
+        processes=parse_processes(s.get("processes", "")),
+        listeners=parse_listeners(s.get("listeners", "")),
+        meminfo_kb=parse_meminfo(s.get("meminfo", "")),
+        gids=parse_gids(s.get("gids", "")),
+        gpus=parse_nvidia_smi(s.get("gpus", "")),
+        netplan=parse_netplan(s.get("netplan", "")),
+        runtime=parse_runtime(s.get("runtime", "")),
+        files=state_files,
+    )

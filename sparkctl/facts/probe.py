@@ -1,0 +1,68 @@
+"""The read-only probe: one shell script per host, sent on stdin, printing delimited sections."""
+
+from __future__ import annotations
+
+import shlex
+
+from sparkctl import paths
+from sparkctl.inventory.models import Host, Inventory
+
+MARK = "@@sparkctl"
+
+NMCLI_CON_FIELDS = "NAME,UUID,TYPE,DEVICE,AUTOCONNECT,FILENAME"
+NMCLI_SETTINGS = (
+    "connection.uuid,connection.interface-name,ipv4.method,ipv4.addresses,ipv6.method,802-3-ethernet.mtu"
+)
+NVIDIA_QUERY = "--query-gpu=name,compute_cap,driver_version,temperature.gpu"
+STATE_FILES = ("embed_worker.py.sha256", "ray-token.sha256")
+
+
+def build_probe(inventory: Inventory, host: Host) -> str:
+    """The probe script for `host`. It only reads; every section is printed even when a tool is absent."""
+    q = shlex.quote
+    twins = " ".join(q(t.interface) for t in host.fabric)
+    state = f'"$HOME"/{q(paths.STATE)}'
+    rt = inventory.runtime
+    if rt.venv:
+        venv = q(rt.venv)
+        runtime = (
+            f"{venv}/bin/python -V 2>&1; "
+            f"for d in {venv}/lib/python3*/site-packages/*.dist-info; do echo \"${{d##*/}}\"; done 2>/dev/null "
+            "| grep -E '^(ray|vllm|torch)-' || true"
+        )
+    else:
+        runtime = f"docker image inspect --format 'image_id={{{{.Id}}}}' {q(rt.image or '')} 2>/dev/null || true"
+    sections = {
+        "identity": 'id -un; echo "$HOME"; hostname',
+        "sudo": "sudo -n true 2>/dev/null && echo nopasswd || echo password",
+        "ssh": 'echo "$SSH_CONNECTION"; ip -j route get "${SSH_CONNECTION%% *}" 2>/dev/null || echo "[]"',
+        "ip_addr": "ip -j addr show",
+        "nm_running": "nmcli -t -f RUNNING general 2>/dev/null || echo absent",
+        "nm_connections": f"nmcli -t -f {NMCLI_CON_FIELDS} connection show 2>/dev/null || true",
+        "nm_settings": (
+            f"for u in $(nmcli -t -f UUID connection show 2>/dev/null); do "
+            f"nmcli -t -f {NMCLI_SETTINGS} connection show uuid \"$u\" 2>/dev/null "
+            f"|| nmcli -t -f {NMCLI_SETTINGS.removesuffix(',802-3-ethernet.mtu')} connection show uuid \"$u\"; "
+            "echo; done"
+        ),
+        "nm_devices": "nmcli -t -f DEVICE,TYPE,STATE,CONNECTION device status 2>/dev/null || true",
+        "env_file": f"cat {q(paths.ENV_FILE)} 2>/dev/null && echo && echo '{MARK} present' || echo '{MARK} absent'",
+        "non_carry_over": f'cat "$HOME"/{q(paths.NON_CARRY_OVER)} 2>/dev/null && echo && echo \'{MARK} present\' '
+        f"|| echo '{MARK} absent'",
+        "state_files": f"cd {state} 2>/dev/null && grep -H '' {' '.join(STATE_FILES)} 2>/dev/null; true",
+        "processes": "ps -eo pid=,user=,args=",
+        "listeners": "ss -ltnH 2>/dev/null || true",
+        "meminfo": "grep -E '^(MemTotal|MemFree|MemAvailable|Cached|Buffers):' /proc/meminfo",
+        "gids": (
+            "for p in /sys/class/infiniband/*/ports/*; do [ -d \"$p/gids\" ] || continue; "
+            "grep -H '' \"$p\"/gids/* \"$p\"/gid_attrs/types/* \"$p\"/gid_attrs/ndevs/* 2>/dev/null; done; true"
+        ),
+        "gpus": f"command -v nvidia-smi >/dev/null && nvidia-smi {NVIDIA_QUERY} --format=csv,noheader 2>&1 || true",
+        "netplan": (
+            f"for f in /etc/netplan/*.yaml; do [ -f \"$f\" ] || continue; for i in {twins}; do "
+            "grep -q -- \"$i\" \"$f\" 2>/dev/null && { echo \"== $f\"; cat \"$f\"; break; }; done; done; true"
+        ),
+        "runtime": runtime,
+    }
+    body = "\n".join(f"echo '{MARK} {name}'\n{cmd}" for name, cmd in sections.items())
+    return f"export LC_ALL=C PATH=\"$PATH:/usr/sbin:/sbin\"\n{body}\necho '{MARK} end'\n"

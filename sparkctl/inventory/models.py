@@ -1,0 +1,236 @@
+"""Inventory models: what a cluster of Sparks should look like. Field descriptions are the reference docs."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+# Plain names only: no whitespace, no shell metacharacters, no leading '-' (it would read as an option).
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_IFNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$")
+_MODEL = re.compile(r"^[A-Za-z0-9_./~][A-Za-z0-9_./:@+~-]*$")
+_ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_IMAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./:@-]*$")
+
+
+def _plain_name(value: str) -> str:
+    if not _NAME.match(value):
+        raise ValueError(f"{value!r} is not a plain name (letters, digits, '_', '.', '-'; no leading '-')")
+    return value
+
+
+def _interface_name(value: str) -> str:
+    if not _IFNAME.match(value):
+        raise ValueError(f"{value!r} is not a Linux interface name (at most 15 of letters, digits, '_', '.', '-')")
+    return value
+
+
+def _host_address(value: str) -> str:
+    try:
+        ipaddress.ip_address(value)
+        return value
+    except ValueError:
+        pass
+    labels = value.split(".")
+    if not value or len(value) > 253 or not all(re.match(r"^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?$", x) for x in labels):
+        raise ValueError(f"{value!r} is neither an IP address nor a DNS name")
+    return value
+
+
+def _model_name(value: str) -> str:
+    if not _MODEL.match(value):
+        raise ValueError(f"{value!r} is not a model id or path (no spaces, quotes or shell metacharacters)")
+    return value
+
+
+def _single_line(value: str) -> str:
+    if "\n" in value or "\0" in value or "\r" in value:
+        raise ValueError("must be a single line")
+    return value
+
+
+def _image_name(value: str) -> str:
+    if not _IMAGE.match(value):
+        raise ValueError(f"{value!r} is not a container image reference")
+    return value
+
+
+def _abs_path(value: str) -> str:
+    if not value.startswith("/") or not re.match(r"^[A-Za-z0-9_./+-]+$", value):
+        raise ValueError(f"{value!r} must be an absolute path of plain characters")
+    return value
+
+
+PlainName = Annotated[str, AfterValidator(_plain_name)]
+InterfaceName = Annotated[str, AfterValidator(_interface_name)]
+HostAddress = Annotated[str, AfterValidator(_host_address)]
+ModelName = Annotated[str, AfterValidator(_model_name)]
+SingleLine = Annotated[str, AfterValidator(_single_line)]
+AbsPath = Annotated[str, AfterValidator(_abs_path)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SshSettings(_Model):
+    """How the laptop reaches the hosts. Unset values come from ~/.ssh/config, then OpenSSH defaults."""
+
+    user: PlainName | None = Field(None, description="Login user; default from ~/.ssh/config or the local user.")
+    port: Port | None = Field(None, description="SSH port; default from ~/.ssh/config or 22.")
+    identity_file: str | None = Field(None, description="Private key file; ssh-agent and ~/.ssh/config keys are used too.")
+    known_hosts: str = Field("~/.ssh/known_hosts", description="known_hosts file host keys are checked against.")
+    host_key_policy: Literal["reject", "accept_new"] = Field(
+        "reject", description="Unknown host keys: 'reject' (default) or 'accept_new' (record them on first use)."
+    )
+    connect_timeout: float = Field(10, gt=0, description="Seconds to wait for a connection.")
+    command_timeout: float = Field(120, gt=0, description="Seconds any one command may take.")
+
+
+class SshOverride(_Model):
+    """Per-host overrides of the cluster's SSH settings."""
+
+    user: PlainName | None = None
+    port: Port | None = None
+    identity_file: str | None = None
+
+
+class SudoSettings(_Model):
+    """Where the sudo password comes from when a host needs one (never from the inventory itself)."""
+
+    password_env: Annotated[str, AfterValidator(_plain_name)] = Field(
+        "SPARKCTL_SUDO_PASSWORD", description="Environment variable holding the sudo password."
+    )
+    password_file: str | None = Field(None, description="File holding the sudo password (first line).")
+
+
+class FabricInterface(_Model):
+    """One ConnectX-7 twin netdev and the static address sparkctl gives it."""
+
+    interface: InterfaceName = Field(description="Netdev name, e.g. enp1s0f1np1.")
+    address: ipaddress.IPv4Interface = Field(description="IPv4 address with prefix, e.g. 192.168.100.10/24.")
+    rdma_device: InterfaceName | None = Field(None, description="RDMA device of this netdev, e.g. rocep1s0f1.")
+
+
+class Host(_Model):
+    """One Spark."""
+
+    name: PlainName = Field(description="Short name used in output and on the command line.")
+    address: HostAddress = Field(description="Management address the laptop reaches over SSH.")
+    ssh: SshOverride = Field(default_factory=SshOverride, description="Overrides of the cluster SSH settings.")
+    fabric: list[FabricInterface] = Field(min_length=1, description="Fabric twins, in link order.")
+    gpus: int = Field(1, ge=0, description="GPUs on this host (one GB10 per Spark).")
+
+
+class Network(_Model):
+    """Fabric link settings shared by all twins."""
+
+    mtu: int = Field(9000, ge=1280, le=9216, description="MTU on every twin.")
+    topology: Literal["direct"] = Field("direct", description="'direct': two hosts joined by one cable.")
+
+
+class RayPorts(_Model):
+    """Ray's ports, pinned so that every listener is known (and can be kept off the management network)."""
+
+    node_manager: Port = 6381
+    object_manager: Port = 6382
+    dashboard: Port = 8265
+    dashboard_agent_listen: Port = 52365
+    dashboard_agent_grpc: Port = 52366
+    runtime_env_agent: Port = 52367
+    metrics_export: Port = 52368
+    client_server: Port = 10001
+    min_worker: Port = 10100
+    max_worker: Port = 10199
+
+
+class RaySettings(_Model):
+    """The Ray cluster sparkctl forms over the fabric."""
+
+    head: PlainName | None = Field(None, description="Host running the Ray head; default the first host.")
+    port: Port = Field(6379, description="GCS port on the head's fabric address.")
+    ports: RayPorts = Field(default_factory=RayPorts, description="Other Ray ports, pinned.")
+    dashboard: bool = Field(True, description="Run the dashboard on 127.0.0.1 (reach it with `sparkctl dashboard`).")
+
+
+class Runtime(_Model):
+    """Where Ray and the workers run on every host: a venv, or a container image."""
+
+    venv: AbsPath | None = Field(None, description="Python venv present on every host (holds ray, vllm, torch).")
+    image: Annotated[str, AfterValidator(_image_name)] | None = Field(
+        None, description="Container image (e.g. nvcr.io/nvidia/vllm:25.11-py3) run with docker on every host."
+    )
+    hf_cache: str = Field("~/.cache/huggingface", description="Hugging Face cache on the hosts (mounted in containers).")
+    shm_size_gb: int = Field(64, ge=1, description="Container shared memory size in GiB.")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Runtime:
+        if (self.venv is None) == (self.image is None):
+            raise ValueError("set exactly one of 'venv' or 'image'")
+        return self
+
+
+class Workload(_Model):
+    """A model served across the cluster."""
+
+    name: PlainName = Field(description="Workload name (used in commands, logs, status).")
+    engine: Literal["vllm", "embed"] = Field(description="'vllm', or 'embed' (sparkctl's built-in TP embedder).")
+    model: ModelName = Field("all-MiniLM-L6-v2", description="Model id or a model directory on the hosts.")
+    tensor_parallel_size: int = Field(2, ge=1, description="Ranks the model is split across.")
+    replicas: int = Field(1, ge=1, description="embed only: independent full copies, one per host.")
+    gpu_memory_utilization: float = Field(
+        0.85, gt=0, le=0.90, description="Share of unified memory vLLM may take (SM121: 0.90 at most)."
+    )
+    port: Port = Field(8000, description="API port on the head host.")
+    bind: Literal["fabric", "management", "loopback"] = Field(
+        "management", description="Where the API listens on the head: its management, fabric or loopback address."
+    )
+    api_key_env: PlainName | None = Field(
+        None, description="Laptop env var holding the API key; default a generated key stored 0600 on the laptop."
+    )
+    extra_args: list[SingleLine] = Field(default_factory=list, description="Extra engine arguments, verbatim.")
+    env: dict[str, SingleLine] = Field(default_factory=dict, description="Extra environment for the workers.")
+    ready_timeout: float = Field(1800, gt=0, description="Seconds to wait for the endpoint to answer.")
+
+    @model_validator(mode="after")
+    def _env_keys(self) -> Workload:
+        bad = [k for k in self.env if not _ENV_KEY.match(k)]
+        if bad:
+            raise ValueError(f"env keys must be variable names: {', '.join(map(repr, bad))}")
+        return self
+
+
+class Inventory(_Model):
+    """A cluster of Sparks."""
+
+    cluster: PlainName = Field(description="Cluster name.")
+    ssh: SshSettings = Field(default_factory=SshSettings)
+    sudo: SudoSettings = Field(default_factory=SudoSettings)
+    network: Network = Field(default_factory=Network)
+    hosts: list[Host] = Field(min_length=1)
+    runtime: Runtime = Field(default_factory=lambda: Runtime(venv="/opt/sparkctl-runtime"))
+    ray: RaySettings = Field(default_factory=RaySettings)
+    workloads: list[Workload] = Field(default_factory=list)
+
+    def host(self, name: str) -> Host:
+        """The host called `name`."""
+        for h in self.hosts:
+            if h.name == name:
+                return h
+        raise KeyError(name)
+
+    @property
+    def head(self) -> Host:
+        """The host running the Ray head."""
+        return self.host(self.ray.head) if self.ray.head else self.hosts[0]
+
+    def workload(self, name: str) -> Workload:
+        """The workload called `name`."""
+        for w in self.workloads:
+            if w.name == name:
+                return w
+        raise KeyError(name)

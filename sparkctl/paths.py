@@ -1,0 +1,35 @@
+"""Where sparkctl keeps things on the hosts. Pure constants and functions of a home directory."""
+
+from __future__ import annotations
+
+ENV_FILE = "/etc/sparkctl/worker.env"
+"""The per-host worker environment (KEY=value lines, readable by `docker --env-file` and `sh`)."""
+
+NON_CARRY_OVER = ".config/vllm/ray_non_carry_over_env_vars.json"
+"""vLLM reads this list (relative to $HOME) of variables Ray must not copy from the head to workers."""
+
+STATE = ".local/state/sparkctl"
+"""Per-user state on a host (relative to $HOME): logs, the Ray token, the worker code."""
+
+CONNECTION_PREFIX = "sparkctl-"
+"""NetworkManager profiles sparkctl owns are named sparkctl-<interface>."""
+
+
+def state_dir(home: str) -> str:
+    """Absolute state dir on a host."""
+    return f"{home.rstrip('/')}/{STATE}"
+
+
+def log_path(home: str, name: str) -> str:
+    """Log file of `ray` or a workload on a host."""
+    return f"{state_dir(home)}/logs/{name}.log"
+
+
+def token_path(home: str) -> str:
+    """The Ray auth token on a host (0600)."""
+    return f"{state_dir(home)}/ray-token"
+
+
+def connection_name(interface: str) -> str:
+    """The NetworkManager profile sparkctl owns for `interface`."""
+    return f"{CONNECTION_PREFIX}{interface}"
