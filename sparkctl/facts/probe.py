@@ -14,7 +14,7 @@ NMCLI_SETTINGS = (
     "connection.uuid,connection.interface-name,ipv4.method,ipv4.addresses,ipv6.method,802-3-ethernet.mtu"
 )
 NVIDIA_QUERY = "--query-gpu=name,compute_cap,driver_version,temperature.gpu"
-STATE_FILES = ("embed_worker.py.sha256", "ray-token.sha256")
+DIGESTED_FILES = ("ray-token", "embed_worker.py")
 
 
 def build_probe(inventory: Inventory, host: Host) -> str:
@@ -49,7 +49,10 @@ def build_probe(inventory: Inventory, host: Host) -> str:
         "env_file": f"cat {q(paths.ENV_FILE)} 2>/dev/null && echo && echo '{MARK} present' || echo '{MARK} absent'",
         "non_carry_over": f'cat "$HOME"/{q(paths.NON_CARRY_OVER)} 2>/dev/null && echo && echo \'{MARK} present\' '
         f"|| echo '{MARK} absent'",
-        "state_files": f"cd {state} 2>/dev/null && grep -H '' {' '.join(STATE_FILES)} 2>/dev/null; true",
+        "state_files": (
+            f"cd {state} 2>/dev/null && {{ sha256sum {' '.join(DIGESTED_FILES)} 2>/dev/null "
+            "| while read -r d f; do echo \"$f.sha256:$d\"; done; grep -H '' workload-*.pid workload-*.spec 2>/dev/null; }; true"
+        ),
         "processes": "ps -eo pid=,user=,args=",
         "listeners": "ss -ltnH 2>/dev/null || true",
         "meminfo": "grep -E '^(MemTotal|MemFree|MemAvailable|Cached|Buffers):' /proc/meminfo",

@@ -1,0 +1,85 @@
+"""Text renderings of plans, reports and progress events."""
+
+from __future__ import annotations
+
+import sys
+from typing import TextIO
+
+from sparkctl.plan.models import Plan
+from sparkctl.runbook.engine import Event, Report
+
+SYMBOL = {"ok": "ok", "changed": "changed", "failed": "FAILED", "skipped": "skipped"}
+
+
+def render_plan(plan: Plan) -> str:
+    """The plan per host, per step: description, exact commands, diff."""
+    head = f"plan: {plan.runbook} on {plan.cluster} ({len(plan.hosts)} hosts)"
+    if plan.offline:
+        head += ", offline: hosts assumed fresh"
+    lines = [head]
+    for host in plan.hosts:
+        steps = [(st.name, s) for st in plan.stages for s in st.steps if s.host == host]
+        changing = sum(1 for _, s in steps if s.changes)
+        lines.append("")
+        lines.append(f"{host}: {changing} change(s)" if changing else f"{host}: no changes")
+        for stage, s in steps:
+            mark = "~" if s.changes else "?"
+            extra = "  [depends on an earlier step]" if s.depends_on_earlier else ""
+            lines.append(f"  {mark} {stage}: {s.description}{extra}")
+            for c in s.commands:
+                lines.append(f"      $ {c.render()}")
+            for d in s.diff:
+                lines.append(f"      {d}")
+            for n in s.notes:
+                lines.append(f"      note: {n}")
+    lines.append("")
+    for note in plan.notes:
+        lines.append(f"note: {note}")
+    lines.append(f"{plan.changes} change(s) planned" if plan.changes else "no changes: the cluster is converged")
+    lines.append("(~ changes something, ? read-only check)")
+    return "\n".join(lines)
+
+
+def render_report(report: Report) -> str:
+    """Per host: ok / changed / failed / unreachable, then failures with their output."""
+    lines = [f"{report.runbook} on {report.cluster}: " + ("done" if report.ok else
+                                                         "interrupted" if report.interrupted else "FAILED")]
+    for host, status in report.hosts.items():
+        n = sum(1 for r in report.results if r.host == host and r.status == "changed")
+        lines.append(f"  {host}: {SYMBOL.get(status, status)}" + (f" ({n} step(s) changed)" if n else ""))
+    for r in report.results:
+        if r.status == "failed":
+            lines.append(f"error: {r.host} {r.stage}/{r.step}: {r.error}")
+            if r.log_tail:
+                lines.append("  log tail:")
+                lines += [f"    {x}" for x in r.log_tail.splitlines()]
+    for rev in report.revisions:
+        lines.append(f"note: plan revised: {rev}")
+    if report.run_id:
+        lines.append(f"journal: sparkctl history show {report.run_id}")
+    return "\n".join(lines)
+
+
+class Progress:
+    """Renders engine events: one plain line per event (stderr), compact on a terminal."""
+
+    def __init__(self, stream: TextIO | None = None, quiet: bool = False) -> None:
+        self.stream = stream or sys.stderr
+        self.quiet = quiet
+
+    def __call__(self, e: Event) -> None:
+        if self.quiet:
+            return
+        if e.kind == "stage":
+            text = f"== {e.stage}"
+        elif e.kind == "step_start":
+            text = f"   {e.host}: {e.step} ..."
+        elif e.kind == "step_end":
+            text = f"   {e.host}: {e.step} {SYMBOL.get(e.status, e.status)} ({e.elapsed:.1f}s)"
+            if e.status == "failed":
+                text += f": {e.message}"
+        elif e.kind == "phase":
+            text = f"   {e.host}: {e.step} phase {e.status}" + (f": {e.message}" if e.message else "")
+        else:
+            text = f"   note: {e.message}"
+        print(text, file=self.stream, flush=True)

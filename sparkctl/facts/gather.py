@@ -1,0 +1,36 @@
+"""Gather facts: the probe on every host in parallel, one round trip each."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+
+from sparkctl.errors import HostError
+from sparkctl.execute.base import Transport
+from sparkctl.facts.models import HostFacts
+from sparkctl.facts.parse import parse_probe
+from sparkctl.facts.probe import MARK, build_probe
+from sparkctl.inventory.models import Inventory
+
+PROBE_TIMEOUT = 60
+
+
+def gather_host(inv: Inventory, name: str, transport: Transport) -> HostFacts:
+    """Run the probe on one host and parse it."""
+    script = build_probe(inv, inv.host(name))
+    result = transport.run("sh -s", stdin=script, timeout=PROBE_TIMEOUT)
+    if f"{MARK} end" not in result.stdout:
+        raise HostError(f"{name}: the fact probe did not complete (exit {result.exit_code}): {result.stderr[-300:]}")
+    return parse_probe(name, result.stdout)
+
+
+def gather_facts(inv: Inventory, transports: Mapping[str, Transport]) -> dict[str, HostFacts | HostError]:
+    """Facts per host, or the error that kept us from them."""
+    def one(name: str) -> HostFacts | HostError:
+        try:
+            return gather_host(inv, name, transports[name])
+        except HostError as exc:
+            return exc
+
+    with ThreadPoolExecutor(max_workers=max(1, len(transports))) as pool:
+        return dict(zip(transports, pool.map(one, transports), strict=True))

@@ -1,0 +1,189 @@
+"""Pure builders of the shell lines that start and stop Ray and workloads on a host."""
+
+from __future__ import annotations
+
+import json
+import shlex
+
+from sparkctl import paths
+from sparkctl.inventory.models import Host, Inventory, Workload
+
+q = shlex.quote
+
+WORKER_FILE = "embed_worker.py"
+RAY_CONTAINER = "sparkctl-ray"
+
+
+def fabric_ip(host: Host) -> str:
+    """The address Ray and the collectives use on a host."""
+    return str(host.fabric[0].address.ip)
+
+
+def _env_prelude(home: str) -> str:
+    """Load the env file and turn on Ray token auth (the token is a file, never a value on a command line)."""
+    return (f"set -a && . {q(paths.ENV_FILE)} && set +a && "
+            f"export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={q(paths.token_path(home))} && ")
+
+
+def ray_start_argv(inv: Inventory, host: Host) -> list[str]:
+    """`ray start` for a host: head or worker, every port pinned, bound to the fabric address."""
+    ports = inv.ray.ports
+    ip = fabric_ip(host)
+    argv = ["ray", "start", f"--node-ip-address={ip}", "--disable-usage-stats",
+            f"--node-manager-port={ports.node_manager}", f"--object-manager-port={ports.object_manager}",
+            f"--min-worker-port={ports.min_worker}", f"--max-worker-port={ports.max_worker}",
+            f"--dashboard-agent-listen-port={ports.dashboard_agent_listen}",
+            f"--dashboard-agent-grpc-port={ports.dashboard_agent_grpc}",
+            f"--runtime-env-agent-port={ports.runtime_env_agent}", f"--metrics-export-port={ports.metrics_export}",
+            f"--num-gpus={host.gpus}"]
+    if host.name == inv.head.name:
+        argv += ["--head", f"--port={inv.ray.port}", f"--ray-client-server-port={ports.client_server}"]
+        if inv.ray.dashboard:
+            argv += ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={ports.dashboard}"]
+        else:
+            argv += ["--include-dashboard=false"]
+    else:
+        argv += [f"--address={fabric_ip(inv.head)}:{inv.ray.port}"]
+    return argv
+
+
+def build_ray_start(inv: Inventory, host: Host, home: str) -> str:
+    """Shell line starting Ray on `host` detached from the SSH session, logging to the host's ray log."""
+    log = paths.log_path(home, "ray")
+    rt = inv.runtime
+    if rt.venv:
+        argv = ray_start_argv(inv, host)
+        argv[0] = f"{rt.venv}/bin/ray"
+        inner = _env_prelude(home) + f"exec {shlex.join(argv)}"
+        return (f"mkdir -p {q(paths.state_dir(home))}/logs && "
+                f"setsid -w sh -c {q(inner)} >> {q(log)} 2>&1 < /dev/null")
+    argv = [*ray_start_argv(inv, host), "--block"]
+    docker = ["docker", "run", "-d", "--name", RAY_CONTAINER, *container_flags(inv, home),
+              rt.image or "", "sh", "-c", shlex.join(argv)]
+    return f"mkdir -p {q(paths.state_dir(home))}/logs && {shlex.join(docker)}"
+
+
+def container_flags(inv: Inventory, home: str) -> list[str]:
+    """docker run flags for the worker container on a Spark."""
+    hf = inv.runtime.hf_cache.replace("~", home, 1)
+    return ["--gpus", "all", "--network", "host", "--ipc", "host", f"--shm-size={inv.runtime.shm_size_gb}g",
+            "--ulimit", "memlock=-1", "--ulimit", "stack=67108864", "--device", "/dev/infiniband",
+            "--env-file", paths.ENV_FILE, "-e", "RAY_AUTH_MODE=token",
+            "-e", "RAY_AUTH_TOKEN_PATH=/sparkctl/ray-token",
+            "-v", f"{paths.state_dir(home)}:/sparkctl", "-v", f"{hf}:/root/.cache/huggingface"]
+
+
+def build_ray_stop(inv: Inventory, home: str) -> str:
+    """Shell line stopping Ray on a host (safe when nothing runs)."""
+    if inv.runtime.venv:
+        return f"{q(inv.runtime.venv)}/bin/ray stop --force >/dev/null 2>&1; true"
+    return f"docker rm -f {RAY_CONTAINER} >/dev/null 2>&1; true"
+
+
+def ray_check_script(expected_ips: list[str]) -> str:
+    """Python run on the head: exit 0 when every expected node is alive with its resources."""
+    return (
+        "import json, sys, ray\n"
+        "ray.init(address='auto', logging_level='ERROR', log_to_driver=False)\n"
+        "alive = {n['NodeManagerAddress']: n['Resources'] for n in ray.nodes() if n['Alive']}\n"
+        f"want = {expected_ips!r}\n"
+        "missing = [ip for ip in want if ip not in alive]\n"
+        "print(json.dumps({'alive': alive, 'missing': missing}))\n"
+        "sys.exit(1 if missing else 0)\n"
+    )
+
+
+def build_ray_check(inv: Inventory, home: str) -> str:
+    """Shell line on the head running the formation check."""
+    script = ray_check_script([fabric_ip(h) for h in inv.hosts])
+    head = f"{fabric_ip(inv.head)}:{inv.ray.port}"
+    if inv.runtime.venv:
+        return (f"{_env_prelude(home)}export RAY_ADDRESS={q(head)} && "
+                f"{q(inv.runtime.venv)}/bin/python -c {q(script)}")
+    return f"docker exec -e RAY_ADDRESS={q(head)} {RAY_CONTAINER} python -c {q(script)}"
+
+
+def bind_address(inv: Inventory, w: Workload) -> str:
+    """Where a workload's API listens on the head."""
+    return {"fabric": fabric_ip(inv.head), "management": inv.head.address, "loopback": "127.0.0.1"}[w.bind]
+
+
+def endpoint(inv: Inventory, w: Workload) -> str:
+    """Base URL of a workload's API as the laptop reaches it."""
+    host = inv.head.address if w.bind != "fabric" else fabric_ip(inv.head)
+    return f"http://{host}:{w.port}"
+
+
+def workload_argv(inv: Inventory, w: Workload, home: str) -> list[str]:
+    """The program and arguments a workload runs on the head."""
+    if w.engine == "embed":
+        py = f"{inv.runtime.venv}/bin/python" if inv.runtime.venv else "python"
+        worker = f"{paths.state_dir(home)}/{WORKER_FILE}" if inv.runtime.venv else f"/sparkctl/{WORKER_FILE}"
+        bundle = {"GPU": 1} if all(h.gpus for h in inv.hosts) and inv.runtime.image else {"CPU": 1}
+        return [py, worker, "--model", w.model, "--tp", str(w.tensor_parallel_size), "--replicas", str(w.replicas),
+                "--host", bind_address(inv, w), "--port", str(w.port), "--served-name", w.name,
+                "--bundle-resources", json.dumps(bundle, separators=(",", ":")), *w.extra_args]
+    vllm = f"{inv.runtime.venv}/bin/vllm" if inv.runtime.venv else "vllm"
+    return [vllm, "serve", w.model, "--served-model-name", w.name,
+            "--tensor-parallel-size", str(w.tensor_parallel_size),
+            "--distributed-executor-backend", "ray", "--gpu-memory-utilization", f"{w.gpu_memory_utilization:g}",
+            "--host", bind_address(inv, w), "--port", str(w.port), *w.extra_args]
+
+
+SPREAD = json.dumps({"placement_group_options": {"strategy": "SPREAD"}}, separators=(",", ":"))
+
+
+def workload_env(w: Workload) -> dict[str, str]:
+    """Extra environment of a workload process (besides the env file and the API key)."""
+    env = {"VLLM_DISTRIBUTED_EXECUTOR_CONFIG": SPREAD} if w.engine == "vllm" else {}
+    return env | dict(w.env)
+
+
+def workload_spec(inv: Inventory, w: Workload, home: str) -> str:
+    """One line identifying what a workload runs; a change of it means a restart."""
+    env = " ".join(f"{k}={v}" for k, v in sorted(workload_env(w).items()))
+    return f"{env} {shlex.join(workload_argv(inv, w, home))}".strip()
+
+
+def pid_file(home: str, name: str) -> str:
+    return f"{paths.state_dir(home)}/workload-{name}.pid"
+
+
+def spec_file(home: str, name: str) -> str:
+    return f"{paths.state_dir(home)}/workload-{name}.spec"
+
+
+def build_workload_start(inv: Inventory, w: Workload, home: str) -> str:
+    """Start a workload detached (own session), API key read from stdin, pid and spec recorded."""
+    log = paths.log_path(home, w.name)
+    argv = workload_argv(inv, w, home)
+    env = " ".join(f"{k}={q(v)}" for k, v in workload_env(w).items())
+    key_var = "VLLM_API_KEY" if w.engine == "vllm" else "SPARKCTL_API_KEY"
+    pidf = q(pid_file(home, w.name))
+    if inv.runtime.venv:
+        launch = f"{env + ' ' if env else ''}setsid {shlex.join(argv)} > {q(log)} 2>&1 < /dev/null & echo $! > {pidf}"
+    else:
+        name = f"sparkctl-{w.name}"
+        envs = [x for k, v in workload_env(w).items() for x in ("-e", f"{k}={v}")]
+        docker = ["docker", "run", "-d", "--name", name, *container_flags(inv, home), "-e", key_var, *envs,
+                  inv.runtime.image or "", *argv]
+        launch = f"{shlex.join(docker)} > {q(log)} 2>&1 && docker inspect -f '{{{{.State.Pid}}}}' {q(name)} > {pidf}"
+    return (
+        f"mkdir -p {q(paths.state_dir(home))}/logs && "
+        f"IFS= read -r {key_var} && export {key_var} && {_env_prelude(home)}"
+        f"{launch} && printf '%s\\n' {q(workload_spec(inv, w, home))} > {q(spec_file(home, w.name))}"
+    )
+
+
+def build_workload_stop(inv: Inventory, name: str, home: str, grace: int = 30) -> str:
+    """Stop a workload: TERM its process group, wait up to `grace` s, then KILL; forget its pid."""
+    pidf = q(pid_file(home, name))
+    stop = (
+        f"if [ -f {pidf} ]; then pid=$(cat {pidf}); "
+        f"kill -TERM -- -$pid 2>/dev/null; i=0; "
+        f"while kill -0 -- -$pid 2>/dev/null && [ $i -lt {grace * 5} ]; do sleep 0.2; i=$((i+1)); done; "
+        f"kill -KILL -- -$pid 2>/dev/null; rm -f {pidf} {q(spec_file(home, name))}; fi; true"
+    )
+    if inv.runtime.image:
+        stop = f"docker rm -f {q('sparkctl-' + name)} >/dev/null 2>&1; {stop}"
+    return stop

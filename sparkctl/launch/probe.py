@@ -1,0 +1,63 @@
+"""Readiness probes from the laptop: /health, /v1/models, one minimal request."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Where a workload stands: phase is 'down', 'loading', 'listed' or 'ready'."""
+
+    phase: str
+    detail: str = ""
+
+    @property
+    def ready(self) -> bool:
+        return self.phase == "ready"
+
+
+def _call(url: str, key: str | None, body: dict[str, Any] | None = None, timeout: float = 10) -> tuple[int, Any]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method="POST" if body is not None else "GET")
+    req.add_header("Content-Type", "application/json")
+    if key:
+        req.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            raw = resp.read()
+            status = resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()[:300].decode(errors="replace")
+    try:
+        return status, json.loads(raw or b"null")
+    except json.JSONDecodeError:
+        return status, raw[:300].decode(errors="replace")
+
+
+def probe_workload(base: str, model: str, key: str | None, engine: str, timeout: float = 10) -> Probe:
+    """One readiness probe of an OpenAI-compatible endpoint."""
+    try:
+        status, _ = _call(f"{base}/health", None, timeout=timeout)
+        if status != 200:
+            return Probe("loading", f"/health answered {status}")
+        status, body = _call(f"{base}/v1/models", key, timeout=timeout)
+        ids = [m.get("id") for m in body.get("data", [])] if isinstance(body, dict) else []
+        if status != 200 or model not in ids:
+            return Probe("loading", f"/v1/models answered {status}, models {ids}")
+        if engine == "embed":
+            status, body = _call(f"{base}/v1/embeddings", key, {"model": model, "input": "ping"}, timeout=timeout * 3)
+            ok = status == 200 and isinstance(body, dict) and body.get("data")
+        else:
+            status, body = _call(f"{base}/v1/completions", key,
+                                 {"model": model, "prompt": "ping", "max_tokens": 1}, timeout=timeout * 6)
+            ok = status == 200 and isinstance(body, dict) and body.get("choices")
+        if not ok:
+            return Probe("listed", f"minimal request answered {status}: {str(body)[:200]}")
+        return Probe("ready", "health, models and a minimal request all answered")
+    except (OSError, urllib.error.URLError) as exc:
+        return Probe("down", str(getattr(exc, "reason", exc)))

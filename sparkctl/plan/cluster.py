@@ -1,0 +1,255 @@
+"""Planners for the cluster: fabric check, Ray, page cache, workloads, teardown."""
+
+from __future__ import annotations
+
+import shlex
+
+from sparkctl import paths
+from sparkctl.facts.models import HostFacts
+from sparkctl.inventory.models import Host, Workload
+from sparkctl.launch import commands as lc
+from sparkctl.plan.context import PlanContext
+from sparkctl.plan.models import Command, Step, Wait
+
+RAY_MARKERS = ("raylet", "gcs_server", "ray::", "ray/dashboard", "ray/_private", "default_worker.py")
+WORKLOAD_MARKERS = (lc.WORKER_FILE, "vllm serve", "/bin/vllm serve")
+
+
+def _sh(line: str, **kw: object) -> Command:
+    return Command(argv=["sh", "-c", line], **kw)  # type: ignore[arg-type]
+
+
+def plan_verify_fabric(ctx: PlanContext, host: Host) -> list[Step]:
+    """Jumbo frames, unfragmented, from this host to every peer's twin on the same link."""
+    mtu = ctx.inventory.network.mtu
+    steps = []
+    for j, twin in enumerate(host.fabric):
+        for peer in ctx.inventory.hosts:
+            if peer.name == host.name or len(peer.fabric) <= j:
+                continue
+            dst = str(peer.fabric[j].address.ip)
+            steps.append(Step(
+                host=host.name, kind="verify_jumbo", target=f"{twin.interface}->{peer.name}",
+                description=f"{mtu}-byte frames cross {host.name} {twin.interface} -> {peer.name} {dst} unfragmented",
+                commands=[Command(argv=["ping", "-M", "do", "-s", str(mtu - 28), "-c", "3", "-i", "0.2", "-W", "2",
+                                        "-I", twin.interface, dst])],
+                changes=False, wait=Wait(kind="remote", deadline=20, interval=1),
+            ))
+    return steps
+
+
+def _raylet_ips(facts: HostFacts) -> set[str]:
+    ips = set()
+    for p in facts.processes:
+        if "raylet" in p.args.split(" ", 1)[0]:
+            for arg in p.args.split():
+                if arg.startswith("--node_ip_address="):
+                    ips.add(arg.split("=", 1)[1])
+    return ips
+
+
+def ray_running_ok(ctx: PlanContext, host: Host) -> bool:
+    """Ray runs on this host, on its fabric address, with the cluster's token."""
+    facts = ctx.facts[host.name]
+    token_ok = facts.files.get("ray-token.sha256") == ctx.digests.get("ray_token")
+    return token_ok and _raylet_ips(facts) == {lc.fabric_ip(host)}
+
+
+def plan_ray_token(ctx: PlanContext, host: Host) -> list[Step]:
+    """The cluster's Ray token on the host, 0600."""
+    facts = ctx.facts[host.name]
+    have = facts.files.get("ray-token.sha256")
+    want = ctx.digests.get("ray_token", "")
+    if have == want:
+        return []
+    target = paths.token_path(ctx.home(host))
+    return [Step(
+        host=host.name, kind="ray_token", target=target, description="install the cluster's Ray auth token (0600)",
+        commands=[Command(argv=["install", "-D", "-m", "0600", "/dev/stdin", target], stdin_secret="ray_token")],
+        diff=[f"- sha256 {have or '(absent)'}", f"+ sha256 {want}"],
+    )]
+
+
+def plan_ray_node(ctx: PlanContext, host: Host) -> list[Step]:
+    """Ray on this host: the head on the head host, a worker elsewhere; restarted when wrong."""
+    facts = ctx.facts[host.name]
+    is_head = host.name == ctx.inventory.head.name
+    role = "head" if is_head else "worker"
+    depends = bool(ctx.changed & {"ray_token", "worker_env", "fabric_active"})
+    if ray_running_ok(ctx, host) and not depends and not (not is_head and "ray_node" in ctx.changed):
+        return []
+    home = ctx.home(host)
+    cmds = []
+    running = _raylet_ips(facts) or any(m in p.args for p in facts.processes for m in RAY_MARKERS[:2])
+    if running:
+        cmds.append(_sh(lc.build_ray_stop(ctx.inventory, home)))
+    cmds.append(_sh(lc.build_ray_start(ctx.inventory, host, home)))
+    return [Step(
+        host=host.name, kind="ray_node", target=role,
+        description=f"start the Ray {role} on {lc.fabric_ip(host)} (token auth, ports pinned)",
+        commands=cmds,
+        diff=[f"- ray: {'running on ' + ','.join(sorted(_raylet_ips(facts))) if running else 'stopped'}",
+              f"+ ray {role}: {lc.fabric_ip(host)}"],
+        depends_on_earlier=depends,
+    )]
+
+
+def plan_ray_ready(ctx: PlanContext, host: Host) -> list[Step]:
+    """On the head: wait until every host's node is alive in Ray."""
+    if host.name != ctx.inventory.head.name:
+        return []
+    return [Step(
+        host=host.name, kind="verify_ray", target="formation",
+        description=f"Ray shows all {len(ctx.inventory.hosts)} nodes alive",
+        commands=[_sh(lc.build_ray_check(ctx.inventory, ctx.home(host)))],
+        changes=False, wait=Wait(kind="remote", deadline=120, interval=2, log=paths.log_path(ctx.home(host), "ray")),
+    )]
+
+
+def _selected(ctx: PlanContext) -> list[Workload]:
+    names = ctx.params.get("workloads")
+    ws = ctx.inventory.workloads
+    return [w for w in ws if not names or w.name in names]
+
+
+def workload_state(ctx: PlanContext, w: Workload) -> str:
+    """'ok', 'stopped' or 'changed' for a workload on the head."""
+    head = ctx.inventory.head
+    facts = ctx.facts[head.name]
+    pid = facts.files.get(f"workload-{w.name}.pid", "").strip()
+    alive = pid.isdigit() and any(p.pid == int(pid) for p in facts.processes)
+    if not alive:
+        return "stopped"
+    spec = facts.files.get(f"workload-{w.name}.spec", "")
+    return "ok" if spec == lc.workload_spec(ctx.inventory, w, ctx.home(head)) else "changed"
+
+
+def workloads_to_start(ctx: PlanContext) -> list[Workload]:
+    """Workloads that the workload stage would (re)start."""
+    ray_restarts = "ray_node" in ctx.changed
+    return [w for w in _selected(ctx) if ray_restarts or workload_state(ctx, w) != "ok"]
+
+
+def plan_drop_caches(ctx: PlanContext, host: Host) -> list[Step]:
+    """sync + drop the page cache, only when workloads are about to load weights."""
+    if not workloads_to_start(ctx):
+        return []
+    cached = ctx.facts[host.name].meminfo_kb.get("Cached", 0) // 1024
+    return [Step(
+        host=host.name, kind="page_cache", target="drop",
+        description=f"drop the page cache before weights load (now {cached} MiB cached)",
+        commands=[Command(argv=["sync"]), Command(argv=["sysctl", "-w", "vm.drop_caches=3"], sudo=True)],
+        diff=[f"- page cache {cached} MiB", "+ page cache dropped"], depends_on_earlier="ray_node" in ctx.changed,
+    )]
+
+
+def plan_workloads(ctx: PlanContext, host: Host) -> list[Step]:
+    """On the head: ship the embed worker if needed, then (re)start each workload not running as specified."""
+    if host.name != ctx.inventory.head.name:
+        return []
+    inv = ctx.inventory
+    home = ctx.home(host)
+    facts = ctx.facts[host.name]
+    steps: list[Step] = []
+    starting = workloads_to_start(ctx)
+    if any(w.engine == "embed" for w in _selected(ctx)) and inv.runtime.venv:
+        have = facts.files.get(f"{lc.WORKER_FILE}.sha256")
+        want = ctx.digests.get("worker_code", "")
+        if have != want:
+            target = f"{paths.state_dir(home)}/{lc.WORKER_FILE}"
+            steps.append(Step(
+                host=host.name, kind="worker_code", target=target,
+                description="install sparkctl's embedding worker",
+                commands=[Command(argv=["install", "-D", "-m", "0644", "/dev/stdin", target], stdin_blob="worker_code")],
+                diff=[f"- sha256 {have or '(absent)'}", f"+ sha256 {want}"],
+            ))
+            starting = [w for w in _selected(ctx) if w.engine == "embed" and w not in starting] + starting
+    for w in _selected(ctx):
+        if w not in starting:
+            continue
+        state = workload_state(ctx, w)
+        cmds = []
+        if state != "stopped":
+            cmds.append(_sh(lc.build_workload_stop(inv, w.name, home)))
+        cmds.append(_sh(lc.build_workload_start(inv, w, home), stdin_secret=f"api_key:{w.name}"))
+        steps.append(Step(
+            host=host.name, kind="workload", target=w.name,
+            description=f"start {w.name}: {w.engine} {w.model}, TP={w.tensor_parallel_size}"
+                        + (f", replicas={w.replicas}" if w.replicas > 1 else "") + f", {lc.endpoint(inv, w)}",
+            commands=cmds,
+            diff=[f"- {w.name}: {state}", f"+ {w.name}: {lc.workload_spec(inv, w, home)}"],
+            depends_on_earlier="ray_node" in ctx.changed,
+        ))
+    return steps
+
+
+def plan_workload_ready(ctx: PlanContext, host: Host) -> list[Step]:
+    """From the laptop: /health 200, the model listed, one minimal request answered."""
+    if host.name != ctx.inventory.head.name:
+        return []
+    home = ctx.home(host)
+    return [Step(
+        host=host.name, kind="verify_workload", target=w.name,
+        description=f"{w.name} answers at {lc.endpoint(ctx.inventory, w)}",
+        changes=False,
+        wait=Wait(kind="http", deadline=w.ready_timeout, interval=1, url=lc.endpoint(ctx.inventory, w),
+                  model=w.name, secret=f"api_key:{w.name}", log=paths.log_path(home, w.name)),
+        notes=[w.engine],
+    ) for w in _selected(ctx)]
+
+
+def _stray_workload_pids(facts: HostFacts) -> list[int]:
+    return [p.pid for p in facts.processes
+            if p.user == facts.user and any(m in p.args for m in WORKLOAD_MARKERS) and "sh -c" not in p.args]
+
+
+def plan_workload_stop(ctx: PlanContext, host: Host) -> list[Step]:
+    """Stop workloads: those sparkctl recorded, and any worker process it left behind."""
+    facts = ctx.facts[host.name]
+    home = ctx.home(host)
+    steps = []
+    names = sorted({k.removeprefix("workload-").removesuffix(".pid") for k in facts.files if k.endswith(".pid")})
+    wanted = ctx.params.get("workloads")
+    for name in names:
+        if wanted and name not in wanted:
+            continue
+        steps.append(Step(
+            host=host.name, kind="workload_stopped", target=name, description=f"stop workload {name}",
+            commands=[_sh(lc.build_workload_stop(ctx.inventory, name, home))],
+            diff=[f"- {name}: pid {facts.files[f'workload-{name}.pid'].strip()}", f"+ {name}: stopped"],
+        ))
+    strays = _stray_workload_pids(facts)
+    if strays and not wanted:
+        pids = " ".join(str(p) for p in strays)
+        steps.append(Step(
+            host=host.name, kind="workload_stopped", target="strays",
+            description=f"stop worker processes left behind (pids {pids})",
+            commands=[_sh(f"kill -TERM {pids} 2>/dev/null; sleep 2; kill -KILL {pids} 2>/dev/null; true")],
+            diff=[f"- processes {pids}", "+ none"],
+        ))
+    return steps
+
+
+def plan_ray_stop(ctx: PlanContext, host: Host) -> list[Step]:
+    """Stop Ray on a host if any of it runs."""
+    facts = ctx.facts[host.name]
+    procs = [p for p in facts.processes if p.user == facts.user and any(m in p.args for m in RAY_MARKERS)]
+    if not procs:
+        return []
+    return [Step(
+        host=host.name, kind="ray_stopped", target="ray", description="stop Ray",
+        commands=[_sh(lc.build_ray_stop(ctx.inventory, ctx.home(host)))],
+        diff=[f"- ray: {len(procs)} processes", "+ ray: stopped"],
+    )]
+
+
+def plan_verify_clean(ctx: PlanContext, host: Host) -> list[Step]:
+    """Check that no Ray or worker process of the login user is left."""
+    # "[r]aylet" matches "raylet" but not this check's own command line.
+    pattern = "[r]aylet|[g]cs_server|[e]mbed_worker[.]py|[v]llm serve"
+    return [Step(
+        host=host.name, kind="verify_clean", target="processes",
+        description="no Ray or worker process is left",
+        commands=[_sh(f"! pgrep -u \"$(id -un)\" -f -a -- {shlex.quote(pattern)}")],
+        changes=False, wait=Wait(kind="remote", deadline=30, interval=1),
+    )]

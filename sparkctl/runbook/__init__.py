@@ -1,0 +1,1 @@
+"""Runbooks: built-in (`up`, `down`) and user-written, planned and applied by one engine."""

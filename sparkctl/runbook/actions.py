@@ -1,0 +1,109 @@
+"""The action library: each action maps a runbook step to per-host Steps (pure). Add an action = add a class."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from sparkctl.inventory.models import Host
+from sparkctl.plan import cluster, env, fabric
+from sparkctl.plan.context import PlanContext
+from sparkctl.plan.models import Command, Step
+
+
+class NoArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class WorkloadArgs(NoArgs):
+    workloads: list[str] | None = Field(None, description="workload names; default all")
+
+
+class ShellArgs(NoArgs):
+    argv: list[str] = Field(min_length=1, description="program and arguments, run verbatim (no shell)")
+    sudo: bool = False
+    changes: bool = True
+    description: str = ""
+
+
+class PauseArgs(NoArgs):
+    message: str = "continue?"
+
+
+class Action:
+    """Base: `plan` returns this action's steps on one host."""
+
+    name: ClassVar[str]
+    help: ClassVar[str]
+    Args: ClassVar[type[BaseModel]] = NoArgs
+    needs_shell_opt_in: ClassVar[bool] = False
+
+    def plan(self, ctx: PlanContext, host: Host, args: Any) -> list[Step]:
+        raise NotImplementedError
+
+
+def _simple(name: str, help: str, fn: Callable[[PlanContext, Host], list[Step]],
+            args: type[BaseModel] = NoArgs) -> type[Action]:
+    """An action that is one planner function."""
+
+    def plan(self: Action, ctx: PlanContext, host: Host, a: Any) -> list[Step]:
+        return fn(ctx, host)
+
+    return type(f"{name.title().replace('_', '')}Action", (Action,),
+                {"name": name, "help": help, "Args": args, "plan": plan})
+
+
+class Shell(Action):
+    name = "shell"
+    help = "run a command verbatim on the selected hosts (opt in with `shell: true` on the step)"
+    Args = ShellArgs
+    needs_shell_opt_in = True
+
+    def plan(self, ctx: PlanContext, host: Host, args: ShellArgs) -> list[Step]:
+        cmd = Command(argv=list(args.argv), sudo=args.sudo)
+        return [Step(host=host.name, kind="shell", target=args.argv[0],
+                     description=args.description or f"run {cmd.render()}", commands=[cmd], changes=args.changes)]
+
+
+class Pause(Action):
+    name = "pause"
+    help = "ask the operator to confirm before going on"
+    Args = PauseArgs
+
+    def plan(self, ctx: PlanContext, host: Host, args: PauseArgs) -> list[Step]:
+        if host.name != ctx.inventory.hosts[0].name:
+            return []
+        return [Step(host=host.name, kind="pause", description=args.message, changes=False)]
+
+
+_ACTIONS: list[type[Action]] = [
+    _simple("fabric", "NetworkManager profiles with static IPv4 + MTU on the twins, activated",
+            lambda c, h: fabric.plan_fabric(c.inventory, h, c.facts[h.name])),
+    _simple("verify_fabric", "jumbo frames cross every twin both ways (ping -M do)", cluster.plan_verify_fabric),
+    _simple("worker_env", "per-host env file (GID index, NCCL/GLOO/UCX) + vLLM's Ray list",
+            lambda c, h: env.plan_worker_env(c.inventory, h, c.facts[h.name])),
+    _simple("ray_token", "the cluster's Ray auth token on every host", cluster.plan_ray_token),
+    _simple("ray_start", "Ray head / workers on the fabric addresses", cluster.plan_ray_node),
+    _simple("ray_ready", "wait until Ray shows every node", cluster.plan_ray_ready),
+    _simple("drop_caches", "sync + drop the page cache when weights are about to load", cluster.plan_drop_caches,
+            WorkloadArgs),
+    _simple("workload_start", "start workloads not running as specified", cluster.plan_workloads, WorkloadArgs),
+    _simple("workload_ready", "wait until endpoints answer", cluster.plan_workload_ready, WorkloadArgs),
+    _simple("workload_stop", "stop workloads (and strays)", cluster.plan_workload_stop, WorkloadArgs),
+    _simple("ray_stop", "stop Ray", cluster.plan_ray_stop),
+    _simple("verify_clean", "no Ray or worker process left", cluster.plan_verify_clean),
+    _simple("restore_network", "delete sparkctl profiles, re-enable the profiles it disabled",
+            lambda c, h: fabric.plan_restore_network(c.inventory, h, c.facts[h.name])),
+    Shell,
+    Pause,
+]
+
+ACTIONS: dict[str, Action] = {cls.name: cls() for cls in _ACTIONS}
+
+
+def register(cls: type[Action]) -> type[Action]:
+    """Add an action to the library (used by modules that define more actions)."""
+    ACTIONS[cls.name] = cls()
+    return cls

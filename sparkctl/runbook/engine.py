@@ -1,0 +1,304 @@
+"""The engine: applies a Plan stage by stage, hosts in parallel, stopping the cluster on the first failure."""
+
+from __future__ import annotations
+
+import shlex
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel, Field
+
+from sparkctl.errors import HostError
+from sparkctl.execute.base import Result, Transport
+from sparkctl.launch.probe import Probe, probe_workload
+from sparkctl.plan.models import Command, Plan, Stage, Step
+
+
+@dataclass(frozen=True)
+class Event:
+    """Progress, for the CLI to render. The engine never prints."""
+
+    kind: str  # stage | step_start | step_end | phase | revised | note
+    host: str = ""
+    stage: str = ""
+    step: str = ""
+    status: str = ""
+    message: str = ""
+    elapsed: float = 0.0
+
+
+class CommandRecord(BaseModel):
+    """What one command did (output tails, secrets redacted)."""
+
+    command: str
+    exit_code: int
+    duration: float
+    stdout: str = ""
+    stderr: str = ""
+
+
+class StepResult(BaseModel):
+    """The outcome of one step on one host."""
+
+    host: str
+    stage: str
+    step: str
+    kind: str
+    changes: bool
+    status: str  # ok | changed | failed | skipped
+    started: float = 0.0
+    ended: float = 0.0
+    commands: list[CommandRecord] = Field(default_factory=list)
+    error: str = ""
+    log_tail: str = ""
+
+
+class Report(BaseModel):
+    """What a run did, per host and per step."""
+
+    cluster: str
+    runbook: str
+    run_id: str = ""
+    ok: bool = True
+    interrupted: bool = False
+    hosts: dict[str, str] = Field(default_factory=dict)
+    host_errors: dict[str, str] = Field(default_factory=dict)
+    results: list[StepResult] = Field(default_factory=list)
+    revisions: list[str] = Field(default_factory=list)
+    executed: list[Step] = Field(default_factory=list, description="the steps as they were run, in order")
+
+
+class Secrets:
+    """Secret values by name; knows how to scrub them from any text."""
+
+    def __init__(self, values: Mapping[str, str] | None = None) -> None:
+        self._values = dict(values or {})
+
+    def get(self, name: str) -> str:
+        if name not in self._values:
+            raise HostError(f"secret '{name}' is needed but was not provided")
+        return self._values[name]
+
+    def has(self, name: str) -> bool:
+        return name in self._values
+
+    def redact(self, text: str) -> str:
+        for value in self._values.values():
+            if value and len(value) >= 4:
+                text = text.replace(value, "<redacted>")
+        return text
+
+
+def remote_line(cmd: Command, nopasswd: bool, secrets: Secrets, blobs: Mapping[str, str]) -> tuple[str, str | None]:
+    """The exact line sent to the host and its stdin: sudo password and secrets go on stdin, never in argv."""
+    line = shlex.join(cmd.argv)
+    data = cmd.stdin
+    if cmd.stdin_secret:
+        data = secrets.get(cmd.stdin_secret) + "\n"
+    elif cmd.stdin_blob:
+        data = blobs[cmd.stdin_blob]
+    if cmd.sudo:
+        if nopasswd:
+            line = f"sudo -n -- {line}"
+        else:
+            line = f"sudo -k -S -p '' -- {line}"
+            data = secrets.get("sudo_password") + "\n" + (data or "")
+    return line, data
+
+
+def _tail(text: str, lines: int = 20) -> str:
+    return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+@dataclass
+class Engine:
+    """Runs plans. Effects come in as arguments: transports, clock, sleep, HTTP probe, confirm."""
+
+    transports: Mapping[str, Transport]
+    nopasswd: Mapping[str, bool]
+    secrets: Secrets = field(default_factory=Secrets)
+    blobs: Mapping[str, str] = field(default_factory=dict)
+    emit: Callable[[Event], None] = lambda e: None
+    command_timeout: float = 120
+    clock: Callable[[], float] = time.monotonic
+    now: Callable[[], float] = time.time
+    sleep: Callable[[float], None] = time.sleep
+    probe: Callable[[str, str, str | None, str], Probe] = probe_workload
+    confirm: Callable[[str], bool] = lambda message: True
+    _abort: threading.Event = field(default_factory=threading.Event)
+
+    def run(
+        self,
+        plan: Plan,
+        replan: Callable[[frozenset[str], int], Plan | None] | None = None,
+        cleanup: Callable[[list[str]], list[Stage]] | None = None,
+    ) -> Report:
+        """Apply `plan`. `replan(done_kinds, next_index)` re-plans the remaining stages from fresh facts."""
+        report = Report(cluster=plan.cluster, runbook=plan.runbook, hosts={h: "ok" for h in plan.hosts})
+        stages = list(plan.stages)
+        done: set[str] = set()
+        i = 0
+        try:
+            while i < len(stages):
+                stage = stages[i]
+                results = self._run_stage(stage, report)
+                failed = [r for r in results if r.status == "failed"]
+                changed = {r.kind for r in results if r.status == "changed"}
+                done |= changed
+                if failed:
+                    if stage.on_failure == "continue":
+                        self.emit(Event("note", stage=stage.name, message="failure ignored (on_failure: continue)"))
+                        self._abort.clear()
+                    else:
+                        if stage.on_failure not in ("stop", "") and cleanup is not None:
+                            self._abort.clear()
+                            for extra in cleanup(stage.on_failure.split(",")):
+                                self._run_stage(extra, report, cleanup=True)
+                        report.ok = False
+                        break
+                if changed and replan is not None and i + 1 < len(stages):
+                    fresh = replan(frozenset(done), i + 1)
+                    if fresh is not None:
+                        stages = self._revise(stages, i + 1, fresh, report)
+                i += 1
+        except KeyboardInterrupt:
+            self._abort.set()
+            report.ok = False
+            report.interrupted = True
+        for r in report.results:
+            if r.status == "failed":
+                report.hosts[r.host] = "failed"
+            elif r.status == "changed" and report.hosts.get(r.host) == "ok":
+                report.hosts[r.host] = "changed"
+        return report
+
+    def _revise(self, stages: list[Stage], start: int, fresh: Plan, report: Report) -> list[Stage]:
+        old = {(st.name, s.host, s.id): s for st in stages[start:] for s in st.steps}
+        new = {(st.name, s.host, s.id): s for st in fresh.stages for s in st.steps}
+        diffs = []
+        for key in sorted(set(old) | set(new)):
+            if old.get(key) != new.get(key):
+                what = "added" if key not in old else "dropped" if key not in new else "changed"
+                diffs.append(f"{key[1]} {key[0]}/{key[2]}: {what} after re-reading the hosts")
+        if not diffs:
+            return stages
+        report.revisions += diffs
+        for d in diffs:
+            self.emit(Event("revised", message=d))
+        return stages[:start] + list(fresh.stages)
+
+    def _run_stage(self, stage: Stage, report: Report, cleanup: bool = False) -> list[StepResult]:
+        self.emit(Event("stage", stage=stage.name, message=stage.action))
+        by_host: dict[str, list[Step]] = {}
+        for s in stage.steps:
+            by_host.setdefault(s.host, []).append(s)
+        results: list[StepResult] = []
+        lock = threading.Lock()
+
+        def host_worker(host: str, steps: list[Step]) -> None:
+            for step in steps:
+                if self._abort.is_set():
+                    res = StepResult(host=host, stage=stage.name, step=step.id, kind=step.kind,
+                                     changes=step.changes, status="skipped")
+                else:
+                    res = self._run_step(stage.name, step)
+                    with lock:
+                        report.executed.append(step)
+                    if res.status == "failed":
+                        self._abort.set()
+                with lock:
+                    results.append(res)
+                    report.results.append(res)
+
+        if by_host:
+            with ThreadPoolExecutor(max_workers=len(by_host)) as pool:
+                futures = [pool.submit(host_worker, h, steps) for h, steps in by_host.items()]
+                for f in futures:
+                    f.result()
+        return results
+
+    def _run_step(self, stage: str, step: Step) -> StepResult:
+        res = StepResult(host=step.host, stage=stage, step=step.id, kind=step.kind, changes=step.changes,
+                         status="ok", started=self.now())
+        self.emit(Event("step_start", host=step.host, stage=stage, step=step.id, message=step.description))
+        t0 = self.clock()
+        try:
+            if step.kind == "pause":
+                if not self.confirm(step.description):
+                    raise HostError("declined by the operator")
+            elif step.wait is None:
+                for cmd in step.commands:
+                    self._run_command(step.host, cmd, res, check=True)
+            elif step.wait.kind == "http":
+                self._wait_http(stage, step, res, t0)
+            else:
+                self._wait_remote(stage, step, res, t0)
+            res.status = "changed" if step.changes else "ok"
+        except HostError as exc:
+            res.status = "failed"
+            res.error = self.secrets.redact(str(exc))
+            if step.wait and step.wait.log:
+                res.log_tail = self._log_tail(step.host, step.wait.log)
+        res.ended = self.now()
+        self.emit(Event("step_end", host=step.host, stage=stage, step=step.id, status=res.status,
+                        message=res.error or step.description, elapsed=self.clock() - t0))
+        return res
+
+    def _run_command(self, host: str, cmd: Command, res: StepResult, check: bool) -> Result:
+        line, data = remote_line(cmd, self.nopasswd.get(host, False), self.secrets, self.blobs)
+        result = self.transports[host].run(line, stdin=data, timeout=cmd.timeout or self.command_timeout)
+        res.commands.append(CommandRecord(
+            command=cmd.render(), exit_code=result.exit_code, duration=round(result.duration, 3),
+            stdout=self.secrets.redact(_tail(result.stdout)), stderr=self.secrets.redact(_tail(result.stderr)),
+        ))
+        if check and not result.ok:
+            detail = _tail(result.stderr or result.stdout, 5)
+            raise HostError(f"`{cmd.render()}` exited {result.exit_code}: {self.secrets.redact(detail)}")
+        return result
+
+    def _wait_remote(self, stage: str, step: Step, res: StepResult, t0: float) -> None:
+        assert step.wait is not None
+        while True:
+            attempt = StepResult(host=step.host, stage=stage, step=step.id, kind=step.kind, changes=False, status="ok")
+            try:
+                for cmd in step.commands:
+                    self._run_command(step.host, cmd, attempt, check=True)
+                res.commands = attempt.commands
+                return
+            except HostError as exc:
+                res.commands = attempt.commands
+                if self._abort.is_set() or self.clock() - t0 >= step.wait.deadline:
+                    raise HostError(f"not true after {step.wait.deadline:g}s: {step.description}; last: {exc}") from None
+            self.sleep(step.wait.interval)
+
+    def _wait_http(self, stage: str, step: Step, res: StepResult, t0: float) -> None:
+        wait = step.wait
+        assert wait is not None
+        key = self.secrets.get(wait.secret) if wait.secret else None
+        engine = step.notes[0] if step.notes else "vllm"
+        phase = ""
+        phase_t = t0
+        while True:
+            p = self.probe(wait.url, wait.model, key, engine)
+            if p.phase != phase:
+                now = self.clock()
+                if phase:
+                    self.emit(Event("phase", host=step.host, stage=stage, step=step.id, status=phase,
+                                    message=f"{phase} took {now - phase_t:.1f}s", elapsed=now - phase_t))
+                phase, phase_t = p.phase, now
+                self.emit(Event("phase", host=step.host, stage=stage, step=step.id, status=phase, message=p.detail))
+            if p.ready:
+                return
+            if self._abort.is_set() or self.clock() - t0 >= wait.deadline:
+                raise HostError(f"{wait.model} not ready after {wait.deadline:g}s (phase {phase}: {p.detail})")
+            self.sleep(wait.interval)
+
+    def _log_tail(self, host: str, path: str) -> str:
+        try:
+            r = self.transports[host].run(f"tail -n 30 {shlex.quote(path)}", timeout=15)
+            return self.secrets.redact(r.stdout)
+        except HostError:
+            return ""

@@ -1,0 +1,176 @@
+"""A run: connect, gather facts from every host, plan, check secrets, apply, journal. Used by every command."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+from sparkctl import state
+from sparkctl.errors import HostError, Problem, SecretError
+from sparkctl.execute.base import Transport
+from sparkctl.facts.gather import gather_facts
+from sparkctl.facts.models import HostFacts
+from sparkctl.inventory.models import Inventory
+from sparkctl.plan.context import PlanContext, fresh_facts
+from sparkctl.plan.models import Plan, Stage
+from sparkctl.runbook.engine import Engine, Event, Report, Secrets
+from sparkctl.runbook.load import build_runbook_plan, plan_stage
+from sparkctl.runbook.models import Runbook
+
+Connect = Callable[[Inventory, str], Transport]
+
+
+def worker_code() -> str:
+    """The embedding worker shipped to the head host."""
+    return resources.files("sparkctl").joinpath("workers/embed.py").read_text()
+
+
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class Unreachable(HostError):
+    """Some hosts could not be reached or probed; nothing was changed anywhere."""
+
+
+def ssh_connect(accept_new_host_keys: bool) -> Connect:
+    """The real connector (imports Fabric only when called)."""
+    def connect(inv: Inventory, name: str) -> Transport:
+        from sparkctl.execute import ssh
+
+        return ssh.connect(inv.host(name), inv.ssh, accept_new_host_keys=accept_new_host_keys)
+    return connect
+
+
+@dataclass
+class Session:
+    """One run against one cluster: one connection per host, reused."""
+
+    inventory: Inventory
+    connect: Connect
+    emit: Callable[[Event], None] = lambda e: None
+    transports: dict[str, Transport] = field(default_factory=dict)
+    facts: dict[str, HostFacts] = field(default_factory=dict)
+
+    def secrets_for_plan(self) -> dict[str, str]:
+        """Laptop-side secrets every run may need: the Ray token and the workloads' API keys."""
+        inv = self.inventory
+        values = {"ray_token": state.ray_token(inv.cluster)}
+        for w in inv.workloads:
+            values[f"api_key:{w.name}"] = state.api_key(inv.cluster, w.name, w.api_key_env)
+        return values
+
+    def digests(self, secrets: Mapping[str, str]) -> dict[str, str]:
+        return {"ray_token": sha256(secrets["ray_token"] + "\n"), "worker_code": sha256(worker_code())}
+
+    def open(self) -> None:
+        """Connect to and probe every host in parallel; raise Unreachable (changing nothing) if any fails."""
+        names = [h.name for h in self.inventory.hosts]
+        errors: dict[str, str] = {}
+
+        def conn(name: str) -> None:
+            try:
+                self.transports[name] = self.connect(self.inventory, name)
+            except HostError as exc:
+                errors[name] = str(exc)
+
+        with ThreadPoolExecutor(max_workers=len(names)) as pool:
+            list(pool.map(conn, names))
+        if not errors:
+            self.gather()
+            return
+        self.close()
+        raise Unreachable([Problem(n, errors[n]) for n in names if n in errors],
+                          hint="nothing was changed on any host")
+
+    def gather(self) -> None:
+        """(Re-)probe every host."""
+        found = gather_facts(self.inventory, self.transports)
+        bad = {n: v for n, v in found.items() if isinstance(v, HostError)}
+        if bad:
+            raise Unreachable([Problem(n, str(e)) for n, e in bad.items()], hint="nothing was changed on any host")
+        self.facts = {n: v for n, v in found.items() if isinstance(v, HostFacts)}
+
+    def context(self, secrets: Mapping[str, str], params: Mapping[str, Any], offline: bool = False) -> PlanContext:
+        facts = ({h.name: fresh_facts(self.inventory, h) for h in self.inventory.hosts} if offline else self.facts)
+        return PlanContext(self.inventory, facts, params, self.digests(secrets))
+
+    def plan(self, rb: Runbook, params: dict[str, Any], secrets: Mapping[str, str], *, start: int = 0,
+             only: str | None = None, offline: bool = False) -> Plan:
+        return build_runbook_plan(rb, self.context(secrets, params, offline), params, start=start, only=only,
+                                  offline=offline)
+
+    def check_sudo(self, plan: Plan, password: Callable[[], str | None]) -> dict[str, str]:
+        """Resolve the sudo password if a host needs one for this plan, and verify it there (fails fast)."""
+        needs = sorted({s.host for st in plan.stages for s in st.steps for c in s.commands
+                        if c.sudo and not self.facts[s.host].sudo_nopasswd})
+        if not needs:
+            return {}
+        pw = password()
+        if not pw:
+            env = self.inventory.sudo.password_env
+            raise SecretError([Problem(", ".join(needs), "sudo needs a password on these hosts",
+                                       f"set {env}, sudo.password_file, or run on a terminal to be asked once")])
+        bad = []
+        for host in needs:
+            r = self.transports[host].run("sudo -k -S -p '' -- true", stdin=pw + "\n", timeout=30)
+            if not r.ok:
+                bad.append(Problem(host, "sudo rejected the password", "check the password for the login user"))
+        if bad:
+            raise HostError(bad)
+        return {"sudo_password": pw}
+
+    def apply(self, rb: Runbook, plan: Plan, params: dict[str, Any], secrets: Mapping[str, str], *,
+              confirm: Callable[[str], bool] = lambda m: True, start: int = 0) -> Report:
+        """Run the plan; re-read the hosts after each changing stage; journal the run."""
+        engine = Engine(
+            transports=self.transports,
+            nopasswd={n: f.sudo_nopasswd for n, f in self.facts.items()},
+            secrets=Secrets(secrets), blobs={"worker_code": worker_code()},
+            emit=self.emit, command_timeout=self.inventory.ssh.command_timeout, confirm=confirm,
+        )
+        run_id = state.new_run_id()
+        started = time.time()
+        index = {s.name: i for i, s in enumerate(rb.steps)}
+
+        def replan(done: frozenset[str], next_stage: int) -> Plan | None:
+            if next_stage >= len(plan.stages):
+                return None
+            self.gather()
+            first = index[plan.stages[next_stage].name]
+            ctx = self.context(secrets, params).after(set(done))
+            names = {st.name for st in plan.stages[next_stage:]}
+            fresh = build_runbook_plan(rb, ctx, params, start=first)
+            return fresh.model_copy(update={"stages": [st for st in fresh.stages if st.name in names]})
+
+        def cleanup(names: list[str]) -> list[Stage]:
+            self.gather()
+            ctx = self.context(secrets, params)
+            return [plan_stage(s, ctx, params) for s in rb.cleanup if s.name in names]
+
+        report = engine.run(plan, replan=replan, cleanup=cleanup)
+        report.run_id = run_id
+        state.append_journal({
+            "id": run_id, "cluster": plan.cluster, "runbook": rb.name, "started": started, "ended": time.time(),
+            "ok": report.ok, "interrupted": report.interrupted,
+            "params": {k: ("<redacted>" if rb.parameters.get(k) and rb.parameters[k].secret else v)
+                       for k, v in params.items()},
+            "hosts": report.hosts, "revisions": report.revisions,
+            "planned_changes": plan.changes,
+            "steps": [r.model_dump() for r in report.results],
+            "executed": [s.model_dump() for s in report.executed],
+        })
+        return report
+
+    def close(self) -> None:
+        for t in self.transports.values():
+            try:
+                t.close()
+            except Exception:  # noqa: BLE001 - closing is best effort
+                pass
+        self.transports.clear()
