@@ -1,0 +1,64 @@
+#!/bin/bash
+# PID 1 of one fake Spark (sparkctl testbed). Started by tests/testbed as
+#   ip netns exec sptb-<host> unshare --mount --pid --uts --ipc --fork --mount-proc bash boot.sh
+# It builds the host's private view of the filesystem, starts the daemons a DGX Spark runs
+# (dbus, udev, NetworkManager, sshd) plus the SIMULATED RoCE GID table updater, then reaps
+# orphans forever. Its parameters come from the environment (TB_*), set by tests/testbed.
+set -euo pipefail
+
+: "${TB_NAME:?}" "${TB_HOSTDIR:?}" "${TB_MGMT_IF:?}" "${TB_MGMT_CIDR:?}" "${TB_GATEWAY:?}"
+: "${TB_LIBEXEC:?}" "${TB_SIMBIN:?}" "${TB_SIM_MOUNT:?}"
+
+status() { printf '%s\n' "$*" > "$TB_HOSTDIR/status"; }
+trap 'status "failed: line $LINENO: $BASH_COMMAND"' ERR
+status booting
+set -x
+
+hostname "$TB_NAME"
+mount --make-rprivate /
+
+# Runtime state of this host only.
+mount -t tmpfs -o mode=0755 tmpfs /run
+mkdir -p /run/dbus /run/sshd /run/udev /run/lock /run/NetworkManager /run/user "$TB_SIM_MOUNT"
+mount -t tmpfs -o mode=1777 tmpfs /dev/shm
+mount --bind "$TB_HOSTDIR/tmp" /tmp
+
+# Writable per-host views of /etc, /home and /root; the host's own files (hostname, hosts, machine-id,
+# NetworkManager config, sshd keys and config, sudoers, shadow) were seeded into the upper layers.
+mount -t overlay overlay -o "lowerdir=/etc,upperdir=$TB_HOSTDIR/etc-up,workdir=$TB_HOSTDIR/etc-work" /etc
+mount -t overlay overlay -o "lowerdir=/home,upperdir=$TB_HOSTDIR/home-up,workdir=$TB_HOSTDIR/home-work" /home
+mount -t overlay overlay -o "lowerdir=/root,upperdir=$TB_HOSTDIR/root-up,workdir=$TB_HOSTDIR/root-work" /root
+mount --bind "$TB_HOSTDIR/var-lib-nm" /var/lib/NetworkManager
+mount --bind "$TB_HOSTDIR/etc-up/machine-id" /var/lib/dbus/machine-id
+
+# SIMULATED hardware: state dir, GPU/RDMA tools on PATH, RoCE entries under /sys/class/infiniband.
+mount --bind "$TB_HOSTDIR/sim" "$TB_SIM_MOUNT"
+mount -t overlay overlay -o "lowerdir=$TB_SIMBIN:/usr/local/bin" /usr/local/bin
+mount -t overlay overlay -o "lowerdir=$TB_HOSTDIR/sysclass:/sys/class" /sys/class
+
+# Management network: static, never touched by NetworkManager (see NetworkManager.conf).
+ip link set lo up
+ip addr add "$TB_MGMT_CIDR" dev "$TB_MGMT_IF"
+ip link set "$TB_MGMT_IF" up
+ip route add default via "$TB_GATEWAY" dev "$TB_MGMT_IF"
+
+dbus-daemon --system --fork
+/lib/systemd/systemd-udevd --daemon
+udevadm trigger --subsystem-match=net --action=add
+udevadm settle --timeout=30
+
+/usr/bin/python3 -I "$TB_LIBEXEC/gid_updater.py" "$TB_SIM_MOUNT" &
+
+NetworkManager
+/usr/sbin/sshd
+
+set +x
+status booted
+trap - ERR
+set +e
+
+# Reap whatever gets orphaned inside this PID namespace.
+while :; do
+    sleep 3600 &
+    wait
+done
