@@ -1,0 +1,280 @@
+"""Fault injection on the fake Sparks. Every fault is undone by Testbed.reset_hosts()."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ._proc import TestbedError, clean_env, run
+from .layout import MGMT_IFNAME, TWINS, build_wiring, validate_gid_index
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+
+    from .layout import HostSpec
+
+# A listener that holds a port until killed; its argv carries a marker reset_host.sh looks for.
+_OCCUPY = """
+import os, socket, sys, time
+family = socket.AF_INET6 if ":" in sys.argv[2] else socket.AF_INET
+s = socket.socket(family, socket.SOCK_STREAM)
+s.bind((sys.argv[2], int(sys.argv[3])))
+s.listen()
+print("ready", os.getpid(), flush=True)
+while True:
+    time.sleep(3600)
+"""
+
+
+class PortHandle:
+    """A port held open inside a host by occupy_port(); release() frees it."""
+
+    def __init__(
+        self,
+        testbed: FaultsMixin,
+        host: str,
+        port: int,
+        address: str,
+        pid: int,
+        proc: subprocess.Popen[str],
+    ) -> None:
+        self.testbed, self.host, self.port, self.address = testbed, host, port, address
+        self.pid, self._proc = pid, proc
+
+    def release(self) -> None:
+        """Stop the listener (idempotent)."""
+        if self._proc.poll() is None:
+            self.testbed.exec(self.host, ["kill", "-KILL", str(self.pid)], check=False)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(timeout=5)
+        self.testbed._forget_port(self.host, self.pid)
+
+    def __enter__(self) -> PortHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class FaultsMixin:
+    """Methods of Testbed that break things on purpose."""
+
+    root: Path
+    _popens: list[subprocess.Popen[Any]]
+
+    if TYPE_CHECKING:
+
+        def _state(self) -> dict[str, Any]: ...
+        def _save(self, state: dict[str, Any]) -> None: ...
+        def _host(self, host: str, state: dict[str, Any] | None = None) -> dict[str, Any]: ...
+        def spec(self, host: str) -> HostSpec: ...
+        def hostdir(self, host: str) -> Path: ...
+        def exec(
+            self,
+            host: str,
+            argv: Sequence[str],
+            check: bool = True,
+            user: str | None = None,
+            input: str | None = None,
+            timeout: float = 60,
+            env: Mapping[str, str] | None = None,
+        ) -> subprocess.CompletedProcess[str]: ...
+
+    # --- sshd -----------------------------------------------------------------------------------
+
+    def stop_sshd(self, host: str) -> None:
+        """Stop the sshd listener (open sessions survive, as with `systemctl stop ssh`)."""
+        self.exec(
+            host,
+            [
+                "/bin/sh",
+                "-c",
+                'p=$(cat /run/sshd.pid 2>/dev/null) && kill "$p" && '
+                'while kill -0 "$p" 2>/dev/null; do sleep 0.05; done; '
+                "rm -f /run/sshd.pid",
+            ],
+        )
+
+    def start_sshd(self, host: str) -> None:
+        """Start the sshd listener if it is not running."""
+        self.exec(
+            host,
+            [
+                "/bin/sh",
+                "-c",
+                "p=$(cat /run/sshd.pid 2>/dev/null); "
+                '[ -n "$p" ] && kill -0 "$p" 2>/dev/null && exit 0; '
+                "exec /usr/sbin/sshd </dev/null >/dev/null 2>&1",
+            ],
+        )
+
+    def change_host_key(self, host: str) -> str:
+        """New sshd host key + sshd restart; known_hosts stays stale. Returns the new public key."""
+        self.exec(
+            host,
+            [
+                "/bin/sh",
+                "-c",
+                "set -e; k=/etc/ssh/ssh_host_ed25519_key; rm -f $k $k.pub; "
+                "ssh-keygen -q -t ed25519 -N '' -C root@$(hostname) -f $k",
+            ],
+        )
+        self.stop_sshd(host)
+        self.start_sshd(host)
+        return self.exec(host, ["cat", "/etc/ssh/ssh_host_ed25519_key.pub"]).stdout.strip()
+
+    # --- links ----------------------------------------------------------------------------------
+
+    def link_down(self, host: str, ifname: str) -> None:
+        """Set an interface of the host administratively down (inside the host)."""
+        self.exec(host, ["ip", "link", "set", ifname, "down"])
+
+    def link_up(self, host: str, ifname: str) -> None:
+        self.exec(host, ["ip", "link", "set", ifname, "up"])
+
+    def set_mtu(self, host: str, ifname: str, mtu: int) -> None:
+        """Change the device MTU behind NetworkManager's back."""
+        self.exec(host, ["ip", "link", "set", ifname, "mtu", str(mtu)])
+
+    def fail_nm_activation(self, host: str, ifname: str) -> None:
+        """Take away the carrier of ifname so `nmcli connection up` on it fails.
+
+        The far end of the veth goes down: for a twin with two hosts that is the peer host's twin of
+        the same name (like the other Spark's port being disabled); with more hosts, its switch
+        port; for the management interface, its bridge port. Undo with restore_carrier().
+        """
+        self._far_end(host, ifname, "down")
+
+    def restore_carrier(self, host: str, ifname: str) -> None:
+        self._far_end(host, ifname, "up")
+
+    def _far_end(self, host: str, ifname: str, updown: str) -> None:
+        state = self._state()
+        spec = self.spec(host)
+        if ifname == MGMT_IFNAME:
+            run(["ip", "link", "set", spec.mgmt_peer, updown])
+            return
+        positions = [i for i, t in enumerate(TWINS) if t.interface == ifname]
+        if not positions:
+            raise TestbedError(f"{ifname} is not a twin or the management interface of {host}")
+        names = [h["name"] for h in state["hosts"]]
+        wiring = build_wiring(len(names))
+        if wiring.topology == "switch":
+            run(["ip", "link", "set", wiring.port_name(positions[0], spec), updown])
+        elif len(names) == 2:
+            peer = self.spec(next(n for n in names if n != host))
+            run(["ip", "-n", peer.netns, "link", "set", ifname, updown])
+        else:
+            run(["ip", "-n", spec.netns, "link", "set", f"{ifname[:10]}-p", updown])
+
+    def _undo_wiring_faults(self, state: dict[str, Any]) -> None:
+        names = [h["name"] for h in state["hosts"]]
+        for name in names:
+            spec = self.spec(name)
+            run(["ip", "link", "set", spec.mgmt_peer, "up"])
+            for twin in TWINS:
+                with contextlib.suppress(TestbedError):
+                    self._far_end(name, twin.interface, "up")
+
+    # --- ports ----------------------------------------------------------------------------------
+
+    def occupy_port(self, host: str, port: int, address: str = "0.0.0.0") -> PortHandle:
+        """Listen on address:port (TCP) inside the host until the handle is released."""
+        rec = self._host(host)
+        argv = [
+            "nsenter",
+            "-t",
+            str(rec["init_pid"]),
+            "-n",
+            "-m",
+            "-p",
+            "-u",
+            "-i",
+            "--wd=/",
+            "--",
+            "/usr/bin/python3",
+            "-I",
+            "-c",
+            _OCCUPY,
+            "testbed-occupy-port",
+            address,
+            str(port),
+        ]
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=clean_env(),
+        )
+        assert proc.stdout is not None
+        line = proc.stdout.readline().split()
+        if len(line) != 2 or line[0] != "ready":
+            proc.wait(timeout=5)
+            err = proc.stderr.read() if proc.stderr else ""
+            raise TestbedError(f"{host}: could not occupy {address}:{port}: {err.strip()}")
+        pid = int(line[1])
+        self._popens.append(proc)
+        state = self._state()
+        state["ports"].append({"host": host, "pid": pid, "port": port, "address": address})
+        self._save(state)
+        return PortHandle(self, host, port, address, pid, proc)
+
+    def _forget_port(self, host: str, pid: int) -> None:
+        state = self._state()
+        state["ports"] = [p for p in state["ports"] if not (p["host"] == host and p["pid"] == pid)]
+        self._save(state)
+
+    # --- SIMULATED hardware ---------------------------------------------------------------------
+
+    def set_driver_version(self, host: str, version: str) -> None:
+        """What the host's SIMULATED nvidia-smi reports as driver_version, e.g. "590.44.01"."""
+        (self.hostdir(host) / "sim" / "driver_version").write_text(f"{version}\n")
+
+    def set_gpu_temperature(self, host: str, celsius: int) -> None:
+        (self.hostdir(host) / "sim" / "temperature").write_text(f"{celsius}\n")
+
+    def set_gid_index(self, host: str, index: int, wait: bool = True) -> None:
+        """Move the host's SIMULATED RoCE v2 IPv4 GID entry to `index` (v1 goes to index-1)."""
+        validate_gid_index(index)
+        (self.hostdir(host) / "sim" / "gid_index").write_text(f"{index}\n")
+        if wait:
+            self.wait_gid_table(host)
+
+    def gid_table(self, host: str, rdma_device: str) -> list[tuple[int, str, str, str]]:
+        """(index, gid, type, ndev) of the host's used GID entries, read through the host's /sys."""
+        script = (
+            'p=/sys/class/infiniband/"$1"/ports/1; for f in "$p"/gids/*; do i=${f##*/}; '
+            'printf "%s|%s|%s|%s\\n" "$i" "$(cat "$f")" "$(cat "$p/gid_attrs/types/$i")" '
+            '"$(cat "$p/gid_attrs/ndevs/$i")"; done'
+        )
+        out = self.exec(host, ["/bin/sh", "-c", script, "sh", rdma_device]).stdout
+        rows = []
+        for line in out.splitlines():
+            idx, gid, kind, ndev = line.split("|")
+            if kind:
+                rows.append((int(idx), gid, kind, ndev))
+        return sorted(rows)
+
+    def wait_gid_table(self, host: str, timeout: float = 10.0) -> None:
+        """Wait until the GID updater has finished two full passes after this call."""
+        counter = self.hostdir(host) / "sim" / "updater_passes"
+
+        def passes() -> int:
+            try:
+                return int(counter.read_text().strip() or 0)
+            except (OSError, ValueError):
+                return 0
+
+        start, deadline = passes(), time.monotonic() + timeout
+        while passes() < start + 2:
+            if time.monotonic() > deadline:
+                raise TestbedError(
+                    f"{host}: the SIMULATED GID updater is not running "
+                    f"(see {self.hostdir(host) / 'boot.log'})"
+                )
+            time.sleep(0.05)
