@@ -95,6 +95,7 @@ class Runtime(_Fact):
     ray: str = ""
     vllm: str = ""
     torch: str = ""
+    nccl: str = ""
     image_id: str = ""
 
 
@@ -120,6 +121,7 @@ class HostFacts(_Fact):
     meminfo_kb: dict[str, int] = Field(default_factory=dict)
     gids: list[GidEntry] = Field(default_factory=list)
     gpus: list[Gpu] = Field(default_factory=list)
+    cuda_version: str = ""
     netplan: dict[str, str] = Field(default_factory=dict, description="netplan files naming a fabric interface")
     runtime: Runtime = Field(default_factory=Runtime)
     files: dict[str, str] = Field(default_factory=dict, description="sparkctl-owned state files on the host")

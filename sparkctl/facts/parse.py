@@ -201,9 +201,9 @@ def parse_runtime(text: str) -> Runtime:
         elif line.startswith("image_id="):
             values["image_id"] = line.removeprefix("image_id=")
         else:
-            m = re.match(r"^(ray|vllm|torch)-([^-]+)\.dist-info$", line)
+            m = re.match(r"^(ray|vllm|torch|nvidia_nccl_cu\d+)-([^-]+)\.dist-info$", line)
             if m:
-                values[m.group(1)] = m.group(2)
+                values["nccl" if m.group(1).startswith("nvidia_nccl") else m.group(1)] = m.group(2)
     return Runtime(**values)
 
 
@@ -259,6 +259,7 @@ def parse_probe(host: str, output: str) -> HostFacts:
         meminfo_kb=parse_meminfo(s.get("meminfo", "")),
         gids=parse_gids(s.get("gids", "")),
         gpus=parse_nvidia_smi(s.get("gpus", "")),
+        cuda_version=s.get("cuda", "").strip().removeprefix("CUDA Version:").strip(),
         netplan=parse_netplan(s.get("netplan", "")),
         runtime=parse_runtime(s.get("runtime", "")),
         files=state_files,

@@ -28,7 +28,7 @@ def build_probe(inventory: Inventory, host: Host) -> str:
         runtime = (
             f"{venv}/bin/python -V 2>&1; "
             f"for d in {venv}/lib/python3*/site-packages/*.dist-info; do echo \"${{d##*/}}\"; done 2>/dev/null "
-            "| grep -E '^(ray|vllm|torch)-' || true"
+            "| grep -E '^(ray|vllm|torch|nvidia_nccl_cu[0-9]+)-' || true"
         )
     else:
         runtime = f"docker image inspect --format 'image_id={{{{.Id}}}}' {q(rt.image or '')} 2>/dev/null || true"
@@ -61,6 +61,7 @@ def build_probe(inventory: Inventory, host: Host) -> str:
             "grep -H '' \"$p\"/gids/* \"$p\"/gid_attrs/types/* \"$p\"/gid_attrs/ndevs/* 2>/dev/null; done; true"
         ),
         "gpus": f"command -v nvidia-smi >/dev/null && nvidia-smi {NVIDIA_QUERY} --format=csv,noheader 2>&1 || true",
+        "cuda": "command -v nvidia-smi >/dev/null && nvidia-smi 2>/dev/null | grep -o 'CUDA Version: [0-9.]*' || true",
         "netplan": (
             f"for f in /etc/netplan/*.yaml; do [ -f \"$f\" ] || continue; for i in {twins}; do "
             "grep -q -- \"$i\" \"$f\" 2>/dev/null && { echo \"== $f\"; cat \"$f\"; break; }; done; done; true"
