@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from sparkctl import __version__
-from sparkctl.cli import cluster, inspect
+from sparkctl.cli import cluster, doctor, inspect
 
 app = typer.Typer(
     name="sparkctl", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -15,9 +15,12 @@ runbook_app = typer.Typer(help="Built-in runbooks and validation of runbook file
 history_app = typer.Typer(help="Runs recorded in the journal.")
 app.add_typer(runbook_app, name="runbook")
 app.add_typer(history_app, name="history")
+bench_app = typer.Typer(help="Measure the cluster.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
 
 cluster.register(app)
 inspect.register(app, runbook_app, history_app)
+doctor.register(app, bench_app)
 
 
 def _version(value: bool) -> None:

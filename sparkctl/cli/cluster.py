@@ -10,7 +10,7 @@ import typer
 
 from sparkctl.cli import common as c
 from sparkctl.cli.render import Progress, render_plan, render_report
-from sparkctl.errors import EXIT_FAILED, EXIT_INTERRUPTED, InputError, Problem
+from sparkctl.errors import EXIT_FAILED, EXIT_INTERRUPTED, HostError, InputError, Problem
 from sparkctl.inventory.models import Inventory
 from sparkctl.plan.context import PlanContext, fresh_facts
 from sparkctl.plan.models import Plan
@@ -39,8 +39,25 @@ def offline_plan(inv: Inventory, rb: Runbook, params: dict[str, object]) -> Plan
     return build_runbook_plan(rb, ctx, params, offline=True)
 
 
+def preflight(session: Session, force: bool) -> None:
+    """Fail-level preflight rules stop `up` before anything changes (--force overrides the safe ones)."""
+    from sparkctl.checks.doctor import blocking, evaluate
+    from sparkctl.checks.evaluators import CheckContext
+
+    findings = evaluate(CheckContext(session.inventory, session.facts), preflight_only=True)
+    for f in findings:
+        if f.level != "pass" and f not in blocking(findings, force):
+            c.echo(f"warning: {f.rule} {f.subject}: {f.evidence}", err=True)
+    stop = blocking(findings, force)
+    if stop:
+        raise HostError([Problem(f"{f.subject} [{f.rule}]", f.evidence,
+                                 f.fix + ("" if f.force_ok else " (--force cannot override this)")) for f in stop],
+                        hint="nothing was changed")
+
+
 def execute(inv: Inventory, rb: Runbook, params: dict[str, object], *, dry_run: bool, yes: bool, as_json: bool,
-            accept_new_host_keys: bool, start: int = 0, only: str | None = None) -> None:
+            accept_new_host_keys: bool, start: int = 0, only: str | None = None, checks: bool = False,
+            force: bool = False) -> None:
     """Connect, gather, plan, (confirm), apply, report. Shared by up, down, run and restore-network."""
     progress = Progress(quiet=False)
     session = Session(inv, ssh_connect(accept_new_host_keys), emit=progress)
@@ -48,6 +65,8 @@ def execute(inv: Inventory, rb: Runbook, params: dict[str, object], *, dry_run: 
         session.open()
         secrets = session.secrets_for_plan()
         plan = session.plan(rb, params, secrets, start=start, only=only)
+        if checks and not dry_run:
+            preflight(session, force)
         if dry_run:
             c.echo(plan.model_dump_json(indent=2) if as_json else render_plan(plan))
             return
@@ -100,13 +119,16 @@ def register(app: typer.Typer) -> None:
     def up_cmd(inventory: c.InventoryOpt = None,
                dry_run: Annotated[bool, typer.Option("--dry-run", help="Only show the plan.")] = False,
                yes: c.YesOpt = False, workload: WorkloadOpt = None, as_json: c.JsonOpt = False,
+               force: Annotated[bool, typer.Option("--force", help="Override preflight failures that are safe to "
+                                                   "override (e.g. an unexpected GPU or driver).")] = False,
                accept_new_host_keys: c.AcceptKeysOpt = False, debug: c.DebugOpt = False) -> None:
         """Configure the fabric and env, form Ray, start the workloads and wait until they answer."""
         c.set_debug(debug)
         inv = c.inventory(inventory)
         rb = load_runbook("up")
         params = resolve_params(rb, {}) | {"workloads": workload or None}
-        execute(inv, rb, params, dry_run=dry_run, yes=yes, as_json=as_json, accept_new_host_keys=accept_new_host_keys)
+        execute(inv, rb, params, dry_run=dry_run, yes=yes, as_json=as_json, accept_new_host_keys=accept_new_host_keys,
+                checks=True, force=force)
 
     @app.command("down")
     @c.guard

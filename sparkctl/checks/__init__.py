@@ -1,0 +1,1 @@
+"""Checks: SM121 knowledge as a data table (sparkctl/data/rules.yaml) evaluated against facts."""

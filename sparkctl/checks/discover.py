@@ -1,0 +1,98 @@
+"""discover: read hosts' twins, RDMA devices and GPU, and propose a complete inventory (pure parts here)."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+
+from sparkctl.facts.parse import parse_ip_addr, parse_nvidia_smi, parse_route_dev, parse_sections
+from sparkctl.facts.probe import MARK, NVIDIA_QUERY
+
+DISCOVER_PROBE = f"""export LC_ALL=C PATH="$PATH:/usr/sbin:/sbin"
+echo '{MARK} identity'; id -un; hostname
+echo '{MARK} ssh'; ip -j route get "${{SSH_CONNECTION%% *}}" 2>/dev/null || echo '[]'
+echo '{MARK} ip_addr'; ip -j addr show
+echo '{MARK} rdma'; if command -v ibdev2netdev >/dev/null; then ibdev2netdev; else
+  for d in /sys/class/infiniband/*; do [ -d "$d/device/net" ] || continue
+    for n in "$d"/device/net/*; do echo "${{d##*/}} port 1 ==> ${{n##*/}} (?)"; done; done; fi; true
+echo '{MARK} gpus'; command -v nvidia-smi >/dev/null && nvidia-smi {NVIDIA_QUERY} --format=csv,noheader; true
+echo '{MARK} end'
+"""
+
+
+@dataclass
+class Discovered:
+    """What one host showed."""
+
+    address: str
+    user: str = ""
+    hostname: str = ""
+    ssh_interface: str = ""
+    twins: list[tuple[str, str]] = field(default_factory=list)  # (netdev, rdma device), up ones, sorted
+    used_nets: list[str] = field(default_factory=list)
+    gpu: str = ""
+    unknown: list[str] = field(default_factory=list)
+
+
+def parse_discovery(address: str, output: str) -> Discovered:
+    """The discover probe's output -> what we learned and what we could not."""
+    s = parse_sections(output)
+    ident = (s.get("identity", "").splitlines() + ["", ""])[:2]
+    d = Discovered(address=address, user=ident[0].strip(), hostname=ident[1].strip())
+    d.ssh_interface = parse_route_dev(s.get("ssh", ""))
+    ifaces = parse_ip_addr(s.get("ip_addr", "") or "[]")
+    d.used_nets = sorted({str(ipaddress.ip_interface(a).network) for i in ifaces.values() for a in i.ipv4})
+    for line in s.get("rdma", "").splitlines():
+        m = re.match(r"^(\S+) port \d+ ==> (\S+)", line)
+        if m and m.group(2) in ifaces and m.group(2) != d.ssh_interface:
+            if ifaces[m.group(2)].up or ifaces[m.group(2)].operstate == "UP":
+                d.twins.append((m.group(2), m.group(1)))
+    d.twins.sort(key=lambda t: t[0].lower())
+    if not d.twins:
+        d.unknown.append("no up ConnectX-7 twin found (ibdev2netdev and sysfs show no RDMA netdev that is up)")
+    gpus = parse_nvidia_smi(s.get("gpus", ""))
+    d.gpu = ", ".join(f"{g.name} (compute {g.compute_cap}, driver {g.driver})" for g in gpus)
+    if not gpus:
+        d.unknown.append("no GPU reported by nvidia-smi")
+    return d
+
+
+def propose_inventory(found: list[Discovered], cluster: str = "spark-pair") -> tuple[str, list[str]]:
+    """A complete inventory as YAML, and what could not be determined."""
+    used = {ipaddress.ip_network(n) for d in found for n in d.used_nets}
+    links = max((len(d.twins) for d in found), default=0)
+    subnets: list[ipaddress.IPv4Network] = []
+    third = 100
+    while len(subnets) < links and third < 255:
+        net = ipaddress.IPv4Network(f"192.168.{third}.0/24")
+        if not any(net.overlaps(u) for u in used):
+            subnets.append(net)
+        third += 1
+    problems = [f"{d.address}: {u}" for d in found for u in d.unknown]
+    counts = {len(d.twins) for d in found}
+    if len(counts) > 1:
+        problems.append(f"hosts show different numbers of twins: {[len(d.twins) for d in found]}")
+    lines = [f"# proposed by `sparkctl discover` from {', '.join(d.address for d in found)}",
+             f"cluster: {cluster}", "ssh:"]
+    user = found[0].user if found else ""
+    lines += [f"  user: {user}"] if user else []
+    lines += ["network:", "  mtu: 9000", "  topology: direct", "hosts:"]
+    names = [re.sub(r"[^A-Za-z0-9_.-]", "-", d.hostname or f"spark-{i}").lstrip("-.") or f"spark-{i}"
+             for i, d in enumerate(found)]
+    for i, d in enumerate(found):
+        name = names[i]
+        lines += [f"  - name: {name}", f"    address: {d.address}"]
+        if d.gpu:
+            lines.append(f"    # GPU: {d.gpu}")
+        lines.append("    fabric:")
+        for j, (netdev, rdma) in enumerate(d.twins):
+            if j >= len(subnets):
+                break
+            addr = f"{subnets[j].network_address + 10 + i}/{subnets[j].prefixlen}"
+            lines += [f"      - interface: {netdev}", f"        address: {addr}", f"        rdma_device: {rdma}"]
+        if not d.twins:
+            lines.append("      []  # could not determine the twins: fill in by hand")
+    lines += ["runtime:", "  venv: /opt/sparkctl-runtime", "ray:", f"  head: {names[0] if names else ''}"]
+    lines += ["workloads: []"]
+    return "\n".join(lines) + "\n", problems

@@ -1,0 +1,410 @@
+"""Evaluators: one function per kind of test in the rule table; each returns findings for its rule."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from sparkctl.checks.rules import Finding, Level, Rule
+from sparkctl.facts.models import HostFacts
+from sparkctl.inventory.models import Inventory, Workload
+from sparkctl.launch import commands as lc
+from sparkctl.plan.cluster import RAY_MARKERS
+from sparkctl.plan.env import detect_gid_index
+
+
+@dataclass(frozen=True)
+class CheckContext:
+    """What checks look at: the inventory, facts per host, and jumbo-ping outcomes per link direction."""
+
+    inventory: Inventory
+    facts: Mapping[str, HostFacts]
+    pings: Mapping[tuple[str, str, str], tuple[bool, str]] = field(default_factory=dict)
+    """(host, interface, peer address) -> (crossed?, output tail)."""
+
+
+Evaluator = Callable[[CheckContext, Rule], list[Finding]]
+EVALUATORS: dict[str, Evaluator] = {}
+
+
+def evaluator(name: str) -> Callable[[Evaluator], Evaluator]:
+    def register(fn: Evaluator) -> Evaluator:
+        EVALUATORS[name] = fn
+        return fn
+    return register
+
+
+def _f(rule: Rule, ok: bool | None, subject: str, evidence: str, level: Level | None = None) -> Finding:
+    lvl: Level = "pass" if ok else (level or rule.level)
+    return Finding(rule=rule.id, level=lvl, subject=subject, evidence=evidence, fix="" if ok else rule.fix,
+                   why=rule.why, source=rule.source, preflight=rule.preflight, force_ok=rule.force_ok)
+
+
+def _hosts(ctx: CheckContext) -> list[tuple[str, HostFacts]]:
+    return [(h.name, ctx.facts[h.name]) for h in ctx.inventory.hosts if h.name in ctx.facts]
+
+
+@evaluator("gpu_name")
+def gpu_name(ctx: CheckContext, rule: Rule) -> list[Finding]:
+    out = []
+    for name, f in _hosts(ctx):
+        names = [g.name for g in f.gpus]
+        out.append(_f(rule, rule.args["name"] in names, name, f"nvidia-smi: {', '.join(names) or 'no GPU found'}"))
+    return out
+
+
+@evaluator("compute_cap")
+def compute_cap(ctx: CheckContext, rule: Rule) -> list[Finding]:
+    return [_f(rule, bool(f.gpus) and all(g.compute_cap == rule.args["value"] for g in f.gpus), name,
+               f"compute capability {', '.join(g.compute_cap for g in f.gpus) or 'unknown'}")
+            for name, f in _hosts(ctx)]
+
+
+@evaluator("driver")
+def driver(ctx: CheckContext, rule: Rule) -> list[Finding]:
+    out = []
+    for name, f in _hosts(ctx):
+        drivers = [g.driver for g in f.gpus]
+        if not drivers:
+            out.append(_f(rule, False, name, "driver unknown (no nvidia-smi)"))
+            continue
+        bad = [d for d in drivers if d.startswith(rule.args["bad"])]
+        good = all(d.startswith(rule.args["good"]) for d in drivers)
+        evidence = f"driver {', '.join(drivers)}" + (" (590.x: CUDAGraph deadlock on GB10)" if bad else "")
+        out.append(_f(rule, good, name, evidence, rule.args.get("bad_level") if bad else None))
+    return out
+
+
+@evaluator("cuda_major")
+def cuda_major(ctx: CheckContext, rule: Rule) -> list[Finding]:
+    out = []
+    for name, f in _hosts(ctx):
+        if not f.cuda_version:
+            continue
+        major = int(f.cuda_version.split(".")[0]) if f.cuda_version[0].isdigit() else 0
+        out.append(_f(rule, major == rule.args["major"], name, f"CUDA {f.cuda_version}"))
+    return out
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", v)[:3])
+
+
+@evaluator("nccl_version")
+def nccl_version(ctx: CheckContext, rule: Rule) -> list[Finding]:
+    return [_f(rule, _version_tuple(f.runtime.nccl) >= _version_tuple(rule.args["minimum"]), name,
+               f"NCCL {f.runtime.nccl}") for name, f in _hosts(ctx) if f.runtime.nccl]
+
+
+@evaluator("gpu_temperature")
+def gpu_temperature(ctx: CheckContext, rule: Rule) -> list[Finding]:
+    return [_f(rule, g.temperature <= rule.args["max"], name, f"GPU at {g.temperature} C")
+            for name, f in _hosts(ctx) for g in f.gpus if g.temperature is not None]
+
+
+@evaluator("twin_present")
+def twin_present(ctx: CheckContext, rule: Rule) -> list[Finding]:
+    out = []
+    for h in ctx.inventory.hosts:
+        f = ctx.facts.get(h.name)
+        if f is None:
+            continue
+        for t in h.fabric:
+            out.append(_f(rule, t.interface in f.interfaces, f"{h.name} {t.interface}",
+                          "present" if t.interface in f.interfaces else
+                          f"absent; the host has {', '.join(sorted(f.interfaces))}"))
+    return out
+
+
+@evaluator("twin_managed")
+def twin_managed(ctx: CheckContext, rule: Rule) -> list[Finding]:
+    out = []
+    for h in ctx.inventory.hosts:
+        f = ctx.facts.get(h.name)
+        if f is None:
+            continue
+        for t in h.fabric:
+            dev = f.nm_devices.get(t.interface)
+            if t.interface not in f.interfaces:
+                continue
+            state = dev.state if dev else ("NetworkManager not running" if not f.nm_running else "not listed")
+            out.append(_f(rule, dev is not None and dev.state != "unmanaged", f"{h.name} {t.interface}",
+                          f"NetworkManager state: {state}"))
+    return out
+
+
+@evaluator("netplan_conflict")
+def netplan_conflict(ctx: CheckContext, rule: Rule) -> list[Finding]:
+    out = []
+    for h in ctx.inventory.hosts:
+        f = ctx.facts.get(h.name)
+        if f is None:
+            continue
+        files = [p for p, text in f.netplan.items() if any(t.interface in text for t in h.fabric)]
+        out.append(_f(rule, not files, h.name, f"netplan files naming a twin: {', '.join(files) or 'none'}"))
+    return out
+
+
+@evaluator("twin_address")
+def twin_address(ctx: CheckContext, rule: Rule) -> list[Finding]:
+    out = []
+    mtu = ctx.inventory.network.mtu
+    for h in ctx.inventory.hosts:
+        f = ctx.facts.get(h.name)
+        if f is None:
+            continue
+        for t in h.fabric:
+            live = f.interfaces.get(t.interface)
+            if live is None:
+                continue
+            ok = str(t.address) in live.ipv4 and live.mtu == mtu and live.up
+            out.append(_f(rule, ok, f"{h.name} {t.interface}",
+                          f"has {','.join(live.ipv4) or 'no IPv4'} MTU {live.mtu} {live.operstate}; "
+                          f"inventory {t.address} MTU {mtu}"))
+    return out
+
+
+@evaluator("twin_subnets")
+def twin_subnets(ctx: CheckContext, rule: Rule) -> list[Finding]:
+    out = []
+    for h in ctx.inventory.hosts:
+        f = ctx.facts.get(h.name)
+        if f is None:
+            continue
+        nets = {t.address.network: t.interface for t in h.fabric}
+        intruders = []
+        for iface in f.interfaces.values():
+            if iface.name in {t.interface for t in h.fabric}:
+                continue
+            for a in iface.ipv4:
+                net = ipaddress.ip_interface(a).network
+                for fnet, twin in nets.items():
+                    if net.overlaps(fnet):
+                        intruders.append(f"{iface.name} {a} overlaps {twin}'s {fnet}")
+        distinct = len(nets) == len(h.fabric)
+        evidence = "; ".join(intruders) or ("each twin on its own subnet" if distinct else "twins share a subnet")
+        out.append(_f(rule, distinct and not intruders, h.name, evidence))
+    return out
+
+
+@evaluator("jumbo_path")
+def jumbo_path(ctx: CheckContext, rule: Rule) -> list[Finding]:
+    return [_f(rule, ok, f"{host} {iface} -> {peer}", tail or ("crossed" if ok else "did not cross"))
+            for (host, iface, peer), (ok, tail) in sorted(ctx.pings.items())]
+
+
+@evaluator("rdma_device")
+def rdma_device(ctx: CheckContext, rule: Rule) -> list[Finding]:
+    out = []
+    for h in ctx.inventory.hosts:
+        f = ctx.facts.get(h.name)
+        if f is None:
+            continue
+        have = {g.device for g in f.gids}
+        for t in h.fabric:
+            if not t.rdma_device:
+                continue
+            ndevs = {g.ndev for g in f.gids if g.device == t.rdma_device and g.ndev}
+            ok = t.rdma_device in have and (not ndevs or t.interface in ndevs)
+            evidence = (f"{t.rdma_device} not found (host has {', '.join(sorted(have)) or 'no RDMA devices'})"
+                        if t.rdma_device not in have else f"{t.rdma_device} -> {', '.join(sorted(ndevs)) or '?'}")
+            out.append(_f(rule, ok, f"{h.name} {t.interface}", evidence))
+    return out
+
+
+@evaluator("gid_index")
+def gid_index(ctx: CheckContext, rule: Rule) -> list[Finding]:
+    out = []
+    per_host: dict[str, int] = {}
+    for h in ctx.inventory.hosts:
+        f = ctx.facts.get(h.name)
+        if f is None:
+            continue
+        for t in h.fabric:
+            idx, predicted = detect_gid_index(f, t)
+            if idx is None or predicted:
+                out.append(_f(rule, False, f"{h.name} {t.rdma_device or t.interface}",
+                              "no RoCE v2 GID holds the twin's IPv4 address (address not set, or no RDMA device)"))
+                continue
+            per_host.setdefault(h.name, idx)
+            env_value = _env_value(f.env_file, "NCCL_IB_GID_INDEX")
+            ok = env_value in (None, str(per_host[h.name]))
+            out.append(_f(rule, ok, f"{h.name} {t.rdma_device}",
+                          f"RoCE v2 GID index {idx}" + ("" if ok else f"; env file says {env_value}")))
+    if len(set(per_host.values())) > 1:
+        text = ", ".join(f"{h}={i}" for h, i in per_host.items())
+        out.append(_f(rule, False, "cluster", f"hosts disagree on the GID index ({text}): each host's env file "
+                      "must carry its own value", level="warn"))
+    return out
+
+
+def _env_value(text: str | None, key: str) -> str | None:
+    for line in (text or "").splitlines():
+        if line.startswith(key + "="):
+            return line.split("=", 1)[1]
+    return None
+
+
+@evaluator("page_cache")
+def page_cache(ctx: CheckContext, rule: Rule) -> list[Finding]:
+    out = []
+    for name, f in _hosts(ctx):
+        total, cached = f.meminfo_kb.get("MemTotal", 0), f.meminfo_kb.get("Cached", 0)
+        if not total:
+            continue
+        frac = cached / total
+        out.append(_f(rule, frac <= rule.args["max_fraction"], name,
+                      f"page cache {cached // 1024} MiB of {total // 1024} MiB ({frac:.0%}); "
+                      f"available {f.meminfo_kb.get('MemAvailable', 0) // 1024} MiB"))
+    return out
+
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)[bB](?![a-zA-Z])")
+
+
+def estimate_weights_gb(model: str) -> float | None:
+    """Rough weight size from a model name: parameters (e.g. '30B') times bytes per parameter by dtype hints."""
+    sizes = [float(x) for x in _SIZE.findall(model.split("/")[-1])]
+    if not sizes:
+        return None
+    params = max(sizes)
+    lower = model.lower()
+    if any(k in lower for k in ("awq", "gptq", "int4", "4bit", "nvfp4", "mxfp4", "fp4")):
+        per = 0.55
+    elif any(k in lower for k in ("fp8", "int8", "8bit")):
+        per = 1.05
+    else:
+        per = 2.0
+    return params * per
+
+
+@evaluator("memory_fit")
+def memory_fit(ctx: CheckContext, rule: Rule) -> list[Finding]:
+    out = []
+    for w in ctx.inventory.workloads:
+        if w.engine != "vllm":
+            continue
+        need = estimate_weights_gb(w.model)
+        if need is None:
+            continue
+        per_rank = need / w.tensor_parallel_size
+        budget = rule.args["unified_gb"] * w.gpu_memory_utilization
+        out.append(_f(rule, per_rank < budget * 0.9, f"workload {w.name}",
+                      f"~{need:.0f} GB of weights, ~{per_rank:.0f} GB per rank vs {budget:.0f} GB "
+                      f"({w.gpu_memory_utilization:g} of {rule.args['unified_gb']} GB)"))
+    return out
+
+
+def _arg_value(w: Workload, flag: str) -> str | None:
+    args = w.extra_args
+    for i, a in enumerate(args):
+        if a == flag:
+            return args[i + 1] if i + 1 < len(args) else ""
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+@evaluator("utilization_flag")
+def utilization_flag(ctx: CheckContext, rule: Rule) -> list[Finding]:
+    out = []
+    for w in ctx.inventory.workloads:
+        values = [w.gpu_memory_utilization]
+        extra = _arg_value(w, "--gpu-memory-utilization")
+        if extra:
+            try:
+                values.append(float(extra))
+            except ValueError:
+                pass
+        top = max(values)
+        out.append(_f(rule, top <= rule.args["max"], f"workload {w.name}", f"gpu_memory_utilization {top:g}"))
+    return out
+
+
+@evaluator("workload_flag")
+def workload_flag(ctx: CheckContext, rule: Rule) -> list[Finding]:
+    out = []
+    flag, want = rule.args["flag"], rule.args.get("value")
+    for w in ctx.inventory.workloads:
+        if w.engine != "vllm":
+            continue
+        value = _arg_value(w, flag)
+        hit = value is not None and (want is None or want.lower() in value.lower())
+        if hit and rule.args.get("contains"):
+            hit = rule.args["contains"] in " ".join([w.model, *w.extra_args]).lower()
+        for k, v in (rule.args.get("env") or {}).items():
+            hit = hit or w.env.get(k, "").upper() == v
+        evidence = f"{flag}{'=' + value if value else ''} in extra_args" if hit else f"no {flag}"
+        out.append(_f(rule, not hit, f"workload {w.name}", evidence))
+    return out
+
+
+@evaluator("mxfp4")
+def mxfp4(ctx: CheckContext, rule: Rule) -> list[Finding]:
+    out = []
+    for w in ctx.inventory.workloads:
+        q = _arg_value(w, "--quantization")
+        bad = q is not None and q.lower() == "mxfp4" and "gpt-oss" not in w.model.lower()
+        out.append(_f(rule, not bad, f"workload {w.name}", f"--quantization {q} with {w.model}" if bad else "ok"))
+    return out
+
+
+def _needed_ports(inv: Inventory, host: str) -> dict[int, str]:
+    ports = {p: "ray" for p in inv.ray.ports.model_dump().values()}
+    ports.pop(inv.ray.ports.min_worker, None)
+    ports.pop(inv.ray.ports.max_worker, None)
+    if host == inv.head.name:
+        ports[inv.ray.port] = "ray"
+        for w in inv.workloads:
+            ports[w.port] = f"workload {w.name}"
+    return ports
+
+
+@evaluator("ports_free")
+def ports_free(ctx: CheckContext, rule: Rule) -> list[Finding]:
+    out = []
+    for name, f in _hosts(ctx):
+        ours_running = any(m in p.args for p in f.processes for m in RAY_MARKERS[:2])
+        ours_running = ours_running or any(k.endswith(".pid") for k in f.files)
+        busy = sorted({ln.port for ln in f.listeners if ln.port in _needed_ports(ctx.inventory, name)})
+        ok = not busy or ours_running
+        out.append(_f(rule, ok, name, f"ports in use: {', '.join(map(str, busy))}" +
+                      (" (by this cluster)" if busy and ours_running else "") if busy else "needed ports free"))
+    return out
+
+
+@evaluator("ray_exposure")
+def ray_exposure(ctx: CheckContext, rule: Rule) -> list[Finding]:
+    out = []
+    for h in ctx.inventory.hosts:
+        f = ctx.facts.get(h.name)
+        if f is None:
+            continue
+        ray_ports = set(_needed_ports(ctx.inventory, h.name)) - {w.port for w in ctx.inventory.workloads}
+        fabric = {str(t.address.ip) for t in h.fabric}
+        exposed = sorted({f"{ln.address}:{ln.port}" for ln in f.listeners
+                          if ln.port in ray_ports and ln.address not in fabric | {"127.0.0.1", "::1"}})
+        if not any("raylet" in p.args for p in f.processes):
+            continue
+        out.append(_f(rule, not exposed, h.name, f"Ray listening beyond the fabric: {', '.join(exposed)}"
+                      if exposed else "Ray listens on the fabric address and loopback only"))
+    return out
+
+
+@evaluator("runtime_versions")
+def runtime_versions(ctx: CheckContext, rule: Rule) -> list[Finding]:
+    seen = {name: (f.runtime.python, f.runtime.ray, f.runtime.vllm, f.runtime.image_id) for name, f in _hosts(ctx)}
+    if not seen:
+        return []
+    distinct = set(seen.values())
+    text = "; ".join(f"{n}: python {v[0] or '?'} ray {v[1] or '?'}" + (f" vllm {v[2]}" if v[2] else "")
+                     + (f" image {v[3][:19]}" if v[3] else "") for n, v in seen.items())
+    missing = [n for n, v in seen.items() if not v[1] and not v[3]]
+    if missing:
+        return [_f(rule, False, "cluster", f"no runtime found on {', '.join(missing)} ({text})")]
+    return [_f(rule, len(distinct) == 1, "cluster", text)]
+
+
+__all__ = ["EVALUATORS", "CheckContext", "lc"]
