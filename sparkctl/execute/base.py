@@ -27,7 +27,7 @@ class Unreachable(HostError):
 
 
 class CommandTimeout(HostError):
-    """A command did not finish in time (the remote side was told to stop)."""
+    """A command did not finish in time (its channel was closed; a remote command may outlive it)."""
 
 
 class Transport(Protocol):

@@ -122,7 +122,7 @@ def workload_argv(inv: Inventory, w: Workload, home: str) -> list[str]:
         bundle = {"GPU": 1} if all(h.gpus for h in inv.hosts) and inv.runtime.image else {"CPU": 1}
         return [py, worker, "--model", w.model, "--tp", str(w.tensor_parallel_size), "--replicas", str(w.replicas),
                 "--host", bind_address(inv, w), "--port", str(w.port), "--served-name", w.name,
-                "--bundle-resources", json.dumps(bundle, separators=(",", ":")), *w.extra_args]
+                "--ray-address", f"{fabric_ip(inv.head)}:{inv.ray.port}", "--bundle-resources", json.dumps(bundle, separators=(",", ":")), *w.extra_args]
     vllm = f"{inv.runtime.venv}/bin/vllm" if inv.runtime.venv else "vllm"
     return [vllm, "serve", w.model, "--served-model-name", w.name,
             "--tensor-parallel-size", str(w.tensor_parallel_size),
