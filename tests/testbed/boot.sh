@@ -51,6 +51,11 @@ udevadm settle --timeout=30
 
 NetworkManager
 /usr/sbin/sshd
+# sshd forks into the background before it listens; "booted" means reachable.
+for _ in $(seq 200); do
+    [ -n "$(ss -Htln "sport = :22")" ] && break
+    sleep 0.05
+done
 
 set +x
 status booted

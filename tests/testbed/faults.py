@@ -8,8 +8,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import network
 from ._proc import TestbedError, clean_env, run
-from .layout import MGMT_IFNAME, TWINS, build_wiring, validate_gid_index
+from .layout import TWINS, validate_gid_index
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -99,15 +100,17 @@ class FaultsMixin:
         )
 
     def start_sshd(self, host: str) -> None:
-        """Start the sshd listener if it is not running."""
+        """Start the sshd listener if it is not running; return once it accepts connections."""
         self.exec(
             host,
             [
                 "/bin/sh",
                 "-c",
                 "p=$(cat /run/sshd.pid 2>/dev/null); "
-                '[ -n "$p" ] && kill -0 "$p" 2>/dev/null && exit 0; '
-                "exec /usr/sbin/sshd </dev/null >/dev/null 2>&1",
+                '{ [ -n "$p" ] && kill -0 "$p" 2>/dev/null; } || /usr/sbin/sshd </dev/null >/dev/null 2>&1; '
+                # sshd forks into the background before it listens.
+                'for i in $(seq 200); do [ -n "$(ss -Htln "sport = :22")" ] && exit 0; sleep 0.05; done; '
+                "echo 'sshd is not listening on port 22' >&2; exit 1",
             ],
         )
 
@@ -140,37 +143,58 @@ class FaultsMixin:
         self.exec(host, ["ip", "link", "set", ifname, "mtu", str(mtu)])
 
     def fail_nm_activation(self, host: str, ifname: str) -> None:
-        """Take away the carrier of ifname so `nmcli connection up` on it fails.
+        """Make `nmcli connection up` of any profile for ifname fail: the device disappears.
 
-        The far end of the veth goes down: for a twin with two hosts that is the peer host's twin of
-        the same name (like the other Spark's port being disabled); with more hosts, its switch
-        port; for the management interface, its bridge port. Undo with restore_carrier().
+        The interface is moved out of the host into the machine's root namespace (parked under a
+        recorded sptbx* name), so NetworkManager reports "No suitable device found for this
+        connection" and `ip link` no longer lists it; the far end (peer host's twin) loses carrier.
+        Losing carrier alone is not enough: NetworkManager 1.42 activates static profiles on a veth
+        without carrier. Undo with restore_nm_activation() or reset_hosts().
+        """
+        state = self._state()
+        spec = self.spec(host)
+        temp = f"sptbx{spec.index}{len(state['parked'])}"
+        state["links"].append(temp)
+        state["parked"].append({"host": host, "ifname": ifname, "temp": temp})
+        self._save(state)
+        run(["ip", "-n", spec.netns, "link", "set", ifname, "netns", "1", "name", temp])
+
+    def restore_nm_activation(self, host: str, ifname: str) -> None:
+        """Bring back an interface removed by fail_nm_activation() (up, MTU 1500, no address)."""
+        state = self._state()
+        for parked in [p for p in state["parked"] if (p["host"], p["ifname"]) == (host, ifname)]:
+            self._unpark(state, parked)
+        self._save(state)
+
+    def _unpark(self, state: dict[str, Any], parked: dict[str, str]) -> None:
+        spec = self.spec(parked["host"])
+        if Path("/sys/class/net", parked["temp"]).exists():
+            run(["ip", "link", "set", parked["temp"], "netns", spec.netns, "name", parked["ifname"]])
+            run(["ip", "-n", spec.netns, "link", "set", parked["ifname"], "mtu", "1500", "up"])
+        state["parked"].remove(parked)
+        if parked["temp"] in state["links"]:
+            state["links"].remove(parked["temp"])
+
+    def carrier_down(self, host: str, ifname: str) -> None:
+        """Pull the cable: the far end of ifname goes down, so ifname loses carrier.
+
+        For a twin with two hosts the far end is the peer host's twin of the same name (like the
+        other Spark's port being disabled); with more hosts, its switch port; for the management
+        interface, its bridge port. Undo with carrier_up() or reset_hosts().
         """
         self._far_end(host, ifname, "down")
 
-    def restore_carrier(self, host: str, ifname: str) -> None:
+    def carrier_up(self, host: str, ifname: str) -> None:
         self._far_end(host, ifname, "up")
 
     def _far_end(self, host: str, ifname: str, updown: str) -> None:
-        state = self._state()
-        spec = self.spec(host)
-        if ifname == MGMT_IFNAME:
-            run(["ip", "link", "set", spec.mgmt_peer, updown])
-            return
-        positions = [i for i, t in enumerate(TWINS) if t.interface == ifname]
-        if not positions:
-            raise TestbedError(f"{ifname} is not a twin or the management interface of {host}")
-        names = [h["name"] for h in state["hosts"]]
-        wiring = build_wiring(len(names))
-        if wiring.topology == "switch":
-            run(["ip", "link", "set", wiring.port_name(positions[0], spec), updown])
-        elif len(names) == 2:
-            peer = self.spec(next(n for n in names if n != host))
-            run(["ip", "-n", peer.netns, "link", "set", ifname, updown])
-        else:
-            run(["ip", "-n", spec.netns, "link", "set", f"{ifname[:10]}-p", updown])
+        specs = [self.spec(h["name"]) for h in self._state()["hosts"]]
+        network.set_far_end(specs, self.spec(host), ifname, updown)
 
     def _undo_wiring_faults(self, state: dict[str, Any]) -> None:
+        for parked in list(state["parked"]):
+            self._unpark(state, parked)
+        self._save(state)
         names = [h["name"] for h in state["hosts"]]
         for name in names:
             spec = self.spec(name)

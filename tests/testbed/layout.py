@@ -135,9 +135,7 @@ def build_wiring(count: int) -> FabricWiring:
     """Two hosts: a veth pair per twin between them. More: a root-namespace bridge per twin."""
     if count <= 2:
         return FabricWiring(topology="direct", bridges=())
-    return FabricWiring(
-        topology="switch", bridges=tuple(f"{LINK_PREFIX}f{i}" for i in range(len(TWINS)))
-    )
+    return FabricWiring(topology="switch", bridges=tuple(f"{LINK_PREFIX}f{i}" for i in range(len(TWINS))))
 
 
 def parse_gid_option(values: list[str]) -> dict[str, int]:

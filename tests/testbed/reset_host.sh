@@ -65,4 +65,9 @@ if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
 else
     /usr/sbin/sshd </dev/null >/dev/null 2>&1
 fi
+# sshd forks into the background before it listens.
+for _ in $(seq 200); do
+    [ -n "$(ss -Htln "sport = :22")" ] && break
+    sleep 0.05
+done
 exit 0

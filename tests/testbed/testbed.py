@@ -14,10 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from . import provision
+from . import lifecycle, network, provision
 from ._proc import (
     TestbedError,
-    children_of,
     clean_env,
     pid_alive,
     proc_start_time,
@@ -27,7 +26,6 @@ from ._proc import (
 from .faults import FaultsMixin
 from .inventory import build_inventory, write_inventory
 from .layout import (
-    BRIDGE,
     DEFAULT_DRIVER_VERSION,
     DEFAULT_GPU_TEMPERATURE,
     LAPTOP_IP,
@@ -35,7 +33,6 @@ from .layout import (
     MGMT_IFNAME,
     MGMT_PREFIX_LEN,
     RUNTIME_VENV,
-    SIM_MOUNTPOINT,
     SUDO_PASSWORD,
     TWINS,
     HostSpec,
@@ -74,9 +71,7 @@ class Testbed(FaultsMixin):
     def _state(self) -> dict[str, Any]:
         state = self._load()
         if state is None:
-            raise TestbedError(
-                f"no testbed is up (no {self.state_file})\nhint: python -m tests.testbed up"
-            )
+            raise TestbedError(f"no testbed is up (no {self.state_file})\nhint: python -m tests.testbed up")
         return state
 
     def _save(self, state: dict[str, Any]) -> None:
@@ -94,9 +89,7 @@ class Testbed(FaultsMixin):
 
     def spec(self, host: str) -> HostSpec:
         rec = self._host(host)
-        return HostSpec(
-            name=str(rec["name"]), index=int(rec["index"]), gid_index=int(rec["gid_index"])
-        )
+        return HostSpec(name=str(rec["name"]), index=int(rec["index"]), gid_index=int(rec["gid_index"]))
 
     def _host(self, host: str, state: dict[str, Any] | None = None) -> dict[str, Any]:
         state = state or self._state()
@@ -167,6 +160,7 @@ class Testbed(FaultsMixin):
             "paths": [],
             "hosts": [],
             "ports": [],
+            "parked": [],
             "timings": {},
         }
         self._save(state)
@@ -224,228 +218,32 @@ class Testbed(FaultsMixin):
         self.known_hosts.write_text(provision.render_known_hosts(entries))
         self.known_hosts.chmod(0o644)
 
-    def _record_link(self, state: dict[str, Any], name: str) -> None:
-        state["links"].append(name)
-        self._save(state)
-
     def _wire(self, state: dict[str, Any], specs: Sequence[HostSpec]) -> None:
-        self._record_link(state, BRIDGE)
-        run(["ip", "link", "add", BRIDGE, "type", "bridge"])
-        run(["ip", "addr", "add", f"{LAPTOP_IP}/{MGMT_PREFIX_LEN}", "dev", BRIDGE])
-        run(["ip", "link", "set", BRIDGE, "up"])
-        for spec in specs:
-            state["netns"].append(spec.netns)
+        def record(kind: str, name: str) -> None:
+            state["links" if kind == "link" else "netns"].append(name)
             self._save(state)
-            run(["ip", "netns", "add", spec.netns])
-            self._record_link(state, spec.mgmt_peer)
-            run(
-                [
-                    "ip",
-                    "link",
-                    "add",
-                    spec.mgmt_peer,
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    MGMT_IFNAME,
-                    "netns",
-                    spec.netns,
-                ]
-            )
-            run(["ip", "link", "set", spec.mgmt_peer, "master", BRIDGE, "up"])
-        wiring = build_wiring(len(specs))
-        if wiring.topology == "direct" and len(specs) == 2:
-            a, b = specs
-            for twin in TWINS:
-                run(
-                    [
-                        "ip",
-                        "link",
-                        "add",
-                        "name",
-                        twin.interface,
-                        "netns",
-                        a.netns,
-                        "type",
-                        "veth",
-                        "peer",
-                        "name",
-                        twin.interface,
-                        "netns",
-                        b.netns,
-                    ]
-                )
-        elif wiring.topology == "switch":
-            for pos, (twin, bridge) in enumerate(zip(TWINS, wiring.bridges, strict=True)):
-                self._record_link(state, bridge)
-                run(["ip", "link", "add", bridge, "mtu", "9000", "type", "bridge"])
-                run(["ip", "link", "set", bridge, "up"])
-                for spec in specs:
-                    port = wiring.port_name(pos, spec)
-                    self._record_link(state, port)
-                    run(
-                        [
-                            "ip",
-                            "link",
-                            "add",
-                            port,
-                            "mtu",
-                            "9000",
-                            "type",
-                            "veth",
-                            "peer",
-                            "name",
-                            twin.interface,
-                            "netns",
-                            spec.netns,
-                        ]
-                    )
-                    run(["ip", "link", "set", port, "master", bridge, "up"])
-        else:  # one host: twins exist but have no peer end in another host (no carrier partner)
-            for twin in TWINS:
-                run(
-                    [
-                        "ip",
-                        "link",
-                        "add",
-                        "name",
-                        twin.interface,
-                        "netns",
-                        specs[0].netns,
-                        "type",
-                        "veth",
-                        "peer",
-                        "name",
-                        f"{twin.interface[:10]}-p",
-                        "netns",
-                        specs[0].netns,
-                    ]
-                )
-                run(["ip", "-n", specs[0].netns, "link", "set", f"{twin.interface[:10]}-p", "up"])
-        for spec in specs:
-            for twin in TWINS:
-                run(["ip", "-n", spec.netns, "link", "set", twin.interface, "mtu", "1500", "up"])
+
+        network.wire_hosts(specs, record)
 
     def _spawn_host(self, state: dict[str, Any], spec: HostSpec) -> None:
         rec = self._host(spec.name, state)
-        hostdir = Path(rec["dir"])
-        env = clean_env(
-            TB_NAME=spec.name,
-            TB_HOSTDIR=str(hostdir),
-            TB_MGMT_IF=MGMT_IFNAME,
-            TB_MGMT_CIDR=f"{spec.mgmt_ip}/{MGMT_PREFIX_LEN}",
-            TB_GATEWAY=LAPTOP_IP,
-            TB_LIBEXEC=str(self.root / "libexec"),
-            TB_SIMBIN=str(self.root / "sim-bin"),
-            TB_SIM_MOUNT=SIM_MOUNTPOINT,
-        )
-        argv = [
-            "ip",
-            "netns",
-            "exec",
-            spec.netns,
-            "unshare",
-            "--mount",
-            "--pid",
-            "--uts",
-            "--ipc",
-            "--fork",
-            "--mount-proc",
-            "--propagation",
-            "private",
-            "/bin/bash",
-            str(self.root / "libexec" / "boot.sh"),
-        ]
-        with open(hostdir / "boot.log", "ab") as log:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,
-            )
-        self._popens.append(proc)
-        rec["unshare_pid"] = proc.pid
-        rec["unshare_start"] = proc_start_time(proc.pid)
-        self._save(state)
-        deadline = time.monotonic() + 10
-        while not (kids := children_of(proc.pid)):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise TestbedError(
-                    f"{spec.name}: the namespace init did not start\n{_tail(hostdir / 'boot.log')}"
-                )
-            time.sleep(0.01)
-        rec["init_pid"] = kids[0]
-        rec["init_start"] = proc_start_time(kids[0])
+
+        def started(proc: subprocess.Popen[bytes]) -> None:
+            self._popens.append(proc)
+            rec["unshare_pid"] = proc.pid
+            rec["unshare_start"] = proc_start_time(proc.pid)
+            self._save(state)
+
+        init_pid = lifecycle.spawn_host(self.root, spec, Path(rec["dir"]), started)
+        rec["init_pid"] = init_pid
+        rec["init_start"] = proc_start_time(init_pid)
         self._save(state)
 
     def _wait_booted(self, state: dict[str, Any]) -> None:
-        pending = {rec["name"]: rec for rec in state["hosts"]}
-        deadline = time.monotonic() + BOOT_TIMEOUT
-        while pending:
-            for name, rec in list(pending.items()):
-                status_file = Path(rec["dir"]) / "status"
-                status = status_file.read_text().strip() if status_file.exists() else ""
-                if status == "booted":
-                    del pending[name]
-                elif status.startswith("failed") or not pid_alive(
-                    rec["init_pid"], rec["init_start"]
-                ):
-                    raise TestbedError(
-                        f"{name} failed to boot: {status or 'init exited'}\n"
-                        f"{_tail(Path(rec['dir']) / 'boot.log')}"
-                    )
-            if pending and time.monotonic() > deadline:
-                raise TestbedError(f"hosts {sorted(pending)} did not boot in {BOOT_TIMEOUT:.0f}s")
-            time.sleep(0.05)
+        lifecycle.wait_booted(state["hosts"], BOOT_TIMEOUT)
 
     def _settle_host(self, host: str) -> None:
-        """Wait: twins managed by NM, its "Wired connection" profiles made, GID tables written."""
-        twins = [t.interface for t in TWINS]
-        hostdir = self.hostdir(host)
-        deadline = time.monotonic() + SETTLE_TIMEOUT
-        managed: set[str] = set()
-        last = ""
-        while True:
-            for twin in twins:
-                if (
-                    twin not in managed
-                    and self.exec(
-                        host, ["nmcli", "device", "set", twin, "managed", "yes"], check=False
-                    ).returncode
-                    == 0
-                ):
-                    managed.add(twin)
-            devices = self.exec(
-                host, ["nmcli", "-t", "-f", "DEVICE,STATE", "device", "status"], check=False
-            ).stdout
-            states = dict(line.split(":", 1) for line in devices.splitlines() if ":" in line)
-            profiles = self.exec(
-                host, ["nmcli", "-t", "-f", "NAME,TYPE", "connection", "show"], check=False
-            ).stdout
-            wired = [p for p in profiles.splitlines() if p.startswith("Wired connection")]
-            gids = all(
-                (hostdir / "sim" / "ib" / t.rdma_device / "ports" / "1" / "gids" / "0").exists()
-                for t in TWINS
-            )
-            ready = (
-                len(managed) == len(twins)
-                and all(
-                    states.get(t, "unmanaged") not in ("unmanaged", "unavailable") for t in twins
-                )
-                and len(wired) >= len(twins)
-                and gids
-            )
-            if ready:
-                return
-            last = f"devices: {states}; profiles: {profiles.splitlines()}; gid tables: {gids}"
-            if time.monotonic() > deadline:
-                raise TestbedError(
-                    f"{host}: NetworkManager did not settle in {SETTLE_TIMEOUT:.0f}s ({last})"
-                )
-            time.sleep(0.1)
+        lifecycle.settle_host(self.exec, host, self.hostdir(host), SETTLE_TIMEOUT)
 
     @staticmethod
     def _parallel(fn: Callable[[str], None], hosts: Sequence[str]) -> None:
@@ -459,7 +257,7 @@ class Testbed(FaultsMixin):
         """Remove everything the state file lists; safe to call twice or after a crashed run."""
         state = self._load()
         if state is None:
-            self._reap_popens()
+            self._reap_popens(timeout=5)
             return
         require_root()
         for rec in state["hosts"]:
@@ -474,11 +272,9 @@ class Testbed(FaultsMixin):
             while pid and pid_alive(pid, rec.get("init_start")) and time.monotonic() < deadline:
                 time.sleep(0.02)
             upid = rec.get("unshare_pid")
-            while (
-                upid and pid_alive(upid, rec.get("unshare_start")) and time.monotonic() < deadline
-            ):
+            while upid and pid_alive(upid, rec.get("unshare_start")) and time.monotonic() < deadline:
                 time.sleep(0.02)
-        self._reap_popens()
+        self._reap_popens(timeout=5)
         for ns in state["netns"]:
             if Path("/run/netns", ns).exists():
                 run(["ip", "netns", "del", ns], check=False)
@@ -493,10 +289,14 @@ class Testbed(FaultsMixin):
         with contextlib.suppress(OSError):
             self.root.rmdir()
 
-    def _reap_popens(self) -> None:
+    def _reap_popens(self, timeout: float = 0) -> None:
+        """Collect exit statuses of our own children (the hosts' unshare, port listeners)."""
         for proc in self._popens:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=5)
+            if timeout:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=timeout)
+            else:
+                proc.poll()
         self._popens = [p for p in self._popens if p.returncode is None]
 
     # --- running commands inside hosts ----------------------------------------------------------
@@ -625,6 +425,24 @@ class Testbed(FaultsMixin):
             timeout=60,
         )
 
+    def namespace_pids(self) -> dict[str, list[int]]:
+        """PIDs (as the machine numbers them) of every process running inside each host."""
+        result: dict[str, list[int]] = {}
+        for rec in self._state()["hosts"]:
+            result[rec["name"]] = []
+            if not pid_alive(rec["init_pid"], rec["init_start"]):
+                continue
+            try:
+                target = os.readlink(f"/proc/{rec['init_pid']}/ns/pid")
+            except OSError:
+                continue
+            for entry in Path("/proc").iterdir():
+                if entry.name.isdigit():
+                    with contextlib.suppress(OSError):
+                        if os.readlink(entry / "ns" / "pid") == target:
+                            result[rec["name"]].append(int(entry.name))
+        return result
+
     def processes(self, host: str) -> list[str]:
         """`ps` lines (pid user args) of a host, for assertions."""
         out = self.exec(host, ["ps", "-eo", "pid=,user=,args="]).stdout
@@ -644,14 +462,6 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
     elif path.is_dir():
         run(["rm", "-rf", "--one-file-system", str(path)], check=False)
-
-
-def _tail(path: Path, lines: int = 15) -> str:
-    try:
-        text = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return ""
-    return "\n".join(text[-lines:])
 
 
 @contextlib.contextmanager
