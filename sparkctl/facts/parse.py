@@ -19,6 +19,8 @@ from sparkctl.facts.models import (
 )
 from sparkctl.facts.probe import MARK
 
+FILE_MARKS = ("present", "absent")
+
 
 def split_terse(line: str) -> list[str]:
     """Split one `nmcli -t` line on unescaped ':' and undo nmcli's `\\:` / `\\\\` escapes."""
@@ -46,6 +48,10 @@ def parse_sections(output: str) -> dict[str, str]:
     for line in output.splitlines():
         if line.startswith(MARK + " "):
             name = line[len(MARK) + 1 :].strip()
+            # `@@sparkctl present` / `absent` end a file section's content; they do not start a section.
+            if name in FILE_MARKS and current is not None:
+                current.append(line)
+                continue
             current = sections.setdefault(name, [])
             continue
         if current is not None:

@@ -34,10 +34,11 @@ def _check_hosts(inv: Inventory) -> list[Found]:
         seen_if: set[str] = set()
         for j, twin in enumerate(h.fabric):
             if twin.interface in seen_if:
-                found.append((("hosts", i, "fabric", j, "interface"), f"{twin.interface} is listed twice", ""))
+                found.append((("hosts", i, "fabric", j, "interface"), f"{twin.interface} is listed twice", "list each twin once"))
             seen_if.add(twin.interface)
     if inv.network.topology == "direct" and len(inv.hosts) != 2:
-        found.append((("network", "topology"), f"'direct' joins exactly 2 hosts, found {len(inv.hosts)}", ""))
+        found.append((("network", "topology"), f"'direct' joins exactly 2 hosts, found {len(inv.hosts)}",
+                      "list exactly two hosts"))
     return found
 
 
@@ -65,7 +66,8 @@ def _check_fabric(inv: Inventory) -> list[Found]:
             if j not in link_nets:
                 link_nets[j] = net
                 if net in net_owner:
-                    found.append((loc, f"link {j} reuses subnet {net} of link {net_owner[net]}", ""))
+                    found.append((loc, f"link {j} reuses subnet {net} of link {net_owner[net]}",
+                                   "give every link its own subnet"))
                 net_owner.setdefault(net, j)
             elif net != link_nets[j]:
                 found.append((loc, f"{twin.address} is not in {link_nets[j]}, the subnet of link {j}",
@@ -96,10 +98,12 @@ def _check_ray_and_workloads(inv: Inventory) -> list[Found]:
     for k, w in enumerate(inv.workloads):
         by_name[w.name] += 1
         if w.name in seen_names:
-            found.append((("workloads", k, "name"), f"duplicate workload name '{w.name}'", ""))
+            found.append((("workloads", k, "name"), f"duplicate workload name '{w.name}'",
+                          "give every workload its own name"))
         seen_names.add(w.name)
         if w.port in seen_ports:
-            found.append((("workloads", k, "port"), f"port {w.port} is already used by {seen_ports[w.port]}", ""))
+            found.append((("workloads", k, "port"), f"port {w.port} is already used by {seen_ports[w.port]}",
+                          "give every workload its own port"))
         seen_ports.setdefault(w.port, w.name)
         if w.port in ray_ports or inv.ray.ports.min_worker <= w.port <= inv.ray.ports.max_worker:
             found.append((("workloads", k, "port"), f"port {w.port} is one of Ray's ports", "pick another port"))
@@ -108,7 +112,8 @@ def _check_ray_and_workloads(inv: Inventory) -> list[Found]:
                           f"{w.tensor_parallel_size} ranks but the cluster has {gpus} GPU(s)",
                           f"use tensor_parallel_size <= {gpus}"))
         if w.engine == "embed" and w.tensor_parallel_size * w.replicas > len(inv.hosts) and w.replicas > 1:
-            found.append((("workloads", k, "replicas"), f"{w.replicas} replicas need {w.replicas} hosts", ""))
+            found.append((("workloads", k, "replicas"), f"{w.replicas} replicas need {w.replicas} hosts",
+                          f"use replicas <= {len(inv.hosts)}"))
         if w.engine == "embed" and w.tensor_parallel_size > len(inv.hosts):
             found.append((("workloads", k, "tensor_parallel_size"),
                           f"{w.tensor_parallel_size} ranks but the cluster has {len(inv.hosts)} host(s)",

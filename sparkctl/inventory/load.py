@@ -48,12 +48,16 @@ class Source:
             self.data: Any = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
-            where = f"{name}:{mark.line + 1}" if mark else name
-            raise error([Problem(where, f"not valid YAML: {getattr(exc, 'problem', exc)}")]) from None
+            where = f"{name}:{mark.line + 1}" if mark else f"{name}:1"
+            raise error([Problem(where, f"not valid YAML: {getattr(exc, 'problem', exc)}",
+                                 "check indentation and quoting on that line or just above it")]) from None
         if node is not None:
             _line_map(node, (), self.lines)
         if not isinstance(self.data, dict):
-            raise error([Problem(name, "expected a mapping at the top level")])
+            found = "an empty document" if self.data is None else f"a {type(self.data).__name__}"
+            raise error([Problem(f"{name}:{self.lines.get((), 1)}",
+                                 f"expected a mapping at the top level, found {found}",
+                                 "start with `key: value` lines (see the bundled example-pair.yaml)")])
 
     def where(self, loc: Sequence[str | int]) -> str:
         """`file:line key.path` for the deepest part of `loc` found in the document."""
@@ -84,6 +88,38 @@ def _known_fields(model: type[BaseModel], loc: Loc) -> list[str]:
     return list(getattr(current, "model_fields", {}))
 
 
+def _field_description(model: type[BaseModel], loc: Loc) -> str:
+    """The description of the field at `loc`, if the models declare one."""
+    current: Any = model
+    description = ""
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        fields = getattr(current, "model_fields", None)
+        if not fields or part not in fields:
+            return ""
+        description = fields[part].description or ""
+        current = _inner_model(fields[part].annotation)
+    return description
+
+
+_BOUNDS = {
+    "greater_than": ("gt", "use a value greater than {}"),
+    "greater_than_equal": ("ge", "use a value of at least {}"),
+    "less_than": ("lt", "use a value less than {}"),
+    "less_than_equal": ("le", "use a value of at most {}"),
+    "too_short": ("min_length", "list at least {} item(s)"),
+}
+
+
+def _hint(kind: str, ctx: dict[str, Any], description: str) -> str:
+    """How to fix a schema error: the allowed range if it is one, else what the field holds."""
+    if kind in _BOUNDS and _BOUNDS[kind][0] in ctx:
+        key, text = _BOUNDS[kind]
+        return text.format(ctx[key])
+    return description
+
+
 def _inner_model(annotation: Any) -> Any:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
@@ -97,9 +133,20 @@ def _inner_model(annotation: Any) -> Any:
 def validation_problems(source: Source, model: type[BaseModel], exc: ValidationError) -> list[Problem]:
     """Turn pydantic's errors into file:line problems with hints."""
     problems = []
-    for err in exc.errors():
+    errors = exc.errors()
+    # A misspelt required key shows up twice (unknown + missing): report it once, as the unknown key.
+    misspelt: set[Loc] = set()
+    for err in errors:
+        if err["type"] == "extra_forbidden":
+            loc = tuple(err["loc"])
+            close = difflib.get_close_matches(str(loc[-1]), _known_fields(model, loc[:-1]), n=1)
+            if close:
+                misspelt.add((*loc[:-1], close[0]))
+    for err in errors:
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
         kind = err["type"]
+        if kind == "missing" and loc in misspelt:
+            continue
         if kind == "extra_forbidden":
             key = str(loc[-1])
             choices = _known_fields(model, loc[:-1])
@@ -113,7 +160,8 @@ def validation_problems(source: Source, model: type[BaseModel], exc: ValidationE
             got = err.get("input")
             if kind not in ("value_error",) and not isinstance(got, dict | list) and got is not None:
                 msg = f"{msg} (found {got!r})"
-            problems.append(Problem(source.where(loc), msg))
+            hint = _hint(kind, dict(err.get("ctx") or {}), _field_description(model, loc))
+            problems.append(Problem(source.where(loc), msg, hint))
     return problems
 
 

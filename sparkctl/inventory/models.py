@@ -94,9 +94,9 @@ class SshSettings(_Model):
 class SshOverride(_Model):
     """Per-host overrides of the cluster's SSH settings."""
 
-    user: PlainName | None = None
-    port: Port | None = None
-    identity_file: str | None = None
+    user: PlainName | None = Field(None, description="Login user on this host.")
+    port: Port | None = Field(None, description="SSH port of this host.")
+    identity_file: str | None = Field(None, description="Private key file for this host.")
 
 
 class SudoSettings(_Model):
@@ -208,13 +208,16 @@ class Inventory(_Model):
     """A cluster of Sparks."""
 
     cluster: PlainName = Field(description="Cluster name.")
-    ssh: SshSettings = Field(default_factory=SshSettings)
-    sudo: SudoSettings = Field(default_factory=SudoSettings)
-    network: Network = Field(default_factory=Network)
-    hosts: list[Host] = Field(min_length=1)
-    runtime: Runtime = Field(default_factory=lambda: Runtime(venv="/opt/sparkctl-runtime"))
-    ray: RaySettings = Field(default_factory=RaySettings)
-    workloads: list[Workload] = Field(default_factory=list)
+    ssh: SshSettings = Field(default_factory=SshSettings, description="How the laptop reaches the hosts.")
+    sudo: SudoSettings = Field(default_factory=SudoSettings, description="Where a sudo password comes from.")
+    network: Network = Field(default_factory=Network, description="Fabric link settings.")
+    hosts: list[Host] = Field(min_length=1, description="The Sparks, each with its fabric twins.")
+    runtime: Runtime = Field(
+        default_factory=lambda: Runtime(venv="/opt/sparkctl-runtime"),
+        description="Where Ray and the workers run: set exactly one of 'venv' or 'image'.",
+    )
+    ray: RaySettings = Field(default_factory=RaySettings, description="The Ray cluster over the fabric.")
+    workloads: list[Workload] = Field(default_factory=list, description="Models served across the cluster.")
 
     def host(self, name: str) -> Host:
         """The host called `name`."""

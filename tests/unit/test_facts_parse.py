@@ -1,0 +1,567 @@
+"""Fact parsers fed with outputs captured from the real tools (tests/unit/fixtures/), and the probe script."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from sparkctl.facts.models import GidEntry, Gpu, Listener
+from sparkctl.facts.parse import (
+    parse_gids,
+    parse_ip_addr,
+    parse_listeners,
+    parse_meminfo,
+    parse_netplan,
+    parse_nm_connections,
+    parse_nm_devices,
+    parse_nvidia_smi,
+    parse_probe,
+    parse_processes,
+    parse_route_dev,
+    parse_runtime,
+    parse_sections,
+    split_terse,
+)
+from sparkctl.facts.probe import MARK, build_probe
+from sparkctl.inventory import parse_inventory
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+EXAMPLE = Path(__file__).resolve().parents[2] / "inventories" / "example-pair.yaml"
+
+
+def fx(name: str) -> str:
+    return (FIXTURES / name).read_text()
+
+
+# --- nmcli terse format --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("line", "fields"),
+    [
+        ("a:b:c", ["a", "b", "c"]),
+        (
+            r"lab\: uplink \\ old:495c:802-3-ethernet::no:/x",
+            ["lab: uplink \\ old", "495c", "802-3-ethernet", "", "no", "/x"],
+        ),
+        ("enP7s7:ethernet:unmanaged:", ["enP7s7", "ethernet", "unmanaged", ""]),
+        ("", [""]),
+        (r"a\\:b", ["a\\", "b"]),
+    ],
+)
+def test_split_terse_undoes_nmcli_escapes(line: str, fields: list[str]) -> None:
+    assert split_terse(line) == fields
+
+
+def test_nm_connections_from_captured_listing_and_settings() -> None:
+    cons = parse_nm_connections(fx("nmcli-connection-show.txt"), fx("nmcli-connection-settings.txt"))
+    by_name = {c.name: c for c in cons}
+    assert [c.name for c in cons] == [
+        "Wired connection 2",
+        "lo",
+        "sparkctl-enp1s0f1np1",
+        "Wired connection 1",
+        "lab: uplink \\ old",
+    ]
+
+    ours = by_name["sparkctl-enp1s0f1np1"]
+    assert ours.uuid == "7edf7baf-b1b3-444b-b3d6-9d36d85b9601"
+    assert ours.type == "802-3-ethernet"
+    assert ours.device == "enp1s0f1np1"
+    assert ours.interface_name == "enp1s0f1np1"
+    assert ours.autoconnect is True
+    assert ours.ipv4_method == "manual"
+    assert ours.ipv4_addresses == ["192.168.100.10/24"]
+    assert ours.ipv6_method == "disabled"
+    assert ours.mtu == 9000
+    assert ours.filename == "/etc/NetworkManager/system-connections/sparkctl-enp1s0f1np1.nmconnection"
+
+    # NetworkManager's auto profile, inactive (empty DEVICE) and switched off
+    wired1 = by_name["Wired connection 1"]
+    assert (wired1.device, wired1.autoconnect, wired1.interface_name) == ("", False, "enp1s0f1np1")
+    assert wired1.ipv4_method == "auto" and wired1.ipv4_addresses == [] and wired1.mtu is None
+
+    wired2 = by_name["Wired connection 2"]
+    assert (wired2.device, wired2.autoconnect) == ("enP2p1s0f1np1", True)
+    assert wired2.filename.startswith("/run/NetworkManager/")
+
+    odd = by_name["lab: uplink \\ old"]
+    assert odd.ipv4_addresses == ["192.168.101.50/24", "10.9.9.9/16"]
+    assert odd.filename == "/etc/NetworkManager/system-connections/lab: uplink \\ old.nmconnection"
+    assert odd.autoconnect is False
+
+    # a loopback profile has no 802-3-ethernet setting: no MTU line at all
+    assert by_name["lo"].mtu is None and by_name["lo"].type == "loopback"
+
+
+def test_nm_connection_without_settings_block_keeps_listing_fields() -> None:
+    cons = parse_nm_connections(
+        "Wired connection 1:f467ae8a-ad5b-35ff-a6f8-4d6272e55a85:802-3-ethernet:enp1s0f1np1:yes:/run/x\n", ""
+    )
+    assert len(cons) == 1
+    c = cons[0]
+    assert (c.name, c.device, c.autoconnect, c.interface_name, c.mtu) == (
+        "Wired connection 1",
+        "enp1s0f1np1",
+        True,
+        "",
+        None,
+    )
+
+
+def test_nm_connections_skip_short_lines() -> None:
+    assert parse_nm_connections("garbage\n\n", "") == []
+
+
+def test_nm_devices_from_captured_status() -> None:
+    devices = parse_nm_devices(fx("nmcli-device-status.txt"))
+    assert set(devices) == {"lo", "enp1s0f1np1", "enP2p1s0f1np1", "enP7s7"}
+    assert devices["enp1s0f1np1"].state == "connected"
+    assert devices["enp1s0f1np1"].connection == "sparkctl-enp1s0f1np1"
+    assert devices["enP2p1s0f1np1"].state == "connecting (getting IP configuration)"
+    assert devices["enP2p1s0f1np1"].connection == "Wired connection 2"
+    assert devices["enP7s7"].state == "unmanaged" and devices["enP7s7"].connection == ""
+    assert devices["enP7s7"].type == "ethernet"
+
+
+def test_nm_device_with_escaped_connection_name() -> None:
+    devices = parse_nm_devices(r"enp1s0f1np1:ethernet:connected:lab\: uplink" + "\n")
+    assert devices["enp1s0f1np1"].connection == "lab: uplink"
+
+
+# --- iproute2 ------------------------------------------------------------------------------------------
+
+
+def test_ip_addr_from_captured_json() -> None:
+    ifs = parse_ip_addr(fx("ip-addr-show.json"))
+    assert list(ifs) == ["lo", "enP7s7", "enp1s0f1np1", "enP2p1s0f1np1"]
+    assert ifs["lo"].ipv4 == ["127.0.0.1/8"]
+    assert ifs["enP7s7"].ipv4 == ["10.0.0.11/24"]
+    assert (ifs["enp1s0f1np1"].mtu, ifs["enp1s0f1np1"].ipv4) == (9000, ["192.168.100.10/24"])
+    # the twin without IPv4 has only an IPv6 link-local address: no IPv4 listed
+    assert (ifs["enP2p1s0f1np1"].mtu, ifs["enP2p1s0f1np1"].ipv4) == (1500, [])
+    assert all(i.up for i in ifs.values())
+    assert ifs["enp1s0f1np1"].operstate == "UP"
+
+
+def test_ip_addr_down_link_is_not_up() -> None:
+    text = (
+        '[{"ifindex":5,"ifname":"enp1s0f1np1","flags":["BROADCAST","MULTICAST"],"mtu":1500,'
+        '"operstate":"DOWN","addr_info":[]}]'
+    )
+    iface = parse_ip_addr(text)["enp1s0f1np1"]
+    assert (iface.up, iface.operstate, iface.ipv4) == (False, "DOWN", [])
+
+
+def test_route_get_names_the_device() -> None:
+    assert parse_route_dev(fx("ip-route-get.json")) == "enP7s7"
+
+
+@pytest.mark.parametrize("text", ["", "[]", "not json", "RTNETLINK answers: Network is unreachable"])
+def test_route_get_without_a_route(text: str) -> None:
+    assert parse_route_dev(text) == ""
+
+
+# --- RDMA GID table ------------------------------------------------------------------------------------
+
+
+def test_gids_from_sysfs_dump() -> None:
+    entries = parse_gids(fx("sysfs-gids-spark-a.txt"))
+    assert [(e.device, e.port, e.index) for e in entries] == [
+        ("roceP2p1s0f1", 1, 0),
+        ("roceP2p1s0f1", 1, 1),
+        ("rocep1s0f1", 1, 0),
+        ("rocep1s0f1", 1, 1),
+        ("rocep1s0f1", 1, 2),
+        ("rocep1s0f1", 1, 3),
+    ]
+    v2 = entries[-1]
+    assert v2 == GidEntry(
+        device="rocep1s0f1",
+        port=1,
+        index=3,
+        gid="0000:0000:0000:0000:0000:ffff:c0a8:640a",
+        type="RoCE v2",
+        ndev="enp1s0f1np1",
+    )
+    assert entries[-2].type == "IB/RoCE v1"
+    assert entries[0].ndev == "enP2p1s0f1np1"
+
+
+def test_gids_index_order_is_numeric_not_glob_order() -> None:
+    entries = parse_gids(fx("sysfs-gids-spark-b.txt"))
+    rocep1 = [e for e in entries if e.device == "rocep1s0f1"]
+    assert [e.index for e in rocep1] == [0, 1, 2, 3, 4, 5]
+    v4 = [(e.index, e.type, e.ipv4) for e in rocep1 if e.ipv4]
+    assert v4 == [(4, "IB/RoCE v1", "192.168.100.11"), (5, "RoCE v2", "192.168.100.11")]
+
+
+@pytest.mark.parametrize(
+    ("gid", "ipv4"),
+    [
+        ("0000:0000:0000:0000:0000:ffff:c0a8:640a", "192.168.100.10"),
+        ("0000:0000:0000:0000:0000:ffff:c0a8:650b", "192.168.101.11"),
+        ("0000:0000:0000:0000:0000:FFFF:0A00:0001", "10.0.0.1"),
+        ("0000:0000:0000:0000:0000:ffff:ffff:ffff", "255.255.255.255"),
+        ("fe80:0000:0000:0000:4ebb:47ff:fe2a:10c1", None),
+        ("fd00:0000:0000:0064:4ebb:47ff:fe2a:20c1", None),
+        ("0000:0000:0000:0000:0000:0000:c0a8:640a", None),  # IPv4-compatible, not IPv4-mapped
+        ("0000:0000:0000:0000:0000:0000:0000:0000", None),
+        ("0000:0000:0000:0000:ffff:c0a8:640a", None),  # truncated
+    ],
+)
+def test_gid_ipv4_mapping(gid: str, ipv4: str | None) -> None:
+    assert GidEntry(device="d", port=1, index=0, gid=gid).ipv4 == ipv4
+
+
+def test_gids_ignore_other_lines() -> None:
+    text = (
+        "grep: /sys/class/infiniband/x/ports/1/gid_attrs/types/7: Invalid argument\n"
+        "/sys/class/infiniband/rocep1s0f1/ports/1/gids/3:0000:0000:0000:0000:0000:ffff:c0a8:640a\n"
+    )
+    assert [(e.index, e.type) for e in parse_gids(text)] == [(3, "")]
+
+
+# --- GPU, processes, sockets, memory, runtime, netplan -------------------------------------------------
+
+
+def test_nvidia_smi_csv() -> None:
+    assert parse_nvidia_smi(fx("nvidia-smi-query-gpu.csv")) == [
+        Gpu(name="NVIDIA GB10", compute_cap="12.1", driver="580.142", temperature=41)
+    ]
+
+
+def test_nvidia_smi_without_temperature_or_driver() -> None:
+    assert parse_nvidia_smi("NVIDIA GB10, 12.1, 580.142, [N/A]\n")[0].temperature is None
+    failed = "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver.\n"
+    assert parse_nvidia_smi(failed) == []
+
+
+def test_processes_from_captured_ps() -> None:
+    procs = parse_processes(fx("ps-eo-pid-user-args.txt"))
+    assert len(procs) == len(fx("ps-eo-pid-user-args.txt").splitlines())
+    by_pid = {p.pid: p for p in procs}
+    assert by_pid[1].user == "root" and by_pid[1].args == "/sbin/init"
+    raylet = by_pid[472]
+    assert raylet.user == "spark"
+    assert raylet.args.split()[0].endswith("/ray/core/src/ray/raylet/raylet")
+    assert "--node_ip_address=192.168.100.10" in raylet.args.split()
+    assert by_pid[496].args == "ray::DashboardAgent"
+    # quoting and inner spacing of args survive
+    assert '"from multiprocessing.forkserver import main;' in by_pid[251].args
+
+
+def test_listeners_from_captured_ss() -> None:
+    found = parse_listeners(fx("ss-ltnH.txt"))
+    assert len(found) == 13
+    assert Listener(address="*", port=6379) in found
+    assert Listener(address="127.0.0.1", port=8265) in found
+    assert Listener(address="192.168.100.10", port=52365) in found
+    assert Listener(address="::ffff:192.168.100.10", port=10001) in found
+    assert Listener(address="0.0.0.0", port=52368) in found
+
+
+def test_listeners_with_scope_ids() -> None:
+    text = "LISTEN 0 4096 127.0.0.53%lo:53 0.0.0.0:*\nLISTEN 0 128 [fe80::1%enP7s7]:22 [::]:*\n"
+    assert parse_listeners(text) == [
+        Listener(address="127.0.0.53", port=53),
+        Listener(address="fe80::1", port=22),
+    ]
+
+
+def test_meminfo() -> None:
+    mem = parse_meminfo(fx("proc-meminfo.txt"))
+    assert mem["MemTotal"] == 24684092
+    assert mem["MemAvailable"] == 24019020
+    assert mem["Cached"] == 1567348
+    assert mem["HugePages_Total"] == 0  # lines without a unit count too
+
+
+def test_runtime_versions() -> None:
+    text = (
+        "Python 3.12.3\nray-2.52.1.dist-info\nvllm-0.11.1rc1+cu130.dist-info\ntorch-2.9.0+cu130.dist-info\n"
+        "nvidia_nccl_cu13-2.28.3.dist-info\nrequests-2.32.3.dist-info\n"
+    )
+    rt = parse_runtime(text)
+    assert (rt.python, rt.ray, rt.vllm, rt.torch, rt.nccl) == (
+        "3.12.3",
+        "2.52.1",
+        "0.11.1rc1+cu130",
+        "2.9.0+cu130",
+        "2.28.3",
+    )
+    img = parse_runtime("image_id=sha256:0123abcd\n")
+    assert img.image_id == "sha256:0123abcd" and img.ray == ""
+
+
+def test_netplan_files() -> None:
+    text = (
+        "== /etc/netplan/40-cx7.yaml\nnetwork:\n  ethernets:\n    enp1s0f1np1:\n      mtu: 9000\n"
+        "== /etc/netplan/50-cloud-init.yaml\nnetwork: {version: 2}\n"
+    )
+    files = parse_netplan(text)
+    assert list(files) == ["/etc/netplan/40-cx7.yaml", "/etc/netplan/50-cloud-init.yaml"]
+    assert files["/etc/netplan/40-cx7.yaml"] == "network:\n  ethernets:\n    enp1s0f1np1:\n      mtu: 9000\n"
+    assert parse_netplan("") == {}
+
+
+# --- whole probe output --------------------------------------------------------------------------------
+
+ENV = "# Managed by sparkctl\nNCCL_IB_GID_INDEX=3\nNCCL_SOCKET_IFNAME=enp1s0f1np1\n"
+SPEC = "VLLM_DISTRIBUTED_EXECUTOR_CONFIG={} /opt/sparkctl-runtime/bin/vllm serve m --port 8000"
+
+
+def assembled_probe() -> str:
+    """A full probe output as `sh -s` prints it, sections filled from the captured fixtures."""
+
+    def section(name: str, body: str) -> str:
+        return f"{MARK} {name}\n{body.rstrip(chr(10))}\n" if body else f"{MARK} {name}\n"
+
+    gids = fx("sysfs-gids-spark-a.txt")
+    return "".join(
+        [
+            section("identity", "nvidia\n/home/nvidia\nspark-a"),
+            section("sudo", "nopasswd"),
+            section("ssh", "10.0.0.2 53422 10.0.0.11 22\n" + fx("ip-route-get.json")),
+            section("ip_addr", fx("ip-addr-show.json")),
+            section("nm_running", "running"),
+            section("nm_connections", fx("nmcli-connection-show.txt")),
+            section("nm_settings", fx("nmcli-connection-settings.txt")),
+            section("nm_devices", fx("nmcli-device-status.txt")),
+            # cat of a file ending in a newline, then `echo`, then the present mark
+            section("env_file", ENV + f"\n{MARK} present"),
+            section("non_carry_over", f"{MARK} absent"),
+            section(
+                "state_files",
+                "ray-token.sha256:" + "ab" * 32 + f"\nworkload-chat.pid:4242\nworkload-chat.spec:{SPEC}",
+            ),
+            section("processes", fx("ps-eo-pid-user-args.txt")),
+            section("listeners", fx("ss-ltnH.txt")),
+            section("meminfo", "".join(line + "\n" for line in fx("proc-meminfo.txt").splitlines()[:5])),
+            section("gids", gids),
+            section("gpus", fx("nvidia-smi-query-gpu.csv")),
+            section("cuda", "CUDA Version: 13.0"),
+            section("netplan", ""),
+            section("runtime", "Python 3.12.3\nray-2.52.1.dist-info\nvllm-0.11.0.dist-info"),
+            f"{MARK} end\n",
+        ]
+    )
+
+
+def test_parse_probe_on_assembled_output() -> None:
+    facts = parse_probe("spark-a", assembled_probe())
+    assert (facts.host, facts.user, facts.home, facts.hostname) == (
+        "spark-a",
+        "nvidia",
+        "/home/nvidia",
+        "spark-a",
+    )
+    assert facts.sudo_nopasswd is True
+    assert (facts.ssh_client_ip, facts.ssh_server_ip, facts.ssh_interface) == (
+        "10.0.0.2",
+        "10.0.0.11",
+        "enP7s7",
+    )
+    assert facts.interfaces["enp1s0f1np1"].ipv4 == ["192.168.100.10/24"]
+    assert facts.nm_running is True
+    assert facts.connection("sparkctl-enp1s0f1np1").mtu == 9000
+    assert facts.connection("Wired connection 2").device == "enP2p1s0f1np1"
+    assert facts.nm_devices["enp1s0f1np1"].connection == "sparkctl-enp1s0f1np1"
+    assert facts.env_file == ENV
+    assert facts.non_carry_over is None
+    assert facts.files == {
+        "ray-token.sha256": "ab" * 32,
+        "workload-chat.pid": "4242",
+        "workload-chat.spec": SPEC,
+    }
+    assert [p.pid for p in facts.processes_matching("raylet/raylet")] == [472]
+    assert Listener(address="*", port=6379) in facts.listeners
+    assert facts.meminfo_kb["Cached"] == 1567348
+    assert len(facts.gids) == 6
+    assert facts.gpus[0].compute_cap == "12.1"
+    assert facts.cuda_version == "13.0"
+    assert facts.netplan == {}
+    assert (facts.runtime.python, facts.runtime.ray, facts.runtime.vllm) == ("3.12.3", "2.52.1", "0.11.0")
+
+
+def test_present_file_sections_keep_their_content() -> None:
+    out = f"{MARK} env_file\nA=1\n\n{MARK} present\n{MARK} non_carry_over\n[]\n\n{MARK} present\n{MARK} end\n"
+    facts = parse_probe("h", out)
+    assert facts.env_file == "A=1\n"
+    assert facts.non_carry_over == "[]\n"
+    sections = parse_sections(out)
+    assert set(sections) == {"env_file", "non_carry_over", "end"}
+
+
+def test_empty_present_file_is_empty_not_absent() -> None:
+    facts = parse_probe("h", f"{MARK} env_file\n\n{MARK} present\n{MARK} end\n")
+    assert facts.env_file == ""
+
+
+def test_parse_probe_on_the_captured_run() -> None:
+    """The probe script run by a real `sh` on a host with NetworkManager and Ray (no GPU/RDMA there)."""
+    facts = parse_probe("spark-a", fx("probe-capture-spark-a.txt"))
+    assert (facts.user, facts.home, facts.hostname) == ("spark", "/home/spark", "spark-a")
+    assert facts.sudo_nopasswd is False
+    assert facts.ssh_interface == "enP7s7" and facts.ssh_server_ip == "10.0.0.11"
+    assert facts.nm_running is True
+    assert len(facts.nm_connections) == 5
+    assert facts.env_file is None and facts.non_carry_over is None
+    assert facts.files == {}
+    assert facts.gids == [] and facts.gpus == [] and facts.cuda_version == ""
+    assert facts.runtime.ray == "2.60.0" and facts.runtime.python == "3.11.2"
+    assert any("--node_ip_address=192.168.100.10" in p.args for p in facts.processes)
+    assert facts.meminfo_kb["MemTotal"] > 0
+
+
+def test_output_cut_short_still_parses_what_arrived() -> None:
+    cut = assembled_probe().split(f"{MARK} processes")[0]
+    facts = parse_probe("spark-a", cut)
+    assert facts.interfaces and facts.processes == [] and facts.gids == []
+
+
+# --- the probe script itself ---------------------------------------------------------------------------
+
+
+def _inventories() -> list:
+    text = EXAMPLE.read_text()
+    image = text.replace("  venv: /opt/sparkctl-runtime", "  image: nvcr.io/nvidia/vllm:25.11-py3")
+    return [parse_inventory(text), parse_inventory(image)]
+
+
+@pytest.mark.skipif(shutil.which("sh") is None, reason="needs a POSIX sh")
+@pytest.mark.parametrize("inv", _inventories(), ids=["venv", "image"])
+def test_probe_script_is_valid_sh(inv) -> None:
+    for host in inv.hosts:
+        script = build_probe(inv, host)
+        r = subprocess.run(["sh", "-n"], input=script, capture_output=True, text=True, timeout=10)
+        assert r.returncode == 0, r.stderr
+        marks = [line for line in script.splitlines() if line.startswith(f"echo '{MARK} ")]
+        assert len(marks) == len(set(marks))
+        assert script.rstrip().endswith(f"echo '{MARK} end'")
+        for twin in host.fabric:
+            assert twin.interface in script
+
+
+def test_probe_only_reads() -> None:
+    inv = _inventories()[0]
+    script = build_probe(inv, inv.hosts[0])
+    for verb in (
+        "nmcli con add",
+        "connection add",
+        "connection modify",
+        "connection up",
+        " rm ",
+        "install ",
+        "sysctl -w",
+        "ray start",
+        "kill ",
+    ):
+        assert verb not in script
+
+
+STUBS = {
+    "ip": """case "$*" in
+  "-j addr show") cat "$FX/ip-addr-show.json" ;;
+  "-j route get "*) cat "$FX/ip-route-get.json" ;;
+  *) exit 1 ;;
+esac""",
+    "nmcli": """case "$*" in
+  "-t -f RUNNING general") echo running ;;
+  "-t -f NAME,UUID,TYPE,DEVICE,AUTOCONNECT,FILENAME connection show") cat "$FX/nmcli-connection-show.txt" ;;
+  "-t -f UUID connection show") cat "$FX/nmcli-uuids.txt" ;;
+  "-t -f DEVICE,TYPE,STATE,CONNECTION device status") cat "$FX/nmcli-device-status.txt" ;;
+  "-t -f connection.uuid,"*" connection show uuid "*)
+     u="${*##* }"
+     f="$FX/nmcli-connection-settings.txt"
+     awk -v u="connection.uuid:$u" 'BEGIN{RS="";ORS="\\n"} index($0,u)==1' "$f" ;;
+  *) exit 1 ;;
+esac""",
+    "ps": 'cat "$FX/ps-eo-pid-user-args.txt"',
+    "ss": 'cat "$FX/ss-ltnH.txt"',
+    "sudo": "exit 0",
+    "id": "echo nvidia",
+    "hostname": "echo spark-a",
+    "nvidia-smi": """case "$*" in
+  --query-gpu=*) cat "$FX/nvidia-smi-query-gpu.csv" ;;
+  *) echo '| NVIDIA-SMI 580.142    Driver Version: 580.142    CUDA Version: 13.0 |' ;;
+esac""",
+}
+
+
+@pytest.mark.skipif(
+    not Path("/proc/meminfo").exists() or shutil.which("sh") is None, reason="needs Linux and sh"
+)
+def test_probe_script_output_parses_back(tmp_path: Path) -> None:
+    """Run the real probe with `sh -s` against stub tools printing the fixtures; parse what it printed."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in STUBS.items():
+        tool = bin_dir / name
+        tool.write_text("#!/bin/sh\n" + body + "\n")
+        tool.chmod(tool.stat().st_mode | stat.S_IXUSR)
+    fixtures = tmp_path / "fx"
+    shutil.copytree(FIXTURES, fixtures)
+    uuids = re.findall(
+        r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", fx("nmcli-connection-show.txt")
+    )
+    (fixtures / "nmcli-uuids.txt").write_text("".join(u + "\n" for u in uuids))
+    # a venv with a python and dist-info folders; the sparkctl state under $HOME
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text("#!/bin/sh\necho 'Python 3.12.3'\n")
+    (venv / "bin" / "python").chmod(0o755)
+    site = venv / "lib" / "python3.12" / "site-packages"
+    for d in ("ray-2.52.1.dist-info", "torch-2.9.0.dist-info", "requests-2.32.3.dist-info"):
+        (site / d).mkdir(parents=True)
+    home = tmp_path / "home"
+    state = home / ".local" / "state" / "sparkctl"
+    state.mkdir(parents=True)
+    (state / "ray-token").write_text("tok-0123456789\n")
+    (state / "workload-chat.pid").write_text("472\n")
+    (state / "workload-chat.spec").write_text(SPEC + "\n")
+    nco = home / ".config" / "vllm"
+    nco.mkdir(parents=True)
+    (nco / "ray_non_carry_over_env_vars.json").write_text('[\n  "NCCL_IB_GID_INDEX"\n]\n')
+
+    text = EXAMPLE.read_text().replace("  venv: /opt/sparkctl-runtime", f"  venv: {venv}")
+    inv = parse_inventory(text)
+    env = {
+        "PATH": f"{bin_dir}:/usr/bin:/bin",
+        "HOME": str(home),
+        "FX": str(fixtures),
+        "SSH_CONNECTION": "10.0.0.2 53422 10.0.0.11 22",
+    }
+    r = subprocess.run(
+        ["sh", "-s"],
+        input=build_probe(inv, inv.host("spark-a")),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+    )
+    assert r.returncode == 0, r.stderr
+    facts = parse_probe("spark-a", r.stdout)
+
+    assert (facts.user, facts.hostname, facts.sudo_nopasswd) == ("nvidia", "spark-a", True)
+    assert facts.ssh_interface == "enP7s7"
+    assert facts.nm_running is True
+    assert facts.connection("sparkctl-enp1s0f1np1").mtu == 9000
+    assert facts.connection("lab: uplink \\ old").ipv4_addresses == ["192.168.101.50/24", "10.9.9.9/16"]
+    assert facts.non_carry_over == '[\n  "NCCL_IB_GID_INDEX"\n]\n'
+    assert facts.files["ray-token.sha256"] == hashlib.sha256(b"tok-0123456789\n").hexdigest()
+    assert facts.files["workload-chat.pid"] == "472"
+    assert facts.files["workload-chat.spec"] == SPEC
+    assert facts.gpus[0].name == "NVIDIA GB10" and facts.cuda_version == "13.0"
+    assert (facts.runtime.python, facts.runtime.ray, facts.runtime.torch) == ("3.12.3", "2.52.1", "2.9.0")
+    assert len(facts.processes) == len(fx("ps-eo-pid-user-args.txt").splitlines())
+    assert facts.meminfo_kb["MemTotal"] > 0
+    assert set(facts.meminfo_kb) <= {"MemTotal", "MemFree", "MemAvailable", "Cached", "Buffers"}
+    assert os.environ.get("FX") is None  # the stub environment did not leak into the test process

@@ -1,0 +1,385 @@
+"""Planner cases as data: each tests/unit/cases/*.yaml holds an inventory, host facts and the steps expected.
+
+Adding a case is adding a file. A case file has:
+
+  description: what the case shows
+  inventory: example-pair            # a file under inventories/ (without .yaml), or an inline mapping
+  inventory_replace: [[old, new]]    # optional exact text edits of that inventory
+  runbook: up                        # a built-in runbook name
+  params: {}                         # optional runbook parameters (defaults from the runbook)
+  digests: {ray_token: .., worker_code: ..}   # optional; laptop-side digests the planner compares with
+  facts: {host: HostFacts as YAML}   # YAML anchors/merge keys welcome
+  facts_from: other-case.yaml        # or: start from another case's facts ...
+  facts_patch: {host: {key: value}}  # ... and replace some top-level HostFacts fields per host
+  expect:
+    error: {type: PlanError, where: .., message: ..}   # or the steps below (substrings for where/message)
+    stages: [fabric, env]            # optional: compare only these stages
+    steps:                           # per host, in order, every step of the compared stages
+      spark-a:
+        - stage: fabric
+          kind: fabric_profile
+          target: enp1s0f1np1
+          changes: true              # default true
+          depends_on_earlier: false  # default false
+          commands:                  # optional; if given, exact and complete
+            - argv: [nmcli, ...]     # exact argv
+              sudo: true             # default false
+              stdin: "..."           # optional exact stdin content; stdin_contains: [..] for fragments
+              stdin_secret: ray_token   # default none
+            - sh_contains: [..]      # an `sh -c LINE` command whose LINE holds each fragment
+    changing_steps: 0                # optional total of changing steps in the compared stages
+    notes: [..]                      # optional fragments that must each appear in some plan note
+    notes_exact: [..]                # optional: the plan's notes, all of them
+  xfail: "reason"                    # optional: a known bug; the case must fail until it is fixed
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from sparkctl import errors
+from sparkctl.facts.models import HostFacts
+from sparkctl.inventory import parse_inventory
+from sparkctl.inventory.models import Inventory
+from sparkctl.plan.context import PlanContext
+from sparkctl.plan.models import Command, Plan, Step
+from sparkctl.runbook.load import build_runbook_plan, load_runbook, resolve_params
+
+REPO = Path(__file__).resolve().parents[2]
+CASES = Path(__file__).resolve().parent / "cases"
+DEFAULT_DIGESTS = {"ray_token": "digest-of-the-ray-token", "worker_code": "digest-of-the-worker-code"}
+STEP_KEYS = {"stage", "kind", "target", "changes", "depends_on_earlier", "commands"}
+COMMAND_KEYS = {"argv", "sudo", "stdin", "stdin_contains", "stdin_secret", "stdin_blob", "sh_contains"}
+
+
+def load_case(path: Path) -> dict[str, Any]:
+    case = yaml.safe_load(path.read_text())
+    unknown = set(case) - {
+        "description",
+        "inventory",
+        "inventory_replace",
+        "runbook",
+        "params",
+        "digests",
+        "facts",
+        "facts_from",
+        "facts_patch",
+        "expect",
+        "xfail",
+    }
+    assert not unknown, f"{path.name}: unknown keys {unknown}"
+    if "facts_from" in case:
+        base = load_case(CASES / case["facts_from"])
+        case["facts"] = {host: dict(data) for host, data in base["facts"].items()}
+        case.setdefault("digests", base.get("digests", DEFAULT_DIGESTS))
+    for host, patch in case.get("facts_patch", {}).items():
+        case["facts"][host].update(patch)
+    return case
+
+
+def case_inventory(case: dict[str, Any]) -> Inventory:
+    ref = case.get("inventory", "example-pair")
+    text = (REPO / "inventories" / f"{ref}.yaml").read_text() if isinstance(ref, str) else yaml.safe_dump(ref)
+    for old, new in case.get("inventory_replace", []):
+        assert text.count(old) == 1, f"inventory_replace: {old!r} must occur exactly once"
+        text = text.replace(old, new)
+    return parse_inventory(text, "case-inventory")
+
+
+def plan_case(case: dict[str, Any]) -> Plan:
+    inv = case_inventory(case)
+    facts = {name: HostFacts.model_validate({"host": name, **data}) for name, data in case["facts"].items()}
+    assert set(facts) == {h.name for h in inv.hosts}, "facts must cover every host of the inventory"
+    rb = load_runbook(case.get("runbook", "up"))
+    params = resolve_params(rb, {}) | case.get("params", {})
+    ctx = PlanContext(inv, facts, params, case.get("digests", DEFAULT_DIGESTS))
+    return build_runbook_plan(rb, ctx, params)
+
+
+def _check_command(where: str, want: dict[str, Any], got: Command) -> None:
+    assert set(want) <= COMMAND_KEYS, f"{where}: unknown command keys {set(want) - COMMAND_KEYS}"
+    if "sh_contains" in want:
+        assert got.argv[:2] == ["sh", "-c"] and len(got.argv) == 3, (
+            f"{where}: expected sh -c LINE, got {got.argv}"
+        )
+        for fragment in want["sh_contains"]:
+            assert fragment in got.argv[2], f"{where}: {fragment!r} not in:\n{got.argv[2]}"
+    else:
+        assert got.argv == want["argv"], f"{where}: argv"
+    assert got.sudo == want.get("sudo", False), f"{where}: sudo"
+    assert got.stdin_secret == want.get("stdin_secret"), f"{where}: stdin_secret"
+    assert got.stdin_blob == want.get("stdin_blob"), f"{where}: stdin_blob"
+    if "stdin" in want:
+        assert got.stdin == want["stdin"], f"{where}: stdin"
+    for fragment in want.get("stdin_contains", []):
+        assert got.stdin is not None and fragment in got.stdin, f"{where}: {fragment!r} not in stdin"
+
+
+def _check_step(where: str, want: dict[str, Any], stage: str, got: Step) -> None:
+    assert set(want) <= STEP_KEYS, f"{where}: unknown step keys {set(want) - STEP_KEYS}"
+    have = {
+        "stage": stage,
+        "kind": got.kind,
+        "target": got.target,
+        "changes": got.changes,
+        "depends_on_earlier": got.depends_on_earlier,
+    }
+    expected = {
+        "stage": want["stage"],
+        "kind": want["kind"],
+        "target": want.get("target", ""),
+        "changes": want.get("changes", True),
+        "depends_on_earlier": want.get("depends_on_earlier", False),
+    }
+    assert have == expected, where
+    if "commands" in want:
+        assert len(got.commands) == len(want["commands"]), f"{where}: {[c.render() for c in got.commands]}"
+        for k, (w, g) in enumerate(zip(want["commands"], got.commands, strict=True)):
+            _check_command(f"{where} command {k}", w, g)
+
+
+def check_case(case: dict[str, Any]) -> None:
+    expect = case["expect"]
+    if "error" in expect:
+        want = expect["error"]
+        error_type = getattr(errors, want["type"])
+        with pytest.raises(error_type) as info:
+            plan_case(case)
+        assert any(
+            want.get("where", "") in p.where and want.get("message", "") in p.message
+            for p in info.value.problems
+        ), [p.render() for p in info.value.problems]
+        return
+    plan = plan_case(case)
+    stages = expect.get("stages")
+    picked = [(st.name, s) for st in plan.stages if stages is None or st.name in stages for s in st.steps]
+    for host in plan.hosts:
+        got = [(stage, s) for stage, s in picked if s.host == host]
+        want = expect["steps"].get(host, [])
+        summary = [f"{stage}/{s.id}{'' if s.changes else '?'}" for stage, s in got]
+        assert len(got) == len(want), f"{host}: planned {summary}"
+        for i, (w, (stage, s)) in enumerate(zip(want, got, strict=True)):
+            _check_step(f"{host} step {i} ({stage}/{s.id})", w, stage, s)
+    if "changing_steps" in expect:
+        assert sum(1 for _, s in picked if s.changes) == expect["changing_steps"]
+    for fragment in expect.get("notes", []):
+        assert any(fragment in n for n in plan.notes), f"{fragment!r} not in notes {plan.notes}"
+    if "notes_exact" in expect:
+        assert plan.notes == expect["notes_exact"]
+
+
+CASE_FILES = sorted(CASES.glob("*.yaml"))
+
+
+def _param(path: Path) -> Any:
+    case = load_case(path)
+    marks = [pytest.mark.xfail(reason=case["xfail"], strict=True)] if case.get("xfail") else []
+    return pytest.param(path, id=path.stem, marks=marks)
+
+
+@pytest.mark.parametrize("path", [_param(p) for p in CASE_FILES])
+def test_case(path: Path) -> None:
+    check_case(load_case(path))
+
+
+def test_there_are_cases() -> None:
+    assert len(CASE_FILES) >= 10
+
+
+@pytest.mark.skipif(shutil.which("sh") is None, reason="needs a POSIX sh")
+@pytest.mark.parametrize(
+    "path", [p for p in CASE_FILES if "error" not in load_case(p).get("expect", {})], ids=lambda p: p.stem
+)
+def test_every_shell_line_parses(path: Path) -> None:
+    """Every `sh -c LINE` the planner builds is valid sh (quoting mistakes show up here)."""
+    plan = plan_case(load_case(path))
+    lines = [
+        c.argv[2] for st in plan.stages for s in st.steps for c in s.commands if c.argv[:2] == ["sh", "-c"]
+    ]
+    for line in lines:
+        r = subprocess.run(["sh", "-n", "-c", line], capture_output=True, text=True, timeout=10)
+        assert r.returncode == 0, f"{line}\n{r.stderr}"
+
+
+@pytest.mark.parametrize(
+    "path", [p for p in CASE_FILES if "error" not in load_case(p).get("expect", {})], ids=lambda p: p.stem
+)
+def test_plan_is_plain_data(path: Path) -> None:
+    """A plan survives a JSON round trip unchanged (it holds no callables, connections or clocks)."""
+    plan = plan_case(load_case(path))
+    assert Plan.model_validate_json(plan.model_dump_json()) == plan
+
+
+def test_planning_twice_gives_the_same_plan() -> None:
+    case = load_case(CASES / "up-fresh-pair.yaml")
+    assert plan_case(case) == plan_case(case)
+
+
+# --- the planned shell lines, run by a real sh against stub programs -----------------------------------
+
+import os  # noqa: E402
+import signal  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+
+from sparkctl import paths  # noqa: E402
+from sparkctl.launch import commands as lc  # noqa: E402
+
+# DGX OS runs `sh -c LINE` with dash as /bin/sh; bash is what a login shell may be.
+SHELLS = [
+    pytest.param(sh, marks=pytest.mark.skipif(shutil.which(sh) is None, reason=f"no {sh}"), id=sh)
+    for sh in ("dash", "bash")
+]
+
+RECORDER = """#!/bin/sh
+{{
+  echo "argv=$*"
+  echo "VLLM_API_KEY=$VLLM_API_KEY"
+  echo "RAY_AUTH_MODE=$RAY_AUTH_MODE"
+  echo "RAY_AUTH_TOKEN_PATH=$RAY_AUTH_TOKEN_PATH"
+  echo "NCCL_IB_GID_INDEX=$NCCL_IB_GID_INDEX"
+  echo "VLLM_DISTRIBUTED_EXECUTOR_CONFIG=$VLLM_DISTRIBUTED_EXECUTOR_CONFIG"
+  echo "pid=$$"
+}} > "{record}.tmp" && mv "{record}.tmp" "{record}"
+{tail}
+"""
+
+
+@pytest.fixture
+def sandbox(tmp_path: Path):
+    """An inventory whose venv holds recording stubs, a home dir, and an env file outside /etc."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    for name, tail in (("ray", "exit 0"), ("vllm", "exec sleep 30")):
+        stub = venv / "bin" / name
+        stub.write_text(RECORDER.format(record=tmp_path / f"{name}.record", tail=tail))
+        stub.chmod(0o755)
+    env_file = tmp_path / "worker.env"
+    env_file.write_text("NCCL_IB_GID_INDEX=5\n")
+    text = (
+        (REPO / "inventories" / "example-pair.yaml")
+        .read_text()
+        .replace("  venv: /opt/sparkctl-runtime", f"  venv: {venv}")
+    )
+    home = tmp_path / "home"
+    home.mkdir()
+    return parse_inventory(text), str(home), env_file, tmp_path
+
+
+def _localize(line: str, env_file: Path) -> str:
+    assert paths.ENV_FILE in line
+    return line.replace(paths.ENV_FILE, str(env_file))
+
+
+def _record(path: Path, deadline: float = 3.0) -> dict[str, str]:
+    end = time.monotonic() + deadline
+    while not path.exists():
+        assert time.monotonic() < end, f"{path.name}: the program never started"
+        time.sleep(0.02)
+    return dict(line.split("=", 1) for line in path.read_text().splitlines())
+
+
+@pytest.mark.skipif(shutil.which("setsid") is None, reason="needs util-linux setsid")
+@pytest.mark.parametrize("shell", SHELLS)
+def test_ray_start_line_loads_the_env_file_and_token_auth(sandbox, shell: str) -> None:
+    inv, home, env_file, tmp = sandbox
+    line = _localize(lc.build_ray_start(inv, inv.host("spark-b"), home), env_file)
+    r = subprocess.run(
+        [shell, "-c", line], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=20
+    )
+    assert r.returncode == 0, r.stderr
+    rec = _record(tmp / "ray.record")
+    argv = rec["argv"].split()
+    assert argv[0] == "start"
+    assert "--node-ip-address=192.168.100.11" in argv and "--address=192.168.100.10:6379" in argv
+    assert "--head" not in argv
+    assert rec["NCCL_IB_GID_INDEX"] == "5"
+    assert rec["RAY_AUTH_MODE"] == "token"
+    assert rec["RAY_AUTH_TOKEN_PATH"] == paths.token_path(home)
+    assert Path(paths.log_path(home, "ray")).exists()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "sparkctl/launch/commands.py build_workload_start: the trailing `&` backgrounds the whole `&&` "
+        "chain, so "
+        "`read` gets /dev/null instead of the API key and the workload never starts"
+    ),
+)
+@pytest.mark.skipif(shutil.which("setsid") is None, reason="needs util-linux setsid")
+@pytest.mark.parametrize("shell", SHELLS)
+def test_workload_start_line_reads_the_key_from_stdin_and_records_the_pid(sandbox, shell: str) -> None:
+    inv, home, env_file, tmp = sandbox
+    w = inv.workload("chat")
+    line = _localize(lc.build_workload_start(inv, w, home), env_file)
+    r = subprocess.run(
+        [shell, "-c", line], input="sk-unit-test\n", capture_output=True, text=True, timeout=20
+    )
+    assert r.returncode == 0, r.stderr
+    try:
+        rec = _record(tmp / "vllm.record", deadline=2.0)
+    finally:
+        pid_file = Path(lc.pid_file(home, "chat"))
+        if pid_file.exists() and pid_file.read_text().strip().isdigit():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+    assert rec["VLLM_API_KEY"] == "sk-unit-test"
+    assert rec["argv"].startswith("serve Qwen/Qwen3-30B-A3B-Instruct-2507 ")
+    assert rec["VLLM_DISTRIBUTED_EXECUTOR_CONFIG"] == lc.SPREAD
+    assert rec["NCCL_IB_GID_INDEX"] == "5"
+    assert pid_file.read_text().strip() == rec["pid"]
+    assert Path(lc.spec_file(home, "chat")).read_text() == lc.workload_spec(inv, w, home) + "\n"
+    assert "sk-unit-test" not in line
+
+
+@pytest.mark.parametrize(
+    "shell",
+    [
+        pytest.param(
+            "dash",
+            id="dash",
+            marks=[
+                *SHELLS[0].marks,
+                pytest.mark.xfail(
+                    strict=True,
+                    reason=(
+                        "sparkctl/launch/commands.py build_workload_stop: dash's kill builtin rejects `--` "
+                        "(`kill -TERM -- -$pid` fails with 'Illegal number'), "
+                        "so the workload is never signalled; "
+                        'use `kill -TERM -"$pid"`'
+                    ),
+                ),
+            ],
+        ),
+        SHELLS[1],
+    ],
+)
+def test_workload_stop_line_stops_the_process_group_and_forgets_it(sandbox, shell: str) -> None:
+    inv, home, _, _ = sandbox
+    proc = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    reaper = threading.Thread(target=proc.wait, daemon=True)
+    reaper.start()
+    try:
+        pid_file, spec_file = Path(lc.pid_file(home, "chat")), Path(lc.spec_file(home, "chat"))
+        pid_file.parent.mkdir(parents=True, exist_ok=True)
+        pid_file.write_text(f"{proc.pid}\n")
+        spec_file.write_text("spec\n")
+        line = lc.build_workload_stop(inv, "chat", home)
+        r = subprocess.run([shell, "-c", line], capture_output=True, text=True, timeout=40)
+        assert r.returncode == 0, r.stderr
+        reaper.join(timeout=1)
+        assert not pid_file.exists() and not spec_file.exists()
+        assert proc.returncode == -signal.SIGTERM, "the recorded process is still running"
+        # safe to run again when nothing is recorded
+        assert subprocess.run([shell, "-c", line], timeout=10).returncode == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
