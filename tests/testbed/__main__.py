@@ -46,7 +46,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "up":
             tb.up(hosts=args.hosts, gid_index=parse_gid_option(args.gid_index))
             print(tb.inventory_path())
+            asking = [h for h in tb.hosts if tb.sudo_password_for(h)]
             print(f"up in {tb.timings['total']:.1f}s", file=sys.stderr)
+            if asking:
+                print(
+                    f"sudo asks for a password on {', '.join(asking)}: "
+                    f"SPARKCTL_SUDO_PASSWORD={tb.sudo_password}",
+                    file=sys.stderr,
+                )
         elif args.command == "down":
             tb.down()
         elif args.command == "exec":

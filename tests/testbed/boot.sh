@@ -34,7 +34,23 @@ mount --bind "$TB_HOSTDIR/etc-up/machine-id" /var/lib/dbus/machine-id
 # SIMULATED hardware: state dir, GPU/RDMA tools on PATH, RoCE entries under /sys/class/infiniband.
 mount --bind "$TB_HOSTDIR/sim" "$TB_SIM_MOUNT"
 mount -t overlay overlay -o "lowerdir=$TB_SIMBIN:/usr/local/bin" /usr/local/bin
-mount -t overlay overlay -o "lowerdir=$TB_HOSTDIR/sysclass:/sys/class" /sys/class
+# sysfs cannot hold a new directory, and an overlay on /sys/class caches lookups (an interface
+# looked up before it existed stays invisible). So /sys/class becomes a tmpfs with a bind mount
+# of every real class directory (live, e.g. net/) plus the fake infiniband/ (symlinks into the
+# sim state dir, like the real class symlinks into /sys/devices).
+sysclass=/run/testbed-sysclass
+mkdir "$sysclass"
+mount -t tmpfs -o mode=0755 tmpfs "$sysclass"
+for d in /sys/class/*; do
+    name=${d##*/}
+    [ "$name" = infiniband ] && continue
+    mkdir "$sysclass/$name"
+    mount --bind "$d" "$sysclass/$name"
+done
+cp -a "$TB_HOSTDIR/sysclass/infiniband" "$sysclass/infiniband"
+mount --rbind "$sysclass" /sys/class
+umount -l "$sysclass"
+rmdir "$sysclass"
 
 # Management network: static, never touched by NetworkManager (see NetworkManager.conf).
 ip link set lo up
