@@ -92,8 +92,8 @@ def live_pids(tb: Testbed) -> set[tuple[int, str]]:
 def leftovers(root: Path, host_pids: set[tuple[int, str]]) -> list[str]:
     """Anything of a testbed still on the machine.
 
-    Exited processes whose parent is a PID 1 that never reaps (zombies) are not counted: see
-    docs/testbed.md. Other fake-host setups on the machine are not ours and not counted either.
+    Zombies are not counted: an orphaned `unshare` waits for PID 1 to reap it (docs/testbed.md).
+    Other namespace setups on the machine are not ours and not counted either.
     """
     found = []
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
