@@ -36,18 +36,25 @@ Adding a case is adding a file. A case file has:
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
+import signal
 import subprocess
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from sparkctl import errors
+from sparkctl import errors, paths
 from sparkctl.facts.models import HostFacts
+from sparkctl.facts.parse import parse_probe
+from sparkctl.facts.probe import MARK
 from sparkctl.inventory import parse_inventory
 from sparkctl.inventory.models import Inventory
+from sparkctl.launch import commands as lc
 from sparkctl.plan.context import PlanContext
 from sparkctl.plan.models import Command, Plan, Step
 from sparkctl.runbook.load import build_runbook_plan, load_runbook, resolve_params
@@ -224,13 +231,6 @@ def test_planning_twice_gives_the_same_plan() -> None:
 
 # --- the planned shell lines, run by a real sh against stub programs -----------------------------------
 
-import os  # noqa: E402
-import signal  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-
-from sparkctl import paths  # noqa: E402
-from sparkctl.launch import commands as lc  # noqa: E402
 
 # DGX OS runs `sh -c LINE` with dash as /bin/sh; bash is what a login shell may be.
 SHELLS = [
@@ -383,3 +383,24 @@ def test_workload_stop_line_stops_the_process_group_and_forgets_it(sandbox, shel
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_files_sparkctl_writes_read_back_as_converged() -> None:
+    """The env file and vLLM's list, as the probe prints them back, need no rewrite."""
+    case = load_case(CASES / "up-gid-detected.yaml")
+    written = {
+        (s.host, s.kind): s.commands[0].stdin
+        for st in plan_case(case).stages
+        for s in st.steps
+        if s.kind in ("worker_env", "worker_env_ray_list")
+    }
+    assert len(written) == 4
+    for host in ("spark-a", "spark-b"):
+        output = (
+            f"{MARK} env_file\n{written[(host, 'worker_env')]}\n{MARK} present\n"
+            f"{MARK} non_carry_over\n{written[(host, 'worker_env_ray_list')]}\n{MARK} present\n{MARK} end\n"
+        )
+        read = parse_probe(host, output)
+        case["facts"][host] |= {"env_file": read.env_file, "non_carry_over": read.non_carry_over}
+    again = [s for st in plan_case(case).stages if st.name == "env" for s in st.steps]
+    assert again == []
