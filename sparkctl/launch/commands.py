@@ -84,23 +84,21 @@ def ray_check_script(expected_ips: list[str]) -> str:
     """Python run on the head: exit 0 when every expected node is alive with its resources."""
     return (
         "import json, sys, ray\n"
-        "ray.init(address='auto', logging_level='ERROR', log_to_driver=False)\n"
-        "alive = {n['NodeManagerAddress']: n['Resources'] for n in ray.nodes() if n['Alive']}\n"
-        f"want = {expected_ips!r}\n"
+        'ray.init(address="auto", logging_level="ERROR", log_to_driver=False)\n'
+        'alive = {n["NodeManagerAddress"]: n["Resources"] for n in ray.nodes() if n["Alive"]}\n'
+        f"want = {json.dumps(expected_ips)}\n"
         "missing = [ip for ip in want if ip not in alive]\n"
-        "print(json.dumps({'alive': alive, 'missing': missing}))\n"
+        'print(json.dumps({"alive": alive, "missing": missing}))\n'
         "sys.exit(1 if missing else 0)\n"
     )
 
 
 def build_ray_check(inv: Inventory, home: str) -> str:
-    """Shell line on the head running the formation check."""
-    script = ray_check_script([fabric_ip(h) for h in inv.hosts])
+    """Shell line on the head running the formation check (the script comes on stdin)."""
     head = f"{fabric_ip(inv.head)}:{inv.ray.port}"
     if inv.runtime.venv:
-        return (f"{_env_prelude(home)}export RAY_ADDRESS={q(head)} && "
-                f"{q(inv.runtime.venv)}/bin/python -c {q(script)}")
-    return f"docker exec -e RAY_ADDRESS={q(head)} {RAY_CONTAINER} python -c {q(script)}"
+        return f"{_env_prelude(home)}export RAY_ADDRESS={q(head)} && exec {q(inv.runtime.venv)}/bin/python -"
+    return f"exec docker exec -i -e RAY_ADDRESS={q(head)} {RAY_CONTAINER} python -"
 
 
 def bind_address(inv: Inventory, w: Workload) -> str:

@@ -101,7 +101,8 @@ def plan_ray_ready(ctx: PlanContext, host: Host) -> list[Step]:
     return [Step(
         host=host.name, kind="verify_ray", target="formation",
         description=f"Ray shows all {len(ctx.inventory.hosts)} nodes alive",
-        commands=[_sh(lc.build_ray_check(ctx.inventory, ctx.home(host)))],
+        commands=[_sh(lc.build_ray_check(ctx.inventory, ctx.home(host)),
+                      stdin=lc.ray_check_script([lc.fabric_ip(h) for h in ctx.inventory.hosts]))],
         changes=False, wait=Wait(kind="remote", deadline=120, interval=2, log=paths.log_path(ctx.home(host), "ray")),
     )]
 

@@ -29,7 +29,7 @@ class Command(_Data):
         elif self.stdin_blob:
             text += f"  < {self.stdin_blob}"
         elif self.stdin is not None:
-            text += "  < (content shown in the diff)"
+            text += "  < stdin"
         return text
 
 

@@ -176,8 +176,9 @@ class Engine:
         return report
 
     def _revise(self, stages: list[Stage], start: int, fresh: Plan, report: Report) -> list[Stage]:
-        old = {(st.name, s.host, s.id): s for st in stages[start:] for s in st.steps}
-        new = {(st.name, s.host, s.id): s for st in fresh.stages for s in st.steps}
+        # Only what would run counts; notes and predictions may legitimately differ.
+        old = {(st.name, s.host, s.id): s.commands for st in stages[start:] for s in st.steps}
+        new = {(st.name, s.host, s.id): s.commands for st in fresh.stages for s in st.steps}
         diffs = []
         for key in sorted(set(old) | set(new)):
             if old.get(key) != new.get(key):
