@@ -585,3 +585,18 @@ def test_unreachable_error_reads_once_with_its_hint(isolated_state) -> None:
     text = str(info.value)
     assert text.count("spark-b") == 1, text
     assert "nothing was changed" in text
+
+
+def test_replan_differing_only_in_notes_is_no_revision() -> None:
+    ts = recording()
+    fabric = Stage(name="fabric", action="fabric", steps=[step("spark-b", "fabric_active", ["nmcli"])])
+    fresh = _env_stage(3).model_copy(
+        update={
+            "steps": [
+                _env_stage(3).steps[0].model_copy(update={"notes": ["GID index 3 read from the table"]})
+            ]
+        }
+    )
+    report = engine(ts).run(plan_of(fabric, _env_stage(3)), replan=lambda done, i: plan_of(fresh))
+    assert report.revisions == []
+    assert ts["spark-b"].calls[-1].stdin == "NCCL_IB_GID_INDEX=3\n"
