@@ -31,6 +31,9 @@ class SparkctlError(Exception):
     def __init__(self, problems: list[Problem] | str, hint: str = "") -> None:
         if isinstance(problems, str):
             problems = [Problem("", problems, hint)]
+        elif hint:
+            problems = [*problems[:-1], Problem(problems[-1].where, problems[-1].message,
+                                                 "; ".join(x for x in (problems[-1].hint, hint) if x))]
         self.problems = problems
         super().__init__("\n".join(p.render() for p in problems))
 

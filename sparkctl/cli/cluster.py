@@ -32,11 +32,12 @@ def _parse_sets(sets: list[str] | None) -> dict[str, str]:
     return out
 
 
-def offline_plan(inv: Inventory, rb: Runbook, params: dict[str, object]) -> Plan:
+def offline_plan(inv: Inventory, rb: Runbook, params: dict[str, object], *, start: int = 0,
+                 only: str | None = None) -> Plan:
     """A plan against fresh hosts, contacting nobody and reading no secrets (digests are placeholders)."""
     facts = {h.name: fresh_facts(inv, h) for h in inv.hosts}
     ctx = PlanContext(inv, facts, params, {"ray_token": "(generated on first up)", "worker_code": sha256(worker_code())})
-    return build_runbook_plan(rb, ctx, params, offline=True)
+    return build_runbook_plan(rb, ctx, params, start=start, only=only, offline=True)
 
 
 def preflight(session: Session, force: bool) -> None:
@@ -170,7 +171,7 @@ def register(app: typer.Typer) -> None:
         if only:
             step_index(rb, only)
         if dry_run and offline:
-            plan = offline_plan(inv, rb, params)
+            plan = offline_plan(inv, rb, params, start=start, only=only)
             c.echo(plan.model_dump_json(indent=2) if as_json else render_plan(plan))
             return
         execute(inv, rb, params, dry_run=dry_run, yes=yes, as_json=as_json,

@@ -159,7 +159,8 @@ def build_workload_start(inv: Inventory, w: Workload, home: str) -> str:
     key_var = "VLLM_API_KEY" if w.engine == "vllm" else "SPARKCTL_API_KEY"
     pidf = q(pid_file(home, w.name))
     if inv.runtime.venv:
-        launch = f"{env + ' ' if env else ''}setsid {shlex.join(argv)} > {q(log)} 2>&1 < /dev/null & echo $! > {pidf}"
+        # braces keep `&` to the launch alone (not the whole && chain), so $! is the workload's pid
+        launch = f"{{ {env + ' ' if env else ''}setsid {shlex.join(argv)} > {q(log)} 2>&1 < /dev/null & }} && echo $! > {pidf}"
     else:
         name = f"sparkctl-{w.name}"
         envs = [x for k, v in workload_env(w).items() for x in ("-e", f"{k}={v}")]
@@ -178,9 +179,9 @@ def build_workload_stop(inv: Inventory, name: str, home: str, grace: int = 30) -
     pidf = q(pid_file(home, name))
     stop = (
         f"if [ -f {pidf} ]; then pid=$(cat {pidf}); "
-        f"kill -TERM -- -$pid 2>/dev/null; i=0; "
-        f"while kill -0 -- -$pid 2>/dev/null && [ $i -lt {grace * 5} ]; do sleep 0.2; i=$((i+1)); done; "
-        f"kill -KILL -- -$pid 2>/dev/null; rm -f {pidf} {q(spec_file(home, name))}; fi; true"
+        f"kill -TERM -\"$pid\" 2>/dev/null; i=0; "
+        f"while kill -0 -\"$pid\" 2>/dev/null && [ $i -lt {grace * 5} ]; do sleep 0.2; i=$((i+1)); done; "
+        f"kill -KILL -\"$pid\" 2>/dev/null; rm -f {pidf} {q(spec_file(home, name))}; fi; true"
     )
     if inv.runtime.image:
         stop = f"docker rm -f {q('sparkctl-' + name)} >/dev/null 2>&1; {stop}"

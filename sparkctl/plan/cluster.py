@@ -200,8 +200,11 @@ def plan_workload_ready(ctx: PlanContext, host: Host) -> list[Step]:
 
 
 def _stray_workload_pids(facts: HostFacts) -> list[int]:
+    """Worker processes of the login user that no pid file accounts for (left by a failed or interrupted run)."""
+    recorded = {int(v.strip()) for k, v in facts.files.items() if k.endswith(".pid") and v.strip().isdigit()}
     return [p.pid for p in facts.processes
-            if p.user == facts.user and any(m in p.args for m in WORKLOAD_MARKERS) and "sh -c" not in p.args]
+            if p.user == facts.user and p.pid not in recorded and any(m in p.args for m in WORKLOAD_MARKERS)
+            and "sh -c" not in p.args]
 
 
 def plan_workload_stop(ctx: PlanContext, host: Host) -> list[Step]:

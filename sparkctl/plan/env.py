@@ -41,20 +41,19 @@ def detect_gid_index(facts: HostFacts, twin: FabricInterface) -> tuple[int | Non
 def gid_index(facts: HostFacts, host: Host) -> tuple[int, list[str], bool]:
     """The NCCL_IB_GID_INDEX for a host, notes explaining it, and whether it is predicted."""
     notes: list[str] = []
-    found: dict[str, int] = {}
-    predicted = False
+    found: dict[str, tuple[int, bool]] = {}
     for twin in host.fabric:
         idx, pred = detect_gid_index(facts, twin)
-        predicted = predicted or pred
         if idx is not None:
-            found[twin.rdma_device or twin.interface] = idx
+            found[twin.rdma_device or twin.interface] = (idx, pred)
     if not found:
         notes.append(f"RoCE GID table not readable on {host.name}: NCCL_IB_GID_INDEX={DEFAULT_GID_INDEX} (the usual value)")
         return DEFAULT_GID_INDEX, notes, False
-    values = sorted(set(found.values()))
+    values = sorted({i for i, _ in found.values()})
     if len(values) > 1:
-        notes.append(f"RDMA devices disagree on the RoCE v2 GID index ({found}); using the first twin's")
-    first = next(iter(found.values()))
+        shown = {dev: i for dev, (i, _) in found.items()}
+        notes.append(f"RDMA devices disagree on the RoCE v2 GID index ({shown}); using the first twin's")
+    first, predicted = next(iter(found.values()))
     if predicted:
         notes.append(f"GID index {first} predicted from the free slots of the GID table; checked after the fabric step")
     return first, notes, predicted

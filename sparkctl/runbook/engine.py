@@ -170,6 +170,7 @@ class Engine:
             report.interrupted = True
         for r in report.results:
             if r.status == "failed":
+                report.ok = False  # `on_failure: continue` goes on, but the run still failed
                 report.hosts[r.host] = "failed"
             elif r.status == "changed" and report.hosts.get(r.host) == "ok":
                 report.hosts[r.host] = "changed"

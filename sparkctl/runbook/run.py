@@ -71,13 +71,13 @@ class Session:
     def open(self) -> None:
         """Connect to and probe every host in parallel; raise Unreachable (changing nothing) if any fails."""
         names = [h.name for h in self.inventory.hosts]
-        errors: dict[str, str] = {}
+        errors: dict[str, list[Problem]] = {}
 
         def conn(name: str) -> None:
             try:
                 self.transports[name] = self.connect(self.inventory, name)
             except HostError as exc:
-                errors[name] = str(exc)
+                errors[name] = [Problem(p.where or name, p.message, p.hint) for p in exc.problems]
 
         with ThreadPoolExecutor(max_workers=len(names)) as pool:
             list(pool.map(conn, names))
@@ -85,15 +85,15 @@ class Session:
             self.gather()
             return
         self.close()
-        raise Unreachable([Problem(n, errors[n]) for n in names if n in errors],
-                          hint="nothing was changed on any host")
+        raise Unreachable([p for n in names if n in errors for p in errors[n]], hint="nothing was changed on any host")
 
     def gather(self) -> None:
         """(Re-)probe every host."""
         found = gather_facts(self.inventory, self.transports)
         bad = {n: v for n, v in found.items() if isinstance(v, HostError)}
         if bad:
-            raise Unreachable([Problem(n, str(e)) for n, e in bad.items()], hint="nothing was changed on any host")
+            raise Unreachable([Problem(p.where or n, p.message, p.hint) for n, e in bad.items() for p in e.problems],
+                              hint="nothing was changed on any host")
         self.facts = {n: v for n, v in found.items() if isinstance(v, HostFacts)}
 
     def context(self, secrets: Mapping[str, str], params: Mapping[str, Any], offline: bool = False) -> PlanContext:

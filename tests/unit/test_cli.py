@@ -211,11 +211,6 @@ def test_run_from_unknown_step_exits_2(cli, playbook: Path) -> None:
     assert "net, env, say" in result.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="sparkctl/cli/cluster.py run_cmd: the --dry-run --offline path calls offline_plan(), "
-    "which ignores --from and --only (they only reach execute())",
-)
 def test_run_from_and_only_shape_the_offline_plan(cli, playbook: Path) -> None:
     assert [st.name for st in _dry(cli, str(playbook), "--from", "env").stages] == ["env", "say"]
     assert [st.name for st in _dry(cli, str(playbook), "--only", "say").stages] == ["say"]

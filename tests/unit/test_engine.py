@@ -568,14 +568,6 @@ def test_session_open_with_a_failing_probe_names_the_host(isolated_state) -> Non
     assert all(c.command == "sh -s" for t in transports.values() for c in t.calls)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "sparkctl/runbook/run.py Session.open/gather wrap str(exc) (already 'error: host: ...') "
-        "in a new Problem, doubling the 'error: spark-b:' prefix; and SparkctlError ignores `hint=` "
-        "given a list of problems (sparkctl/errors.py): 'nothing was changed on any host' is lost"
-    ),
-)
 def test_unreachable_error_reads_once_with_its_hint(isolated_state) -> None:
     inv = parse_inventory(EXAMPLE.read_text())
     fake = FailingConnect(unreachable=["spark-b"], message="No route to host")

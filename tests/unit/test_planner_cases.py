@@ -306,14 +306,6 @@ def test_ray_start_line_loads_the_env_file_and_token_auth(sandbox, shell: str) -
     assert Path(paths.log_path(home, "ray")).exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "sparkctl/launch/commands.py build_workload_start: the trailing `&` backgrounds the whole `&&` "
-        "chain, so "
-        "`read` gets /dev/null instead of the API key and the workload never starts"
-    ),
-)
 @pytest.mark.skipif(shutil.which("setsid") is None, reason="needs util-linux setsid")
 @pytest.mark.parametrize("shell", SHELLS)
 def test_workload_start_line_reads_the_key_from_stdin_and_records_the_pid(sandbox, shell: str) -> None:
@@ -348,15 +340,6 @@ def test_workload_start_line_reads_the_key_from_stdin_and_records_the_pid(sandbo
             id="dash",
             marks=[
                 *SHELLS[0].marks,
-                pytest.mark.xfail(
-                    strict=True,
-                    reason=(
-                        "sparkctl/launch/commands.py build_workload_stop: dash's kill builtin rejects `--` "
-                        "(`kill -TERM -- -$pid` fails with 'Illegal number'), "
-                        "so the workload is never signalled; "
-                        'use `kill -TERM -"$pid"`'
-                    ),
-                ),
             ],
         ),
         SHELLS[1],
