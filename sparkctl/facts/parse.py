@@ -245,6 +245,9 @@ def parse_probe(host: str, output: str) -> HostFacts:
     for line in s.get("state_files", "").splitlines():
         name, _, value = line.partition(":")
         state_files[name] = value
+    firewall = _file_section(s.get("firewall", ""))
+    if firewall is not None:
+        state_files["firewall.nft"] = firewall
     return HostFacts(
         host=host,
         user=ident[0].strip(),

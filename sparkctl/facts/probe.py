@@ -7,6 +7,8 @@ import shlex
 from sparkctl import paths
 from sparkctl.inventory.models import Host, Inventory
 
+FIREWALL_FILE = "/etc/sparkctl/firewall.nft"
+
 MARK = "@@sparkctl"
 
 NMCLI_CON_FIELDS = "NAME,UUID,TYPE,DEVICE,AUTOCONNECT,FILENAME"
@@ -53,6 +55,7 @@ def build_probe(inventory: Inventory, host: Host) -> str:
             f"cd {state} 2>/dev/null && {{ sha256sum {' '.join(DIGESTED_FILES)} 2>/dev/null "
             "| while read -r d f; do echo \"$f.sha256:$d\"; done; grep -H '' workload-*.pid workload-*.spec 2>/dev/null; }; true"
         ),
+        "firewall": f"cat {q(FIREWALL_FILE)} 2>/dev/null && echo && echo '{MARK} present' || echo '{MARK} absent'",
         "processes": "ps -eo pid=,user=,args=",
         "listeners": "ss -ltnH 2>/dev/null || true",
         "meminfo": "grep -E '^(MemTotal|MemFree|MemAvailable|Cached|Buffers):' /proc/meminfo",

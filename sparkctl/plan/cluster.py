@@ -55,6 +55,23 @@ def ray_running_ok(ctx: PlanContext, host: Host) -> bool:
     return token_ok and _raylet_ips(facts) == {lc.fabric_ip(host)}
 
 
+def plan_ray_firewall(ctx: PlanContext, host: Host) -> list[Step]:
+    """Keep Ray's listeners off the management network; (re)loaded whenever Ray is not running as specified."""
+    facts = ctx.facts[host.name]
+    rules = lc.render_firewall(ctx.inventory, host)
+    have = facts.files.get("firewall.nft")
+    if have == rules and ray_running_ok(ctx, host):
+        return []
+    return [Step(
+        host=host.name, kind="ray_firewall", target=lc.FIREWALL_FILE,
+        description="allow Ray only on the fabric and loopback (nftables table inet sparkctl)",
+        commands=[Command(argv=["install", "-D", "-m", "0644", "/dev/stdin", lc.FIREWALL_FILE], sudo=True, stdin=rules),
+                  Command(argv=["nft", "-f", lc.FIREWALL_FILE], sudo=True)],
+        diff=[f"- {lc.FIREWALL_FILE}: {'present' if have else 'absent'}"]
+        + [f"+ {line}" for line in rules.splitlines() if "dport" in line or "iifname" in line],
+    )]
+
+
 def plan_ray_token(ctx: PlanContext, host: Host) -> list[Step]:
     """The cluster's Ray token on the host, 0600."""
     facts = ctx.facts[host.name]

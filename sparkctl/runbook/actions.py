@@ -84,6 +84,7 @@ _ACTIONS: list[type[Action]] = [
     _simple("verify_fabric", "jumbo frames cross every twin both ways (ping -M do)", cluster.plan_verify_fabric),
     _simple("worker_env", "per-host env file (GID index, NCCL/GLOO/UCX) + vLLM's Ray list",
             lambda c, h: env.plan_worker_env(c.inventory, h, c.facts[h.name])),
+    _simple("ray_firewall", "nftables: Ray reachable only over the fabric and loopback", cluster.plan_ray_firewall),
     _simple("ray_token", "the cluster's Ray auth token on every host", cluster.plan_ray_token),
     _simple("ray_start", "Ray head / workers on the fabric addresses", cluster.plan_ray_node),
     _simple("ray_ready", "wait until Ray shows every node", cluster.plan_ray_ready),
