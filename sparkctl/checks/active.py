@@ -9,9 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 from sparkctl.execute.base import Transport
 from sparkctl.facts.models import HostFacts
-from sparkctl.inventory.models import Inventory
+from sparkctl.inventory.models import Host, Inventory
 from sparkctl.plan.cluster import plan_verify_fabric
 from sparkctl.plan.context import PlanContext
+from sparkctl.plan.models import Command, Step
 
 Link = tuple[str, str, str]
 
@@ -59,6 +60,28 @@ while sent < total:
     c.sendall(buf); sent += len(buf)
 c.shutdown(socket.SHUT_WR); c.recv(1); print(sent, time.monotonic() - t)
 """
+
+
+def bench_commands(ctx: PlanContext, host: Host, mb: int, port: int) -> list[Step]:
+    """The bench as runbook steps: peers listen, the first host sends, link by link (hosts run in parallel)."""
+    inv = ctx.inventory
+    python = f"{inv.runtime.venv}/bin/python" if inv.runtime.venv else "python3"
+    src = inv.hosts[0]
+    steps = []
+    for peer in inv.hosts[1:]:
+        for j, twin in enumerate(src.fabric):
+            dst = str(peer.fabric[j].address.ip)
+            if host.name == peer.name:
+                steps.append(Step(host=host.name, kind="bench_listen", target=f"{peer.fabric[j].interface}",
+                                  description=f"receive {mb} MB on {dst}:{port}", changes=False,
+                                  commands=[Command(argv=[python, "-c", _SERVER, dst, str(port)], timeout=120)]))
+            elif host.name == src.name:
+                steps.append(Step(host=host.name, kind="bench_send", target=f"{twin.interface}->{peer.name}",
+                                  description=f"send {mb} MB over {twin.interface} to {peer.name} {dst}",
+                                  changes=False,
+                                  commands=[Command(argv=[python, "-c", _CLIENT, dst, str(port), str(mb)],
+                                                    timeout=120)]))
+    return steps
 
 
 def tcp_throughput(inv: Inventory, transports: Mapping[str, Transport], python: str, *, mb: int = 512,

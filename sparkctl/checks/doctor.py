@@ -6,11 +6,12 @@ from sparkctl.checks.evaluators import EVALUATORS, CheckContext
 from sparkctl.checks.rules import Finding, load_rules
 
 
-def evaluate(ctx: CheckContext, *, preflight_only: bool = False) -> list[Finding]:
+def evaluate(ctx: CheckContext, *, preflight_only: bool = False,
+             categories: frozenset[str] | None = None) -> list[Finding]:
     """Every rule's findings, in table order."""
     findings: list[Finding] = []
     for rule in load_rules().rules:
-        if preflight_only and not rule.preflight:
+        if (preflight_only and not rule.preflight) or (categories and rule.category not in categories):
             continue
         findings += EVALUATORS[rule.check](ctx, rule)
     return findings

@@ -38,7 +38,7 @@ def evaluator(name: str) -> Callable[[Evaluator], Evaluator]:
 
 def _f(rule: Rule, ok: bool | None, subject: str, evidence: str, level: Level | None = None) -> Finding:
     lvl: Level = "pass" if ok else (level or rule.level)
-    return Finding(rule=rule.id, level=lvl, subject=subject, evidence=evidence, fix="" if ok else rule.fix,
+    return Finding(rule=rule.id, category=rule.category, level=lvl, subject=subject, evidence=evidence, fix="" if ok else rule.fix,
                    why=rule.why, source=rule.source, preflight=rule.preflight, force_ok=rule.force_ok)
 
 

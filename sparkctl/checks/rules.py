@@ -18,6 +18,7 @@ class Rule(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     id: str
+    category: Literal["gpu", "fabric", "memory", "flags", "ray"]
     check: str
     level: Literal["warn", "fail"]
     preflight: bool = False
@@ -41,6 +42,7 @@ class Finding(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     rule: str
+    category: str = ""
     level: Level
     subject: str
     evidence: str

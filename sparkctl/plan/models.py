@@ -58,6 +58,7 @@ class Step(_Data):
     depends_on_earlier: bool = Field(False, description="its content was predicted from an earlier step's effect")
     notes: list[str] = Field(default_factory=list)
     wait: Wait | None = None
+    verdict: str = Field("", description="a check already failed from the facts: the engine fails the step with this")
 
     @property
     def id(self) -> str:

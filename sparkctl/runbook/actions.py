@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -19,6 +19,19 @@ class NoArgs(BaseModel):
 
 class WorkloadArgs(NoArgs):
     workloads: list[str] | None = Field(None, description="workload names; default all")
+    set: dict[str, Any] | None = Field(
+        None, description="override workload fields for this step, e.g. {model: ..., gpu_memory_utilization: 0.75}"
+    )
+
+
+class DoctorArgs(NoArgs):
+    categories: list[Literal["gpu", "fabric", "memory", "flags", "ray"]] | None = None
+    fail_on: Literal["fail", "warn"] = "fail"
+
+
+class BenchArgs(NoArgs):
+    mb: int = Field(256, ge=1, le=65536, description="MB sent per link")
+    port: int = Field(5201, ge=1024, le=65535)
 
 
 class ShellArgs(NoArgs):
@@ -67,6 +80,39 @@ class Shell(Action):
                      description=args.description or f"run {cmd.render()}", commands=[cmd], changes=args.changes)]
 
 
+class Doctor(Action):
+    name = "doctor"
+    help = "sparkctl doctor's rules on the facts (no jumbo pings: use verify_fabric); fails on a failed rule"
+    Args = DoctorArgs
+
+    def plan(self, ctx: PlanContext, host: Host, args: DoctorArgs) -> list[Step]:
+        from sparkctl.checks.doctor import evaluate
+        from sparkctl.checks.evaluators import CheckContext
+
+        cats = frozenset(args.categories) if args.categories else None
+        found = evaluate(CheckContext(ctx.inventory, ctx.facts), categories=cats)
+        mine = [f for f in found if f.subject.split(" ")[0] == host.name
+                or (host.name == ctx.inventory.head.name and not f.subject.startswith(tuple(ctx.facts)))]
+        levels = ("fail",) if args.fail_on == "fail" else ("fail", "warn")
+        bad = [f for f in mine if f.level in levels]
+        return [Step(host=host.name, kind="doctor", target=",".join(sorted(cats)) if cats else "all",
+                     description=f"{len(mine)} check(s): {sum(f.level == 'pass' for f in mine)} passed",
+                     changes=False, notes=[f"{f.level} {f.rule} {f.subject}: {f.evidence}" for f in mine
+                                           if f.level != "pass"],
+                     verdict="; ".join(f"{f.rule} {f.subject}: {f.evidence} (fix: {f.fix})" for f in bad))]
+
+
+class BenchFabric(Action):
+    name = "bench_fabric"
+    help = "one TCP stream per link, first host to each peer (RDMA-free fallback; verify_fabric checks jumbo frames)"
+    Args = BenchArgs
+
+    def plan(self, ctx: PlanContext, host: Host, args: BenchArgs) -> list[Step]:
+        from sparkctl.checks.active import bench_commands
+
+        return bench_commands(ctx, host, args.mb, args.port)
+
+
 class Pause(Action):
     name = "pause"
     help = "ask the operator to confirm before going on"
@@ -99,6 +145,8 @@ _ACTIONS: list[type[Action]] = [
             lambda c, h: fabric.plan_restore_network(c.inventory, h, c.facts[h.name])),
     Shell,
     Pause,
+    Doctor,
+    BenchFabric,
 ]
 
 ACTIONS: dict[str, Action] = {cls.name: cls() for cls in _ACTIONS}

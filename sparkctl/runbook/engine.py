@@ -228,6 +228,8 @@ class Engine:
         self.emit(Event("step_start", host=step.host, stage=stage, step=step.id, message=step.description))
         t0 = self.clock()
         try:
+            if step.verdict:
+                raise HostError(step.verdict)
             if step.kind == "pause":
                 if not self.confirm(step.description):
                     raise HostError("declined by the operator")

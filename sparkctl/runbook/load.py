@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from sparkctl.errors import InputError, Problem
 from sparkctl.inventory.load import load_model, read_text
-from sparkctl.inventory.models import Host
+from sparkctl.inventory.models import Host, Inventory
 from sparkctl.plan.context import PlanContext
 from sparkctl.plan.models import Plan, Stage
 from sparkctl.runbook.actions import ACTIONS
@@ -149,11 +149,35 @@ def plan_stage(step: RunbookStep, ctx: PlanContext, params: dict[str, Any]) -> S
     args = action.Args.model_validate(_substitute(step.args, params))
     step_ctx = ctx
     if hasattr(args, "workloads"):
-        step_ctx = PlanContext(ctx.inventory, ctx.facts, {**ctx.params, "workloads": args.workloads},
-                               ctx.digests, ctx.changed)
+        inv = _override_workloads(ctx, step.name, args.workloads, getattr(args, "set", None))
+        step_ctx = PlanContext(inv, ctx.facts, {**ctx.params, "workloads": args.workloads}, ctx.digests, ctx.changed)
     steps = [s for h in select_hosts(ctx, step.hosts) for s in action.plan(step_ctx, h, args)]
     return Stage(name=step.name, action=step.action, steps=steps,
                  on_failure=step.on_failure if isinstance(step.on_failure, str) else ",".join(step.on_failure))
+
+
+def _override_workloads(ctx: PlanContext, step: str, names: list[str] | None,
+                        changes: dict[str, Any] | None) -> Inventory:
+    """The inventory with `set:` applied to the selected workloads, validated like the inventory itself."""
+    inv = ctx.inventory
+    if not changes:
+        return inv
+    from pydantic import ValidationError
+
+    from sparkctl.inventory.checks import check_inventory
+    from sparkctl.inventory.models import Workload
+
+    try:
+        workloads = [Workload.model_validate({**w.model_dump(), **changes}) if not names or w.name in names else w
+                     for w in inv.workloads]
+        new = inv.model_copy(update={"workloads": workloads})
+    except ValidationError as exc:
+        raise RunbookError([Problem(f"step {step} args.set", e["msg"].removeprefix("Value error, "))
+                            for e in exc.errors()]) from None
+    found = check_inventory(new)
+    if found:
+        raise RunbookError([Problem(f"step {step} args.set", msg, hint) for _, msg, hint in found])
+    return new
 
 
 def build_runbook_plan(rb: Runbook, ctx: PlanContext, params: dict[str, Any], *, start: int = 0,
