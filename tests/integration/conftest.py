@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import sys
 import time
@@ -55,6 +56,10 @@ def testbed(request: pytest.FixtureRequest) -> Testbed:
     """The session's fake Sparks, up; removed at the end (also cleans a crashed earlier run)."""
     if os.geteuid() != 0:
         pytest.skip(NOT_ROOT_REASON)
+    # One testbed per machine (fixed namespace and bridge names): concurrent test sessions take turns.
+    lock = open("/var/tmp/sparkctl-testbed.lock", "w")  # noqa: SIM115 - held for the whole session
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    request.addfinalizer(lock.close)
     tb = Testbed()
     tb.down()  # leftovers of a previous run that crashed or was killed
     if not request.config.getoption("--testbed-keep"):
