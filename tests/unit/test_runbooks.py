@@ -340,6 +340,7 @@ def test_up_runs_in_the_documented_order() -> None:
         "fabric",
         "verify_fabric",
         "worker_env",
+        "ray_firewall",
         "ray_token",
         "ray_start",
         "ray_start",
