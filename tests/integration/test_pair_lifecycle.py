@@ -95,7 +95,7 @@ def test_up_configures_fabric_env_ray_and_the_tp2_endpoint(pair: Pair) -> None:
     tb = pair.tb
     # a clean, cached file: after the page-cache step its pages are no longer resident
     for h in tb.hosts:
-        tb.exec(h, ["sh", "-c", "head -c 64M /dev/urandom > /var/cache-probe && sync && cat /var/cache-probe >/dev/null"])
+        tb.exec(h, ["sh", "-c", "head -c 64M /dev/urandom > /tmp/cache-probe && sync && cat /tmp/cache-probe >/dev/null"])
     secrets_seen: list[str] = []
     stop = threading.Event()
 
@@ -123,7 +123,7 @@ def test_up_configures_fabric_env_ray_and_the_tp2_endpoint(pair: Pair) -> None:
             assert ipv4(links[twin]) == [f"192.168.{100 + j}.{third}/24"]
             keyfile = f"/etc/NetworkManager/system-connections/sparkctl-{twin}.nmconnection"
             assert tb.exec(host, ["test", "-f", keyfile], check=False).returncode == 0, keyfile
-        resident = tb.exec(host, ["fincore", "--bytes", "--noheadings", "--output", "RES", "/var/cache-probe"]).stdout
+        resident = tb.exec(host, ["fincore", "--bytes", "--noheadings", "--output", "RES", "/tmp/cache-probe"]).stdout
         assert int(resident.strip()) < 8 * 2**20, f"{host}: page cache not dropped ({resident.strip()} bytes)"
 
     # every twin carries unfragmented jumbo frames, both ways
