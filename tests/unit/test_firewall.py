@@ -1,0 +1,245 @@
+"""The nftables rules keeping Ray off the management network: what they let in, and that nft takes them."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sparkctl.facts.parse import parse_probe
+from sparkctl.facts.probe import FIREWALL_FILE, MARK, build_probe
+from sparkctl.inventory import parse_inventory
+from sparkctl.inventory.models import Inventory
+from sparkctl.launch import commands as lc
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE = REPO / "inventories" / "example-pair.yaml"
+MANAGEMENT = "enP7s7"
+
+
+def _inventory(edit: dict[str, object] | None = None) -> Inventory:
+    data = yaml.safe_load(EXAMPLE.read_text())
+    data.update(edit or {})
+    return parse_inventory(yaml.safe_dump(data), "inv.yaml")
+
+
+def _with_distinct_twins() -> Inventory:
+    """The example pair, but spark-b's twins are named differently from spark-a's."""
+    data = yaml.safe_load(EXAMPLE.read_text())
+    for twin, name in zip(data["hosts"][1]["fabric"], ("enp1s0f0np0", "enP2p1s0f0np0"), strict=True):
+        twin["interface"] = name
+    return parse_inventory(yaml.safe_dump(data), "inv.yaml")
+
+
+# --- a first-match reading of the input chain, limited to the rule forms render_firewall writes ---------
+
+_RULE = re.compile(
+    r"^(iifname|tcp dport|ct state) (\{ (?P<set>[^}]*) \}|(?P<one>\S+)) (?P<verdict>accept|drop)$"
+)
+
+
+def _rules(ruleset: str) -> tuple[list[tuple[str, list[str], str]], str]:
+    """The input chain's rules as (match, elements, verdict), and the chain policy."""
+    body = ruleset.split("chain input {", 1)[1].split("}\n}", 1)[0]
+    policy = re.search(r"policy (accept|drop);", body)
+    assert policy, body
+    rules = []
+    for line in body.splitlines():
+        line = line.strip()
+        if not line or line.startswith("type filter"):
+            continue
+        m = _RULE.match(line)
+        assert m, f"a rule form this test does not read: {line!r}"
+        raw = m["set"] if m["set"] is not None else m["one"]
+        rules.append((m[1], [e.strip().strip('"') for e in raw.split(",")], m["verdict"]))
+    return rules, policy[1]
+
+
+def _matches(match: str, elements: list[str], iif: str, dport: int, state: str) -> bool:
+    if match == "iifname":
+        return iif in elements
+    if match == "ct state":
+        return state in elements
+    for e in elements:
+        low, _, high = e.partition("-")
+        if int(low) <= dport <= int(high or low):
+            return True
+    return False
+
+
+def verdict(ruleset: str, iif: str, dport: int, state: str = "new") -> str:
+    """What the input chain does with a TCP packet arriving on `iif` for `dport`."""
+    rules, policy = _rules(ruleset)
+    for match, elements, result in rules:
+        if _matches(match, elements, iif, dport, state):
+            return result
+    return policy
+
+
+def _ray_pinned(inv: Inventory) -> list[int]:
+    p = inv.ray.ports
+    return [
+        inv.ray.port,
+        p.node_manager,
+        p.object_manager,
+        p.dashboard,
+        p.dashboard_agent_listen,
+        p.dashboard_agent_grpc,
+        p.runtime_env_agent,
+        p.metrics_export,
+        p.client_server,
+    ]
+
+
+def test_the_reading_of_the_rules_is_first_match() -> None:
+    rules = (
+        "table inet t {\n  chain input {\n    type filter hook input priority 0; policy accept;\n"
+        "    tcp dport { 10-20 } drop\n    tcp dport { 15 } accept\n  }\n}\n"
+    )
+    assert verdict(rules, "eth0", 15) == "drop"
+    assert verdict(rules, "eth0", 21) == "accept"
+
+
+def test_loopback_and_the_hosts_own_twins_reach_every_ray_port() -> None:
+    inv = _with_distinct_twins()
+    for host in inv.hosts:
+        rules = lc.render_firewall(inv, host)
+        other = next(h for h in inv.hosts if h.name != host.name)
+        for port in [*_ray_pinned(inv), inv.ray.ports.min_worker, inv.ray.ports.max_worker, 32768, 60999]:
+            for iif in ["lo", *(t.interface for t in host.fabric)]:
+                assert verdict(rules, iif, port) == "accept", (host.name, iif, port)
+            for twin in other.fabric:
+                assert verdict(rules, twin.interface, port) == "drop", (host.name, twin.interface, port)
+
+
+def test_ray_ports_and_ranges_are_dropped_on_the_management_network() -> None:
+    inv = _inventory()
+    p = inv.ray.ports
+    rules = lc.render_firewall(inv, inv.host("spark-a"))
+    for port in _ray_pinned(inv):
+        assert verdict(rules, MANAGEMENT, port) == "drop", port
+    for port in (p.min_worker, (p.min_worker + p.max_worker) // 2, p.max_worker):
+        assert verdict(rules, MANAGEMENT, port) == "drop", f"worker port {port}"
+    # Ray's unpinned helpers listen on ephemeral ports (Linux's default ip_local_port_range)
+    for port in (32768, 45000, 60999):
+        assert verdict(rules, MANAGEMENT, port) == "drop", f"ephemeral port {port}"
+    # just outside every dropped range: untouched
+    for port in (p.min_worker - 1, p.max_worker + 1, 32767, 61000, 443):
+        assert verdict(rules, MANAGEMENT, port) == "accept", port
+
+
+def test_established_traffic_ssh_and_the_workload_apis_are_let_in() -> None:
+    inv = _inventory(
+        {
+            "workloads": [
+                {"name": "chat", "engine": "vllm", "model": "Qwen/Qwen3-30B-A3B-Instruct-2507", "port": 8000},
+                # an API port inside the ephemeral range must still be reachable from the laptop
+                {"name": "embed", "engine": "embed", "port": 40001},
+            ]
+        }
+    )
+    rules = lc.render_firewall(inv, inv.host("spark-a"))
+    assert verdict(rules, MANAGEMENT, 22) == "accept"
+    assert verdict(rules, MANAGEMENT, 8000) == "accept"
+    assert verdict(rules, MANAGEMENT, 40001) == "accept"
+    # replies to connections the host opened (e.g. Ray's own outbound ones) come back on ephemeral ports
+    for port in (6379, 10150, 45000):
+        assert verdict(rules, MANAGEMENT, port, state="established") == "accept", port
+        assert verdict(rules, MANAGEMENT, port, state="related") == "accept", port
+
+
+def test_rules_replace_the_table_in_one_file() -> None:
+    """Loading the file again replaces sparkctl's table instead of adding a second copy of its rules."""
+    rules = lc.render_firewall(_inventory(), _inventory().host("spark-a"))
+    lines = rules.splitlines()
+    create, delete = lines.index("table inet sparkctl"), lines.index("delete table inet sparkctl")
+    assert create < delete < lines.index("table inet sparkctl {")
+    assert "flush ruleset" not in rules, "other tables on the host are not sparkctl's to remove"
+
+
+def test_the_rules_sparkctl_writes_read_back_as_converged(tmp_path: Path) -> None:
+    """The probe's firewall section, run by sh on the written file, gives back exactly what was rendered."""
+    inv = _inventory()
+    host = inv.host("spark-a")
+    rules = lc.render_firewall(inv, host)
+    probe = build_probe(inv, host)
+    start = probe.index(f"echo '{MARK} firewall'\n")
+    section = probe[start : probe.index(f"\necho '{MARK} ", start)]
+    written = tmp_path / "firewall.nft"
+    assert FIREWALL_FILE in section
+    line = section.replace(FIREWALL_FILE, str(written))
+
+    written.write_text(rules)
+    out = subprocess.run(["sh", "-c", line], capture_output=True, text=True, timeout=10, check=True).stdout
+    assert parse_probe("spark-a", out + f"{MARK} end\n").files["firewall.nft"] == rules
+
+    written.unlink()
+    out = subprocess.run(["sh", "-c", line], capture_output=True, text=True, timeout=10, check=True).stdout
+    assert "firewall.nft" not in parse_probe("spark-a", out + f"{MARK} end\n").files
+
+
+# --- nft itself, in a throwaway network namespace ---------------------------------------------------
+
+
+NFT = shutil.which("nft") or ("/usr/sbin/nft" if Path("/usr/sbin/nft").exists() else None)
+IP = shutil.which("ip") or "/usr/sbin/ip"
+
+no_nft = pytest.mark.skipif(NFT is None, reason="nft is not installed (/usr/sbin/nft)")
+not_root = pytest.mark.skipif(os.geteuid() != 0, reason="a throwaway network namespace for nft needs root")
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    """A fresh network namespace, so nothing touches the host's own ruleset."""
+    name = f"sparkctl-unit-fw-{os.getpid()}"
+    subprocess.run([IP, "netns", "add", name], check=True, capture_output=True, timeout=10)
+    try:
+        yield name
+    finally:
+        subprocess.run([IP, "netns", "delete", name], check=True, capture_output=True, timeout=10)
+
+
+def _nft(ns: str, *args: str) -> subprocess.CompletedProcess[str]:
+    assert NFT is not None
+    return subprocess.run([IP, "netns", "exec", ns, NFT, *args], capture_output=True, text=True, timeout=20)
+
+
+RULESETS = {
+    "example-pair": _inventory,
+    "no-workloads": lambda: _inventory({"workloads": []}),
+    "distinct-twins": _with_distinct_twins,
+}
+
+
+@no_nft
+@not_root
+@pytest.mark.parametrize("inventory", list(RULESETS))
+@pytest.mark.parametrize("host", ["spark-a", "spark-b"])
+def test_nft_accepts_the_rendered_rules(inventory: str, host: str, netns: str, tmp_path: Path) -> None:
+    inv = RULESETS[inventory]()
+    path = tmp_path / "firewall.nft"
+    path.write_text(lc.render_firewall(inv, inv.host(host)))
+    r = _nft(netns, "-c", "-f", str(path))
+    assert r.returncode == 0, f"nft -c rejected the rules:\n{r.stderr}\n{path.read_text()}"
+
+
+@no_nft
+@not_root
+def test_nft_loads_the_rules_again_over_a_loaded_table(netns: str, tmp_path: Path) -> None:
+    """`up` reloads the file whenever Ray is not running: a second load replaces the table."""
+    inv = _inventory()
+    path = tmp_path / "firewall.nft"
+    path.write_text(lc.render_firewall(inv, inv.host("spark-a")))
+    for attempt in (1, 2):
+        r = _nft(netns, "-f", str(path))
+        assert r.returncode == 0, f"load {attempt}: {r.stderr}"
+    listed = _nft(netns, "list", "table", "inet", "sparkctl")
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.count("chain input") == 1
+    assert listed.stdout.count(" drop") == 1, listed.stdout
