@@ -109,6 +109,7 @@ class HostFacts(_Fact):
     sudo_nopasswd: bool = False
     ssh_client_ip: str = ""
     ssh_server_ip: str = ""
+    ssh_server_port: int = 22
     ssh_interface: str = Field("", description="interface the SSH session uses (never touched)")
     interfaces: dict[str, Interface] = Field(default_factory=dict)
     nm_running: bool = False

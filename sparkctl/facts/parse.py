@@ -256,6 +256,7 @@ def parse_probe(host: str, output: str) -> HostFacts:
         sudo_nopasswd=s.get("sudo", "").strip() == "nopasswd",
         ssh_client_ip=ssh_conn[0] if len(ssh_conn) >= 4 else "",
         ssh_server_ip=ssh_conn[2] if len(ssh_conn) >= 4 else "",
+        ssh_server_port=int(ssh_conn[3]) if len(ssh_conn) >= 4 and ssh_conn[3].isdigit() else 22,
         ssh_interface=parse_route_dev(ssh_lines[1]),
         interfaces=parse_ip_addr(s.get("ip_addr", "")),
         nm_running=s.get("nm_running", "").strip() == "running",

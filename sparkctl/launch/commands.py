@@ -6,6 +6,7 @@ import json
 import shlex
 
 from sparkctl import paths
+from sparkctl.facts.probe import FIREWALL_FILE
 from sparkctl.inventory.models import Host, Inventory, Workload
 
 q = shlex.quote
@@ -188,25 +189,24 @@ def build_workload_stop(inv: Inventory, name: str, home: str, grace: int = 30) -
     return stop
 
 
-from sparkctl.facts.probe import FIREWALL_FILE  # noqa: E402
-
 EPHEMERAL = "32768-60999"
 
 
-def render_firewall(inv: Inventory, host: Host) -> str:
+def render_firewall(inv: Inventory, host: Host, ssh_port: int = 22) -> str:
     """nftables rules keeping Ray off every interface but the fabric and loopback.
 
     Ray 2.x binds its GCS, raylet and agents on all interfaces even with --node-ip-address, so binding alone cannot
     keep them off the management network. New inbound TCP to Ray's pinned ports, its worker range and the ephemeral
-    range (where Ray's unpinned helpers listen) is dropped unless it arrives on a twin or loopback. Established
-    traffic, SSH and the workload API ports are untouched.
+    range (where Ray's unpinned helpers listen; Linux's default ip_local_port_range) is dropped unless it arrives
+    on a twin or loopback. Established traffic, the SSH port this session uses and the workload API ports are
+    accepted first, so even an SSH port inside a dropped range stays reachable.
     """
     p = inv.ray.ports
     ports = sorted({inv.ray.port, p.node_manager, p.object_manager, p.dashboard, p.dashboard_agent_listen,
                     p.dashboard_agent_grpc, p.runtime_env_agent, p.metrics_export, p.client_server})
     drop = ", ".join([*map(str, ports), f"{p.min_worker}-{p.max_worker}", EPHEMERAL])
     ifaces = ", ".join(f'"{i}"' for i in ["lo", *(t.interface for t in host.fabric)])
-    api = ", ".join(str(w.port) for w in inv.workloads) or "22"
+    keep = ", ".join(str(p) for p in sorted({ssh_port, *(w.port for w in inv.workloads)}))
     return (
         "# Managed by sparkctl: Ray is reachable only over the fabric and loopback.\n"
         "table inet sparkctl\n"
@@ -216,7 +216,7 @@ def render_firewall(inv: Inventory, host: Host) -> str:
         "    type filter hook input priority 0; policy accept;\n"
         f"    iifname {{ {ifaces} }} accept\n"
         "    ct state established,related accept\n"
-        f"    tcp dport {{ 22, {api} }} accept\n"
+        f"    tcp dport {{ {keep} }} accept\n"
         f"    tcp dport {{ {drop} }} drop\n"
         "  }\n"
         "}\n"

@@ -58,7 +58,7 @@ def ray_running_ok(ctx: PlanContext, host: Host) -> bool:
 def plan_ray_firewall(ctx: PlanContext, host: Host) -> list[Step]:
     """Keep Ray's listeners off the management network; (re)loaded whenever Ray is not running as specified."""
     facts = ctx.facts[host.name]
-    rules = lc.render_firewall(ctx.inventory, host)
+    rules = lc.render_firewall(ctx.inventory, host, facts.ssh_server_port)
     have = facts.files.get("firewall.nft")
     if have == rules and ray_running_ok(ctx, host):
         return []

@@ -7,6 +7,7 @@ The tests in this module run in order and share the hosts' state. Every assertio
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -63,7 +64,8 @@ class Pair:
 
 
 @pytest.fixture(scope="module")
-def pair(testbed: Testbed, tmp_path_factory: pytest.TempPathFactory, sudo_env: dict[str, str]) -> Iterator[Pair]:
+def pair(testbed: Testbed, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
+    sudo_env = {**os.environ, "SPARKCTL_SUDO_PASSWORD": testbed.sudo_password}
     testbed.reset_hosts()
     testbed.set_gid_index("spark-b", 5)  # real pairs disagree: spark-a keeps 3
     state = tmp_path_factory.mktemp("laptop-state")
@@ -168,9 +170,9 @@ def test_the_embed_endpoint_matches_a_single_process_reference(pair: Pair) -> No
 def test_ray_spans_both_hosts_and_the_ranks_run_one_per_host(pair: Pair) -> None:
     script = ("import json, ray; ray.init(address='auto', logging_level='ERROR'); "
               "print(json.dumps([n['NodeManagerAddress'] for n in ray.nodes() if n['Alive']]))")
-    env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": "/home/spark/.local/state/sparkctl/ray-token",
-           "RAY_ADDRESS": "192.168.100.10:6379"}
-    out = pair.tb.exec("spark-a", ["/opt/sparkctl-runtime/bin/python", "-c", script], user="spark", env=env)
+    env = ["RAY_AUTH_MODE=token", "RAY_AUTH_TOKEN_PATH=/home/spark/.local/state/sparkctl/ray-token",
+           "RAY_ADDRESS=192.168.100.10:6379"]
+    out = pair.tb.exec("spark-a", ["env", *env, "/opt/sparkctl-runtime/bin/python", "-c", script], user="spark")
     assert sorted(json.loads(out.stdout.strip().splitlines()[-1])) == ["192.168.100.10", "192.168.100.11"]
     for host in pair.tb.hosts:  # one tensor-parallel rank actor on each host
         assert spark_processes(pair.tb, host, "RankWorker"), host
