@@ -30,6 +30,8 @@ from .layout import (
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 SIM_TOOLS = ("nvidia-smi", "ibdev2netdev", "show_gids")
+RUNTIME_SIM_TOOLS = ("vllm",)
+"""Shown on top of the runtime venv's bin/ inside the hosts (there is no GPU for the real ones)."""
 HOST_KEY = "ssh_host_ed25519_key"
 SIM_HEADER = "SIMULATED by the sparkctl testbed (tests/testbed); not real hardware state.\n"
 
@@ -39,16 +41,20 @@ SIM_HEADER = "SIMULATED by the sparkctl testbed (tests/testbed); not real hardwa
 
 def install_support_files(root: Path) -> None:
     """Copy the init/reset scripts, GID updater and SIMULATED tools into the state dir."""
-    libexec, simbin = root / "libexec", root / "sim-bin"
-    libexec.mkdir(mode=0o755, parents=True, exist_ok=True)
-    simbin.mkdir(mode=0o755, parents=True, exist_ok=True)
+    libexec, simbin, runtime_simbin = root / "libexec", root / "sim-bin", root / "runtime-sim-bin"
+    for d in (libexec, simbin, runtime_simbin):
+        d.mkdir(mode=0o755, parents=True, exist_ok=True)
     for script in ("boot.sh", "reset_host.sh"):
         shutil.copyfile(PACKAGE_DIR / script, libexec / script)
     shutil.copyfile(PACKAGE_DIR / "sim" / "gid_updater.py", libexec / "gid_updater.py")
     for tool in SIM_TOOLS:
         shutil.copyfile(PACKAGE_DIR / "sim" / tool, simbin / tool)
         (simbin / tool).chmod(0o755)
-    (simbin / "README.SIMULATED").write_text(SIM_HEADER)
+    for tool in RUNTIME_SIM_TOOLS:
+        shutil.copyfile(PACKAGE_DIR / "sim" / tool, runtime_simbin / tool)
+        (runtime_simbin / tool).chmod(0o755)
+    for d in (simbin, runtime_simbin):
+        (d / "README.SIMULATED").write_text(SIM_HEADER)
 
 
 def write_client_key(ssh_dir: Path) -> Path:

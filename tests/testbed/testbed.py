@@ -191,7 +191,7 @@ class Testbed(FaultsMixin):
 
     def _provision(self, state: dict[str, Any], specs: Sequence[HostSpec]) -> None:
         _ensure_login_user()
-        for sub in ("libexec", "sim-bin", "ssh", "hosts", "inventory.yaml"):
+        for sub in ("libexec", "sim-bin", "runtime-sim-bin", "ssh", "hosts", "inventory.yaml"):
             state["paths"].append(str(self.root / sub))
         self._save(state)
         provision.install_support_files(self.root)
