@@ -31,7 +31,7 @@ def measure_jumbo(inv: Inventory, facts: Mapping[str, HostFacts],
             summary = next((ln for ln in r.stdout.splitlines() if "packet loss" in ln), "")
             err = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ""
             with lock:
-                results[(name, argv[-3], argv[-1])] = (r.ok, summary or err or f"exit {r.exit_code}")
+                results[(name, argv[-2], argv[-1])] = (r.ok, summary or err or f"exit {r.exit_code}")
 
     with ThreadPoolExecutor(max_workers=len(inv.hosts)) as pool:
         list(pool.map(host, [h.name for h in inv.hosts]))

@@ -58,7 +58,8 @@ def parse_discovery(address: str, output: str) -> Discovered:
     return d
 
 
-def propose_inventory(found: list[Discovered], cluster: str = "spark-pair") -> tuple[str, list[str]]:
+def propose_inventory(found: list[Discovered], cluster: str = "spark-pair",
+                      ssh: dict[str, object] | None = None) -> tuple[str, list[str]]:
     """A complete inventory as YAML, and what could not be determined."""
     used = {ipaddress.ip_network(n) for d in found for n in d.used_nets}
     links = max((len(d.twins) for d in found), default=0)
@@ -75,8 +76,10 @@ def propose_inventory(found: list[Discovered], cluster: str = "spark-pair") -> t
         problems.append(f"hosts show different numbers of twins: {[len(d.twins) for d in found]}")
     lines = [f"# proposed by `sparkctl discover` from {', '.join(d.address for d in found)}",
              f"cluster: {cluster}", "ssh:"]
-    user = found[0].user if found else ""
-    lines += [f"  user: {user}"] if user else []
+    settings = {k: v for k, v in (ssh or {}).items() if v not in (None, "")}
+    if found and found[0].user:
+        settings.setdefault("user", found[0].user)
+    lines += [f"  {k}: {v}" for k, v in settings.items()]
     lines += ["network:", "  mtu: 9000", "  topology: direct", "hosts:"]
     names = [re.sub(r"[^A-Za-z0-9_.-]", "-", d.hostname or f"spark-{i}").lstrip("-.") or f"spark-{i}"
              for i, d in enumerate(found)]

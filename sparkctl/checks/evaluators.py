@@ -388,8 +388,15 @@ def ray_exposure(ctx: CheckContext, rule: Rule) -> list[Finding]:
                           if ln.port in ray_ports and ln.address not in fabric | {"127.0.0.1", "::1"}})
         if not any("raylet" in p.args for p in f.processes):
             continue
-        out.append(_f(rule, not exposed, h.name, f"Ray listening beyond the fabric: {', '.join(exposed)}"
-                      if exposed else "Ray listens on the fabric address and loopback only"))
+        guarded = "table inet sparkctl" in f.files.get("firewall.nft", "")
+        if exposed and guarded:
+            evidence = (f"Ray listens on {len(exposed)} wildcard socket(s); the sparkctl firewall admits them only "
+                        "on the fabric and loopback")
+        elif exposed:
+            evidence = f"Ray listening beyond the fabric, no sparkctl firewall: {', '.join(exposed)}"
+        else:
+            evidence = "Ray listens on the fabric address and loopback only"
+        out.append(_f(rule, not exposed or guarded, h.name, evidence))
     return out
 
 

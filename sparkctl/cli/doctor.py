@@ -90,7 +90,9 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             found.append(parse_discovery(addr, r.stdout))
         if problems:
             raise HostError(problems)
-        text, unknown = propose_inventory(found, cluster)
+        used = {"user": user, "port": port, "identity_file": identity,
+                "known_hosts": known_hosts if known_hosts != "~/.ssh/known_hosts" else None}
+        text, unknown = propose_inventory(found, cluster, used)
         for u in unknown:
             c.echo(f"warning: could not determine: {u}", err=True)
         if output:
