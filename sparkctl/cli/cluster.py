@@ -36,7 +36,8 @@ def offline_plan(inv: Inventory, rb: Runbook, params: dict[str, object], *, star
                  only: str | None = None) -> Plan:
     """A plan against fresh hosts, contacting nobody and reading no secrets (digests are placeholders)."""
     facts = {h.name: fresh_facts(inv, h) for h in inv.hosts}
-    ctx = PlanContext(inv, facts, params, {"ray_token": "(generated on first up)", "worker_code": sha256(worker_code())})
+    ctx = PlanContext(inv, facts, params, {"ray_token": "(generated on first up)", "worker_code": sha256(worker_code())},
+                      offline=True)
     return build_runbook_plan(rb, ctx, params, start=start, only=only, offline=True)
 
 
@@ -169,7 +170,12 @@ def register(app: typer.Typer) -> None:
         params = resolve_params(rb, _parse_sets(set_))
         start = step_index(rb, from_) if from_ else 0
         if only:
-            step_index(rb, only)
+            step_index(rb, only, "--only")
+            if from_:
+                raise InputError([Problem("--only/--from", "use one of them", "--only runs one step; --from resumes")])
+        if offline and not dry_run:
+            raise InputError([Problem("--offline", "plans as if hosts were fresh: it only goes with --dry-run",
+                                      "add --dry-run, or drop --offline to run against the hosts")])
         if dry_run and offline:
             plan = offline_plan(inv, rb, params, start=start, only=only)
             c.echo(plan.model_dump_json(indent=2) if as_json else render_plan(plan))

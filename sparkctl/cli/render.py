@@ -32,6 +32,8 @@ def render_plan(plan: Plan) -> str:
                 lines.append(f"      {d}")
             for n in s.notes:
                 lines.append(f"      note: {n}")
+            if s.verdict:
+                lines.append(f"      will fail: {s.verdict}")
     lines.append("")
     for note in plan.notes:
         lines.append(f"note: {note}")

@@ -132,6 +132,8 @@ def _selected(ctx: PlanContext) -> list[Workload]:
 
 def workload_state(ctx: PlanContext, w: Workload) -> str:
     """'ok', 'stopped' or 'changed' for a workload on the head."""
+    if "workload_stopped" in ctx.changed:  # an earlier step of this run stops the selected workloads
+        return "stopped"
     head = ctx.inventory.head
     facts = ctx.facts[head.name]
     pid = facts.files.get(f"workload-{w.name}.pid", "").strip()

@@ -19,6 +19,8 @@ class PlanContext:
     params: Mapping[str, Any] = field(default_factory=dict)
     digests: Mapping[str, str] = field(default_factory=dict)
     changed: frozenset[str] = frozenset()
+    offline: bool = False
+    """Facts are assumed (a fresh host), not read: checks that judge facts cannot give a verdict."""
 
     def after(self, kinds: set[str]) -> PlanContext:
         """The context for later stages, knowing that steps of these kinds will have run."""

@@ -95,6 +95,10 @@ class Doctor(Action):
                 or (host.name == ctx.inventory.head.name and not f.subject.startswith(tuple(ctx.facts)))]
         levels = ("fail",) if args.fail_on == "fail" else ("fail", "warn")
         bad = [f for f in mine if f.level in levels]
+        if ctx.offline:
+            return [Step(host=host.name, kind="doctor", target=",".join(sorted(cats)) if cats else "all",
+                         description=f"{len(mine)} check(s), judged on the hosts' real facts when run",
+                         changes=False, notes=["offline plan: the hosts were not read, so no verdict yet"])]
         return [Step(host=host.name, kind="doctor", target=",".join(sorted(cats)) if cats else "all",
                      description=f"{len(mine)} check(s): {sum(f.level == 'pass' for f in mine)} passed",
                      changes=False, notes=[f"{f.level} {f.rule} {f.subject}: {f.evidence}" for f in mine

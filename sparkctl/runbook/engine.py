@@ -178,8 +178,8 @@ class Engine:
 
     def _revise(self, stages: list[Stage], start: int, fresh: Plan, report: Report) -> list[Stage]:
         # Only what would run counts; notes and predictions may legitimately differ.
-        old = {(st.name, s.host, s.id): s.commands for st in stages[start:] for s in st.steps}
-        new = {(st.name, s.host, s.id): s.commands for st in fresh.stages for s in st.steps}
+        old = {(st.name, s.host, s.id): (s.commands, s.verdict) for st in stages[start:] for s in st.steps}
+        new = {(st.name, s.host, s.id): (s.commands, s.verdict) for st in fresh.stages for s in st.steps}
         diffs = []
         for key in sorted(set(old) | set(new)):
             if old.get(key) != new.get(key):
@@ -243,7 +243,7 @@ class Engine:
             res.status = "changed" if step.changes else "ok"
         except HostError as exc:
             res.status = "failed"
-            res.error = self.secrets.redact(str(exc))
+            res.error = self.secrets.redact("; ".join(p.message for p in exc.problems))
             if step.wait and step.wait.log:
                 res.log_tail = self._log_tail(step.host, step.wait.log)
         res.ended = self.now()

@@ -110,6 +110,11 @@ def resolve_params(rb: Runbook, overrides: dict[str, str]) -> dict[str, Any]:
     params = {k: p.default for k, p in rb.parameters.items()}
     for k, v in overrides.items():
         params[k] = yaml.safe_load(v) if v else v
+    missing = [k for k, p in rb.parameters.items() if p.required and params.get(k) in (None, "")]
+    if missing:
+        raise RunbookError([Problem(f"{rb.name}", f"parameter '{k}' needs a value",
+                                    f"--set {k}=... ({rb.parameters[k].description or 'see the runbook'})")
+                            for k in missing])
     return params
 
 
@@ -150,7 +155,8 @@ def plan_stage(step: RunbookStep, ctx: PlanContext, params: dict[str, Any]) -> S
     step_ctx = ctx
     if hasattr(args, "workloads"):
         inv = _override_workloads(ctx, step.name, args.workloads, getattr(args, "set", None))
-        step_ctx = PlanContext(inv, ctx.facts, {**ctx.params, "workloads": args.workloads}, ctx.digests, ctx.changed)
+        step_ctx = PlanContext(inv, ctx.facts, {**ctx.params, "workloads": args.workloads}, ctx.digests, ctx.changed,
+                               ctx.offline)
     steps = [s for h in select_hosts(ctx, step.hosts) for s in action.plan(step_ctx, h, args)]
     return Stage(name=step.name, action=step.action, steps=steps,
                  on_failure=step.on_failure if isinstance(step.on_failure, str) else ",".join(step.on_failure))
@@ -160,6 +166,11 @@ def _override_workloads(ctx: PlanContext, step: str, names: list[str] | None,
                         changes: dict[str, Any] | None) -> Inventory:
     """The inventory with `set:` applied to the selected workloads, validated like the inventory itself."""
     inv = ctx.inventory
+    unknown = sorted(set(names or []) - {w.name for w in inv.workloads})
+    if unknown:
+        raise RunbookError([Problem(f"step {step} args.workloads", f"no workload named {', '.join(unknown)}",
+                                    f"the inventory has: {', '.join(w.name for w in inv.workloads) or 'none'}")])
+    changes = {k: v for k, v in (changes or {}).items() if v is not None}  # null keeps the inventory's value
     if not changes:
         return inv
     from pydantic import ValidationError
@@ -172,8 +183,8 @@ def _override_workloads(ctx: PlanContext, step: str, names: list[str] | None,
                      for w in inv.workloads]
         new = inv.model_copy(update={"workloads": workloads})
     except ValidationError as exc:
-        raise RunbookError([Problem(f"step {step} args.set", e["msg"].removeprefix("Value error, "))
-                            for e in exc.errors()]) from None
+        raise RunbookError([Problem(f"step {step} args.set.{'.'.join(map(str, e['loc']))}",
+                                    e["msg"].removeprefix("Value error, ")) for e in exc.errors()]) from None
     found = check_inventory(new)
     if found:
         raise RunbookError([Problem(f"step {step} args.set", msg, hint) for _, msg, hint in found])
@@ -196,14 +207,15 @@ def build_runbook_plan(rb: Runbook, ctx: PlanContext, params: dict[str, Any], *,
         ctx = ctx.after({s.kind for s in stage.steps if s.changes})
     for stage in stages:
         for s in stage.steps:
-            notes += [f"{s.host}: {n}" for n in s.notes if "GID" in n and f"{s.host}: {n}" not in notes]
+            if s.kind == "worker_env":  # how each host's GID index was found deserves a line of its own
+                notes += [f"{s.host}: {n}" for n in s.notes if f"{s.host}: {n}" not in notes]
     return Plan(cluster=ctx.inventory.cluster, runbook=rb.name, hosts=[h.name for h in ctx.inventory.hosts],
                 stages=stages, notes=notes, offline=offline)
 
 
-def step_index(rb: Runbook, name: str) -> int:
-    """Position of a step by name (for --from)."""
+def step_index(rb: Runbook, name: str, option: str = "--from") -> int:
+    """Position of a step by name (for --from / --only)."""
     for i, s in enumerate(rb.steps):
         if s.name == name:
             return i
-    raise RunbookError([Problem(f"--from {name}", "no such step", f"steps: {', '.join(s.name for s in rb.steps)}")])
+    raise RunbookError([Problem(f"{option} {name}", "no such step", f"steps: {', '.join(s.name for s in rb.steps)}")])

@@ -20,6 +20,7 @@ class Parameter(_Model):
     default: Any = None
     description: str = ""
     secret: bool = Field(False, description="redacted in the journal and in output")
+    required: bool = Field(False, description="the run needs a value (`--set name=value`)")
 
 
 class RunbookStep(_Model):

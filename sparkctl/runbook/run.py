@@ -16,7 +16,7 @@ from sparkctl.execute.base import Transport
 from sparkctl.facts.gather import gather_facts
 from sparkctl.facts.models import HostFacts
 from sparkctl.inventory.models import Inventory
-from sparkctl.plan.context import PlanContext, fresh_facts
+from sparkctl.plan.context import PlanContext
 from sparkctl.plan.models import Plan, Stage
 from sparkctl.runbook.engine import Engine, Event, Report, Secrets
 from sparkctl.runbook.load import build_runbook_plan, plan_stage
@@ -96,14 +96,12 @@ class Session:
                               hint="nothing was changed on any host")
         self.facts = {n: v for n, v in found.items() if isinstance(v, HostFacts)}
 
-    def context(self, secrets: Mapping[str, str], params: Mapping[str, Any], offline: bool = False) -> PlanContext:
-        facts = ({h.name: fresh_facts(self.inventory, h) for h in self.inventory.hosts} if offline else self.facts)
-        return PlanContext(self.inventory, facts, params, self.digests(secrets))
+    def context(self, secrets: Mapping[str, str], params: Mapping[str, Any]) -> PlanContext:
+        return PlanContext(self.inventory, self.facts, params, self.digests(secrets))
 
     def plan(self, rb: Runbook, params: dict[str, Any], secrets: Mapping[str, str], *, start: int = 0,
-             only: str | None = None, offline: bool = False) -> Plan:
-        return build_runbook_plan(rb, self.context(secrets, params, offline), params, start=start, only=only,
-                                  offline=offline)
+             only: str | None = None) -> Plan:
+        return build_runbook_plan(rb, self.context(secrets, params), params, start=start, only=only)
 
     def check_sudo(self, plan: Plan, password: Callable[[], str | None]) -> dict[str, str]:
         """Resolve the sudo password if a host needs one for this plan, and verify it there (fails fast)."""

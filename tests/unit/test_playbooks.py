@@ -110,13 +110,13 @@ def test_every_playbook_validates_through_the_cli(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("book", BOOKS, ids=lambda p: p.stem)
 def test_every_playbook_documents_itself(book: Path) -> None:
-    """A description, every parameter with a default and a description, a comment above every step."""
+    """A description, every parameter with a default (or required) and a description, a comment above every step."""
     rb = load_runbook(str(book))
     assert rb.name == book.stem
     assert len(rb.description) > 40
     raw = yaml.safe_load(book.read_text())
     for name, param in raw.get("parameters", {}).items():
-        assert "default" in param, f"{book.name}: parameter {name} has no default"
+        assert "default" in param or param.get("required"), f"{book.name}: parameter {name} has no default"
         assert param.get("description"), f"{book.name}: parameter {name} has no description"
     lines = book.read_text().splitlines()
     in_steps = False

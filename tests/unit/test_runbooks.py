@@ -240,11 +240,13 @@ def test_params_are_substituted_into_action_args(ctx: PlanContext) -> None:
 
 def test_a_whole_value_parameter_keeps_its_type(ctx: PlanContext) -> None:
     up = load_runbook("up")
-    for chosen, expected in ((None, ["chat"]), (["chat"], ["chat"]), (["other"], [])):
+    for chosen, expected in ((None, ["chat"]), (["chat"], ["chat"])):
         params = resolve_params(up, {}) | {"workloads": chosen}
         plan = build_runbook_plan(up, ctx, params)
         started = [s.target for st in plan.stages for s in st.steps if s.kind == "workload"]
         assert started == expected, chosen
+    with pytest.raises(RunbookError, match="no workload named other"):  # a typo is an error, not a no-op
+        build_runbook_plan(up, ctx, resolve_params(up, {}) | {"workloads": ["other"]})
 
 
 @pytest.mark.parametrize(
