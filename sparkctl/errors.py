@@ -32,8 +32,10 @@ class SparkctlError(Exception):
         if isinstance(problems, str):
             problems = [Problem("", problems, hint)]
         elif hint:
-            problems = [*problems[:-1], Problem(problems[-1].where, problems[-1].message,
-                                                 "; ".join(x for x in (problems[-1].hint, hint) if x))]
+            problems = [
+                *problems[:-1],
+                Problem(problems[-1].where, problems[-1].message, "; ".join(x for x in (problems[-1].hint, hint) if x)),
+            ]
         self.problems = problems
         super().__init__("\n".join(p.render() for p in problems))
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 ENV_FILE = "/etc/sparkctl/worker.env"
 """The per-host worker environment (KEY=value lines, readable by `docker --env-file` and `sh`)."""
 
+FIREWALL_FILE = "/etc/sparkctl/firewall.nft"
+"""nftables rules keeping Ray off every interface but the fabric and loopback."""
+
 NON_CARRY_OVER = ".config/vllm/ray_non_carry_over_env_vars.json"
 """vLLM reads this list (relative to $HOME) of variables Ray must not copy from the head to workers."""
 

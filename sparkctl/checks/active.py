@@ -17,8 +17,9 @@ from sparkctl.plan.models import Command, Step
 Link = tuple[str, str, str]
 
 
-def measure_jumbo(inv: Inventory, facts: Mapping[str, HostFacts],
-                  transports: Mapping[str, Transport]) -> dict[Link, tuple[bool, str]]:
+def measure_jumbo(
+    inv: Inventory, facts: Mapping[str, HostFacts], transports: Mapping[str, Transport]
+) -> dict[Link, tuple[bool, str]]:
     """Run the same unfragmented pings `up` verifies with, once, on every host in parallel."""
     ctx = PlanContext(inv, facts)
     results: dict[Link, tuple[bool, str]] = {}
@@ -72,20 +73,33 @@ def bench_commands(ctx: PlanContext, host: Host, mb: int, port: int) -> list[Ste
         for j, twin in enumerate(src.fabric):
             dst = str(peer.fabric[j].address.ip)
             if host.name == peer.name:
-                steps.append(Step(host=host.name, kind="bench_listen", target=f"{peer.fabric[j].interface}",
-                                  description=f"receive {mb} MB on {dst}:{port}", changes=False,
-                                  commands=[Command(argv=[python, "-c", _SERVER, dst, str(port)], timeout=120)]))
+                steps.append(
+                    Step(
+                        host=host.name,
+                        kind="bench_listen",
+                        target=f"{peer.fabric[j].interface}",
+                        description=f"receive {mb} MB on {dst}:{port}",
+                        changes=False,
+                        commands=[Command(argv=[python, "-c", _SERVER, dst, str(port)], timeout=120)],
+                    )
+                )
             elif host.name == src.name:
-                steps.append(Step(host=host.name, kind="bench_send", target=f"{twin.interface}->{peer.name}",
-                                  description=f"send {mb} MB over {twin.interface} to {peer.name} {dst}",
-                                  changes=False,
-                                  commands=[Command(argv=[python, "-c", _CLIENT, dst, str(port), str(mb)],
-                                                    timeout=120)]))
+                steps.append(
+                    Step(
+                        host=host.name,
+                        kind="bench_send",
+                        target=f"{twin.interface}->{peer.name}",
+                        description=f"send {mb} MB over {twin.interface} to {peer.name} {dst}",
+                        changes=False,
+                        commands=[Command(argv=[python, "-c", _CLIENT, dst, str(port), str(mb)], timeout=120)],
+                    )
+                )
     return steps
 
 
-def tcp_throughput(inv: Inventory, transports: Mapping[str, Transport], python: str, *, mb: int = 512,
-                   port: int = 5201) -> dict[Link, float]:
+def tcp_throughput(
+    inv: Inventory, transports: Mapping[str, Transport], python: str, *, mb: int = 512, port: int = 5201
+) -> dict[Link, float]:
     """Fallback bench: MB/s of one TCP stream over each link, first host -> each peer (no RDMA tools needed)."""
     src = inv.hosts[0]
     out: dict[Link, float] = {}

@@ -38,16 +38,21 @@ class Discovered:
 def parse_discovery(address: str, output: str) -> Discovered:
     """The discover probe's output -> what we learned and what we could not."""
     s = parse_sections(output)
-    ident = (s.get("identity", "").splitlines() + ["", ""])[:2]
+    ident = ([*s.get("identity", "").splitlines(), "", ""])[:2]
     d = Discovered(address=address, user=ident[0].strip(), hostname=ident[1].strip())
     d.ssh_interface = parse_route_dev(s.get("ssh", ""))
     ifaces = parse_ip_addr(s.get("ip_addr", "") or "[]")
     d.used_nets = sorted({str(ipaddress.ip_interface(a).network) for i in ifaces.values() for a in i.ipv4})
     for line in s.get("rdma", "").splitlines():
         m = re.match(r"^(\S+) port \d+ ==> (\S+)", line)
-        if m and m.group(2) in ifaces and m.group(2) != d.ssh_interface:
-            if ifaces[m.group(2)].up or ifaces[m.group(2)].operstate == "UP":
-                d.twins.append((m.group(2), m.group(1)))
+        netdev = m.group(2) if m else ""
+        if (
+            m
+            and netdev in ifaces
+            and netdev != d.ssh_interface
+            and (ifaces[netdev].up or ifaces[netdev].operstate == "UP")
+        ):
+            d.twins.append((netdev, m.group(1)))
     d.twins.sort(key=lambda t: t[0].lower())
     if not d.twins:
         d.unknown.append("no up ConnectX-7 twin found (ibdev2netdev and sysfs show no RDMA netdev that is up)")
@@ -58,8 +63,9 @@ def parse_discovery(address: str, output: str) -> Discovered:
     return d
 
 
-def propose_inventory(found: list[Discovered], cluster: str = "spark-pair",
-                      ssh: dict[str, object] | None = None) -> tuple[str, list[str]]:
+def propose_inventory(
+    found: list[Discovered], cluster: str = "spark-pair", ssh: dict[str, object] | None = None
+) -> tuple[str, list[str]]:
     """A complete inventory as YAML, and what could not be determined."""
     used = {ipaddress.ip_network(n) for d in found for n in d.used_nets}
     links = max((len(d.twins) for d in found), default=0)
@@ -74,15 +80,20 @@ def propose_inventory(found: list[Discovered], cluster: str = "spark-pair",
     counts = {len(d.twins) for d in found}
     if len(counts) > 1:
         problems.append(f"hosts show different numbers of twins: {[len(d.twins) for d in found]}")
-    lines = [f"# proposed by `sparkctl discover` from {', '.join(d.address for d in found)}",
-             f"cluster: {cluster}", "ssh:"]
+    lines = [
+        f"# proposed by `sparkctl discover` from {', '.join(d.address for d in found)}",
+        f"cluster: {cluster}",
+        "ssh:",
+    ]
     settings = {k: v for k, v in (ssh or {}).items() if v not in (None, "")}
     if found and found[0].user:
         settings.setdefault("user", found[0].user)
     lines += [f"  {k}: {v}" for k, v in settings.items()]
     lines += ["network:", "  mtu: 9000", "  topology: direct", "hosts:"]
-    names = [re.sub(r"[^A-Za-z0-9_.-]", "-", d.hostname or f"spark-{i}").lstrip("-.") or f"spark-{i}"
-             for i, d in enumerate(found)]
+    names = [
+        re.sub(r"[^A-Za-z0-9_.-]", "-", d.hostname or f"spark-{i}").lstrip("-.") or f"spark-{i}"
+        for i, d in enumerate(found)
+    ]
     for i, d in enumerate(found):
         name = names[i]
         lines += [f"  - name: {name}", f"    address: {d.address}"]

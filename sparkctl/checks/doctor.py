@@ -6,8 +6,9 @@ from sparkctl.checks.evaluators import EVALUATORS, CheckContext
 from sparkctl.checks.rules import Finding, load_rules
 
 
-def evaluate(ctx: CheckContext, *, preflight_only: bool = False,
-             categories: frozenset[str] | None = None) -> list[Finding]:
+def evaluate(
+    ctx: CheckContext, *, preflight_only: bool = False, categories: frozenset[str] | None = None
+) -> list[Finding]:
     """Every rule's findings, in table order."""
     findings: list[Finding] = []
     for rule in load_rules().rules:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import re
 from collections.abc import Callable, Mapping
@@ -33,13 +34,24 @@ def evaluator(name: str) -> Callable[[Evaluator], Evaluator]:
     def register(fn: Evaluator) -> Evaluator:
         EVALUATORS[name] = fn
         return fn
+
     return register
 
 
 def _f(rule: Rule, ok: bool | None, subject: str, evidence: str, level: Level | None = None) -> Finding:
     lvl: Level = "pass" if ok else (level or rule.level)
-    return Finding(rule=rule.id, category=rule.category, level=lvl, subject=subject, evidence=evidence, fix="" if ok else rule.fix,
-                   why=rule.why, source=rule.source, preflight=rule.preflight, force_ok=rule.force_ok)
+    return Finding(
+        rule=rule.id,
+        category=rule.category,
+        level=lvl,
+        subject=subject,
+        evidence=evidence,
+        fix="" if ok else rule.fix,
+        why=rule.why,
+        source=rule.source,
+        preflight=rule.preflight,
+        force_ok=rule.force_ok,
+    )
 
 
 def _hosts(ctx: CheckContext) -> list[tuple[str, HostFacts]]:
@@ -57,9 +69,15 @@ def gpu_name(ctx: CheckContext, rule: Rule) -> list[Finding]:
 
 @evaluator("compute_cap")
 def compute_cap(ctx: CheckContext, rule: Rule) -> list[Finding]:
-    return [_f(rule, bool(f.gpus) and all(g.compute_cap == rule.args["value"] for g in f.gpus), name,
-               f"compute capability {', '.join(g.compute_cap for g in f.gpus) or 'unknown'}")
-            for name, f in _hosts(ctx)]
+    return [
+        _f(
+            rule,
+            bool(f.gpus) and all(g.compute_cap == rule.args["value"] for g in f.gpus),
+            name,
+            f"compute capability {', '.join(g.compute_cap for g in f.gpus) or 'unknown'}",
+        )
+        for name, f in _hosts(ctx)
+    ]
 
 
 @evaluator("driver")
@@ -94,14 +112,21 @@ def _version_tuple(v: str) -> tuple[int, ...]:
 
 @evaluator("nccl_version")
 def nccl_version(ctx: CheckContext, rule: Rule) -> list[Finding]:
-    return [_f(rule, _version_tuple(f.runtime.nccl) >= _version_tuple(rule.args["minimum"]), name,
-               f"NCCL {f.runtime.nccl}") for name, f in _hosts(ctx) if f.runtime.nccl]
+    return [
+        _f(rule, _version_tuple(f.runtime.nccl) >= _version_tuple(rule.args["minimum"]), name, f"NCCL {f.runtime.nccl}")
+        for name, f in _hosts(ctx)
+        if f.runtime.nccl
+    ]
 
 
 @evaluator("gpu_temperature")
 def gpu_temperature(ctx: CheckContext, rule: Rule) -> list[Finding]:
-    return [_f(rule, g.temperature <= rule.args["max"], name, f"GPU at {g.temperature} C")
-            for name, f in _hosts(ctx) for g in f.gpus if g.temperature is not None]
+    return [
+        _f(rule, g.temperature <= rule.args["max"], name, f"GPU at {g.temperature} C")
+        for name, f in _hosts(ctx)
+        for g in f.gpus
+        if g.temperature is not None
+    ]
 
 
 @evaluator("twin_present")
@@ -112,9 +137,16 @@ def twin_present(ctx: CheckContext, rule: Rule) -> list[Finding]:
         if f is None:
             continue
         for t in h.fabric:
-            out.append(_f(rule, t.interface in f.interfaces, f"{h.name} {t.interface}",
-                          "present" if t.interface in f.interfaces else
-                          f"absent; the host has {', '.join(sorted(f.interfaces))}"))
+            out.append(
+                _f(
+                    rule,
+                    t.interface in f.interfaces,
+                    f"{h.name} {t.interface}",
+                    "present"
+                    if t.interface in f.interfaces
+                    else f"absent; the host has {', '.join(sorted(f.interfaces))}",
+                )
+            )
     return out
 
 
@@ -130,8 +162,14 @@ def twin_managed(ctx: CheckContext, rule: Rule) -> list[Finding]:
             if t.interface not in f.interfaces:
                 continue
             state = dev.state if dev else ("NetworkManager not running" if not f.nm_running else "not listed")
-            out.append(_f(rule, dev is not None and dev.state != "unmanaged", f"{h.name} {t.interface}",
-                          f"NetworkManager state: {state}"))
+            out.append(
+                _f(
+                    rule,
+                    dev is not None and dev.state != "unmanaged",
+                    f"{h.name} {t.interface}",
+                    f"NetworkManager state: {state}",
+                )
+            )
     return out
 
 
@@ -160,9 +198,15 @@ def twin_address(ctx: CheckContext, rule: Rule) -> list[Finding]:
             if live is None:
                 continue
             ok = str(t.address) in live.ipv4 and live.mtu == mtu and live.up
-            out.append(_f(rule, ok, f"{h.name} {t.interface}",
-                          f"has {','.join(live.ipv4) or 'no IPv4'} MTU {live.mtu} {live.operstate}; "
-                          f"inventory {t.address} MTU {mtu}"))
+            out.append(
+                _f(
+                    rule,
+                    ok,
+                    f"{h.name} {t.interface}",
+                    f"has {','.join(live.ipv4) or 'no IPv4'} MTU {live.mtu} {live.operstate}; "
+                    f"inventory {t.address} MTU {mtu}",
+                )
+            )
     return out
 
 
@@ -191,8 +235,10 @@ def twin_subnets(ctx: CheckContext, rule: Rule) -> list[Finding]:
 
 @evaluator("jumbo_path")
 def jumbo_path(ctx: CheckContext, rule: Rule) -> list[Finding]:
-    return [_f(rule, ok, f"{host} {iface} -> {peer}", tail or ("crossed" if ok else "did not cross"))
-            for (host, iface, peer), (ok, tail) in sorted(ctx.pings.items())]
+    return [
+        _f(rule, ok, f"{host} {iface} -> {peer}", tail or ("crossed" if ok else "did not cross"))
+        for (host, iface, peer), (ok, tail) in sorted(ctx.pings.items())
+    ]
 
 
 @evaluator("rdma_device")
@@ -208,8 +254,11 @@ def rdma_device(ctx: CheckContext, rule: Rule) -> list[Finding]:
                 continue
             ndevs = {g.ndev for g in f.gids if g.device == t.rdma_device and g.ndev}
             ok = t.rdma_device in have and (not ndevs or t.interface in ndevs)
-            evidence = (f"{t.rdma_device} not found (host has {', '.join(sorted(have)) or 'no RDMA devices'})"
-                        if t.rdma_device not in have else f"{t.rdma_device} -> {', '.join(sorted(ndevs)) or '?'}")
+            evidence = (
+                f"{t.rdma_device} not found (host has {', '.join(sorted(have)) or 'no RDMA devices'})"
+                if t.rdma_device not in have
+                else f"{t.rdma_device} -> {', '.join(sorted(ndevs)) or '?'}"
+            )
             out.append(_f(rule, ok, f"{h.name} {t.interface}", evidence))
     return out
 
@@ -225,18 +274,37 @@ def gid_index(ctx: CheckContext, rule: Rule) -> list[Finding]:
         for t in h.fabric:
             idx, predicted = detect_gid_index(f, t)
             if idx is None or predicted:
-                out.append(_f(rule, False, f"{h.name} {t.rdma_device or t.interface}",
-                              "no RoCE v2 GID holds the twin's IPv4 address (address not set, or no RDMA device)"))
+                out.append(
+                    _f(
+                        rule,
+                        False,
+                        f"{h.name} {t.rdma_device or t.interface}",
+                        "no RoCE v2 GID holds the twin's IPv4 address (address not set, or no RDMA device)",
+                    )
+                )
                 continue
             per_host.setdefault(h.name, idx)
             env_value = _env_value(f.env_file, "NCCL_IB_GID_INDEX")
             ok = env_value in (None, str(per_host[h.name]))
-            out.append(_f(rule, ok, f"{h.name} {t.rdma_device}",
-                          f"RoCE v2 GID index {idx}" + ("" if ok else f"; env file says {env_value}")))
+            out.append(
+                _f(
+                    rule,
+                    ok,
+                    f"{h.name} {t.rdma_device}",
+                    f"RoCE v2 GID index {idx}" + ("" if ok else f"; env file says {env_value}"),
+                )
+            )
     if len(set(per_host.values())) > 1:
         text = ", ".join(f"{h}={i}" for h, i in per_host.items())
-        out.append(_f(rule, False, "cluster", f"hosts disagree on the GID index ({text}): each host's env file "
-                      "must carry its own value", level="warn"))
+        out.append(
+            _f(
+                rule,
+                False,
+                "cluster",
+                f"hosts disagree on the GID index ({text}): each host's env file must carry its own value",
+                level="warn",
+            )
+        )
     return out
 
 
@@ -255,9 +323,15 @@ def page_cache(ctx: CheckContext, rule: Rule) -> list[Finding]:
         if not total:
             continue
         frac = cached / total
-        out.append(_f(rule, frac <= rule.args["max_fraction"], name,
-                      f"page cache {cached // 1024} MiB of {total // 1024} MiB ({frac:.0%}); "
-                      f"available {f.meminfo_kb.get('MemAvailable', 0) // 1024} MiB"))
+        out.append(
+            _f(
+                rule,
+                frac <= rule.args["max_fraction"],
+                name,
+                f"page cache {cached // 1024} MiB of {total // 1024} MiB ({frac:.0%}); "
+                f"available {f.meminfo_kb.get('MemAvailable', 0) // 1024} MiB",
+            )
+        )
     return out
 
 
@@ -291,9 +365,15 @@ def memory_fit(ctx: CheckContext, rule: Rule) -> list[Finding]:
             continue
         per_rank = need / w.tensor_parallel_size
         budget = rule.args["unified_gb"] * w.gpu_memory_utilization
-        out.append(_f(rule, per_rank < budget * 0.9, f"workload {w.name}",
-                      f"~{need:.0f} GB of weights, ~{per_rank:.0f} GB per rank vs {budget:.0f} GB "
-                      f"({w.gpu_memory_utilization:g} of {rule.args['unified_gb']} GB)"))
+        out.append(
+            _f(
+                rule,
+                per_rank < budget * 0.9,
+                f"workload {w.name}",
+                f"~{need:.0f} GB of weights, ~{per_rank:.0f} GB per rank vs {budget:.0f} GB "
+                f"({w.gpu_memory_utilization:g} of {rule.args['unified_gb']} GB)",
+            )
+        )
     return out
 
 
@@ -314,10 +394,8 @@ def utilization_flag(ctx: CheckContext, rule: Rule) -> list[Finding]:
         values = [w.gpu_memory_utilization]
         extra = _arg_value(w, "--gpu-memory-utilization")
         if extra:
-            try:
+            with contextlib.suppress(ValueError):
                 values.append(float(extra))
-            except ValueError:
-                pass
         top = max(values)
         out.append(_f(rule, top <= rule.args["max"], f"workload {w.name}", f"gpu_memory_utilization {top:g}"))
     return out
@@ -370,8 +448,16 @@ def ports_free(ctx: CheckContext, rule: Rule) -> list[Finding]:
         ours_running = ours_running or any(k.endswith(".pid") for k in f.files)
         busy = sorted({ln.port for ln in f.listeners if ln.port in _needed_ports(ctx.inventory, name)})
         ok = not busy or ours_running
-        out.append(_f(rule, ok, name, f"ports in use: {', '.join(map(str, busy))}" +
-                      (" (by this cluster)" if busy and ours_running else "") if busy else "needed ports free"))
+        out.append(
+            _f(
+                rule,
+                ok,
+                name,
+                f"ports in use: {', '.join(map(str, busy))}" + (" (by this cluster)" if busy and ours_running else "")
+                if busy
+                else "needed ports free",
+            )
+        )
     return out
 
 
@@ -384,14 +470,21 @@ def ray_exposure(ctx: CheckContext, rule: Rule) -> list[Finding]:
             continue
         ray_ports = set(_needed_ports(ctx.inventory, h.name)) - {w.port for w in ctx.inventory.workloads}
         fabric = {str(t.address.ip) for t in h.fabric}
-        exposed = sorted({f"{ln.address}:{ln.port}" for ln in f.listeners
-                          if ln.port in ray_ports and ln.address not in fabric | {"127.0.0.1", "::1"}})
+        exposed = sorted(
+            {
+                f"{ln.address}:{ln.port}"
+                for ln in f.listeners
+                if ln.port in ray_ports and ln.address not in fabric | {"127.0.0.1", "::1"}
+            }
+        )
         if not any("raylet" in p.args for p in f.processes):
             continue
         guarded = "table inet sparkctl" in f.files.get("firewall.nft", "")
         if exposed and guarded:
-            evidence = (f"Ray listens on {len(exposed)} wildcard socket(s); the sparkctl firewall admits them only "
-                        "on the fabric and loopback")
+            evidence = (
+                f"Ray listens on {len(exposed)} wildcard socket(s); the sparkctl firewall admits them only "
+                "on the fabric and loopback"
+            )
         elif exposed:
             evidence = f"Ray listening beyond the fabric, no sparkctl firewall: {', '.join(exposed)}"
         else:
@@ -406,8 +499,12 @@ def runtime_versions(ctx: CheckContext, rule: Rule) -> list[Finding]:
     if not seen:
         return []
     distinct = set(seen.values())
-    text = "; ".join(f"{n}: python {v[0] or '?'} ray {v[1] or '?'}" + (f" vllm {v[2]}" if v[2] else "")
-                     + (f" image {v[3][:19]}" if v[3] else "") for n, v in seen.items())
+    text = "; ".join(
+        f"{n}: python {v[0] or '?'} ray {v[1] or '?'}"
+        + (f" vllm {v[2]}" if v[2] else "")
+        + (f" image {v[3][:19]}" if v[3] else "")
+        for n, v in seen.items()
+    )
     missing = [n for n, v in seen.items() if not v[1] and not v[3]]
     if missing:
         return [_f(rule, False, "cluster", f"no runtime found on {', '.join(missing)} ({text})")]

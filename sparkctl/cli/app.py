@@ -8,7 +8,10 @@ from sparkctl import __version__
 from sparkctl.cli import cluster, doctor, inspect
 
 app = typer.Typer(
-    name="sparkctl", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    name="sparkctl",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
     help="Turn two or more DGX Sparks into one inference cluster: plan, up, down, status.",
 )
 runbook_app = typer.Typer(help="Built-in runbooks and validation of runbook files.", no_args_is_help=True)
@@ -30,8 +33,9 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                       help="Print the version.")) -> None:
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
     """sparkctl."""
 
 

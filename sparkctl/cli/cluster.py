@@ -32,12 +32,14 @@ def _parse_sets(sets: list[str] | None) -> dict[str, str]:
     return out
 
 
-def offline_plan(inv: Inventory, rb: Runbook, params: dict[str, object], *, start: int = 0,
-                 only: str | None = None) -> Plan:
+def offline_plan(
+    inv: Inventory, rb: Runbook, params: dict[str, object], *, start: int = 0, only: str | None = None
+) -> Plan:
     """A plan against fresh hosts, contacting nobody and reading no secrets (digests are placeholders)."""
     facts = {h.name: fresh_facts(inv, h) for h in inv.hosts}
-    ctx = PlanContext(inv, facts, params, {"ray_token": "(generated on first up)", "worker_code": sha256(worker_code())},
-                      offline=True)
+    ctx = PlanContext(
+        inv, facts, params, {"ray_token": "(generated on first up)", "worker_code": sha256(worker_code())}, offline=True
+    )
     return build_runbook_plan(rb, ctx, params, start=start, only=only, offline=True)
 
 
@@ -52,14 +54,33 @@ def preflight(session: Session, force: bool) -> None:
             c.echo(f"warning: {f.rule} {f.subject}: {f.evidence}", err=True)
     stop = blocking(findings, force)
     if stop:
-        raise HostError([Problem(f"{f.subject} [{f.rule}]", f.evidence,
-                                 f.fix + ("" if f.force_ok else " (--force cannot override this)")) for f in stop],
-                        hint="nothing was changed")
+        raise HostError(
+            [
+                Problem(
+                    f"{f.subject} [{f.rule}]",
+                    f.evidence,
+                    f.fix + ("" if f.force_ok else " (--force cannot override this)"),
+                )
+                for f in stop
+            ],
+            hint="nothing was changed",
+        )
 
 
-def execute(inv: Inventory, rb: Runbook, params: dict[str, object], *, dry_run: bool, yes: bool, as_json: bool,
-            accept_new_host_keys: bool, start: int = 0, only: str | None = None, checks: bool = False,
-            force: bool = False) -> None:
+def execute(
+    inv: Inventory,
+    rb: Runbook,
+    params: dict[str, object],
+    *,
+    dry_run: bool,
+    yes: bool,
+    as_json: bool,
+    accept_new_host_keys: bool,
+    start: int = 0,
+    only: str | None = None,
+    checks: bool = False,
+    force: bool = False,
+) -> None:
     """Connect, gather, plan, (confirm), apply, report. Shared by up, down, run and restore-network."""
     progress = Progress(quiet=False)
     session = Session(inv, ssh_connect(accept_new_host_keys), emit=progress)
@@ -101,10 +122,16 @@ def _stop_after_interrupt(session: Session, secrets: dict[str, str]) -> None:
 def register(app: typer.Typer) -> None:
     @app.command("plan")
     @c.guard
-    def plan_cmd(inventory: c.InventoryOpt = None, offline: Annotated[bool, typer.Option(
-                     "--offline", help="Plan as if the hosts were fresh, without contacting them.")] = False,
-                 workload: WorkloadOpt = None, as_json: c.JsonOpt = False,
-                 accept_new_host_keys: c.AcceptKeysOpt = False, debug: c.DebugOpt = False) -> None:
+    def plan_cmd(
+        inventory: c.InventoryOpt = None,
+        offline: Annotated[
+            bool, typer.Option("--offline", help="Plan as if the hosts were fresh, without contacting them.")
+        ] = False,
+        workload: WorkloadOpt = None,
+        as_json: c.JsonOpt = False,
+        accept_new_host_keys: c.AcceptKeysOpt = False,
+        debug: c.DebugOpt = False,
+    ) -> None:
         """Show what `up` would change on every host: steps, exact commands, diffs. Changes nothing."""
         c.set_debug(debug)
         inv = c.inventory(inventory)
@@ -118,51 +145,97 @@ def register(app: typer.Typer) -> None:
 
     @app.command("up")
     @c.guard
-    def up_cmd(inventory: c.InventoryOpt = None,
-               dry_run: Annotated[bool, typer.Option("--dry-run", help="Only show the plan.")] = False,
-               yes: c.YesOpt = False, workload: WorkloadOpt = None, as_json: c.JsonOpt = False,
-               force: Annotated[bool, typer.Option("--force", help="Override preflight failures that are safe to "
-                                                   "override (e.g. an unexpected GPU or driver).")] = False,
-               accept_new_host_keys: c.AcceptKeysOpt = False, debug: c.DebugOpt = False) -> None:
+    def up_cmd(
+        inventory: c.InventoryOpt = None,
+        dry_run: Annotated[bool, typer.Option("--dry-run", help="Only show the plan.")] = False,
+        yes: c.YesOpt = False,
+        workload: WorkloadOpt = None,
+        as_json: c.JsonOpt = False,
+        force: Annotated[
+            bool,
+            typer.Option(
+                "--force",
+                help="Override preflight failures that are safe to override (e.g. an unexpected GPU or driver).",
+            ),
+        ] = False,
+        accept_new_host_keys: c.AcceptKeysOpt = False,
+        debug: c.DebugOpt = False,
+    ) -> None:
         """Configure the fabric and env, form Ray, start the workloads and wait until they answer."""
         c.set_debug(debug)
         inv = c.inventory(inventory)
         rb = load_runbook("up")
         params = resolve_params(rb, {}) | {"workloads": workload or None}
-        execute(inv, rb, params, dry_run=dry_run, yes=yes, as_json=as_json, accept_new_host_keys=accept_new_host_keys,
-                checks=True, force=force)
+        execute(
+            inv,
+            rb,
+            params,
+            dry_run=dry_run,
+            yes=yes,
+            as_json=as_json,
+            accept_new_host_keys=accept_new_host_keys,
+            checks=True,
+            force=force,
+        )
 
     @app.command("down")
     @c.guard
-    def down_cmd(inventory: c.InventoryOpt = None, as_json: c.JsonOpt = False,
-                 accept_new_host_keys: c.AcceptKeysOpt = False, debug: c.DebugOpt = False) -> None:
+    def down_cmd(
+        inventory: c.InventoryOpt = None,
+        as_json: c.JsonOpt = False,
+        accept_new_host_keys: c.AcceptKeysOpt = False,
+        debug: c.DebugOpt = False,
+    ) -> None:
         """Stop workloads and Ray on every host and check nothing is left. The network stays configured."""
         c.set_debug(debug)
         inv = c.inventory(inventory)
-        execute(inv, load_runbook("down"), {}, dry_run=False, yes=True, as_json=as_json,
-                accept_new_host_keys=accept_new_host_keys)
+        execute(
+            inv,
+            load_runbook("down"),
+            {},
+            dry_run=False,
+            yes=True,
+            as_json=as_json,
+            accept_new_host_keys=accept_new_host_keys,
+        )
 
     @app.command("restore-network")
     @c.guard
-    def restore_cmd(inventory: c.InventoryOpt = None, yes: c.YesOpt = False, as_json: c.JsonOpt = False,
-                    accept_new_host_keys: c.AcceptKeysOpt = False, debug: c.DebugOpt = False) -> None:
+    def restore_cmd(
+        inventory: c.InventoryOpt = None,
+        yes: c.YesOpt = False,
+        as_json: c.JsonOpt = False,
+        accept_new_host_keys: c.AcceptKeysOpt = False,
+        debug: c.DebugOpt = False,
+    ) -> None:
         """Put the twins back as before sparkctl: delete its profiles, re-enable the ones it disabled."""
         c.set_debug(debug)
         inv = c.inventory(inventory)
-        execute(inv, load_runbook("restore-network"), {}, dry_run=False, yes=yes, as_json=as_json,
-                accept_new_host_keys=accept_new_host_keys)
+        execute(
+            inv,
+            load_runbook("restore-network"),
+            {},
+            dry_run=False,
+            yes=yes,
+            as_json=as_json,
+            accept_new_host_keys=accept_new_host_keys,
+        )
 
     @app.command("run")
     @c.guard
-    def run_cmd(runbook: Annotated[str, typer.Argument(help="Runbook file, or a built-in name.")],
-                inventory: c.InventoryOpt = None,
-                dry_run: Annotated[bool, typer.Option("--dry-run", help="Only show the plan.")] = False,
-                set_: SetOpt = None,
-                from_: Annotated[str | None, typer.Option("--from", help="Start at this step.")] = None,
-                only: Annotated[str | None, typer.Option("--only", help="Run only this step.")] = None,
-                offline: Annotated[bool, typer.Option("--offline", help="With --dry-run: assume fresh hosts.")] = False,
-                yes: c.YesOpt = False, as_json: c.JsonOpt = False,
-                accept_new_host_keys: c.AcceptKeysOpt = False, debug: c.DebugOpt = False) -> None:
+    def run_cmd(
+        runbook: Annotated[str, typer.Argument(help="Runbook file, or a built-in name.")],
+        inventory: c.InventoryOpt = None,
+        dry_run: Annotated[bool, typer.Option("--dry-run", help="Only show the plan.")] = False,
+        set_: SetOpt = None,
+        from_: Annotated[str | None, typer.Option("--from", help="Start at this step.")] = None,
+        only: Annotated[str | None, typer.Option("--only", help="Run only this step.")] = None,
+        offline: Annotated[bool, typer.Option("--offline", help="With --dry-run: assume fresh hosts.")] = False,
+        yes: c.YesOpt = False,
+        as_json: c.JsonOpt = False,
+        accept_new_host_keys: c.AcceptKeysOpt = False,
+        debug: c.DebugOpt = False,
+    ) -> None:
         """Run a runbook (playbooks/*.yaml or a built-in) with the same engine as up and down."""
         c.set_debug(debug)
         rb = load_runbook(runbook)
@@ -174,14 +247,30 @@ def register(app: typer.Typer) -> None:
             if from_:
                 raise InputError([Problem("--only/--from", "use one of them", "--only runs one step; --from resumes")])
         if offline and not dry_run:
-            raise InputError([Problem("--offline", "plans as if hosts were fresh: it only goes with --dry-run",
-                                      "add --dry-run, or drop --offline to run against the hosts")])
+            raise InputError(
+                [
+                    Problem(
+                        "--offline",
+                        "plans as if hosts were fresh: it only goes with --dry-run",
+                        "add --dry-run, or drop --offline to run against the hosts",
+                    )
+                ]
+            )
         if dry_run and offline:
             plan = offline_plan(inv, rb, params, start=start, only=only)
             c.echo(plan.model_dump_json(indent=2) if as_json else render_plan(plan))
             return
-        execute(inv, rb, params, dry_run=dry_run, yes=yes, as_json=as_json,
-                accept_new_host_keys=accept_new_host_keys, start=start, only=only)
+        execute(
+            inv,
+            rb,
+            params,
+            dry_run=dry_run,
+            yes=yes,
+            as_json=as_json,
+            accept_new_host_keys=accept_new_host_keys,
+            start=start,
+            only=only,
+        )
 
 
 def dump(obj: object) -> str:

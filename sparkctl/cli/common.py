@@ -17,14 +17,21 @@ from sparkctl.inventory.models import Inventory
 
 InventoryOpt = Annotated[
     Path | None,
-    typer.Option("--inventory", "-i", help="Inventory YAML (default: $SPARKCTL_INVENTORY, else the bundled example).",
-                 show_default=False),
+    typer.Option(
+        "--inventory",
+        "-i",
+        help="Inventory YAML (default: $SPARKCTL_INVENTORY, else the bundled example).",
+        show_default=False,
+    ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print data as JSON.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks and SSH debug logs.")]
 YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Apply without asking.")]
 AcceptKeysOpt = Annotated[
-    bool, typer.Option("--accept-new-host-keys", help="Record unknown host keys on first use (changed keys are always refused).")
+    bool,
+    typer.Option(
+        "--accept-new-host-keys", help="Record unknown host keys on first use (changed keys are always refused)."
+    ),
 ]
 
 _debug = False

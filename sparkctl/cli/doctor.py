@@ -38,9 +38,13 @@ def render_findings(findings: list[Finding], verbose: bool = False) -> str:
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     @app.command("doctor")
     @c.guard
-    def doctor_cmd(inventory: c.InventoryOpt = None, as_json: c.JsonOpt = False,
-                   verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show passed checks too.")] = False,
-                   accept_new_host_keys: c.AcceptKeysOpt = False, debug: c.DebugOpt = False) -> None:
+    def doctor_cmd(
+        inventory: c.InventoryOpt = None,
+        as_json: c.JsonOpt = False,
+        verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show passed checks too.")] = False,
+        accept_new_host_keys: c.AcceptKeysOpt = False,
+        debug: c.DebugOpt = False,
+    ) -> None:
         """Read-only checks on every host and across the pair: pass / warn / fail, evidence and fix."""
         c.set_debug(debug)
         inv = c.inventory(inventory)
@@ -60,14 +64,17 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
 
     @app.command("discover")
     @c.guard
-    def discover_cmd(hosts: Annotated[list[str], typer.Argument(help="Management addresses of the Sparks.")],
-                     user: Annotated[str | None, typer.Option("--user", "-u")] = None,
-                     port: Annotated[int | None, typer.Option("--port", "-p")] = None,
-                     identity: Annotated[str | None, typer.Option("--identity-file")] = None,
-                     known_hosts: Annotated[str, typer.Option("--known-hosts")] = "~/.ssh/known_hosts",
-                     cluster: Annotated[str, typer.Option("--cluster")] = "spark-pair",
-                     output: Annotated[Path | None, typer.Option("--output", "-o")] = None,
-                     accept_new_host_keys: c.AcceptKeysOpt = False, debug: c.DebugOpt = False) -> None:
+    def discover_cmd(
+        hosts: Annotated[list[str], typer.Argument(help="Management addresses of the Sparks.")],
+        user: Annotated[str | None, typer.Option("--user", "-u")] = None,
+        port: Annotated[int | None, typer.Option("--port", "-p")] = None,
+        identity: Annotated[str | None, typer.Option("--identity-file")] = None,
+        known_hosts: Annotated[str, typer.Option("--known-hosts")] = "~/.ssh/known_hosts",
+        cluster: Annotated[str, typer.Option("--cluster")] = "spark-pair",
+        output: Annotated[Path | None, typer.Option("--output", "-o")] = None,
+        accept_new_host_keys: c.AcceptKeysOpt = False,
+        debug: c.DebugOpt = False,
+    ) -> None:
         """Connect to the given hosts and write a complete inventory for them."""
         c.set_debug(debug)
         from sparkctl.execute import ssh
@@ -90,8 +97,12 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             found.append(parse_discovery(addr, r.stdout))
         if problems:
             raise HostError(problems)
-        used = {"user": user, "port": port, "identity_file": identity,
-                "known_hosts": known_hosts if known_hosts != "~/.ssh/known_hosts" else None}
+        used = {
+            "user": user,
+            "port": port,
+            "identity_file": identity,
+            "known_hosts": known_hosts if known_hosts != "~/.ssh/known_hosts" else None,
+        }
         text, unknown = propose_inventory(found, cluster, used)
         for u in unknown:
             c.echo(f"warning: could not determine: {u}", err=True)
@@ -103,9 +114,13 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
 
     @bench_app.command("fabric")
     @c.guard
-    def bench_fabric(inventory: c.InventoryOpt = None, as_json: c.JsonOpt = False,
-                     mb: Annotated[int, typer.Option("--mb", help="MB sent per link in the TCP fallback.")] = 512,
-                     accept_new_host_keys: c.AcceptKeysOpt = False, debug: c.DebugOpt = False) -> None:
+    def bench_fabric(
+        inventory: c.InventoryOpt = None,
+        as_json: c.JsonOpt = False,
+        mb: Annotated[int, typer.Option("--mb", help="MB sent per link in the TCP fallback.")] = 512,
+        accept_new_host_keys: c.AcceptKeysOpt = False,
+        debug: c.DebugOpt = False,
+    ) -> None:
         """Measure the link: RDMA/NCCL tools where present, else a TCP + jumbo-MTU fallback (said so)."""
         c.set_debug(debug)
         inv = c.inventory(inventory)
@@ -120,8 +135,10 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         else:
             c.echo(f"method: {result['method']}")
             for link in result["links"]:
-                c.echo(f"  {link['link']}: jumbo {'ok' if link['jumbo'] else 'FAILED'}"
-                       + (f", {link['mbytes_per_s']:.0f} MB/s (one TCP stream)" if "mbytes_per_s" in link else ""))
+                c.echo(
+                    f"  {link['link']}: jumbo {'ok' if link['jumbo'] else 'FAILED'}"
+                    + (f", {link['mbytes_per_s']:.0f} MB/s (one TCP stream)" if "mbytes_per_s" in link else "")
+                )
             for note in result["notes"]:
                 c.echo(f"note: {note}")
         if not all(link["jumbo"] for link in result["links"]):
@@ -136,10 +153,14 @@ def _bench(session: Session, mb: int) -> dict[str, object]:
     notes = []
     links = []
     if have_rdma:
-        notes.append("ib_write_bw/nccl-tests found: run `all_gather_perf -b 1G -e 1G` with the env file for busbw; "
-                     "expect ~20-24 GB/s on a good pair, ~3 GB/s at every size means a misconfigured link")
-    notes.append("RDMA tools are absent or not used here: measured one TCP stream per twin and the jumbo path "
-                 "(this is a fallback, not RoCE bandwidth)")
+        notes.append(
+            "ib_write_bw/nccl-tests found: run `all_gather_perf -b 1G -e 1G` with the env file for busbw; "
+            "expect ~20-24 GB/s on a good pair, ~3 GB/s at every size means a misconfigured link"
+        )
+    notes.append(
+        "RDMA tools are absent or not used here: measured one TCP stream per twin and the jumbo path "
+        "(this is a fallback, not RoCE bandwidth)"
+    )
     python = f"{inv.runtime.venv}/bin/python" if inv.runtime.venv else "python3"
     tcp = tcp_throughput(inv, session.transports, python, mb=mb)
     for (host, iface, peer), (ok, detail) in sorted(pings.items()):
@@ -147,8 +168,11 @@ def _bench(session: Session, mb: int) -> dict[str, object]:
         if (host, iface, peer) in tcp:
             entry["mbytes_per_s"] = round(tcp[(host, iface, peer)], 1)
         links.append(entry)
-    return {"method": "tcp-fallback" if not have_rdma else "tcp-fallback (rdma tools present)",
-            "links": links, "notes": notes}
+    return {
+        "method": "tcp-fallback" if not have_rdma else "tcp-fallback (rdma tools present)",
+        "links": links,
+        "notes": notes,
+    }
 
 
 __all__ = ["Problem", "register", "render_findings"]

@@ -31,15 +31,30 @@ def cluster_status(session: Session, inv: Inventory, secrets: dict[str, str]) ->
         for t in h.fabric:
             live = f.interfaces.get(t.interface)
             ok = live is not None and str(t.address) in live.ipv4 and live.mtu == inv.network.mtu
-            fabric.append({"interface": t.interface, "want": str(t.address), "mtu": live.mtu if live else None,
-                           "ipv4": live.ipv4 if live else [], "ok": ok})
-        hosts[h.name] = {"fabric": fabric, "ray": "running" if ray_running_ok(ctx, h) else "not running",
-                         "env_file": f.env_file is not None}
+            fabric.append(
+                {
+                    "interface": t.interface,
+                    "want": str(t.address),
+                    "mtu": live.mtu if live else None,
+                    "ipv4": live.ipv4 if live else [],
+                    "ok": ok,
+                }
+            )
+        hosts[h.name] = {
+            "fabric": fabric,
+            "ray": "running" if ray_running_ok(ctx, h) else "not running",
+            "env_file": f.env_file is not None,
+        }
     workloads = {}
     for w in inv.workloads:
         probe = probe_workload(lc.endpoint(inv, w), w.name, secrets[f"api_key:{w.name}"], w.engine, timeout=5)
-        workloads[w.name] = {"engine": w.engine, "endpoint": lc.endpoint(inv, w) + "/v1",
-                             "process": workload_state(ctx, w), "health": probe.phase, "detail": probe.detail}
+        workloads[w.name] = {
+            "engine": w.engine,
+            "endpoint": lc.endpoint(inv, w) + "/v1",
+            "process": workload_state(ctx, w),
+            "health": probe.phase,
+            "detail": probe.detail,
+        }
     return {"cluster": inv.cluster, "hosts": hosts, "workloads": workloads}
 
 
@@ -48,8 +63,10 @@ def _render_status(st: dict[str, Any]) -> str:
     for name, h in st["hosts"].items():
         lines.append(f"  {name}: ray {h['ray']}")
         for t in h["fabric"]:
-            lines.append(f"    {t['interface']}: {','.join(t['ipv4']) or 'no IPv4'} MTU {t['mtu']} "
-                         f"({'ok' if t['ok'] else 'want ' + t['want']})")
+            lines.append(
+                f"    {t['interface']}: {','.join(t['ipv4']) or 'no IPv4'} MTU {t['mtu']} "
+                f"({'ok' if t['ok'] else 'want ' + t['want']})"
+            )
     for name, w in st["workloads"].items():
         lines.append(f"  workload {name} ({w['engine']}): {w['endpoint']} process {w['process']}, {w['health']}")
     return "\n".join(lines)
@@ -64,8 +81,12 @@ def _session(inv: Inventory, accept: bool) -> Session:
 def register(app: typer.Typer, runbook_app: typer.Typer, history_app: typer.Typer) -> None:
     @app.command("status")
     @c.guard
-    def status_cmd(inventory: c.InventoryOpt = None, as_json: c.JsonOpt = False,
-                   accept_new_host_keys: c.AcceptKeysOpt = False, debug: c.DebugOpt = False) -> None:
+    def status_cmd(
+        inventory: c.InventoryOpt = None,
+        as_json: c.JsonOpt = False,
+        accept_new_host_keys: c.AcceptKeysOpt = False,
+        debug: c.DebugOpt = False,
+    ) -> None:
         """Per host the fabric and Ray state; each workload's endpoint and health."""
         c.set_debug(debug)
         inv = c.inventory(inventory)
@@ -78,12 +99,15 @@ def register(app: typer.Typer, runbook_app: typer.Typer, history_app: typer.Type
 
     @app.command("logs")
     @c.guard
-    def logs_cmd(name: Annotated[str, typer.Argument(help="'ray' or a workload name.")],
-                 inventory: c.InventoryOpt = None,
-                 host: Annotated[str | None, typer.Option("--host", help="Host (default: the head).")] = None,
-                 lines: Annotated[int, typer.Option("--lines", "-n")] = 100,
-                 follow: Annotated[bool, typer.Option("--follow", "-f")] = False,
-                 accept_new_host_keys: c.AcceptKeysOpt = False, debug: c.DebugOpt = False) -> None:
+    def logs_cmd(
+        name: Annotated[str, typer.Argument(help="'ray' or a workload name.")],
+        inventory: c.InventoryOpt = None,
+        host: Annotated[str | None, typer.Option("--host", help="Host (default: the head).")] = None,
+        lines: Annotated[int, typer.Option("--lines", "-n")] = 100,
+        follow: Annotated[bool, typer.Option("--follow", "-f")] = False,
+        accept_new_host_keys: c.AcceptKeysOpt = False,
+        debug: c.DebugOpt = False,
+    ) -> None:
         """Show the log of Ray or a workload on a host."""
         c.set_debug(debug)
         inv = c.inventory(inventory)
@@ -101,8 +125,9 @@ def register(app: typer.Typer, runbook_app: typer.Typer, history_app: typer.Type
 
     @app.command("dashboard")
     @c.guard
-    def dashboard_cmd(inventory: c.InventoryOpt = None,
-                      local_port: Annotated[int, typer.Option("--local-port")] = 8265) -> None:
+    def dashboard_cmd(
+        inventory: c.InventoryOpt = None, local_port: Annotated[int, typer.Option("--local-port")] = 8265
+    ) -> None:
         """Print the SSH tunnel command that reaches the Ray dashboard (it listens on the head's 127.0.0.1)."""
         inv = c.inventory(inventory)
         head = inv.head
@@ -153,8 +178,15 @@ def register(app: typer.Typer, runbook_app: typer.Typer, history_app: typer.Type
             return
         runs = state.read_journal()
         if as_json:
-            c.echo(json.dumps([{k: r.get(k) for k in ("id", "cluster", "runbook", "ok", "started", "ended",
-                                                      "planned_changes")} for r in runs], indent=2))
+            c.echo(
+                json.dumps(
+                    [
+                        {k: r.get(k) for k in ("id", "cluster", "runbook", "ok", "started", "ended", "planned_changes")}
+                        for r in runs
+                    ],
+                    indent=2,
+                )
+            )
             return
         for r in runs:
             changed = sum(1 for s in r.get("steps", []) if s.get("status") == "changed")
@@ -172,8 +204,10 @@ def register(app: typer.Typer, runbook_app: typer.Typer, history_app: typer.Type
                     return
                 c.echo(f"{r['id']} {r['runbook']} on {r['cluster']}: {'ok' if r['ok'] else 'failed'}")
                 for s in r.get("steps", []):
-                    c.echo(f"  {s['host']} {s['stage']}/{s['step']}: {s['status']}" +
-                           (f" - {s['error']}" if s.get("error") else ""))
+                    c.echo(
+                        f"  {s['host']} {s['stage']}/{s['step']}: {s['status']}"
+                        + (f" - {s['error']}" if s.get("error") else "")
+                    )
                     for cmd in s.get("commands", []):
                         c.echo(f"      $ {cmd['command']}  -> {cmd['exit_code']}")
                 return

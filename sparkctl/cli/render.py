@@ -44,8 +44,10 @@ def render_plan(plan: Plan) -> str:
 
 def render_report(report: Report) -> str:
     """Per host: ok / changed / failed / unreachable, then failures with their output."""
-    lines = [f"{report.runbook} on {report.cluster}: " + ("done" if report.ok else
-                                                         "interrupted" if report.interrupted else "FAILED")]
+    lines = [
+        f"{report.runbook} on {report.cluster}: "
+        + ("done" if report.ok else "interrupted" if report.interrupted else "FAILED")
+    ]
     for host, status in report.hosts.items():
         n = sum(1 for r in report.results if r.host == host and r.status == "changed")
         lines.append(f"  {host}: {SYMBOL.get(status, status)}" + (f" ({n} step(s) changed)" if n else ""))

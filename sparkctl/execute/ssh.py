@@ -142,9 +142,7 @@ class _Expired(Exception):
     """The command's deadline passed."""
 
 
-def _exchange(
-    chan: paramiko.Channel, command: str, stdin: str | None, deadline: float
-) -> tuple[bytes, bytes, int]:
+def _exchange(chan: paramiko.Channel, command: str, stdin: str | None, deadline: float) -> tuple[bytes, bytes, int]:
     """Drive one session channel: exec, feed stdin then EOF, drain both streams, return the exit status."""
     chan.settimeout(0.0)
     chan.exec_command(command)
@@ -244,9 +242,7 @@ def _pin_host_keys(client: paramiko.SSHClient, known_hosts: Path, *, accept_new:
     try:
         revoked = _load_known_hosts(client.get_host_keys(), known_hosts)
     except OSError as exc:
-        problem = Problem(
-            subject, f"cannot read {known_hosts}: {exc.strerror or exc}", "check its permissions"
-        )
+        problem = Problem(subject, f"cannot read {known_hosts}: {exc.strerror or exc}", "check its permissions")
         raise Unreachable([problem]) from exc
     policy = _AcceptNewPolicy(known_hosts, revoked) if accept_new else _RejectUnknownPolicy(revoked)
     client.set_missing_host_key_policy(policy)
@@ -357,8 +353,7 @@ def _describe_connect_failure(exc: BaseException, conn: Connection, settings: Ss
     login = f"{conn.user}@{conn.original_host}"
     if isinstance(exc, _UnknownHostKey) and exc.revoked:
         return (
-            f"host key of {exc.hostname} ({_fingerprint(exc.key)}) is marked @revoked in {known}; "
-            "refusing to connect",
+            f"host key of {exc.hostname} ({_fingerprint(exc.key)}) is marked @revoked in {known}; refusing to connect",
             "the host must get a new key: ask whoever manages it, and check the host's identity",
         )
     if isinstance(exc, _UnknownHostKey):

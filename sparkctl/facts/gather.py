@@ -26,6 +26,7 @@ def gather_host(inv: Inventory, name: str, transport: Transport) -> HostFacts:
 
 def gather_facts(inv: Inventory, transports: Mapping[str, Transport]) -> dict[str, HostFacts | HostError]:
     """Facts per host, or the error that kept us from them."""
+
     def one(name: str) -> HostFacts | HostError:
         try:
             return gather_host(inv, name, transports[name])

@@ -111,7 +111,9 @@ def parse_nm_connections(listing: str, settings: str) -> list[NmConnection]:
                 name=name,
                 type=ctype,
                 device="" if device in ("", "--") else device,
-                interface_name="" if d.get("connection.interface-name", "--") == "--" else d["connection.interface-name"],
+                interface_name=""
+                if d.get("connection.interface-name", "--") == "--"
+                else d["connection.interface-name"],
                 autoconnect=autoconnect == "yes",
                 ipv4_method=d.get("ipv4.method", ""),
                 ipv4_addresses=addrs,
@@ -136,7 +138,9 @@ def parse_nm_devices(text: str) -> dict[str, NmDevice]:
 def parse_gids(text: str) -> list[GidEntry]:
     """`grep -H '' <port>/gids/* <port>/gid_attrs/{types,ndevs}/*` -> the non-empty GID entries."""
     table: dict[tuple[str, int, int], dict[str, str]] = {}
-    pattern = re.compile(r"^/sys/class/infiniband/([^/]+)/ports/(\d+)/(gids|gid_attrs/types|gid_attrs/ndevs)/(\d+):(.*)$")
+    pattern = re.compile(
+        r"^/sys/class/infiniband/([^/]+)/ports/(\d+)/(gids|gid_attrs/types|gid_attrs/ndevs)/(\d+):(.*)$"
+    )
     for line in text.splitlines():
         m = pattern.match(line)
         if not m:
@@ -148,7 +152,9 @@ def parse_gids(text: str) -> list[GidEntry]:
         gid = v.get("gids", "")
         if not gid or set(gid) <= {"0", ":"}:
             continue
-        entries.append(GidEntry(device=dev, port=port, index=idx, gid=gid, type=v.get("types", ""), ndev=v.get("ndevs", "")))
+        entries.append(
+            GidEntry(device=dev, port=port, index=idx, gid=gid, type=v.get("types", ""), ndev=v.get("ndevs", ""))
+        )
     return entries
 
 
@@ -160,7 +166,9 @@ def parse_nvidia_smi(text: str) -> list[Gpu]:
         if len(parts) < 3 or not re.match(r"^\d+\.\d+$", parts[1]):
             continue
         temp = parts[3] if len(parts) > 3 else ""
-        gpus.append(Gpu(name=parts[0], compute_cap=parts[1], driver=parts[2], temperature=int(temp) if temp.isdigit() else None))
+        gpus.append(
+            Gpu(name=parts[0], compute_cap=parts[1], driver=parts[2], temperature=int(temp) if temp.isdigit() else None)
+        )
     return gpus
 
 
@@ -238,8 +246,8 @@ def _file_section(text: str) -> str | None:
 def parse_probe(host: str, output: str) -> HostFacts:
     """Whole probe output -> HostFacts."""
     s = parse_sections(output)
-    ident = s.get("identity", "").splitlines() + ["", "", ""]
-    ssh_lines = s.get("ssh", "").split("\n", 1) + [""]
+    ident = [*s.get("identity", "").splitlines(), "", "", ""]
+    ssh_lines = [*s.get("ssh", "").split("\n", 1), ""]
     ssh_conn = ssh_lines[0].split()
     state_files = {}
     for line in s.get("state_files", "").splitlines():

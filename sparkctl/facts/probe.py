@@ -7,14 +7,10 @@ import shlex
 from sparkctl import paths
 from sparkctl.inventory.models import Host, Inventory
 
-FIREWALL_FILE = "/etc/sparkctl/firewall.nft"
-
 MARK = "@@sparkctl"
 
 NMCLI_CON_FIELDS = "NAME,UUID,TYPE,DEVICE,AUTOCONNECT,FILENAME"
-NMCLI_SETTINGS = (
-    "connection.uuid,connection.interface-name,ipv4.method,ipv4.addresses,ipv6.method,802-3-ethernet.mtu"
-)
+NMCLI_SETTINGS = "connection.uuid,connection.interface-name,ipv4.method,ipv4.addresses,ipv6.method,802-3-ethernet.mtu"
 NVIDIA_QUERY = "--query-gpu=name,compute_cap,driver_version,temperature.gpu"
 DIGESTED_FILES = ("ray-token", "embed_worker.py")
 
@@ -29,7 +25,7 @@ def build_probe(inventory: Inventory, host: Host) -> str:
         venv = q(rt.venv)
         runtime = (
             f"{venv}/bin/python -V 2>&1; "
-            f"for d in {venv}/lib/python3*/site-packages/*.dist-info; do echo \"${{d##*/}}\"; done 2>/dev/null "
+            f'for d in {venv}/lib/python3*/site-packages/*.dist-info; do echo "${{d##*/}}"; done 2>/dev/null '
             "| grep -E '^(ray|vllm|torch|nvidia_nccl_cu[0-9]+)-' || true"
         )
     else:
@@ -43,31 +39,34 @@ def build_probe(inventory: Inventory, host: Host) -> str:
         "nm_connections": f"nmcli -t -f {NMCLI_CON_FIELDS} connection show 2>/dev/null || true",
         "nm_settings": (
             f"for u in $(nmcli -t -f UUID connection show 2>/dev/null); do "
-            f"nmcli -t -f {NMCLI_SETTINGS} connection show uuid \"$u\" 2>/dev/null "
-            f"|| nmcli -t -f {NMCLI_SETTINGS.removesuffix(',802-3-ethernet.mtu')} connection show uuid \"$u\"; "
+            f'nmcli -t -f {NMCLI_SETTINGS} connection show uuid "$u" 2>/dev/null '
+            f'|| nmcli -t -f {NMCLI_SETTINGS.removesuffix(",802-3-ethernet.mtu")} connection show uuid "$u"; '
             "echo; done"
         ),
         "nm_devices": "nmcli -t -f DEVICE,TYPE,STATE,CONNECTION device status 2>/dev/null || true",
         "env_file": f"cat {q(paths.ENV_FILE)} 2>/dev/null && echo && echo '{MARK} present' || echo '{MARK} absent'",
-        "non_carry_over": f'cat "$HOME"/{q(paths.NON_CARRY_OVER)} 2>/dev/null && echo && echo \'{MARK} present\' '
+        "non_carry_over": f"cat \"$HOME\"/{q(paths.NON_CARRY_OVER)} 2>/dev/null && echo && echo '{MARK} present' "
         f"|| echo '{MARK} absent'",
         "state_files": (
             f"cd {state} 2>/dev/null && {{ sha256sum {' '.join(DIGESTED_FILES)} 2>/dev/null "
-            "| while read -r d f; do echo \"$f.sha256:$d\"; done; grep -H '' workload-*.pid workload-*.spec 2>/dev/null; }; true"
+            '| while read -r d f; do echo "$f.sha256:$d"; done; '
+            "grep -H '' workload-*.pid workload-*.spec 2>/dev/null; }; true"
         ),
-        "firewall": f"cat {q(FIREWALL_FILE)} 2>/dev/null && echo && echo '{MARK} present' || echo '{MARK} absent'",
+        "firewall": (
+            f"cat {q(paths.FIREWALL_FILE)} 2>/dev/null && echo && echo '{MARK} present' || echo '{MARK} absent'"
+        ),
         "processes": "ps -eo pid=,user=,args=",
         "listeners": "ss -ltnH 2>/dev/null || true",
         "meminfo": "grep -E '^(MemTotal|MemFree|MemAvailable|Cached|Buffers):' /proc/meminfo",
         "gids": (
-            "for p in /sys/class/infiniband/*/ports/*; do [ -d \"$p/gids\" ] || continue; "
-            "grep -H '' \"$p\"/gids/* \"$p\"/gid_attrs/types/* \"$p\"/gid_attrs/ndevs/* 2>/dev/null; done; true"
+            'for p in /sys/class/infiniband/*/ports/*; do [ -d "$p/gids" ] || continue; '
+            'grep -H \'\' "$p"/gids/* "$p"/gid_attrs/types/* "$p"/gid_attrs/ndevs/* 2>/dev/null; done; true'
         ),
         "gpus": f"command -v nvidia-smi >/dev/null && nvidia-smi {NVIDIA_QUERY} --format=csv,noheader 2>&1 || true",
         "cuda": "command -v nvidia-smi >/dev/null && nvidia-smi 2>/dev/null | grep -o 'CUDA Version: [0-9.]*' || true",
         "netplan": (
-            f"for f in /etc/netplan/*.yaml; do [ -f \"$f\" ] || continue; for i in {twins}; do "
-            "grep -q -- \"$i\" \"$f\" 2>/dev/null && { echo \"== $f\"; cat \"$f\"; break; }; done; done; true"
+            f'for f in /etc/netplan/*.yaml; do [ -f "$f" ] || continue; for i in {twins}; do '
+            'grep -q -- "$i" "$f" 2>/dev/null && { echo "== $f"; cat "$f"; break; }; done; done; true'
         ),
         "runtime": runtime,
     }

@@ -29,16 +29,25 @@ def _check_hosts(inv: Inventory) -> list[Found]:
         names.setdefault(h.name, i)
         if h.address in addrs:
             other = inv.hosts[addrs[h.address]].name
-            found.append((("hosts", i, "address"), f"{h.address} is already the address of {other}", "each host has its own"))
+            found.append(
+                (("hosts", i, "address"), f"{h.address} is already the address of {other}", "each host has its own")
+            )
         addrs.setdefault(h.address, i)
         seen_if: set[str] = set()
         for j, twin in enumerate(h.fabric):
             if twin.interface in seen_if:
-                found.append((("hosts", i, "fabric", j, "interface"), f"{twin.interface} is listed twice", "list each twin once"))
+                found.append(
+                    (("hosts", i, "fabric", j, "interface"), f"{twin.interface} is listed twice", "list each twin once")
+                )
             seen_if.add(twin.interface)
     if inv.network.topology == "direct" and len(inv.hosts) != 2:
-        found.append((("network", "topology"), f"'direct' joins exactly 2 hosts, found {len(inv.hosts)}",
-                      "list exactly two hosts"))
+        found.append(
+            (
+                ("network", "topology"),
+                f"'direct' joins exactly 2 hosts, found {len(inv.hosts)}",
+                "list exactly two hosts",
+            )
+        )
     return found
 
 
@@ -53,35 +62,64 @@ def _check_fabric(inv: Inventory) -> list[Found]:
             loc = ("hosts", i, "fabric", j, "address")
             addr, net = twin.address.ip, twin.address.network
             if net.prefixlen < 31 and addr in (net.network_address, net.broadcast_address):
-                found.append((loc, f"{twin.address} is the network or broadcast address of {net}", "pick a host address"))
+                found.append(
+                    (loc, f"{twin.address} is the network or broadcast address of {net}", "pick a host address")
+                )
             if addr in used:
-                found.append((loc, f"{twin.address} is already used by {used[addr]}",
-                               "give every twin on every host its own address"))
+                found.append(
+                    (
+                        loc,
+                        f"{twin.address} is already used by {used[addr]}",
+                        "give every twin on every host its own address",
+                    )
+                )
             used.setdefault(addr, f"{h.name} {twin.interface}")
             if net in host_nets:
-                found.append((loc, f"{twin.interface} shares subnet {net} with {host_nets[net]}",
-                               "each twin needs its own subnet, e.g. 192.168.100.0/24 and 192.168.101.0/24"))
+                found.append(
+                    (
+                        loc,
+                        f"{twin.interface} shares subnet {net} with {host_nets[net]}",
+                        "each twin needs its own subnet, e.g. 192.168.100.0/24 and 192.168.101.0/24",
+                    )
+                )
             host_nets.setdefault(net, twin.interface)
             # Link j joins fabric[j] of every host: one subnet per link, links on distinct subnets.
             if j not in link_nets:
                 link_nets[j] = net
                 if net in net_owner:
-                    found.append((loc, f"link {j} reuses subnet {net} of link {net_owner[net]}",
-                                   "give every link its own subnet"))
+                    found.append(
+                        (
+                            loc,
+                            f"link {j} reuses subnet {net} of link {net_owner[net]}",
+                            "give every link its own subnet",
+                        )
+                    )
                 net_owner.setdefault(net, j)
             elif net != link_nets[j]:
-                found.append((loc, f"{twin.address} is not in {link_nets[j]}, the subnet of link {j}",
-                               f"addresses of one link share a subnet: use an address in {link_nets[j]}"))
+                found.append(
+                    (
+                        loc,
+                        f"{twin.address} is not in {link_nets[j]}, the subnet of link {j}",
+                        f"addresses of one link share a subnet: use an address in {link_nets[j]}",
+                    )
+                )
             try:
                 mgmt = ipaddress.ip_address(h.address)
             except ValueError:
                 mgmt = None
             if mgmt is not None and mgmt in net:
-                found.append((loc, f"the management address {h.address} is inside fabric subnet {net}",
-                               "fabric subnets must not overlap the management network"))
+                found.append(
+                    (
+                        loc,
+                        f"the management address {h.address} is inside fabric subnet {net}",
+                        "fabric subnets must not overlap the management network",
+                    )
+                )
     counts = {len(h.fabric) for h in inv.hosts}
     if len(counts) > 1:
-        found.append((("hosts",), "hosts list different numbers of fabric interfaces", "list the same twins on every host"))
+        found.append(
+            (("hosts",), "hosts list different numbers of fabric interfaces", "list the same twins on every host")
+        )
     return found
 
 
@@ -98,26 +136,45 @@ def _check_ray_and_workloads(inv: Inventory) -> list[Found]:
     for k, w in enumerate(inv.workloads):
         by_name[w.name] += 1
         if w.name in seen_names:
-            found.append((("workloads", k, "name"), f"duplicate workload name '{w.name}'",
-                          "give every workload its own name"))
+            found.append(
+                (("workloads", k, "name"), f"duplicate workload name '{w.name}'", "give every workload its own name")
+            )
         seen_names.add(w.name)
         if w.port in seen_ports:
-            found.append((("workloads", k, "port"), f"port {w.port} is already used by {seen_ports[w.port]}",
-                          "give every workload its own port"))
+            found.append(
+                (
+                    ("workloads", k, "port"),
+                    f"port {w.port} is already used by {seen_ports[w.port]}",
+                    "give every workload its own port",
+                )
+            )
         seen_ports.setdefault(w.port, w.name)
         if w.port in ray_ports or inv.ray.ports.min_worker <= w.port <= inv.ray.ports.max_worker:
             found.append((("workloads", k, "port"), f"port {w.port} is one of Ray's ports", "pick another port"))
         if w.engine == "vllm" and w.tensor_parallel_size > gpus:
-            found.append((("workloads", k, "tensor_parallel_size"),
-                          f"{w.tensor_parallel_size} ranks but the cluster has {gpus} GPU(s)",
-                          f"use tensor_parallel_size <= {gpus}"))
+            found.append(
+                (
+                    ("workloads", k, "tensor_parallel_size"),
+                    f"{w.tensor_parallel_size} ranks but the cluster has {gpus} GPU(s)",
+                    f"use tensor_parallel_size <= {gpus}",
+                )
+            )
         if w.engine == "embed" and w.tensor_parallel_size * w.replicas > len(inv.hosts) and w.replicas > 1:
-            found.append((("workloads", k, "replicas"), f"{w.replicas} replicas need {w.replicas} hosts",
-                          f"use replicas <= {len(inv.hosts)}"))
+            found.append(
+                (
+                    ("workloads", k, "replicas"),
+                    f"{w.replicas} replicas need {w.replicas} hosts",
+                    f"use replicas <= {len(inv.hosts)}",
+                )
+            )
         if w.engine == "embed" and w.tensor_parallel_size > len(inv.hosts):
-            found.append((("workloads", k, "tensor_parallel_size"),
-                          f"{w.tensor_parallel_size} ranks but the cluster has {len(inv.hosts)} host(s)",
-                          "the embed worker places one rank per host"))
+            found.append(
+                (
+                    ("workloads", k, "tensor_parallel_size"),
+                    f"{w.tensor_parallel_size} ranks but the cluster has {len(inv.hosts)} host(s)",
+                    "the embed worker places one rank per host",
+                )
+            )
         if w.engine == "vllm" and w.replicas != 1:
             found.append((("workloads", k, "replicas"), "replicas is for engine 'embed'", "remove it"))
     return found

@@ -49,15 +49,28 @@ class Source:
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f"{name}:{mark.line + 1}" if mark else f"{name}:1"
-            raise error([Problem(where, f"not valid YAML: {getattr(exc, 'problem', exc)}",
-                                 "check indentation and quoting on that line or just above it")]) from None
+            raise error(
+                [
+                    Problem(
+                        where,
+                        f"not valid YAML: {getattr(exc, 'problem', exc)}",
+                        "check indentation and quoting on that line or just above it",
+                    )
+                ]
+            ) from None
         if node is not None:
             _line_map(node, (), self.lines)
         if not isinstance(self.data, dict):
             found = "an empty document" if self.data is None else f"a {type(self.data).__name__}"
-            raise error([Problem(f"{name}:{self.lines.get((), 1)}",
-                                 f"expected a mapping at the top level, found {found}",
-                                 "start with `key: value` lines (see the bundled example-pair.yaml)")])
+            raise error(
+                [
+                    Problem(
+                        f"{name}:{self.lines.get((), 1)}",
+                        f"expected a mapping at the top level, found {found}",
+                        "start with `key: value` lines (see the bundled example-pair.yaml)",
+                    )
+                ]
+            )
 
     def where(self, loc: Sequence[str | int]) -> str:
         """`file:line key.path` for the deepest part of `loc` found in the document."""

@@ -35,7 +35,11 @@ def _host_address(value: str) -> str:
     except ValueError:
         pass
     labels = value.split(".")
-    if not value or len(value) > 253 or not all(re.match(r"^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?$", x) for x in labels):
+    if (
+        not value
+        or len(value) > 253
+        or not all(re.match(r"^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?$", x) for x in labels)
+    ):
         raise ValueError(f"{value!r} is neither an IP address nor a DNS name")
     return value
 
@@ -82,7 +86,9 @@ class SshSettings(_Model):
 
     user: PlainName | None = Field(None, description="Login user; default from ~/.ssh/config or the local user.")
     port: Port | None = Field(None, description="SSH port; default from ~/.ssh/config or 22.")
-    identity_file: str | None = Field(None, description="Private key file; ssh-agent and ~/.ssh/config keys are used too.")
+    identity_file: str | None = Field(
+        None, description="Private key file; ssh-agent and ~/.ssh/config keys are used too."
+    )
     known_hosts: str = Field("~/.ssh/known_hosts", description="known_hosts file host keys are checked against.")
     host_key_policy: Literal["reject", "accept_new"] = Field(
         "reject", description="Unknown host keys: 'reject' (default) or 'accept_new' (record them on first use)."
@@ -164,7 +170,9 @@ class Runtime(_Model):
     image: Annotated[str, AfterValidator(_image_name)] | None = Field(
         None, description="Container image (e.g. nvcr.io/nvidia/vllm:25.11-py3) run with docker on every host."
     )
-    hf_cache: str = Field("~/.cache/huggingface", description="Hugging Face cache on the hosts (mounted in containers).")
+    hf_cache: str = Field(
+        "~/.cache/huggingface", description="Hugging Face cache on the hosts (mounted in containers)."
+    )
     shm_size_gb: int = Field(64, ge=1, description="Container shared memory size in GiB.")
 
     @model_validator(mode="after")

@@ -6,7 +6,6 @@ import json
 import shlex
 
 from sparkctl import paths
-from sparkctl.facts.probe import FIREWALL_FILE
 from sparkctl.inventory.models import Host, Inventory, Workload
 
 q = shlex.quote
@@ -22,21 +21,31 @@ def fabric_ip(host: Host) -> str:
 
 def _env_prelude(home: str) -> str:
     """Load the env file and turn on Ray token auth (the token is a file, never a value on a command line)."""
-    return (f"set -a && . {q(paths.ENV_FILE)} && set +a && "
-            f"export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={q(paths.token_path(home))} && ")
+    return (
+        f"set -a && . {q(paths.ENV_FILE)} && set +a && "
+        f"export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={q(paths.token_path(home))} && "
+    )
 
 
 def ray_start_argv(inv: Inventory, host: Host) -> list[str]:
     """`ray start` for a host: head or worker, every port pinned, bound to the fabric address."""
     ports = inv.ray.ports
     ip = fabric_ip(host)
-    argv = ["ray", "start", f"--node-ip-address={ip}", "--disable-usage-stats",
-            f"--node-manager-port={ports.node_manager}", f"--object-manager-port={ports.object_manager}",
-            f"--min-worker-port={ports.min_worker}", f"--max-worker-port={ports.max_worker}",
-            f"--dashboard-agent-listen-port={ports.dashboard_agent_listen}",
-            f"--dashboard-agent-grpc-port={ports.dashboard_agent_grpc}",
-            f"--runtime-env-agent-port={ports.runtime_env_agent}", f"--metrics-export-port={ports.metrics_export}",
-            f"--num-gpus={host.gpus}"]
+    argv = [
+        "ray",
+        "start",
+        f"--node-ip-address={ip}",
+        "--disable-usage-stats",
+        f"--node-manager-port={ports.node_manager}",
+        f"--object-manager-port={ports.object_manager}",
+        f"--min-worker-port={ports.min_worker}",
+        f"--max-worker-port={ports.max_worker}",
+        f"--dashboard-agent-listen-port={ports.dashboard_agent_listen}",
+        f"--dashboard-agent-grpc-port={ports.dashboard_agent_grpc}",
+        f"--runtime-env-agent-port={ports.runtime_env_agent}",
+        f"--metrics-export-port={ports.metrics_export}",
+        f"--num-gpus={host.gpus}",
+    ]
     if host.name == inv.head.name:
         argv += ["--head", f"--port={inv.ray.port}", f"--ray-client-server-port={ports.client_server}"]
         if inv.ray.dashboard:
@@ -56,22 +65,51 @@ def build_ray_start(inv: Inventory, host: Host, home: str) -> str:
         argv = ray_start_argv(inv, host)
         argv[0] = f"{rt.venv}/bin/ray"
         inner = _env_prelude(home) + f"exec {shlex.join(argv)}"
-        return (f"mkdir -p {q(paths.state_dir(home))}/logs && "
-                f"setsid -w sh -c {q(inner)} >> {q(log)} 2>&1 < /dev/null")
+        return f"mkdir -p {q(paths.state_dir(home))}/logs && setsid -w sh -c {q(inner)} >> {q(log)} 2>&1 < /dev/null"
     argv = [*ray_start_argv(inv, host), "--block"]
-    docker = ["docker", "run", "-d", "--name", RAY_CONTAINER, *container_flags(inv, home),
-              rt.image or "", "sh", "-c", shlex.join(argv)]
+    docker = [
+        "docker",
+        "run",
+        "-d",
+        "--name",
+        RAY_CONTAINER,
+        *container_flags(inv, home),
+        rt.image or "",
+        "sh",
+        "-c",
+        shlex.join(argv),
+    ]
     return f"mkdir -p {q(paths.state_dir(home))}/logs && {shlex.join(docker)}"
 
 
 def container_flags(inv: Inventory, home: str) -> list[str]:
     """docker run flags for the worker container on a Spark."""
     hf = inv.runtime.hf_cache.replace("~", home, 1)
-    return ["--gpus", "all", "--network", "host", "--ipc", "host", f"--shm-size={inv.runtime.shm_size_gb}g",
-            "--ulimit", "memlock=-1", "--ulimit", "stack=67108864", "--device", "/dev/infiniband",
-            "--env-file", paths.ENV_FILE, "-e", "RAY_AUTH_MODE=token",
-            "-e", "RAY_AUTH_TOKEN_PATH=/sparkctl/ray-token",
-            "-v", f"{paths.state_dir(home)}:/sparkctl", "-v", f"{hf}:/root/.cache/huggingface"]
+    return [
+        "--gpus",
+        "all",
+        "--network",
+        "host",
+        "--ipc",
+        "host",
+        f"--shm-size={inv.runtime.shm_size_gb}g",
+        "--ulimit",
+        "memlock=-1",
+        "--ulimit",
+        "stack=67108864",
+        "--device",
+        "/dev/infiniband",
+        "--env-file",
+        paths.ENV_FILE,
+        "-e",
+        "RAY_AUTH_MODE=token",
+        "-e",
+        "RAY_AUTH_TOKEN_PATH=/sparkctl/ray-token",
+        "-v",
+        f"{paths.state_dir(home)}:/sparkctl",
+        "-v",
+        f"{hf}:/root/.cache/huggingface",
+    ]
 
 
 def build_ray_stop(inv: Inventory, home: str) -> str:
@@ -119,14 +157,46 @@ def workload_argv(inv: Inventory, w: Workload, home: str) -> list[str]:
         py = f"{inv.runtime.venv}/bin/python" if inv.runtime.venv else "python"
         worker = f"{paths.state_dir(home)}/{WORKER_FILE}" if inv.runtime.venv else f"/sparkctl/{WORKER_FILE}"
         bundle = {"GPU": 1} if all(h.gpus for h in inv.hosts) and inv.runtime.image else {"CPU": 1}
-        return [py, worker, "--model", w.model, "--tp", str(w.tensor_parallel_size), "--replicas", str(w.replicas),
-                "--host", bind_address(inv, w), "--port", str(w.port), "--served-name", w.name,
-                "--ray-address", f"{fabric_ip(inv.head)}:{inv.ray.port}", "--bundle-resources", json.dumps(bundle, separators=(",", ":")), *w.extra_args]
+        return [
+            py,
+            worker,
+            "--model",
+            w.model,
+            "--tp",
+            str(w.tensor_parallel_size),
+            "--replicas",
+            str(w.replicas),
+            "--host",
+            bind_address(inv, w),
+            "--port",
+            str(w.port),
+            "--served-name",
+            w.name,
+            "--ray-address",
+            f"{fabric_ip(inv.head)}:{inv.ray.port}",
+            "--bundle-resources",
+            json.dumps(bundle, separators=(",", ":")),
+            *w.extra_args,
+        ]
     vllm = f"{inv.runtime.venv}/bin/vllm" if inv.runtime.venv else "vllm"
-    return [vllm, "serve", w.model, "--served-model-name", w.name,
-            "--tensor-parallel-size", str(w.tensor_parallel_size),
-            "--distributed-executor-backend", "ray", "--gpu-memory-utilization", f"{w.gpu_memory_utilization:g}",
-            "--host", bind_address(inv, w), "--port", str(w.port), *w.extra_args]
+    return [
+        vllm,
+        "serve",
+        w.model,
+        "--served-model-name",
+        w.name,
+        "--tensor-parallel-size",
+        str(w.tensor_parallel_size),
+        "--distributed-executor-backend",
+        "ray",
+        "--gpu-memory-utilization",
+        f"{w.gpu_memory_utilization:g}",
+        "--host",
+        bind_address(inv, w),
+        "--port",
+        str(w.port),
+        *w.extra_args,
+    ]
 
 
 SPREAD = json.dumps({"placement_group_options": {"strategy": "SPREAD"}}, separators=(",", ":"))
@@ -161,12 +231,24 @@ def build_workload_start(inv: Inventory, w: Workload, home: str) -> str:
     pidf = q(pid_file(home, w.name))
     if inv.runtime.venv:
         # braces keep `&` to the launch alone (not the whole && chain), so $! is the workload's pid
-        launch = f"{{ {env + ' ' if env else ''}setsid {shlex.join(argv)} > {q(log)} 2>&1 < /dev/null & }} && echo $! > {pidf}"
+        prefix = f"{env} " if env else ""
+        launch = f"{{ {prefix}setsid {shlex.join(argv)} > {q(log)} 2>&1 < /dev/null & }} && echo $! > {pidf}"
     else:
         name = f"sparkctl-{w.name}"
         envs = [x for k, v in workload_env(w).items() for x in ("-e", f"{k}={v}")]
-        docker = ["docker", "run", "-d", "--name", name, *container_flags(inv, home), "-e", key_var, *envs,
-                  inv.runtime.image or "", *argv]
+        docker = [
+            "docker",
+            "run",
+            "-d",
+            "--name",
+            name,
+            *container_flags(inv, home),
+            "-e",
+            key_var,
+            *envs,
+            inv.runtime.image or "",
+            *argv,
+        ]
         launch = f"{shlex.join(docker)} > {q(log)} 2>&1 && docker inspect -f '{{{{.State.Pid}}}}' {q(name)} > {pidf}"
     return (
         f"mkdir -p {q(paths.state_dir(home))}/logs && "
@@ -180,9 +262,9 @@ def build_workload_stop(inv: Inventory, name: str, home: str, grace: int = 30) -
     pidf = q(pid_file(home, name))
     stop = (
         f"if [ -f {pidf} ]; then pid=$(cat {pidf}); "
-        f"kill -TERM -\"$pid\" 2>/dev/null; i=0; "
-        f"while kill -0 -\"$pid\" 2>/dev/null && [ $i -lt {grace * 5} ]; do sleep 0.2; i=$((i+1)); done; "
-        f"kill -KILL -\"$pid\" 2>/dev/null; rm -f {pidf} {q(spec_file(home, name))}; fi; true"
+        f'kill -TERM -"$pid" 2>/dev/null; i=0; '
+        f'while kill -0 -"$pid" 2>/dev/null && [ $i -lt {grace * 5} ]; do sleep 0.2; i=$((i+1)); done; '
+        f'kill -KILL -"$pid" 2>/dev/null; rm -f {pidf} {q(spec_file(home, name))}; fi; true'
     )
     if inv.runtime.image:
         stop = f"docker rm -f {q('sparkctl-' + name)} >/dev/null 2>&1; {stop}"
@@ -202,8 +284,19 @@ def render_firewall(inv: Inventory, host: Host, ssh_port: int = 22) -> str:
     accepted first, so even an SSH port inside a dropped range stays reachable.
     """
     p = inv.ray.ports
-    ports = sorted({inv.ray.port, p.node_manager, p.object_manager, p.dashboard, p.dashboard_agent_listen,
-                    p.dashboard_agent_grpc, p.runtime_env_agent, p.metrics_export, p.client_server})
+    ports = sorted(
+        {
+            inv.ray.port,
+            p.node_manager,
+            p.object_manager,
+            p.dashboard,
+            p.dashboard_agent_listen,
+            p.dashboard_agent_grpc,
+            p.runtime_env_agent,
+            p.metrics_export,
+            p.client_server,
+        }
+    )
     drop = ", ".join([*map(str, ports), f"{p.min_worker}-{p.max_worker}", EPHEMERAL])
     ifaces = ", ".join(f'"{i}"' for i in ["lo", *(t.interface for t in host.fabric)])
     keep = ", ".join(str(p) for p in sorted({ssh_port, *(w.port for w in inv.workloads)}))

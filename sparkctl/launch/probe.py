@@ -53,8 +53,9 @@ def probe_workload(base: str, model: str, key: str | None, engine: str, timeout:
             status, body = _call(f"{base}/v1/embeddings", key, {"model": model, "input": "ping"}, timeout=timeout * 3)
             ok = status == 200 and isinstance(body, dict) and body.get("data")
         else:
-            status, body = _call(f"{base}/v1/completions", key,
-                                 {"model": model, "prompt": "ping", "max_tokens": 1}, timeout=timeout * 6)
+            status, body = _call(
+                f"{base}/v1/completions", key, {"model": model, "prompt": "ping", "max_tokens": 1}, timeout=timeout * 6
+            )
             ok = status == 200 and isinstance(body, dict) and body.get("choices")
         if not ok:
             return Probe("listed", f"minimal request answered {status}: {str(body)[:200]}")

@@ -28,13 +28,36 @@ def plan_verify_fabric(ctx: PlanContext, host: Host) -> list[Step]:
             if peer.name == host.name or len(peer.fabric) <= j:
                 continue
             dst = str(peer.fabric[j].address.ip)
-            steps.append(Step(
-                host=host.name, kind="verify_jumbo", target=f"{twin.interface}->{peer.name}",
-                description=f"{mtu}-byte frames cross {host.name} {twin.interface} -> {peer.name} {dst} unfragmented",
-                commands=[Command(argv=["ping", "-M", "do", "-s", str(mtu - 28), "-c", "3", "-i", "0.2", "-W", "2",
-                                        "-I", twin.interface, dst])],
-                changes=False, wait=Wait(kind="remote", deadline=20, interval=1),
-            ))
+            steps.append(
+                Step(
+                    host=host.name,
+                    kind="verify_jumbo",
+                    target=f"{twin.interface}->{peer.name}",
+                    description=f"unfragmented {mtu}-byte frames: {host.name} {twin.interface} -> {peer.name} {dst}",
+                    commands=[
+                        Command(
+                            argv=[
+                                "ping",
+                                "-M",
+                                "do",
+                                "-s",
+                                str(mtu - 28),
+                                "-c",
+                                "3",
+                                "-i",
+                                "0.2",
+                                "-W",
+                                "2",
+                                "-I",
+                                twin.interface,
+                                dst,
+                            ]
+                        )
+                    ],
+                    changes=False,
+                    wait=Wait(kind="remote", deadline=20, interval=1),
+                )
+            )
     return steps
 
 
@@ -62,14 +85,22 @@ def plan_ray_firewall(ctx: PlanContext, host: Host) -> list[Step]:
     have = facts.files.get("firewall.nft")
     if have == rules and ray_running_ok(ctx, host):
         return []
-    return [Step(
-        host=host.name, kind="ray_firewall", target=lc.FIREWALL_FILE,
-        description="allow Ray only on the fabric and loopback (nftables table inet sparkctl)",
-        commands=[Command(argv=["install", "-D", "-m", "0644", "/dev/stdin", lc.FIREWALL_FILE], sudo=True, stdin=rules),
-                  Command(argv=["nft", "-f", lc.FIREWALL_FILE], sudo=True)],
-        diff=[f"- {lc.FIREWALL_FILE}: {'present' if have else 'absent'}"]
-        + [f"+ {line}" for line in rules.splitlines() if "dport" in line or "iifname" in line],
-    )]
+    return [
+        Step(
+            host=host.name,
+            kind="ray_firewall",
+            target=paths.FIREWALL_FILE,
+            description="allow Ray only on the fabric and loopback (nftables table inet sparkctl)",
+            commands=[
+                Command(
+                    argv=["install", "-D", "-m", "0644", "/dev/stdin", paths.FIREWALL_FILE], sudo=True, stdin=rules
+                ),
+                Command(argv=["nft", "-f", paths.FIREWALL_FILE], sudo=True),
+            ],
+            diff=[f"- {paths.FIREWALL_FILE}: {'present' if have else 'absent'}"]
+            + [f"+ {line}" for line in rules.splitlines() if "dport" in line or "iifname" in line],
+        )
+    ]
 
 
 def plan_ray_token(ctx: PlanContext, host: Host) -> list[Step]:
@@ -80,11 +111,16 @@ def plan_ray_token(ctx: PlanContext, host: Host) -> list[Step]:
     if have == want:
         return []
     target = paths.token_path(ctx.home(host))
-    return [Step(
-        host=host.name, kind="ray_token", target=target, description="install the cluster's Ray auth token (0600)",
-        commands=[Command(argv=["install", "-D", "-m", "0600", "/dev/stdin", target], stdin_secret="ray_token")],
-        diff=[f"- sha256 {have or '(absent)'}", f"+ sha256 {want}"],
-    )]
+    return [
+        Step(
+            host=host.name,
+            kind="ray_token",
+            target=target,
+            description="install the cluster's Ray auth token (0600)",
+            commands=[Command(argv=["install", "-D", "-m", "0600", "/dev/stdin", target], stdin_secret="ray_token")],
+            diff=[f"- sha256 {have or '(absent)'}", f"+ sha256 {want}"],
+        )
+    ]
 
 
 def plan_ray_node(ctx: PlanContext, host: Host) -> list[Step]:
@@ -101,27 +137,42 @@ def plan_ray_node(ctx: PlanContext, host: Host) -> list[Step]:
     if running:
         cmds.append(_sh(lc.build_ray_stop(ctx.inventory, home)))
     cmds.append(_sh(lc.build_ray_start(ctx.inventory, host, home)))
-    return [Step(
-        host=host.name, kind="ray_node", target=role,
-        description=f"start the Ray {role} on {lc.fabric_ip(host)} (token auth, ports pinned)",
-        commands=cmds,
-        diff=[f"- ray: {'running on ' + ','.join(sorted(_raylet_ips(facts))) if running else 'stopped'}",
-              f"+ ray {role}: {lc.fabric_ip(host)}"],
-        depends_on_earlier=depends,
-    )]
+    return [
+        Step(
+            host=host.name,
+            kind="ray_node",
+            target=role,
+            description=f"start the Ray {role} on {lc.fabric_ip(host)} (token auth, ports pinned)",
+            commands=cmds,
+            diff=[
+                f"- ray: {'running on ' + ','.join(sorted(_raylet_ips(facts))) if running else 'stopped'}",
+                f"+ ray {role}: {lc.fabric_ip(host)}",
+            ],
+            depends_on_earlier=depends,
+        )
+    ]
 
 
 def plan_ray_ready(ctx: PlanContext, host: Host) -> list[Step]:
     """On the head: wait until every host's node is alive in Ray."""
     if host.name != ctx.inventory.head.name:
         return []
-    return [Step(
-        host=host.name, kind="verify_ray", target="formation",
-        description=f"Ray shows all {len(ctx.inventory.hosts)} nodes alive",
-        commands=[_sh(lc.build_ray_check(ctx.inventory, ctx.home(host)),
-                      stdin=lc.ray_check_script([lc.fabric_ip(h) for h in ctx.inventory.hosts]))],
-        changes=False, wait=Wait(kind="remote", deadline=120, interval=2, log=paths.log_path(ctx.home(host), "ray")),
-    )]
+    return [
+        Step(
+            host=host.name,
+            kind="verify_ray",
+            target="formation",
+            description=f"Ray shows all {len(ctx.inventory.hosts)} nodes alive",
+            commands=[
+                _sh(
+                    lc.build_ray_check(ctx.inventory, ctx.home(host)),
+                    stdin=lc.ray_check_script([lc.fabric_ip(h) for h in ctx.inventory.hosts]),
+                )
+            ],
+            changes=False,
+            wait=Wait(kind="remote", deadline=120, interval=2, log=paths.log_path(ctx.home(host), "ray")),
+        )
+    ]
 
 
 def _selected(ctx: PlanContext) -> list[Workload]:
@@ -155,12 +206,17 @@ def plan_drop_caches(ctx: PlanContext, host: Host) -> list[Step]:
     if not workloads_to_start(ctx):
         return []
     cached = ctx.facts[host.name].meminfo_kb.get("Cached", 0) // 1024
-    return [Step(
-        host=host.name, kind="page_cache", target="drop",
-        description=f"drop the page cache before weights load (now {cached} MiB cached)",
-        commands=[Command(argv=["sync"]), Command(argv=["sysctl", "-w", "vm.drop_caches=3"], sudo=True)],
-        diff=[f"- page cache {cached} MiB", "+ page cache dropped"], depends_on_earlier="ray_node" in ctx.changed,
-    )]
+    return [
+        Step(
+            host=host.name,
+            kind="page_cache",
+            target="drop",
+            description=f"drop the page cache before weights load (now {cached} MiB cached)",
+            commands=[Command(argv=["sync"]), Command(argv=["sysctl", "-w", "vm.drop_caches=3"], sudo=True)],
+            diff=[f"- page cache {cached} MiB", "+ page cache dropped"],
+            depends_on_earlier="ray_node" in ctx.changed,
+        )
+    ]
 
 
 def plan_workloads(ctx: PlanContext, host: Host) -> list[Step]:
@@ -177,12 +233,18 @@ def plan_workloads(ctx: PlanContext, host: Host) -> list[Step]:
         want = ctx.digests.get("worker_code", "")
         if have != want:
             target = f"{paths.state_dir(home)}/{lc.WORKER_FILE}"
-            steps.append(Step(
-                host=host.name, kind="worker_code", target=target,
-                description="install sparkctl's embedding worker",
-                commands=[Command(argv=["install", "-D", "-m", "0644", "/dev/stdin", target], stdin_blob="worker_code")],
-                diff=[f"- sha256 {have or '(absent)'}", f"+ sha256 {want}"],
-            ))
+            steps.append(
+                Step(
+                    host=host.name,
+                    kind="worker_code",
+                    target=target,
+                    description="install sparkctl's embedding worker",
+                    commands=[
+                        Command(argv=["install", "-D", "-m", "0644", "/dev/stdin", target], stdin_blob="worker_code")
+                    ],
+                    diff=[f"- sha256 {have or '(absent)'}", f"+ sha256 {want}"],
+                )
+            )
             starting = [w for w in _selected(ctx) if w.engine == "embed" and w not in starting] + starting
     for w in _selected(ctx):
         if w not in starting:
@@ -192,14 +254,19 @@ def plan_workloads(ctx: PlanContext, host: Host) -> list[Step]:
         if state != "stopped":
             cmds.append(_sh(lc.build_workload_stop(inv, w.name, home)))
         cmds.append(_sh(lc.build_workload_start(inv, w, home), stdin_secret=f"api_key:{w.name}"))
-        steps.append(Step(
-            host=host.name, kind="workload", target=w.name,
-            description=f"start {w.name}: {w.engine} {w.model}, TP={w.tensor_parallel_size}"
-                        + (f", replicas={w.replicas}" if w.replicas > 1 else "") + f", {lc.endpoint(inv, w)}",
-            commands=cmds,
-            diff=[f"- {w.name}: {state}", f"+ {w.name}: {lc.workload_spec(inv, w, home)}"],
-            depends_on_earlier="ray_node" in ctx.changed,
-        ))
+        steps.append(
+            Step(
+                host=host.name,
+                kind="workload",
+                target=w.name,
+                description=f"start {w.name}: {w.engine} {w.model}, TP={w.tensor_parallel_size}"
+                + (f", replicas={w.replicas}" if w.replicas > 1 else "")
+                + f", {lc.endpoint(inv, w)}",
+                commands=cmds,
+                diff=[f"- {w.name}: {state}", f"+ {w.name}: {lc.workload_spec(inv, w, home)}"],
+                depends_on_earlier="ray_node" in ctx.changed,
+            )
+        )
     return steps
 
 
@@ -208,22 +275,39 @@ def plan_workload_ready(ctx: PlanContext, host: Host) -> list[Step]:
     if host.name != ctx.inventory.head.name:
         return []
     home = ctx.home(host)
-    return [Step(
-        host=host.name, kind="verify_workload", target=w.name,
-        description=f"{w.name} answers at {lc.endpoint(ctx.inventory, w)}",
-        changes=False,
-        wait=Wait(kind="http", deadline=w.ready_timeout, interval=1, url=lc.endpoint(ctx.inventory, w),
-                  model=w.name, secret=f"api_key:{w.name}", log=paths.log_path(home, w.name)),
-        notes=[w.engine],
-    ) for w in _selected(ctx)]
+    return [
+        Step(
+            host=host.name,
+            kind="verify_workload",
+            target=w.name,
+            description=f"{w.name} answers at {lc.endpoint(ctx.inventory, w)}",
+            changes=False,
+            wait=Wait(
+                kind="http",
+                deadline=w.ready_timeout,
+                interval=1,
+                url=lc.endpoint(ctx.inventory, w),
+                model=w.name,
+                secret=f"api_key:{w.name}",
+                log=paths.log_path(home, w.name),
+            ),
+            notes=[w.engine],
+        )
+        for w in _selected(ctx)
+    ]
 
 
 def _stray_workload_pids(facts: HostFacts) -> list[int]:
     """Worker processes of the login user that no pid file accounts for (left by a failed or interrupted run)."""
     recorded = {int(v.strip()) for k, v in facts.files.items() if k.endswith(".pid") and v.strip().isdigit()}
-    return [p.pid for p in facts.processes
-            if p.user == facts.user and p.pid not in recorded and any(m in p.args for m in WORKLOAD_MARKERS)
-            and "sh -c" not in p.args]
+    return [
+        p.pid
+        for p in facts.processes
+        if p.user == facts.user
+        and p.pid not in recorded
+        and any(m in p.args for m in WORKLOAD_MARKERS)
+        and "sh -c" not in p.args
+    ]
 
 
 def plan_workload_stop(ctx: PlanContext, host: Host) -> list[Step]:
@@ -236,20 +320,29 @@ def plan_workload_stop(ctx: PlanContext, host: Host) -> list[Step]:
     for name in names:
         if wanted and name not in wanted:
             continue
-        steps.append(Step(
-            host=host.name, kind="workload_stopped", target=name, description=f"stop workload {name}",
-            commands=[_sh(lc.build_workload_stop(ctx.inventory, name, home))],
-            diff=[f"- {name}: pid {facts.files[f'workload-{name}.pid'].strip()}", f"+ {name}: stopped"],
-        ))
+        steps.append(
+            Step(
+                host=host.name,
+                kind="workload_stopped",
+                target=name,
+                description=f"stop workload {name}",
+                commands=[_sh(lc.build_workload_stop(ctx.inventory, name, home))],
+                diff=[f"- {name}: pid {facts.files[f'workload-{name}.pid'].strip()}", f"+ {name}: stopped"],
+            )
+        )
     strays = _stray_workload_pids(facts)
     if strays and not wanted:
         pids = " ".join(str(p) for p in strays)
-        steps.append(Step(
-            host=host.name, kind="workload_stopped", target="strays",
-            description=f"stop worker processes left behind (pids {pids})",
-            commands=[_sh(f"kill -TERM {pids} 2>/dev/null; sleep 2; kill -KILL {pids} 2>/dev/null; true")],
-            diff=[f"- processes {pids}", "+ none"],
-        ))
+        steps.append(
+            Step(
+                host=host.name,
+                kind="workload_stopped",
+                target="strays",
+                description=f"stop worker processes left behind (pids {pids})",
+                commands=[_sh(f"kill -TERM {pids} 2>/dev/null; sleep 2; kill -KILL {pids} 2>/dev/null; true")],
+                diff=[f"- processes {pids}", "+ none"],
+            )
+        )
     return steps
 
 
@@ -259,20 +352,30 @@ def plan_ray_stop(ctx: PlanContext, host: Host) -> list[Step]:
     procs = [p for p in facts.processes if p.user == facts.user and any(m in p.args for m in RAY_MARKERS)]
     if not procs:
         return []
-    return [Step(
-        host=host.name, kind="ray_stopped", target="ray", description="stop Ray",
-        commands=[_sh(lc.build_ray_stop(ctx.inventory, ctx.home(host)))],
-        diff=[f"- ray: {len(procs)} processes", "+ ray: stopped"],
-    )]
+    return [
+        Step(
+            host=host.name,
+            kind="ray_stopped",
+            target="ray",
+            description="stop Ray",
+            commands=[_sh(lc.build_ray_stop(ctx.inventory, ctx.home(host)))],
+            diff=[f"- ray: {len(procs)} processes", "+ ray: stopped"],
+        )
+    ]
 
 
 def plan_verify_clean(ctx: PlanContext, host: Host) -> list[Step]:
     """Check that no Ray or worker process of the login user is left."""
     # "[r]aylet" matches "raylet" but not this check's own command line.
     pattern = "[r]aylet|[g]cs_server|[e]mbed_worker[.]py|[v]llm serve"
-    return [Step(
-        host=host.name, kind="verify_clean", target="processes",
-        description="no Ray or worker process is left",
-        commands=[_sh(f"! pgrep -u \"$(id -un)\" -f -a -- {shlex.quote(pattern)}")],
-        changes=False, wait=Wait(kind="remote", deadline=30, interval=1),
-    )]
+    return [
+        Step(
+            host=host.name,
+            kind="verify_clean",
+            target="processes",
+            description="no Ray or worker process is left",
+            commands=[_sh(f'! pgrep -u "$(id -un)" -f -a -- {shlex.quote(pattern)}')],
+            changes=False,
+            wait=Wait(kind="remote", deadline=30, interval=1),
+        )
+    ]

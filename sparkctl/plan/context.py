@@ -35,5 +35,6 @@ def fresh_facts(inv: Inventory, host: Host) -> HostFacts:
     """Facts of a host as sparkctl expects a fresh install to look (for `plan --offline`)."""
     interfaces = {t.interface: Interface(name=t.interface, mtu=1500, operstate="UP", up=True) for t in host.fabric}
     user = host.ssh.user or inv.ssh.user or "user"
-    return HostFacts(host=host.name, user=user, home=f"/home/{user}", hostname=host.name, interfaces=interfaces,
-                     nm_running=True)
+    return HostFacts(
+        host=host.name, user=user, home=f"/home/{user}", hostname=host.name, interfaces=interfaces, nm_running=True
+    )

@@ -12,8 +12,15 @@ from sparkctl.plan.models import Command, Step
 
 DEFAULT_GID_INDEX = 3
 PER_HOST_VARS = [
-    "NCCL_IB_GID_INDEX", "NCCL_IB_HCA", "NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME", "TP_SOCKET_IFNAME",
-    "UCX_NET_DEVICES", "OMPI_MCA_btl_tcp_if_include", "VLLM_HOST_IP", "RAY_NODE_IP_ADDRESS",
+    "NCCL_IB_GID_INDEX",
+    "NCCL_IB_HCA",
+    "NCCL_SOCKET_IFNAME",
+    "GLOO_SOCKET_IFNAME",
+    "TP_SOCKET_IFNAME",
+    "UCX_NET_DEVICES",
+    "OMPI_MCA_btl_tcp_if_include",
+    "VLLM_HOST_IP",
+    "RAY_NODE_IP_ADDRESS",
 ]
 _SAFE_VALUE = re.compile(r"^[A-Za-z0-9_.,:/-]*$")
 
@@ -47,7 +54,9 @@ def gid_index(facts: HostFacts, host: Host) -> tuple[int, list[str], bool]:
         if idx is not None:
             found[twin.rdma_device or twin.interface] = (idx, pred)
     if not found:
-        notes.append(f"RoCE GID table not readable on {host.name}: NCCL_IB_GID_INDEX={DEFAULT_GID_INDEX} (the usual value)")
+        notes.append(
+            f"RoCE GID table not readable on {host.name}: NCCL_IB_GID_INDEX={DEFAULT_GID_INDEX} (the usual value)"
+        )
         return DEFAULT_GID_INDEX, notes, False
     values = sorted({i for i, _ in found.values()})
     if len(values) > 1:
@@ -67,8 +76,13 @@ def render_env(inv: Inventory, host: Host, gid: int) -> str:
     values: dict[str, str] = {"NCCL_IB_GID_INDEX": str(gid)}
     if hcas:
         values["NCCL_IB_HCA"] = hcas
-    for key in ("NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME", "TP_SOCKET_IFNAME", "UCX_NET_DEVICES",
-                "OMPI_MCA_btl_tcp_if_include"):
+    for key in (
+        "NCCL_SOCKET_IFNAME",
+        "GLOO_SOCKET_IFNAME",
+        "TP_SOCKET_IFNAME",
+        "UCX_NET_DEVICES",
+        "OMPI_MCA_btl_tcp_if_include",
+    ):
         values[key] = primary.interface
     values |= {
         "VLLM_HOST_IP": ip,
@@ -103,20 +117,31 @@ def plan_worker_env(inv: Inventory, host: Host, facts: HostFacts) -> list[Step]:
     env = render_env(inv, host, gid)
     steps = []
     if facts.env_file != env:
-        steps.append(Step(
-            host=host.name, kind="worker_env", target=paths.ENV_FILE,
-            description=f"write {paths.ENV_FILE} (NCCL_IB_GID_INDEX={gid}, fabric {host.fabric[0].interface})",
-            commands=[Command(argv=["install", "-D", "-m", "0644", "/dev/stdin", paths.ENV_FILE], sudo=True, stdin=env)],
-            diff=_file_diff(paths.ENV_FILE, facts.env_file, env),
-            notes=notes, depends_on_earlier=predicted,
-        ))
+        steps.append(
+            Step(
+                host=host.name,
+                kind="worker_env",
+                target=paths.ENV_FILE,
+                description=f"write {paths.ENV_FILE} (NCCL_IB_GID_INDEX={gid}, fabric {host.fabric[0].interface})",
+                commands=[
+                    Command(argv=["install", "-D", "-m", "0644", "/dev/stdin", paths.ENV_FILE], sudo=True, stdin=env)
+                ],
+                diff=_file_diff(paths.ENV_FILE, facts.env_file, env),
+                notes=notes,
+                depends_on_earlier=predicted,
+            )
+        )
     nco = render_non_carry_over()
     if facts.non_carry_over != nco:
         target = f"{facts.home or '~'}/{paths.NON_CARRY_OVER}"
-        steps.append(Step(
-            host=host.name, kind="worker_env_ray_list", target=target,
-            description="tell vLLM which variables Ray must not copy from the head",
-            commands=[Command(argv=["install", "-D", "-m", "0644", "/dev/stdin", target], stdin=nco)],
-            diff=_file_diff(target, facts.non_carry_over, nco),
-        ))
+        steps.append(
+            Step(
+                host=host.name,
+                kind="worker_env_ray_list",
+                target=target,
+                description="tell vLLM which variables Ray must not copy from the head",
+                commands=[Command(argv=["install", "-D", "-m", "0644", "/dev/stdin", target], stdin=nco)],
+                diff=_file_diff(target, facts.non_carry_over, nco),
+            )
+        )
     return steps

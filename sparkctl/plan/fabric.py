@@ -44,17 +44,22 @@ def check_session_safety(host: Host, facts: HostFacts) -> list[Problem]:
             live is not None and any(a.split("/")[0] == facts.ssh_server_ip for a in live.ipv4)
         )
         if carries:
-            problems.append(Problem(
-                f"{host.name} fabric[{j}] {twin.interface}",
-                f"carries this SSH session ({facts.ssh_client_ip} -> {facts.ssh_server_ip}); sparkctl never changes it",
-                "list only the ConnectX-7 twins under fabric; the management interface is reached, not configured",
-            ))
+            problems.append(
+                Problem(
+                    f"{host.name} fabric[{j}] {twin.interface}",
+                    f"carries this SSH session ({facts.ssh_client_ip} -> {facts.ssh_server_ip}); "
+                    "sparkctl never changes it",
+                    "list only the ConnectX-7 twins under fabric; the management interface is reached, not configured",
+                )
+            )
         elif live is None and facts.interfaces:
-            problems.append(Problem(
-                f"{host.name} fabric[{j}] {twin.interface}",
-                f"no such interface on the host (it has: {', '.join(sorted(facts.interfaces))})",
-                "fix the interface name (sparkctl discover lists the twins)",
-            ))
+            problems.append(
+                Problem(
+                    f"{host.name} fabric[{j}] {twin.interface}",
+                    f"no such interface on the host (it has: {', '.join(sorted(facts.interfaces))})",
+                    "fix the interface name (sparkctl discover lists the twins)",
+                )
+            )
     return problems
 
 
@@ -75,32 +80,43 @@ def _plan_twin(hostname: str, twin: FabricInterface, mtu: int, facts: HostFacts)
     want = desired_settings(twin, mtu)
     steps: list[Step] = []
 
-    rivals = [c for c in facts.nm_connections
-              if c.name != name and twin.interface in (c.interface_name, c.device)]
+    rivals = [c for c in facts.nm_connections if c.name != name and twin.interface in (c.interface_name, c.device)]
     for rival in rivals:
         if not rival.autoconnect:
             continue
         active = " and is deactivated when the sparkctl profile comes up" if rival.device == twin.interface else ""
-        steps.append(Step(
-            host=hostname, kind="fabric_rival_profile", target=f"{twin.interface}/{rival.name}",
-            description=f"stop profile '{rival.name}' from claiming {twin.interface}{active}",
-            commands=[Command(argv=["nmcli", "connection", "modify", "uuid", rival.uuid,
-                                    "connection.autoconnect", "no"], sudo=True)],
-            diff=[f"- {rival.name}: connection.autoconnect yes", f"+ {rival.name}: connection.autoconnect no"],
-            notes=["`sparkctl restore-network` re-enables it"],
-        ))
+        steps.append(
+            Step(
+                host=hostname,
+                kind="fabric_rival_profile",
+                target=f"{twin.interface}/{rival.name}",
+                description=f"stop profile '{rival.name}' from claiming {twin.interface}{active}",
+                commands=[
+                    Command(
+                        argv=["nmcli", "connection", "modify", "uuid", rival.uuid, "connection.autoconnect", "no"],
+                        sudo=True,
+                    )
+                ],
+                diff=[f"- {rival.name}: connection.autoconnect yes", f"+ {rival.name}: connection.autoconnect no"],
+                notes=["`sparkctl restore-network` re-enables it"],
+            )
+        )
 
     if ours is None:
         argv = ["nmcli", "connection", "add", "type", "ethernet", "con-name", name, "ifname", twin.interface]
         for key, value in want.items():
             if key != "connection.interface-name":
                 argv += [key, value]
-        steps.append(Step(
-            host=hostname, kind="fabric_profile", target=twin.interface,
-            description=f"create profile {name}: {twin.address}, MTU {mtu}, IPv6 off",
-            commands=[Command(argv=argv, sudo=True)],
-            diff=[f"+ {name}: {k} {v}" for k, v in want.items()],
-        ))
+        steps.append(
+            Step(
+                host=hostname,
+                kind="fabric_profile",
+                target=twin.interface,
+                description=f"create profile {name}: {twin.address}, MTU {mtu}, IPv6 off",
+                commands=[Command(argv=argv, sudo=True)],
+                diff=[f"+ {name}: {k} {v}" for k, v in want.items()],
+            )
+        )
         changed_profile = True
     else:
         have = current_settings(ours)
@@ -113,25 +129,37 @@ def _plan_twin(hostname: str, twin: FabricInterface, mtu: int, facts: HostFacts)
             diff = []
             for k, v in differ.items():
                 diff += [f"- {name}: {k} {have.get(k) or '--'}", f"+ {name}: {k} {v}"]
-            steps.append(Step(
-                host=hostname, kind="fabric_profile", target=twin.interface,
-                description=f"update profile {name}: {', '.join(differ)}",
-                commands=[Command(argv=argv, sudo=True)], diff=diff,
-            ))
+            steps.append(
+                Step(
+                    host=hostname,
+                    kind="fabric_profile",
+                    target=twin.interface,
+                    description=f"update profile {name}: {', '.join(differ)}",
+                    commands=[Command(argv=argv, sudo=True)],
+                    diff=diff,
+                )
+            )
 
     live = facts.interfaces.get(twin.interface)
     device = facts.nm_devices.get(twin.interface)
     active_con = device.connection if device else ""
     live_ok = live is not None and live.mtu == mtu and str(twin.address) in live.ipv4
     if changed_profile or active_con != name or not live_ok:
-        before = (f"{twin.interface}: {','.join(live.ipv4) or 'no IPv4'}, MTU {live.mtu}, profile {active_con or '--'}"
-                  if live else f"{twin.interface}: unknown")
-        steps.append(Step(
-            host=hostname, kind="fabric_active", target=twin.interface,
-            description=f"activate {name} on {twin.interface}",
-            commands=[Command(argv=["nmcli", "--wait", ACTIVATE_WAIT, "connection", "up", "id", name], sudo=True)],
-            diff=[f"- {before}", f"+ {twin.interface}: {twin.address}, MTU {mtu}, profile {name}"],
-        ))
+        before = (
+            f"{twin.interface}: {','.join(live.ipv4) or 'no IPv4'}, MTU {live.mtu}, profile {active_con or '--'}"
+            if live
+            else f"{twin.interface}: unknown"
+        )
+        steps.append(
+            Step(
+                host=hostname,
+                kind="fabric_active",
+                target=twin.interface,
+                description=f"activate {name} on {twin.interface}",
+                commands=[Command(argv=["nmcli", "--wait", ACTIVATE_WAIT, "connection", "up", "id", name], sudo=True)],
+                diff=[f"- {before}", f"+ {twin.interface}: {twin.address}, MTU {mtu}, profile {name}"],
+            )
+        )
     return steps
 
 
@@ -144,21 +172,33 @@ def plan_restore_network(inv: Inventory, host: Host, facts: HostFacts) -> list[S
     for twin in host.fabric:
         name = paths.connection_name(twin.interface)
         if facts.connection(name):
-            steps.append(Step(
-                host=host.name, kind="fabric_profile_removed", target=twin.interface,
-                description=f"delete profile {name}",
-                commands=[Command(argv=["nmcli", "connection", "delete", "id", name], sudo=True)],
-                diff=[f"- {name}"],
-            ))
+            steps.append(
+                Step(
+                    host=host.name,
+                    kind="fabric_profile_removed",
+                    target=twin.interface,
+                    description=f"delete profile {name}",
+                    commands=[Command(argv=["nmcli", "connection", "delete", "id", name], sudo=True)],
+                    diff=[f"- {name}"],
+                )
+            )
         for rival in facts.nm_connections:
             if rival.name == name or twin.interface not in (rival.interface_name, rival.device) or rival.autoconnect:
                 continue
-            steps.append(Step(
-                host=host.name, kind="fabric_rival_restored", target=f"{twin.interface}/{rival.name}",
-                description=f"give {twin.interface} back to profile '{rival.name}'",
-                commands=[Command(argv=["nmcli", "connection", "modify", "uuid", rival.uuid,
-                                        "connection.autoconnect", "yes"], sudo=True)],
-                diff=[f"- {rival.name}: connection.autoconnect no", f"+ {rival.name}: connection.autoconnect yes"],
-                notes=["NetworkManager activates it on its own once the sparkctl profile is gone"],
-            ))
+            steps.append(
+                Step(
+                    host=host.name,
+                    kind="fabric_rival_restored",
+                    target=f"{twin.interface}/{rival.name}",
+                    description=f"give {twin.interface} back to profile '{rival.name}'",
+                    commands=[
+                        Command(
+                            argv=["nmcli", "connection", "modify", "uuid", rival.uuid, "connection.autoconnect", "yes"],
+                            sudo=True,
+                        )
+                    ],
+                    diff=[f"- {rival.name}: connection.autoconnect no", f"+ {rival.name}: connection.autoconnect yes"],
+                    notes=["NetworkManager activates it on its own once the sparkctl profile is gone"],
+                )
+            )
     return steps

@@ -18,7 +18,9 @@ class Command(_Data):
     sudo: bool = False
     stdin: str | None = Field(None, description="content fed on stdin (shown in the step's diff)")
     stdin_secret: str | None = Field(None, description="name of a secret the engine feeds on stdin; never its value")
-    stdin_blob: str | None = Field(None, description="name of a large non-secret file fed on stdin (digest in the diff)")
+    stdin_blob: str | None = Field(
+        None, description="name of a large non-secret file fed on stdin (digest in the diff)"
+    )
     timeout: float | None = None
 
     def render(self) -> str:

@@ -57,15 +57,17 @@ class Action:
         raise NotImplementedError
 
 
-def _simple(name: str, help: str, fn: Callable[[PlanContext, Host], list[Step]],
-            args: type[BaseModel] = NoArgs) -> type[Action]:
+def _simple(
+    name: str, help: str, fn: Callable[[PlanContext, Host], list[Step]], args: type[BaseModel] = NoArgs
+) -> type[Action]:
     """An action that is one planner function."""
 
     def plan(self: Action, ctx: PlanContext, host: Host, a: Any) -> list[Step]:
         return fn(ctx, host)
 
-    return type(f"{name.title().replace('_', '')}Action", (Action,),
-                {"name": name, "help": help, "Args": args, "plan": plan})
+    return type(
+        f"{name.title().replace('_', '')}Action", (Action,), {"name": name, "help": help, "Args": args, "plan": plan}
+    )
 
 
 class Shell(Action):
@@ -76,8 +78,16 @@ class Shell(Action):
 
     def plan(self, ctx: PlanContext, host: Host, args: ShellArgs) -> list[Step]:
         cmd = Command(argv=list(args.argv), sudo=args.sudo)
-        return [Step(host=host.name, kind="shell", target=args.argv[0],
-                     description=args.description or f"run {cmd.render()}", commands=[cmd], changes=args.changes)]
+        return [
+            Step(
+                host=host.name,
+                kind="shell",
+                target=args.argv[0],
+                description=args.description or f"run {cmd.render()}",
+                commands=[cmd],
+                changes=args.changes,
+            )
+        ]
 
 
 class Doctor(Action):
@@ -91,19 +101,36 @@ class Doctor(Action):
 
         cats = frozenset(args.categories) if args.categories else None
         found = evaluate(CheckContext(ctx.inventory, ctx.facts), categories=cats)
-        mine = [f for f in found if f.subject.split(" ")[0] == host.name
-                or (host.name == ctx.inventory.head.name and not f.subject.startswith(tuple(ctx.facts)))]
+        mine = [
+            f
+            for f in found
+            if f.subject.split(" ")[0] == host.name
+            or (host.name == ctx.inventory.head.name and not f.subject.startswith(tuple(ctx.facts)))
+        ]
         levels = ("fail",) if args.fail_on == "fail" else ("fail", "warn")
         bad = [f for f in mine if f.level in levels]
         if ctx.offline:
-            return [Step(host=host.name, kind="doctor", target=",".join(sorted(cats)) if cats else "all",
-                         description=f"{len(mine)} check(s), judged on the hosts' real facts when run",
-                         changes=False, notes=["offline plan: the hosts were not read, so no verdict yet"])]
-        return [Step(host=host.name, kind="doctor", target=",".join(sorted(cats)) if cats else "all",
-                     description=f"{len(mine)} check(s): {sum(f.level == 'pass' for f in mine)} passed",
-                     changes=False, notes=[f"{f.level} {f.rule} {f.subject}: {f.evidence}" for f in mine
-                                           if f.level != "pass"],
-                     verdict="; ".join(f"{f.rule} {f.subject}: {f.evidence} (fix: {f.fix})" for f in bad))]
+            return [
+                Step(
+                    host=host.name,
+                    kind="doctor",
+                    target=",".join(sorted(cats)) if cats else "all",
+                    description=f"{len(mine)} check(s), judged on the hosts' real facts when run",
+                    changes=False,
+                    notes=["offline plan: the hosts were not read, so no verdict yet"],
+                )
+            ]
+        return [
+            Step(
+                host=host.name,
+                kind="doctor",
+                target=",".join(sorted(cats)) if cats else "all",
+                description=f"{len(mine)} check(s): {sum(f.level == 'pass' for f in mine)} passed",
+                changes=False,
+                notes=[f"{f.level} {f.rule} {f.subject}: {f.evidence}" for f in mine if f.level != "pass"],
+                verdict="; ".join(f"{f.rule} {f.subject}: {f.evidence} (fix: {f.fix})" for f in bad),
+            )
+        ]
 
 
 class BenchFabric(Action):
@@ -129,24 +156,37 @@ class Pause(Action):
 
 
 _ACTIONS: list[type[Action]] = [
-    _simple("fabric", "NetworkManager profiles with static IPv4 + MTU on the twins, activated",
-            lambda c, h: fabric.plan_fabric(c.inventory, h, c.facts[h.name])),
+    _simple(
+        "fabric",
+        "NetworkManager profiles with static IPv4 + MTU on the twins, activated",
+        lambda c, h: fabric.plan_fabric(c.inventory, h, c.facts[h.name]),
+    ),
     _simple("verify_fabric", "jumbo frames cross every twin both ways (ping -M do)", cluster.plan_verify_fabric),
-    _simple("worker_env", "per-host env file (GID index, NCCL/GLOO/UCX) + vLLM's Ray list",
-            lambda c, h: env.plan_worker_env(c.inventory, h, c.facts[h.name])),
+    _simple(
+        "worker_env",
+        "per-host env file (GID index, NCCL/GLOO/UCX) + vLLM's Ray list",
+        lambda c, h: env.plan_worker_env(c.inventory, h, c.facts[h.name]),
+    ),
     _simple("ray_firewall", "nftables: Ray reachable only over the fabric and loopback", cluster.plan_ray_firewall),
     _simple("ray_token", "the cluster's Ray auth token on every host", cluster.plan_ray_token),
     _simple("ray_start", "Ray head / workers on the fabric addresses", cluster.plan_ray_node),
     _simple("ray_ready", "wait until Ray shows every node", cluster.plan_ray_ready),
-    _simple("drop_caches", "sync + drop the page cache when weights are about to load", cluster.plan_drop_caches,
-            WorkloadArgs),
+    _simple(
+        "drop_caches",
+        "sync + drop the page cache when weights are about to load",
+        cluster.plan_drop_caches,
+        WorkloadArgs,
+    ),
     _simple("workload_start", "start workloads not running as specified", cluster.plan_workloads, WorkloadArgs),
     _simple("workload_ready", "wait until endpoints answer", cluster.plan_workload_ready, WorkloadArgs),
     _simple("workload_stop", "stop workloads (and strays)", cluster.plan_workload_stop, WorkloadArgs),
     _simple("ray_stop", "stop Ray", cluster.plan_ray_stop),
     _simple("verify_clean", "no Ray or worker process left", cluster.plan_verify_clean),
-    _simple("restore_network", "delete sparkctl profiles, re-enable the profiles it disabled",
-            lambda c, h: fabric.plan_restore_network(c.inventory, h, c.facts[h.name])),
+    _simple(
+        "restore_network",
+        "delete sparkctl profiles, re-enable the profiles it disabled",
+        lambda c, h: fabric.plan_restore_network(c.inventory, h, c.facts[h.name]),
+    ),
     Shell,
     Pause,
     Doctor,

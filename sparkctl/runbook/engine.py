@@ -203,8 +203,14 @@ class Engine:
         def host_worker(host: str, steps: list[Step]) -> None:
             for step in steps:
                 if self._abort.is_set():
-                    res = StepResult(host=host, stage=stage.name, step=step.id, kind=step.kind,
-                                     changes=step.changes, status="skipped")
+                    res = StepResult(
+                        host=host,
+                        stage=stage.name,
+                        step=step.id,
+                        kind=step.kind,
+                        changes=step.changes,
+                        status="skipped",
+                    )
                 else:
                     res = self._run_step(stage.name, step)
                     with lock:
@@ -223,8 +229,15 @@ class Engine:
         return results
 
     def _run_step(self, stage: str, step: Step) -> StepResult:
-        res = StepResult(host=step.host, stage=stage, step=step.id, kind=step.kind, changes=step.changes,
-                         status="ok", started=self.now())
+        res = StepResult(
+            host=step.host,
+            stage=stage,
+            step=step.id,
+            kind=step.kind,
+            changes=step.changes,
+            status="ok",
+            started=self.now(),
+        )
         self.emit(Event("step_start", host=step.host, stage=stage, step=step.id, message=step.description))
         t0 = self.clock()
         try:
@@ -247,17 +260,31 @@ class Engine:
             if step.wait and step.wait.log:
                 res.log_tail = self._log_tail(step.host, step.wait.log)
         res.ended = self.now()
-        self.emit(Event("step_end", host=step.host, stage=stage, step=step.id, status=res.status,
-                        message=res.error or step.description, elapsed=self.clock() - t0))
+        self.emit(
+            Event(
+                "step_end",
+                host=step.host,
+                stage=stage,
+                step=step.id,
+                status=res.status,
+                message=res.error or step.description,
+                elapsed=self.clock() - t0,
+            )
+        )
         return res
 
     def _run_command(self, host: str, cmd: Command, res: StepResult, check: bool) -> Result:
         line, data = remote_line(cmd, self.nopasswd.get(host, False), self.secrets, self.blobs)
         result = self.transports[host].run(line, stdin=data, timeout=cmd.timeout or self.command_timeout)
-        res.commands.append(CommandRecord(
-            command=cmd.render(), exit_code=result.exit_code, duration=round(result.duration, 3),
-            stdout=self.secrets.redact(_tail(result.stdout)), stderr=self.secrets.redact(_tail(result.stderr)),
-        ))
+        res.commands.append(
+            CommandRecord(
+                command=cmd.render(),
+                exit_code=result.exit_code,
+                duration=round(result.duration, 3),
+                stdout=self.secrets.redact(_tail(result.stdout)),
+                stderr=self.secrets.redact(_tail(result.stderr)),
+            )
+        )
         if check and not result.ok:
             detail = _tail(result.stderr or result.stdout, 5)
             raise HostError(f"`{cmd.render()}` exited {result.exit_code}: {self.secrets.redact(detail)}")
@@ -275,7 +302,9 @@ class Engine:
             except HostError as exc:
                 res.commands = attempt.commands
                 if self._abort.is_set() or self.clock() - t0 >= step.wait.deadline:
-                    raise HostError(f"not true after {step.wait.deadline:g}s: {step.description}; last: {exc}") from None
+                    raise HostError(
+                        f"not true after {step.wait.deadline:g}s: {step.description}; last: {exc}"
+                    ) from None
             self.sleep(step.wait.interval)
 
     def _wait_http(self, stage: str, step: Step, res: StepResult, t0: float) -> None:
@@ -290,8 +319,17 @@ class Engine:
             if p.phase != phase:
                 now = self.clock()
                 if phase:
-                    self.emit(Event("phase", host=step.host, stage=stage, step=step.id, status=phase,
-                                    message=f"{phase} took {now - phase_t:.1f}s", elapsed=now - phase_t))
+                    self.emit(
+                        Event(
+                            "phase",
+                            host=step.host,
+                            stage=stage,
+                            step=step.id,
+                            status=phase,
+                            message=f"{phase} took {now - phase_t:.1f}s",
+                            elapsed=now - phase_t,
+                        )
+                    )
                 phase, phase_t = p.phase, now
                 self.emit(Event("phase", host=step.host, stage=stage, step=step.id, status=phase, message=p.detail))
             if p.ready:

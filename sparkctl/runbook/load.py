@@ -45,12 +45,22 @@ def _check(rb: Runbook) -> list[tuple[tuple[str | int, ...], str, str]]:
                 import difflib
 
                 close = difflib.get_close_matches(step.action, list(ACTIONS), n=1)
-                found.append(((group, i, "action"), f"unknown action '{step.action}'",
-                              f"did you mean '{close[0]}'?" if close else f"one of: {', '.join(sorted(ACTIONS))}"))
+                found.append(
+                    (
+                        (group, i, "action"),
+                        f"unknown action '{step.action}'",
+                        f"did you mean '{close[0]}'?" if close else f"one of: {', '.join(sorted(ACTIONS))}",
+                    )
+                )
                 continue
             if action.needs_shell_opt_in and not step.shell:
-                found.append(((group, i, "shell"), f"action '{step.action}' runs arbitrary commands",
-                              "opt in with `shell: true` on this step"))
+                found.append(
+                    (
+                        (group, i, "shell"),
+                        f"action '{step.action}' runs arbitrary commands",
+                        "opt in with `shell: true` on this step",
+                    )
+                )
             try:
                 action.Args.model_validate(_substitute(step.args, {k: p.default for k, p in rb.parameters.items()}))
             except ValidationError as exc:
@@ -60,8 +70,13 @@ def _check(rb: Runbook) -> list[tuple[tuple[str | int, ...], str, str]]:
                 cleanup = {s.name for s in rb.cleanup}
                 for ref in step.on_failure:
                     if ref not in cleanup:
-                        found.append(((group, i, "on_failure"), f"'{ref}' is not a cleanup step",
-                                      "name a step listed under cleanup:"))
+                        found.append(
+                            (
+                                (group, i, "on_failure"),
+                                f"'{ref}' is not a cleanup step",
+                                "name a step listed under cleanup:",
+                            )
+                        )
             elif step.on_failure not in ("stop", "continue"):
                 found.append(((group, i, "on_failure"), f"'{step.on_failure}' is not stop, continue or a list", ""))
             if step.when:
@@ -105,16 +120,31 @@ def resolve_params(rb: Runbook, overrides: dict[str, str]) -> dict[str, Any]:
 
     unknown = sorted(set(overrides) - set(rb.parameters))
     if unknown:
-        raise RunbookError([Problem(f"--set {k}", f"'{rb.name}' has no parameter '{k}'",
-                                    f"parameters: {', '.join(rb.parameters) or '(none)'}") for k in unknown])
+        raise RunbookError(
+            [
+                Problem(
+                    f"--set {k}",
+                    f"'{rb.name}' has no parameter '{k}'",
+                    f"parameters: {', '.join(rb.parameters) or '(none)'}",
+                )
+                for k in unknown
+            ]
+        )
     params = {k: p.default for k, p in rb.parameters.items()}
     for k, v in overrides.items():
         params[k] = yaml.safe_load(v) if v else v
     missing = [k for k, p in rb.parameters.items() if p.required and params.get(k) in (None, "")]
     if missing:
-        raise RunbookError([Problem(f"{rb.name}", f"parameter '{k}' needs a value",
-                                    f"--set {k}=... ({rb.parameters[k].description or 'see the runbook'})")
-                            for k in missing])
+        raise RunbookError(
+            [
+                Problem(
+                    f"{rb.name}",
+                    f"parameter '{k}' needs a value",
+                    f"--set {k}=... ({rb.parameters[k].description or 'see the runbook'})",
+                )
+                for k in missing
+            ]
+        )
     return params
 
 
@@ -144,8 +174,15 @@ def select_hosts(ctx: PlanContext, selector: str) -> list[Host]:
     try:
         return [inv.host(selector)]
     except KeyError:
-        raise RunbookError([Problem(f"hosts: {selector}", "no such host",
-                                    f"use all, head, workers or one of {[h.name for h in inv.hosts]}")]) from None
+        raise RunbookError(
+            [
+                Problem(
+                    f"hosts: {selector}",
+                    "no such host",
+                    f"use all, head, workers or one of {[h.name for h in inv.hosts]}",
+                )
+            ]
+        ) from None
 
 
 def plan_stage(step: RunbookStep, ctx: PlanContext, params: dict[str, Any]) -> Stage:
@@ -155,21 +192,34 @@ def plan_stage(step: RunbookStep, ctx: PlanContext, params: dict[str, Any]) -> S
     step_ctx = ctx
     if hasattr(args, "workloads"):
         inv = _override_workloads(ctx, step.name, args.workloads, getattr(args, "set", None))
-        step_ctx = PlanContext(inv, ctx.facts, {**ctx.params, "workloads": args.workloads}, ctx.digests, ctx.changed,
-                               ctx.offline)
+        step_ctx = PlanContext(
+            inv, ctx.facts, {**ctx.params, "workloads": args.workloads}, ctx.digests, ctx.changed, ctx.offline
+        )
     steps = [s for h in select_hosts(ctx, step.hosts) for s in action.plan(step_ctx, h, args)]
-    return Stage(name=step.name, action=step.action, steps=steps,
-                 on_failure=step.on_failure if isinstance(step.on_failure, str) else ",".join(step.on_failure))
+    return Stage(
+        name=step.name,
+        action=step.action,
+        steps=steps,
+        on_failure=step.on_failure if isinstance(step.on_failure, str) else ",".join(step.on_failure),
+    )
 
 
-def _override_workloads(ctx: PlanContext, step: str, names: list[str] | None,
-                        changes: dict[str, Any] | None) -> Inventory:
+def _override_workloads(
+    ctx: PlanContext, step: str, names: list[str] | None, changes: dict[str, Any] | None
+) -> Inventory:
     """The inventory with `set:` applied to the selected workloads, validated like the inventory itself."""
     inv = ctx.inventory
     unknown = sorted(set(names or []) - {w.name for w in inv.workloads})
     if unknown:
-        raise RunbookError([Problem(f"step {step} args.workloads", f"no workload named {', '.join(unknown)}",
-                                    f"the inventory has: {', '.join(w.name for w in inv.workloads) or 'none'}")])
+        raise RunbookError(
+            [
+                Problem(
+                    f"step {step} args.workloads",
+                    f"no workload named {', '.join(unknown)}",
+                    f"the inventory has: {', '.join(w.name for w in inv.workloads) or 'none'}",
+                )
+            ]
+        )
     changes = {k: v for k, v in (changes or {}).items() if v is not None}  # null keeps the inventory's value
     if not changes:
         return inv
@@ -179,20 +229,33 @@ def _override_workloads(ctx: PlanContext, step: str, names: list[str] | None,
     from sparkctl.inventory.models import Workload
 
     try:
-        workloads = [Workload.model_validate({**w.model_dump(), **changes}) if not names or w.name in names else w
-                     for w in inv.workloads]
+        workloads = [
+            Workload.model_validate({**w.model_dump(), **changes}) if not names or w.name in names else w
+            for w in inv.workloads
+        ]
         new = inv.model_copy(update={"workloads": workloads})
     except ValidationError as exc:
-        raise RunbookError([Problem(f"step {step} args.set.{'.'.join(map(str, e['loc']))}",
-                                    e["msg"].removeprefix("Value error, ")) for e in exc.errors()]) from None
+        raise RunbookError(
+            [
+                Problem(f"step {step} args.set.{'.'.join(map(str, e['loc']))}", e["msg"].removeprefix("Value error, "))
+                for e in exc.errors()
+            ]
+        ) from None
     found = check_inventory(new)
     if found:
         raise RunbookError([Problem(f"step {step} args.set", msg, hint) for _, msg, hint in found])
     return new
 
 
-def build_runbook_plan(rb: Runbook, ctx: PlanContext, params: dict[str, Any], *, start: int = 0,
-                       only: str | None = None, offline: bool = False) -> Plan:
+def build_runbook_plan(
+    rb: Runbook,
+    ctx: PlanContext,
+    params: dict[str, Any],
+    *,
+    start: int = 0,
+    only: str | None = None,
+    offline: bool = False,
+) -> Plan:
     """Plan every step of a runbook in order; later steps see which kinds earlier ones change."""
     stages = []
     notes = []
@@ -209,8 +272,14 @@ def build_runbook_plan(rb: Runbook, ctx: PlanContext, params: dict[str, Any], *,
         for s in stage.steps:
             if s.kind == "worker_env":  # how each host's GID index was found deserves a line of its own
                 notes += [f"{s.host}: {n}" for n in s.notes if f"{s.host}: {n}" not in notes]
-    return Plan(cluster=ctx.inventory.cluster, runbook=rb.name, hosts=[h.name for h in ctx.inventory.hosts],
-                stages=stages, notes=notes, offline=offline)
+    return Plan(
+        cluster=ctx.inventory.cluster,
+        runbook=rb.name,
+        hosts=[h.name for h in ctx.inventory.hosts],
+        stages=stages,
+        notes=notes,
+        offline=offline,
+    )
 
 
 def step_index(rb: Runbook, name: str, option: str = "--from") -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from collections.abc import Callable, Mapping
@@ -40,10 +41,12 @@ class Unreachable(HostError):
 
 def ssh_connect(accept_new_host_keys: bool) -> Connect:
     """The real connector (imports Fabric only when called)."""
+
     def connect(inv: Inventory, name: str) -> Transport:
         from sparkctl.execute import ssh
 
         return ssh.connect(inv.host(name), inv.ssh, accept_new_host_keys=accept_new_host_keys)
+
     return connect
 
 
@@ -92,28 +95,51 @@ class Session:
         found = gather_facts(self.inventory, self.transports)
         bad = {n: v for n, v in found.items() if isinstance(v, HostError)}
         if bad:
-            raise Unreachable([Problem(p.where or n, p.message, p.hint) for n, e in bad.items() for p in e.problems],
-                              hint="nothing was changed on any host")
+            raise Unreachable(
+                [Problem(p.where or n, p.message, p.hint) for n, e in bad.items() for p in e.problems],
+                hint="nothing was changed on any host",
+            )
         self.facts = {n: v for n, v in found.items() if isinstance(v, HostFacts)}
 
     def context(self, secrets: Mapping[str, str], params: Mapping[str, Any]) -> PlanContext:
         return PlanContext(self.inventory, self.facts, params, self.digests(secrets))
 
-    def plan(self, rb: Runbook, params: dict[str, Any], secrets: Mapping[str, str], *, start: int = 0,
-             only: str | None = None) -> Plan:
+    def plan(
+        self,
+        rb: Runbook,
+        params: dict[str, Any],
+        secrets: Mapping[str, str],
+        *,
+        start: int = 0,
+        only: str | None = None,
+    ) -> Plan:
         return build_runbook_plan(rb, self.context(secrets, params), params, start=start, only=only)
 
     def check_sudo(self, plan: Plan, password: Callable[[], str | None]) -> dict[str, str]:
         """Resolve the sudo password if a host needs one for this plan, and verify it there (fails fast)."""
-        needs = sorted({s.host for st in plan.stages for s in st.steps for c in s.commands
-                        if c.sudo and not self.facts[s.host].sudo_nopasswd})
+        needs = sorted(
+            {
+                s.host
+                for st in plan.stages
+                for s in st.steps
+                for c in s.commands
+                if c.sudo and not self.facts[s.host].sudo_nopasswd
+            }
+        )
         if not needs:
             return {}
         pw = password()
         if not pw:
             env = self.inventory.sudo.password_env
-            raise SecretError([Problem(", ".join(needs), "sudo needs a password on these hosts",
-                                       f"set {env}, sudo.password_file, or run on a terminal to be asked once")])
+            raise SecretError(
+                [
+                    Problem(
+                        ", ".join(needs),
+                        "sudo needs a password on these hosts",
+                        f"set {env}, sudo.password_file, or run on a terminal to be asked once",
+                    )
+                ]
+            )
         bad = []
         for host in needs:
             r = self.transports[host].run("sudo -k -S -p '' -- true", stdin=pw + "\n", timeout=30)
@@ -123,14 +149,25 @@ class Session:
             raise HostError(bad)
         return {"sudo_password": pw}
 
-    def apply(self, rb: Runbook, plan: Plan, params: dict[str, Any], secrets: Mapping[str, str], *,
-              confirm: Callable[[str], bool] = lambda m: True, start: int = 0) -> Report:
+    def apply(
+        self,
+        rb: Runbook,
+        plan: Plan,
+        params: dict[str, Any],
+        secrets: Mapping[str, str],
+        *,
+        confirm: Callable[[str], bool] = lambda m: True,
+        start: int = 0,
+    ) -> Report:
         """Run the plan; re-read the hosts after each changing stage; journal the run."""
         engine = Engine(
             transports=self.transports,
             nopasswd={n: f.sudo_nopasswd for n, f in self.facts.items()},
-            secrets=Secrets(secrets), blobs={"worker_code": worker_code()},
-            emit=self.emit, command_timeout=self.inventory.ssh.command_timeout, confirm=confirm,
+            secrets=Secrets(secrets),
+            blobs={"worker_code": worker_code()},
+            emit=self.emit,
+            command_timeout=self.inventory.ssh.command_timeout,
+            confirm=confirm,
         )
         run_id = state.new_run_id()
         started = time.time()
@@ -153,22 +190,30 @@ class Session:
 
         report = engine.run(plan, replan=replan, cleanup=cleanup)
         report.run_id = run_id
-        state.append_journal({
-            "id": run_id, "cluster": plan.cluster, "runbook": rb.name, "started": started, "ended": time.time(),
-            "ok": report.ok, "interrupted": report.interrupted,
-            "params": {k: ("<redacted>" if rb.parameters.get(k) and rb.parameters[k].secret else v)
-                       for k, v in params.items()},
-            "hosts": report.hosts, "revisions": report.revisions,
-            "planned_changes": plan.changes,
-            "steps": [r.model_dump() for r in report.results],
-            "executed": [s.model_dump() for s in report.executed],
-        })
+        state.append_journal(
+            {
+                "id": run_id,
+                "cluster": plan.cluster,
+                "runbook": rb.name,
+                "started": started,
+                "ended": time.time(),
+                "ok": report.ok,
+                "interrupted": report.interrupted,
+                "params": {
+                    k: ("<redacted>" if rb.parameters.get(k) and rb.parameters[k].secret else v)
+                    for k, v in params.items()
+                },
+                "hosts": report.hosts,
+                "revisions": report.revisions,
+                "planned_changes": plan.changes,
+                "steps": [r.model_dump() for r in report.results],
+                "executed": [s.model_dump() for s in report.executed],
+            }
+        )
         return report
 
     def close(self) -> None:
         for t in self.transports.values():
-            try:
+            with contextlib.suppress(Exception):
                 t.close()
-            except Exception:  # noqa: BLE001 - closing is best effort
-                pass
         self.transports.clear()

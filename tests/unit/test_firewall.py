@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from sparkctl.facts.parse import parse_probe
-from sparkctl.facts.probe import FIREWALL_FILE, MARK, build_probe
+from sparkctl.facts.probe import MARK, build_probe
+from sparkctl.paths import FIREWALL_FILE
 from sparkctl.inventory import parse_inventory
 from sparkctl.inventory.models import Inventory
 from sparkctl.launch import commands as lc
