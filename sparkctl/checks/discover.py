@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from sparkctl.facts.parse import parse_ip_addr, parse_nvidia_smi, parse_route_dev, parse_sections
@@ -64,7 +65,7 @@ def parse_discovery(address: str, output: str) -> Discovered:
 
 
 def propose_inventory(
-    found: list[Discovered], cluster: str = "spark-pair", ssh: dict[str, object] | None = None
+    found: list[Discovered], cluster: str = "spark-pair", ssh: Mapping[str, object] | None = None
 ) -> tuple[str, list[str]]:
     """A complete inventory as YAML, and what could not be determined."""
     used = {ipaddress.ip_network(n) for d in found for n in d.used_nets}

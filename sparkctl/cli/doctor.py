@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -145,7 +145,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             raise typer.Exit(EXIT_FAILED)
 
 
-def _bench(session: Session, mb: int) -> dict[str, object]:
+def _bench(session: Session, mb: int) -> dict[str, Any]:
     inv = session.inventory
     head = session.transports[inv.head.name]
     have_rdma = head.run("command -v ib_write_bw all_gather_perf", timeout=10).ok

@@ -15,8 +15,9 @@ RAY_MARKERS = ("raylet", "gcs_server", "ray::", "ray/dashboard", "ray/_private",
 WORKLOAD_MARKERS = (lc.WORKER_FILE, "vllm serve", "/bin/vllm serve")
 
 
-def _sh(line: str, **kw: object) -> Command:
-    return Command(argv=["sh", "-c", line], **kw)  # type: ignore[arg-type]
+def _sh(line: str, *, stdin: str | None = None, stdin_secret: str | None = None) -> Command:
+    """A shell line (built from quoted, validated values) run by `sh -c`."""
+    return Command(argv=["sh", "-c", line], stdin=stdin, stdin_secret=stdin_secret)
 
 
 def plan_verify_fabric(ctx: PlanContext, host: Host) -> list[Step]:
