@@ -155,21 +155,20 @@ def plan_ray_node(ctx: PlanContext, host: Host) -> list[Step]:
 
 
 def plan_ray_ready(ctx: PlanContext, host: Host) -> list[Step]:
-    """On the head: wait until every host's node is alive in Ray."""
-    if host.name != ctx.inventory.head.name:
-        return []
+    """Wait until Ray shows this host's node alive (on the head: every node), so a timeout names the missing host
+    and shows that host's own Ray log."""
+    inv = ctx.inventory
+    is_head = host.name == inv.head.name
+    expected = [lc.fabric_ip(h) for h in inv.hosts] if is_head else [lc.fabric_ip(host)]
     return [
         Step(
             host=host.name,
             kind="verify_ray",
-            target="formation",
-            description=f"Ray shows all {len(ctx.inventory.hosts)} nodes alive",
-            commands=[
-                _sh(
-                    lc.build_ray_check(ctx.inventory, ctx.home(host)),
-                    stdin=lc.ray_check_script([lc.fabric_ip(h) for h in ctx.inventory.hosts]),
-                )
-            ],
+            target="formation" if is_head else "node",
+            description=f"Ray shows all {len(inv.hosts)} nodes alive"
+            if is_head
+            else f"Ray shows {host.name} ({expected[0]}) alive",
+            commands=[_sh(lc.build_ray_check(inv, ctx.home(host)), stdin=lc.ray_check_script(expected))],
             changes=False,
             wait=Wait(kind="remote", deadline=120, interval=2, log=paths.log_path(ctx.home(host), "ray")),
         )
