@@ -264,3 +264,18 @@ def test_down_leaves_nothing_running_and_up_converges_again(pair: Pair) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     r = pair.run("plan", "--json")
     assert changing(plan_steps(r.stdout)) == []
+
+
+def test_restore_network_returns_the_twins_to_their_stock_profiles(pair: Pair) -> None:
+    assert pair.run("down").returncode == 0
+    r = pair.run("restore-network", "--yes")
+    assert r.returncode == 0, r.stdout + r.stderr
+    for host in pair.tb.hosts:
+        cons = pair.tb.exec(host, ["nmcli", "-t", "-f", "NAME,AUTOCONNECT", "connection", "show"]).stdout.splitlines()
+        assert not [c for c in cons if c.startswith("sparkctl-")], cons
+        wired = [c for c in cons if c.startswith("Wired connection")]
+        assert wired and all(c.endswith(":yes") for c in wired), cons
+        files = pair.tb.exec(host, ["ls", "/etc/NetworkManager/system-connections"]).stdout
+        assert "sparkctl-" not in files
+        links = ip_addrs(pair.tb, host)
+        assert all(not any(a.startswith("192.168.10") for a in ipv4(links[t])) for t in TWINS)
