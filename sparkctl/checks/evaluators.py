@@ -285,7 +285,7 @@ def gid_index(ctx: CheckContext, rule: Rule) -> list[Finding]:
                 continue
             per_host.setdefault(h.name, idx)
             env_value = _env_value(f.env_file, "NCCL_IB_GID_INDEX")
-            ok = env_value in (None, str(per_host[h.name]))
+            ok = env_value in (None, str(idx))
             out.append(
                 _f(
                     rule,
@@ -345,7 +345,7 @@ def estimate_weights_gb(model: str) -> float | None:
         return None
     params = max(sizes)
     lower = model.lower()
-    if any(k in lower for k in ("awq", "gptq", "int4", "4bit", "nvfp4", "mxfp4", "fp4")):
+    if any(k in lower for k in ("awq", "gptq", "int4", "4bit", "nvfp4", "mxfp4", "fp4", "gpt-oss")):
         per = 0.55
     elif any(k in lower for k in ("fp8", "int8", "8bit")):
         per = 1.05
@@ -381,7 +381,8 @@ def _arg_value(w: Workload, flag: str) -> str | None:
     args = w.extra_args
     for i, a in enumerate(args):
         if a == flag:
-            return args[i + 1] if i + 1 < len(args) else ""
+            nxt = args[i + 1] if i + 1 < len(args) else ""
+            return "" if nxt.startswith("--") else nxt
         if a.startswith(flag + "="):
             return a.split("=", 1)[1]
     return None
@@ -414,7 +415,12 @@ def workload_flag(ctx: CheckContext, rule: Rule) -> list[Finding]:
             hit = rule.args["contains"] in " ".join([w.model, *w.extra_args]).lower()
         for k, v in (rule.args.get("env") or {}).items():
             hit = hit or w.env.get(k, "").upper() == v
-        evidence = f"{flag}{'=' + value if value else ''} in extra_args" if hit else f"no {flag}"
+        if not hit:
+            evidence = f"no {flag}"
+        elif value is None:
+            evidence = f"set through the environment ({', '.join(rule.args.get('env') or {})})"
+        else:
+            evidence = f"{flag}{'=' + value if value else ''} in extra_args"
         out.append(_f(rule, not hit, f"workload {w.name}", evidence))
     return out
 
@@ -440,24 +446,27 @@ def _needed_ports(inv: Inventory, host: str) -> dict[int, str]:
     return ports
 
 
+def _ours(owner: str, ray_running: bool, f: HostFacts) -> bool:
+    """A busy port belongs to this cluster: Ray's while Ray runs, a workload's while sparkctl records it."""
+    if owner == "ray":
+        return ray_running
+    return f"workload-{owner.removeprefix('workload ')}.pid" in f.files
+
+
 @evaluator("ports_free")
 def ports_free(ctx: CheckContext, rule: Rule) -> list[Finding]:
     out = []
     for name, f in _hosts(ctx):
-        ours_running = any(m in p.args for p in f.processes for m in RAY_MARKERS[:2])
-        ours_running = ours_running or any(k.endswith(".pid") for k in f.files)
-        busy = sorted({ln.port for ln in f.listeners if ln.port in _needed_ports(ctx.inventory, name)})
-        ok = not busy or ours_running
-        out.append(
-            _f(
-                rule,
-                ok,
-                name,
-                f"ports in use: {', '.join(map(str, busy))}" + (" (by this cluster)" if busy and ours_running else "")
-                if busy
-                else "needed ports free",
-            )
-        )
+        ray_running = any(m in p.args for p in f.processes for m in RAY_MARKERS[:2]) or "sparkctl-ray" in f.containers
+        needed = _needed_ports(ctx.inventory, name)
+        busy = sorted({ln.port for ln in f.listeners if ln.port in needed})
+
+        foreign = [p for p in busy if not _ours(needed[p], ray_running, f)]
+        if foreign:
+            evidence = "held by something else: " + ", ".join(f"{p} ({needed[p]})" for p in foreign)
+        else:
+            evidence = f"ports in use by this cluster: {', '.join(map(str, busy))}" if busy else "needed ports free"
+        out.append(_f(rule, not foreign, name, evidence))
     return out
 
 

@@ -118,6 +118,7 @@ class HostFacts(_Fact):
     env_file: str | None = Field(None, description="content of the env file sparkctl manages, None if absent")
     non_carry_over: str | None = None
     processes: list[Process] = Field(default_factory=list)
+    containers: dict[str, str] = Field(default_factory=dict, description="running sparkctl-* containers: name -> image")
     listeners: list[Listener] = Field(default_factory=list)
     meminfo_kb: dict[str, int] = Field(default_factory=dict)
     gids: list[GidEntry] = Field(default_factory=list)

@@ -191,7 +191,8 @@ def parse_listeners(text: str) -> list[Listener]:
             continue
         addr, _, port = parts[3].rpartition(":")
         if port.isdigit():
-            result.append(Listener(address=addr.strip("[]").split("%")[0], port=int(port)))
+            address = addr.strip("[]").split("%")[0].removeprefix("::ffff:")  # IPv4-mapped is IPv4
+            result.append(Listener(address=address, port=int(port)))
     return result
 
 
@@ -273,6 +274,7 @@ def parse_probe(host: str, output: str) -> HostFacts:
         env_file=_file_section(s.get("env_file", "")),
         non_carry_over=_file_section(s.get("non_carry_over", "")),
         processes=parse_processes(s.get("processes", "")),
+        containers=dict(line.split(None, 1) for line in s.get("containers", "").splitlines() if len(line.split()) == 2),
         listeners=parse_listeners(s.get("listeners", "")),
         meminfo_kb=parse_meminfo(s.get("meminfo", "")),
         gids=parse_gids(s.get("gids", "")),

@@ -55,6 +55,10 @@ def build_probe(inventory: Inventory, host: Host) -> str:
         "firewall": (
             f"cat {q(paths.FIREWALL_FILE)} 2>/dev/null && echo && echo '{MARK} present' || echo '{MARK} absent'"
         ),
+        "containers": (
+            "command -v docker >/dev/null && docker ps --filter name=sparkctl- --format '{{.Names}} {{.Image}}' "
+            "2>/dev/null; true"
+        ),
         "processes": "ps -eo pid=,user=,args=",
         "listeners": "ss -ltnH 2>/dev/null || true",
         "meminfo": "grep -E '^(MemTotal|MemFree|MemAvailable|Cached|Buffers):' /proc/meminfo",

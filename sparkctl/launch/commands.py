@@ -79,7 +79,15 @@ def build_ray_start(inv: Inventory, host: Host, home: str) -> str:
         "-c",
         shlex.join(argv),
     ]
-    return f"mkdir -p {q(paths.state_dir(home))}/logs && {shlex.join(docker)}"
+    return f"mkdir -p {q(paths.state_dir(home))}/logs && {_docker_run(RAY_CONTAINER, docker, log)}"
+
+
+def _docker_run(name: str, docker: list[str], log: str) -> str:
+    """Replace a container of that name (a stopped one keeps the name) and follow its output into `log`."""
+    return (
+        f"{{ docker rm -f {q(name)} >/dev/null 2>&1; true; }} && {shlex.join(docker)} > /dev/null && "
+        f"{{ setsid docker logs -f {q(name)} >> {q(log)} 2>&1 < /dev/null & }}"
+    )
 
 
 def container_flags(inv: Inventory, home: str) -> list[str]:
@@ -202,16 +210,19 @@ def workload_argv(inv: Inventory, w: Workload, home: str) -> list[str]:
 SPREAD = json.dumps({"placement_group_options": {"strategy": "SPREAD"}}, separators=(",", ":"))
 
 
-def workload_env(w: Workload) -> dict[str, str]:
-    """Extra environment of a workload process (besides the env file and the API key)."""
-    env = {"VLLM_DISTRIBUTED_EXECUTOR_CONFIG": SPREAD} if w.engine == "vllm" else {}
+def workload_env(inv: Inventory, w: Workload) -> dict[str, str]:
+    """Extra environment of a workload process (besides the env file and the API key): where Ray's head is."""
+    env = {"RAY_ADDRESS": f"{fabric_ip(inv.head)}:{inv.ray.port}"}
+    if w.engine == "vllm":
+        env["VLLM_DISTRIBUTED_EXECUTOR_CONFIG"] = SPREAD
     return env | dict(w.env)
 
 
 def workload_spec(inv: Inventory, w: Workload, home: str) -> str:
-    """One line identifying what a workload runs; a change of it means a restart."""
-    env = " ".join(f"{k}={v}" for k, v in sorted(workload_env(w).items()))
-    return f"{env} {shlex.join(workload_argv(inv, w, home))}".strip()
+    """One line identifying what a workload runs (and in which image); a change of it means a restart."""
+    env = " ".join(f"{k}={v}" for k, v in sorted(workload_env(inv, w).items()))
+    image = f"image={inv.runtime.image} " if inv.runtime.image else ""
+    return f"{image}{env} {shlex.join(workload_argv(inv, w, home))}".strip()
 
 
 def pid_file(home: str, name: str) -> str:
@@ -226,7 +237,7 @@ def build_workload_start(inv: Inventory, w: Workload, home: str) -> str:
     """Start a workload detached (own session), API key read from stdin, pid and spec recorded."""
     log = paths.log_path(home, w.name)
     argv = workload_argv(inv, w, home)
-    env = " ".join(f"{k}={q(v)}" for k, v in workload_env(w).items())
+    env = " ".join(f"{k}={q(v)}" for k, v in workload_env(inv, w).items())
     key_var = "VLLM_API_KEY" if w.engine == "vllm" else "SPARKCTL_API_KEY"
     pidf = q(pid_file(home, w.name))
     if inv.runtime.venv:
@@ -235,7 +246,7 @@ def build_workload_start(inv: Inventory, w: Workload, home: str) -> str:
         launch = f"{{ {prefix}setsid {shlex.join(argv)} > {q(log)} 2>&1 < /dev/null & }} && echo $! > {pidf}"
     else:
         name = f"sparkctl-{w.name}"
-        envs = [x for k, v in workload_env(w).items() for x in ("-e", f"{k}={v}")]
+        envs = [x for k, v in workload_env(inv, w).items() for x in ("-e", f"{k}={v}")]
         docker = [
             "docker",
             "run",
@@ -249,7 +260,7 @@ def build_workload_start(inv: Inventory, w: Workload, home: str) -> str:
             inv.runtime.image or "",
             *argv,
         ]
-        launch = f"{shlex.join(docker)} > {q(log)} 2>&1 && docker inspect -f '{{{{.State.Pid}}}}' {q(name)} > {pidf}"
+        launch = f"{_docker_run(name, docker, log)} && docker inspect -f '{{{{.State.Pid}}}}' {q(name)} > {pidf}"
     return (
         f"mkdir -p {q(paths.state_dir(home))}/logs && "
         f"IFS= read -r {key_var} && export {key_var} && {_env_prelude(home)}"
@@ -266,8 +277,12 @@ def build_workload_stop(inv: Inventory, name: str, home: str, grace: int = 30) -
         f'while kill -0 -"$pid" 2>/dev/null && [ $i -lt {grace * 5} ]; do sleep 0.2; i=$((i+1)); done; '
         f'kill -KILL -"$pid" 2>/dev/null; rm -f {pidf} {q(spec_file(home, name))}; fi; true'
     )
-    if inv.runtime.image:
-        stop = f"docker rm -f {q('sparkctl-' + name)} >/dev/null 2>&1; {stop}"
+    if inv.runtime.image:  # the container's processes belong to root: docker stops them (TERM, KILL after grace)
+        container = q(f"sparkctl-{name}")
+        return (
+            f"docker stop -t {grace} {container} >/dev/null 2>&1; docker rm -f {container} >/dev/null 2>&1; "
+            f"rm -f {pidf} {q(spec_file(home, name))}; true"
+        )
     return stop
 
 

@@ -76,6 +76,8 @@ def ray_running_ok(ctx: PlanContext, host: Host) -> bool:
     """Ray runs on this host, on its fabric address, with the cluster's token."""
     facts = ctx.facts[host.name]
     token_ok = facts.files.get("ray-token.sha256") == ctx.digests.get("ray_token")
+    if ctx.inventory.runtime.image:  # in its container, from the inventory's image
+        return token_ok and facts.containers.get(lc.RAY_CONTAINER) == ctx.inventory.runtime.image
     return token_ok and _raylet_ips(facts) == {lc.fabric_ip(host)}
 
 
@@ -134,7 +136,11 @@ def plan_ray_node(ctx: PlanContext, host: Host) -> list[Step]:
         return []
     home = ctx.home(host)
     cmds = []
-    running = _raylet_ips(facts) or any(m in p.args for p in facts.processes for m in RAY_MARKERS[:2])
+    running = (
+        _raylet_ips(facts)
+        or any(m in p.args for p in facts.processes for m in RAY_MARKERS[:2])
+        or lc.RAY_CONTAINER in facts.containers
+    )
     if running:
         cmds.append(_sh(lc.build_ray_stop(ctx.inventory, home)))
     cmds.append(_sh(lc.build_ray_start(ctx.inventory, host, home)))
@@ -188,7 +194,10 @@ def workload_state(ctx: PlanContext, w: Workload) -> str:
     head = ctx.inventory.head
     facts = ctx.facts[head.name]
     pid = facts.files.get(f"workload-{w.name}.pid", "").strip()
-    alive = pid.isdigit() and any(p.pid == int(pid) for p in facts.processes)
+    if ctx.inventory.runtime.image:
+        alive = f"sparkctl-{w.name}" in facts.containers
+    else:
+        alive = pid.isdigit() and any(p.pid == int(pid) for p in facts.processes)
     if not alive:
         return "stopped"
     spec = facts.files.get(f"workload-{w.name}.spec", "")
@@ -228,7 +237,7 @@ def plan_workloads(ctx: PlanContext, host: Host) -> list[Step]:
     facts = ctx.facts[host.name]
     steps: list[Step] = []
     starting = workloads_to_start(ctx)
-    if any(w.engine == "embed" for w in _selected(ctx)) and inv.runtime.venv:
+    if any(w.engine == "embed" for w in _selected(ctx)):  # the state dir is mounted into containers too
         have = facts.files.get(f"{lc.WORKER_FILE}.sha256")
         want = ctx.digests.get("worker_code", "")
         if have != want:
@@ -350,7 +359,8 @@ def plan_ray_stop(ctx: PlanContext, host: Host) -> list[Step]:
     """Stop Ray on a host if any of it runs."""
     facts = ctx.facts[host.name]
     procs = [p for p in facts.processes if p.user == facts.user and any(m in p.args for m in RAY_MARKERS)]
-    if not procs:
+    container = lc.RAY_CONTAINER in facts.containers  # its processes belong to root, not to the login user
+    if not procs and not container:
         return []
     return [
         Step(
@@ -359,7 +369,10 @@ def plan_ray_stop(ctx: PlanContext, host: Host) -> list[Step]:
             target="ray",
             description="stop Ray",
             commands=[_sh(lc.build_ray_stop(ctx.inventory, ctx.home(host)))],
-            diff=[f"- ray: {len(procs)} processes", "+ ray: stopped"],
+            diff=[
+                f"- ray: {f'container {lc.RAY_CONTAINER}' if container else f'{len(procs)} processes'}",
+                "+ ray: stopped",
+            ],
         )
     ]
 
@@ -368,13 +381,16 @@ def plan_verify_clean(ctx: PlanContext, host: Host) -> list[Step]:
     """Check that no Ray or worker process of the login user is left."""
     # "[r]aylet" matches "raylet" but not this check's own command line.
     pattern = "[r]aylet|[g]cs_server|[e]mbed_worker[.]py|[v]llm serve"
+    line = f'! pgrep -u "$(id -un)" -f -a -- {shlex.quote(pattern)}'
+    if ctx.inventory.runtime.image:  # containers run as root: ask docker
+        line += " && ! docker ps -q --filter name=sparkctl- | grep -q ."
     return [
         Step(
             host=host.name,
             kind="verify_clean",
             target="processes",
             description="no Ray or worker process is left",
-            commands=[_sh(f'! pgrep -u "$(id -un)" -f -a -- {shlex.quote(pattern)}')],
+            commands=[_sh(line)],
             changes=False,
             wait=Wait(kind="remote", deadline=30, interval=1),
         )
