@@ -11,6 +11,7 @@ from __future__ import annotations
 import shlex
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +39,10 @@ STATE = f"{HOME}/.local/state/sparkctl"
 DIGESTS = {"ray_token": "5f2b6c1d0a9e8f7c", "worker_code": "0e1d2c3b4a59"}
 IMAGE_ID = "sha256:4c1e2b7a9d0f3e5c8b6a1d2f4e7c9b0a3d5f7e1c2b4a6d8f0e3c5b7a9d1f2e4c"
 EMBED = "\n  - name: emb\n    engine: embed\n    port: 8001\n"
-# What `up` records for the example's chat workload in container mode (the program runs inside the image).
+# What `up` records for the example's chat workload in container mode: the image, the environment (where Ray's
+# head is), then the program as it runs inside the image.
 CHAT_SPEC = (
+    f"image={IMAGE} RAY_ADDRESS=192.168.100.10:6379 "
     'VLLM_DISTRIBUTED_EXECUTOR_CONFIG={"placement_group_options":{"strategy":"SPREAD"}} '
     "vllm serve Qwen/Qwen3-30B-A3B-Instruct-2507 --served-model-name chat --tensor-parallel-size 2 "
     "--distributed-executor-backend ray --gpu-memory-utilization 0.85 --host 10.0.0.11 --port 8000 "
@@ -69,7 +72,10 @@ def _converged_venv_facts() -> dict[str, dict[str, Any]]:
 
 
 def converged_facts(user: str = "root") -> dict[str, HostFacts]:
-    """A converged pair in container mode: Ray and vLLM run in containers (as `user`, root unless rootless Docker)."""
+    """A converged pair in container mode: Ray and vLLM run in containers (as `user`, root unless rootless Docker).
+
+    `docker ps` lists sparkctl-ray on both hosts and sparkctl-chat on the head, all from IMAGE.
+    """
     ray = "/usr/local/lib/python3.12/dist-packages/ray/core/src/ray"
     procs = {
         "spark-a": [
@@ -102,13 +108,24 @@ def converged_facts(user: str = "root") -> dict[str, HostFacts]:
             ),
         ],
     }
+    containers = {
+        "spark-a": {"sparkctl-ray": IMAGE, "sparkctl-chat": IMAGE},
+        "spark-b": {"sparkctl-ray": IMAGE},
+    }
     result = {}
     for host, data in _converged_venv_facts().items():
         files = dict(data["files"])
         if "workload-chat.spec" in files:
             files["workload-chat.spec"] = CHAT_SPEC
         result[host] = HostFacts.model_validate(
-            {"host": host, **data, "files": files, "processes": procs[host], "runtime": Runtime(image_id=IMAGE_ID)}
+            {
+                "host": host,
+                **data,
+                "files": files,
+                "processes": procs[host],
+                "containers": containers[host],
+                "runtime": Runtime(image_id=IMAGE_ID),
+            }
         )
     return result
 
@@ -272,6 +289,7 @@ def test_vllm_workload_is_a_docker_run_of_the_same_image() -> None:
         "32768",
     ]
     assert has(options, "-e", f"VLLM_DISTRIBUTED_EXECUTOR_CONFIG={lc.SPREAD}")
+    assert has(options, "-e", "RAY_ADDRESS=192.168.100.10:6379")
     # the API key: read from stdin into the shell, handed to docker by name only
     assert has(options, "-e", "VLLM_API_KEY")
     assert not any(o.startswith("VLLM_API_KEY=") for o in shlex.split(line))
@@ -282,16 +300,12 @@ def test_vllm_workload_is_a_docker_run_of_the_same_image() -> None:
     assert step.diff[-1] == f"+ chat: {CHAT_SPEC}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the vLLM container has its own /tmp and PID namespace, so ray.init() inside it finds neither "
-    "/tmp/ray/ray_current_cluster nor a gcs_server process and, without RAY_ADDRESS, starts a private one-node Ray",
-)
-def test_vllm_container_is_told_where_the_ray_cluster_is() -> None:
-    inv = container_inventory()
-    options, _ = docker_run(sh_line(one(plan_of(inv, fresh(inv)), "spark-a", "workload", "chat").commands[-1]))
-    joined = has(options, "-e", "RAY_ADDRESS=192.168.100.10:6379") or any(o.startswith("/tmp/ray:") for o in options)
-    assert joined, options
+@pytest.mark.parametrize("workload", ["chat", "emb"])
+def test_workload_containers_are_told_where_the_ray_cluster_is(workload: str) -> None:
+    """The container has its own /tmp and PID namespace: without RAY_ADDRESS, ray.init() starts a private Ray."""
+    inv = container_inventory(WITH_EMBED)
+    options, _ = docker_run(sh_line(one(plan_of(inv, fresh(inv)), "spark-a", "workload", workload).commands[-1]))
+    assert has(options, "-e", "RAY_ADDRESS=192.168.100.10:6379"), options
 
 
 def test_embed_worker_runs_from_the_mounted_state_dir() -> None:
@@ -313,15 +327,20 @@ def test_venv_mode_ships_the_embed_worker() -> None:
     assert cmd.stdin_blob == "worker_code"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="plan_workloads ships embed_worker.py only when runtime.venv is set, yet the container runs "
-    "/sparkctl/embed_worker.py from the mounted state dir: on a host that never ran venv mode the file is missing",
-)
 def test_container_mode_ships_the_embed_worker_it_runs() -> None:
+    """The container runs /sparkctl/embed_worker.py from the mounted state dir, so `up` installs it there."""
     inv = container_inventory(WITH_EMBED)
-    (cmd,) = one(plan_of(inv, fresh(inv)), "spark-a", "worker_code").commands
-    assert cmd.argv[-1] == f"{STATE}/{lc.WORKER_FILE}"
+    plan = plan_of(inv, fresh(inv))
+    (cmd,) = one(plan, "spark-a", "worker_code").commands
+    assert cmd.argv == ["install", "-D", "-m", "0644", "/dev/stdin", f"{STATE}/{lc.WORKER_FILE}"]
+    assert cmd.stdin_blob == "worker_code"
+    ids = [s.id for s in steps(plan, "spark-a")]
+    assert ids.index(one(plan, "spark-a", "worker_code").id) < ids.index("workload:emb")
+
+
+def test_container_mode_without_an_embed_workload_ships_no_worker() -> None:
+    inv = container_inventory()
+    assert steps(plan_of(inv, fresh(inv)), kind="worker_code") == []
 
 
 # --- converged pair, restarts, leftovers -------------------------------------------------------------------------
@@ -338,6 +357,12 @@ def test_converged_container_pair_plans_no_change() -> None:
     ]
 
 
+CHAT_STOP = (
+    "docker stop -t 30 sparkctl-chat >/dev/null 2>&1; docker rm -f sparkctl-chat >/dev/null 2>&1; "
+    f"rm -f {STATE}/workload-chat.pid {STATE}/workload-chat.spec; true"
+)
+
+
 def test_rotated_token_restarts_ray_by_removing_its_container() -> None:
     plan = plan_of(container_inventory(), converged_facts(), digests=DIGESTS | {"ray_token": "99aa88bb77cc"})
     for host in ("spark-a", "spark-b"):
@@ -345,38 +370,59 @@ def test_rotated_token_restarts_ray_by_removing_its_container() -> None:
         assert sh_line(stop) == "docker rm -f sparkctl-ray >/dev/null 2>&1; true"
         assert docker_run(sh_line(start))[0][:3] == ["-d", "--name", "sparkctl-ray"]
     stop, start = one(plan, "spark-a", "workload", "chat").commands
-    assert sh_line(stop).startswith("docker rm -f sparkctl-chat >/dev/null 2>&1; ")
+    # the container's processes belong to root: docker stops it (TERM, KILL after 30 s), then removes it
+    assert sh_line(stop) == CHAT_STOP
     assert docker_run(sh_line(start))[0][:3] == ["-d", "--name", "sparkctl-chat"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a stopped container keeps its name (after a reboot, or when Ray or vLLM exited): `docker run --name "
-    "sparkctl-ray|sparkctl-chat` then fails with a name conflict, and nothing removes the old container first",
-)
 @pytest.mark.parametrize("what", ["ray", "chat"])
 def test_a_leftover_container_is_removed_before_docker_run(what: str) -> None:
+    """A stopped container keeps its name (after a reboot, or when Ray or vLLM exited): `docker run --name` would
+    fail with a name conflict, so the start line removes any container of that name first."""
     facts = converged_facts()
-    if what == "ray":  # after a reboot: the containers exist, stopped; nothing runs
-        facts = {h: f.model_copy(update={"processes": f.processes[:1]}) for h, f in facts.items()}
+    if what == "ray":  # after a reboot: the containers exist, stopped (`docker ps` lists none); nothing runs
+        facts = {h: f.model_copy(update={"processes": f.processes[:1], "containers": {}}) for h, f in facts.items()}
         step = one(plan_of(container_inventory(), facts), "spark-a", "ray_node")
-    else:  # vLLM exited; its container stays
+    else:  # vLLM exited; its container stays, stopped
         a = facts["spark-a"]
-        facts["spark-a"] = a.model_copy(update={"processes": [p for p in a.processes if p.pid != 5120]})
+        facts["spark-a"] = a.model_copy(
+            update={
+                "processes": [p for p in a.processes if p.pid != 5120],
+                "containers": {"sparkctl-ray": IMAGE},
+            }
+        )
         step = one(plan_of(container_inventory(), facts), "spark-a", "workload", "chat")
-    lines = [c.argv[-1] for c in step.commands]
-    run_at = next(i for i, line in enumerate(lines) if f"--name sparkctl-{what}" in line)
-    assert any(f"docker rm -f sparkctl-{what}" in line for line in lines[: run_at + 1]), lines
+    lines = [sh_line(c) for c in step.commands]
+    (run_at,) = [i for i, line in enumerate(lines) if f"--name sparkctl-{what}" in line]
+    run = lines[run_at]
+    removal = f"{{ docker rm -f sparkctl-{what} >/dev/null 2>&1; true; }} && docker run -d --name sparkctl-{what} "
+    assert removal in run, run
+    assert run.index(removal) < run.index("docker run")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the workload spec and Ray's check leave out the image: changing runtime.image plans no restart",
-)
 def test_a_new_image_restarts_ray_and_the_workloads() -> None:
-    inv = container_inventory((f"  image: {IMAGE}\n", "  image: nvcr.io/nvidia/vllm:25.12-py3\n"))
+    new = "nvcr.io/nvidia/vllm:25.12-py3"
+    inv = container_inventory((f"  image: {IMAGE}\n", f"  image: {new}\n"))
     plan = plan_of(inv, converged_facts())
     assert {s.id for s in steps(plan) if s.changes} >= {"ray_node:head", "ray_node:worker", "workload:chat"}
+    for host in ("spark-a", "spark-b"):
+        stop, start = one(plan, host, "ray_node").commands
+        assert sh_line(stop) == "docker rm -f sparkctl-ray >/dev/null 2>&1; true"
+        assert f" {new} sh -c " in sh_line(start)
+    chat = one(plan, "spark-a", "workload", "chat")
+    assert chat.diff[-1] == f"+ chat: {CHAT_SPEC.replace(IMAGE, new)}"
+    assert f" {new} vllm serve " in sh_line(chat.commands[-1])
+
+
+def test_ray_converges_on_the_container_docker_lists() -> None:
+    """In container mode Ray runs as specified when `docker ps` lists sparkctl-ray from the inventory's image."""
+    facts = converged_facts()
+    b = facts["spark-b"]
+    facts["spark-b"] = b.model_copy(update={"containers": {"sparkctl-ray": "nvcr.io/nvidia/vllm:25.09-py3"}})
+    plan = plan_of(container_inventory(), facts)
+    assert {s.id for s in steps(plan) if s.changes and s.kind == "ray_node"} == {"ray_node:worker"}
+    stop, _ = one(plan, "spark-b", "ray_node").commands
+    assert sh_line(stop) == "docker rm -f sparkctl-ray >/dev/null 2>&1; true"
 
 
 # --- down --------------------------------------------------------------------------------------------------------
@@ -386,22 +432,40 @@ def test_down_removes_the_containers() -> None:
     """With rootless Docker the containers' processes belong to the login user, and `down` removes them."""
     plan = plan_of(container_inventory(), converged_facts(user="nvidia"), runbook="down")
     (stop,) = one(plan, "spark-a", "workload_stopped", "chat").commands
-    assert sh_line(stop).startswith("docker rm -f sparkctl-chat >/dev/null 2>&1; if [ -f ")
+    assert sh_line(stop) == CHAT_STOP
     for host in ("spark-a", "spark-b"):
         (cmd,) = one(plan, host, "ray_stopped").commands
         assert sh_line(cmd) == "docker rm -f sparkctl-ray >/dev/null 2>&1; true"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="plan_ray_stop only counts Ray processes of the login user; the NGC image runs Ray as root, so `down` "
-    "never removes sparkctl-ray (and verify_clean's `pgrep -u $(id -un)` does not see it either)",
-)
 def test_down_removes_ray_containers_running_as_root() -> None:
+    """The NGC image runs Ray as root: `down` finds sparkctl-ray through `docker ps`, not the login user's processes."""
     plan = plan_of(container_inventory(), converged_facts(user="root"), runbook="down")
     for host in ("spark-a", "spark-b"):
-        (cmd,) = one(plan, host, "ray_stopped").commands
-        assert "docker rm -f sparkctl-ray" in sh_line(cmd)
+        step = one(plan, host, "ray_stopped")
+        (cmd,) = step.commands
+        assert sh_line(cmd) == "docker rm -f sparkctl-ray >/dev/null 2>&1; true"
+        assert step.diff == ["- ray: container sparkctl-ray", "+ ray: stopped"]
+    (stop,) = one(plan, "spark-a", "workload_stopped", "chat").commands
+    assert sh_line(stop) == CHAT_STOP
+
+
+def test_down_on_a_clean_container_pair_stops_nothing() -> None:
+    inv = container_inventory()
+    plan = plan_of(inv, fresh(inv), runbook="down")
+    assert [s.id for s in steps(plan) if s.changes] == []
+
+
+def test_verify_clean_also_asks_docker_in_container_mode() -> None:
+    """Root's processes in the containers escape `pgrep -u $(id -un)`: docker must list no sparkctl-* container."""
+    pgrep = "! pgrep -u \"$(id -un)\" -f -a -- '[r]aylet|[g]cs_server|[e]mbed_worker[.]py|[v]llm serve'"
+    plan = plan_of(container_inventory(), converged_facts(), runbook="down")
+    for host in ("spark-a", "spark-b"):
+        (cmd,) = one(plan, host, "verify_clean").commands
+        assert sh_line(cmd) == pgrep + " && ! docker ps -q --filter name=sparkctl- | grep -q ."
+    venv = parse_inventory(EXAMPLE.read_text(), "venv-pair.yaml")
+    (cmd,) = one(plan_of(venv, fresh(venv), runbook="down"), "spark-a", "verify_clean").commands
+    assert sh_line(cmd) == pgrep
 
 
 # --- every shell line parses; the launch lines run against stubs ------------------------------------------------
@@ -414,6 +478,21 @@ def _plans() -> dict[str, Plan]:
         "up-converged-token-rotated": plan_of(inv, converged_facts(), digests=DIGESTS | {"ray_token": "x"}),
         "down-converged": plan_of(inv, converged_facts(user="nvidia"), runbook="down"),
     }
+
+
+@pytest.mark.parametrize("name", ["up-fresh", "up-converged-token-rotated"])
+def test_every_docker_run_replaces_its_container_and_follows_its_output(name: str) -> None:
+    """A stopped container keeps its name: each `docker run` removes it first; `docker logs -f` fills the log."""
+    runs = [line for line in _sh_lines(_plans()[name]) if "docker run" in line]
+    assert runs
+    for line in runs:
+        (container,) = {t for t in shlex.split(line) if t.startswith("sparkctl-")}
+        log = f"{STATE}/logs/{container.removeprefix('sparkctl-')}.log"
+        assert line.count("docker run") == 1
+        assert f"{{ docker rm -f {container} >/dev/null 2>&1; true; }} && docker run -d --name {container} " in line
+        # docker run -d prints the container id only; the container's output goes to the log through docker logs
+        assert f" > /dev/null && {{ setsid docker logs -f {container} >> {log} 2>&1 < /dev/null & }}" in line
+        assert line.index(f"docker rm -f {container}") < line.index("docker run") < line.index("docker logs -f")
 
 
 def _sh_lines(plan: Plan) -> list[str]:
@@ -444,10 +523,11 @@ SHELLS = [
     for sh in ("dash", "bash")
 ]
 STUB_DOCKER = """#!/bin/sh
+echo "$1 $2 $3" >> "$REC/calls.log"
 case "$1" in
   run) printf '%s\\n' "$@" > "$REC/run.argv"; printf '%s' "$VLLM_API_KEY" > "$REC/run.key"; echo 6f1c0e9b2a7d ;;
   inspect) echo 4242 ;;
-  *) echo "$*" >> "$REC/other.log" ;;
+  logs) echo "output of $3" ;;
 esac
 """
 STUB_RAY = """#!/bin/sh
@@ -467,6 +547,20 @@ def stubs(tmp_path: Path) -> tuple[dict[str, str], Path]:
     return env, tmp_path
 
 
+def _followed(log: Path, deadline: float = 5.0) -> str:
+    """The log file once the backgrounded `docker logs -f` (the stub prints one line and exits) has written it."""
+    end = time.monotonic() + deadline
+    while not (log.exists() and log.read_text().endswith("\n")):
+        assert time.monotonic() < end, f"{log.name}: docker logs -f never wrote to it"
+        time.sleep(0.02)
+    return log.read_text()
+
+
+def _calls(tmp: Path) -> list[str]:
+    return (tmp / "calls.log").read_text().splitlines()
+
+
+@pytest.mark.skipif(shutil.which("setsid") is None, reason="needs util-linux setsid")
 @pytest.mark.parametrize("shell", SHELLS)
 def test_workload_line_gives_docker_the_key_by_name_only(stubs: tuple[dict[str, str], Path], shell: str) -> None:
     env, tmp = stubs
@@ -479,18 +573,28 @@ def test_workload_line_gives_docker_the_key_by_name_only(stubs: tuple[dict[str, 
     assert (tmp / "run.key").read_text() == "sk-unit-test"
     assert "sk-unit-test" not in "\n".join(argv) and "sk-unit-test" not in line
     assert has(argv, "-e", "VLLM_API_KEY")
+    assert has(argv, "-e", "RAY_ADDRESS=192.168.100.10:6379")
     assert argv[argv.index(IMAGE) + 1 : argv.index(IMAGE) + 3] == ["vllm", "serve"]
     assert Path(lc.pid_file(home, "chat")).read_text() == "4242\n"
     assert Path(lc.spec_file(home, "chat")).read_text() == lc.workload_spec(inv, inv.workload("chat"), home) + "\n"
+    # a leftover container of that name is removed first; the container's output is followed into the log
+    assert _followed(Path(paths.log_path(home, "chat"))) == "output of sparkctl-chat\n"
+    calls = _calls(tmp)
+    assert calls[:2] == ["rm -f sparkctl-chat", "run -d --name"]
+    assert sorted(calls[2:]) == ["inspect -f {{.State.Pid}}", "logs -f sparkctl-chat"]
 
 
+@pytest.mark.skipif(shutil.which("setsid") is None, reason="needs util-linux setsid")
 @pytest.mark.parametrize("shell", SHELLS)
 def test_ray_line_survives_both_levels_of_quoting(stubs: tuple[dict[str, str], Path], shell: str) -> None:
     env, tmp = stubs
     inv = container_inventory()
-    line = lc.build_ray_start(inv, inv.host("spark-b"), str(tmp / "home"))
+    home = str(tmp / "home")
+    line = lc.build_ray_start(inv, inv.host("spark-b"), home)
     r = subprocess.run([shell, "-c", line], env=env, capture_output=True, text=True, timeout=20)
     assert r.returncode == 0, r.stderr
+    assert _followed(Path(paths.log_path(home, "ray"))) == "output of sparkctl-ray\n"
+    assert _calls(tmp) == ["rm -f sparkctl-ray", "run -d --name", "logs -f sparkctl-ray"]
     argv = (tmp / "run.argv").read_text().splitlines()
     command = argv[argv.index(IMAGE) + 1 :]
     assert command[:2] == ["sh", "-c"]

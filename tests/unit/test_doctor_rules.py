@@ -24,7 +24,7 @@ from sparkctl.checks.doctor import blocking, evaluate
 from sparkctl.checks.evaluators import EVALUATORS, CheckContext
 from sparkctl.checks.rules import Finding, Level, Rule, load_rules
 from sparkctl.facts.models import GidEntry, Gpu, HostFacts, Interface, Listener, NmDevice, Process, Runtime
-from sparkctl.facts.parse import parse_gids, parse_meminfo, parse_nvidia_smi, parse_probe
+from sparkctl.facts.parse import parse_gids, parse_listeners, parse_meminfo, parse_nvidia_smi, parse_probe
 from sparkctl.inventory import parse_inventory
 from sparkctl.inventory.models import Inventory
 from sparkctl.plan.context import fresh_facts
@@ -176,6 +176,10 @@ RAY_OFF: dict[str, Any] = {"processes": [Process(pid=1, user="root", args="/sbin
 PROBE_A = parse_probe(A, (FIXTURES / "probe-capture-spark-a.txt").read_text())
 GIDS_A = parse_gids((FIXTURES / "sysfs-gids-spark-a.txt").read_text())
 GIDS_B = parse_gids((FIXTURES / "sysfs-gids-spark-b.txt").read_text())
+# Ray's client server as ss prints it: [::ffff:192.168.100.10]:10001 and [::ffff:127.0.0.1]:10001
+MAPPED_LISTENERS = parse_listeners(
+    "".join(line + "\n" for line in (FIXTURES / "ss-ltnH.txt").read_text().splitlines() if "[::ffff:" in line)
+)
 
 
 # --- the cases ------------------------------------------------------------------------------------------------
@@ -575,9 +579,8 @@ CASES: list[Case] = [
         "warn",
         facts={B: {"gids": GIDS_B, "env_file": env_file(B, 5)}},
         subject=f"{B} roceP2p1s0f1",
-        evidence="env file says 5",
-        xfail="gid_index compares each twin's env value with the host's first twin's index, not its own: on "
-        "spark-b (sysfs capture) 192.168.101.11 is at index 3 while NCCL_IB_GID_INDEX=5 and the twin passes",
+        # spark-b (sysfs capture): 192.168.100.11 is at index 5, 192.168.101.11 at index 3
+        evidence="RoCE v2 GID index 3; env file says 5",
     ),
     # --- page-cache
     Case(
@@ -688,8 +691,7 @@ CASES: list[Case] = [
         workloads=(chat(extra_args=["--enforce-eager", "--max-model-len", "32768"]),),
         subject="workload chat",
         evidence="--enforce-eager in extra_args",
-        xfail="a flag without a value takes the next argument as its value: the evidence reads "
-        "'--enforce-eager=--max-model-len in extra_args'",
+        not_evidence="--max-model-len",
     ),
     Case(
         "flag-enforce-eager",
@@ -738,8 +740,23 @@ CASES: list[Case] = [
         "flashinfer-env-named-in-the-evidence",
         "fail",
         workloads=(chat(env={"VLLM_ATTENTION_BACKEND": "FLASHINFER"}),),
-        evidence="VLLM_ATTENTION_BACKEND",
-        xfail="a hit through the env prints '--attention-backend in extra_args', which is not where it is",
+        subject="workload chat",
+        evidence="set through the environment (VLLM_ATTENTION_BACKEND)",
+        not_evidence="extra_args",
+    ),
+    Case(
+        "flag-flashinfer",
+        "triton-flag-but-flashinfer-env",
+        "fail",
+        workloads=(
+            chat(extra_args=["--attention-backend", "TRITON_ATTN"], env={"VLLM_ATTENTION_BACKEND": "FLASHINFER"}),
+        ),
+        subject="workload chat",
+        evidence="set through the environment (VLLM_ATTENTION_BACKEND)",
+        not_evidence="TRITON_ATTN",
+        xfail="the evidence names the environment only when the flag is absent: with --attention-backend "
+        "TRITON_ATTN in extra_args the FLASHINFER hit from the env reads '--attention-backend=TRITON_ATTN in "
+        "extra_args'",
     ),
     Case(
         "flag-flashinfer",
@@ -819,7 +836,13 @@ CASES: list[Case] = [
         subject="workload chat",
     ),
     # --- ports-free
-    Case("ports-free", "ours-running", "pass", subject=A, evidence="(by this cluster)"),
+    Case(
+        "ports-free",
+        "ours-running",
+        "pass",
+        subject=A,
+        evidence="ports in use by this cluster: 6379, 6381, 6382, 8000, 8265, 10001, 52365",
+    ),
     Case("ports-free", "nothing-listening", "pass", facts={A: RAY_OFF, B: RAY_OFF}, evidence="needed ports free"),
     Case(
         "ports-free",
@@ -830,7 +853,7 @@ CASES: list[Case] = [
             B: RAY_OFF,
         },
         subject=A,
-        evidence="ports in use: 8000",
+        evidence="held by something else: 8000 (workload chat)",
         fix="ss -ltnp",
     ),
     Case(
@@ -846,7 +869,41 @@ CASES: list[Case] = [
             B: RAY_OFF,
         },
         subject=A,
-        evidence="ports in use: 6379",
+        evidence="held by something else: 6379 (ray)",
+    ),
+    Case(
+        "ports-free",
+        "gcs-port-held-by-redis-while-a-workload-is-recorded",
+        "fail",
+        # a workload's pid file vouches for the workload's port only, not for Ray's
+        facts={
+            A: RAY_OFF
+            | {
+                "files": {"workload-chat.pid": "5120"},
+                "listeners": [Listener(address="*", port=6379), Listener(address="10.0.0.11", port=8000)],
+                "processes": [Process(pid=812, user="redis", args="/usr/bin/redis-server *:6379")],
+            },
+            B: RAY_OFF,
+        },
+        subject=A,
+        evidence="held by something else: 6379 (ray)",
+        not_evidence="8000",
+    ),
+    Case(
+        "ports-free",
+        "ray-in-its-container",
+        "pass",
+        # root's Ray inside sparkctl-ray: known from `docker ps`, whatever ps shows
+        runtime=IMAGE,
+        facts={
+            h: {
+                "processes": [Process(pid=1, user="root", args="/sbin/init")],
+                "containers": {"sparkctl-ray": "nvcr.io/nvidia/vllm:25.11-py3"},
+            }
+            for h in (A, B)
+        },
+        subject=A,
+        evidence="ports in use by this cluster: 6379, 6381, 6382, 8000, 8265, 10001",
     ),
     Case(
         "ports-free",
@@ -867,9 +924,8 @@ CASES: list[Case] = [
             }
         },
         subject=A,
-        evidence="8000",
-        xfail="any Ray process or pid file counts every busy port as this cluster's: port 8000 held by another "
-        "program while only Ray runs passes, and `up` then fails to start the workload",
+        evidence="held by something else: 8000 (workload chat)",
+        not_evidence="6379",
     ),
     # --- ray-exposure
     Case("ray-exposure", "fabric-and-loopback-only", "pass", subject=A, evidence="fabric address and loopback only"),
@@ -903,15 +959,11 @@ CASES: list[Case] = [
         facts={
             A: {
                 "files": {},
-                "listeners": [
-                    *FABRIC_LISTENERS[A],
-                    *(ln for ln in PROBE_A.listeners if ln.address.startswith("::ffff:")),
-                ],
+                "listeners": [*FABRIC_LISTENERS[A], *MAPPED_LISTENERS],
             }
         },
         subject=A,
-        xfail="listeners on ::ffff:192.168.100.10 and ::ffff:127.0.0.1 (as ss prints Ray's client server) are "
-        "counted as beyond the fabric",
+        evidence="Ray listens on the fabric address and loopback only",
     ),
     # --- runtime-versions
     Case("runtime-versions", "same-venv", "pass", subject="cluster", evidence="spark-a: python 3.12.3 ray 2.52.1 vllm"),
@@ -1141,6 +1193,11 @@ def test_force_never_overrides_rules_marked_unsafe() -> None:
     assert {f.rule for f in blocking(findings, force=True)} == unsafe
     assert {f.rule for f in blocking(findings, force=False)} == set(RULE)
     assert all(f.level == "fail" for f in blocking(findings, force=False))
+
+
+def test_the_ipv4_mapped_case_holds_both_client_server_listeners() -> None:
+    """The ray-exposure case above judges the two listeners ss printed as IPv4-mapped, parsed as IPv4."""
+    assert [(ln.address, ln.port) for ln in MAPPED_LISTENERS] == [("192.168.100.10", 10001), ("127.0.0.1", 10001)]
 
 
 def test_hosts_without_facts_are_skipped() -> None:

@@ -264,8 +264,11 @@ def test_listeners_from_captured_ss() -> None:
     assert Listener(address="*", port=6379) in found
     assert Listener(address="127.0.0.1", port=8265) in found
     assert Listener(address="192.168.100.10", port=52365) in found
-    assert Listener(address="::ffff:192.168.100.10", port=10001) in found
     assert Listener(address="0.0.0.0", port=52368) in found
+    # Ray's client server, printed as [::ffff:192.168.100.10]:10001: IPv4-mapped is IPv4
+    assert Listener(address="192.168.100.10", port=10001) in found
+    assert Listener(address="127.0.0.1", port=10001) in found
+    assert not any(ln.address.startswith("::ffff:") for ln in found)
 
 
 def test_listeners_with_scope_ids() -> None:
@@ -316,6 +319,8 @@ def test_netplan_files() -> None:
 
 ENV = "# Managed by sparkctl\nNCCL_IB_GID_INDEX=3\nNCCL_SOCKET_IFNAME=enp1s0f1np1\n"
 SPEC = "VLLM_DISTRIBUTED_EXECUTOR_CONFIG={} /opt/sparkctl-runtime/bin/vllm serve m --port 8000"
+# `docker ps --filter name=sparkctl- --format '{{.Names}} {{.Image}}'` with Ray and a workload in containers
+CONTAINERS = "sparkctl-chat nvcr.io/nvidia/vllm:25.11-py3\nsparkctl-ray nvcr.io/nvidia/vllm:25.11-py3\n"
 
 
 def assembled_probe() -> str:
@@ -342,6 +347,7 @@ def assembled_probe() -> str:
                 "state_files",
                 "ray-token.sha256:" + "ab" * 32 + f"\nworkload-chat.pid:4242\nworkload-chat.spec:{SPEC}",
             ),
+            section("containers", CONTAINERS),
             section("processes", fx("ps-eo-pid-user-args.txt")),
             section("listeners", fx("ss-ltnH.txt")),
             section("meminfo", "".join(line + "\n" for line in fx("proc-meminfo.txt").splitlines()[:5])),
@@ -381,6 +387,10 @@ def test_parse_probe_on_assembled_output() -> None:
         "workload-chat.pid": "4242",
         "workload-chat.spec": SPEC,
     }
+    assert facts.containers == {
+        "sparkctl-chat": "nvcr.io/nvidia/vllm:25.11-py3",
+        "sparkctl-ray": "nvcr.io/nvidia/vllm:25.11-py3",
+    }
     assert [p.pid for p in facts.processes_matching("raylet/raylet")] == [472]
     assert Listener(address="*", port=6379) in facts.listeners
     assert facts.meminfo_kb["Cached"] == 1567348
@@ -415,6 +425,7 @@ def test_parse_probe_on_the_captured_run() -> None:
     assert len(facts.nm_connections) == 5
     assert facts.env_file is None and facts.non_carry_over is None
     assert facts.files == {}
+    assert facts.containers == {}  # a probe from before the containers section
     assert facts.gids == [] and facts.gpus == [] and facts.cuda_version == ""
     assert facts.runtime.ray == "2.60.0" and facts.runtime.python == "3.11.2"
     assert any("--node_ip_address=192.168.100.10" in p.args for p in facts.processes)
@@ -485,6 +496,10 @@ esac""",
   *) exit 1 ;;
 esac""",
     "ps": 'cat "$FX/ps-eo-pid-user-args.txt"',
+    "docker": """case "$*" in
+  "ps --filter name=sparkctl- --format {{.Names}} {{.Image}}") printf 'sparkctl-ray nvcr.io/nvidia/vllm:25.11-py3\\n' ;;
+  *) exit 1 ;;
+esac""",
     "ss": 'cat "$FX/ss-ltnH.txt"',
     "sudo": "exit 0",
     "id": "echo nvidia",
@@ -559,6 +574,7 @@ def test_probe_script_output_parses_back(tmp_path: Path) -> None:
     assert facts.files["ray-token.sha256"] == hashlib.sha256(b"tok-0123456789\n").hexdigest()
     assert facts.files["workload-chat.pid"] == "472"
     assert facts.files["workload-chat.spec"] == SPEC
+    assert facts.containers == {"sparkctl-ray": "nvcr.io/nvidia/vllm:25.11-py3"}
     assert facts.gpus[0].name == "NVIDIA GB10" and facts.cuda_version == "13.0"
     assert (facts.runtime.python, facts.runtime.ray, facts.runtime.torch) == ("3.12.3", "2.52.1", "2.9.0")
     assert len(facts.processes) == len(fx("ps-eo-pid-user-args.txt").splitlines())
