@@ -410,17 +410,17 @@ def workload_flag(ctx: CheckContext, rule: Rule) -> list[Finding]:
         if w.engine != "vllm":
             continue
         value = _arg_value(w, flag)
-        hit = value is not None and (want is None or want.lower() in value.lower())
-        if hit and rule.args.get("contains"):
-            hit = rule.args["contains"] in " ".join([w.model, *w.extra_args]).lower()
-        for k, v in (rule.args.get("env") or {}).items():
-            hit = hit or w.env.get(k, "").upper() == v
-        if not hit:
-            evidence = f"no {flag}"
-        elif value is None:
-            evidence = f"set through the environment ({', '.join(rule.args.get('env') or {})})"
-        else:
+        flag_hit = value is not None and (want is None or want.lower() in value.lower())
+        if flag_hit and rule.args.get("contains"):
+            flag_hit = rule.args["contains"] in " ".join([w.model, *w.extra_args]).lower()
+        env_hits = [k for k, v in (rule.args.get("env") or {}).items() if w.env.get(k, "").upper() == v]
+        hit = flag_hit or bool(env_hits)
+        if flag_hit:
             evidence = f"{flag}{'=' + value if value else ''} in extra_args"
+        elif env_hits:
+            evidence = f"set through the environment ({', '.join(env_hits)})"
+        else:
+            evidence = f"no {flag}"
         out.append(_f(rule, not hit, f"workload {w.name}", evidence))
     return out
 

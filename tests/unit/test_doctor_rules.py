@@ -754,9 +754,6 @@ CASES: list[Case] = [
         subject="workload chat",
         evidence="set through the environment (VLLM_ATTENTION_BACKEND)",
         not_evidence="TRITON_ATTN",
-        xfail="the evidence names the environment only when the flag is absent: with --attention-backend "
-        "TRITON_ATTN in extra_args the FLASHINFER hit from the env reads '--attention-backend=TRITON_ATTN in "
-        "extra_args'",
     ),
     Case(
         "flag-flashinfer",
