@@ -220,12 +220,10 @@ def twin_subnets(ctx: CheckContext, rule: Rule) -> list[Finding]:
         nets = {t.address.network: t.interface for t in h.fabric}
         intruders = []
         for iface in f.interfaces.values():
-            if iface.name in {t.interface for t in h.fabric}:
-                continue
             for a in iface.ipv4:
                 net = ipaddress.ip_interface(a).network
                 for fnet, twin in nets.items():
-                    if net.overlaps(fnet):
+                    if net.overlaps(fnet) and iface.name != twin:  # a twin on its own subnet is the point
                         intruders.append(f"{iface.name} {a} overlaps {twin}'s {fnet}")
         distinct = len(nets) == len(h.fabric)
         evidence = "; ".join(intruders) or ("each twin on its own subnet" if distinct else "twins share a subnet")

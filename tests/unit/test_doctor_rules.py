@@ -483,8 +483,6 @@ CASES: list[Case] = [
         },
         subject=A,
         evidence="192.168.100.20/24",
-        xfail="twin_subnets skips every twin's own addresses, so a twin that also sits on the other twin's "
-        "subnet (a rival profile's address) is not reported",
     ),
     # --- jumbo-path
     Case(
