@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 from typing import TextIO
 
 from sparkctl.plan.models import Plan
@@ -70,6 +71,7 @@ class Progress:
     def __init__(self, stream: TextIO | None = None, quiet: bool = False) -> None:
         self.stream = stream or sys.stderr
         self.quiet = quiet
+        self._lock = threading.Lock()  # hosts report from their own threads
 
     def __call__(self, e: Event) -> None:
         if self.quiet:
@@ -86,4 +88,6 @@ class Progress:
             text = f"   {e.host}: {e.step} phase {e.status}" + (f": {e.message}" if e.message else "")
         else:
             text = f"   note: {e.message}"
-        print(text, file=self.stream, flush=True)
+        with self._lock:
+            self.stream.write(text + "\n")
+            self.stream.flush()

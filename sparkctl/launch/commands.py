@@ -268,6 +268,13 @@ def build_workload_start(inv: Inventory, w: Workload, home: str) -> str:
     )
 
 
+def build_workload_alive(inv: Inventory, name: str, home: str) -> str:
+    """Shell line that succeeds while a workload's process (or container) is running."""
+    if inv.runtime.image:
+        return f"docker ps -q --filter name=^sparkctl-{name}$ | grep -q ."
+    return f'kill -0 "$(cat {q(pid_file(home, name))})" 2>/dev/null'
+
+
 def build_workload_stop(inv: Inventory, name: str, home: str, grace: int = 30) -> str:
     """Stop a workload: TERM its process group, wait up to `grace` s, then KILL; forget its pid."""
     pidf = q(pid_file(home, name))

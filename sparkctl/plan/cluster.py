@@ -299,6 +299,7 @@ def plan_workload_ready(ctx: PlanContext, host: Host) -> list[Step]:
                 model=w.name,
                 secret=f"api_key:{w.name}",
                 log=paths.log_path(home, w.name),
+                alive=_sh(lc.build_workload_alive(ctx.inventory, w.name, home)),
             ),
             notes=[w.engine],
         )
@@ -380,7 +381,7 @@ def plan_ray_stop(ctx: PlanContext, host: Host) -> list[Step]:
 def plan_verify_clean(ctx: PlanContext, host: Host) -> list[Step]:
     """Check that no Ray or worker process of the login user is left."""
     # "[r]aylet" matches "raylet" but not this check's own command line.
-    pattern = "[r]aylet|[g]cs_server|[e]mbed_worker[.]py|[v]llm serve"
+    pattern = "[r]aylet|[g]cs_server|[r]ay/dashboard|[r]ay/_private|[r]ay::|[e]mbed_worker[.]py|[v]llm serve"
     line = f'! pgrep -u "$(id -un)" -f -a -- {shlex.quote(pattern)}'
     if ctx.inventory.runtime.image:  # containers run as root: ask docker
         line += " && ! docker ps -q --filter name=sparkctl- | grep -q ."

@@ -45,6 +45,7 @@ class Wait(_Data):
     model: str = ""
     secret: str | None = Field(None, description="secret holding the API key for HTTP probes")
     log: str = Field("", description="host log to show when the deadline passes")
+    alive: Command | None = Field(None, description="checked each round on the host: failing ends the wait at once")
 
 
 class Step(_Data):

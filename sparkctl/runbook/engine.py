@@ -334,6 +334,10 @@ class Engine:
                 self.emit(Event("phase", host=step.host, stage=stage, step=step.id, status=phase, message=p.detail))
             if p.ready:
                 return
+            if wait.alive is not None and p.phase != "ready":
+                line, data = remote_line(wait.alive, self.nopasswd.get(step.host, False), self.secrets, self.blobs)
+                if not self.transports[step.host].run(line, stdin=data, timeout=30).ok:
+                    raise HostError(f"{wait.model} exited before it was ready (phase {phase}: {p.detail})")
             if self._abort.is_set() or self.clock() - t0 >= wait.deadline:
                 raise HostError(f"{wait.model} not ready after {wait.deadline:g}s (phase {phase}: {p.detail})")
             self.sleep(wait.interval)

@@ -22,6 +22,7 @@ _OCCUPY = """
 import os, socket, sys, time
 family = socket.AF_INET6 if ":" in sys.argv[2] else socket.AF_INET
 s = socket.socket(family, socket.SOCK_STREAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port a test just released may sit in TIME_WAIT
 s.bind((sys.argv[2], int(sys.argv[3])))
 s.listen()
 print("ready", os.getpid(), flush=True)

@@ -464,6 +464,31 @@ def test_http_wait_deadline_names_the_phase() -> None:
     assert sum(clock.sleeps) == 30
 
 
+
+def test_http_wait_ends_at_once_when_the_workload_has_exited() -> None:
+    clock = FakeClock()
+    alive = Command(argv=["sh", "-c", "kill -0 \"$(cat /s/workload-chat.pid)\""])
+    s = Step(
+        host="spark-a",
+        kind="verify_workload",
+        target="chat",
+        description="d",
+        changes=False,
+        notes=["vllm"],
+        wait=Wait(kind="http", deadline=1800, interval=1, url="http://x", model="chat", alive=alive,
+                  log="/s/logs/chat.log"),
+    )
+    head = RecordingTransport("spark-a", {"sh -c": Result(1, "", ""), "tail": Result(0, "Traceback: boom\n", "")})
+    eng = engine({"spark-a": head}, fake_clock=clock, probe=lambda *a: Probe("down", "connection refused"))
+    report = eng.run(
+        Plan(cluster="c", runbook="up", hosts=["spark-a"], stages=[Stage(name="r", action="r", steps=[s])])
+    )
+    res = report.results[0]
+    assert res.status == "failed" and "exited before it was ready" in res.error
+    assert sum(clock.sleeps) == 0  # not the 1800 s deadline
+    assert "boom" in res.log_tail
+
+
 # --- re-planning -----------------------------------------------------------------------------------------
 
 
