@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from sparkctl.checks.rules import Finding, Level, Rule
 from sparkctl.facts.models import HostFacts
-from sparkctl.inventory.models import Inventory, Workload
+from sparkctl.inventory.models import Host, Inventory, Workload
 from sparkctl.launch import commands as lc
 from sparkctl.plan.cluster import RAY_MARKERS
 from sparkctl.plan.env import detect_gid_index
@@ -54,8 +54,13 @@ def _f(rule: Rule, ok: bool | None, subject: str, evidence: str, level: Level | 
     )
 
 
+def _probed(ctx: CheckContext) -> list[tuple[Host, HostFacts]]:
+    """Inventory hosts with their facts, in inventory order (hosts without facts are left out)."""
+    return [(h, ctx.facts[h.name]) for h in ctx.inventory.hosts if h.name in ctx.facts]
+
+
 def _hosts(ctx: CheckContext) -> list[tuple[str, HostFacts]]:
-    return [(h.name, ctx.facts[h.name]) for h in ctx.inventory.hosts if h.name in ctx.facts]
+    return [(h.name, f) for h, f in _probed(ctx)]
 
 
 @evaluator("gpu_name")
@@ -132,10 +137,7 @@ def gpu_temperature(ctx: CheckContext, rule: Rule) -> list[Finding]:
 @evaluator("twin_present")
 def twin_present(ctx: CheckContext, rule: Rule) -> list[Finding]:
     out = []
-    for h in ctx.inventory.hosts:
-        f = ctx.facts.get(h.name)
-        if f is None:
-            continue
+    for h, f in _probed(ctx):
         for t in h.fabric:
             out.append(
                 _f(
@@ -153,10 +155,7 @@ def twin_present(ctx: CheckContext, rule: Rule) -> list[Finding]:
 @evaluator("twin_managed")
 def twin_managed(ctx: CheckContext, rule: Rule) -> list[Finding]:
     out = []
-    for h in ctx.inventory.hosts:
-        f = ctx.facts.get(h.name)
-        if f is None:
-            continue
+    for h, f in _probed(ctx):
         for t in h.fabric:
             dev = f.nm_devices.get(t.interface)
             if t.interface not in f.interfaces:
@@ -176,10 +175,7 @@ def twin_managed(ctx: CheckContext, rule: Rule) -> list[Finding]:
 @evaluator("netplan_conflict")
 def netplan_conflict(ctx: CheckContext, rule: Rule) -> list[Finding]:
     out = []
-    for h in ctx.inventory.hosts:
-        f = ctx.facts.get(h.name)
-        if f is None:
-            continue
+    for h, f in _probed(ctx):
         files = [p for p, text in f.netplan.items() if any(t.interface in text for t in h.fabric)]
         out.append(_f(rule, not files, h.name, f"netplan files naming a twin: {', '.join(files) or 'none'}"))
     return out
@@ -189,10 +185,7 @@ def netplan_conflict(ctx: CheckContext, rule: Rule) -> list[Finding]:
 def twin_address(ctx: CheckContext, rule: Rule) -> list[Finding]:
     out = []
     mtu = ctx.inventory.network.mtu
-    for h in ctx.inventory.hosts:
-        f = ctx.facts.get(h.name)
-        if f is None:
-            continue
+    for h, f in _probed(ctx):
         for t in h.fabric:
             live = f.interfaces.get(t.interface)
             if live is None:
@@ -213,10 +206,7 @@ def twin_address(ctx: CheckContext, rule: Rule) -> list[Finding]:
 @evaluator("twin_subnets")
 def twin_subnets(ctx: CheckContext, rule: Rule) -> list[Finding]:
     out = []
-    for h in ctx.inventory.hosts:
-        f = ctx.facts.get(h.name)
-        if f is None:
-            continue
+    for h, f in _probed(ctx):
         nets = {t.address.network: t.interface for t in h.fabric}
         intruders = []
         for iface in f.interfaces.values():
@@ -242,10 +232,7 @@ def jumbo_path(ctx: CheckContext, rule: Rule) -> list[Finding]:
 @evaluator("rdma_device")
 def rdma_device(ctx: CheckContext, rule: Rule) -> list[Finding]:
     out = []
-    for h in ctx.inventory.hosts:
-        f = ctx.facts.get(h.name)
-        if f is None:
-            continue
+    for h, f in _probed(ctx):
         have = {g.device for g in f.gids}
         for t in h.fabric:
             if not t.rdma_device:
@@ -265,10 +252,7 @@ def rdma_device(ctx: CheckContext, rule: Rule) -> list[Finding]:
 def gid_index(ctx: CheckContext, rule: Rule) -> list[Finding]:
     out = []
     per_host: dict[str, int] = {}
-    for h in ctx.inventory.hosts:
-        f = ctx.facts.get(h.name)
-        if f is None:
-            continue
+    for h, f in _probed(ctx):
         for t in h.fabric:
             idx, predicted = detect_gid_index(f, t)
             if idx is None or predicted:
@@ -471,10 +455,7 @@ def ports_free(ctx: CheckContext, rule: Rule) -> list[Finding]:
 @evaluator("ray_exposure")
 def ray_exposure(ctx: CheckContext, rule: Rule) -> list[Finding]:
     out = []
-    for h in ctx.inventory.hosts:
-        f = ctx.facts.get(h.name)
-        if f is None:
-            continue
+    for h, f in _probed(ctx):
         ray_ports = set(_needed_ports(ctx.inventory, h.name)) - {w.port for w in ctx.inventory.workloads}
         fabric = {str(t.address.ip) for t in h.fabric}
         exposed = sorted(
