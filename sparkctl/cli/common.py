@@ -14,6 +14,7 @@ import typer
 from sparkctl.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, SparkctlError
 from sparkctl.inventory import load_inventory, parse_inventory
 from sparkctl.inventory.models import Inventory
+from sparkctl.runbook.run import Session, ssh_connect
 
 InventoryOpt = Annotated[
     Path | None,
@@ -52,6 +53,13 @@ def inventory(path: Path | None) -> Inventory:
     from sparkctl.inventory import example_inventory_text
 
     return parse_inventory(example_inventory_text(), "<bundled example-pair.yaml>")
+
+
+def open_session(inv: Inventory, accept_new_host_keys: bool) -> Session:
+    """Connect to and probe every host (one SSH connection each, in parallel)."""
+    session = Session(inv, ssh_connect(accept_new_host_keys))
+    session.open()
+    return session
 
 
 def sudo_password(inv: Inventory) -> str | None:

@@ -16,7 +16,7 @@ from sparkctl.checks.rules import Finding
 from sparkctl.cli import common as c
 from sparkctl.errors import EXIT_FAILED, HostError, Problem
 from sparkctl.inventory.models import FabricInterface, Host, SshSettings
-from sparkctl.runbook.run import Session, ssh_connect
+from sparkctl.runbook.run import Session
 
 MARK = {"pass": "pass", "warn": "WARN", "fail": "FAIL"}
 
@@ -48,8 +48,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         """Read-only checks on every host and across the pair: pass / warn / fail, evidence and fix."""
         c.set_debug(debug)
         inv = c.inventory(inventory)
-        session = Session(inv, ssh_connect(accept_new_host_keys))
-        session.open()
+        session = c.open_session(inv, accept_new_host_keys)
         try:
             pings = measure_jumbo(inv, session.facts, session.transports)
             findings = evaluate(CheckContext(inv, session.facts, pings))
@@ -124,8 +123,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         """Measure the link: RDMA/NCCL tools where present, else a TCP + jumbo-MTU fallback (said so)."""
         c.set_debug(debug)
         inv = c.inventory(inventory)
-        session = Session(inv, ssh_connect(accept_new_host_keys))
-        session.open()
+        session = c.open_session(inv, accept_new_host_keys)
         try:
             result = _bench(session, mb)
         finally:

@@ -18,7 +18,7 @@ from sparkctl.plan.cluster import ray_running_ok, workload_state
 from sparkctl.plan.context import PlanContext
 from sparkctl.runbook.actions import ACTIONS
 from sparkctl.runbook.load import builtin_names, builtin_text, load_runbook
-from sparkctl.runbook.run import Session, ssh_connect
+from sparkctl.runbook.run import Session
 
 
 def cluster_status(session: Session, inv: Inventory, secrets: dict[str, str]) -> dict[str, Any]:
@@ -72,12 +72,6 @@ def _render_status(st: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _session(inv: Inventory, accept: bool) -> Session:
-    s = Session(inv, ssh_connect(accept))
-    s.open()
-    return s
-
-
 def register(app: typer.Typer, runbook_app: typer.Typer, history_app: typer.Typer) -> None:
     @app.command("status")
     @c.guard
@@ -90,7 +84,7 @@ def register(app: typer.Typer, runbook_app: typer.Typer, history_app: typer.Type
         """Per host the fabric and Ray state; each workload's endpoint and health."""
         c.set_debug(debug)
         inv = c.inventory(inventory)
-        session = _session(inv, accept_new_host_keys)
+        session = c.open_session(inv, accept_new_host_keys)
         try:
             st = cluster_status(session, inv, session.secrets_for_plan())
         finally:
@@ -114,7 +108,7 @@ def register(app: typer.Typer, runbook_app: typer.Typer, history_app: typer.Type
         if name != "ray" and name not in {w.name for w in inv.workloads}:
             raise InputError([Problem(name, "not 'ray' nor a workload", "see the inventory's workloads")])
         target = inv.host(host) if host else inv.head
-        session = _session(inv, accept_new_host_keys)
+        session = c.open_session(inv, accept_new_host_keys)
         try:
             path = paths.log_path(session.facts[target.name].home, name)
             cmd = f"tail -n {lines} {'-F ' if follow else ''}{shlex.quote(path)}"

@@ -30,7 +30,7 @@ def cli(isolated_state, mocker):
         raise AssertionError("the CLI tried to connect")
 
     mocker.patch("sparkctl.cli.cluster.ssh_connect", side_effect=refuse)
-    mocker.patch("sparkctl.cli.inspect.ssh_connect", side_effect=refuse)
+    mocker.patch("sparkctl.cli.common.ssh_connect", side_effect=refuse)
     mocker.patch("sparkctl.runbook.run.ssh_connect", side_effect=refuse)
     runner = CliRunner()
 
