@@ -112,7 +112,7 @@ def execute(
 
 def _stop_after_interrupt(session: Session, secrets: dict[str, str]) -> None:
     """Ctrl-C during up: stop what the run may have started, so no worker is left behind."""
-    c.echo("interrupted: stopping workloads started by this run", err=True)
+    c.echo("interrupted: running `down` so no worker is left behind", err=True)
     down = load_runbook("down")
     session.gather()
     plan = session.plan(down, {}, secrets)

@@ -224,8 +224,12 @@ class Engine:
         if by_host:
             with ThreadPoolExecutor(max_workers=len(by_host)) as pool:
                 futures = [pool.submit(host_worker, h, steps) for h, steps in by_host.items()]
-                for f in futures:
-                    f.result()
+                try:
+                    for f in futures:
+                        f.result()
+                except KeyboardInterrupt:
+                    self._abort.set()  # waits end at their next poll; running commands finish, no new step starts
+                    raise
         return results
 
     def _run_step(self, stage: str, step: Step) -> StepResult:

@@ -127,3 +127,34 @@ def test_occupied_ray_port_fails_preflight(fresh_testbed: Testbed, inventory: Pa
         assert r.returncode == 1
         assert "ports-free" in r.stderr and "6379" in r.stderr
         _untouched(tb, before)
+
+
+def test_ctrl_c_during_up_leaves_no_worker_running(fresh_testbed: Testbed, sudo_env: dict[str, str],
+                                                   tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from tests.integration.helpers import REPO, spark_processes
+
+    tb = fresh_testbed
+    inv = tb.inventory_path(workloads=[{"name": "embed", "engine": "embed", "tensor_parallel_size": 2,
+                                        "port": 8100, "ready_timeout": 600}])
+    proc = subprocess.Popen([sys.executable, "-m", "sparkctl", "up", "--yes", "-i", str(inv)], cwd=REPO,
+                            env=cli_env(sudo_env, tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    assert proc.stdout is not None
+    seen = []
+    for line in proc.stdout:  # interrupt once the workload has been launched and up is waiting for it
+        seen.append(line)
+        if "verify_workload:embed ..." in line:
+            break
+    else:
+        pytest.fail("up never reached the readiness wait:\n" + "".join(seen))
+    assert spark_processes(tb, "spark-a", "embed_worker")  # it is running now
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, "".join(seen) + rest
+    for host in tb.hosts:
+        for needle in ("embed_worker", "raylet", "RankWorker"):
+            assert spark_processes(tb, host, needle) == [], (host, needle)
