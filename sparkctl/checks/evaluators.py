@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from sparkctl.checks.rules import Finding, Level, Rule
 from sparkctl.facts.models import HostFacts
 from sparkctl.inventory.models import Host, Inventory, Workload
-from sparkctl.launch import commands as lc
 from sparkctl.plan.cluster import RAY_MARKERS
 from sparkctl.plan.env import detect_gid_index
 
@@ -499,4 +498,4 @@ def runtime_versions(ctx: CheckContext, rule: Rule) -> list[Finding]:
     return [_f(rule, len(distinct) == 1, "cluster", text)]
 
 
-__all__ = ["EVALUATORS", "CheckContext", "lc"]
+__all__ = ["EVALUATORS", "CheckContext"]

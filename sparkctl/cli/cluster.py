@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -271,10 +269,3 @@ def register(app: typer.Typer) -> None:
             start=start,
             only=only,
         )
-
-
-def dump(obj: object) -> str:
-    return json.dumps(obj, indent=2, default=str)
-
-
-__all__ = ["Path", "dump", "execute", "offline_plan", "register"]

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from sparkctl.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, SparkctlError
+from sparkctl.errors import EXIT_FAILED, EXIT_INTERRUPTED, SparkctlError
 from sparkctl.inventory import load_inventory, parse_inventory
 from sparkctl.inventory.models import Inventory
 from sparkctl.runbook.run import Session, ssh_connect
@@ -119,6 +119,3 @@ def guard(fn: Any) -> Any:
             raise typer.Exit(EXIT_FAILED) from None
 
     return wrapper
-
-
-__all__ = ["EXIT_BAD_INPUT", "EXIT_FAILED", "EXIT_INTERRUPTED"]

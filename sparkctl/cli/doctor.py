@@ -14,7 +14,7 @@ from sparkctl.checks.doctor import evaluate
 from sparkctl.checks.evaluators import CheckContext
 from sparkctl.checks.rules import Finding
 from sparkctl.cli import common as c
-from sparkctl.errors import EXIT_FAILED, HostError, Problem
+from sparkctl.errors import EXIT_FAILED, HostError
 from sparkctl.inventory.models import FabricInterface, Host, SshSettings
 from sparkctl.runbook.run import Session
 
@@ -171,6 +171,3 @@ def _bench(session: Session, mb: int) -> dict[str, Any]:
         "links": links,
         "notes": notes,
     }
-
-
-__all__ = ["Problem", "register", "render_findings"]

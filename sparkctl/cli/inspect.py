@@ -15,7 +15,6 @@ from sparkctl.inventory.models import Inventory
 from sparkctl.launch import commands as lc
 from sparkctl.launch.probe import probe_workload
 from sparkctl.plan.cluster import ray_running_ok, workload_state
-from sparkctl.plan.context import PlanContext
 from sparkctl.runbook.actions import ACTIONS
 from sparkctl.runbook.load import builtin_names, builtin_text, load_runbook
 from sparkctl.runbook.run import Session
@@ -206,6 +205,3 @@ def register(app: typer.Typer, runbook_app: typer.Typer, history_app: typer.Type
                         c.echo(f"      $ {cmd['command']}  -> {cmd['exit_code']}")
                 return
         raise InputError([Problem(run_id, "no such run in the journal", "sparkctl history lists runs")])
-
-
-__all__ = ["PlanContext", "cluster_status", "register"]
