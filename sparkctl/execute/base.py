@@ -27,7 +27,7 @@ class Unreachable(HostError):
 
 
 class CommandTimeout(HostError):
-    """A command did not finish in time (its channel was closed; a remote command may outlive it)."""
+    """A command did not finish in time (the host stopped it, or its session was closed)."""
 
 
 class Transport(Protocol):

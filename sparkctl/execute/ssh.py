@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import select
 import shlex
@@ -23,6 +24,8 @@ from sparkctl.inventory.models import Host, SshSettings
 log = logging.getLogger("sparkctl.ssh")
 
 _CHUNK = 32768
+_HOST_GRACE = 10  # seconds the host's `timeout` gets to stop a command and report before the channel is closed
+_TIMED_OUT = 124  # exit code of coreutils `timeout` when the limit passed
 _SSH_PORT = 22
 # Connections to several hosts may record new keys at the same time; appends to the file must not interleave.
 _known_hosts_lock = threading.Lock()
@@ -73,7 +76,7 @@ class SshTransport:
         """Run a shell command line on the host, feed `stdin` then EOF, and wait at most `timeout` seconds."""
         self.open()
         started = time.monotonic()
-        deadline = started + timeout
+        deadline = started + timeout + _HOST_GRACE
         log.debug("%s: run%s: %s", self.host, " (with stdin)" if stdin is not None else "", command)
         chan: paramiko.Channel | None = None
         try:
@@ -81,7 +84,7 @@ class SshTransport:
             if transport is None:
                 raise EOFError("connection closed")
             chan = transport.open_session(timeout=timeout)
-            out, err, code = _exchange(chan, command, stdin, deadline)
+            out, err, code = _exchange(chan, bounded(command, timeout), stdin, deadline)
         except _Expired:
             raise CommandTimeout(
                 [
@@ -102,6 +105,16 @@ class SshTransport:
             raise self._lost(command, EOFError("connection closed"))
         duration = time.monotonic() - started
         log.debug("%s: exit %d after %.2fs: %s", self.host, code, duration, _short(command))
+        if code == _TIMED_OUT and duration >= timeout:
+            raise CommandTimeout(
+                [
+                    Problem(
+                        self.host,
+                        f"{_short(command)} did not finish within {timeout:g}s",
+                        "the host stopped it; check the host, or allow more time (ssh.command_timeout)",
+                    )
+                ]
+            )
         return Result(
             exit_code=code,
             stdout=out.decode("utf-8", errors="replace"),
@@ -189,6 +202,12 @@ def _exchange(chan: paramiko.Channel, command: str, stdin: str | None, deadline:
     while chan.recv_stderr_ready():
         err += chan.recv_stderr(_CHUNK)
     return bytes(out), bytes(err), chan.recv_exit_status()
+
+
+def bounded(command: str, timeout: float) -> str:
+    """The command under the host's own `timeout`: closing a channel does not stop a command on the host (no pty,
+    no signal), so the host enforces the limit itself: TERM to the command's process group, KILL 5 s later."""
+    return f"timeout -k 5 {max(1, math.ceil(timeout))} sh -c {shlex.quote(command)}"
 
 
 def _short(command: str) -> str:

@@ -11,6 +11,7 @@ import errno
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -429,7 +430,8 @@ def test_run_sends_stdin_then_eof_and_returns_both_streams_and_the_exit_code(net
     assert (result.exit_code, result.stdout) == (3, "got:hello\n")
     assert result.stderr == "warn \ufffd \ufffd"
     assert result.duration >= 0
-    assert network.server.commands == ["cat | tr a b"]
+    # the host enforces the limit itself (a closed channel would not stop the command there)
+    assert network.server.commands == ["timeout -k 5 10 sh -c 'cat | tr a b'"]
     assert not network.server.pty_requested
 
 
@@ -452,8 +454,9 @@ def test_one_connection_serves_every_command(network, trusted):
     with trusted() as transport:
         outputs = [transport.run(f"echo {i}", timeout=10).stdout for i in range(3)]
 
-    assert outputs == ["echo 0", "echo 1", "echo 2"]
-    assert network.server.commands == ["echo 0", "echo 1", "echo 2"]
+    expected = [f"timeout -k 5 10 sh -c 'echo {i}'" for i in range(3)]
+    assert outputs == expected  # the fake host echoes the command line it was given
+    assert network.server.commands == expected
 
 
 def test_large_streams_both_ways_do_not_deadlock(network, trusted):
@@ -490,7 +493,7 @@ def test_sudo_password_stays_out_of_commands_logs_and_errors(network, trusted, c
 
     assert result.ok
     assert received == [SECRET.encode() + b"\n"]
-    assert network.server.commands == ["sudo -S -p '' true"]
+    assert network.server.commands == ["timeout -k 5 10 sh -c 'sudo -S -p '\"'\"''\"'\"' true'"]
     assert "sudo -S -p '' true" in caplog.text
     assert SECRET not in caplog.text
 
@@ -516,6 +519,19 @@ def test_timeout_closes_the_channel_and_names_host_and_command(network, trusted,
     assert SECRET not in str(caught.value)
     assert SECRET not in caplog.text
     assert network.server.channel_closed.wait(10)
+
+
+
+def test_the_host_stopping_a_command_at_its_limit_is_a_timeout(network, trusted):
+    def handler(channel: paramiko.Channel, command: str) -> None:
+        assert command.startswith("timeout -k 5 1 sh -c ")  # the limit travels with the command
+        time.sleep(0.3)
+        finish(channel, 124)  # what coreutils `timeout` exits with when it stopped the command
+
+    network.handler = handler
+    with trusted() as transport, pytest.raises(CommandTimeout) as caught:
+        transport.run("sleep 600", timeout=0.2)
+    assert "the host stopped it" in caught.value.problems[0].hint
 
 
 def test_a_dropped_connection_is_reported_as_unreachable(network, trusted):
