@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from sparkctl.execute.base import Transport
 from sparkctl.facts.models import HostFacts
 from sparkctl.inventory.models import Host, Inventory
+from sparkctl.launch.commands import runtime_python
 from sparkctl.plan.cluster import plan_verify_fabric
 from sparkctl.plan.context import PlanContext
 from sparkctl.plan.models import Command, Step
@@ -66,7 +67,7 @@ c.shutdown(socket.SHUT_WR); c.recv(1); print(sent, time.monotonic() - t)
 def bench_commands(ctx: PlanContext, host: Host, mb: int, port: int) -> list[Step]:
     """The bench as runbook steps: peers listen, the first host sends, link by link (hosts run in parallel)."""
     inv = ctx.inventory
-    python = f"{inv.runtime.venv}/bin/python" if inv.runtime.venv else "python3"
+    python = runtime_python(inv)
     src = inv.hosts[0]
     steps = []
     for peer in inv.hosts[1:]:
@@ -95,26 +96,3 @@ def bench_commands(ctx: PlanContext, host: Host, mb: int, port: int) -> list[Ste
                     )
                 )
     return steps
-
-
-def tcp_throughput(
-    inv: Inventory, transports: Mapping[str, Transport], python: str, *, mb: int = 512, port: int = 5201
-) -> dict[Link, float]:
-    """Fallback bench: MB/s of one TCP stream over each link, first host -> each peer (no RDMA tools needed)."""
-    src = inv.hosts[0]
-    out: dict[Link, float] = {}
-    for peer in inv.hosts[1:]:
-        for j, twin in enumerate(src.fabric):
-            dst = str(peer.fabric[j].address.ip)
-            server = f"{shlex.quote(python)} -c {shlex.quote(_SERVER)} {dst} {port}"
-            client = f"{shlex.quote(python)} -c {shlex.quote(_CLIENT)} {dst} {port} {mb}"
-            with ThreadPoolExecutor(max_workers=1) as pool:
-                srv = pool.submit(transports[peer.name].run, server, timeout=60)
-                cli = transports[src.name].run(client, timeout=60)
-                res = srv.result()
-            try:
-                n, secs = res.stdout.split()
-                out[(src.name, twin.interface, dst)] = int(n) / float(secs) / 1e6 if cli.ok else 0.0
-            except ValueError:
-                out[(src.name, twin.interface, dst)] = 0.0
-    return out

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from sparkctl.checks.active import measure_jumbo, tcp_throughput
+from sparkctl.checks.active import measure_jumbo
 from sparkctl.checks.discover import DISCOVER_PROBE, parse_discovery, propose_inventory
 from sparkctl.checks.doctor import evaluate
 from sparkctl.checks.evaluators import CheckContext
@@ -16,7 +16,8 @@ from sparkctl.checks.rules import Finding
 from sparkctl.cli import common as c
 from sparkctl.errors import EXIT_FAILED, HostError
 from sparkctl.inventory.models import FabricInterface, Host, SshSettings
-from sparkctl.runbook.run import Session
+from sparkctl.runbook.engine import Report
+from sparkctl.runbook.load import load_runbook, resolve_params
 
 MARK = {"pass": "pass", "warn": "WARN", "fail": "FAIL"}
 
@@ -116,58 +117,52 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     def bench_fabric(
         inventory: c.InventoryOpt = None,
         as_json: c.JsonOpt = False,
-        mb: Annotated[int, typer.Option("--mb", help="MB sent per link in the TCP fallback.")] = 512,
+        mb: Annotated[int, typer.Option("--mb", help="MB sent over each link.")] = 512,
         accept_new_host_keys: c.AcceptKeysOpt = False,
         debug: c.DebugOpt = False,
     ) -> None:
-        """Measure the link: RDMA/NCCL tools where present, else a TCP + jumbo-MTU fallback (said so)."""
+        """Measure the link without RDMA tools: jumbo frames per twin, one TCP stream per link (said so)."""
         c.set_debug(debug)
         inv = c.inventory(inventory)
+        rb = load_runbook("bench-fabric")
+        params = resolve_params(rb, {"mb": str(mb)})
         session = c.open_session(inv, accept_new_host_keys)
         try:
-            result = _bench(session, mb)
+            secrets = session.secrets_for_plan()
+            report = session.apply(rb, session.plan(rb, params, secrets), params, secrets)
         finally:
             session.close()
+        result = summarise_bench(report)
         if as_json:
             c.echo(json.dumps(result, indent=2))
         else:
             c.echo(f"method: {result['method']}")
             for link in result["links"]:
-                c.echo(
-                    f"  {link['link']}: jumbo {'ok' if link['jumbo'] else 'FAILED'}"
-                    + (f", {link['mbytes_per_s']:.0f} MB/s (one TCP stream)" if "mbytes_per_s" in link else "")
-                )
+                rate = f", {link['mbytes_per_s']:.0f} MB/s (one TCP stream)" if link.get("mbytes_per_s") else ""
+                c.echo(f"  {link['host']} {link['link']}: jumbo {'ok' if link['jumbo'] else 'FAILED'}{rate}")
             for note in result["notes"]:
                 c.echo(f"note: {note}")
-        if not all(link["jumbo"] for link in result["links"]):
+        if not report.ok:
             raise typer.Exit(EXIT_FAILED)
 
 
-def _bench(session: Session, mb: int) -> dict[str, Any]:
-    inv = session.inventory
-    head = session.transports[inv.head.name]
-    have_rdma = head.run("command -v ib_write_bw all_gather_perf", timeout=10).ok
-    pings = measure_jumbo(inv, session.facts, session.transports)
-    notes = []
-    links = []
-    if have_rdma:
-        notes.append(
-            "ib_write_bw/nccl-tests found: run `all_gather_perf -b 1G -e 1G` with the env file for busbw; "
-            "expect ~20-24 GB/s on a good pair, ~3 GB/s at every size means a misconfigured link"
-        )
-    notes.append(
-        "RDMA tools are absent or not used here: measured one TCP stream per twin and the jumbo path "
-        "(this is a fallback, not RoCE bandwidth)"
-    )
-    python = f"{inv.runtime.venv}/bin/python" if inv.runtime.venv else "python3"
-    tcp = tcp_throughput(inv, session.transports, python, mb=mb)
-    for (host, iface, peer), (ok, detail) in sorted(pings.items()):
-        entry: dict[str, object] = {"link": f"{host} {iface} -> {peer}", "jumbo": ok, "detail": detail}
-        if (host, iface, peer) in tcp:
-            entry["mbytes_per_s"] = round(tcp[(host, iface, peer)], 1)
-        links.append(entry)
+def summarise_bench(report: Report) -> dict[str, Any]:
+    """Per link (host, twin -> peer): did jumbo frames cross, and the TCP stream's MB/s (from the sender's output)."""
+    links: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in report.results:
+        kind, _, link = r.step.partition(":")
+        if kind == "verify_jumbo":
+            links.setdefault((r.host, link), {"host": r.host, "link": link})["jumbo"] = r.status == "ok"
+        elif kind == "bench_send" and r.commands:
+            sent, _, secs = r.commands[-1].stdout.strip().partition(" ")
+            rate = int(sent) / float(secs) / 1e6 if r.status == "ok" and secs else 0.0
+            links.setdefault((r.host, link), {"host": r.host, "link": link})["mbytes_per_s"] = round(rate, 1)
     return {
-        "method": "tcp-fallback" if not have_rdma else "tcp-fallback (rdma tools present)",
-        "links": links,
-        "notes": notes,
+        "method": "tcp-fallback",
+        "links": [{"jumbo": False, **v} for v in links.values()],
+        "notes": [
+            "a fallback, not RoCE bandwidth: on a real pair run nccl-tests' all_gather_perf with the env file "
+            "applied (two rails: ~20-24 GB/s busbw is good; ~3 GB/s at every size means a misconfigured link)"
+        ],
+        "journal": report.run_id,
     }

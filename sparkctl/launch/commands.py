@@ -14,6 +14,11 @@ WORKER_FILE = "embed_worker.py"
 RAY_CONTAINER = "sparkctl-ray"
 
 
+def runtime_python(inv: Inventory) -> str:
+    """The Python that runs sparkctl's helpers on the hosts: the runtime venv's, else the image's/system's."""
+    return f"{inv.runtime.venv}/bin/python" if inv.runtime.venv else "python3"
+
+
 def fabric_ip(host: Host) -> str:
     """The address Ray and the collectives use on a host."""
     return str(host.fabric[0].address.ip)
@@ -162,7 +167,7 @@ def endpoint(inv: Inventory, w: Workload) -> str:
 def workload_argv(inv: Inventory, w: Workload, home: str) -> list[str]:
     """The program and arguments a workload runs on the head."""
     if w.engine == "embed":
-        py = f"{inv.runtime.venv}/bin/python" if inv.runtime.venv else "python"
+        py = runtime_python(inv)
         worker = f"{paths.state_dir(home)}/{WORKER_FILE}" if inv.runtime.venv else f"/sparkctl/{WORKER_FILE}"
         bundle = {"GPU": 1} if all(h.gpus for h in inv.hosts) and inv.runtime.image else {"CPU": 1}
         return [

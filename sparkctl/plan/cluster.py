@@ -12,7 +12,7 @@ from sparkctl.plan.context import PlanContext
 from sparkctl.plan.models import Command, Step, Wait
 
 RAY_MARKERS = ("raylet", "gcs_server", "ray::", "ray/dashboard", "ray/_private", "default_worker.py")
-WORKLOAD_MARKERS = (lc.WORKER_FILE, "vllm serve", "/bin/vllm serve")
+WORKLOAD_MARKERS = (lc.WORKER_FILE, "vllm serve")
 
 
 def _sh(line: str, *, stdin: str | None = None, stdin_secret: str | None = None) -> Command:

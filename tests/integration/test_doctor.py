@@ -128,3 +128,27 @@ def test_discover_writes_an_inventory_that_up_uses(fresh_testbed: Testbed, tmp_p
         links = ip_addrs(tb, host)
         assert ipv4(links["enp1s0f1np1"]) == [f"192.168.100.{third}/24"] and links["enp1s0f1np1"]["mtu"] == 9000
     sparkctl("down", "-i", str(out), env=env)
+
+
+def test_bench_fabric_measures_every_link_through_the_engine(configured: tuple[Testbed, Path, dict[str, str]]) -> None:
+    tb, inv, env = configured
+    r = sparkctl("bench", "fabric", "--json", "--mb", "16", "-i", str(inv), env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    result = json.loads(r.stdout[r.stdout.index("{"):])
+    links = {(x["host"], x["link"]): x for x in result["links"]}
+    assert len(links) == 4 and all(x["jumbo"] for x in links.values())  # both twins, both directions
+    sent = [x for x in links.values() if "mbytes_per_s" in x]
+    assert {x["link"] for x in sent} == {"enp1s0f1np1->spark-b", "enP2p1s0f1np1->spark-b"}
+    assert all(x["mbytes_per_s"] > 0 for x in sent)
+    state = Path(env["XDG_STATE_HOME"]) / "sparkctl" / "journal.jsonl"
+    record = json.loads(state.read_text().splitlines()[-1])
+    assert record["id"] == result["journal"] and record["runbook"] == "bench-fabric"
+    tb.set_mtu("spark-b", "enP2p1s0f1np1", 1500)
+    try:
+        r = sparkctl("bench", "fabric", "--json", "--mb", "16", "-i", str(inv), env=env)
+    finally:
+        tb.set_mtu("spark-b", "enP2p1s0f1np1", 9000)
+    assert r.returncode == 1
+    links = {(x["host"], x["link"]): x for x in json.loads(r.stdout[r.stdout.index("{"):])["links"]}
+    assert links[("spark-a", "enP2p1s0f1np1->spark-b")]["jumbo"] is False
+    assert links[("spark-a", "enp1s0f1np1->spark-b")]["jumbo"] is True

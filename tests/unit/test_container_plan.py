@@ -314,7 +314,7 @@ def test_embed_worker_runs_from_the_mounted_state_dir() -> None:
     options, command = docker_run(sh_line(one(plan_of(inv, fresh(inv)), "spark-a", "workload", "emb").commands[-1]))
     assert_spark_container(options, "sparkctl-emb")
     assert has(options, "-e", "SPARKCTL_API_KEY")
-    assert command[:2] == ["python", f"/sparkctl/{lc.WORKER_FILE}"]
+    assert command[:2] == ["python3", f"/sparkctl/{lc.WORKER_FILE}"]
     assert has(command, "--bundle-resources", '{"GPU":1}')
     assert has(command, "--ray-address", "192.168.100.10:6379")
 
