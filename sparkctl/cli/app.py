@@ -7,18 +7,24 @@ import typer
 from sparkctl import __version__
 from sparkctl.cli import cluster, doctor, inspect
 
+# rich_markup_mode=None: plain help and error text (click's formatter). rich's renderer costs more to import
+# than the rest of `--help`.
+
 app = typer.Typer(
     name="sparkctl",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
     help="Turn two or more DGX Sparks into one inference cluster: plan, up, down, status.",
+    rich_markup_mode=None,
 )
-runbook_app = typer.Typer(help="Built-in runbooks and validation of runbook files.", no_args_is_help=True)
-history_app = typer.Typer(help="Runs recorded in the journal.")
+runbook_app = typer.Typer(
+    help="Built-in runbooks and validation of runbook files.", no_args_is_help=True, rich_markup_mode=None
+)
+history_app = typer.Typer(help="Runs recorded in the journal.", rich_markup_mode=None)
 app.add_typer(runbook_app, name="runbook")
 app.add_typer(history_app, name="history")
-bench_app = typer.Typer(help="Measure the cluster.", no_args_is_help=True)
+bench_app = typer.Typer(help="Measure the cluster.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(bench_app, name="bench")
 
 cluster.register(app)

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from sparkctl.cli import common as c
-from sparkctl.cli.render import Progress, render_plan, render_report
 from sparkctl.errors import EXIT_FAILED, EXIT_INTERRUPTED, HostError, InputError, Problem
-from sparkctl.inventory.models import Inventory
-from sparkctl.plan.context import PlanContext, fresh_facts
-from sparkctl.plan.models import Plan
-from sparkctl.runbook.load import build_runbook_plan, load_runbook, resolve_params, step_index
-from sparkctl.runbook.models import Runbook
-from sparkctl.runbook.run import Session, sha256, ssh_connect, worker_code
+
+# Loaded when a command runs (see common.py): the planner and the models for planning, the SSH transport and the
+# engine only for commands that reach the hosts.
+if TYPE_CHECKING:
+    from sparkctl.inventory.models import Inventory
+    from sparkctl.plan.models import Plan
+    from sparkctl.runbook.models import Runbook
+    from sparkctl.runbook.run import Session
 
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Runbook parameter: --set name=value (repeatable).")]
 WorkloadOpt = Annotated[list[str] | None, typer.Option("--workload", "-w", help="Only this workload (repeatable).")]
@@ -34,6 +35,10 @@ def offline_plan(
     inv: Inventory, rb: Runbook, params: dict[str, object], *, start: int = 0, only: str | None = None
 ) -> Plan:
     """A plan against fresh hosts, contacting nobody and reading no secrets (digests are placeholders)."""
+    from sparkctl.plan.context import PlanContext, fresh_facts
+    from sparkctl.runbook.load import build_runbook_plan
+    from sparkctl.runbook.run import sha256, worker_code
+
     facts = {h.name: fresh_facts(inv, h) for h in inv.hosts}
     ctx = PlanContext(
         inv, facts, params, {"ray_token": "(generated on first up)", "worker_code": sha256(worker_code())}, offline=True
@@ -80,6 +85,9 @@ def execute(
     force: bool = False,
 ) -> None:
     """Connect, gather, plan, (confirm), apply, report. Shared by up, down, run and restore-network."""
+    from sparkctl.cli.render import Progress, render_plan, render_report
+    from sparkctl.runbook.run import Session, ssh_connect
+
     progress = Progress(quiet=False)
     session = Session(inv, ssh_connect(accept_new_host_keys), emit=progress)
     try:
@@ -110,6 +118,8 @@ def execute(
 
 def _stop_after_interrupt(session: Session, secrets: dict[str, str]) -> None:
     """Ctrl-C during up: stop what the run may have started, so no worker is left behind."""
+    from sparkctl.runbook.load import load_runbook
+
     c.echo("interrupted: running `down` so no worker is left behind", err=True)
     down = load_runbook("down")
     session.gather()
@@ -131,6 +141,9 @@ def register(app: typer.Typer) -> None:
         debug: c.DebugOpt = False,
     ) -> None:
         """Show what `up` would change on every host: steps, exact commands, diffs. Changes nothing."""
+        from sparkctl.cli.render import render_plan
+        from sparkctl.runbook.load import load_runbook, resolve_params
+
         c.set_debug(debug)
         inv = c.inventory(inventory)
         rb = load_runbook("up")
@@ -160,6 +173,8 @@ def register(app: typer.Typer) -> None:
         debug: c.DebugOpt = False,
     ) -> None:
         """Configure the fabric and env, form Ray, start the workloads and wait until they answer."""
+        from sparkctl.runbook.load import load_runbook, resolve_params
+
         c.set_debug(debug)
         inv = c.inventory(inventory)
         rb = load_runbook("up")
@@ -185,6 +200,8 @@ def register(app: typer.Typer) -> None:
         debug: c.DebugOpt = False,
     ) -> None:
         """Stop workloads and Ray on every host and check nothing is left. The network stays configured."""
+        from sparkctl.runbook.load import load_runbook
+
         c.set_debug(debug)
         inv = c.inventory(inventory)
         execute(
@@ -207,6 +224,8 @@ def register(app: typer.Typer) -> None:
         debug: c.DebugOpt = False,
     ) -> None:
         """Put the twins back as before sparkctl: delete its profiles, re-enable the ones it disabled."""
+        from sparkctl.runbook.load import load_runbook
+
         c.set_debug(debug)
         inv = c.inventory(inventory)
         execute(
@@ -235,6 +254,9 @@ def register(app: typer.Typer) -> None:
         debug: c.DebugOpt = False,
     ) -> None:
         """Run a runbook (playbooks/*.yaml or a built-in) with the same engine as up and down."""
+        from sparkctl.cli.render import render_plan
+        from sparkctl.runbook.load import load_runbook, resolve_params, step_index
+
         c.set_debug(debug)
         rb = load_runbook(runbook)
         inv = c.inventory(inventory)

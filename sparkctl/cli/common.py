@@ -7,14 +7,17 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from sparkctl.errors import EXIT_FAILED, EXIT_INTERRUPTED, SparkctlError
-from sparkctl.inventory import load_inventory, parse_inventory
-from sparkctl.inventory.models import Inventory
-from sparkctl.runbook.run import Session, ssh_connect
+
+# Commands import what they need when they run: `--help` and offline planning stay free of SSH, Ray and the
+# models they do not use.
+if TYPE_CHECKING:
+    from sparkctl.inventory.models import Inventory
+    from sparkctl.runbook.run import Session
 
 InventoryOpt = Annotated[
     Path | None,
@@ -47,16 +50,19 @@ def set_debug(on: bool) -> None:
 
 def inventory(path: Path | None) -> Inventory:
     """Load the inventory named by -i, $SPARKCTL_INVENTORY, or the bundled example."""
+    from sparkctl.inventory import example_inventory_text, load_inventory, parse_inventory
+
     chosen = path or (Path(os.environ["SPARKCTL_INVENTORY"]) if os.environ.get("SPARKCTL_INVENTORY") else None)
     if chosen is not None:
         return load_inventory(chosen)
-    from sparkctl.inventory import example_inventory_text
 
     return parse_inventory(example_inventory_text(), "<bundled example-pair.yaml>")
 
 
 def open_session(inv: Inventory, accept_new_host_keys: bool) -> Session:
     """Connect to and probe every host (one SSH connection each, in parallel)."""
+    from sparkctl.runbook.run import Session, ssh_connect
+
     session = Session(inv, ssh_connect(accept_new_host_keys))
     session.open()
     return session

@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from sparkctl.checks.active import measure_jumbo
-from sparkctl.checks.discover import DISCOVER_PROBE, parse_discovery, propose_inventory
-from sparkctl.checks.doctor import evaluate
-from sparkctl.checks.evaluators import CheckContext
-from sparkctl.checks.rules import Finding
 from sparkctl.cli import common as c
 from sparkctl.errors import EXIT_FAILED, HostError
-from sparkctl.inventory.models import FabricInterface, Host, SshSettings
-from sparkctl.runbook.engine import Report
-from sparkctl.runbook.load import load_runbook, resolve_params
+
+# Loaded when a command runs, so `--help` and other commands do not pay for the rules and the engine.
+if TYPE_CHECKING:
+    from sparkctl.checks.rules import Finding
+    from sparkctl.runbook.engine import Report
 
 MARK = {"pass": "pass", "warn": "WARN", "fail": "FAIL"}
 
@@ -47,6 +44,10 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         debug: c.DebugOpt = False,
     ) -> None:
         """Read-only checks on every host and across the pair: pass / warn / fail, evidence and fix."""
+        from sparkctl.checks.active import measure_jumbo
+        from sparkctl.checks.doctor import evaluate
+        from sparkctl.checks.evaluators import CheckContext
+
         c.set_debug(debug)
         inv = c.inventory(inventory)
         session = c.open_session(inv, accept_new_host_keys)
@@ -76,6 +77,9 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         debug: c.DebugOpt = False,
     ) -> None:
         """Connect to the given hosts and write a complete inventory for them."""
+        from sparkctl.checks.discover import DISCOVER_PROBE, parse_discovery, propose_inventory
+        from sparkctl.inventory.models import FabricInterface, Host, SshSettings
+
         c.set_debug(debug)
         from sparkctl.execute import ssh
 
@@ -122,6 +126,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         debug: c.DebugOpt = False,
     ) -> None:
         """Measure the link without RDMA tools: jumbo frames per twin, one TCP stream per link (said so)."""
+        from sparkctl.runbook.load import load_runbook, resolve_params
+
         c.set_debug(debug)
         inv = c.inventory(inventory)
         rb = load_runbook("bench-fabric")

@@ -4,24 +4,26 @@ from __future__ import annotations
 
 import json
 import shlex
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from sparkctl import paths, state
 from sparkctl.cli import common as c
 from sparkctl.errors import InputError, Problem
-from sparkctl.inventory.models import Inventory
-from sparkctl.launch import commands as lc
-from sparkctl.launch.probe import probe_workload
-from sparkctl.plan.cluster import ray_running_ok, workload_state
-from sparkctl.runbook.actions import ACTIONS
-from sparkctl.runbook.load import builtin_names, builtin_text, load_runbook
-from sparkctl.runbook.run import Session
+
+# Loaded when a command runs (see common.py).
+if TYPE_CHECKING:
+    from sparkctl.inventory.models import Inventory
+    from sparkctl.runbook.run import Session
 
 
 def cluster_status(session: Session, inv: Inventory, secrets: dict[str, str]) -> dict[str, Any]:
     """Per host: fabric state and Ray; per workload: endpoint, process and health."""
+    from sparkctl.launch import commands as lc
+    from sparkctl.launch.probe import probe_workload
+    from sparkctl.plan.cluster import ray_running_ok, workload_state
+
     ctx = session.context(secrets, {})
     hosts: dict[str, Any] = {}
     for h in inv.hosts:
@@ -137,6 +139,9 @@ def register(app: typer.Typer, runbook_app: typer.Typer, history_app: typer.Type
     @c.guard
     def runbook_list() -> None:
         """Built-in runbooks and the actions runbooks can use."""
+        from sparkctl.runbook.actions import ACTIONS
+        from sparkctl.runbook.load import builtin_names, load_runbook
+
         for name in builtin_names():
             c.echo(f"{name}: {load_runbook(name).description}")
         c.echo("\nactions:")
@@ -147,12 +152,16 @@ def register(app: typer.Typer, runbook_app: typer.Typer, history_app: typer.Type
     @c.guard
     def runbook_show(name: str) -> None:
         """Print a built-in runbook as YAML, to copy and adapt."""
+        from sparkctl.runbook.load import builtin_text
+
         c.echo(builtin_text(name).rstrip())
 
     @runbook_app.command("validate")
     @c.guard
     def runbook_validate(files: list[str]) -> None:
         """Validate runbook files (exit 2 with file:line problems)."""
+        from sparkctl.runbook.load import load_runbook
+
         problems = []
         for f in files:
             try:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import sys
 import threading
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from sparkctl.plan.models import Plan
-from sparkctl.runbook.engine import Event, Report
+if TYPE_CHECKING:
+    from sparkctl.plan.models import Plan
+    from sparkctl.runbook.engine import Event, Report
 
 SYMBOL = {"ok": "ok", "changed": "changed", "failed": "FAILED", "skipped": "skipped"}
 

@@ -8,13 +8,16 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, Field
 
 from sparkctl.errors import HostError
 from sparkctl.execute.base import Result, Transport
-from sparkctl.launch.probe import Probe, probe_workload
 from sparkctl.plan.models import Command, Plan, Stage, Step
+
+if TYPE_CHECKING:
+    from sparkctl.launch.probe import Probe
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,13 @@ def remote_line(cmd: Command, nopasswd: bool, secrets: Secrets, blobs: Mapping[s
             line = f"sudo -k -S -p '' -- {line}"
             data = secrets.get("sudo_password") + "\n" + (data or "")
     return line, data
+
+
+def probe_workload(url: str, model: str, api_key: str | None, engine: str) -> Probe:
+    """The HTTP readiness probe, imported on first use: urllib's HTTP stack is not needed to plan."""
+    from sparkctl.launch.probe import probe_workload as probe
+
+    return probe(url, model, api_key, engine)
 
 
 def _tail(text: str, lines: int = 20) -> str:

@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sparkctl import state
 from sparkctl.errors import HostError, Problem, SecretError
@@ -19,9 +19,11 @@ from sparkctl.facts.models import HostFacts
 from sparkctl.inventory.models import Inventory
 from sparkctl.plan.context import PlanContext
 from sparkctl.plan.models import Plan, Stage
-from sparkctl.runbook.engine import Engine, Event, Report, Secrets
 from sparkctl.runbook.load import build_runbook_plan, plan_stage
 from sparkctl.runbook.models import Runbook
+
+if TYPE_CHECKING:  # the engine loads when a run applies something: planning does not need it
+    from sparkctl.runbook.engine import Event, Report
 
 Connect = Callable[[Inventory, str], Transport]
 
@@ -160,6 +162,8 @@ class Session:
         start: int = 0,
     ) -> Report:
         """Run the plan; re-read the hosts after each changing stage; journal the run."""
+        from sparkctl.runbook.engine import Engine, Secrets
+
         engine = Engine(
             transports=self.transports,
             nopasswd={n: f.sudo_nopasswd for n, f in self.facts.items()},

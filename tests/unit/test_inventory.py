@@ -409,8 +409,6 @@ def no_connect(mocker):
 
     mocks = [
         mocker.patch("sparkctl.runbook.run.ssh_connect", side_effect=refuse),
-        mocker.patch("sparkctl.cli.cluster.ssh_connect", side_effect=refuse),
-        mocker.patch("sparkctl.cli.common.ssh_connect", side_effect=refuse),
         mocker.patch("sparkctl.execute.ssh.connect", side_effect=refuse),
     ]
     return mocks
