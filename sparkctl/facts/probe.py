@@ -26,6 +26,7 @@ def probe_sections(inventory: Inventory, host: Host) -> dict[str, str]:
     twins = " ".join(q(t.interface) for t in host.fabric)
     state = f'"$HOME"/{q(paths.STATE)}'
     rt = inventory.runtime
+    gcs = int(inventory.ray.port)
     if rt.venv:
         venv = q(rt.venv)
         runtime = (
@@ -67,6 +68,8 @@ def probe_sections(inventory: Inventory, host: Host) -> dict[str, str]:
         ),
         "processes": "ps -eo pid=,user=,args=",
         "listeners": "ss -ltnH 2>/dev/null || true",
+        # A raylet keeps a connection to the head's GCS while it is part of the cluster (filter syntax: ss(8)).
+        "gcs_links": f"ss -tnH state established '( dport = :{gcs} or sport = :{gcs} )' 2>/dev/null || true",
         "meminfo": "grep -E '^(MemTotal|MemFree|MemAvailable|Cached|Buffers):' /proc/meminfo",
         "gids": (
             'for p in /sys/class/infiniband/*/ports/*; do [ -d "$p/gids" ] || continue; '

@@ -597,3 +597,18 @@ def test_probe_script_output_parses_back(tmp_path: Path) -> None:
     assert {k: v for k, v in parse_sections(r.stdout).items() if k != live} == {
         k: v for k, v in parse_sections(seq.stdout).items() if k != live
     }
+
+
+def test_gcs_links_from_ss_with_and_without_the_state_column() -> None:
+    from sparkctl.facts.parse import parse_tcp_links
+
+    text = (
+        "0      0      192.168.100.11:51234 192.168.100.10:6379\n"
+        "ESTAB  0      0      [::ffff:192.168.100.10]:6379 [::ffff:192.168.100.11]:51234\n"
+        "garbage\n"
+    )
+    links = parse_tcp_links(text)
+    assert [(x.local, x.local_port, x.peer, x.peer_port) for x in links] == [
+        ("192.168.100.11", 51234, "192.168.100.10", 6379),
+        ("192.168.100.10", 6379, "192.168.100.11", 51234),
+    ]
