@@ -119,6 +119,18 @@ def probe_workload(url: str, model: str, api_key: str | None, engine: str) -> Pr
     return probe(url, model, api_key, engine)
 
 
+def _batches(steps: list[Step]) -> list[list[Step]]:
+    """Consecutive read-only checks (no change, no operator prompt) form one batch; every other step is alone."""
+    out: list[list[Step]] = []
+    for step in steps:
+        check = not step.changes and step.kind != "pause"
+        if check and out and not out[-1][-1].changes and out[-1][-1].kind != "pause":
+            out[-1].append(step)
+        else:
+            out.append([step])
+    return out
+
+
 def _tail(text: str, lines: int = 20) -> str:
     return "\n".join(text.rstrip().splitlines()[-lines:])
 
@@ -210,26 +222,28 @@ class Engine:
         results: list[StepResult] = []
         lock = threading.Lock()
 
+        def one(host: str, step: Step) -> StepResult:
+            if self._abort.is_set():
+                return StepResult(
+                    host=host, stage=stage.name, step=step.id, kind=step.kind, changes=step.changes, status="skipped"
+                )
+            res = self._run_step(stage.name, step)
+            with lock:
+                report.executed.append(step)
+            if res.status == "failed":
+                self._abort.set()
+            return res
+
         def host_worker(host: str, steps: list[Step]) -> None:
-            for step in steps:
-                if self._abort.is_set():
-                    res = StepResult(
-                        host=host,
-                        stage=stage.name,
-                        step=step.id,
-                        kind=step.kind,
-                        changes=step.changes,
-                        status="skipped",
-                    )
-                else:
-                    res = self._run_step(stage.name, step)
-                    with lock:
-                        report.executed.append(step)
-                    if res.status == "failed":
-                        self._abort.set()
+            for batch in _batches(steps):
+                if len(batch) == 1:
+                    done = [one(host, batch[0])]
+                else:  # read-only checks of one host: side by side, each on its own channel of the connection
+                    with ThreadPoolExecutor(max_workers=len(batch)) as checks:
+                        done = list(checks.map(lambda st: one(host, st), batch))
                 with lock:
-                    results.append(res)
-                    report.results.append(res)
+                    results.extend(done)
+                    report.results.extend(done)
 
         if by_host:
             with ThreadPoolExecutor(max_workers=len(by_host)) as pool:
