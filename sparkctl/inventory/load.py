@@ -36,30 +36,23 @@ def render_loc(loc: Sequence[str | int]) -> str:
     return text
 
 
+# libyaml's loader (PyYAML's C binding) when PyYAML was built with it: the same safe constructor, several times
+# faster. Line numbers, which only error messages need, come from a second, pure-Python pass made on demand.
+_FAST_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 class Source:
     """A parsed YAML document that remembers where each key came from."""
 
     def __init__(self, text: str, name: str, error: type[InputError] = InventoryError) -> None:
         self.name = name
         self.error = error
-        self.lines: dict[Loc, int] = {}
+        self._text = text
+        self._lines: dict[Loc, int] | None = None
         try:
-            node = yaml.compose(text)
-            self.data: Any = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f"{name}:{mark.line + 1}" if mark else f"{name}:1"
-            raise error(
-                [
-                    Problem(
-                        where,
-                        f"not valid YAML: {getattr(exc, 'problem', exc)}",
-                        "check indentation and quoting on that line or just above it",
-                    )
-                ]
-            ) from None
-        if node is not None:
-            _line_map(node, (), self.lines)
+            self.data: Any = yaml.load(str(text), Loader=_FAST_LOADER)  # libyaml takes an exact str only
+        except yaml.YAMLError:
+            self._lines = self._parse_slowly()  # raises with the pure-Python parser's message and mark
         if not isinstance(self.data, dict):
             found = "an empty document" if self.data is None else f"a {type(self.data).__name__}"
             raise error(
@@ -71,6 +64,35 @@ class Source:
                     )
                 ]
             )
+
+    @property
+    def lines(self) -> dict[Loc, int]:
+        """Line of each key path, computed when first asked for (only problems need them)."""
+        if self._lines is None:
+            self._lines = self._parse_slowly()
+        return self._lines
+
+    def _parse_slowly(self) -> dict[Loc, int]:
+        """The pure-Python parse that keeps line numbers; raises `error` for text that is not YAML."""
+        lines: dict[Loc, int] = {}
+        try:
+            node = yaml.compose(self._text, Loader=yaml.SafeLoader)
+            self.data = yaml.safe_load(self._text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{self.name}:{mark.line + 1}" if mark else f"{self.name}:1"
+            raise self.error(
+                [
+                    Problem(
+                        where,
+                        f"not valid YAML: {getattr(exc, 'problem', exc)}",
+                        "check indentation and quoting on that line or just above it",
+                    )
+                ]
+            ) from None
+        if node is not None:
+            _line_map(node, (), lines)
+        return lines
 
     def where(self, loc: Sequence[str | int]) -> str:
         """`file:line key.path` for the deepest part of `loc` found in the document."""

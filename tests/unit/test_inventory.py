@@ -6,6 +6,7 @@ import ipaddress
 from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from sparkctl.errors import EXIT_BAD_INPUT, InventoryError
@@ -366,6 +367,15 @@ def test_not_yaml_gives_file_and_line(problems, example) -> None:
     # the parser notices at the bracket's line or just after it
     assert text.line_of("[6379") <= int(line) <= text.line_of("[6379") + 2
     assert "YAML" in p.message
+
+
+def test_line_numbers_are_found_only_when_a_problem_needs_them(example) -> None:
+    from sparkctl.inventory.load import Source
+
+    source = Source(example, "inv.yaml")
+    assert source._lines is None, "a valid document is read by the fast loader alone"
+    assert source.data == yaml.safe_load(str(example))
+    assert source.where(("network", "mtu")) == f"inv.yaml:{example.line_of('mtu:')} network.mtu"
 
 
 @pytest.mark.parametrize("text", ["", "# only a comment\n", "- a\n- b\n", "just a string\n"])
