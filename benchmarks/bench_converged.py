@@ -57,6 +57,10 @@ def run_checked(argv: list[str], *, env: dict[str, str] | None = None, stdin: st
         raise SystemExit(f"{' '.join(argv)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
 
 
+def sparkctl(py: str, argv: list[str], env: dict[str, str]) -> Sample:
+    return measured(lambda: run_checked([py, "-m", "sparkctl", *argv], env=env))
+
+
 def ssh_argv(tb: Testbed, host: str) -> list[str]:
     return [
         "ssh", "-F", "/dev/null", "-i", str(tb.identity_file), "-o", "IdentitiesOnly=yes",
@@ -74,7 +78,7 @@ def parallel_ssh(tb: Testbed, command: str, stdin: dict[str, str] | None = None)
             text=True,
         )  # fmt: skip
     for host, p in procs.items():
-        out, err = p.communicate((stdin or {}).get(host))
+        _, err = p.communicate((stdin or {}).get(host))
         if p.returncode != 0:
             raise SystemExit(f"ssh {host} {command}: exit {p.returncode}: {err}")
 
@@ -116,7 +120,7 @@ def main() -> None:
             env = {**os.environ, "PYTHONPATH": str(tree)}
             for name, argv in (("--help", ["--help"]), ("plan --offline", ["plan", "--offline", "-i", example])):
                 key = f"{label}: sparkctl {name}"
-                local.setdefault(key, []).append(measured(lambda a=argv, e=env: run_checked([py, "-m", "sparkctl", *a], env=e)))  # type: ignore[misc]  # noqa: E501
+                local.setdefault(key, []).append(sparkctl(py, argv, env))
 
     lock = open("/var/tmp/sparkctl-testbed.lock", "w")  # noqa: SIM115
     t_wait = time.monotonic()
@@ -135,13 +139,16 @@ def main() -> None:
         run_checked([py, "-m", "sparkctl", "up", "--yes", "-i", str(inv)], env=env)
         scripts = probe_scripts(tb, inv)
         commands = {"plan": ["plan"], "status": ["status"], "up (no-op)": ["up", "--yes"]}
+        checks: dict[str, list[str]] = {}
         for label, tree in trees.items():  # warm caches, and prove the pair is converged for every tree
             env = {**base_env, "PYTHONPATH": str(tree)}
             out = subprocess.run([py, "-m", "sparkctl", "plan", "--json", "-i", str(inv)], env=env,
                                  capture_output=True, text=True, check=True).stdout  # fmt: skip
-            changes = sum(1 for st in json.loads(out)["stages"] for s in st["steps"] if s["changes"])
+            stages = json.loads(out)["stages"]
+            changes = sum(1 for st in stages for s in st["steps"] if s["changes"])
             if changes:
                 raise SystemExit(f"{label}: the pair is not converged ({changes} planned changes)")
+            checks[label] = sorted({f"{st['name']}/{s['kind']}" for st in stages for s in st["steps"]})
         for _ in range(args.runs):
             remote.setdefault("floor: ssh host true", []).append(measured(lambda: parallel_ssh(tb, "true")))
             remote.setdefault("floor: ssh host sh -s < probe", []).append(
@@ -151,7 +158,7 @@ def main() -> None:
                 env = {**base_env, "PYTHONPATH": str(tree)}
                 for name, argv in commands.items():
                     remote.setdefault(f"{label}: sparkctl {name}", []).append(
-                        measured(lambda a=argv, e=env: run_checked([py, "-m", "sparkctl", *a, "-i", str(inv)], env=e))  # type: ignore[misc]  # noqa: E501
+                        sparkctl(py, [*argv, "-i", str(inv)], env)
                     )
     finally:
         tb.down()
@@ -167,6 +174,7 @@ def main() -> None:
         "lock_held_seconds": round(held, 1),
         "local": {k: median(v) for k, v in local.items()},
         "testbed": {k: median(v) for k, v in remote.items()},
+        "checks_left_in_a_converged_up": checks,
     }
     floor = result["local"]["python -c pass"]["wall"]
     print(f"| command (median of {args.runs}) | seconds | above `python -c pass` |\n|---|---|---|")

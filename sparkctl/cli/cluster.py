@@ -83,15 +83,18 @@ def execute(
     only: str | None = None,
     checks: bool = False,
     force: bool = False,
+    early: c.EarlySession | None = None,
 ) -> None:
-    """Connect, gather, plan, (confirm), apply, report. Shared by up, down, run and restore-network."""
+    """Connect, gather, plan, (confirm), apply, report. Shared by up, down, run and restore-network.
+    `early` is a session the command started opening before it loaded the runbook."""
     from sparkctl.cli.render import Progress, render_plan, render_report
-    from sparkctl.runbook.run import Session, ssh_connect
 
     progress = Progress(quiet=False)
-    session = Session(inv, ssh_connect(accept_new_host_keys), emit=progress)
+    early = early or c.EarlySession(inv, accept_new_host_keys)
+    session = early.session
+    session.emit = progress
     try:
-        session.open()
+        early.wait()
         secrets = session.secrets_for_plan()
         plan = session.plan(rb, params, secrets, start=start, only=only)
         if checks and not dry_run:
@@ -141,18 +144,33 @@ def register(app: typer.Typer) -> None:
         debug: c.DebugOpt = False,
     ) -> None:
         """Show what `up` would change on every host: steps, exact commands, diffs. Changes nothing."""
-        from sparkctl.cli.render import render_plan
-        from sparkctl.runbook.load import load_runbook, resolve_params
-
         c.set_debug(debug)
         inv = c.inventory(inventory)
-        rb = load_runbook("up")
-        params = resolve_params(rb, {}) | {"workloads": workload or None}
+        early = None if offline else c.EarlySession(inv, accept_new_host_keys)
+        try:
+            from sparkctl.cli.render import render_plan
+            from sparkctl.runbook.load import load_runbook, resolve_params
+
+            rb = load_runbook("up")
+            params = resolve_params(rb, {}) | {"workloads": workload or None}
+        except BaseException:
+            if early is not None:
+                early.abandon()
+            raise
         if offline:
             plan = offline_plan(inv, rb, params)
             c.echo(plan.model_dump_json(indent=2) if as_json else render_plan(plan))
             return
-        execute(inv, rb, params, dry_run=True, yes=False, as_json=as_json, accept_new_host_keys=accept_new_host_keys)
+        execute(
+            inv,
+            rb,
+            params,
+            dry_run=True,
+            yes=False,
+            as_json=as_json,
+            accept_new_host_keys=accept_new_host_keys,
+            early=early,
+        )
 
     @app.command("up")
     @c.guard
@@ -173,12 +191,17 @@ def register(app: typer.Typer) -> None:
         debug: c.DebugOpt = False,
     ) -> None:
         """Configure the fabric and env, form Ray, start the workloads and wait until they answer."""
-        from sparkctl.runbook.load import load_runbook, resolve_params
-
         c.set_debug(debug)
         inv = c.inventory(inventory)
-        rb = load_runbook("up")
-        params = resolve_params(rb, {}) | {"workloads": workload or None}
+        early = c.EarlySession(inv, accept_new_host_keys)
+        try:
+            from sparkctl.runbook.load import load_runbook, resolve_params
+
+            rb = load_runbook("up")
+            params = resolve_params(rb, {}) | {"workloads": workload or None}
+        except BaseException:
+            early.abandon()
+            raise
         execute(
             inv,
             rb,
@@ -189,6 +212,7 @@ def register(app: typer.Typer) -> None:
             accept_new_host_keys=accept_new_host_keys,
             checks=True,
             force=force,
+            early=early,
         )
 
     @app.command("down")

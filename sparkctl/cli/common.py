@@ -68,6 +68,39 @@ def open_session(inv: Inventory, accept_new_host_keys: bool) -> Session:
     return session
 
 
+class EarlySession:
+    """A session opening in the background (connect and probe every host) while the command loads the rest of
+    what it needs: the hosts' answers and the laptop's imports overlap."""
+
+    def __init__(self, inv: Inventory, accept_new_host_keys: bool) -> None:
+        import threading
+
+        from sparkctl.runbook.run import Session, ssh_connect
+
+        self.session = Session(inv, ssh_connect(accept_new_host_keys))
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._open, name="sparkctl-open", daemon=True)
+        self._thread.start()
+
+    def _open(self) -> None:
+        try:
+            self.session.open()
+        except BaseException as exc:  # handed to the command's thread by wait()
+            self._error = exc
+
+    def wait(self) -> Session:
+        """The open session; raises what opening raised (Unreachable names the hosts)."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self.session
+
+    def abandon(self) -> None:
+        """The command failed before it used the session: close whatever opened."""
+        self._thread.join()
+        self.session.close()
+
+
 def sudo_password(inv: Inventory) -> str | None:
     """The sudo password: env var, file, or one prompt on a terminal. Never from argv."""
     value = os.environ.get(inv.sudo.password_env)
