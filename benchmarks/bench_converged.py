@@ -51,14 +51,15 @@ def measured(fn: Callable[[], None]) -> Sample:
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
-def run_checked(argv: list[str], *, env: dict[str, str] | None = None, stdin: str | None = None) -> None:
-    r = subprocess.run(argv, env=env, input=stdin, capture_output=True, text=True, check=False)
+def run_checked(argv: list[str], *, env: dict[str, str] | None = None, cwd: str | None = None) -> None:
+    r = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True, check=False)
     if r.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
 
 
 def sparkctl(py: str, argv: list[str], env: dict[str, str]) -> Sample:
-    return measured(lambda: run_checked([py, "-m", "sparkctl", *argv], env=env))
+    # `python -m` puts the working directory first on sys.path: run from the tree PYTHONPATH names.
+    return measured(lambda: run_checked([py, "-m", "sparkctl", *argv], env=env, cwd=env["PYTHONPATH"]))
 
 
 def ssh_argv(tb: Testbed, host: str) -> list[str]:
@@ -136,13 +137,13 @@ def main() -> None:
     remote: dict[str, list[Sample]] = {}
     try:
         env = {**base_env, "PYTHONPATH": str(REPO)}
-        run_checked([py, "-m", "sparkctl", "up", "--yes", "-i", str(inv)], env=env)
+        run_checked([py, "-m", "sparkctl", "up", "--yes", "-i", str(inv)], env=env, cwd=str(REPO))
         scripts = probe_scripts(tb, inv)
         commands = {"plan": ["plan"], "status": ["status"], "up (no-op)": ["up", "--yes"]}
         checks: dict[str, list[str]] = {}
         for label, tree in trees.items():  # warm caches, and prove the pair is converged for every tree
             env = {**base_env, "PYTHONPATH": str(tree)}
-            out = subprocess.run([py, "-m", "sparkctl", "plan", "--json", "-i", str(inv)], env=env,
+            out = subprocess.run([py, "-m", "sparkctl", "plan", "--json", "-i", str(inv)], env=env, cwd=str(tree),
                                  capture_output=True, text=True, check=True).stdout  # fmt: skip
             stages = json.loads(out)["stages"]
             changes = sum(1 for st in stages for s in st["steps"] if s["changes"])
