@@ -21,7 +21,6 @@ if TYPE_CHECKING:
 def cluster_status(session: Session, inv: Inventory, secrets: dict[str, str]) -> dict[str, Any]:
     """Per host: fabric state and Ray; per workload: endpoint, process and health."""
     from sparkctl.launch import commands as lc
-    from sparkctl.launch.probe import probe_workload
     from sparkctl.plan.cluster import ray_running_ok, workload_state
 
     ctx = session.context(secrets, {})
@@ -48,6 +47,8 @@ def cluster_status(session: Session, inv: Inventory, secrets: dict[str, str]) ->
         }
     workloads = {}
     for w in inv.workloads:
+        from sparkctl.launch.probe import probe_workload  # urllib's HTTP stack, only when there is a workload
+
         probe = probe_workload(lc.endpoint(inv, w), w.name, secrets[f"api_key:{w.name}"], w.engine, timeout=5)
         workloads[w.name] = {
             "engine": w.engine,
