@@ -86,7 +86,13 @@ def register(app: typer.Typer, runbook_app: typer.Typer, history_app: typer.Type
         """Per host the fabric and Ray state; each workload's endpoint and health."""
         c.set_debug(debug)
         inv = c.inventory(inventory)
-        session = c.open_session(inv, accept_new_host_keys)
+        early = c.EarlySession(inv, accept_new_host_keys)
+        try:
+            import sparkctl.plan.cluster  # noqa: F401 - loads while the hosts answer
+        except BaseException:
+            early.abandon()
+            raise
+        session = early.wait()
         try:
             st = cluster_status(session, inv, session.secrets_for_plan())
         finally:
