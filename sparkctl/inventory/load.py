@@ -7,25 +7,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
 from pydantic import BaseModel, ValidationError
 
 from sparkctl.errors import InputError, InventoryError, Problem
+from sparkctl.inventory.reader import ReadError, decode, read_bytes, read_yaml
 
 M = TypeVar("M", bound=BaseModel)
 Loc = tuple[str | int, ...]
-
-
-def _line_map(node: yaml.Node, path: Loc, out: dict[Loc, int]) -> None:
-    out.setdefault(path, node.start_mark.line + 1)
-    if isinstance(node, yaml.MappingNode):
-        for key, value in node.value:
-            sub = (*path, str(key.value))
-            out[sub] = key.start_mark.line + 1
-            _line_map(value, sub, out)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _line_map(item, (*path, i), out)
 
 
 def render_loc(loc: Sequence[str | int]) -> str:
@@ -37,29 +25,18 @@ def render_loc(loc: Sequence[str | int]) -> str:
 
 
 class Source:
-    """A parsed YAML document that remembers where each key came from."""
+    """A parsed YAML document that remembers where each key came from (read once, within bounds: see reader)."""
 
     def __init__(self, text: str, name: str, error: type[InputError] = InventoryError) -> None:
         self.name = name
         self.error = error
-        self.lines: dict[Loc, int] = {}
         try:
-            node = yaml.compose(text)
-            self.data: Any = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f"{name}:{mark.line + 1}" if mark else f"{name}:1"
-            raise error(
-                [
-                    Problem(
-                        where,
-                        f"not valid YAML: {getattr(exc, 'problem', exc)}",
-                        "check indentation and quoting on that line or just above it",
-                    )
-                ]
-            ) from None
-        if node is not None:
-            _line_map(node, (), self.lines)
+            doc = read_yaml(text)
+        except ReadError as exc:
+            raise error([Problem(_located(name, exc.line, exc.loc), exc.message, exc.hint)]) from None
+        self.lines: dict[Loc, int] = doc.lines
+        self.raw: dict[Loc, str] = doc.raw
+        self.data: Any = doc.data
         if not isinstance(self.data, dict):
             found = "an empty document" if self.data is None else f"a {type(self.data).__name__}"
             raise error(
@@ -81,8 +58,12 @@ class Source:
                 break
         else:
             line = 1
-        path = render_loc(loc)
-        return f"{self.name}:{line} {path}" if path else f"{self.name}:{line}"
+        return _located(self.name, line, loc)
+
+
+def _located(name: str, line: int, loc: Sequence[str | int]) -> str:
+    path = render_loc(loc)
+    return f"{name}:{line} {path}" if path else f"{name}:{line}"
 
 
 def _known_fields(model: type[BaseModel], loc: Loc) -> list[str]:
@@ -110,7 +91,7 @@ def _field_description(model: type[BaseModel], loc: Loc) -> str:
             continue
         fields = getattr(current, "model_fields", None)
         if not fields or part not in fields:
-            return ""
+            return description  # inside a mapping or list value: the enclosing field describes it
         description = fields[part].description or ""
         current = _inner_model(fields[part].annotation)
     return description
@@ -123,6 +104,7 @@ _BOUNDS = {
     "less_than_equal": ("le", "use a value of at most {}"),
     "too_short": ("min_length", "list at least {} item(s)"),
 }
+_KIND_HINTS = {"finite_number": "use a finite number (.inf and .nan are not numbers of seconds)"}
 
 
 def _hint(kind: str, ctx: dict[str, Any], description: str) -> str:
@@ -130,7 +112,7 @@ def _hint(kind: str, ctx: dict[str, Any], description: str) -> str:
     if kind in _BOUNDS and _BOUNDS[kind][0] in ctx:
         key, text = _BOUNDS[kind]
         return text.format(ctx[key])
-    return description
+    return _KIND_HINTS.get(kind, description)
 
 
 def _inner_model(annotation: Any) -> Any:
@@ -141,6 +123,26 @@ def _inner_model(annotation: Any) -> Any:
         if found is not None:
             return found
     return None
+
+
+MAX_PROBLEMS = 30
+"""More problems than this are counted, not listed: the first ones are what to fix first."""
+
+_YAML_TYPES = {bool: "a boolean", type(None): "null (no value)", int: "a number", float: "a number"}
+_TYPE_KINDS = {"string_type", "int_type", "float_type", "bool_type", "int_from_float", "dict_type", "list_type"}
+
+
+def _type_hint(source: Source, loc: Loc, got: Any, kind: str) -> str:
+    """YAML 1.1 reads `no`, `on`, `~`, `1e3` as non-strings: say so and show the quoted form."""
+    raw = source.raw.get(loc)
+    if raw is None or kind not in _TYPE_KINDS:
+        return ""
+    read_as = _YAML_TYPES.get(type(got), f"a {type(got).__name__}")
+    if kind == "string_type":
+        key = loc[-1] if loc and isinstance(loc[-1], str) else "value"
+        return f"YAML reads {raw or 'an empty value'} as {read_as}: quote it, e.g. {key}: \"{raw}\""
+    wanted = {"int_type": "a whole number", "float_type": "a number", "bool_type": "true or false"}.get(kind, "")
+    return f"YAML reads {raw or 'an empty value'} as {read_as}" + (f": write {wanted}" if wanted else "")
 
 
 def validation_problems(source: Source, model: type[BaseModel], exc: ValidationError) -> list[Problem]:
@@ -157,7 +159,11 @@ def validation_problems(source: Source, model: type[BaseModel], exc: ValidationE
                 misspelt.add((*loc[:-1], close[0]))
     for err in errors:
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        is_key = bool(loc) and loc[-1] == "[key]"
+        if is_key:  # a mapping key is wrong (e.g. an env variable name): blame that key, on its own line
+            loc = (*loc[:-2], str(loc[-2]))
         kind = err["type"]
+        ctx = dict(err.get("ctx") or {})
         if kind == "missing" and loc in misspelt:
             continue
         if kind == "extra_forbidden":
@@ -168,13 +174,28 @@ def validation_problems(source: Source, model: type[BaseModel], exc: ValidationE
             problems.append(Problem(source.where(loc), f"unknown key '{key}'", hint))
         elif kind == "missing":
             problems.append(Problem(source.where(loc), "is required", "add it (see docs/inventory.md)"))
+        elif kind == "sparkctl":
+            problems.append(Problem(source.where(loc), str(ctx["message"]), str(ctx["hint"])))
         else:
             msg = err["msg"].removeprefix("Value error, ")
             got = err.get("input")
-            if kind not in ("value_error",) and not isinstance(got, dict | list) and got is not None:
+            if is_key:
+                msg = f"key {msg[0].lower()}{msg[1:]}"
+            secret = bool(loc) and str(loc[-1]).endswith("_env")  # a secret pasted in place of a variable name
+            if kind not in ("value_error",) and not isinstance(got, dict | list) and got is not None and not secret:
                 msg = f"{msg} (found {got!r})"
-            hint = _hint(kind, dict(err.get("ctx") or {}), _field_description(model, loc))
+            hint = (
+                _type_hint(source, loc, got, kind)
+                or _hint(kind, ctx, _field_description(model, loc))
+                or "see docs/inventory.md for what this key takes"
+            )
             problems.append(Problem(source.where(loc), msg, hint))
+    if len(problems) > MAX_PROBLEMS:
+        more = len(problems) - MAX_PROBLEMS
+        problems = [
+            *problems[:MAX_PROBLEMS],
+            Problem(source.name, f"{more} more problem(s) not shown", "fix the ones above first"),
+        ]
     return problems
 
 
@@ -199,8 +220,16 @@ def load_model(
 
 
 def read_text(path: str | Path, error: type[InputError] = InventoryError) -> str:
-    """Read a file or raise an input error naming it."""
+    """Read a small UTF-8 file (bounded: endless inputs like /dev/zero stop at the size limit) or raise naming it."""
     try:
-        return Path(path).read_text()
+        if Path(path).is_dir():
+            raise error([Problem(str(path), "is a directory", "name a YAML file")])
+        data = read_bytes(path)
     except OSError as exc:
-        raise error([Problem(str(path), f"cannot read: {exc.strerror}")]) from None
+        raise error(
+            [Problem(str(path), f"cannot read: {exc.strerror or exc}", "check the path and its permissions")]
+        ) from None
+    try:
+        return decode(data)
+    except ReadError as exc:
+        raise error([Problem(f"{path}:{exc.line}", exc.message, exc.hint)]) from None
