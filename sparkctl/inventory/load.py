@@ -199,6 +199,24 @@ def validation_problems(source: Source, model: type[BaseModel], exc: ValidationE
     return problems
 
 
+def validate_source(
+    source: Source,
+    model: type[M],
+    check: Callable[[M], list[tuple[Loc, str, str]]] | None = None,
+    error: type[InputError] = InventoryError,
+) -> M:
+    """Validate parsed YAML + run semantic checks; raise `error` with every problem at once."""
+    try:
+        obj = model.model_validate(source.data)
+    except ValidationError as exc:
+        raise error(validation_problems(source, model, exc)) from None
+    if check is not None:
+        found = check(obj)
+        if found:
+            raise error([Problem(source.where(loc), msg, hint) for loc, msg, hint in found][: MAX_PROBLEMS + 1])
+    return obj
+
+
 def load_model(
     text: str,
     name: str,
@@ -207,16 +225,7 @@ def load_model(
     error: type[InputError] = InventoryError,
 ) -> M:
     """Parse + validate + run semantic checks; raise `error` with every problem at once."""
-    source = Source(text, name, error)
-    try:
-        obj = model.model_validate(source.data)
-    except ValidationError as exc:
-        raise error(validation_problems(source, model, exc)) from None
-    if check is not None:
-        found = check(obj)
-        if found:
-            raise error([Problem(source.where(loc), msg, hint) for loc, msg, hint in found])
-    return obj
+    return validate_source(Source(text, name, error), model, check, error)
 
 
 def read_text(path: str | Path, error: type[InputError] = InventoryError) -> str:

@@ -244,7 +244,7 @@ def read_yaml(text: str) -> Document:
                 assert top is not None
                 raise ReadError(line, top.loc, "keys must be plain text, not a list or a mapping", "use a plain key")
             if len(stack) >= MAX_DEPTH:
-                raise ReadError(line, loc, f"nested more than {MAX_DEPTH} levels deep", "flatten the structure")
+                raise ReadError(line, loc[:2], f"nested more than {MAX_DEPTH} levels deep", "flatten the structure")
             container: dict[str, Any] | list[Any] = {} if isinstance(event, yaml.MappingStartEvent) else []
             doc.lines.setdefault(loc, line)
             if top is not None:

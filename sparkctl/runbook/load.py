@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import re
+from collections.abc import Collection
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -10,12 +12,16 @@ from typing import Any
 from pydantic import ValidationError
 
 from sparkctl.errors import InputError, Problem
-from sparkctl.inventory.load import load_model, read_text
+from sparkctl.inventory.load import Source, read_text, render_loc, validate_source
 from sparkctl.inventory.models import Host, Inventory
+from sparkctl.inventory.reader import ReadError, read_yaml
 from sparkctl.plan.context import PlanContext
 from sparkctl.plan.models import Plan, Stage
 from sparkctl.runbook.actions import ACTIONS
-from sparkctl.runbook.models import Runbook, RunbookStep
+from sparkctl.runbook.models import Runbook, RunbookStep, parse_when
+
+_PARAM = re.compile(r"\$\{([^}]*)\}")
+Found = list[tuple[tuple[str | int, ...], str, str]]
 
 
 class RunbookError(InputError):
@@ -42,8 +48,6 @@ def _check(rb: Runbook) -> list[tuple[tuple[str | int, ...], str, str]]:
         for i, step in enumerate(getattr(rb, group)):
             action = ACTIONS.get(step.action)
             if action is None:
-                import difflib
-
                 close = difflib.get_close_matches(step.action, list(ACTIONS), n=1)
                 found.append(
                     (
@@ -61,11 +65,13 @@ def _check(rb: Runbook) -> list[tuple[tuple[str | int, ...], str, str]]:
                         "opt in with `shell: true` on this step",
                     )
                 )
+            found += _unknown_params(rb, step.args, (group, i, "args"))
             try:
-                action.Args.model_validate(_substitute(step.args, {k: p.default for k, p in rb.parameters.items()}))
+                action.Args.model_validate(
+                    _substitute(step.args, {k: p.default for k, p in rb.parameters.items()}, strict=False)
+                )
             except ValidationError as exc:
-                for err in exc.errors():
-                    found.append(((group, i, "args", *err["loc"]), err["msg"], ""))
+                found += _args_problems(action.Args, exc, (group, i, "args"))
             if isinstance(step.on_failure, list):
                 cleanup = {s.name for s in rb.cleanup}
                 for ref in step.on_failure:
@@ -79,19 +85,60 @@ def _check(rb: Runbook) -> list[tuple[tuple[str | int, ...], str, str]]:
                         )
             elif step.on_failure not in ("stop", "continue"):
                 found.append(((group, i, "on_failure"), f"'{step.on_failure}' is not stop, continue or a list", ""))
-            if step.when:
-                param = re.sub(r"^not\s+", "", step.when.strip()).split()[0]
-                if param not in rb.parameters:
-                    found.append(((group, i, "when"), f"'{param}' is not a parameter of this runbook", ""))
+            when = parse_when(step.when) if step.when else None
+            if when is not None and when[1] not in rb.parameters:
+                found.append(((group, i, "when"), f"'{when[1]}' is not a parameter of this runbook", _params_hint(rb)))
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:
         found.append((("steps",), f"duplicate step names: {', '.join(sorted(dupes))}", "name every step once"))
     return found
 
 
+def _params_hint(rb: Runbook, name: str = "") -> str:
+    close = difflib.get_close_matches(name, list(rb.parameters), n=1) if name else []
+    if close:
+        return f"did you mean '{close[0]}'?"
+    known = ", ".join(rb.parameters) or "(none)"
+    return f"declare it under parameters: (this runbook has {known})"
+
+
+def _unknown_params(rb: Runbook, value: Any, loc: tuple[str | int, ...]) -> Found:
+    """Every `${name}` in `value` that names no parameter (it would otherwise become an empty string)."""
+    if isinstance(value, str):
+        return [
+            (loc, f"unknown parameter '${{{m.group(1)}}}'", _params_hint(rb, m.group(1)))
+            for m in _PARAM.finditer(value)
+            if m.group(1) not in rb.parameters
+        ]
+    if isinstance(value, list):
+        return [f for n, v in enumerate(value) for f in _unknown_params(rb, v, (*loc, n))]
+    if isinstance(value, dict):
+        return [f for k, v in value.items() for f in _unknown_params(rb, v, (*loc, str(k)))]
+    return []
+
+
+def _args_problems(args: type[Any], exc: ValidationError, loc: tuple[str | int, ...], used: str = "") -> Found:
+    """An action's argument errors, each with the field's description as its fix."""
+    found: Found = []
+    for err in exc.errors():
+        sub = tuple(err["loc"])
+        field = getattr(args, "model_fields", {}).get(sub[0]) if sub else None
+        hint = (field.description if field is not None and field.description else "") or (
+            "see `sparkctl runbook actions` for this action's arguments"
+        )
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] not in ("missing", "extra_forbidden") and not isinstance(err.get("input"), dict | list):
+            msg += f" (found {err.get('input')!r})" if not used else f" ({used})"
+        found.append(((*loc, *sub), msg, hint))
+    return found
+
+
 def parse_runbook(text: str, name: str) -> Runbook:
     """Validate runbook YAML; RunbookError lists every problem with file:line."""
-    return load_model(text, name, Runbook, _check, error=RunbookError)
+    source = Source(text, name, RunbookError)
+    rb = validate_source(source, Runbook, _check, RunbookError)
+    rb._where = source.where
+    return rb
 
 
 def load_runbook(ref: str) -> Runbook:
@@ -101,23 +148,74 @@ def load_runbook(ref: str) -> Runbook:
     return parse_runbook(read_text(ref, RunbookError), ref)
 
 
-def _substitute(value: Any, params: dict[str, Any]) -> Any:
+def _substitute(value: Any, params: dict[str, Any], strict: bool = True) -> Any:
+    """`${name}` -> the parameter's value (a whole-value reference keeps its type). Unknown names are errors
+    (found at load time; `strict=False` leaves them as they are for that check)."""
+
+    def get(name: str, whole: str) -> Any:
+        if name in params:
+            return params[name]
+        if strict:
+            raise RunbookError([Problem(whole, f"unknown parameter '{whole}'", "declare it under parameters:")])
+        return whole
+
     if isinstance(value, str):
-        whole = re.fullmatch(r"\$\{(\w+)\}", value)
+        whole = _PARAM.fullmatch(value)
         if whole:
-            return params.get(whole.group(1))
-        return re.sub(r"\$\{(\w+)\}", lambda m: str(params.get(m.group(1), "")), value)
+            return get(whole.group(1), value)
+        return _PARAM.sub(lambda m: str(get(m.group(1), m.group(0))), value)
     if isinstance(value, list):
-        return [_substitute(v, params) for v in value]
+        return [_substitute(v, params, strict) for v in value]
     if isinstance(value, dict):
-        return {k: _substitute(v, params) for k, v in value.items()}
+        return {k: _substitute(v, params, strict) for k, v in value.items()}
     return value
 
 
-def resolve_params(rb: Runbook, overrides: dict[str, str]) -> dict[str, Any]:
-    """Defaults overridden by `--set k=v` (values parsed as YAML scalars/lists)."""
-    import yaml
+_KINDS: list[tuple[type | tuple[type, ...], str, str]] = [
+    (bool, "true or false", "true"),
+    (int, "a whole number", "3"),
+    (float, "a number", "0.5"),
+    (str, "text", "text"),
+    (list, "a list", "[a, b]"),
+    (dict, "a mapping", "{a: 1}"),
+]
 
+
+def _kind(value: Any) -> tuple[str, str] | None:
+    for kind, text, example in _KINDS:
+        if isinstance(value, kind):
+            return text, example
+    return None
+
+
+def _typed(name: str, raw: str, value: Any, default: Any, secret: bool) -> Any:
+    """`--set name=raw` read as YAML, then held to the type of the parameter's default (if it has one)."""
+    if default is None or value is None:
+        return value
+    if isinstance(default, str) and isinstance(value, bool | int | float):
+        return raw.strip()  # a text parameter: `--set tag=3` means the text "3"
+    fits = (
+        isinstance(value, bool) == isinstance(default, bool)
+        and (isinstance(value, type(default)) or (isinstance(default, float) and isinstance(value, int)))
+    )
+    if fits:
+        return value
+    want, example = _kind(default) or ("the default's type", "")
+    found = "" if secret else f", found {raw!r}"
+    raise RunbookError(
+        [
+            Problem(
+                f"--set {name}",
+                f"expected {want} like the default {default!r}{found}",
+                f"e.g. --set {name}={example}",
+            )
+        ]
+    )
+
+
+def resolve_params(rb: Runbook, overrides: dict[str, str]) -> dict[str, Any]:
+    """Defaults overridden by `--set k=v` (values read as YAML, held to the default's type), then every step's
+    arguments checked with these values: a bad value is reported here, at the step that uses it."""
     unknown = sorted(set(overrides) - set(rb.parameters))
     if unknown:
         raise RunbookError(
@@ -131,8 +229,19 @@ def resolve_params(rb: Runbook, overrides: dict[str, str]) -> dict[str, Any]:
             ]
         )
     params = {k: p.default for k, p in rb.parameters.items()}
+    problems: list[Problem] = []
     for k, v in overrides.items():
-        params[k] = yaml.safe_load(v) if v else v
+        secret = rb.parameters[k].secret
+        try:
+            value = read_yaml(v).data if v else v
+            params[k] = _typed(k, v, value, rb.parameters[k].default, secret)
+        except ReadError as exc:
+            shown = "" if secret else f" {v!r}"
+            problems.append(Problem(f"--set {k}", f"cannot read the value{shown}: {exc.message}", exc.hint))
+        except RunbookError as exc:
+            problems += exc.problems
+    if problems:
+        raise RunbookError(problems)
     missing = [k for k, p in rb.parameters.items() if p.required and params.get(k) in (None, "")]
     if missing:
         raise RunbookError(
@@ -145,21 +254,41 @@ def resolve_params(rb: Runbook, overrides: dict[str, str]) -> dict[str, Any]:
                 for k in missing
             ]
         )
+    check_params(rb, params, set(overrides))
     return params
 
 
+def check_params(rb: Runbook, params: dict[str, Any], overridden: Collection[str] = ()) -> None:
+    """Every step's arguments validated with these parameter values: RunbookError at the step's file:line."""
+    found: Found = []
+    for group in ("steps", "cleanup"):
+        for i, step in enumerate(getattr(rb, group)):
+            action = ACTIONS.get(step.action)
+            if action is None:
+                continue
+            try:
+                action.Args.model_validate(_substitute(step.args, params))
+            except ValidationError as exc:
+                used = sorted(m.group(1) for m in _PARAM.finditer(str(step.args)) if m.group(1) in overridden)
+                note = ", ".join(f"from --set {u}" for u in used)
+                found += _args_problems(action.Args, exc, (group, i, "args"), note)
+    if found:
+        raise RunbookError([Problem(rb.where(loc), msg, hint) for loc, msg, hint in found])
+
+
 def when_holds(expr: str | None, params: dict[str, Any]) -> bool:
-    """Evaluate a step's `when:` against the parameters."""
+    """Evaluate a step's `when:` against the parameters (`a==b` and `a == b` read the same)."""
     if not expr:
         return True
-    expr = expr.strip()
-    m = re.match(r"^(\w+)\s*(==|!=)\s*(\S+)$", expr)
-    if m:
-        equal = str(params.get(m.group(1))) == m.group(3)
-        return equal if m.group(2) == "==" else not equal
-    if expr.startswith("not "):
-        return not params.get(expr[4:].strip())
-    return bool(params.get(expr))
+    parsed = parse_when(expr)
+    if parsed is None:
+        raise RunbookError([Problem(f"when: {expr}", "cannot read it", "use 'p', 'not p', 'p == v' or 'p != v'")])
+    negated, name, op, value = parsed
+    if op is not None:
+        equal = str(params.get(name)) == value
+        return equal if op == "==" else not equal
+    held = bool(params.get(name))
+    return not held if negated else held
 
 
 def select_hosts(ctx: PlanContext, selector: str) -> list[Host]:
@@ -208,43 +337,81 @@ def _override_workloads(
     ctx: PlanContext, step: str, names: list[str] | None, changes: dict[str, Any] | None
 ) -> Inventory:
     """The inventory with `set:` applied to the selected workloads, validated like the inventory itself."""
-    inv = ctx.inventory
-    unknown = sorted(set(names or []) - {w.name for w in inv.workloads})
-    if unknown:
-        raise RunbookError(
-            [
-                Problem(
-                    f"step {step} args.workloads",
-                    f"no workload named {', '.join(unknown)}",
-                    f"the inventory has: {', '.join(w.name for w in inv.workloads) or 'none'}",
-                )
-            ]
-        )
-    changes = {k: v for k, v in (changes or {}).items() if v is not None}  # null keeps the inventory's value
-    if not changes:
-        return inv
-    from pydantic import ValidationError
+    inv, found = _workload_overrides(ctx.inventory, names, changes)
+    if found:
+        raise RunbookError([Problem(f"step {step} {render_loc(('args', *loc))}", m, h) for loc, m, h in found])
+    return inv
 
+
+def _workload_overrides(
+    inv: Inventory, names: list[str] | None, changes: dict[str, Any] | None
+) -> tuple[Inventory, Found]:
+    """(the inventory with `set:` applied, problems located relative to the step's args)."""
     from sparkctl.inventory.checks import check_inventory
     from sparkctl.inventory.models import Workload
 
+    known = [w.name for w in inv.workloads]
+    unknown = [n for n in names or [] if n not in known]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], known, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"the inventory has: {', '.join(known) or 'none'}"
+        return inv, [(("workloads",), f"no workload named {', '.join(unknown)}", hint)]
+    changes = {k: v for k, v in (changes or {}).items() if v is not None}  # null keeps the inventory's value
+    if not changes:
+        return inv, []
     try:
         workloads = [
             Workload.model_validate({**w.model_dump(), **changes}) if not names or w.name in names else w
             for w in inv.workloads
         ]
-        new = inv.model_copy(update={"workloads": workloads})
     except ValidationError as exc:
-        raise RunbookError(
-            [
-                Problem(f"step {step} args.set.{'.'.join(map(str, e['loc']))}", e["msg"].removeprefix("Value error, "))
-                for e in exc.errors()
-            ]
-        ) from None
-    found = check_inventory(new)
+        found: Found = []
+        for e in exc.errors():
+            loc = tuple(e["loc"])
+            field = Workload.model_fields.get(str(loc[0])) if loc else None
+            ctx = dict(e.get("ctx") or {})
+            msg = str(ctx["message"]) if e["type"] == "sparkctl" else e["msg"]
+            if e["type"] == "extra_forbidden":
+                close = difflib.get_close_matches(str(loc[0]), list(Workload.model_fields), n=1)
+                hint = f"did you mean '{close[0]}'?" if close else "set: takes the fields of an inventory workload"
+                msg = f"unknown workload field '{loc[0]}'"
+            else:
+                hint = str(ctx.get("hint") or (field.description if field else "") or "")
+            found.append((("set", *loc), msg, hint or "see docs/inventory.md for the workload's fields"))
+        return inv, found
+    new = inv.model_copy(update={"workloads": workloads})
+    return new, [(("set", *loc[2:]), msg, hint) for loc, msg, hint in check_inventory(new) if loc[:1] == ("workloads",)]
+
+
+def check_against(rb: Runbook, inv: Inventory, params: dict[str, Any]) -> None:
+    """What only the inventory can tell (host selectors, workload names, `set:` overrides), for every step
+    and cleanup step, at plan time: RunbookError at the step's file:line."""
+    found: Found = []
+    names = [h.name for h in inv.hosts]
+    for group in ("steps", "cleanup"):
+        for i, step in enumerate(getattr(rb, group)):
+            if step.hosts not in ("all", "head", "workers", *names):
+                close = difflib.get_close_matches(step.hosts, ["all", "head", "workers", *names], n=1)
+                found.append(
+                    (
+                        (group, i, "hosts"),
+                        f"'{step.hosts}' is not a host of {inv.cluster} nor all, head or workers",
+                        f"did you mean '{close[0]}'?"
+                        if close
+                        else f"use all, head, workers or one of {', '.join(names)}",
+                    )
+                )
+            action = ACTIONS.get(step.action)
+            if action is None or "workloads" not in action.Args.model_fields:
+                continue
+            try:
+                args = action.Args.model_validate(_substitute(step.args, params))
+            except (ValidationError, RunbookError):
+                continue  # reported by check_params
+            _, bad = _workload_overrides(inv, getattr(args, "workloads", None), getattr(args, "set", None))
+            found += [((group, i, "args", *loc), msg, hint) for loc, msg, hint in bad]
     if found:
-        raise RunbookError([Problem(f"step {step} args.set", msg, hint) for _, msg, hint in found])
-    return new
+        raise RunbookError([Problem(rb.where(loc), msg, hint) for loc, msg, hint in found])
 
 
 def build_runbook_plan(
@@ -257,6 +424,7 @@ def build_runbook_plan(
     offline: bool = False,
 ) -> Plan:
     """Plan every step of a runbook in order; later steps see which kinds earlier ones change."""
+    check_against(rb, ctx.inventory, params)
     stages = []
     notes = []
     for i, step in enumerate(rb.steps):
