@@ -324,3 +324,187 @@ def test_bad_inventory_is_exit_2_located_with_a_hint(case: Case, cli, tmp_path: 
     result = cli("plan", "--offline", "-i", str(path))
     assert result.exit_code == EXIT_BAD_INPUT, result.output
     _assert_located(result.output, str(path), line_number(case.text, case.line_of), case.path, case.message, case.hint)
+
+
+# --- runbooks: at load time, and at plan time against the inventory --------------------------------------
+
+RUNBOOK = """\
+name: check
+parameters:
+  mb:
+    default: 64
+  mode:
+    default: fast
+  who:
+    default: chat
+steps:
+  - name: bench
+    action: bench_fabric
+    args: {mb: "${mb}"}
+  - name: note
+    action: shell
+    shell: true
+    hosts: head
+    args: {argv: [logger, "mode ${mode}"], changes: false}
+  - name: start
+    action: workload_start
+    hosts: head
+    args: {workloads: ["${who}"]}
+"""
+
+
+@dataclass(frozen=True)
+class RunbookCase:
+    id: str
+    text: str
+    sets: tuple[str, ...]
+    where: str  # "rb.yaml:<line> <path>" with {line} taken from `line_of`, or a fixed subject like "--set mb"
+    line_of: str
+    message: str
+    hint: str
+
+
+def rb_edit(old: str, new: str) -> str:
+    return edit(old, new, RUNBOOK)
+
+
+RUNBOOK_CASES = [
+    RunbookCase(
+        "unknown-parameter",
+        rb_edit('"mode ${mode}"', '"mode ${mdoe}"'),
+        (),
+        "rb.yaml:{line} steps[1].args.argv[1]",
+        "mdoe",
+        "unknown parameter '${mdoe}'",
+        "did you mean 'mode'?",
+    ),
+    RunbookCase(
+        "set-wrong-type",
+        RUNBOOK,
+        ("mb=lots",),
+        "--set mb",
+        "",
+        "expected a whole number like the default 64, found 'lots'",
+        "e.g. --set mb=3",
+    ),
+    RunbookCase(
+        "set-not-yaml", RUNBOOK, ("mode=[fast",), "--set mode", "", "cannot read the value", "indentation and quoting"
+    ),
+    RunbookCase(
+        "set-python-tag",
+        RUNBOOK,
+        ("mode=!!python/object/apply:os.system [id]",),
+        "--set mode",
+        "",
+        "tag !!python/object/apply:os.system is not allowed",
+        "plain values only",
+    ),
+    RunbookCase(
+        "set-out-of-range-for-the-step",
+        RUNBOOK,
+        ("mb=0",),
+        "rb.yaml:{line} steps[0].args.mb",
+        'args: {mb: "${mb}"}',
+        "greater than or equal to 1 (from --set mb)",
+        "MB sent per link",
+    ),
+    RunbookCase(
+        "unknown-host-group",
+        rb_edit("    hosts: head\n    args: {argv", "    hosts: heads\n    args: {argv"),
+        (),
+        "rb.yaml:{line} steps[1].hosts",
+        "hosts: heads",
+        "'heads' is not a host of spark-pair",
+        "did you mean 'head'?",
+    ),
+    RunbookCase(
+        "unknown-workload",
+        RUNBOOK,
+        ("who=chta",),
+        "rb.yaml:{line} steps[2].args.workloads",
+        'args: {workloads: ["${who}"]}',
+        "no workload named chta",
+        "did you mean 'chat'?",
+    ),
+    RunbookCase(
+        "bad-workload-override",
+        rb_edit('args: {workloads: ["${who}"]}', 'args: {workloads: ["${who}"], set: {gpu_memory_utilization: 0.99}}'),
+        (),
+        "rb.yaml:{line} steps[2].args.set.gpu_memory_utilization",
+        "gpu_memory_utilization: 0.99",
+        "less than or equal to 0.9",
+        "SM121: 0.90 at most",
+    ),
+    RunbookCase(
+        "unknown-workload-field",
+        rb_edit('args: {workloads: ["${who}"]}', 'args: {workloads: ["${who}"], set: {modle: x}}'),
+        (),
+        "rb.yaml:{line} steps[2].args.set.modle",
+        "modle: x",
+        "unknown workload field 'modle'",
+        "did you mean 'model'?",
+    ),
+    RunbookCase(
+        "duplicate-key",
+        rb_edit("    action: bench_fabric\n", "    action: bench_fabric\n    action: pause\n"),
+        (),
+        "rb.yaml:{line} steps[0].action",
+        "action: pause",
+        "key 'action' appears twice",
+        "silently use the last",
+    ),
+    RunbookCase(
+        "when-unreadable",
+        rb_edit("    hosts: head\n    args: {argv", "    when: mode = fast\n    hosts: head\n    args: {argv"),
+        (),
+        "rb.yaml:{line} steps[1].when",
+        "when: mode = fast",
+        "cannot read when",
+        "'param == value'",
+    ),
+]
+
+
+@pytest.mark.parametrize("case", RUNBOOK_CASES, ids=[c.id for c in RUNBOOK_CASES])
+def test_bad_runbook_is_exit_2_located_with_a_hint(case: RunbookCase, cli, tmp_path: Path) -> None:
+    rb = tmp_path / "rb.yaml"
+    rb.write_text(case.text)
+    sets = [a for s in case.sets for a in ("--set", s)]
+    result = cli("run", str(rb), "--dry-run", "--offline", "-i", str(REPO / "inventories" / "example-pair.yaml"), *sets)
+    assert result.exit_code == EXIT_BAD_INPUT, result.output
+    error, hint = _only_error(result.output)
+    where = case.where.format(line=line_number(case.text, case.line_of) if case.line_of else 0)
+    where = where.replace("rb.yaml:", f"{rb}:")
+    assert error.startswith(f"{where}: "), f"expected {where!r} in {error!r}"
+    assert case.message in error, error
+    assert case.hint in hint, hint
+
+
+def test_when_without_spaces_reads_like_with_spaces(cli, tmp_path: Path) -> None:
+    for when in ("mode==fast", "mode == fast", "mode=='fast'"):
+        rb = tmp_path / "rb.yaml"
+        rb.write_text(
+            rb_edit("    hosts: head\n    args: {argv", f'    when: "{when}"\n    hosts: head\n    args: {{argv')
+        )
+        inv = str(REPO / "inventories" / "example-pair.yaml")
+        ran = cli("run", str(rb), "--dry-run", "--offline", "-i", inv)
+        skipped = cli("run", str(rb), "--dry-run", "--offline", "-i", inv, "--set", "mode=slow")
+        assert ran.exit_code == 0 and skipped.exit_code == 0, ran.output + skipped.output
+        assert "logger 'mode fast'" in ran.output and "skipped" not in ran.output, when
+        assert "step 'note' skipped" in skipped.output, when
+
+
+def test_a_text_parameter_takes_digits_as_text(cli, tmp_path: Path) -> None:
+    rb = tmp_path / "rb.yaml"
+    rb.write_text(RUNBOOK)
+    inv = str(REPO / "inventories" / "example-pair.yaml")
+    result = cli("run", str(rb), "--dry-run", "--offline", "-i", inv, "--set", "mode=3")
+    assert result.exit_code == 0, result.output
+    assert "logger 'mode 3'" in result.output
+
+
+def test_discover_with_a_bad_address_is_bad_input(cli) -> None:
+    result = cli("discover", "10.0.0.300")
+    assert result.exit_code == EXIT_BAD_INPUT, result.output
+    assert "not an IP address" in result.output and "hint: " in result.output
+    assert "unexpected" not in result.output
