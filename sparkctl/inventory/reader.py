@@ -28,7 +28,7 @@ from yaml.resolver import Resolver
 Loc = tuple[str | int, ...]
 
 MAX_BYTES = 1024 * 1024
-MAX_VALUES = 50_000
+MAX_VALUES = 10_000  # an inventory holds ~50 values, a runbook a few hundred
 MAX_DEPTH = 32
 
 _CORE = "tag:yaml.org,2002:"

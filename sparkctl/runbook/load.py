@@ -237,7 +237,10 @@ def resolve_params(rb: Runbook, overrides: dict[str, str]) -> dict[str, Any]:
             params[k] = _typed(k, v, value, rb.parameters[k].default, secret)
         except ReadError as exc:
             shown = "" if secret else f" {v!r}"
-            problems.append(Problem(f"--set {k}", f"cannot read the value{shown}: {exc.message}", exc.hint))
+            hint = f"the value is read as YAML: quote text in it, e.g. --set {k}='\"...\"'"
+            if "alias" in exc.message or "tag" in exc.message:
+                hint = exc.hint
+            problems.append(Problem(f"--set {k}", f"cannot read the value{shown}: {exc.message}", hint))
         except RunbookError as exc:
             problems += exc.problems
     if problems:

@@ -388,7 +388,7 @@ RUNBOOK_CASES = [
         "e.g. --set mb=3",
     ),
     RunbookCase(
-        "set-not-yaml", RUNBOOK, ("mode=[fast",), "--set mode", "", "cannot read the value", "indentation and quoting"
+        "set-not-yaml", RUNBOOK, ("mode=[fast",), "--set mode", "", "cannot read the value", "read as YAML: quote"
     ),
     RunbookCase(
         "set-python-tag",
