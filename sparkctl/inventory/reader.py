@@ -79,6 +79,8 @@ def decode(data: bytes) -> str:
             f"larger than {MAX_BYTES // 1024} KiB: not an inventory or runbook",
             "check the file name; sparkctl reads small YAML files only",
         )
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise ReadError(1, (), "UTF-16 text", "save the file as UTF-8")
     nul = data.find(b"\0")
     if nul >= 0:
         raise ReadError(

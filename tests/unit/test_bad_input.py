@@ -93,6 +93,7 @@ INVENTORY_CASES = [
         "not UTF-8",
         "save the file as UTF-8",
     ),
+    Case("utf-16", EXAMPLE.encode("utf-16"), 1, "", "UTF-16 text", "save the file as UTF-8"),
     Case("binary", b"\x7fELF\x02\x01\x01\x00\x00\x00\x00", 1, "", "binary data", "expected YAML text"),
     Case(
         "deep-flow-nesting", "cluster: " + "[" * 40 + "]" * 40 + "\n", 1, "cluster[0]", "nested more than 32", "flatten"
