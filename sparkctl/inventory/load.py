@@ -20,8 +20,13 @@ def render_loc(loc: Sequence[str | int]) -> str:
     """`('hosts', 1, 'fabric', 0, 'address')` -> `hosts[1].fabric[0].address`."""
     text = ""
     for part in loc:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+        text += f"[{part}]" if isinstance(part, int) else (f".{_one_line(part)}" if text else _one_line(part))
     return text
+
+
+def _one_line(key: str) -> str:
+    """A key as written on one line: a key may hold any character, a message line may not break."""
+    return key.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
 
 
 class Source:
@@ -69,13 +74,16 @@ def _located(name: str, line: int, loc: Sequence[str | int]) -> str:
 def _known_fields(model: type[BaseModel], loc: Loc) -> list[str]:
     """Field names of the model at `loc` (for did-you-mean); best effort through lists and nested models."""
     current: Any = model
+    in_mapping = False  # the last field was a dict of models: the next part is one of its keys
     for part in loc:
-        if isinstance(part, int):
+        if isinstance(part, int) or in_mapping:
+            in_mapping = False
             continue
         fields = getattr(current, "model_fields", None)
         if not fields or part not in fields:
             return []
         annotation = fields[part].annotation
+        in_mapping = getattr(annotation, "__origin__", None) is dict
         current = _inner_model(annotation)
         if current is None:
             return []
@@ -148,6 +156,7 @@ def _type_hint(source: Source, loc: Loc, got: Any, kind: str) -> str:
 def validation_problems(source: Source, model: type[BaseModel], exc: ValidationError) -> list[Problem]:
     """Turn pydantic's errors into file:line problems with hints."""
     problems = []
+    docs = "docs/runbooks.md" if source.error.__name__ == "RunbookError" else "docs/inventory.md"
     errors = exc.errors()
     # A misspelt required key shows up twice (unknown + missing): report it once, as the unknown key.
     misspelt: set[Loc] = set()
@@ -171,9 +180,9 @@ def validation_problems(source: Source, model: type[BaseModel], exc: ValidationE
             choices = _known_fields(model, loc[:-1])
             close = difflib.get_close_matches(key, choices, n=1)
             hint = f"did you mean '{close[0]}'?" if close else (f"known keys: {', '.join(choices)}" if choices else "")
-            problems.append(Problem(source.where(loc), f"unknown key '{key}'", hint))
+            problems.append(Problem(source.where(loc), f"unknown key '{_one_line(key)}'", hint))
         elif kind == "missing":
-            problems.append(Problem(source.where(loc), "is required", "add it (see docs/inventory.md)"))
+            problems.append(Problem(source.where(loc), "is required", f"add it (see {docs})"))
         elif kind == "sparkctl":
             problems.append(Problem(source.where(loc), str(ctx["message"]), str(ctx["hint"])))
         else:
@@ -187,7 +196,7 @@ def validation_problems(source: Source, model: type[BaseModel], exc: ValidationE
             hint = (
                 _type_hint(source, loc, got, kind)
                 or _hint(kind, ctx, _field_description(model, loc))
-                or "see docs/inventory.md for what this key takes"
+                or f"see {docs} for what this key takes"
             )
             problems.append(Problem(source.where(loc), msg, hint))
     if len(problems) > MAX_PROBLEMS:

@@ -250,7 +250,7 @@ def resolve_params(rb: Runbook, overrides: dict[str, str]) -> dict[str, Any]:
         raise RunbookError(
             [
                 Problem(
-                    f"{rb.name}",
+                    rb.where(("parameters", k)),
                     f"parameter '{k}' needs a value",
                     f"--set {k}=... ({rb.parameters[k].description or 'see the runbook'})",
                 )

@@ -234,14 +234,19 @@ def memory_budget():
     assert grown < MAX_GROWTH_MB, f"peak memory grew by {grown:.0f} MB"
 
 
-def _check(result: Any) -> None:
+def _check(result: Any, *files: Path) -> None:
     out = result.output
     event(f"exit {result.exit_code}")  # --hypothesis-show-statistics shows how many examples were valid
     assert result.exit_code in (0, 2), out
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
     assert "Traceback" not in out and "error: unexpected " not in out, out
     if result.exit_code == 2:
-        assert "error: " in out, out
+        lines = out.splitlines()
+        errors = [i for i, line in enumerate(lines) if line.startswith("error: ")]
+        assert errors, out
+        for i in errors:  # every problem: located (a file:line, or the option), then a hint that says something
+            assert lines[i].startswith((*(f"error: {f}:" for f in files), "error: --")), lines[i]
+            assert i + 1 < len(lines) and lines[i + 1].startswith("hint: ") and lines[i + 1] != "hint: ", out
 
 
 @BOUNDED
@@ -249,7 +254,7 @@ def _check(result: Any) -> None:
 def test_plan_offline_answers_0_or_2(text: bytes, cli, tmp_path: Path, memory_budget) -> None:
     path = tmp_path / "inv.yaml"
     path.write_bytes(text)
-    _check(cli("plan", "--offline", "-i", str(path)))
+    _check(cli("plan", "--offline", "-i", str(path)), path)
 
 
 @BOUNDED
@@ -259,10 +264,11 @@ def test_run_dry_run_offline_answers_0_or_2(
 ) -> None:
     path = tmp_path / "rb.yaml"
     path.write_bytes(text)
-    _check(cli("runbook", "validate", str(path)))
+    _check(cli("runbook", "validate", str(path)), path)
     args = [a for k, v in sets for a in ("--set", f"{k}={v}")]
     _check(
-        cli("run", str(path), "--dry-run", "--offline", "-i", str(REPO / "inventories" / "example-pair.yaml"), *args)
+        cli("run", str(path), "--dry-run", "--offline", "-i", str(REPO / "inventories" / "example-pair.yaml"), *args),
+        path,
     )
 
 
@@ -273,4 +279,8 @@ def test_a_generated_inventory_under_every_playbook(
 ) -> None:
     path = tmp_path / "inv.yaml"
     path.write_bytes(inventory)
-    _check(cli("run", str(runbook), "--dry-run", "--offline", "-i", str(path), "--set", "model=Qwen/Qwen3-8B"))
+    _check(
+        cli("run", str(runbook), "--dry-run", "--offline", "-i", str(path), "--set", "model=Qwen/Qwen3-8B"),
+        path,
+        runbook,
+    )
