@@ -12,8 +12,9 @@ from sparkctl.errors import EXIT_FAILED, EXIT_INTERRUPTED, HostError, InputError
 from sparkctl.inventory.models import Inventory
 from sparkctl.plan.context import PlanContext, fresh_facts
 from sparkctl.plan.models import Plan
-from sparkctl.runbook.load import build_runbook_plan, load_runbook, resolve_params, step_index
+from sparkctl.runbook.load import load_runbook, resolve_params, step_index
 from sparkctl.runbook.models import Runbook
+from sparkctl.runbook.planner import build_runbook_plan
 from sparkctl.runbook.session import Session, sha256, ssh_connect, worker_code
 
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Runbook parameter: --set name=value (repeatable).")]

@@ -20,8 +20,8 @@ from sparkctl.plan.context import PlanContext
 from sparkctl.plan.models import Plan, Stage
 from sparkctl.runbook.engine import Engine, Event, Report, Secrets
 from sparkctl.runbook.gather import gather_facts
-from sparkctl.runbook.load import build_runbook_plan, plan_stage
 from sparkctl.runbook.models import Runbook
+from sparkctl.runbook.planner import build_runbook_plan, plan_stage
 
 Connect = Callable[[Inventory, str], Transport]
 
