@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
+from sparkctl.errors import InputError
 from sparkctl.inventory.models import PlainName, invalid
 
 _WHEN = re.compile(r"^\s*(?:(not)\s+)?([A-Za-z_]\w*)\s*(?:(==|!=)\s*(\S+?))?\s*$")
@@ -21,6 +22,10 @@ def parse_when(expr: str) -> tuple[bool, str, str | None, str | None] | None:
     if value is not None and len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
         value = value[1:-1]
     return bool(m.group(1)), m.group(2), m.group(3), value
+
+
+class RunbookError(InputError):
+    """A runbook file is invalid."""
 
 
 class _Model(BaseModel):

@@ -21,7 +21,7 @@ from sparkctl.inventory import parse_inventory
 from sparkctl.plan.context import fresh_facts
 from sparkctl.runbook.engine import Event
 from sparkctl.runbook.load import parse_runbook, resolve_params
-from sparkctl.runbook.run import Session
+from sparkctl.runbook.session import Session
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "inventories" / "example-pair.yaml"
