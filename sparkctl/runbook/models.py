@@ -47,7 +47,7 @@ class RunbookStep(_Model):
     name: PlainName = Field(description="Step name (for --from / --only and on_failure).")
     action: str = Field(description="Built-in action (`sparkctl runbook actions` lists them).")
     args: dict[str, Any] = Field(default_factory=dict, description="Action arguments; '${param}' is substituted.")
-    hosts: str = Field("all", description="'all', 'head', 'workers' or a host name.")
+    hosts: PlainName = Field("all", description="'all', 'head', 'workers' or a host name.")
     when: str | None = Field(None, description="'param', 'not param', or 'param == value'.")
     on_failure: str | list[str] = Field("stop", description="'stop', 'continue', or cleanup step names to run.")
     shell: bool = Field(False, description="Opt-in required by the 'shell' action.")

@@ -221,3 +221,14 @@ def test_a_runbook_value_with_escapes_is_escaped_in_the_plan_and_valid_json(cli,
     assert not any(ch in as_json.stdout for ch in "\x1b\u202e\x85")
     argv = json.loads(as_json.stdout)["stages"][0]["steps"][0]["commands"][0]["argv"]
     assert argv == ["register", "--token=x\x1b[2J\u202e\x85"], "the escapes are JSON escapes: the data is intact"
+
+
+def test_discover_refuses_an_exposed_identity_file(cli, tmp_path: Path, mocker) -> None:
+    key = tmp_path / "id_ed25519"
+    key.write_text("x\n")
+    key.chmod(0o604)
+    connect = mocker.patch("sparkctl.execute.ssh.connect", side_effect=AssertionError("connected"))
+    result = cli("discover", "127.0.0.1", "--identity-file", str(key))
+    assert result.exit_code == EXIT_BAD_INPUT, result.output
+    assert "permissions 0604 are too open" in result.output and f"hint: chmod 600 {key}" in result.output
+    connect.assert_not_called()
