@@ -136,7 +136,10 @@ def read_yaml(text: str) -> Document:
     stack: list[_Frame] = []
     values = 0
     documents = 0
-    loader = _PARSER(str(text))  # libyaml wants exactly a str, not a subclass
+    try:
+        loader = _PARSER(str(text))  # libyaml wants exactly a str, not a subclass
+    except yaml.reader.ReaderError as exc:  # the pure-Python reader checks every character up front
+        raise _not_allowed(text, exc, ()) from None
     try:
         while True:
             try:
@@ -150,13 +153,7 @@ def read_yaml(text: str) -> Document:
                     "check indentation and quoting on that line or just above it",
                 ) from None
             except yaml.reader.ReaderError as exc:  # a control character: located by its offset, not a mark
-                raise ReadError(
-                    text.count("\n", 0, exc.position) + 1,
-                    stack[-1].loc if stack else (),
-                    f"character {ord(exc.character) if isinstance(exc.character, str) else exc.character:#06x}"
-                    " is not allowed in YAML",
-                    "remove control characters from the file",
-                ) from None
+                raise _not_allowed(text, exc, stack[-1].loc if stack else ()) from None
             if event is None or isinstance(event, yaml.StreamEndEvent):
                 break
             if isinstance(event, yaml.DocumentStartEvent):
@@ -255,6 +252,21 @@ def read_yaml(text: str) -> Document:
     finally:
         loader.dispose()
     return doc
+
+
+def _not_allowed(text: str, exc: yaml.reader.ReaderError, loc: Loc) -> ReadError:
+    """A character YAML forbids, at its line: libyaml counts the offset in UTF-8 bytes, PyYAML in characters."""
+    if _PARSER is yaml.SafeLoader:
+        line = text.count("\n", 0, exc.position) + 1
+    else:
+        line = text.encode()[: exc.position].count(b"\n") + 1
+    char = exc.character if isinstance(exc.character, int) else ord(exc.character)
+    return ReadError(
+        line,
+        loc,
+        f"character {char:#06x} is not allowed in YAML",
+        "remove control characters from the file",
+    )
 
 
 def line_of(event: Any) -> int:

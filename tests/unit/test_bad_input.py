@@ -509,3 +509,45 @@ def test_discover_with_a_bad_address_is_bad_input(cli) -> None:
     assert result.exit_code == EXIT_BAD_INPUT, result.output
     assert "not an IP address" in result.output and "hint: " in result.output
     assert "unexpected" not in result.output
+
+
+# --- the same answers from the pure-Python parser (PyYAML without libyaml) -------------------------------
+
+FALLBACK_CASES = [
+    c
+    for c in INVENTORY_CASES
+    if c.id
+    in {
+        "alias-bomb",
+        "deep-flow-nesting",
+        "python-tag",
+        "control-character",
+        "duplicate-key",
+        "two-documents",
+        "gpus-yes",
+        "yaml-boolean-for-a-string",
+    }
+]
+
+
+@pytest.mark.parametrize("case", FALLBACK_CASES, ids=[c.id for c in FALLBACK_CASES])
+def test_without_libyaml_the_answers_are_the_same(case: Case, cli, tmp_path: Path, monkeypatch) -> None:
+    import yaml
+
+    monkeypatch.setattr(reader, "_PARSER", yaml.SafeLoader)
+    path = tmp_path / "inv.yaml"
+    path.write_text(case.text if isinstance(case.text, str) else "")
+    result = cli("plan", "--offline", "-i", str(path))
+    assert result.exit_code == EXIT_BAD_INPUT, result.output
+    _assert_located(result.output, str(path), line_number(case.text, case.line_of), case.path, case.message, case.hint)
+
+
+def test_a_control_character_after_multibyte_text_is_on_its_line(cli, tmp_path: Path) -> None:
+    path = tmp_path / "inv.yaml"
+    text = EXAMPLE.replace("# Every field", "# Ünïcödé ✓✓✓✓✓✓✓✓\n# Every field").replace(
+        "cluster: spark-pair", "cluster: a\x07"
+    )
+    path.write_text(text)
+    result = cli("plan", "--offline", "-i", str(path))
+    assert result.exit_code == EXIT_BAD_INPUT
+    _assert_located(result.output, str(path), line_number(text, "cluster: a"), "", "0x0007 is not allowed", "remove")
