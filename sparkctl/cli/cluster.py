@@ -32,6 +32,27 @@ def _parse_sets(sets: list[str] | None) -> dict[str, str]:
     return out
 
 
+def _workloads(inv: Inventory, chosen: list[str] | None) -> list[str] | None:
+    """`-w NAME` options, each a workload of the inventory (checked here, before any step names it)."""
+    import difflib
+
+    known = [w.name for w in inv.workloads]
+    bad = [n for n in chosen or [] if n not in known]
+    if bad:
+        raise InputError(
+            [
+                Problem(
+                    f"--workload {n}",
+                    f"{inv.cluster} has no workload named {n}",
+                    f"did you mean '{close[0]}'?" if (close := difflib.get_close_matches(n, known, n=1))
+                    else f"workloads: {', '.join(known) or 'none'}",
+                )
+                for n in bad
+            ]
+        )
+    return chosen or None
+
+
 def show_plan(plan: Plan, as_json: bool, secrets: Secrets) -> str:
     """The plan as printed (text or JSON), with every secret value redacted, `secret: true` parameters too."""
     shown = Plan.model_validate(secrets.scrub(plan.model_dump()))
@@ -150,7 +171,7 @@ def register(app: typer.Typer) -> None:
         c.set_debug(debug)
         inv = c.inventory(inventory)
         rb = load_runbook("up")
-        params = resolve_params(rb, {}) | {"workloads": workload or None}
+        params = resolve_params(rb, {}) | {"workloads": _workloads(inv, workload)}
         if offline:
             plan = offline_plan(inv, rb, params)
             c.echo(show_plan(plan, as_json, Secrets(rb.secret_values(params))))
@@ -179,7 +200,7 @@ def register(app: typer.Typer) -> None:
         c.set_debug(debug)
         inv = c.inventory(inventory)
         rb = load_runbook("up")
-        params = resolve_params(rb, {}) | {"workloads": workload or None}
+        params = resolve_params(rb, {}) | {"workloads": _workloads(inv, workload)}
         execute(
             inv,
             rb,

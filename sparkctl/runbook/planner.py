@@ -179,7 +179,14 @@ def check_against(rb: Runbook, inv: Inventory, params: dict[str, Any]) -> None:
             _, bad = _workload_overrides(inv, getattr(args, "workloads", None), getattr(args, "set", None))
             found += [((group, i, "args", *loc), msg, hint) for loc, msg, hint in bad]
     if found:
-        raise RunbookError([Problem(rb.where(loc), msg, hint) for loc, msg, hint in found])
+        # One value used by several steps (a `--set`, a parameter's default) is one problem: shown once.
+        seen: set[tuple[str, str]] = set()
+        unique: Found = []
+        for loc, msg, hint in found:
+            if (msg, hint) not in seen:
+                seen.add((msg, hint))
+                unique.append((loc, msg, hint))
+        raise RunbookError([Problem(rb.where(loc), msg, hint) for loc, msg, hint in unique])
 
 
 def build_runbook_plan(

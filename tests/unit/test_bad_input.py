@@ -551,3 +551,12 @@ def test_a_control_character_after_multibyte_text_is_on_its_line(cli, tmp_path: 
     result = cli("plan", "--offline", "-i", str(path))
     assert result.exit_code == EXIT_BAD_INPUT
     _assert_located(result.output, str(path), line_number(text, "cluster: a"), "", "0x0007 is not allowed", "remove")
+
+
+def test_an_unknown_workload_option_is_blamed_on_the_option(cli) -> None:
+    result = cli("plan", "--offline", "-w", "chta")
+    assert result.exit_code == EXIT_BAD_INPUT
+    assert _only_error(result.output) == (
+        "--workload chta: spark-pair has no workload named chta",
+        "did you mean 'chat'?",
+    )
