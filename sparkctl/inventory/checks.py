@@ -66,7 +66,8 @@ def _check_fabric(inv: Inventory) -> list[Found]:
                 found.append(
                     (
                         loc,
-                        f"{twin.address} is a /32: no other host can be on this link",
+                        f"{twin.address} is a /32 (as is an address written without a prefix): "
+                        "no other host can be on this link",
                         f"use a prefix that holds every host of the link, e.g. {addr}/24",
                     )
                 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -112,7 +113,12 @@ _BOUNDS = {
     "less_than_equal": ("le", "use a value of at most {}"),
     "too_short": ("min_length", "list at least {} item(s)"),
 }
-_KIND_HINTS = {"finite_number": "use a finite number (.inf and .nan are not numbers of seconds)"}
+_KIND_HINTS = {
+    "finite_number": "use a finite number (.inf and .nan are not numbers of seconds)",
+    "list_type": "write a list: one `- item` line per item, or [a, b]",
+    "dict_type": "write a mapping: `key: value` lines indented under this key",
+    "model_type": "write a mapping: `key: value` lines indented under this key",
+}
 
 
 def _hint(kind: str, ctx: dict[str, Any], description: str) -> str:
@@ -120,6 +126,8 @@ def _hint(kind: str, ctx: dict[str, Any], description: str) -> str:
     if kind in _BOUNDS and _BOUNDS[kind][0] in ctx:
         key, text = _BOUNDS[kind]
         return text.format(ctx[key])
+    if kind in _KIND_HINTS and description:
+        return f"{_KIND_HINTS[kind]} ({description.rstrip('.')})"
     return _KIND_HINTS.get(kind, description)
 
 
@@ -143,11 +151,19 @@ _TYPE_KINDS = {"string_type", "int_type", "float_type", "bool_type", "int_from_f
 def _type_hint(source: Source, loc: Loc, got: Any, kind: str) -> str:
     """YAML 1.1 reads `no`, `on`, `~`, `1e3` as non-strings: say so and show the quoted form."""
     raw = source.raw.get(loc)
+    key = loc[-1] if loc and isinstance(loc[-1], str) else "value"
+    if isinstance(got, str) and kind in ("int_type", "float_type", "bool_type"):
+        # Quoted, so text: strict types do not read text as a number or a boolean.
+        plain = {"int_type": r"-?\d+", "float_type": r"-?\d+(\.\d*)?([eE][-+]?\d+)?", "bool_type": r"true|false"}
+        if re.fullmatch(plain[kind], got.strip()):
+            return f"write it without quotes: {key}: {got.strip()}"
+        return {"int_type": "write a whole number", "float_type": "write a number", "bool_type": "write true or false"}[
+            kind
+        ]
     if raw is None or kind not in _TYPE_KINDS:
         return ""
     read_as = _YAML_TYPES.get(type(got), f"a {type(got).__name__}")
     if kind == "string_type":
-        key = loc[-1] if loc and isinstance(loc[-1], str) else "value"
         return f"YAML reads {raw or 'an empty value'} as {read_as}: quote it, e.g. {key}: \"{raw}\""
     wanted = {"int_type": "a whole number", "float_type": "a number", "bool_type": "true or false"}.get(kind, "")
     return f"YAML reads {raw or 'an empty value'} as {read_as}" + (f": write {wanted}" if wanted else "")
@@ -193,11 +209,11 @@ def validation_problems(source: Source, model: type[BaseModel], exc: ValidationE
             secret = bool(loc) and str(loc[-1]).endswith("_env")  # a secret pasted in place of a variable name
             if kind not in ("value_error",) and not isinstance(got, dict | list) and got is not None and not secret:
                 msg = f"{msg} (found {got!r})"
-            hint = (
-                _type_hint(source, loc, got, kind)
-                or _hint(kind, ctx, _field_description(model, loc))
-                or f"see {docs} for what this key takes"
-            )
+            description = _field_description(model, loc)
+            typed = _type_hint(source, loc, got, kind)
+            if typed and description:
+                typed = f"{typed} ({description.rstrip('.')})"
+            hint = typed or _hint(kind, ctx, description) or f"see {docs} for what this key takes"
             problems.append(Problem(source.where(loc), msg, hint))
     if len(problems) > MAX_PROBLEMS:
         more = len(problems) - MAX_PROBLEMS

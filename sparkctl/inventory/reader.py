@@ -146,11 +146,17 @@ def read_yaml(text: str) -> Document:
                 event = loader.get_event()
             except yaml.MarkedYAMLError as exc:
                 mark = exc.problem_mark or exc.context_mark
+                line = mark.line + 1 if mark else 1
+                lines = text.split("\n", line)
+                source_line = lines[line - 1] if 0 < line <= len(lines) else ""
+                tab = "\t" in source_line[: len(source_line) - len(source_line.lstrip())]
                 raise ReadError(
-                    mark.line + 1 if mark else 1,
+                    line,
                     stack[-1].loc if stack else (),
                     f"not valid YAML: {exc.problem or exc}",
-                    "check indentation and quoting on that line or just above it",
+                    "indent with spaces: YAML does not allow tabs there"
+                    if tab
+                    else "check indentation and quoting on that line or just above it",
                 ) from None
             except yaml.reader.ReaderError as exc:  # a control character: located by its offset, not a mark
                 raise _not_allowed(text, exc, stack[-1].loc if stack else ()) from None
