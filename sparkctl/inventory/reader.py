@@ -116,13 +116,12 @@ def _short(tag: str) -> str:
 
 
 class _Frame:
-    __slots__ = ("container", "key", "key_line", "keys", "loc")
+    __slots__ = ("container", "key", "keys", "loc")
 
     def __init__(self, container: dict[str, Any] | list[Any], loc: Loc) -> None:
         self.container = container
         self.loc = loc
         self.key: str | None = None
-        self.key_line = 0
         self.keys: dict[str, int] = {}
 
 
@@ -217,11 +216,11 @@ def read_yaml(text: str) -> Document:
                         raise ReadError(
                             line,
                             (*top.loc, key),
-                            f"key '{key}' appears twice (first on line {top.keys[key]})",
+                            f"key {key!r} appears twice (first on line {top.keys[key]})",
                             "keep one of them: YAML would silently use the last",
                         )
                     top.keys[key] = line
-                    top.key, top.key_line = key, line
+                    top.key = key
                     doc.lines[(*top.loc, key)] = line
                     continue
                 plain = not event.style and event.implicit[0]
