@@ -196,7 +196,7 @@ class Engine:
         for key in sorted(set(old) | set(new)):
             if old.get(key) != new.get(key):
                 what = "added" if key not in old else "dropped" if key not in new else "changed"
-                diffs.append(f"{key[1]} {key[0]}/{key[2]}: {what} after re-reading the hosts")
+                diffs.append(self.secrets.redact(f"{key[1]} {key[0]}/{key[2]}: {what} after re-reading the hosts"))
         if not diffs:
             return stages
         report.revisions += diffs
@@ -254,7 +254,15 @@ class Engine:
             status="ok",
             started=self.now(),
         )
-        self.emit(Event("step_start", host=step.host, stage=stage, step=step.id, message=step.description))
+        self.emit(
+            Event(
+                "step_start",
+                host=step.host,
+                stage=stage,
+                step=self.secrets.redact(step.id),
+                message=self.secrets.redact(step.description),
+            )
+        )
         t0 = self.clock()
         try:
             if step.verdict:
@@ -281,9 +289,9 @@ class Engine:
                 "step_end",
                 host=step.host,
                 stage=stage,
-                step=step.id,
+                step=self.secrets.redact(step.id),
                 status=res.status,
-                message=res.error or step.description,
+                message=res.error or self.secrets.redact(step.description),
                 elapsed=self.clock() - t0,
             )
         )

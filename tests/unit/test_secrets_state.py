@@ -89,7 +89,8 @@ def test_the_journal_keeps_no_secret_but_the_host_gets_the_value(isolated_state:
     rb = parse_runbook(SECRET_RUNBOOK, "rb.yaml")
     params = resolve_params(rb, {"token": SECRET})
     transports = {h.name: RecordingTransport(h.name) for h in inv.hosts}
-    session = Session(inv, lambda i, name: transports[name], transports=dict(transports))
+    events: list[Event] = []
+    session = Session(inv, lambda i, name: transports[name], emit=events.append, transports=dict(transports))
     session.facts = {h.name: fresh_facts(inv, h) for h in inv.hosts}
     secrets = {"ray_token": "ray-token-0123456789"}
     plan = session.plan(rb, params, secrets)
@@ -105,6 +106,9 @@ def test_the_journal_keeps_no_secret_but_the_host_gets_the_value(isolated_state:
     assert record["executed"][0]["commands"][0]["argv"] == ["register", "--token=<redacted>"]
     assert record["steps"][0]["commands"][0]["command"] == "register --token=<redacted>"
     assert mode(journal) == 0o600
+    # ... nor the progress lines (the step's description is its command line)
+    assert events and not any(SECRET in f"{e.step} {e.message}" for e in events)
+    assert any("<redacted>" in e.message for e in events)
 
 
 # --- laptop state: every directory 0700, every file 0600 ---------------------------------------------------
