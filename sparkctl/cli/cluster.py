@@ -27,7 +27,7 @@ def _parse_sets(sets: list[str] | None) -> dict[str, str]:
     for item in sets or []:
         key, eq, value = item.partition("=")
         if not eq or not key:
-            raise InputError([Problem(f"--set {item}", "expected name=value")])
+            raise InputError([Problem(f"--set {item}", "expected name=value", "e.g. --set model=Qwen/Qwen3-8B")])
         out[key.strip()] = value
     return out
 

@@ -74,7 +74,13 @@ def _check(rb: Runbook) -> list[tuple[tuple[str | int, ...], str, str]]:
                             )
                         )
             elif step.on_failure not in ("stop", "continue"):
-                found.append(((group, i, "on_failure"), f"'{step.on_failure}' is not stop, continue or a list", ""))
+                found.append(
+                    (
+                        (group, i, "on_failure"),
+                        f"'{step.on_failure}' is not stop, continue or a list",
+                        "use stop, continue, or a list of cleanup step names",
+                    )
+                )
             when = parse_when(step.when) if step.when else None
             if when is not None and when[1] not in rb.parameters:
                 found.append(((group, i, "when"), f"'{when[1]}' is not a parameter of this runbook", _params_hint(rb)))
@@ -107,8 +113,10 @@ def _unknown_params(rb: Runbook, value: Any, loc: tuple[str | int, ...]) -> Foun
     return []
 
 
-def _args_problems(args: type[Any], exc: ValidationError, loc: tuple[str | int, ...], used: str = "") -> Found:
-    """An action's argument errors, each with the field's description as its fix."""
+def _args_problems(
+    args: type[Any], exc: ValidationError, loc: tuple[str | int, ...], used: str = "", hide: bool = False
+) -> Found:
+    """An action's argument errors, each with the field's description as its fix (`hide`: never the value)."""
     found: Found = []
     for err in exc.errors():
         sub = tuple(err["loc"])
@@ -118,7 +126,7 @@ def _args_problems(args: type[Any], exc: ValidationError, loc: tuple[str | int, 
         )
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] not in ("missing", "extra_forbidden") and not isinstance(err.get("input"), dict | list):
-            msg += f" (found {err.get('input')!r})" if not used else f" ({used})"
+            msg += f" ({used})" if used else "" if hide else f" (found {err.get('input')!r})"
         found.append(((*loc, *sub), msg, hint))
     return found
 
@@ -239,9 +247,10 @@ def check_params(rb: Runbook, params: dict[str, Any], overridden: Collection[str
             try:
                 action.Args.model_validate(substitute(step.args, params))
             except ValidationError as exc:
-                used = sorted(m.group(1) for m in PARAM.finditer(str(step.args)) if m.group(1) in overridden)
-                note = ", ".join(f"from --set {u}" for u in used)
-                found += _args_problems(action.Args, exc, (group, i, "args"), note)
+                refs = {m.group(1) for m in PARAM.finditer(str(step.args))}
+                note = ", ".join(f"from --set {u}" for u in sorted(refs & set(overridden)))
+                hide = any(rb.parameters[r].secret for r in refs if r in rb.parameters)
+                found += _args_problems(action.Args, exc, (group, i, "args"), note, hide)
     if found:
         raise RunbookError([Problem(rb.where(loc), msg, hint) for loc, msg, hint in found])
 
