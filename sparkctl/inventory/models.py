@@ -47,7 +47,7 @@ def _host_address(value: str) -> str:
     except ValueError:
         pass
     labels = value.split(".")
-    if all(x.isdigit() for x in labels) or (len(labels) == 4 and labels[-1].isdigit()):
+    if all(x.isdigit() for x in labels):
         raise invalid(
             f"{value!r} is not an IP address",
             "an IPv4 address is four numbers from 0 to 255, e.g. 10.0.0.11; a DNS name ends in a name, not a number",
