@@ -14,8 +14,9 @@ from sparkctl.errors import EXIT_FAILED, EXIT_INTERRUPTED, HostError, InputError
 if TYPE_CHECKING:
     from sparkctl.inventory.models import Inventory
     from sparkctl.plan.models import Plan
+    from sparkctl.runbook.engine import Report, Secrets
     from sparkctl.runbook.models import Runbook
-    from sparkctl.runbook.run import Session
+    from sparkctl.runbook.session import Session
 
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Runbook parameter: --set name=value (repeatable).")]
 WorkloadOpt = Annotated[list[str] | None, typer.Option("--workload", "-w", help="Only this workload (repeatable).")]
@@ -26,9 +27,48 @@ def _parse_sets(sets: list[str] | None) -> dict[str, str]:
     for item in sets or []:
         key, eq, value = item.partition("=")
         if not eq or not key:
-            raise InputError([Problem(f"--set {item}", "expected name=value")])
+            raise InputError([Problem(f"--set {item}", "expected name=value", "e.g. --set model=Qwen/Qwen3-8B")])
         out[key.strip()] = value
     return out
+
+
+def _workloads(inv: Inventory, chosen: list[str] | None) -> list[str] | None:
+    """`-w NAME` options, each a workload of the inventory (checked here, before any step names it)."""
+    import difflib
+
+    known = [w.name for w in inv.workloads]
+    bad = [n for n in chosen or [] if n not in known]
+    if bad:
+        raise InputError(
+            [
+                Problem(
+                    f"--workload {n}",
+                    f"{inv.cluster} has no workload named {n}",
+                    f"did you mean '{close[0]}'?" if (close := difflib.get_close_matches(n, known, n=1))
+                    else f"workloads: {', '.join(known) or 'none'}",
+                )
+                for n in bad
+            ]
+        )
+    return chosen or None
+
+
+def show_plan(plan: Plan, as_json: bool, secrets: Secrets) -> str:
+    """The plan as printed (text or JSON), with every secret value redacted, `secret: true` parameters too."""
+    from sparkctl.cli.render import render_plan
+    from sparkctl.plan.models import Plan
+
+    shown = Plan.model_validate(secrets.scrub(plan.model_dump()))
+    return shown.model_dump_json(indent=2) if as_json else render_plan(shown)
+
+
+def show_report(report: Report, as_json: bool, secrets: Secrets) -> str:
+    """The report as printed: the executed steps' commands may hold secret parameter values."""
+    from sparkctl.cli.render import render_report
+    from sparkctl.runbook.engine import Report
+
+    shown = Report.model_validate(secrets.scrub(report.model_dump()))
+    return shown.model_dump_json(indent=2) if as_json else render_report(shown)
 
 
 def offline_plan(
@@ -36,8 +76,8 @@ def offline_plan(
 ) -> Plan:
     """A plan against fresh hosts, contacting nobody and reading no secrets (digests are placeholders)."""
     from sparkctl.plan.context import PlanContext, fresh_facts
-    from sparkctl.runbook.load import build_runbook_plan
-    from sparkctl.runbook.run import sha256, worker_code
+    from sparkctl.runbook.planner import build_runbook_plan
+    from sparkctl.runbook.session import sha256, worker_code
 
     facts = {h.name: fresh_facts(inv, h) for h in inv.hosts}
     ctx = PlanContext(
@@ -48,8 +88,8 @@ def offline_plan(
 
 def preflight(session: Session, force: bool) -> None:
     """Fail-level preflight rules stop `up` before anything changes (--force overrides the safe ones)."""
-    from sparkctl.checks.doctor import blocking, evaluate
-    from sparkctl.checks.evaluators import CheckContext
+    from sparkctl.doctor.evaluate import blocking, evaluate
+    from sparkctl.doctor.evaluators import CheckContext
 
     findings = evaluate(CheckContext(session.inventory, session.facts), preflight_only=True)
     for f in findings:
@@ -86,8 +126,9 @@ def execute(
     early: c.EarlySession | None = None,
 ) -> None:
     """Connect, gather, plan, (confirm), apply, report. Shared by up, down, run and restore-network.
-    `early` is a session the command started opening before it loaded the runbook."""
-    from sparkctl.cli.render import Progress, render_plan, render_report
+    `early` is a session the command started opening (secret files checked) before it loaded the runbook."""
+    from sparkctl.cli.render import Progress
+    from sparkctl.runbook.engine import Secrets
 
     progress = Progress(quiet=False)
     early = early or c.EarlySession(inv, accept_new_host_keys)
@@ -99,18 +140,19 @@ def execute(
         plan = session.plan(rb, params, secrets, start=start, only=only)
         if checks and not dry_run:
             preflight(session, force)
+        hidden = Secrets({**secrets, **rb.secret_values(params)})
         if dry_run:
-            c.echo(plan.model_dump_json(indent=2) if as_json else render_plan(plan))
+            c.echo(show_plan(plan, as_json, hidden))
             return
         if not as_json:
-            c.echo(render_plan(plan))
+            c.echo(show_plan(plan, False, hidden))
         if plan.changes and not c.confirm(f"apply {plan.changes} change(s) to {inv.cluster}?", yes):
             raise typer.Exit(EXIT_FAILED)
         secrets = {**secrets, **session.check_sudo(plan, lambda: c.sudo_password(inv))}
         report = session.apply(rb, plan, params, secrets, confirm=lambda m: c.confirm(m, yes), start=start)
         if report.interrupted and rb.name == "up":
             _stop_after_interrupt(session, secrets)
-        c.echo(report.model_dump_json(indent=2) if as_json else render_report(report))
+        c.echo(show_report(report, as_json, Secrets({**secrets, **rb.secret_values(params)})))
         if report.interrupted:
             raise typer.Exit(EXIT_INTERRUPTED)
         if not report.ok:
@@ -147,19 +189,19 @@ def register(app: typer.Typer) -> None:
         c.set_debug(debug)
         inv = c.inventory(inventory)
         early = None if offline else c.EarlySession(inv, accept_new_host_keys)
-        try:
-            from sparkctl.cli.render import render_plan
+        try:  # while the hosts answer
+            from sparkctl.runbook.engine import Secrets
             from sparkctl.runbook.load import load_runbook, resolve_params
 
             rb = load_runbook("up")
-            params = resolve_params(rb, {}) | {"workloads": workload or None}
+            params = resolve_params(rb, {}) | {"workloads": _workloads(inv, workload)}
         except BaseException:
             if early is not None:
                 early.abandon()
             raise
         if offline:
             plan = offline_plan(inv, rb, params)
-            c.echo(plan.model_dump_json(indent=2) if as_json else render_plan(plan))
+            c.echo(show_plan(plan, as_json, Secrets(rb.secret_values(params))))
             return
         execute(
             inv,
@@ -194,11 +236,11 @@ def register(app: typer.Typer) -> None:
         c.set_debug(debug)
         inv = c.inventory(inventory)
         early = c.EarlySession(inv, accept_new_host_keys)
-        try:
+        try:  # while the hosts answer
             from sparkctl.runbook.load import load_runbook, resolve_params
 
             rb = load_runbook("up")
-            params = resolve_params(rb, {}) | {"workloads": workload or None}
+            params = resolve_params(rb, {}) | {"workloads": _workloads(inv, workload)}
         except BaseException:
             early.abandon()
             raise
@@ -278,7 +320,7 @@ def register(app: typer.Typer) -> None:
         debug: c.DebugOpt = False,
     ) -> None:
         """Run a runbook (playbooks/*.yaml or a built-in) with the same engine as up and down."""
-        from sparkctl.cli.render import render_plan
+        from sparkctl.runbook.engine import Secrets
         from sparkctl.runbook.load import load_runbook, resolve_params, step_index
 
         c.set_debug(debug)
@@ -302,7 +344,7 @@ def register(app: typer.Typer) -> None:
             )
         if dry_run and offline:
             plan = offline_plan(inv, rb, params, start=start, only=only)
-            c.echo(plan.model_dump_json(indent=2) if as_json else render_plan(plan))
+            c.echo(show_plan(plan, as_json, Secrets(rb.secret_values(params))))
             return
         execute(
             inv,

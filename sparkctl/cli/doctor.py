@@ -8,12 +8,13 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from sparkctl import state
 from sparkctl.cli import common as c
 from sparkctl.errors import EXIT_FAILED, HostError
 
 # Loaded when a command runs, so `--help` and other commands do not pay for the rules and the engine.
 if TYPE_CHECKING:
-    from sparkctl.checks.rules import Finding
+    from sparkctl.doctor.rules import Finding
     from sparkctl.runbook.engine import Report
 
 MARK = {"pass": "pass", "warn": "WARN", "fail": "FAIL"}
@@ -44,9 +45,9 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         debug: c.DebugOpt = False,
     ) -> None:
         """Read-only checks on every host and across the pair: pass / warn / fail, evidence and fix."""
-        from sparkctl.checks.active import measure_jumbo
-        from sparkctl.checks.doctor import evaluate
-        from sparkctl.checks.evaluators import CheckContext
+        from sparkctl.doctor.evaluate import evaluate
+        from sparkctl.doctor.evaluators import CheckContext
+        from sparkctl.plan.bench import measure_jumbo
 
         c.set_debug(debug)
         inv = c.inventory(inventory)
@@ -77,13 +78,15 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         debug: c.DebugOpt = False,
     ) -> None:
         """Connect to the given hosts and write a complete inventory for them."""
-        from sparkctl.checks.discover import DISCOVER_PROBE, parse_discovery, propose_inventory
+        from sparkctl.facts.discover import DISCOVER_PROBE, parse_discovery, propose_inventory
         from sparkctl.inventory.models import FabricInterface, Host, SshSettings
 
         c.set_debug(debug)
         from sparkctl.execute import ssh
 
         settings = SshSettings(user=user, port=port, identity_file=identity, known_hosts=known_hosts)
+        if identity:
+            state.refuse_exposed(identity, "--identity-file")
         found = []
         problems = []
         for i, addr in enumerate(hosts):

@@ -15,12 +15,12 @@ from sparkctl.errors import InputError, Problem
 # Loaded when a command runs (see common.py).
 if TYPE_CHECKING:
     from sparkctl.inventory.models import Inventory
-    from sparkctl.runbook.run import Session
+    from sparkctl.runbook.session import Session
 
 
 def cluster_status(session: Session, inv: Inventory, secrets: dict[str, str]) -> dict[str, Any]:
     """Per host: fabric state and Ray; per workload: endpoint, process and health."""
-    from sparkctl.launch import commands as lc
+    from sparkctl.plan import commands as lc
     from sparkctl.plan.cluster import ray_running_ok, workload_state
 
     ctx = session.context(secrets, {})
@@ -47,7 +47,7 @@ def cluster_status(session: Session, inv: Inventory, secrets: dict[str, str]) ->
         }
     workloads = {}
     for w in inv.workloads:
-        from sparkctl.launch.probe import probe_workload  # urllib's HTTP stack, only when there is a workload
+        from sparkctl.execute.http import probe_workload  # urllib's HTTP stack, only when there is a workload
 
         probe = probe_workload(lc.endpoint(inv, w), w.name, secrets[f"api_key:{w.name}"], w.engine, timeout=5)
         workloads[w.name] = {

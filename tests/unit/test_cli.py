@@ -30,7 +30,7 @@ def cli(isolated_state, mocker):
         raise AssertionError("the CLI tried to connect")
 
     # The CLI imports the connector from its one home when a command runs.
-    mocker.patch("sparkctl.runbook.run.ssh_connect", side_effect=refuse)
+    mocker.patch("sparkctl.runbook.session.ssh_connect", side_effect=refuse)
     runner = CliRunner()
 
     def invoke(*args: str):
@@ -97,7 +97,7 @@ def test_help_loads_no_model_yaml_or_rich() -> None:
     assert _loaded_after(["--help"], watched) == []
 
 
-def test_offline_plan_loads_neither_ssh_nor_engine_nor_http() -> None:
+def test_offline_plan_loads_neither_ssh_nor_http_nor_rules() -> None:
     watched = (
         "paramiko",
         "fabric",
@@ -107,8 +107,8 @@ def test_offline_plan_loads_neither_ssh_nor_engine_nor_http() -> None:
         "rich",
         "urllib.request",
         "sparkctl.execute.ssh",
-        "sparkctl.runbook.engine",
-        "sparkctl.checks.evaluators",
+        "sparkctl.execute.http",
+        "sparkctl.doctor.evaluators",
     )
     assert _loaded_after(["plan", "--offline", "-i", str(EXAMPLE)], watched) == []
 
@@ -392,7 +392,7 @@ def test_online_plan_and_up_name_every_unreachable_host(isolated_state, mocker) 
     from sparkctl.execute.fake import FailingConnect
 
     fake = FailingConnect(message="No route to host")
-    mocker.patch("sparkctl.runbook.run.ssh_connect", return_value=lambda inv, name: fake(inv.host(name), inv.ssh))
+    mocker.patch("sparkctl.runbook.session.ssh_connect", return_value=lambda inv, name: fake(inv.host(name), inv.ssh))
     for argv in (["plan"], ["up", "--yes"]):
         result = CliRunner().invoke(app, [*argv, "-i", str(EXAMPLE)])
         assert result.exit_code == 1, result.output
@@ -407,7 +407,7 @@ def test_a_runbook_that_fails_to_load_closes_the_session_opened_meanwhile(isolat
 
     probe = Result(0, "@@sparkctl identity\nu\n/home/u\nh\n@@sparkctl end\n", "")
     fake = FailingConnect(unreachable=[], responses={"sh -s": probe})
-    mocker.patch("sparkctl.runbook.run.ssh_connect", return_value=lambda inv, name: fake(inv.host(name), inv.ssh))
+    mocker.patch("sparkctl.runbook.session.ssh_connect", return_value=lambda inv, name: fake(inv.host(name), inv.ssh))
     mocker.patch("sparkctl.runbook.load.load_runbook", side_effect=InputError([Problem("up.yaml:1", "broken")]))
     result = CliRunner().invoke(app, ["plan", "-i", str(EXAMPLE)])
     assert result.exit_code == EXIT_BAD_INPUT and "broken" in result.stderr

@@ -16,8 +16,8 @@ from sparkctl.facts.parse import parse_probe
 from sparkctl.facts.probe import MARK, probe_sections
 from sparkctl.inventory import parse_inventory
 from sparkctl.inventory.models import Inventory
-from sparkctl.launch import commands as lc
 from sparkctl.paths import FIREWALL_FILE
+from sparkctl.plan import commands as lc
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "inventories" / "example-pair.yaml"
