@@ -18,6 +18,7 @@ against `python -c pass`. It takes the testbed down at the end and prints a Mark
 from __future__ import annotations
 
 import argparse
+import compileall
 import fcntl
 import json
 import os
@@ -112,6 +113,9 @@ def main() -> None:
         trees["baseline"] = args.baseline.resolve()
     py = sys.executable
     example = str(REPO / "inventories" / "example-pair.yaml")
+    # Bytecode as an installed package has it: with PYTHONDONTWRITEBYTECODE set, every run would compile sparkctl.
+    for tree in trees.values():
+        compileall.compile_dir(str(tree / "sparkctl"), quiet=1)
 
     # Interpreter-start rows first (no testbed, no lock needed).
     local: dict[str, list[Sample]] = {}
