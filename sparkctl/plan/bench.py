@@ -64,9 +64,13 @@ c.shutdown(socket.SHUT_WR); c.recv(1); print(sent, time.monotonic() - t)
 """
 
 
-def bench_commands(ctx: PlanContext, host: Host, mb: int, port: int) -> list[Step]:
-    """The bench as runbook steps: peers listen, the first host sends, link by link (hosts run in parallel)."""
+def plan_bench_fabric(ctx: PlanContext, host: Host) -> list[Step]:
+    """The bench as runbook steps: peers listen, the first host sends, link by link (hosts run in parallel).
+
+    `ctx.params` carries the action's arguments: `mb` sent per link and the `port` the peers listen on.
+    """
     inv = ctx.inventory
+    mb, port = int(ctx.params["mb"]), int(ctx.params["port"])
     python = runtime_python(inv)
     src = inv.hosts[0]
     steps = []
