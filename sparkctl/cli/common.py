@@ -1,4 +1,4 @@
-"""Shared CLI options, loading helpers and the error boundary."""
+"""Shared CLI option types, loading helpers and the one error boundary."""
 
 from __future__ import annotations
 
@@ -11,10 +11,9 @@ from typing import Annotated, Any
 
 import typer
 
-from sparkctl.errors import EXIT_FAILED, EXIT_INTERRUPTED, SparkctlError
+from sparkctl.errors import EXIT_FAILED, EXIT_INTERRUPTED, InputError, Problem, SparkctlError
 from sparkctl.inventory import load_inventory, parse_inventory
 from sparkctl.inventory.models import Inventory
-from sparkctl.runbook.session import Session, ssh_connect
 
 InventoryOpt = Annotated[
     Path | None,
@@ -34,6 +33,10 @@ AcceptKeysOpt = Annotated[
         "--accept-new-host-keys", help="Record unknown host keys on first use (changed keys are always refused)."
     ),
 ]
+
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Only show the plan.")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Runbook parameter: --set name=value (repeatable).")]
+WorkloadOpt = Annotated[list[str] | None, typer.Option("--workload", "-w", help="Only this workload (repeatable).")]
 
 _debug = False
 
@@ -55,11 +58,21 @@ def inventory(path: Path | None) -> Inventory:
     return parse_inventory(example_inventory_text(), "<bundled example-pair.yaml>")
 
 
-def open_session(inv: Inventory, accept_new_host_keys: bool) -> Session:
-    """Connect to and probe every host (one SSH connection each, in parallel)."""
-    session = Session(inv, ssh_connect(accept_new_host_keys))
-    session.open()
-    return session
+def start(debug: bool, path: Path | None) -> Inventory:
+    """What every command that targets a cluster does first: debug logging on request, then the inventory."""
+    set_debug(debug)
+    return inventory(path)
+
+
+def parse_sets(sets: list[str] | None) -> dict[str, str]:
+    """`--set name=value` options as a mapping."""
+    out = {}
+    for item in sets or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise InputError([Problem(f"--set {item}", "expected name=value")])
+        out[key.strip()] = value
+    return out
 
 
 def sudo_password(inv: Inventory) -> str | None:

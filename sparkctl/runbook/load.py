@@ -77,6 +77,15 @@ def _check(rb: Runbook) -> list[tuple[tuple[str | int, ...], str, str]]:
                 param = re.sub(r"^not\s+", "", step.when.strip()).split()[0]
                 if param not in rb.parameters:
                     found.append(((group, i, "when"), f"'{param}' is not a parameter of this runbook", ""))
+    for i, ref in enumerate(rb.on_interrupt):
+        if ref not in {s.name for s in rb.cleanup} and ref not in builtin_names():
+            found.append(
+                (
+                    ("on_interrupt", i),
+                    f"'{ref}' is neither a cleanup step nor a built-in runbook",
+                    f"name a step listed under cleanup:, or one of: {', '.join(builtin_names())}",
+                )
+            )
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:
         found.append((("steps",), f"duplicate step names: {', '.join(sorted(dupes))}", "name every step once"))

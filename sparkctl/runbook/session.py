@@ -1,53 +1,73 @@
-"""A run: connect, gather facts from every host, plan, check secrets, apply, journal. Used by every command."""
+"""A run against the hosts: connect through the one connect seam, probe, plan, apply, journal.
+
+Every command that reaches a host goes through here: plans through the engine (`apply`), read-only steps
+through `read` (doctor's pings, the sudo check, `logs`), and `Discovery` for hosts that have no inventory yet.
+Tests replace the network once: `ssh_connect` below, or a `connect` given to the Session.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from importlib import resources
 from typing import Any
 
-from sparkctl import state
-from sparkctl.errors import HostError, Problem, SecretError
-from sparkctl.execute.base import Transport
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from sparkctl import paths, state
+from sparkctl.errors import HostError, InputError, Problem, SecretError, Unreachable
+from sparkctl.execute.base import Connect, Endpoint, Transport
+from sparkctl.execute.http import Probe, probe_workload
 from sparkctl.facts.models import HostFacts
-from sparkctl.inventory.models import Inventory
+from sparkctl.inventory.models import HostAddress, Inventory, SshOverride, SshSettings
+from sparkctl.plan.cluster import plan_verify_fabric
 from sparkctl.plan.context import PlanContext
-from sparkctl.plan.models import Plan, Stage
+from sparkctl.plan.models import Command, Plan, Stage, Step
 from sparkctl.runbook.engine import Engine, Event, Report, Secrets
 from sparkctl.runbook.gather import gather_facts
+from sparkctl.runbook.load import load_runbook, resolve_params
 from sparkctl.runbook.models import Runbook
-from sparkctl.runbook.planner import build_runbook_plan, plan_stage
+from sparkctl.runbook.planner import build_runbook_plan, plan_stage, sha256, worker_code
 
-Connect = Callable[[Inventory, str], Transport]
+__all__ = ["Connect", "Discovery", "Session", "Unreachable", "open_discovery", "open_session", "ssh_connect"]
 
+Link = tuple[str, str, str]
+"""(host, twin interface, peer address) of one jumbo-ping direction."""
 
-def worker_code() -> str:
-    """The embedding worker shipped to the head host."""
-    return resources.files("sparkctl").joinpath("workers/embed.py").read_text()
-
-
-def sha256(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-class Unreachable(HostError):
-    """Some hosts could not be reached or probed; nothing was changed anywhere."""
+PING_TIMEOUT = 20
 
 
 def ssh_connect(accept_new_host_keys: bool) -> Connect:
-    """The real connector (imports Fabric only when called)."""
+    """The real connector: OpenSSH over Fabric with strict host keys (imports Fabric only when called)."""
 
-    def connect(inv: Inventory, name: str) -> Transport:
+    def connect(host: Endpoint, settings: SshSettings) -> Transport:
         from sparkctl.execute import ssh
 
-        return ssh.connect(inv.host(name), inv.ssh, accept_new_host_keys=accept_new_host_keys)
+        return ssh.connect(host, settings, accept_new_host_keys=accept_new_host_keys)
 
     return connect
+
+
+def _silent(event: Event) -> None:
+    """Read-only probes report through their caller, not as progress."""
+
+
+def _read_plan(cluster: str, name: str, steps: list[Step]) -> Plan:
+    """Read-only steps as a one-stage plan (refuses a step that would change something)."""
+    changing = [f"{s.host} {s.id}" for s in steps if s.changes]
+    if changing:
+        raise ValueError(f"read-only probe given changing steps: {', '.join(changing)}")
+    hosts = list(dict.fromkeys(s.host for s in steps))
+    return Plan(cluster=cluster, runbook=name, hosts=hosts, stages=[Stage(name=name, action=name, steps=steps)])
+
+
+def _run_read(engine: Engine, plan: Plan) -> Report:
+    report = engine.run(plan)
+    if report.interrupted:
+        raise KeyboardInterrupt
+    return report
 
 
 @dataclass
@@ -57,6 +77,8 @@ class Session:
     inventory: Inventory
     connect: Connect
     emit: Callable[[Event], None] = lambda e: None
+    probe: Callable[..., Probe] = probe_workload
+    """The HTTP readiness probe of workload endpoints (the engine's waits and `status`)."""
     transports: dict[str, Transport] = field(default_factory=dict)
     facts: dict[str, HostFacts] = field(default_factory=dict)
 
@@ -78,7 +100,7 @@ class Session:
 
         def conn(name: str) -> None:
             try:
-                self.transports[name] = self.connect(self.inventory, name)
+                self.transports[name] = self.connect(self.inventory.host(name), self.inventory.ssh)
             except HostError as exc:
                 errors[name] = [Problem(p.where or name, p.message, p.hint) for p in exc.problems]
 
@@ -140,14 +162,86 @@ class Session:
                     )
                 ]
             )
-        bad = []
-        for host in needs:
-            r = self.transports[host].run("sudo -k -S -p '' -- true", stdin=pw + "\n", timeout=30)
-            if not r.ok:
-                bad.append(Problem(host, "sudo rejected the password", "check the password for the login user"))
+        steps = [
+            Step(
+                host=host,
+                kind="sudo_check",
+                description="sudo accepts the password",
+                changes=False,
+                commands=[Command(argv=["true"], sudo=True, timeout=30)],
+            )
+            for host in needs
+        ]
+        report = self.read(steps, {"sudo_password": pw}, name="sudo")
+        bad = [
+            Problem(r.host, "sudo rejected the password", "check the password for the login user")
+            for r in report.results
+            if r.status == "failed"
+        ]
         if bad:
             raise HostError(bad)
         return {"sudo_password": pw}
+
+    def engine(self, secrets: Mapping[str, str], **options: Any) -> Engine:
+        """The engine over this session's connections."""
+        return Engine(
+            transports=self.transports,
+            nopasswd={n: f.sudo_nopasswd for n, f in self.facts.items()},
+            secrets=Secrets(secrets),
+            blobs={"worker_code": worker_code()},
+            emit=options.pop("emit", self.emit),
+            command_timeout=self.inventory.ssh.command_timeout,
+            probe=self.probe,
+            **options,
+        )
+
+    def read(
+        self, steps: list[Step], secrets: Mapping[str, str] | None = None, *, name: str = "read", output_lines: int = 20
+    ) -> Report:
+        """Run read-only steps through the engine, silently, every host to the end (not journaled)."""
+        plan = _read_plan(self.inventory.cluster, name, steps)
+        return _run_read(self.engine(secrets or {}, emit=_silent, keep_going=True, output_lines=output_lines), plan)
+
+    def measure_jumbo(self) -> dict[Link, tuple[bool, str]]:
+        """The unfragmented pings `up` verifies with, once per direction (no retries), all hosts in parallel."""
+        ctx = PlanContext(self.inventory, self.facts)
+        steps = [
+            s.model_copy(
+                update={"wait": None, "commands": [c.model_copy(update={"timeout": PING_TIMEOUT}) for c in s.commands]}
+            )
+            for h in self.inventory.hosts
+            for s in plan_verify_fabric(ctx, h)
+        ]
+        argv = {(s.host, s.id): s.commands[0].argv for s in steps}
+        results: dict[Link, tuple[bool, str]] = {}
+        for r in self.read(steps, name="jumbo").results:
+            cmd = argv[(r.host, r.step)]
+            out = r.commands[-1] if r.commands else None
+            summary = next((ln for ln in out.stdout.splitlines() if "packet loss" in ln), "") if out else ""
+            err = out.stderr.strip().splitlines()[-1] if out and out.stderr.strip() else ""
+            code = f"exit {out.exit_code}" if out else r.error
+            results[(r.host, cmd[-2], cmd[-1])] = (r.status == "ok", summary or err or code)
+        return results
+
+    def read_log(self, host: str, name: str, *, lines: int, follow: bool = False) -> str:
+        """The last `lines` of Ray's or a workload's log on `host` (with `follow`, until interrupted)."""
+        path = paths.log_path(self.facts[host].home, name)
+        step = Step(
+            host=host,
+            kind="read_log",
+            target=name,
+            description=f"the last {lines} lines of {path}",
+            changes=False,
+            commands=[
+                Command(
+                    argv=["tail", "-n", str(lines), *(["-F"] if follow else []), path], timeout=10**6 if follow else 30
+                )
+            ],
+        )
+        result = self.read([step], name="logs", output_lines=lines).results[0]
+        if result.status == "failed":
+            raise HostError([Problem(host, result.error, f"the log of {name} appears once `up` has started it")])
+        return result.commands[-1].stdout
 
     def apply(
         self,
@@ -160,15 +254,7 @@ class Session:
         start: int = 0,
     ) -> Report:
         """Run the plan; re-read the hosts after each changing stage; journal the run."""
-        engine = Engine(
-            transports=self.transports,
-            nopasswd={n: f.sudo_nopasswd for n, f in self.facts.items()},
-            secrets=Secrets(secrets),
-            blobs={"worker_code": worker_code()},
-            emit=self.emit,
-            command_timeout=self.inventory.ssh.command_timeout,
-            confirm=confirm,
-        )
+        engine = self.engine(secrets, confirm=confirm)
         run_id = state.new_run_id()
         started = time.time()
         index = {s.name: i for i, s in enumerate(rb.steps)}
@@ -210,10 +296,113 @@ class Session:
                 "executed": [s.model_dump() for s in report.executed],
             }
         )
+        if report.interrupted and rb.on_interrupt:
+            self._after_interrupt(rb, params, secrets)
         return report
+
+    def _after_interrupt(self, rb: Runbook, params: dict[str, Any], secrets: Mapping[str, str]) -> None:
+        """Ctrl-C stopped `rb`: run what it declares under `on_interrupt:` (cleanup steps or built-in runbooks)."""
+        self.emit(Event("note", message=f"interrupted: running {', '.join(rb.on_interrupt)} (on_interrupt)"))
+        cleanup = {s.name: s for s in rb.cleanup}
+        for ref in rb.on_interrupt:
+            self.gather()
+            if ref in cleanup:
+                stage = plan_stage(cleanup[ref], self.context(secrets, params), params)
+                plan = Plan(
+                    cluster=self.inventory.cluster, runbook=rb.name, hosts=list(self.transports), stages=[stage]
+                )
+                self.engine(secrets).run(plan)
+            else:
+                other = load_runbook(ref)
+                other_params = resolve_params(other, {})
+                self.apply(other, self.plan(other, other_params, secrets), other_params, secrets)
 
     def close(self) -> None:
         for t in self.transports.values():
             with contextlib.suppress(Exception):
                 t.close()
         self.transports.clear()
+
+
+def open_session(inv: Inventory, accept_new_host_keys: bool, emit: Callable[[Event], None] | None = None) -> Session:
+    """Connect to and probe every host (one SSH connection each, in parallel)."""
+    session = Session(inv, ssh_connect(accept_new_host_keys), emit=emit or _silent)
+    session.open()
+    return session
+
+
+class Target(BaseModel):
+    """A host known only by its address (`discover`): what connecting needs, nothing more."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    address: HostAddress
+    ssh: SshOverride = Field(default_factory=SshOverride)
+
+
+@dataclass
+class Discovery:
+    """A read-only session with hosts that have no inventory yet: connect, run one probe script, close."""
+
+    addresses: list[str]
+    settings: SshSettings
+    connect: Connect
+
+    def probe(self, script: str, timeout: float = 60) -> dict[str, str]:
+        """Each host's output of `script` (run by `sh -s`), by address; HostError names every host that failed."""
+        targets = []
+        problems = []
+        for addr in self.addresses:
+            try:
+                targets.append(Target(name=addr, address=addr))
+            except ValidationError as exc:
+                problems += [
+                    Problem(addr, e["msg"].removeprefix("Value error, "), "give a host name or an IP address")
+                    for e in exc.errors()
+                ]
+        if problems:
+            raise InputError(problems)
+        transports: dict[str, Transport] = {}
+
+        def conn(target: Target) -> None:
+            try:
+                transports[target.name] = self.connect(target, self.settings)
+            except HostError as exc:
+                problems.extend(exc.problems)
+
+        try:
+            with ThreadPoolExecutor(max_workers=max(1, len(targets))) as pool:
+                list(pool.map(conn, targets))
+            steps = [
+                Step(
+                    host=t.name,
+                    kind="discover",
+                    description="read-only discovery probe",
+                    changes=False,
+                    commands=[Command(argv=["sh", "-s"], stdin=script, timeout=timeout)],
+                )
+                for t in targets
+                if t.name in transports
+            ]
+            engine = Engine(transports=transports, nopasswd={}, emit=_silent, keep_going=True, output_lines=10**6)
+            report = _run_read(engine, _read_plan("discover", "discover", steps)) if steps else None
+        finally:
+            for t in transports.values():
+                with contextlib.suppress(Exception):
+                    t.close()
+        if problems:
+            raise HostError(problems)
+        outputs: dict[str, str] = {}
+        for r in report.results if report else []:
+            if not r.commands:
+                problems.append(Problem(r.host, r.error))
+            outputs[r.host] = r.commands[-1].stdout if r.commands else ""
+        if problems:
+            raise HostError(problems)
+        return {a: outputs[a] for a in self.addresses}
+
+
+def open_discovery(addresses: list[str], settings: SshSettings, accept_new_host_keys: bool) -> Discovery:
+    """A Discovery over the real connector."""
+    return Discovery(addresses, settings, ssh_connect(accept_new_host_keys))
