@@ -43,7 +43,7 @@ def ssh_connect(accept_new_host_keys: bool) -> Connect:
     """The real connector: OpenSSH over Fabric with strict host keys (imports Fabric only when called)."""
 
     def connect(host: Endpoint, settings: SshSettings) -> Transport:
-        from sparkctl.execute import ssh
+        from sparkctl.execute import ssh  # noqa: TID251 - the one place that builds the real connector
 
         return ssh.connect(host, settings, accept_new_host_keys=accept_new_host_keys)
 

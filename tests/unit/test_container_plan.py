@@ -459,7 +459,10 @@ def test_down_on_a_clean_container_pair_stops_nothing() -> None:
 
 def test_verify_clean_also_asks_docker_in_container_mode() -> None:
     """Root's processes in the containers escape `pgrep -u $(id -un)`: docker must list no sparkctl-* container."""
-    pgrep = "! pgrep -u \"$(id -un)\" -f -a -- '[r]aylet|[g]cs_server|[r]ay/dashboard|[r]ay/_private|[r]ay::|[e]mbed_worker[.]py|[v]llm serve'"
+    pgrep = (
+        "! pgrep -u \"$(id -un)\" -f -a -- "
+        "'[r]aylet|[g]cs_server|[r]ay/dashboard|[r]ay/_private|[r]ay::|[e]mbed_worker[.]py|[v]llm serve'"
+    )
     plan = plan_of(container_inventory(), converged_facts(), runbook="down")
     for host in ("spark-a", "spark-b"):
         (cmd,) = one(plan, host, "verify_clean").commands

@@ -62,7 +62,8 @@ def _sudo_plan() -> Plan:
         Step(host=h, kind="k", description="d", commands=[Command(argv=["nmcli"], sudo=True)])
         for h in ("spark-a", "spark-b")
     ]
-    return Plan(cluster="c", runbook="rb", hosts=["spark-a", "spark-b"], stages=[Stage(name="s", action="a", steps=steps)])
+    stage = Stage(name="s", action="a", steps=steps)
+    return Plan(cluster="c", runbook="rb", hosts=["spark-a", "spark-b"], stages=[stage])
 
 
 def test_sudo_check_runs_through_the_engine_on_every_host_and_names_each_rejection() -> None:
