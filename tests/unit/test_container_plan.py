@@ -4,6 +4,9 @@ The built-in `up` and `down` are planned on fresh facts (as `plan --offline` ass
 pair whose Ray and workload run in containers; the docker command lines are taken apart and checked flag by flag.
 The shell lines are parsed by `sh -n`, and the workload and Ray lines are run by dash and bash against a stub
 `docker` (and a stub `ray` for the command inside the Ray container).
+
+The plans themselves, step by step, are data like the other planner cases: tests/unit/cases/container-*.yaml
+(fresh pair, converged pair, a new image, `down` with Ray running as root), run by test_planner_cases.py.
 """
 
 from __future__ import annotations
