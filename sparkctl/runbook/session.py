@@ -107,7 +107,11 @@ class Session:
         with ThreadPoolExecutor(max_workers=len(names)) as pool:
             list(pool.map(conn, names))
         if not errors:
-            self.gather()
+            try:
+                self.gather()
+            except HostError:
+                self.close()
+                raise
             return
         self.close()
         raise Unreachable([p for n in names if n in errors for p in errors[n]], hint="nothing was changed on any host")

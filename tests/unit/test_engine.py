@@ -589,8 +589,9 @@ def test_session_open_with_a_failing_probe_names_the_host(isolated_state) -> Non
         session.open()
     assert [p.where for p in info.value.problems] == ["spark-b"]
     assert "probe did not complete" in info.value.problems[0].message
-    # the only command anywhere was the read-only probe
+    # the only command anywhere was the read-only probe, and the connections are closed again
     assert all(c.command == "sh -s" for t in transports.values() for c in t.calls)
+    assert all(t.closed for t in transports.values()) and session.transports == {}
 
 
 def test_unreachable_error_reads_once_with_its_hint(isolated_state) -> None:
