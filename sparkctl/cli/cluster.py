@@ -8,8 +8,8 @@ import typer
 
 from sparkctl.cli import common as c
 from sparkctl.cli.render import Progress, render_plan, render_report
-from sparkctl.doctor.evaluate import preflight
 from sparkctl.doctor.evaluators import CheckContext
+from sparkctl.doctor.preflight import preflight
 from sparkctl.errors import EXIT_FAILED, EXIT_INTERRUPTED, InputError, Problem
 from sparkctl.inventory.models import Inventory
 from sparkctl.runbook import session as sessions

@@ -16,6 +16,8 @@ from sparkctl.errors import EXIT_FAILED
 from sparkctl.facts.discover import DISCOVER_PROBE, parse_discovery, propose_inventory
 from sparkctl.inventory.models import SshSettings
 from sparkctl.runbook import session as sessions
+from sparkctl.runbook.discovery import open_discovery
+from sparkctl.runbook.reads import measure_jumbo
 
 
 @c.guard
@@ -30,7 +32,7 @@ def doctor_cmd(
     inv = c.start(debug, inventory)
     session = sessions.open_session(inv, accept_new_host_keys)
     try:
-        findings = evaluate(CheckContext(inv, session.facts, session.measure_jumbo()))
+        findings = evaluate(CheckContext(inv, session.facts, measure_jumbo(session)))
     finally:
         session.close()
     if as_json:
@@ -56,7 +58,7 @@ def discover_cmd(
     """Connect to the given hosts and write a complete inventory for them."""
     c.set_debug(debug)
     settings = SshSettings(user=user, port=port, identity_file=identity, known_hosts=known_hosts)
-    outputs = sessions.open_discovery(hosts, settings, accept_new_host_keys).probe(DISCOVER_PROBE)
+    outputs = open_discovery(hosts, settings, accept_new_host_keys).probe(DISCOVER_PROBE)
     found = [parse_discovery(addr, outputs[addr]) for addr in hosts]
     used = {
         "user": user,

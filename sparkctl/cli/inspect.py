@@ -12,6 +12,7 @@ from sparkctl.cli import common as c
 from sparkctl.cli.render import render_status
 from sparkctl.errors import InputError, Problem
 from sparkctl.runbook import session as sessions
+from sparkctl.runbook.reads import read_log
 from sparkctl.runbook.status import cluster_status
 
 
@@ -49,7 +50,7 @@ def logs_cmd(
     target = inv.host(host) if host else inv.head
     session = sessions.open_session(inv, accept_new_host_keys)
     try:
-        c.echo(session.read_log(target.name, name, lines=lines, follow=follow).rstrip())
+        c.echo(read_log(session, target.name, name, lines=lines, follow=follow).rstrip())
     finally:
         session.close()
 

@@ -1,7 +1,8 @@
 """A run against the hosts: connect through the one connect seam, probe, plan, apply, journal.
 
 Every command that reaches a host goes through here: plans through the engine (`apply`), read-only steps
-through `read` (doctor's pings, the sudo check, `logs`), and `Discovery` for hosts that have no inventory yet.
+through `read` (doctor's pings, the sudo check, `logs`); runbook/discovery.py does the same for hosts that have
+no inventory yet.
 Tests replace the network once: `ssh_connect` below, or a `connect` given to the Session.
 """
 
@@ -14,15 +15,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
-from sparkctl import paths, state
-from sparkctl.errors import HostError, InputError, Problem, SecretError, Unreachable
+from sparkctl import state
+from sparkctl.errors import HostError, Problem, SecretError, Unreachable
 from sparkctl.execute.base import Connect, Endpoint, Transport
 from sparkctl.execute.http import Probe, probe_workload
 from sparkctl.facts.models import HostFacts
-from sparkctl.inventory.models import HostAddress, Inventory, SshOverride, SshSettings
-from sparkctl.plan.cluster import plan_verify_fabric
+from sparkctl.inventory.models import Inventory, SshSettings
 from sparkctl.plan.context import PlanContext
 from sparkctl.plan.models import Command, Plan, Stage, Step
 from sparkctl.runbook.engine import Engine, Event, Report, Secrets
@@ -31,12 +29,7 @@ from sparkctl.runbook.load import load_runbook, resolve_params
 from sparkctl.runbook.models import Runbook
 from sparkctl.runbook.planner import build_runbook_plan, plan_stage, sha256, worker_code
 
-__all__ = ["Connect", "Discovery", "Session", "Unreachable", "open_discovery", "open_session", "ssh_connect"]
-
-Link = tuple[str, str, str]
-"""(host, twin interface, peer address) of one jumbo-ping direction."""
-
-PING_TIMEOUT = 20
+__all__ = ["Connect", "Session", "Unreachable", "open_session", "ssh_connect"]
 
 
 def ssh_connect(accept_new_host_keys: bool) -> Connect:
@@ -50,11 +43,11 @@ def ssh_connect(accept_new_host_keys: bool) -> Connect:
     return connect
 
 
-def _silent(event: Event) -> None:
+def silent(event: Event) -> None:
     """Read-only probes report through their caller, not as progress."""
 
 
-def _read_plan(cluster: str, name: str, steps: list[Step]) -> Plan:
+def read_plan(cluster: str, name: str, steps: list[Step]) -> Plan:
     """Read-only steps as a one-stage plan (refuses a step that would change something)."""
     changing = [f"{s.host} {s.id}" for s in steps if s.changes]
     if changing:
@@ -63,7 +56,7 @@ def _read_plan(cluster: str, name: str, steps: list[Step]) -> Plan:
     return Plan(cluster=cluster, runbook=name, hosts=hosts, stages=[Stage(name=name, action=name, steps=steps)])
 
 
-def _run_read(engine: Engine, plan: Plan) -> Report:
+def run_read(engine: Engine, plan: Plan) -> Report:
     report = engine.run(plan)
     if report.interrupted:
         raise KeyboardInterrupt
@@ -203,49 +196,8 @@ class Session:
         self, steps: list[Step], secrets: Mapping[str, str] | None = None, *, name: str = "read", output_lines: int = 20
     ) -> Report:
         """Run read-only steps through the engine, silently, every host to the end (not journaled)."""
-        plan = _read_plan(self.inventory.cluster, name, steps)
-        return _run_read(self.engine(secrets or {}, emit=_silent, keep_going=True, output_lines=output_lines), plan)
-
-    def measure_jumbo(self) -> dict[Link, tuple[bool, str]]:
-        """The unfragmented pings `up` verifies with, once per direction (no retries), all hosts in parallel."""
-        ctx = PlanContext(self.inventory, self.facts)
-        steps = [
-            s.model_copy(
-                update={"wait": None, "commands": [c.model_copy(update={"timeout": PING_TIMEOUT}) for c in s.commands]}
-            )
-            for h in self.inventory.hosts
-            for s in plan_verify_fabric(ctx, h)
-        ]
-        argv = {(s.host, s.id): s.commands[0].argv for s in steps}
-        results: dict[Link, tuple[bool, str]] = {}
-        for r in self.read(steps, name="jumbo").results:
-            cmd = argv[(r.host, r.step)]
-            out = r.commands[-1] if r.commands else None
-            summary = next((ln for ln in out.stdout.splitlines() if "packet loss" in ln), "") if out else ""
-            err = out.stderr.strip().splitlines()[-1] if out and out.stderr.strip() else ""
-            code = f"exit {out.exit_code}" if out else r.error
-            results[(r.host, cmd[-2], cmd[-1])] = (r.status == "ok", summary or err or code)
-        return results
-
-    def read_log(self, host: str, name: str, *, lines: int, follow: bool = False) -> str:
-        """The last `lines` of Ray's or a workload's log on `host` (with `follow`, until interrupted)."""
-        path = paths.log_path(self.facts[host].home, name)
-        step = Step(
-            host=host,
-            kind="read_log",
-            target=name,
-            description=f"the last {lines} lines of {path}",
-            changes=False,
-            commands=[
-                Command(
-                    argv=["tail", "-n", str(lines), *(["-F"] if follow else []), path], timeout=10**6 if follow else 30
-                )
-            ],
-        )
-        result = self.read([step], name="logs", output_lines=lines).results[0]
-        if result.status == "failed":
-            raise HostError([Problem(host, result.error, f"the log of {name} appears once `up` has started it")])
-        return result.commands[-1].stdout
+        plan = read_plan(self.inventory.cluster, name, steps)
+        return run_read(self.engine(secrets or {}, emit=silent, keep_going=True, output_lines=output_lines), plan)
 
     def apply(
         self,
@@ -330,83 +282,6 @@ class Session:
 
 def open_session(inv: Inventory, accept_new_host_keys: bool, emit: Callable[[Event], None] | None = None) -> Session:
     """Connect to and probe every host (one SSH connection each, in parallel)."""
-    session = Session(inv, ssh_connect(accept_new_host_keys), emit=emit or _silent)
+    session = Session(inv, ssh_connect(accept_new_host_keys), emit=emit or silent)
     session.open()
     return session
-
-
-class Target(BaseModel):
-    """A host known only by its address (`discover`): what connecting needs, nothing more."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    name: str
-    address: HostAddress
-    ssh: SshOverride = Field(default_factory=SshOverride)
-
-
-@dataclass
-class Discovery:
-    """A read-only session with hosts that have no inventory yet: connect, run one probe script, close."""
-
-    addresses: list[str]
-    settings: SshSettings
-    connect: Connect
-
-    def probe(self, script: str, timeout: float = 60) -> dict[str, str]:
-        """Each host's output of `script` (run by `sh -s`), by address; HostError names every host that failed."""
-        targets = []
-        problems = []
-        for addr in self.addresses:
-            try:
-                targets.append(Target(name=addr, address=addr))
-            except ValidationError as exc:
-                problems += [
-                    Problem(addr, e["msg"].removeprefix("Value error, "), "give a host name or an IP address")
-                    for e in exc.errors()
-                ]
-        if problems:
-            raise InputError(problems)
-        transports: dict[str, Transport] = {}
-
-        def conn(target: Target) -> None:
-            try:
-                transports[target.name] = self.connect(target, self.settings)
-            except HostError as exc:
-                problems.extend(exc.problems)
-
-        try:
-            with ThreadPoolExecutor(max_workers=max(1, len(targets))) as pool:
-                list(pool.map(conn, targets))
-            steps = [
-                Step(
-                    host=t.name,
-                    kind="discover",
-                    description="read-only discovery probe",
-                    changes=False,
-                    commands=[Command(argv=["sh", "-s"], stdin=script, timeout=timeout)],
-                )
-                for t in targets
-                if t.name in transports
-            ]
-            engine = Engine(transports=transports, nopasswd={}, emit=_silent, keep_going=True, output_lines=10**6)
-            report = _run_read(engine, _read_plan("discover", "discover", steps)) if steps else None
-        finally:
-            for t in transports.values():
-                with contextlib.suppress(Exception):
-                    t.close()
-        if problems:
-            raise HostError(problems)
-        outputs: dict[str, str] = {}
-        for r in report.results if report else []:
-            if not r.commands:
-                problems.append(Problem(r.host, r.error))
-            outputs[r.host] = r.commands[-1].stdout if r.commands else ""
-        if problems:
-            raise HostError(problems)
-        return {a: outputs[a] for a in self.addresses}
-
-
-def open_discovery(addresses: list[str], settings: SshSettings, accept_new_host_keys: bool) -> Discovery:
-    """A Discovery over the real connector."""
-    return Discovery(addresses, settings, ssh_connect(accept_new_host_keys))

@@ -2,8 +2,8 @@
 
 - layers import only downwards: inventory -> facts -> plan -> doctor -> runbook -> cli (docs/architecture.md);
 - nothing outside sparkctl/execute/ starts processes or opens connections (SSH, sockets, HTTP);
-- only the engine, the session and the session's fact probe use the execute layer, and only the session
-  builds the real SSH connector, so no command reaches a host around them.
+- only the engine, the session, the session's fact probe and the discovery session use the execute layer, and
+  only the session builds the real SSH connector, so no command reaches a host around them.
 """
 
 from __future__ import annotations
@@ -36,7 +36,12 @@ OS_EFFECTS = {"system", "popen", "fork", "forkpty", "posix_spawn", "posix_spawnp
 OS_EFFECT_PREFIXES = ("exec", "spawn")
 
 # Who may use the execute layer at all, and who may build the real SSH connector.
-EXECUTE_USERS = {"sparkctl.runbook.engine", "sparkctl.runbook.session", "sparkctl.runbook.gather"}
+EXECUTE_USERS = {
+    "sparkctl.runbook.engine",
+    "sparkctl.runbook.session",
+    "sparkctl.runbook.gather",
+    "sparkctl.runbook.discovery",
+}
 CONNECTOR_BUILDERS = {"sparkctl.runbook.session"}
 CONNECTORS = {"sparkctl.execute.ssh", "sparkctl.execute.local"}
 

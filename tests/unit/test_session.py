@@ -15,8 +15,10 @@ from sparkctl.inventory import parse_inventory
 from sparkctl.plan.context import fresh_facts
 from sparkctl.plan.models import Command, Plan, Stage, Step
 from sparkctl.runbook import session as sessions
+from sparkctl.runbook.discovery import Discovery
 from sparkctl.runbook.load import load_runbook, parse_runbook
 from sparkctl.runbook.models import RunbookError
+from sparkctl.runbook.reads import measure_jumbo, read_log
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "inventories" / "example-pair.yaml"
 PROBE_OUTPUT = "@@sparkctl identity\nnvidia\n@@sparkctl end\n"
@@ -99,7 +101,7 @@ def test_jumbo_pings_run_once_per_direction_through_the_engine_and_keep_going_af
     session, ts = session_with(None)
     ts["spark-a"].responses = {"ping": ok}
     ts["spark-b"].responses = {"ping": bad}
-    pings = session.measure_jumbo()
+    pings = measure_jumbo(session)
     inv = session.inventory
     twins = len(inv.hosts[0].fabric)
     assert len(pings) == 2 * twins
@@ -122,7 +124,7 @@ def test_logs_read_through_the_engine_keep_every_requested_line() -> None:
     text = "".join(f"line {i}\n" for i in range(150))
     session, ts = session_with(None)
     ts["spark-b"].responses = {"tail": Result(0, text, "")}
-    out = session.read_log("spark-b", "ray", lines=150)
+    out = read_log(session, "spark-b", "ray", lines=150)
     assert out.splitlines() == text.splitlines()
     home = session.facts["spark-b"].home
     assert ts["spark-b"].commands == [f"tail -n 150 {home}/.local/state/sparkctl/logs/ray.log"]
@@ -133,7 +135,7 @@ def test_a_missing_log_is_an_error_naming_the_host() -> None:
     session, ts = session_with(None)
     ts["spark-a"].responses = {"tail": Result(1, "", "tail: cannot open 'x' for reading: No such file or directory")}
     with pytest.raises(HostError) as info:
-        session.read_log("spark-a", "chat", lines=10)
+        read_log(session, "spark-a", "chat", lines=10)
     assert info.value.problems[0].where == "spark-a"
     assert "No such file" in info.value.problems[0].message
 
@@ -143,7 +145,7 @@ def test_a_missing_log_is_an_error_naming_the_host() -> None:
 
 def test_discovery_probes_every_address_read_only_and_closes() -> None:
     fake = FailingConnect(unreachable=[], responses={"sh -s": Result(0, "@@out\n", "")})
-    outputs = sessions.Discovery(["10.0.0.11", "spark-b.lan"], state_settings(), fake).probe("echo probe")
+    outputs = Discovery(["10.0.0.11", "spark-b.lan"], state_settings(), fake).probe("echo probe")
     assert outputs == {"10.0.0.11": "@@out", "spark-b.lan": "@@out"}
     for t in fake.transports.values():
         assert [(c.command, c.stdin) for c in t.calls] == [("sh -s", "echo probe")]
@@ -153,7 +155,7 @@ def test_discovery_probes_every_address_read_only_and_closes() -> None:
 def test_discovery_names_every_unreachable_host() -> None:
     fake = FailingConnect(unreachable=["10.0.0.12"], message="No route to host")
     with pytest.raises(HostError) as info:
-        sessions.Discovery(["10.0.0.11", "10.0.0.12"], state_settings(), fake).probe("true")
+        Discovery(["10.0.0.11", "10.0.0.12"], state_settings(), fake).probe("true")
     assert [p.where for p in info.value.problems] == ["10.0.0.12"]
     assert fake.transports["10.0.0.11"].closed
 
@@ -161,7 +163,7 @@ def test_discovery_names_every_unreachable_host() -> None:
 def test_discovery_refuses_an_address_before_connecting() -> None:
     fake = FailingConnect(unreachable=[])
     with pytest.raises(InputError) as info:
-        sessions.Discovery(["10.0.0.11", "a;reboot"], state_settings(), fake).probe("true")
+        Discovery(["10.0.0.11", "a;reboot"], state_settings(), fake).probe("true")
     assert info.value.problems[0].where == "a;reboot"
     assert fake.attempts == []
 
