@@ -238,3 +238,17 @@ def test_on_interrupt_names_a_cleanup_step_or_a_built_in() -> None:
     problem = info.value.problems[0]
     assert problem.where == f"soak.yaml:{SOAK.count(chr(10))} on_interrupt[0]"
     assert "'stopp' is neither a cleanup step nor a built-in runbook" in problem.message
+
+
+def test_discover_reaches_hosts_only_through_the_session_seam(mocker, isolated_state) -> None:
+    from typer.testing import CliRunner
+
+    from sparkctl.cli.app import app
+
+    fake = FailingConnect(message="No route to host")  # every host unreachable
+    seam = mocker.patch("sparkctl.runbook.session.ssh_connect", return_value=fake)
+    result = CliRunner().invoke(app, ["discover", "10.0.0.11", "10.0.0.12", "--accept-new-host-keys"])
+    assert result.exit_code == 1, result.output
+    seam.assert_called_once_with(True)
+    assert sorted(fake.attempts) == ["10.0.0.11", "10.0.0.12"]
+    assert "10.0.0.12: cannot connect: No route to host" in result.output
