@@ -10,7 +10,6 @@ import typer
 from sparkctl.cli import common as c
 from sparkctl.cli.render import render_bench
 from sparkctl.errors import EXIT_FAILED
-from sparkctl.runbook import session as sessions
 from sparkctl.runbook.load import load_runbook, resolve_params
 from sparkctl.runbook.reports import summarise_bench
 
@@ -30,7 +29,7 @@ def bench_fabric(
     inv = c.start(debug, inventory)
     rb = load_runbook("bench-fabric")
     params = resolve_params(rb, {"mb": str(mb)})
-    session = sessions.open_session(inv, accept_new_host_keys)
+    session = c.open_session(inv, accept_new_host_keys)
     try:
         secrets = session.secrets_for_plan()
         report = session.apply(rb, session.plan(rb, params, secrets), params, secrets)

@@ -12,7 +12,8 @@ from sparkctl.doctor.evaluators import CheckContext
 from sparkctl.doctor.preflight import preflight
 from sparkctl.errors import EXIT_FAILED, EXIT_INTERRUPTED, InputError, Problem
 from sparkctl.inventory.models import Inventory
-from sparkctl.runbook import session as sessions
+from sparkctl.plan.models import Plan
+from sparkctl.runbook.engine import Report, Secrets
 from sparkctl.runbook.load import load_runbook, resolve_params, step_index
 from sparkctl.runbook.models import Runbook
 from sparkctl.runbook.planner import offline_plan
@@ -26,6 +27,40 @@ ForceOpt = Annotated[
         "--force", help="Override preflight failures that are safe to override (e.g. an unexpected GPU or driver)."
     ),
 ]
+
+
+def _workloads(inv: Inventory, chosen: list[str] | None) -> list[str] | None:
+    """`-w NAME` options, each a workload of the inventory (checked here, before any step names it)."""
+    import difflib
+
+    known = [w.name for w in inv.workloads]
+    bad = [n for n in chosen or [] if n not in known]
+    if bad:
+        raise InputError(
+            [
+                Problem(
+                    f"--workload {n}",
+                    f"{inv.cluster} has no workload named {n}",
+                    f"did you mean '{close[0]}'?"
+                    if (close := difflib.get_close_matches(n, known, n=1))
+                    else f"workloads: {', '.join(known) or 'none'}",
+                )
+                for n in bad
+            ]
+        )
+    return chosen or None
+
+
+def show_plan(plan: Plan, as_json: bool, secrets: Secrets) -> str:
+    """The plan as printed (text or JSON), with every secret value redacted, `secret: true` parameters too."""
+    shown = Plan.model_validate(secrets.scrub(plan.model_dump()))
+    return shown.model_dump_json(indent=2) if as_json else render_plan(shown)
+
+
+def show_report(report: Report, as_json: bool, secrets: Secrets) -> str:
+    """The report as printed: the executed steps' commands may hold secret parameter values."""
+    shown = Report.model_validate(secrets.scrub(report.model_dump()))
+    return shown.model_dump_json(indent=2) if as_json else render_report(shown)
 
 
 def execute(
@@ -43,7 +78,7 @@ def execute(
     force: bool = False,
 ) -> None:
     """Connect, gather, plan, (confirm), apply, report. Shared by up, down, run and restore-network."""
-    session = sessions.open_session(inv, accept_new_host_keys, emit=Progress(quiet=False))
+    session = c.open_session(inv, accept_new_host_keys, emit=Progress(quiet=False))
     try:
         secrets = session.secrets_for_plan()
         plan = session.plan(rb, params, secrets, start=start, only=only)
@@ -53,16 +88,17 @@ def execute(
                 c.echo(f"warning: {f.rule} {f.subject}: {f.evidence}", err=True)
             if stop:
                 raise stop
+        hidden = Secrets({**secrets, **rb.secret_values(params)})
         if dry_run:
-            c.echo(plan.model_dump_json(indent=2) if as_json else render_plan(plan))
+            c.echo(show_plan(plan, as_json, hidden))
             return
         if not as_json:
-            c.echo(render_plan(plan))
+            c.echo(show_plan(plan, False, hidden))
         if plan.changes and not c.confirm(f"apply {plan.changes} change(s) to {inv.cluster}?", yes):
             raise typer.Exit(EXIT_FAILED)
         secrets = {**secrets, **session.check_sudo(plan, lambda: c.sudo_password(inv))}
         report = session.apply(rb, plan, params, secrets, confirm=lambda m: c.confirm(m, yes), start=start)
-        c.echo(report.model_dump_json(indent=2) if as_json else render_report(report))
+        c.echo(show_report(report, as_json, Secrets({**secrets, **rb.secret_values(params)})))
         if report.interrupted:
             raise typer.Exit(EXIT_INTERRUPTED)
         if not report.ok:
@@ -83,10 +119,10 @@ def plan_cmd(
     """Show what `up` would change on every host: steps, exact commands, diffs. Changes nothing."""
     inv = c.start(debug, inventory)
     rb = load_runbook("up")
-    params = resolve_params(rb, {}) | {"workloads": workload or None}
+    params = resolve_params(rb, {}) | {"workloads": _workloads(inv, workload)}
     if offline:
         plan = offline_plan(inv, rb, params)
-        c.echo(plan.model_dump_json(indent=2) if as_json else render_plan(plan))
+        c.echo(show_plan(plan, as_json, Secrets(rb.secret_values(params))))
         return
     execute(inv, rb, params, dry_run=True, yes=False, as_json=as_json, accept_new_host_keys=accept_new_host_keys)
 
@@ -105,7 +141,7 @@ def up_cmd(
     """Configure the fabric and env, form Ray, start the workloads and wait until they answer."""
     inv = c.start(debug, inventory)
     rb = load_runbook("up")
-    params = resolve_params(rb, {}) | {"workloads": workload or None}
+    params = resolve_params(rb, {}) | {"workloads": _workloads(inv, workload)}
     execute(
         inv,
         rb,
@@ -196,7 +232,7 @@ def run_cmd(
         )
     if dry_run and offline:
         plan = offline_plan(inv, rb, params, start=start, only=only)
-        c.echo(plan.model_dump_json(indent=2) if as_json else render_plan(plan))
+        c.echo(show_plan(plan, as_json, Secrets(rb.secret_values(params))))
         return
     execute(
         inv,

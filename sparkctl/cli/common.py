@@ -6,14 +6,21 @@ import getpass
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 
-from sparkctl.errors import EXIT_FAILED, EXIT_INTERRUPTED, InputError, Problem, SparkctlError
+from sparkctl import state
+from sparkctl.cli.render import escape_controls
+from sparkctl.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, InputError, Problem, SparkctlError
 from sparkctl.inventory import load_inventory, parse_inventory
 from sparkctl.inventory.models import Inventory
+from sparkctl.runbook import session as sessions
+from sparkctl.runbook.engine import Event
+from sparkctl.runbook.session import Session
 
 InventoryOpt = Annotated[
     Path | None,
@@ -70,9 +77,24 @@ def parse_sets(sets: list[str] | None) -> dict[str, str]:
     for item in sets or []:
         key, eq, value = item.partition("=")
         if not eq or not key:
-            raise InputError([Problem(f"--set {item}", "expected name=value")])
+            raise InputError([Problem(f"--set {item}", "expected name=value", "e.g. --set model=Qwen/Qwen3-8B")])
         out[key.strip()] = value
     return out
+
+
+def check_secret_files(inv: Inventory) -> None:
+    """Refuse key and password files others can read, before any connection (as ssh refuses such a key)."""
+    keys = {inv.ssh.identity_file, *(h.ssh.identity_file for h in inv.hosts)} - {None}
+    for key in sorted(k for k in keys if k):
+        state.refuse_exposed(key, "ssh.identity_file")
+    if inv.sudo.password_file:
+        state.refuse_exposed(inv.sudo.password_file, "sudo.password_file")
+
+
+def open_session(inv: Inventory, accept_new_host_keys: bool, emit: Callable[[Event], None] | None = None) -> Session:
+    """Refuse exposed key files, then connect to and probe every host (one SSH connection each, in parallel)."""
+    check_secret_files(inv)
+    return sessions.open_session(inv, accept_new_host_keys, emit)
 
 
 def sudo_password(inv: Inventory) -> str | None:
@@ -81,6 +103,7 @@ def sudo_password(inv: Inventory) -> str | None:
     if value:
         return value
     if inv.sudo.password_file:
+        state.refuse_exposed(inv.sudo.password_file, "sudo.password_file")
         try:
             return Path(inv.sudo.password_file).expanduser().read_text().splitlines()[0]
         except (OSError, IndexError):
@@ -100,12 +123,13 @@ def confirm(message: str, yes: bool) -> bool:
 
 
 def echo(text: str = "", err: bool = False) -> None:
-    typer.echo(text, err=err)
+    """Print text that may hold values from inventories, runbooks or hosts: control characters escaped."""
+    typer.echo(escape_controls(text), err=err)
 
 
 def fail(exc: SparkctlError) -> None:
     for p in exc.problems:
-        typer.echo(p.render(), err=True)
+        echo(p.render(), err=True)
     raise typer.Exit(exc.exit_code)
 
 
@@ -124,10 +148,20 @@ def guard(fn: Any) -> Any:
             raise typer.Exit(EXIT_INTERRUPTED) from None
         except typer.Exit:
             raise
+        except ValidationError as exc:  # a value from the command line that a model refuses: bad input
+            if _debug:
+                raise
+            for err in exc.errors():
+                where = ".".join(map(str, err["loc"]))
+                ctx = err.get("ctx") or {}
+                msg = str(ctx["message"]) if err["type"] == "sparkctl" else err["msg"]
+                echo(f"error: {where}: {msg}" if where else f"error: {msg}", err=True)
+                echo(f"hint: {ctx.get('hint') or 'check the value given on the command line'}", err=True)
+            raise typer.Exit(EXIT_BAD_INPUT) from None
         except Exception as exc:
             if _debug:
                 raise
-            typer.echo(f"error: unexpected {type(exc).__name__}: {exc}", err=True)
+            echo(f"error: unexpected {type(exc).__name__}: {exc}", err=True)
             typer.echo("hint: re-run with --debug for the traceback", err=True)
             raise typer.Exit(EXIT_FAILED) from None
 

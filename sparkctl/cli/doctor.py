@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from sparkctl import state
 from sparkctl.cli import common as c
 from sparkctl.cli.render import render_findings
 from sparkctl.doctor.evaluate import evaluate
@@ -15,7 +16,6 @@ from sparkctl.doctor.evaluators import CheckContext
 from sparkctl.errors import EXIT_FAILED
 from sparkctl.facts.discover import DISCOVER_PROBE, parse_discovery, propose_inventory
 from sparkctl.inventory.models import SshSettings
-from sparkctl.runbook import session as sessions
 from sparkctl.runbook.discovery import open_discovery
 from sparkctl.runbook.reads import measure_jumbo
 
@@ -30,7 +30,7 @@ def doctor_cmd(
 ) -> None:
     """Read-only checks on every host and across the pair: pass / warn / fail, evidence and fix."""
     inv = c.start(debug, inventory)
-    session = sessions.open_session(inv, accept_new_host_keys)
+    session = c.open_session(inv, accept_new_host_keys)
     try:
         findings = evaluate(CheckContext(inv, session.facts, measure_jumbo(session)))
     finally:
@@ -58,6 +58,8 @@ def discover_cmd(
     """Connect to the given hosts and write a complete inventory for them."""
     c.set_debug(debug)
     settings = SshSettings(user=user, port=port, identity_file=identity, known_hosts=known_hosts)
+    if identity:
+        state.refuse_exposed(identity, "--identity-file")
     outputs = open_discovery(hosts, settings, accept_new_host_keys).probe(DISCOVER_PROBE)
     found = [parse_discovery(addr, outputs[addr]) for addr in hosts]
     used = {

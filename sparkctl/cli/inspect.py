@@ -11,7 +11,6 @@ import typer
 from sparkctl.cli import common as c
 from sparkctl.cli.render import render_status
 from sparkctl.errors import InputError, Problem
-from sparkctl.runbook import session as sessions
 from sparkctl.runbook.reads import read_log
 from sparkctl.runbook.status import cluster_status
 
@@ -25,7 +24,7 @@ def status_cmd(
 ) -> None:
     """Per host the fabric and Ray state; each workload's endpoint and health."""
     inv = c.start(debug, inventory)
-    session = sessions.open_session(inv, accept_new_host_keys)
+    session = c.open_session(inv, accept_new_host_keys)
     try:
         st = cluster_status(session, session.secrets_for_plan())
     finally:
@@ -48,7 +47,7 @@ def logs_cmd(
     if name != "ray" and name not in {w.name for w in inv.workloads}:
         raise InputError([Problem(name, "not 'ray' nor a workload", "see the inventory's workloads")])
     target = inv.host(host) if host else inv.head
-    session = sessions.open_session(inv, accept_new_host_keys)
+    session = c.open_session(inv, accept_new_host_keys)
     try:
         c.echo(read_log(session, target.name, name, lines=lines, follow=follow).rstrip())
     finally:

@@ -27,6 +27,23 @@ class Target(BaseModel):
     ssh: SshOverride = Field(default_factory=SshOverride)
 
 
+def targets_of(addresses: list[str]) -> list[Target]:
+    """The hosts to discover, each address validated (InputError naming every bad one, before any connection)."""
+    targets = []
+    problems = []
+    for addr in addresses:
+        try:
+            targets.append(Target(name=addr, address=addr))
+        except ValidationError as exc:
+            problems += [
+                Problem(addr, e["msg"].removeprefix("Value error, "), "give a host name or an IP address")
+                for e in exc.errors()
+            ]
+    if problems:
+        raise InputError(problems)
+    return targets
+
+
 @dataclass
 class Discovery:
     """A read-only session with hosts that have no inventory yet: connect, run one probe script, close."""
@@ -37,18 +54,8 @@ class Discovery:
 
     def probe(self, script: str, timeout: float = 60) -> dict[str, str]:
         """Each host's output of `script` (run by `sh -s`), by address; HostError names every host that failed."""
-        targets = []
-        problems = []
-        for addr in self.addresses:
-            try:
-                targets.append(Target(name=addr, address=addr))
-            except ValidationError as exc:
-                problems += [
-                    Problem(addr, e["msg"].removeprefix("Value error, "), "give a host name or an IP address")
-                    for e in exc.errors()
-                ]
-        if problems:
-            raise InputError(problems)
+        targets = targets_of(self.addresses)
+        problems: list[Problem] = []
         transports: dict[str, Transport] = {}
 
         def conn(target: Target) -> None:
@@ -90,5 +97,6 @@ class Discovery:
 
 
 def open_discovery(addresses: list[str], settings: SshSettings, accept_new_host_keys: bool) -> Discovery:
-    """A Discovery over the real connector (the session's seam)."""
+    """A Discovery over the real connector (the session's seam); bad addresses are refused first."""
+    targets_of(addresses)
     return Discovery(addresses, settings, session.ssh_connect(accept_new_host_keys))

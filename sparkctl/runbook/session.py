@@ -210,6 +210,7 @@ class Session:
         start: int = 0,
     ) -> Report:
         """Run the plan; re-read the hosts after each changing stage; journal the run."""
+        secrets = {**secrets, **rb.secret_values(params)}
         engine = self.engine(secrets, confirm=confirm)
         run_id = state.new_run_id()
         started = time.time()
@@ -232,26 +233,26 @@ class Session:
 
         report = engine.run(plan, replan=replan, cleanup=cleanup)
         report.run_id = run_id
-        state.append_journal(
-            {
-                "id": run_id,
-                "cluster": plan.cluster,
-                "runbook": rb.name,
-                "started": started,
-                "ended": time.time(),
-                "ok": report.ok,
-                "interrupted": report.interrupted,
-                "params": {
-                    k: ("<redacted>" if rb.parameters.get(k) and rb.parameters[k].secret else v)
-                    for k, v in params.items()
-                },
-                "hosts": report.hosts,
-                "revisions": report.revisions,
-                "planned_changes": plan.changes,
-                "steps": [r.model_dump() for r in report.results],
-                "executed": [s.model_dump() for s in report.executed],
-            }
-        )
+        record = {
+            "id": run_id,
+            "cluster": plan.cluster,
+            "runbook": rb.name,
+            "started": started,
+            "ended": time.time(),
+            "ok": report.ok,
+            "interrupted": report.interrupted,
+            "params": {
+                k: ("<redacted>" if rb.parameters.get(k) and rb.parameters[k].secret else v) for k, v in params.items()
+            },
+            "hosts": report.hosts,
+            "revisions": report.revisions,
+            "planned_changes": plan.changes,
+            "steps": [r.model_dump() for r in report.results],
+            "executed": [s.model_dump() for s in report.executed],
+        }
+        # Secret values (the token, API keys, the sudo password, `secret: true` parameters) may sit in the
+        # commands as planned: the journal keeps none of them.
+        state.append_journal(Secrets(secrets).scrub(record))
         if report.interrupted and rb.on_interrupt:
             self._after_interrupt(rb, params, secrets)
         return report
