@@ -1,4 +1,4 @@
-"""Shared CLI options, loading helpers and the error boundary."""
+"""Shared CLI option types, loading helpers and the one error boundary."""
 
 from __future__ import annotations
 
@@ -6,20 +6,21 @@ import getpass
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 
 from sparkctl import state
 from sparkctl.cli.render import escape_controls
-from sparkctl.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, SparkctlError
-
-# Commands import what they need when they run: `--help` and offline planning stay free of SSH, Ray and the
-# models they do not use.
-if TYPE_CHECKING:
-    from sparkctl.inventory.models import Inventory
-    from sparkctl.runbook.session import Session
+from sparkctl.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, InputError, Problem, SparkctlError
+from sparkctl.inventory import load_inventory, parse_inventory
+from sparkctl.inventory.models import Inventory
+from sparkctl.runbook import session as sessions
+from sparkctl.runbook.engine import Event
+from sparkctl.runbook.session import Session
 
 InventoryOpt = Annotated[
     Path | None,
@@ -40,6 +41,10 @@ AcceptKeysOpt = Annotated[
     ),
 ]
 
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Only show the plan.")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Runbook parameter: --set name=value (repeatable).")]
+WorkloadOpt = Annotated[list[str] | None, typer.Option("--workload", "-w", help="Only this workload (repeatable).")]
+
 _debug = False
 
 
@@ -52,13 +57,29 @@ def set_debug(on: bool) -> None:
 
 def inventory(path: Path | None) -> Inventory:
     """Load the inventory named by -i, $SPARKCTL_INVENTORY, or the bundled example."""
-    from sparkctl.inventory import example_inventory_text, load_inventory, parse_inventory
-
     chosen = path or (Path(os.environ["SPARKCTL_INVENTORY"]) if os.environ.get("SPARKCTL_INVENTORY") else None)
     if chosen is not None:
         return load_inventory(chosen)
+    from sparkctl.inventory import example_inventory_text
 
     return parse_inventory(example_inventory_text(), "<bundled example-pair.yaml>")
+
+
+def start(debug: bool, path: Path | None) -> Inventory:
+    """What every command that targets a cluster does first: debug logging on request, then the inventory."""
+    set_debug(debug)
+    return inventory(path)
+
+
+def parse_sets(sets: list[str] | None) -> dict[str, str]:
+    """`--set name=value` options as a mapping."""
+    out = {}
+    for item in sets or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise InputError([Problem(f"--set {item}", "expected name=value", "e.g. --set model=Qwen/Qwen3-8B")])
+        out[key.strip()] = value
+    return out
 
 
 def check_secret_files(inv: Inventory) -> None:
@@ -70,48 +91,10 @@ def check_secret_files(inv: Inventory) -> None:
         state.refuse_exposed(inv.sudo.password_file, "sudo.password_file")
 
 
-def open_session(inv: Inventory, accept_new_host_keys: bool) -> Session:
-    """Connect to and probe every host (one SSH connection each, in parallel)."""
-    from sparkctl.runbook.session import Session, ssh_connect
-
+def open_session(inv: Inventory, accept_new_host_keys: bool, emit: Callable[[Event], None] | None = None) -> Session:
+    """Refuse exposed key files, then connect to and probe every host (one SSH connection each, in parallel)."""
     check_secret_files(inv)
-    session = Session(inv, ssh_connect(accept_new_host_keys))
-    session.open()
-    return session
-
-
-class EarlySession:
-    """A session opening in the background (connect and probe every host) while the command loads the rest of
-    what it needs: the hosts' answers and the laptop's imports overlap."""
-
-    def __init__(self, inv: Inventory, accept_new_host_keys: bool) -> None:
-        import threading
-
-        from sparkctl.runbook.session import Session, ssh_connect
-
-        check_secret_files(inv)
-        self.session = Session(inv, ssh_connect(accept_new_host_keys))
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._open, name="sparkctl-open", daemon=True)
-        self._thread.start()
-
-    def _open(self) -> None:
-        try:
-            self.session.open()
-        except BaseException as exc:  # handed to the command's thread by wait()
-            self._error = exc
-
-    def wait(self) -> Session:
-        """The open session; raises what opening raised (Unreachable names the hosts)."""
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self.session
-
-    def abandon(self) -> None:
-        """The command failed before it used the session: close whatever opened."""
-        self._thread.join()
-        self.session.close()
+    return sessions.open_session(inv, accept_new_host_keys, emit)
 
 
 def sudo_password(inv: Inventory) -> str | None:
@@ -165,32 +148,21 @@ def guard(fn: Any) -> Any:
             raise typer.Exit(EXIT_INTERRUPTED) from None
         except typer.Exit:
             raise
-        except Exception as exc:
-            if not _is_validation_error(exc):
-                _unexpected(exc)
-            # a value from the command line that a model refuses: bad input
+        except ValidationError as exc:  # a value from the command line that a model refuses: bad input
             if _debug:
                 raise
-            for err in exc.errors():  # type: ignore[attr-defined]
+            for err in exc.errors():
                 where = ".".join(map(str, err["loc"]))
                 ctx = err.get("ctx") or {}
                 msg = str(ctx["message"]) if err["type"] == "sparkctl" else err["msg"]
                 echo(f"error: {where}: {msg}" if where else f"error: {msg}", err=True)
                 echo(f"hint: {ctx.get('hint') or 'check the value given on the command line'}", err=True)
             raise typer.Exit(EXIT_BAD_INPUT) from None
+        except Exception as exc:
+            if _debug:
+                raise
+            echo(f"error: unexpected {type(exc).__name__}: {exc}", err=True)
+            typer.echo("hint: re-run with --debug for the traceback", err=True)
+            raise typer.Exit(EXIT_FAILED) from None
 
     return wrapper
-
-
-def _is_validation_error(exc: Exception) -> bool:
-    """A pydantic ValidationError, without importing pydantic for commands that never loaded it."""
-    pydantic = sys.modules.get("pydantic")
-    return pydantic is not None and isinstance(exc, pydantic.ValidationError)
-
-
-def _unexpected(exc: Exception) -> None:
-    if _debug:
-        raise exc
-    echo(f"error: unexpected {type(exc).__name__}: {exc}", err=True)
-    typer.echo("hint: re-run with --debug for the traceback", err=True)
-    raise typer.Exit(EXIT_FAILED) from None
