@@ -113,6 +113,14 @@ def http_status(url: str, key: str | None = None) -> int:
         return exc.code
 
 
+@pytest.fixture(scope="module", autouse=True)
+def simulated_vllm(testbed: Testbed) -> Iterator[None]:
+    """The SIMULATED vllm over the runtime venv's bin/ for this module (a GPU path); vLLM itself afterwards."""
+    testbed.use_vllm("simulated")
+    yield
+    testbed.use_vllm("real")
+
+
 @pytest.fixture
 def cli_env(sudo_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
     """sparkctl's environment: the sudo password, and a private laptop state dir (keys, journal)."""
