@@ -192,6 +192,12 @@ def workload_argv(inv: Inventory, w: Workload, home: str) -> list[str]:
             *w.extra_args,
         ]
     vllm = f"{inv.runtime.venv}/bin/vllm" if inv.runtime.venv else "vllm"
+    # Ranks on several Sparks need the Ray executor, which vLLM only uses when asked: with the backend unset and
+    # more ranks than local GPUs it refuses ("World size ... is larger than the number of available GPUs ...
+    # set '--distributed-executor-backend ray'"). One rank needs no executor backend: vLLM picks "uni" and never
+    # touches Ray (vllm/config/parallel.py, ParallelConfig.__post_init__, vLLM 0.32.0), which is also what runs
+    # on a platform without a Ray device key (vLLM's CPU build: vllm/platforms/cpu.py).
+    executor = ["--distributed-executor-backend", "ray"] if w.tensor_parallel_size > 1 else []
     return [
         vllm,
         "serve",
@@ -200,8 +206,7 @@ def workload_argv(inv: Inventory, w: Workload, home: str) -> list[str]:
         w.name,
         "--tensor-parallel-size",
         str(w.tensor_parallel_size),
-        "--distributed-executor-backend",
-        "ray",
+        *executor,
         "--gpu-memory-utilization",
         f"{w.gpu_memory_utilization:g}",
         "--host",
