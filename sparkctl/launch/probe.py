@@ -61,7 +61,7 @@ def probe_workload(base: str, model: str, key: str | None, engine: str, timeout:
             status, body = _call(
                 f"{base}/v1/completions", key, {"model": model, "prompt": "ping", "max_tokens": 1}, timeout=timeout * 6
             )
-            ok = status == 200 and isinstance(body, dict) and body.get("choices")
+            ok = status == 200 and isinstance(body, dict) and bool(body.get("choices"))
             if status == 404 and not ok:
                 # vLLM serving a pooling (embedding) model registers no generation routes, so /v1/completions
                 # is FastAPI's 404 (vllm/entrypoints/launchers/api_server/routers.py, vLLM 0.32.0): ask for an
