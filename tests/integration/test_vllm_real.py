@@ -27,7 +27,7 @@ import pytest
 
 from tests.integration.helpers import REPO, env_file, spark_processes
 from tests.integration.test_vllm_sim import http_status, leftovers, output, sparkctl
-from tests.testbed import Testbed
+from tests.testbed import TWINS, Testbed
 from tests.testbed.layout import RUNTIME_VENV
 
 pytestmark = pytest.mark.testbed
@@ -258,5 +258,50 @@ def test_ctrl_c_while_vllm_loads_stops_it(fresh_testbed: Testbed, tmp_path: Path
     proc.send_signal(signal.SIGINT)
     rest, _ = proc.communicate(timeout=180)
     assert proc.returncode == 130, "".join(seen) + rest
+    for host in tb.hosts:
+        assert leftovers(tb, host) == "", f"{host} still runs vllm/Ray"
+
+
+def test_tp2_across_both_sparks_with_vllms_multiprocessing_executor(fresh_testbed: Testbed, tmp_path: Path) -> None:
+    # vLLM's CPU build has no Ray executor, but its multiprocessing executor spans nodes: one `vllm serve` per
+    # Spark (--nnodes 2 --node-rank r --master-addr <head fabric address>, --headless on spark-b), torch.distributed
+    # over gloo on the twin (GLOO_SOCKET_IFNAME from the env file), each host with its own /dev/shm.
+    np = pytest.importorskip("numpy")
+    st = pytest.importorskip("sentence_transformers")
+    tb = fresh_testbed
+    tb.use_vllm("real")
+    env = {**os.environ, "SPARKCTL_SUDO_PASSWORD": tb.sudo_password, "XDG_STATE_HOME": str(tmp_path)}
+    workload = {**MINI, "tensor_parallel_size": 2, "executor": "mp"}
+    inventory = str(tb.inventory_path(workloads=[workload]))
+    up = sparkctl(env, "up", "-i", inventory, "--yes", timeout=1500)
+    try:
+        assert up.returncode == 0, output(up)
+        head_ip = tb.spec(HEAD).fabric_ip(TWINS[0])
+        head_argv, other_argv = (_argv(tb, h, _pids(tb, h)[0]) for h in ("spark-a", "spark-b"))
+        for argv, rank in ((head_argv, "0"), (other_argv, "1")):
+            i = argv.index("--node-rank")
+            assert argv[i + 1] == rank and argv[argv.index("--master-addr") + 1] == head_ip, argv
+            assert argv[argv.index("--nnodes") + 1] == "2" and "mp" in argv, argv
+        assert "--headless" in other_argv and "--headless" not in head_argv
+        log_b = tb.exec("spark-b", ["cat", "/home/spark/.local/state/sparkctl/logs/mini.log"]).stdout
+        assert "headless multiproc executor" in log_b, log_b[-3000:]  # vllm/entrypoints/cli/serve.py
+        assert "TP rank 1" in log_b, log_b[-3000:]  # the second tensor-parallel rank runs on spark-b
+
+        key = (tmp_path / "sparkctl" / "testbed" / "api-key-mini").read_text().strip()
+        client = openai.OpenAI(base_url=f"http://{tb.mgmt_ip(HEAD)}:{MINI['port']}/v1", api_key=key, timeout=120)
+        inputs = [s or " " for s in SENTENCES]
+        vectors = np.array([d.embedding for d in client.embeddings.create(model="mini", input=inputs).data])
+        reference = np.asarray(st.SentenceTransformer(MODEL, device="cpu").encode(inputs))
+        cos = (vectors * reference).sum(1) / (np.linalg.norm(vectors, axis=1) * np.linalg.norm(reference, axis=1))
+        print(f"TP=2 (mp) worst cosine {cos.min():.7f}")
+        assert cos.min() >= 0.9999, cos
+
+        plan = sparkctl(env, "plan", "-i", inventory, "--json", timeout=300)
+        assert plan.returncode == 0, output(plan)
+        steps = [s for st_ in json.loads(plan.stdout)["stages"] for s in st_["steps"] if s["changes"]]
+        assert steps == [], steps  # after up, nothing to change: both ranks run as specified
+    finally:
+        down = sparkctl(env, "down", "-i", inventory)
+    assert down.returncode == 0, output(down)
     for host in tb.hosts:
         assert leftovers(tb, host) == "", f"{host} still runs vllm/Ray"

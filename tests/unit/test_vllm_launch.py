@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 
+from sparkctl.inventory.checks import check_inventory
 from sparkctl.inventory.models import Inventory
-from sparkctl.launch.commands import workload_argv
+from sparkctl.launch.commands import rank_hosts, workload_argv, workload_env
 from sparkctl.launch.probe import probe_workload
 
 PAIR: dict[str, Any] = {
@@ -112,3 +113,47 @@ def test_a_model_answering_neither_stays_listed(server: tuple[str, list[str]]) -
     base, _ = server
     probe = probe_workload(base, "mini", "k", "vllm")
     assert probe.phase == "listed" and "404" in probe.detail
+
+
+def _mp(tp: int = 2, **extra: Any) -> Inventory:
+    workload = {"name": "mini", "engine": "vllm", "model": "/models/mini", "tensor_parallel_size": tp,
+                "executor": "mp", **extra}
+    return Inventory.model_validate({**PAIR, "workloads": [workload]})
+
+
+def test_mp_executor_runs_one_vllm_serve_per_spark_head_first() -> None:
+    inv = _mp()
+    w = inv.workloads[0]
+    assert [h.name for h in rank_hosts(inv, w)] == ["a", "b"]
+    head = workload_argv(inv, w, "/home/spark", inv.host("a"))
+    other = workload_argv(inv, w, "/home/spark", inv.host("b"))
+    common = ["/opt/sparkctl-runtime/bin/vllm", "serve", "/models/mini", "--served-model-name", "mini",
+              "--tensor-parallel-size", "2", "--distributed-executor-backend", "mp", "--nnodes", "2"]
+    assert head == [*common, "--node-rank", "0", "--master-addr", "192.168.100.10", "--gpu-memory-utilization",
+                    "0.85", "--host", "10.0.0.11", "--port", "8000"]
+    assert other == [*common, "--node-rank", "1", "--master-addr", "192.168.100.10", "--gpu-memory-utilization",
+                     "0.85", "--headless"]
+    assert workload_argv(inv, w, "/home/spark") == head  # no host: the head
+    assert "RAY_ADDRESS" not in workload_env(inv, w)  # it never joins Ray
+
+
+def test_mp_with_one_rank_is_a_plain_single_process() -> None:
+    inv = _mp(tp=1)
+    assert rank_hosts(inv, inv.workloads[0]) == []
+    argv = workload_argv(inv, inv.workloads[0], "/home/spark")
+    assert "--nnodes" not in argv and "--distributed-executor-backend" not in argv
+
+
+@pytest.mark.parametrize(
+    ("extra", "wanted"),
+    [
+        ({"tensor_parallel_size": 3}, "executor mp runs one rank per host: 3 ranks but 2 host(s)"),
+        ({"engine": "embed"}, "executor is for engine 'vllm'"),
+    ],
+)
+def test_mp_inventory_mistakes_are_refused(extra: dict[str, Any], wanted: str) -> None:
+    workload = {"name": "mini", "engine": "vllm", "model": "/models/mini", "tensor_parallel_size": 2,
+                "executor": "mp", **extra}
+    hosts = [{**h, "gpus": 2} for h in PAIR["hosts"]]
+    inv = Inventory.model_validate({**PAIR, "hosts": hosts, "workloads": [workload]})
+    assert wanted in [msg for _, msg, _ in check_inventory(inv)]
