@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
+from sparkctl.execute.http import probe_workload
 from sparkctl.inventory.checks import check_inventory
 from sparkctl.inventory.models import Inventory
-from sparkctl.launch.commands import rank_hosts, workload_argv, workload_env
-from sparkctl.launch.probe import probe_workload
+from sparkctl.plan.commands import rank_hosts, workload_argv, workload_env
 
 PAIR: dict[str, Any] = {
     "cluster": "lab",
