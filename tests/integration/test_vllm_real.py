@@ -273,11 +273,13 @@ def test_tp2_across_both_sparks_with_vllms_multiprocessing_executor(fresh_testbe
     tb = fresh_testbed
     tb.use_vllm("real")
     env = {**os.environ, "SPARKCTL_SUDO_PASSWORD": tb.sudo_password, "XDG_STATE_HOME": str(tmp_path)}
-    workload = {**MINI, "tensor_parallel_size": 2, "executor": "mp"}
+    workload = {**MINI, "tensor_parallel_size": 2, "executor": "mp", "ready_timeout": 600}
     inventory = str(tb.inventory_path(workloads=[workload]))
     up = sparkctl(env, "up", "-i", inventory, "--yes", timeout=1500)
+    log_path = "/home/spark/.local/state/sparkctl/logs/mini.log"
     try:
-        assert up.returncode == 0, output(up)
+        rank1_log = tb.exec("spark-b", ["tail", "-n", "40", log_path], check=False).stdout
+        assert up.returncode == 0, f"{output(up)}\n--- spark-b {log_path}\n{rank1_log}"
         head_ip = tb.spec(HEAD).fabric_ip(TWINS[0])
         head_argv, other_argv = (_argv(tb, h, _pids(tb, h)[0]) for h in ("spark-a", "spark-b"))
         for argv, rank in ((head_argv, "0"), (other_argv, "1")):
@@ -285,7 +287,7 @@ def test_tp2_across_both_sparks_with_vllms_multiprocessing_executor(fresh_testbe
             assert argv[i + 1] == rank and argv[argv.index("--master-addr") + 1] == head_ip, argv
             assert argv[argv.index("--nnodes") + 1] == "2" and "mp" in argv, argv
         assert "--headless" in other_argv and "--headless" not in head_argv
-        log_b = tb.exec("spark-b", ["cat", "/home/spark/.local/state/sparkctl/logs/mini.log"]).stdout
+        log_b = tb.exec("spark-b", ["cat", log_path]).stdout
         assert "headless multiproc executor" in log_b, log_b[-3000:]  # vllm/entrypoints/cli/serve.py
         assert "TP rank 1" in log_b, log_b[-3000:]  # the second tensor-parallel rank runs on spark-b
 
