@@ -145,12 +145,49 @@ def ray_check_script(expected_ips: list[str]) -> str:
     )
 
 
-def build_ray_check(inv: Inventory, home: str) -> str:
-    """Shell line on the head running the formation check (the script comes on stdin)."""
+def build_ray_python(inv: Inventory, home: str) -> str:
+    """Shell line on the head running a Python script from stdin as a Ray driver (token auth, the head's address).
+
+    In container mode it runs inside the head's Ray container (whose environment carries the token settings)."""
     head = f"{fabric_ip(inv.head)}:{inv.ray.port}"
     if inv.runtime.venv:
         return f"{_env_prelude(home)}export RAY_ADDRESS={q(head)} && exec {q(inv.runtime.venv)}/bin/python -"
-    return f"exec docker exec -i -e RAY_ADDRESS={q(head)} {RAY_CONTAINER} python -"
+    return f"exec docker exec -i -e RAY_ADDRESS={q(head)} {RAY_CONTAINER} python3 -"
+
+
+def build_ray_check(inv: Inventory, home: str) -> str:
+    """Shell line on the head running the formation check (the script comes on stdin)."""
+    return build_ray_python(inv, home)
+
+
+def placement_check_script(min_groups: int) -> str:
+    """Python run on the head: exit 0 when every live placement group has its bundles on distinct hosts and at least
+    `min_groups` groups of two or more bundles exist (one per multi-rank workload).
+
+    Reads Ray's own record: `ray.util.placement_group_table()` (bundles_to_node_id per group) and `ray.nodes()`
+    (NodeID -> NodeManagerAddress)."""
+    return (
+        "import json, sys, ray\n"
+        'ray.init(address="auto", logging_level="ERROR", log_to_driver=False)\n'
+        'ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}\n'
+        "groups = []\n"
+        "for gid, pg in ray.util.placement_group_table().items():\n"
+        '    if pg.get("state") != "CREATED":\n'
+        "        continue\n"
+        '    hosts = [ips.get(n, n) for _, n in sorted(pg.get("bundles_to_node_id", {}).items())]\n'
+        '    groups.append({"group": gid[:12], "strategy": pg.get("strategy"), "hosts": hosts})\n'
+        'crowded = [g for g in groups if len(set(g["hosts"])) < len(g["hosts"])]\n'
+        'multi = [g for g in groups if len(g["hosts"]) > 1]\n'
+        'print(json.dumps({"groups": groups, "crowded": crowded}))\n'
+        f"sys.exit(1 if crowded or len(multi) < {int(min_groups)} else 0)\n"
+    )
+
+
+def workload_ranks(w: Workload) -> int:
+    """Ray bundles a workload reserves: one per rank (vLLM: tensor x pipeline parallel; embed: tp x replicas)."""
+    if w.engine == "embed":
+        return w.tensor_parallel_size * w.replicas
+    return w.tensor_parallel_size
 
 
 def bind_address(inv: Inventory, w: Workload) -> str:
@@ -169,7 +206,7 @@ def workload_argv(inv: Inventory, w: Workload, home: str) -> list[str]:
     if w.engine == "embed":
         py = runtime_python(inv)
         worker = f"{paths.state_dir(home)}/{WORKER_FILE}" if inv.runtime.venv else f"/sparkctl/{WORKER_FILE}"
-        bundle = {"GPU": 1} if all(h.gpus for h in inv.hosts) and inv.runtime.image else {"CPU": 1}
+        bundle = embed_bundle(inv)
         return [
             py,
             worker,
@@ -212,14 +249,27 @@ def workload_argv(inv: Inventory, w: Workload, home: str) -> list[str]:
     ]
 
 
-SPREAD = json.dumps({"placement_group_options": {"strategy": "SPREAD"}}, separators=(",", ":"))
+def embed_bundle(inv: Inventory) -> dict[str, int]:
+    """Resources of one embed-worker rank: a GPU when every host gives Ray one, else a CPU.
+
+    A CPU bundle does not reserve the Spark's GPU for the rank, and how Ray treats CUDA_VISIBLE_DEVICES for an actor
+    granted no GPU depends on the version (`set_visible_accelerator_ids` in `ray/_private/utils.py`: with
+    RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO on, the default of the Ray 2.5x releases, it is set to "", so torch sees
+    no GPU and the rank silently runs on the CPU; Ray 2.60 leaves the variable alone by default). A `{GPU: 1}`
+    bundle gets the GPU on every version.
+    """
+    return {"GPU": 1} if all(h.gpus >= 1 for h in inv.hosts) else {"CPU": 1}
 
 
 def workload_env(inv: Inventory, w: Workload) -> dict[str, str]:
-    """Extra environment of a workload process (besides the env file and the API key): where Ray's head is."""
+    """Extra environment of a workload process (besides the env file and the API key): where Ray's head is.
+
+    Nothing here chooses where the ranks go. vLLM's Ray executor (`initialize_ray_cluster` in
+    `vllm/v1/executor/ray_utils.py`) reserves one `{GPU: 1}` bundle per rank with strategy PACK and pins the first
+    bundle to `node:$VLLM_HOST_IP`; with one GPU per Ray node (`ray start --num-gpus=1`) PACK cannot fit two ranks
+    on one Spark, so rank 0 lands on the head and rank 1 on the other host. `verify_placement` checks it.
+    """
     env = {"RAY_ADDRESS": f"{fabric_ip(inv.head)}:{inv.ray.port}"}
-    if w.engine == "vllm":
-        env["VLLM_DISTRIBUTED_EXECUTOR_CONFIG"] = SPREAD
     return env | dict(w.env)
 
 

@@ -307,6 +307,29 @@ def plan_workload_ready(ctx: PlanContext, host: Host) -> list[Step]:
     ]
 
 
+def plan_verify_placement(ctx: PlanContext, host: Host) -> list[Step]:
+    """On the head, after the endpoints answer: Ray's placement groups put each workload's ranks on distinct hosts."""
+    if host.name != ctx.inventory.head.name:
+        return []
+    multi = [w for w in _selected(ctx) if lc.workload_ranks(w) > 1]
+    if not multi:
+        return []
+    names = ",".join(w.name for w in multi)
+    return [
+        Step(
+            host=host.name,
+            kind="verify_placement",
+            target=names,
+            description=f"Ray places the ranks of {names} one per host (placement groups read from Ray)",
+            commands=[
+                _sh(lc.build_ray_python(ctx.inventory, ctx.home(host)), stdin=lc.placement_check_script(len(multi)))
+            ],
+            changes=False,
+            wait=Wait(kind="remote", deadline=60, interval=2),
+        )
+    ]
+
+
 def _stray_workload_pids(facts: HostFacts) -> list[int]:
     """Worker processes of the login user that no pid file accounts for (left by a failed or interrupted run)."""
     recorded = {int(v.strip()) for k, v in facts.files.items() if k.endswith(".pid") and v.strip().isdigit()}
