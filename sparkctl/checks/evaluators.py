@@ -37,7 +37,9 @@ def evaluator(name: str) -> Callable[[Evaluator], Evaluator]:
     return register
 
 
-def _f(rule: Rule, ok: bool | None, subject: str, evidence: str, level: Level | None = None) -> Finding:
+def _f(
+    rule: Rule, ok: bool | None, subject: str, evidence: str, level: Level | None = None, fix: str | None = None
+) -> Finding:
     lvl: Level = "pass" if ok else (level or rule.level)
     return Finding(
         rule=rule.id,
@@ -45,7 +47,7 @@ def _f(rule: Rule, ok: bool | None, subject: str, evidence: str, level: Level | 
         level=lvl,
         subject=subject,
         evidence=evidence,
-        fix="" if ok else rule.fix,
+        fix="" if ok else (fix or rule.fix),
         why=rule.why,
         source=rule.source,
         preflight=rule.preflight,
@@ -496,6 +498,44 @@ def runtime_versions(ctx: CheckContext, rule: Rule) -> list[Finding]:
     if missing:
         return [_f(rule, False, "cluster", f"no runtime found on {', '.join(missing)} ({text})")]
     return [_f(rule, len(distinct) == 1, "cluster", text)]
+
+
+@evaluator("runtime_support")
+def runtime_support(ctx: CheckContext, rule: Rule) -> list[Finding]:
+    """Each host's runtime holds what sparkctl relies on: Ray >= the minimum (token auth), vLLM for vLLM workloads."""
+    inv = ctx.inventory
+    where = f"venv {inv.runtime.venv}" if inv.runtime.venv else f"image {inv.runtime.image}"
+    minimum = str(rule.args["ray_minimum"])
+    needs_vllm = any(w.engine == "vllm" for w in inv.workloads)
+    out = []
+    for name, f in _hosts(ctx):
+        rt = f.runtime
+        problems, fixes = [], []
+        image_missing = bool(inv.runtime.image) and not rt.image_id
+        if image_missing:
+            problems.append(f"image {inv.runtime.image} is not on the host")
+            fixes.append(f"docker pull {inv.runtime.image} on {name} (or build it there)")
+        elif not rt.python:
+            problems.append(f"no Python found in the {where}")
+            fixes.append(f"create the runtime on {name} ({rule.args['install']})")
+        elif not rt.ray:
+            problems.append(f"no Ray in the {where}")
+            fixes.append(
+                f"install Ray >= {minimum} into the runtime on {name} ({rule.args['install']})"
+                if inv.runtime.venv
+                else f"use an image that ships Ray >= {minimum} on {name}, or build one FROM {inv.runtime.image} "
+                f"adding 'ray[default]>={minimum}'"
+            )
+        elif _version_tuple(rt.ray) < _version_tuple(minimum):
+            problems.append(f"Ray {rt.ray} in the {where} is older than {minimum} (no token authentication)")
+            fixes.append(f"upgrade Ray on {name} to >= {minimum} ({rule.args['install']})")
+        if needs_vllm and rt.python and not rt.vllm and not image_missing:
+            problems.append(f"no vLLM in the {where}, but the inventory has a vllm workload")
+            fixes.append(f"install vLLM into the runtime on {name}, or use an NGC vLLM image")
+        found = f"Python {rt.python or '?'}, Ray {rt.ray or 'absent'}, vLLM {rt.vllm or 'absent'}"
+        evidence = "; ".join(problems) + f" (found: {found})" if problems else f"{where}: {found}"
+        out.append(_f(rule, not problems, name, evidence, fix="; ".join(fixes) or None))
+    return out
 
 
 __all__ = ["EVALUATORS", "CheckContext"]

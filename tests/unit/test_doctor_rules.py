@@ -34,6 +34,7 @@ FIXTURES = HERE / "fixtures"
 RULES_FILE = HERE.parents[1] / "sparkctl" / "data" / "rules.yaml"
 RULES: list[Rule] = list(load_rules().rules)
 RULE = {r.id: r for r in RULES}
+HOST_SPECIFIC_FIX = {"runtime-support"}
 A, B = "spark-a", "spark-b"
 SEVERITY = {"pass": 0, "warn": 1, "fail": 2}
 
@@ -1021,6 +1022,61 @@ CASES: list[Case] = [
         facts={A: {"runtime": Runtime(image_id=IMAGE_ID)}, B: {"runtime": Runtime()}},
         evidence="no runtime found on spark-b",
     ),
+    # --- runtime-support: what sparkctl relies on is in every host's runtime (docs/compatibility.md)
+    Case("runtime-support", "ray-and-vllm-present", "pass", subject=A, evidence="Ray 2.52.1, vLLM 0.11.2"),
+    Case(
+        "runtime-support",
+        "ray-older-than-token-auth",
+        "fail",
+        facts={B: {"runtime": RUNTIME.model_copy(update={"ray": "2.51.1"})}},
+        subject=B,
+        evidence="Ray 2.51.1 in the venv /opt/sparkctl-runtime is older than 2.52 (no token authentication)",
+        fix="upgrade Ray on spark-b to >= 2.52",
+    ),
+    Case(
+        "runtime-support",
+        "no-ray-in-the-venv",
+        "fail",
+        facts={A: {"runtime": RUNTIME.model_copy(update={"ray": ""})}},
+        subject=A,
+        evidence="no Ray in the venv /opt/sparkctl-runtime",
+        fix="install Ray >= 2.52 into the runtime on spark-a",
+    ),
+    Case(
+        "runtime-support",
+        "no-vllm-for-a-vllm-workload",
+        "fail",
+        facts={B: {"runtime": RUNTIME.model_copy(update={"vllm": ""})}},
+        subject=B,
+        evidence="no vLLM in the venv /opt/sparkctl-runtime, but the inventory has a vllm workload",
+    ),
+    Case(
+        "runtime-support",
+        "no-vllm-needed-for-embed-only",
+        "pass",
+        workloads=(EMBED,),
+        facts={h: {"runtime": RUNTIME.model_copy(update={"vllm": ""})} for h in (A, B)},
+    ),
+    Case(
+        "runtime-support",
+        "image-without-ray",
+        "fail",
+        runtime=IMAGE,
+        facts={h: {"runtime": Runtime(image_id=IMAGE_ID, python="3.12.3", vllm="0.11.2")} for h in (A, B)},
+        subject=A,
+        evidence="no Ray in the image nvcr.io/nvidia/vllm:25.11-py3",
+        fix="use an image that ships Ray >= 2.52",
+    ),
+    Case(
+        "runtime-support",
+        "image-not-pulled",
+        "fail",
+        runtime=IMAGE,
+        facts={A: {"runtime": RUNTIME.model_copy(update={"image_id": IMAGE_ID})}, B: {"runtime": Runtime()}},
+        subject=B,
+        evidence="image nvcr.io/nvidia/vllm:25.11-py3 is not on the host",
+        fix="docker pull nvcr.io/nvidia/vllm:25.11-py3 on spark-b",
+    ),
 ]
 
 
@@ -1061,7 +1117,12 @@ def test_rule_case(case: Case) -> None:
             rule.preflight,
             rule.force_ok,
         )
-        assert f.fix == ("" if f.level == "pass" else rule.fix)
+        if f.level == "pass":
+            assert f.fix == ""
+        elif rule.id in HOST_SPECIFIC_FIX:  # the fix names the host and what to install there
+            assert f.fix and f.subject in f.fix, f
+        else:
+            assert f.fix == rule.fix
     assert case.fix in (hits[0].fix if case.level != "pass" else rule.fix)
 
 

