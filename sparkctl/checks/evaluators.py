@@ -173,12 +173,74 @@ def twin_managed(ctx: CheckContext, rule: Rule) -> list[Finding]:
     return out
 
 
+def netplan_renderers(files: Mapping[str, str], interfaces: list[str]) -> dict[str, tuple[str, str]]:
+    """interface -> (netplan file defining it, renderer that takes effect), for the interfaces netplan defines.
+
+    Follows netplan's parser (`src/parse.c`): files are read in order of their names, a file in /run shadowing one
+    of the same name in /etc and /lib; a definition's renderer is its own `renderer`, else its type section's
+    (`ethernets: {renderer: ...}`), else the global `network: {renderer: ...}` read so far
+    (`get_default_backend_for_type`), else networkd.
+    """
+    import yaml
+
+    by_name: dict[str, str] = {}
+    for path in files:  # /lib < /etc < /run for one basename
+        name = path.rsplit("/", 1)[-1]
+        rank = {"/lib/": 0, "/etc/": 1, "/run/": 2}
+        old = by_name.get(name)
+        if old is None or rank.get(path[:5], 1) >= rank.get(old[:5], 1):
+            by_name[name] = path
+    found: dict[str, tuple[str, str]] = {}
+    global_renderer = ""
+    for name in sorted(by_name):
+        path = by_name[name]
+        try:
+            doc = yaml.safe_load(files[path]) or {}
+        except yaml.YAMLError:
+            continue
+        net = doc.get("network") if isinstance(doc, dict) else None
+        if not isinstance(net, dict):
+            continue
+        if isinstance(net.get("renderer"), str):
+            global_renderer = net["renderer"]
+        for kind in ("ethernets", "bonds", "bridges", "vlans"):
+            section = net.get(kind)
+            if not isinstance(section, dict):
+                continue
+            type_renderer = section.get("renderer") if isinstance(section.get("renderer"), str) else ""
+            for key, d in section.items():
+                if not isinstance(d, dict):
+                    continue
+                names = {str(key), str((d.get("match") or {}).get("name", "")), str(d.get("set-name", ""))}
+                for iface in interfaces:
+                    if iface in names:
+                        own = d.get("renderer") if isinstance(d.get("renderer"), str) else ""
+                        found[iface] = (path, own or type_renderer or global_renderer or "networkd")
+    return found
+
+
 @evaluator("netplan_conflict")
 def netplan_conflict(ctx: CheckContext, rule: Rule) -> list[Finding]:
     out = []
     for h, f in _probed(ctx):
-        files = [p for p, text in f.netplan.items() if any(t.interface in text for t in h.fabric)]
-        out.append(_f(rule, not files, h.name, f"netplan files naming a twin: {', '.join(files) or 'none'}"))
+        twins = [t.interface for t in h.fabric]
+        rendered = netplan_renderers(f.netplan, twins)
+        if not rendered:
+            out.append(_f(rule, True, h.name, "no netplan file defines a twin"))
+            continue
+        for iface, (path, renderer) in sorted(rendered.items()):
+            if renderer == "NetworkManager":
+                evidence = (
+                    f"{path} defines {iface} with renderer NetworkManager: netplan hands it to NetworkManager as "
+                    "a profile (netplan-*), which sparkctl treats like any other profile on the twin"
+                )
+                out.append(_f(rule, True, f"{h.name} {iface}", evidence))
+            else:
+                evidence = (
+                    f"{path} defines {iface} with renderer {renderer}: it takes effect through systemd-networkd, "
+                    "beside (or instead of) NetworkManager's profile"
+                )
+                out.append(_f(rule, False, f"{h.name} {iface}", evidence))
     return out
 
 
@@ -404,7 +466,53 @@ def workload_flag(ctx: CheckContext, rule: Rule) -> list[Finding]:
             evidence = f"set through the environment ({', '.join(env_hits)})"
         else:
             evidence = f"no {flag}"
-        out.append(_f(rule, not hit, f"workload {w.name}", evidence))
+        out.append(_f(rule, not hit, f"workload {w.name}", evidence, fix=versioned_fix(rule, _vllm_version(ctx))))
+    return out
+
+
+def _vllm_version(ctx: CheckContext) -> str:
+    head = ctx.facts.get(ctx.inventory.head.name)
+    return head.runtime.vllm if head else ""
+
+
+def versioned_fix(rule: Rule, vllm: str) -> str | None:
+    """The fix for the head's vLLM version when the rule's fix depends on it (args.fix_by_vllm: entries with
+    `before: <version>` are tried in order, the last one without `before` applies otherwise). Unknown version:
+    every variant, each with its range."""
+    variants = rule.args.get("fix_by_vllm")
+    if not variants:
+        return None
+    if not vllm:
+        return "; ".join(
+            f"{'vLLM < ' + v['before'] if 'before' in v else 'newer vLLM'}: {v['fix']}" for v in variants
+        )
+    for v in variants:
+        if "before" not in v or _version_tuple(vllm) < _version_tuple(str(v["before"])):
+            return str(v["fix"])
+    return None
+
+
+@evaluator("load_format_package")
+def load_format_package(ctx: CheckContext, rule: Rule) -> list[Finding]:
+    """`--load-format <x>` names a loader whose optional package (`args.package`) must be in every host's runtime:
+    vLLM imports it lazily (`vllm/model_executor/model_loader/weight_utils.py`: PlaceholderModule), so a missing
+    package is an ImportError at weight loading, not at start."""
+    out = []
+    flag, want, field = rule.args["flag"], rule.args["value"], rule.args["package"]
+    for w in ctx.inventory.workloads:
+        if w.engine != "vllm":
+            continue
+        value = _arg_value(w, flag)
+        if value is None or value.lower() != want:
+            out.append(_f(rule, True, f"workload {w.name}", f"no {flag} {want}"))
+            continue
+        lacking = [n for n, f in _hosts(ctx) if not getattr(f.runtime, field)]
+        have = sorted({getattr(f.runtime, field) for _, f in _hosts(ctx)} - {""})
+        if lacking:
+            evidence = f"{flag} {want}, but {field} is not installed in the runtime on {', '.join(lacking)}"
+        else:
+            evidence = f"{flag} {want} with {field} {', '.join(have) or '?'} in every runtime"
+        out.append(_f(rule, not lacking, f"workload {w.name}", evidence))
     return out
 
 

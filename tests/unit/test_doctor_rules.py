@@ -35,6 +35,7 @@ RULES_FILE = HERE.parents[1] / "sparkctl" / "data" / "rules.yaml"
 RULES: list[Rule] = list(load_rules().rules)
 RULE = {r.id: r for r in RULES}
 HOST_SPECIFIC_FIX = {"runtime-support"}
+VERSIONED_FIX = {r.id for r in RULES if r.args.get("fix_by_vllm")}
 A, B = "spark-a", "spark-b"
 SEVERITY = {"pass": 0, "warn": 1, "fail": 2}
 
@@ -207,6 +208,12 @@ class Case:
     """A known bug: the case must fail until it is fixed."""
 
 
+# NVIDIA's connect-two-sparks playbook, Option 1 (nvidia/connect-two-sparks/README.md, node 2): no renderer key.
+NVIDIA_CX7_NETPLAN = (
+    "network:\n  version: 2\n  ethernets:\n    enp1s0f1np1:\n      addresses:\n        - 192.168.100.11/24\n"
+    "      dhcp4: no\n    enP2p1s0f1np1:\n      addresses:\n        - 192.168.101.11/24\n      dhcp4: no\n"
+)
+
 CASES: list[Case] = [
     # --- gpu-present
     Case("gpu-present", "gb10-from-nvidia-smi", "pass", subject=A, evidence="nvidia-smi: NVIDIA GB10"),
@@ -358,11 +365,11 @@ CASES: list[Case] = [
         "pass",
         facts={B: TWIN_GONE},
     ),
-    # --- netplan-conflict
-    Case("netplan-conflict", "no-netplan", "pass", subject=A, evidence="naming a twin: none"),
+    # --- netplan-conflict: the renderer that takes effect decides (netplan src/parse.c)
+    Case("netplan-conflict", "no-netplan", "pass", subject=A, evidence="no netplan file defines a twin"),
     Case(
         "netplan-conflict",
-        "netplan-names-a-twin",
+        "networkd-renderer-names-a-twin",
         "warn",
         facts={
             B: {
@@ -374,9 +381,48 @@ CASES: list[Case] = [
                 }
             }
         },
-        subject=B,
-        evidence="/etc/netplan/50-cloud-init.yaml",
-        fix="netplan apply",
+        subject=f"{B} enp1s0f1np1",
+        evidence="/etc/netplan/50-cloud-init.yaml defines enp1s0f1np1 with renderer networkd",
+        fix="renderer: NetworkManager",
+    ),
+    Case(
+        "netplan-conflict",
+        "nvidia-guide-file-alone-is-networkd",
+        "warn",
+        facts={B: {"netplan": {"/etc/netplan/40-cx7.yaml": NVIDIA_CX7_NETPLAN}}},
+        subject=f"{B} enP2p1s0f1np1",
+        evidence="/etc/netplan/40-cx7.yaml defines enP2p1s0f1np1 with renderer networkd",
+    ),
+    Case(
+        "netplan-conflict",
+        "nvidia-guide-file-under-a-global-networkmanager-renderer",
+        "pass",
+        facts={
+            B: {
+                "netplan": {
+                    "/etc/netplan/01-network-manager-all.yaml": "network:\n  version: 2\n  renderer: NetworkManager\n",
+                    "/etc/netplan/40-cx7.yaml": NVIDIA_CX7_NETPLAN,
+                }
+            }
+        },
+        subject=f"{B} enp1s0f1np1",
+        evidence="with renderer NetworkManager",
+    ),
+    Case(
+        "netplan-conflict",
+        "nvidia-benchmark-guide-file-names-networkmanager",
+        "pass",
+        facts={
+            B: {
+                "netplan": {
+                    "/etc/netplan/40-cx7.yaml": NVIDIA_CX7_NETPLAN.replace(
+                        "  version: 2\n", "  version: 2\n  renderer: NetworkManager\n"
+                    )
+                }
+            }
+        },
+        subject=f"{B} enP2p1s0f1np1",
+        evidence="with renderer NetworkManager",
     ),
     Case(
         "netplan-conflict",
@@ -653,16 +699,16 @@ CASES: list[Case] = [
     Case(
         "memory-utilization",
         "0.95-in-extra-args",
-        "fail",
+        "warn",
         workloads=(chat(extra_args=["--max-model-len", "32768", "--gpu-memory-utilization", "0.95"]),),
         subject="workload chat",
         evidence="gpu_memory_utilization 0.95",
-        fix="never above 0.90",
+        fix="lower gpu_memory_utilization",
     ),
     Case(
         "memory-utilization",
         "0.93-in-extra-args-with-equals",
-        "fail",
+        "warn",
         workloads=(chat(extra_args=["--gpu-memory-utilization=0.93"]),),
         evidence="gpu_memory_utilization 0.93",
     ),
@@ -681,7 +727,7 @@ CASES: list[Case] = [
         workloads=(chat(extra_args=["--max-model-len", "32768", "--enforce-eager"]),),
         subject="workload chat",
         evidence="--enforce-eager in extra_args",
-        fix="--max-cudagraph-capture-size=2048",
+        fix="CUDA graphs by default",
     ),
     Case(
         "flag-enforce-eager",
@@ -709,7 +755,7 @@ CASES: list[Case] = [
     Case(
         "flag-flashinfer",
         "flashinfer-flag",
-        "fail",
+        "warn",
         workloads=(chat(extra_args=["--attention-backend", "FLASHINFER"]),),
         subject="workload chat",
         evidence="--attention-backend=FLASHINFER",
@@ -718,26 +764,26 @@ CASES: list[Case] = [
     Case(
         "flag-flashinfer",
         "flashinfer-flag-lowercase",
-        "fail",
+        "warn",
         workloads=(chat(extra_args=["--attention-backend=flashinfer"]),),
     ),
     Case(
         "flag-flashinfer",
         "flashinfer-env",
-        "fail",
+        "warn",
         workloads=(chat(env={"VLLM_ATTENTION_BACKEND": "FLASHINFER"}),),
         subject="workload chat",
     ),
     Case(
         "flag-flashinfer",
         "flashinfer-env-lowercase",
-        "fail",
+        "warn",
         workloads=(chat(env={"VLLM_ATTENTION_BACKEND": "flashinfer"}),),
     ),
     Case(
         "flag-flashinfer",
         "flashinfer-env-named-in-the-evidence",
-        "fail",
+        "warn",
         workloads=(chat(env={"VLLM_ATTENTION_BACKEND": "FLASHINFER"}),),
         subject="workload chat",
         evidence="set through the environment (VLLM_ATTENTION_BACKEND)",
@@ -746,7 +792,7 @@ CASES: list[Case] = [
     Case(
         "flag-flashinfer",
         "triton-flag-but-flashinfer-env",
-        "fail",
+        "warn",
         workloads=(
             chat(extra_args=["--attention-backend", "TRITON_ATTN"], env={"VLLM_ATTENTION_BACKEND": "FLASHINFER"}),
         ),
@@ -759,6 +805,22 @@ CASES: list[Case] = [
         "triton-env",
         "pass",
         workloads=(chat(env={"VLLM_ATTENTION_BACKEND": "TRITON_ATTN"}),),
+    ),
+    Case(
+        "flag-flashinfer",
+        "fix-for-vllm-before-the-flag",
+        "warn",
+        workloads=(chat(extra_args=["--attention-backend", "FLASHINFER"]),),
+        facts={A: {"runtime": RUNTIME.model_copy(update={"vllm": "0.11.0"})}},
+        fix="VLLM_ATTENTION_BACKEND=TRITON_ATTN",
+    ),
+    Case(
+        "flag-flashinfer",
+        "fix-for-vllm-with-the-flag",
+        "warn",
+        workloads=(chat(extra_args=["--attention-backend", "FLASHINFER"]),),
+        facts={h: {"runtime": RUNTIME.model_copy(update={"vllm": "0.32.0"})} for h in (A, B)},
+        fix="--attention-backend TRITON_ATTN",
     ),
     # --- flag-cutlass-fp4
     Case(
@@ -815,14 +877,23 @@ CASES: list[Case] = [
         "fail",
         workloads=(chat(extra_args=["--load-format", "fastsafetensors"]),),
         subject="workload chat",
-        evidence="--load-format=fastsafetensors",
-        fix="remove it",
+        evidence="but fastsafetensors is not installed in the runtime on spark-a, spark-b",
+        fix="pip install fastsafetensors",
     ),
     Case(
         "flag-fastsafetensors",
         "fastsafetensors-with-equals",
         "fail",
         workloads=(chat(extra_args=["--load-format=fastsafetensors"]),),
+    ),
+    Case(
+        "flag-fastsafetensors",
+        "fastsafetensors-installed-as-in-nvidias-image",
+        "pass",
+        workloads=(chat(extra_args=["--load-format", "fastsafetensors"]),),
+        facts={h: {"runtime": RUNTIME.model_copy(update={"fastsafetensors": "0.1.15"})} for h in (A, B)},
+        subject="workload chat",
+        evidence="with fastsafetensors 0.1.15 in every runtime",
     ),
     Case(
         "flag-fastsafetensors",
@@ -1121,6 +1192,8 @@ def test_rule_case(case: Case) -> None:
             assert f.fix == ""
         elif rule.id in HOST_SPECIFIC_FIX:  # the fix names the host and what to install there
             assert f.fix and f.subject in f.fix, f
+        elif rule.id in VERSIONED_FIX:  # one of the fixes for the head's vLLM version (flags that exist there)
+            assert f.fix in [v["fix"] for v in rule.args["fix_by_vllm"]], f
         else:
             assert f.fix == rule.fix
     assert case.fix in (hits[0].fix if case.level != "pass" else rule.fix)
@@ -1240,7 +1313,7 @@ def test_blocking_with_and_without_force() -> None:
 
 def test_force_never_overrides_rules_marked_unsafe() -> None:
     unsafe = {r.id for r in RULES if not r.force_ok}
-    assert {"ports-free", "runtime-versions", "memory-utilization", "twin-present"} <= unsafe
+    assert {"ports-free", "runtime-versions", "runtime-support", "twin-present"} <= unsafe
     findings = [
         Finding(rule=r.id, level=lvl, subject="s", evidence="e", force_ok=r.force_ok)
         for r in RULES
