@@ -120,6 +120,9 @@ class HostFacts(_Fact):
     non_carry_over: str | None = None
     processes: list[Process] = Field(default_factory=list)
     containers: dict[str, str] = Field(default_factory=dict, description="running sparkctl-* containers: name -> image")
+    container_workloads: list[str] = Field(
+        default_factory=list, description="container mode: workloads whose recorded process runs in the Ray container"
+    )
     listeners: list[Listener] = Field(default_factory=list)
     meminfo_kb: dict[str, int] = Field(default_factory=dict)
     gids: list[GidEntry] = Field(default_factory=list)

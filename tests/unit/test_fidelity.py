@@ -220,3 +220,28 @@ def test_the_image_probe_prints_what_the_parser_reads() -> None:
     rt = parse_runtime(out)
     assert rt.python == ".".join(map(str, sys.version_info[:3]))
     assert rt.ray == metadata.version("ray")
+
+
+def test_container_mode_probe_reads_which_workloads_run_in_the_ray_container() -> None:
+    from sparkctl.facts.parse import parse_probe
+    from sparkctl.facts.probe import MARK, build_probe
+
+    inv = inventory(image=True)
+    probe = build_probe(inv, inv.host("spark-a"))
+    assert "docker exec sparkctl-ray sh -c" in probe
+    r = subprocess.run(["sh", "-n"], input=probe, capture_output=True, text=True, timeout=10)
+    assert r.returncode == 0, r.stderr
+    text = f"{MARK} container_workloads\nworkload-chat\nworkload-emb\n{MARK} end\n"
+    assert parse_probe("spark-a", text).container_workloads == ["chat", "emb"]
+
+
+def test_ray_container_limits_and_devices_follow_the_inventory() -> None:
+    text = EXAMPLE.read_text().replace(
+        "  venv: /opt/sparkctl-runtime\n", f"  image: {IMAGE}\n  ulimits: [host]\n  devices: []\n"
+    )
+    inv = parse_inventory(text, "pair.yaml")
+    flags = lc.container_flags(inv, "/home/nvidia")
+    assert flags[flags.index("--ulimit") + 1] == "host" and flags.count("--ulimit") == 1
+    assert "--device" not in flags
+    default = lc.container_flags(inventory(image=True), "/home/nvidia")
+    assert default.count("--ulimit") == 2 and "memlock=-1" in default and "/dev/infiniband" in default
