@@ -189,7 +189,7 @@ def docker_exec(line: str) -> tuple[list[str], str, list[str]]:
 
 def inside(line: str) -> list[str]:
     """The workload's argv in the `sh -c` a `docker exec` runs: `{ setsid ARGV > log ... & } && echo $! > pid`."""
-    options, container, command = docker_exec(line)
+    _, container, command = docker_exec(line)
     assert container == "sparkctl-ray" and command[:2] == ["sh", "-c"], (container, command)
     tokens = shlex.split(command[2])
     assert tokens[:2] == ["{", "setsid"], tokens
@@ -390,7 +390,8 @@ def test_converged_container_pair_plans_no_change() -> None:
 
 
 CHAT_STOP = (
-    "docker exec sparkctl-ray sh -c 'if [ -f /sparkctl/workload-chat.pid ]; then pid=$(cat /sparkctl/workload-chat.pid); "
+    "docker exec sparkctl-ray sh -c 'if [ -f /sparkctl/workload-chat.pid ]; then "
+    "pid=$(cat /sparkctl/workload-chat.pid); "
     'kill -TERM -"$pid" 2>/dev/null; i=0; while kill -0 -"$pid" 2>/dev/null && [ $i -lt 150 ]; do sleep 0.2; '
     'i=$((i+1)); done; kill -KILL -"$pid" 2>/dev/null; rm -f /sparkctl/workload-chat.pid /sparkctl/workload-chat.spec; '
     "fi; true' 2>/dev/null; "
