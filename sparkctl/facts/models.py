@@ -130,6 +130,7 @@ class HostFacts(_Fact):
     cuda_version: str = ""
     netplan: dict[str, str] = Field(default_factory=dict, description="netplan files (/lib, /etc, /run) -> content")
     runtime: Runtime = Field(default_factory=Runtime)
+    tools: dict[str, str] = Field(default_factory=dict, description="ib_write_bw, all_reduce_perf, mpirun -> path")
     files: dict[str, str] = Field(default_factory=dict, description="sparkctl-owned state files on the host")
 
     def connection(self, name: str) -> NmConnection | None:

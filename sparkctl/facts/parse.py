@@ -276,6 +276,7 @@ def parse_probe(host: str, output: str) -> HostFacts:
         non_carry_over=_file_section(s.get("non_carry_over", "")),
         processes=parse_processes(s.get("processes", "")),
         containers=dict(line.split(None, 1) for line in s.get("containers", "").splitlines() if len(line.split()) == 2),
+        tools=dict(line.split(None, 1) for line in s.get("tools", "").splitlines() if len(line.split()) == 2),
         container_workloads=sorted(
             line.strip().removeprefix("workload-")
             for line in s.get("container_workloads", "").splitlines()

@@ -101,6 +101,12 @@ def build_probe(inventory: Inventory, host: Host) -> str:
             "for f in /lib/netplan/*.yaml /etc/netplan/*.yaml /run/netplan/*.yaml; do [ -f \"$f\" ] || continue; "
             'echo "== $f"; cat "$f" 2>/dev/null || sudo -n cat "$f" 2>/dev/null || echo "# unreadable"; done; true'
         ),
+        # measurement tools `bench fabric` uses when present (perftest, nccl-tests as NVIDIA's playbook builds it)
+        "tools": (
+            "for t in ib_write_bw all_reduce_perf mpirun; do "
+            'p=$(command -v "$t" 2>/dev/null || ls "$HOME/nccl-tests/build/$t" 2>/dev/null); '
+            '[ -n "$p" ] && echo "$t $p"; done; true'
+        ),
         "runtime": runtime,
     }
     body = "\n".join(f"echo '{MARK} {name}'\n{cmd}" for name, cmd in sections.items())
