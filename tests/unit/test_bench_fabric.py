@@ -26,7 +26,8 @@ def test_ib_write_bw_average_from_nvidias_spark_run() -> None:
 
 
 def test_ib_write_bw_without_a_result_table_is_none() -> None:
-    assert parse_ib_write_bw(" Couldn't connect to 192.168.200.12:12000\nUnable to init the socket connection\n") is None
+    failed = " Couldn't connect to 192.168.200.12:12000\nUnable to init the socket connection\n"
+    assert parse_ib_write_bw(failed) is None
 
 
 def test_all_reduce_perf_summary_and_peak() -> None:
@@ -40,12 +41,12 @@ def _plan(tools: dict[str, str]) -> Plan:
     inv = parse_inventory(EXAMPLE.read_text(), "pair.yaml")
     facts: dict[str, HostFacts] = {}
     for h in inv.hosts:
-        gids = [
-            GidEntry(device=t.rdma_device or "", port=1, index=3, type="RoCE v2", ndev=t.interface,
-                     gid="0000:0000:0000:0000:0000:ffff:" + "".join(f"{int(o):02x}" for o in str(t.address.ip).split("."))[:4]
-                     + ":" + "".join(f"{int(o):02x}" for o in str(t.address.ip).split("."))[4:])
-            for t in h.fabric
-        ]
+        gids = []
+        for t in h.fabric:
+            raw = "".join(f"{int(o):02x}" for o in str(t.address.ip).split("."))
+            gid = f"0000:0000:0000:0000:0000:ffff:{raw[:4]}:{raw[4:]}"
+            dev = t.rdma_device or ""
+            gids.append(GidEntry(device=dev, port=1, index=3, type="RoCE v2", ndev=t.interface, gid=gid))
         facts[h.name] = fresh_facts(inv, h).model_copy(update={"tools": tools, "gids": gids})
     rb = load_runbook("bench-fabric")
     params = resolve_params(rb, {})
