@@ -106,15 +106,17 @@ CONTAINER_VLLM_CONFIG = "/sparkctl-config/vllm"
 def container_flags(inv: Inventory, home: str) -> list[str]:
     """docker run flags of the Ray container on a Spark (the one container per host; workloads run in the head's).
 
-    As NVIDIA's multi-Spark flow (dgx-spark-playbooks nvidia/vllm, vLLM's run_cluster.sh): GPUs, host network and
-    IPC, shared memory, RDMA devices, the HF cache; plus the worker env file, Ray token auth from the mounted state
+    As NVIDIA's multi-Spark flow (dgx-spark-playbooks nvidia/vllm, vLLM's examples/online_serving/run_cluster.sh):
+    GPUs, host network, shared memory, the HF cache; plus RDMA devices and ulimits from the inventory; plus the worker env file, Ray token auth from the mounted state
     dir, `--init` (a PID 1 that reaps the workloads started with `docker exec`), and VLLM_CONFIG_ROOT pointing at
     the host's ~/.config/vllm, where vLLM reads the non-carry-over list (`vllm/envs.py`, `vllm/ray/ray_env.py`):
     in the container vLLM runs as root with another $HOME.
     """
     rt = inv.runtime
     hf = rt.hf_cache.replace("~", home, 1)
-    flags = ["--init", "--gpus", "all", "--network", "host", "--ipc", "host", f"--shm-size={rt.shm_size_gb}g"]
+    # no `--ipc host`: the container gets its own /dev/shm of --shm-size, as vLLM's run_cluster.sh does (podman
+    # refuses --shm-size together with --ipc host)
+    flags = ["--init", "--gpus", "all", "--network", "host", f"--shm-size={rt.shm_size_gb}g"]
     for limit in rt.ulimits:
         flags += ["--ulimit", limit]
     for device in rt.devices:

@@ -205,7 +205,7 @@ def assert_spark_container(options: list[str], name: str) -> None:
     assert has(options, "--init")  # a PID 1 that reaps what `docker exec` started
     assert has(options, "--gpus", "all")
     assert has(options, "--network", "host")
-    assert has(options, "--ipc", "host")
+    assert not has(options, "--ipc", "host")  # --shm-size is the container's own /dev/shm (run_cluster.sh)
     assert has(options, "--shm-size=64g") or has(options, "--shm-size", "64g")
     assert has(options, "--ulimit", "memlock=-1")
     assert has(options, "--device", "/dev/infiniband")
