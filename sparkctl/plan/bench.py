@@ -12,8 +12,8 @@ from sparkctl import paths
 from sparkctl.execute.base import Transport
 from sparkctl.facts.models import HostFacts
 from sparkctl.inventory.models import Host, Inventory
-from sparkctl.launch.commands import runtime_python
 from sparkctl.plan.cluster import plan_verify_fabric
+from sparkctl.plan.commands import runtime_python
 from sparkctl.plan.context import PlanContext
 from sparkctl.plan.env import detect_gid_index
 from sparkctl.plan.models import Command, Step
