@@ -155,7 +155,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
 def summarise_bench(report: Report) -> dict[str, Any]:
     """Per link (host, twin -> peer): did jumbo frames cross, the RDMA Gb/s (ib_write_bw, several QPs) or the TCP
     fallback's MB/s; and nccl-tests' all_reduce busbw when it ran."""
-    from sparkctl.checks.active import RDMA_QPS, parse_all_reduce_perf, parse_ib_write_bw
+    from sparkctl.plan.bench import RDMA_QPS, parse_all_reduce_perf, parse_ib_write_bw
 
     links: dict[tuple[str, str], dict[str, Any]] = {}
     nccl: dict[str, Any] | None = None

@@ -483,9 +483,7 @@ def versioned_fix(rule: Rule, vllm: str) -> str | None:
     if not variants:
         return None
     if not vllm:
-        return "; ".join(
-            f"{'vLLM < ' + v['before'] if 'before' in v else 'newer vLLM'}: {v['fix']}" for v in variants
-        )
+        return "; ".join(f"{'vLLM < ' + v['before'] if 'before' in v else 'newer vLLM'}: {v['fix']}" for v in variants)
     for v in variants:
         if "before" not in v or _version_tuple(vllm) < _version_tuple(str(v["before"])):
             return str(v["fix"])

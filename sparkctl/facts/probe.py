@@ -98,7 +98,7 @@ def build_probe(inventory: Inventory, host: Host) -> str:
         # every netplan file (small; root-only files are read when sudo needs no password): which renderer
         # applies to a twin depends on the global `network.renderer` of any file, in netplan's order.
         "netplan": (
-            "for f in /lib/netplan/*.yaml /etc/netplan/*.yaml /run/netplan/*.yaml; do [ -f \"$f\" ] || continue; "
+            'for f in /lib/netplan/*.yaml /etc/netplan/*.yaml /run/netplan/*.yaml; do [ -f "$f" ] || continue; '
             'echo "== $f"; cat "$f" 2>/dev/null || sudo -n cat "$f" 2>/dev/null || echo "# unreadable"; done; true'
         ),
         # measurement tools `bench fabric` uses when present (perftest, nccl-tests as NVIDIA's playbook builds it)

@@ -81,6 +81,8 @@ def _ulimit(value: str) -> str:
     if value != "host" and not re.fullmatch(r"[a-z]+=-?\d+(:-?\d+)?", value):
         raise ValueError(f"{value!r} is not a ulimit (name=soft[:hard], e.g. memlock=-1, or host)")
     return value
+
+
 Port = Annotated[int, Field(ge=1, le=65535)]
 
 

@@ -107,10 +107,10 @@ def container_flags(inv: Inventory, home: str) -> list[str]:
     """docker run flags of the Ray container on a Spark (the one container per host; workloads run in the head's).
 
     As NVIDIA's multi-Spark flow (dgx-spark-playbooks nvidia/vllm, vLLM's examples/online_serving/run_cluster.sh):
-    GPUs, host network, shared memory, the HF cache; plus RDMA devices and ulimits from the inventory; plus the worker env file, Ray token auth from the mounted state
-    dir, `--init` (a PID 1 that reaps the workloads started with `docker exec`), and VLLM_CONFIG_ROOT pointing at
-    the host's ~/.config/vllm, where vLLM reads the non-carry-over list (`vllm/envs.py`, `vllm/ray/ray_env.py`):
-    in the container vLLM runs as root with another $HOME.
+    GPUs, host network, shared memory, the HF cache; RDMA devices and ulimits from the inventory; the worker env
+    file, Ray token auth from the mounted state dir, `--init` (a PID 1 that reaps the workloads started with
+    `docker exec`), and VLLM_CONFIG_ROOT pointing at the host's ~/.config/vllm, where vLLM reads the non-carry-over
+    list (`vllm/envs.py`, `vllm/ray/ray_env.py`): in the container vLLM runs as root with another $HOME.
     """
     rt = inv.runtime
     hf = rt.hf_cache.replace("~", home, 1)
@@ -363,7 +363,6 @@ def build_workload_stop(inv: Inventory, name: str, home: str, grace: int = 30) -
         docker = shlex.join(["docker", "exec", RAY_CONTAINER, "sh", "-c", inner])
         return f"{docker} 2>/dev/null; rm -f {q(pid_file(home, name))} {q(spec_file(home, name))}; true"
     return _stop_script(q(pid_file(home, name)), q(spec_file(home, name)), grace)
-
 
 
 EPHEMERAL = "32768-60999"

@@ -9,12 +9,13 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from sparkctl.checks.active import RDMA_QPS, parse_all_reduce_perf, parse_ib_write_bw
 from sparkctl.facts.models import GidEntry, HostFacts
 from sparkctl.inventory import parse_inventory
+from sparkctl.plan.bench import RDMA_QPS, parse_all_reduce_perf, parse_ib_write_bw
 from sparkctl.plan.context import PlanContext, fresh_facts
 from sparkctl.plan.models import Plan, Step
-from sparkctl.runbook.load import build_runbook_plan, load_runbook, resolve_params
+from sparkctl.runbook.load import load_runbook, resolve_params
+from sparkctl.runbook.planner import build_runbook_plan
 from tests.unit.conftest import EXAMPLE, FIXTURES
 
 TOOLS = {"ib_write_bw": "/usr/bin/ib_write_bw", "all_reduce_perf": "/home/nvidia/nccl-tests/build/all_reduce_perf",

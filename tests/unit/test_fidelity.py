@@ -15,11 +15,12 @@ import pytest
 from sparkctl.facts.models import GidEntry, HostFacts, Runtime
 from sparkctl.inventory import parse_inventory
 from sparkctl.inventory.models import Inventory
-from sparkctl.launch import commands as lc
+from sparkctl.plan import commands as lc
 from sparkctl.plan import env
 from sparkctl.plan.context import PlanContext, fresh_facts
 from sparkctl.plan.models import Plan
-from sparkctl.runbook.load import build_runbook_plan, load_runbook, resolve_params
+from sparkctl.runbook.load import load_runbook, resolve_params
+from sparkctl.runbook.planner import build_runbook_plan
 from tests.unit.conftest import EXAMPLE
 
 IMAGE = "nvcr.io/nvidia/vllm:25.11-py3"
