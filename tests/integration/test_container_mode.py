@@ -26,11 +26,13 @@ from tests.integration.helpers import REPO, cli_env, plan_steps, sparkctl
 from tests.testbed import Testbed
 from tests.testbed.provision import IMAGE_STORE, TESTBED_IMAGE
 
-pytestmark = [
-    pytest.mark.testbed,
-    pytest.mark.skipif(not Path("/usr/bin/podman").exists() or not IMAGE_STORE.exists(),
-                       reason="needs podman and the local runtime image (tests/prepare.sh builds both)"),
-]
+pytestmark = pytest.mark.testbed
+
+
+def test_the_engine_and_the_image_are_installed() -> None:
+    """tests/prepare.sh installs podman and builds the image; without them container mode is not tested at all."""
+    assert Path("/usr/bin/podman").exists(), "podman missing: run tests/prepare.sh"
+    assert IMAGE_STORE.exists(), f"{IMAGE_STORE} missing: run tests/prepare.sh (tests/testbed/build_image.sh)"
 
 EMBED = {"name": "embed", "engine": "embed", "tensor_parallel_size": 2, "port": 8100, "ready_timeout": 600}
 
