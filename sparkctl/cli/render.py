@@ -114,11 +114,17 @@ def render_status(st: dict[str, Any]) -> str:
 
 
 def render_bench(result: dict[str, Any]) -> str:
-    """`sparkctl bench fabric`: the method, per link jumbo frames and the stream's rate, then the notes."""
+    """`sparkctl bench fabric`: the method, per link jumbo frames and the RoCE or TCP rate, the all-reduce figure, then
+    the notes."""
     lines = [f"method: {result['method']}"]
     for link in result["links"]:
         rate = f", {link['mbytes_per_s']:.0f} MB/s (one TCP stream)" if link.get("mbytes_per_s") else ""
+        if link.get("rdma_gbits_per_s") is not None:
+            rate = f", {link['rdma_gbits_per_s']:.1f} Gb/s (ib_write_bw)"
         lines.append(f"  {link['host']} {link['link']}: jumbo {'ok' if link['jumbo'] else 'FAILED'}{rate}")
+    nccl = result.get("nccl_all_reduce")
+    if nccl and nccl.get("avg_busbw_gbytes") is not None:
+        lines.append(f"  all_reduce_perf: avg busbw {nccl['avg_busbw_gbytes']} GB/s, peak {nccl['peak_busbw_gbytes']}")
     lines += [f"note: {note}" for note in result["notes"]]
     return "\n".join(lines)
 

@@ -37,7 +37,9 @@ def evaluator(name: str) -> Callable[[Evaluator], Evaluator]:
     return register
 
 
-def _f(rule: Rule, ok: bool | None, subject: str, evidence: str, level: Level | None = None) -> Finding:
+def _f(
+    rule: Rule, ok: bool | None, subject: str, evidence: str, level: Level | None = None, fix: str | None = None
+) -> Finding:
     lvl: Level = "pass" if ok else (level or rule.level)
     return Finding(
         rule=rule.id,
@@ -45,7 +47,7 @@ def _f(rule: Rule, ok: bool | None, subject: str, evidence: str, level: Level | 
         level=lvl,
         subject=subject,
         evidence=evidence,
-        fix="" if ok else rule.fix,
+        fix="" if ok else (fix or rule.fix),
         why=rule.why,
         source=rule.source,
         preflight=rule.preflight,
@@ -171,12 +173,74 @@ def twin_managed(ctx: CheckContext, rule: Rule) -> list[Finding]:
     return out
 
 
+def netplan_renderers(files: Mapping[str, str], interfaces: list[str]) -> dict[str, tuple[str, str]]:
+    """interface -> (netplan file defining it, renderer that takes effect), for the interfaces netplan defines.
+
+    Follows netplan's parser (`src/parse.c`): files are read in order of their names, a file in /run shadowing one
+    of the same name in /etc and /lib; a definition's renderer is its own `renderer`, else its type section's
+    (`ethernets: {renderer: ...}`), else the global `network: {renderer: ...}` read so far
+    (`get_default_backend_for_type`), else networkd.
+    """
+    import yaml
+
+    by_name: dict[str, str] = {}
+    for path in files:  # /lib < /etc < /run for one basename
+        name = path.rsplit("/", 1)[-1]
+        rank = {"/lib/": 0, "/etc/": 1, "/run/": 2}
+        old = by_name.get(name)
+        if old is None or rank.get(path[:5], 1) >= rank.get(old[:5], 1):
+            by_name[name] = path
+    found: dict[str, tuple[str, str]] = {}
+    global_renderer = ""
+    for name in sorted(by_name):
+        path = by_name[name]
+        try:
+            doc = yaml.safe_load(files[path]) or {}
+        except yaml.YAMLError:
+            continue
+        net = doc.get("network") if isinstance(doc, dict) else None
+        if not isinstance(net, dict):
+            continue
+        if isinstance(net.get("renderer"), str):
+            global_renderer = net["renderer"]
+        for kind in ("ethernets", "bonds", "bridges", "vlans"):
+            section = net.get(kind)
+            if not isinstance(section, dict):
+                continue
+            type_renderer = section.get("renderer") if isinstance(section.get("renderer"), str) else ""
+            for key, d in section.items():
+                if not isinstance(d, dict):
+                    continue
+                names = {str(key), str((d.get("match") or {}).get("name", "")), str(d.get("set-name", ""))}
+                for iface in interfaces:
+                    if iface in names:
+                        own = d.get("renderer") if isinstance(d.get("renderer"), str) else ""
+                        found[iface] = (path, own or type_renderer or global_renderer or "networkd")
+    return found
+
+
 @evaluator("netplan_conflict")
 def netplan_conflict(ctx: CheckContext, rule: Rule) -> list[Finding]:
     out = []
     for h, f in _probed(ctx):
-        files = [p for p, text in f.netplan.items() if any(t.interface in text for t in h.fabric)]
-        out.append(_f(rule, not files, h.name, f"netplan files naming a twin: {', '.join(files) or 'none'}"))
+        twins = [t.interface for t in h.fabric]
+        rendered = netplan_renderers(f.netplan, twins)
+        if not rendered:
+            out.append(_f(rule, True, h.name, "no netplan file defines a twin"))
+            continue
+        for iface, (path, renderer) in sorted(rendered.items()):
+            if renderer == "NetworkManager":
+                evidence = (
+                    f"{path} defines {iface} with renderer NetworkManager: netplan hands it to NetworkManager as "
+                    "a profile (netplan-*), which sparkctl treats like any other profile on the twin"
+                )
+                out.append(_f(rule, True, f"{h.name} {iface}", evidence))
+            else:
+                evidence = (
+                    f"{path} defines {iface} with renderer {renderer}: it takes effect through systemd-networkd, "
+                    "beside (or instead of) NetworkManager's profile"
+                )
+                out.append(_f(rule, False, f"{h.name} {iface}", evidence))
     return out
 
 
@@ -402,7 +466,51 @@ def workload_flag(ctx: CheckContext, rule: Rule) -> list[Finding]:
             evidence = f"set through the environment ({', '.join(env_hits)})"
         else:
             evidence = f"no {flag}"
-        out.append(_f(rule, not hit, f"workload {w.name}", evidence))
+        out.append(_f(rule, not hit, f"workload {w.name}", evidence, fix=versioned_fix(rule, _vllm_version(ctx))))
+    return out
+
+
+def _vllm_version(ctx: CheckContext) -> str:
+    head = ctx.facts.get(ctx.inventory.head.name)
+    return head.runtime.vllm if head else ""
+
+
+def versioned_fix(rule: Rule, vllm: str) -> str | None:
+    """The fix for the head's vLLM version when the rule's fix depends on it (args.fix_by_vllm: entries with
+    `before: <version>` are tried in order, the last one without `before` applies otherwise). Unknown version:
+    every variant, each with its range."""
+    variants = rule.args.get("fix_by_vllm")
+    if not variants:
+        return None
+    if not vllm:
+        return "; ".join(f"{'vLLM < ' + v['before'] if 'before' in v else 'newer vLLM'}: {v['fix']}" for v in variants)
+    for v in variants:
+        if "before" not in v or _version_tuple(vllm) < _version_tuple(str(v["before"])):
+            return str(v["fix"])
+    return None
+
+
+@evaluator("load_format_package")
+def load_format_package(ctx: CheckContext, rule: Rule) -> list[Finding]:
+    """`--load-format <x>` names a loader whose optional package (`args.package`) must be in every host's runtime:
+    vLLM imports it lazily (`vllm/model_executor/model_loader/weight_utils.py`: PlaceholderModule), so a missing
+    package is an ImportError at weight loading, not at start."""
+    out = []
+    flag, want, field = rule.args["flag"], rule.args["value"], rule.args["package"]
+    for w in ctx.inventory.workloads:
+        if w.engine != "vllm":
+            continue
+        value = _arg_value(w, flag)
+        if value is None or value.lower() != want:
+            out.append(_f(rule, True, f"workload {w.name}", f"no {flag} {want}"))
+            continue
+        lacking = [n for n, f in _hosts(ctx) if not getattr(f.runtime, field)]
+        have = sorted({getattr(f.runtime, field) for _, f in _hosts(ctx)} - {""})
+        if lacking:
+            evidence = f"{flag} {want}, but {field} is not installed in the runtime on {', '.join(lacking)}"
+        else:
+            evidence = f"{flag} {want} with {field} {', '.join(have) or '?'} in every runtime"
+        out.append(_f(rule, not lacking, f"workload {w.name}", evidence))
     return out
 
 
@@ -496,6 +604,44 @@ def runtime_versions(ctx: CheckContext, rule: Rule) -> list[Finding]:
     if missing:
         return [_f(rule, False, "cluster", f"no runtime found on {', '.join(missing)} ({text})")]
     return [_f(rule, len(distinct) == 1, "cluster", text)]
+
+
+@evaluator("runtime_support")
+def runtime_support(ctx: CheckContext, rule: Rule) -> list[Finding]:
+    """Each host's runtime holds what sparkctl relies on: Ray >= the minimum (token auth), vLLM for vLLM workloads."""
+    inv = ctx.inventory
+    where = f"venv {inv.runtime.venv}" if inv.runtime.venv else f"image {inv.runtime.image}"
+    minimum = str(rule.args["ray_minimum"])
+    needs_vllm = any(w.engine == "vllm" for w in inv.workloads)
+    out = []
+    for name, f in _hosts(ctx):
+        rt = f.runtime
+        problems, fixes = [], []
+        image_missing = bool(inv.runtime.image) and not rt.image_id
+        if image_missing:
+            problems.append(f"image {inv.runtime.image} is not on the host")
+            fixes.append(f"docker pull {inv.runtime.image} on {name} (or build it there)")
+        elif not rt.python:
+            problems.append(f"no Python found in the {where}")
+            fixes.append(f"create the runtime on {name} ({rule.args['install']})")
+        elif not rt.ray:
+            problems.append(f"no Ray in the {where}")
+            fixes.append(
+                f"install Ray >= {minimum} into the runtime on {name} ({rule.args['install']})"
+                if inv.runtime.venv
+                else f"use an image that ships Ray >= {minimum} on {name}, or build one FROM {inv.runtime.image} "
+                f"adding 'ray[default]>={minimum}'"
+            )
+        elif _version_tuple(rt.ray) < _version_tuple(minimum):
+            problems.append(f"Ray {rt.ray} in the {where} is older than {minimum} (no token authentication)")
+            fixes.append(f"upgrade Ray on {name} to >= {minimum} ({rule.args['install']})")
+        if needs_vllm and rt.python and not rt.vllm and not image_missing:
+            problems.append(f"no vLLM in the {where}, but the inventory has a vllm workload")
+            fixes.append(f"install vLLM into the runtime on {name}, or use an NGC vLLM image")
+        found = f"Python {rt.python or '?'}, Ray {rt.ray or 'absent'}, vLLM {rt.vllm or 'absent'}"
+        evidence = "; ".join(problems) + f" (found: {found})" if problems else f"{where}: {found}"
+        out.append(_f(rule, not problems, name, evidence, fix="; ".join(fixes) or None))
+    return out
 
 
 __all__ = ["EVALUATORS", "CheckContext"]

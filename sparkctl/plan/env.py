@@ -1,4 +1,11 @@
-"""Worker environment planner: the per-host env file (with the detected RoCE GID index) and vLLM's Ray list."""
+"""Worker environment planner: the per-host env file (with the detected RoCE GID index) and vLLM's Ray list.
+
+Every variable written here is read by the tool it names (sources in docs/compatibility.md):
+NCCL_* by NCCL (docs "Environment Variables"), GLOO_SOCKET_IFNAME / TP_SOCKET_IFNAME by torch.distributed's
+gloo and tensorpipe backends, UCX_NET_DEVICES by UCX, OMPI_MCA_btl_tcp_if_include by Open MPI, VLLM_HOST_IP by
+vLLM (`vllm/envs.py`; `get_ip()` returns it, and `initialize_ray_cluster` pins the first placement bundle to
+`node:<that address>`), RAY_memory_monitor_refresh_ms by Ray (`ray_config_def.h`, RAY_<name> overrides).
+"""
 
 from __future__ import annotations
 
@@ -21,8 +28,14 @@ PER_HOST_VARS = [
     "UCX_NET_DEVICES",
     "OMPI_MCA_btl_tcp_if_include",
     "VLLM_HOST_IP",
-    "RAY_NODE_IP_ADDRESS",
 ]
+"""Per-host values vLLM must not copy from the head to the Ray workers (its `ray_non_carry_over_env_vars.json`,
+read by `vllm/ray/ray_env.py` from $VLLM_CONFIG_ROOT, default $XDG_CONFIG_HOME/vllm = ~/.config/vllm)."""
+
+NCCL_PER_HCA_GID = (2, 21)
+"""From NCCL 2.21 on, NCCL_IB_GID_INDEX defaults to -1: NCCL picks the GID per HCA by itself (`ncclIbGetGidIndex`
+in src/transport/net_ib: the entry of NCCL_IB_ADDR_FAMILY, default AF_INET, and NCCL_IB_ROCE_VERSION_NUM, default
+2). A set NCCL_IB_GID_INDEX is one value for every HCA."""
 _SAFE_VALUE = re.compile(r"^[A-Za-z0-9_.,:/-]*$")
 
 
@@ -46,8 +59,18 @@ def detect_gid_index(facts: HostFacts, twin: FabricInterface) -> tuple[int | Non
     return (free[1], True) if len(free) >= 2 else (None, False)
 
 
-def gid_index(facts: HostFacts, host: Host) -> tuple[int, list[str], bool]:
-    """The NCCL_IB_GID_INDEX for a host, notes explaining it, and whether it is predicted."""
+def _version(v: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", v)[:3])
+
+
+def gid_index(facts: HostFacts, host: Host) -> tuple[int | None, list[str], bool]:
+    """The NCCL_IB_GID_INDEX for a host (None: leave it unset), notes explaining it, and whether it is predicted.
+
+    NCCL_IB_GID_INDEX is one value for all of a host's HCAs. When the twins' RoCE v2 IPv4 entries sit at the same
+    index, that index is written. When they differ, no single value is right for both HCAs: the variable is left
+    unset so that NCCL (>= 2.21, whose default -1 selects the RoCE v2 IPv4 GID per HCA) picks each HCA's own entry.
+    Only when the runtime is known to hold an older NCCL is the first twin's index written, with a note.
+    """
     notes: list[str] = []
     found: dict[str, tuple[int, bool]] = {}
     for twin in host.fabric:
@@ -59,22 +82,36 @@ def gid_index(facts: HostFacts, host: Host) -> tuple[int, list[str], bool]:
             f"RoCE GID table not readable on {host.name}: NCCL_IB_GID_INDEX={DEFAULT_GID_INDEX} (the usual value)"
         )
         return DEFAULT_GID_INDEX, notes, False
+    predicted = any(p for _, p in found.values())
     values = sorted({i for i, _ in found.values()})
     if len(values) > 1:
-        shown = {dev: i for dev, (i, _) in found.items()}
-        notes.append(f"RDMA devices disagree on the RoCE v2 GID index ({shown}); using the first twin's")
-    first, predicted = next(iter(found.values()))
+        shown = ", ".join(f"{dev}={i}" for dev, (i, _) in found.items())
+        nccl = facts.runtime.nccl
+        if nccl and _version(nccl) < NCCL_PER_HCA_GID:
+            first = next(iter(found.values()))[0]
+            notes.append(
+                f"RDMA devices disagree on the RoCE v2 GID index ({shown}) and NCCL {nccl} cannot pick per HCA: "
+                f"NCCL_IB_GID_INDEX={first} (the first twin's); NCCL >= 2.21 would pick each HCA's own"
+            )
+            return first, notes, predicted
+        notes.append(
+            f"RDMA devices disagree on the RoCE v2 GID index ({shown}): NCCL_IB_GID_INDEX left unset, "
+            "so NCCL (>= 2.21) selects the RoCE v2 IPv4 GID of each HCA itself"
+        )
+        return None, notes, predicted
     if predicted:
-        notes.append(f"GID index {first} predicted from the free slots of the GID table; checked after the fabric step")
-    return first, notes, predicted
+        notes.append(
+            f"GID index {values[0]} predicted from the free slots of the GID table; checked after the fabric step"
+        )
+    return values[0], notes, predicted
 
 
-def render_env(inv: Inventory, host: Host, gid: int) -> str:
+def render_env(inv: Inventory, host: Host, gid: int | None) -> str:
     """The env file for a host: KEY=value lines readable by sh and `docker --env-file` alike."""
     primary = host.fabric[0]
     ip = str(primary.address.ip)
     hcas = ",".join(t.rdma_device for t in host.fabric if t.rdma_device)
-    values: dict[str, str] = {"NCCL_IB_GID_INDEX": str(gid)}
+    values: dict[str, str] = {} if gid is None else {"NCCL_IB_GID_INDEX": str(gid)}
     if hcas:
         values["NCCL_IB_HCA"] = hcas
     for key in (
@@ -87,7 +124,6 @@ def render_env(inv: Inventory, host: Host, gid: int) -> str:
         values[key] = primary.interface
     values |= {
         "VLLM_HOST_IP": ip,
-        "RAY_NODE_IP_ADDRESS": ip,
         "RAY_memory_monitor_refresh_ms": "0",
         "NCCL_IGNORE_CPU_AFFINITY": "1",
     }
@@ -124,7 +160,8 @@ def plan_worker_env(ctx: PlanContext, host: Host) -> list[Step]:
                 host=host.name,
                 kind="worker_env",
                 target=paths.ENV_FILE,
-                description=f"write {paths.ENV_FILE} (NCCL_IB_GID_INDEX={gid}, fabric {host.fabric[0].interface})",
+                description=f"write {paths.ENV_FILE} (NCCL_IB_GID_INDEX={'per HCA' if gid is None else gid}, "
+                f"fabric {host.fabric[0].interface})",
                 commands=[
                     Command(argv=["install", "-D", "-m", "0644", "/dev/stdin", paths.ENV_FILE], sudo=True, stdin=env)
                 ],

@@ -178,6 +178,12 @@ _ACTIONS: list[type[Action]] = [
     ),
     _simple("workload_start", "start workloads not running as specified", cluster.plan_workloads, WorkloadArgs),
     _simple("workload_ready", "wait until endpoints answer", cluster.plan_workload_ready, WorkloadArgs),
+    _simple(
+        "verify_placement",
+        "the workloads' ranks sit on distinct hosts (Ray's placement groups)",
+        cluster.plan_verify_placement,
+        WorkloadArgs,
+    ),
     _simple("workload_stop", "stop workloads (and strays)", cluster.plan_workload_stop, WorkloadArgs),
     _simple("ray_stop", "stop Ray", cluster.plan_ray_stop),
     _simple("verify_clean", "no Ray or worker process left", cluster.plan_verify_clean),

@@ -4,26 +4,46 @@ from __future__ import annotations
 
 from typing import Any
 
+from sparkctl.plan.bench import RDMA_QPS, parse_all_reduce_perf, parse_ib_write_bw
 from sparkctl.runbook.engine import Report
 
 
 def summarise_bench(report: Report) -> dict[str, Any]:
-    """Per link (host, twin -> peer): did jumbo frames cross, and the TCP stream's MB/s (from the sender's output)."""
+    """Per link (host, twin -> peer): did jumbo frames cross, the RDMA Gb/s (ib_write_bw, several QPs) or the TCP
+    fallback's MB/s; and nccl-tests' all_reduce busbw when it ran."""
     links: dict[tuple[str, str], dict[str, Any]] = {}
+    nccl: dict[str, Any] | None = None
+    tcp = False
     for r in report.results:
         kind, _, link = r.step.partition(":")
         if kind == "verify_jumbo":
             links.setdefault((r.host, link), {"host": r.host, "link": link})["jumbo"] = r.status == "ok"
         elif kind == "bench_send" and r.commands:
+            tcp = True
             sent, _, secs = r.commands[-1].stdout.strip().partition(" ")
             rate = int(sent) / float(secs) / 1e6 if r.status == "ok" and secs else 0.0
             links.setdefault((r.host, link), {"host": r.host, "link": link})["mbytes_per_s"] = round(rate, 1)
+        elif kind == "bench_rdma_send" and r.commands:
+            gbits = parse_ib_write_bw(r.commands[-1].stdout) if r.status == "ok" else None
+            links.setdefault((r.host, link), {"host": r.host, "link": link})["rdma_gbits_per_s"] = gbits
+        elif kind == "bench_nccl" and r.commands:
+            nccl = parse_all_reduce_perf(r.commands[-1].stdout) if r.status == "ok" else {"failed": True}
+    rdma = any("rdma_gbits_per_s" in v for v in links.values())
+    notes = []
+    if rdma:
+        notes.append(f"RoCE: ib_write_bw with {RDMA_QPS} queue pairs per twin (one QP underestimates the link)")
+    if tcp:
+        notes.append(
+            "TCP fallback on links without ib_write_bw on both ends: a fallback, not RoCE bandwidth (install "
+            "perftest; nccl-tests' all_reduce_perf gives the collective figure)"
+        )
+    if nccl is None:
+        notes.append("no nccl-tests all_reduce_perf (and mpirun) on every host: no collective figure")
+    method = "rdma" if rdma and not tcp else ("rdma+tcp-fallback" if rdma else "tcp-fallback")
     return {
-        "method": "tcp-fallback",
+        "method": method,
         "links": [{"jumbo": False, **v} for v in links.values()],
-        "notes": [
-            "a fallback, not RoCE bandwidth: on a real pair run nccl-tests' all_gather_perf with the env file "
-            "applied (two rails: ~20-24 GB/s busbw is good; ~3 GB/s at every size means a misconfigured link)"
-        ],
+        "nccl_all_reduce": nccl,
+        "notes": notes,
         "journal": report.run_id,
     }

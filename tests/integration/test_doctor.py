@@ -142,6 +142,8 @@ def test_bench_fabric_measures_every_link_through_the_engine(configured: tuple[T
     sent = [x for x in links.values() if "mbytes_per_s" in x]
     assert {x["link"] for x in sent} == {"enp1s0f1np1->spark-b", "enP2p1s0f1np1->spark-b"}
     assert all(x["mbytes_per_s"] > 0 for x in sent)
+    # no perftest on the testbed: the TCP fallback, and the result says so
+    assert result["method"] == "tcp-fallback" and any("TCP fallback" in n for n in result["notes"])
     state = Path(env["XDG_STATE_HOME"]) / "sparkctl" / "journal.jsonl"
     record = json.loads(state.read_text().splitlines()[-1])
     assert record["id"] == result["journal"] and record["runbook"] == "bench-fabric"

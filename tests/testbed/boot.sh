@@ -54,6 +54,22 @@ mount --rbind "$sysclass" /sys/class
 umount -l "$sysclass"
 rmdir "$sysclass"
 
+# The container engine (container mode): `ip netns exec` mounted a fresh /sys without the cgroup hierarchies;
+# mount this machine's again (TB_CGROUPS: dir=fstype:options words), so runc can place containers.
+# A failure here leaves the host up (only container mode needs them) and is logged.
+if [ -n "${TB_CGROUPS:-}" ]; then
+    case " $TB_CGROUPS " in *" .=cgroup2:"*) ;; *) mount -t tmpfs -o mode=0755 tmpfs /sys/fs/cgroup ;; esac
+    for word in $TB_CGROUPS; do
+        dir=${word%%=*}; spec=${word#*=}; fstype=${spec%%:*}; opts=${spec#*:}
+        mkdir -p "/sys/fs/cgroup/$dir" || true
+        if [ "$fstype" = cgroup2 ]; then
+            mount -t cgroup2 cgroup2 "/sys/fs/cgroup/$dir" || echo "cgroup2 $dir not mounted"
+        else
+            mount -t cgroup -o "$opts" cgroup "/sys/fs/cgroup/$dir" || echo "cgroup $dir not mounted"
+        fi
+    done
+fi
+
 # Management network: static, never touched by NetworkManager (see NetworkManager.conf).
 ip link set lo up
 ip addr add "$TB_MGMT_CIDR" dev "$TB_MGMT_IF"

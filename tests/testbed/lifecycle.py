@@ -22,6 +22,22 @@ def tail(path: Path, lines: int = 15) -> str:
     return "\n".join(text[-lines:])
 
 
+def cgroup_mounts(mountinfo: str = "/proc/self/mountinfo") -> str:
+    """This machine's cgroup hierarchies as `dir=fstype:options` words, for boot.sh to mount again: `ip netns exec`
+    mounts a fresh /sys for the netns, without them, and the container runtime (runc) needs them."""
+    words = []
+    for line in Path(mountinfo).read_text().splitlines():
+        fields, _, tail = line.partition(" - ")
+        point = fields.split()[4]
+        fstype, _, options = tail.split()[:3]
+        if fstype in ("cgroup", "cgroup2") and (point + "/").startswith("/sys/fs/cgroup/"):
+            opts = ",".join(o for o in options.split(",") if o not in ("rw", "ro")) or "none"
+            if opts.startswith("name="):
+                opts = "none," + opts
+            words.append(f"{point.removeprefix('/sys/fs/cgroup').strip('/') or '.'}={fstype}:{opts}")
+    return " ".join(words)
+
+
 def spawn_host(
     root: Path, spec: HostSpec, hostdir: Path, started: Callable[[subprocess.Popen[bytes]], None]
 ) -> int:
@@ -39,6 +55,7 @@ def spawn_host(
         TB_LIBEXEC=str(root / "libexec"),
         TB_SIMBIN=str(root / "sim-bin"),
         TB_SIM_MOUNT=SIM_MOUNTPOINT,
+        TB_CGROUPS=cgroup_mounts(),
     )
     argv = [
         *f"ip netns exec {spec.netns} unshare --mount --pid --uts --ipc --fork".split(),

@@ -53,6 +53,9 @@ def install_support_files(root: Path) -> None:
     for tool in RUNTIME_SIM_TOOLS:
         shutil.copyfile(PACKAGE_DIR / "sim" / tool, runtime_simbin / tool)
         (runtime_simbin / tool).chmod(0o755)
+    # not simulated: the real container engine (podman) under the name sparkctl calls, first on the hosts' PATH
+    shutil.copyfile(PACKAGE_DIR / "docker", simbin / "docker")
+    (simbin / "docker").chmod(0o755)
     for d in (simbin, runtime_simbin):
         (d / "README.SIMULATED").write_text(SIM_HEADER)
 
@@ -131,7 +134,34 @@ def render_hosts(spec: HostSpec) -> str:
 
 def render_sudoers(spec: HostSpec) -> str:
     rule = "NOPASSWD: ALL" if spec.sudo_nopasswd else "ALL"
-    return f"# sparkctl testbed\n{LOGIN_USER} ALL=(ALL:ALL) {rule}\n"
+    # the container engine without a password, as a `docker` group member reaches Docker on DGX OS
+    engine = f"{LOGIN_USER} ALL=(root) NOPASSWD:SETENV: /usr/bin/podman\n"
+    return f"# sparkctl testbed\n{LOGIN_USER} ALL=(ALL:ALL) {rule}\n{engine}"
+
+
+IMAGE_STORE = Path("/var/lib/sparkctl-testbed-images")
+"""Read-only image store shared by the hosts (filled by tests/prepare.sh: the runtime image, built locally)."""
+TESTBED_IMAGE = "localhost/sparkctl-runtime:test"
+
+
+def render_containers_conf() -> str:
+    """podman settings this machine needs (docs/testbed.md, "A real container engine"): it is itself a container
+    (cgroup v1/hybrid, no CAP_SYS_RESOURCE), so runc with cgroupfs, and no default rlimits to raise."""
+    return (
+        "# sparkctl testbed: podman inside a fake Spark\n"
+        "[containers]\ndefault_ulimits = []\n\n"
+        '[engine]\nruntime = "runc"\ncgroup_manager = "cgroupfs"\nevents_logger = "file"\n'
+    )
+
+
+def render_storage_conf(hostdir: Path) -> str:
+    """Each host its own containers (names, state) under its directory; images from the shared store."""
+    return (
+        "# sparkctl testbed: this host's container storage\n"
+        '[storage]\ndriver = "overlay"\n'
+        f'graphroot = "{hostdir}/containers"\nrunroot = "/run/containers/storage"\n\n'
+        f'[storage.options]\nadditionalimagestores = ["{IMAGE_STORE}"]\n'
+    )
 
 
 def render_devices_json() -> str:
@@ -221,6 +251,12 @@ def _seed_etc(spec: HostSpec, etc_up: Path) -> None:
 
     sudoers = _mkdirs_like(etc_up, lower, "sudoers.d")
     _write(sudoers / "spark-testbed", render_sudoers(spec), mode=0o440)
+
+    containers = etc_up / "containers"
+    containers.mkdir(mode=0o755, exist_ok=True)
+    _write(containers / "containers.conf", render_containers_conf())
+    _write(containers / "storage.conf", render_storage_conf(etc_up.parent))
+    _write(containers / "nodocker", "")  # podman-docker's banner off
     if not spec.sudo_nopasswd:
         _seed_shadow(etc_up, SUDO_PASSWORD)
 

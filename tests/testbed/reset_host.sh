@@ -38,6 +38,9 @@ ip route replace default via "$TB_GATEWAY" dev "$TB_MGMT_IF"
 nft flush ruleset
 
 # Files sparkctl (or a test) may have left.
+# containers (container mode): removed with their processes, from this host's own podman storage
+if command -v podman >/dev/null 2>&1; then podman rm -af -t 0 >/dev/null 2>&1 || true; fi
+
 rm -rf /etc/sparkctl /run/sudo/ts
 find /tmp /dev/shm -mindepth 1 -maxdepth 1 -exec rm -rf {} +
 home=$(getent passwd "$TB_USER" | cut -d: -f6)

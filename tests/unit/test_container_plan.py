@@ -1,7 +1,10 @@
-"""Container runtime (`runtime: {image: ...}`), at the plan level: the testbed has no Docker engine.
+"""Container runtime (`runtime: {image: ...}`), at the plan level (the end-to-end run with a real engine is
+tests/integration/test_container_mode.py).
 
+One Ray container per host; workloads run inside the head's Ray container through `docker exec`, as NVIDIA's
+multi-Spark flow runs `vllm serve` (dgx-spark-playbooks nvidia/vllm/README.md, "Run on two Sparks", Step 8).
 The built-in `up` and `down` are planned on fresh facts (as `plan --offline` assumes) and on the facts of a converged
-pair whose Ray and workload run in containers; the docker command lines are taken apart and checked flag by flag.
+pair whose Ray runs in containers; the docker command lines are taken apart and checked flag by flag.
 The shell lines are parsed by `sh -n`, and the workload and Ray lines are run by dash and bash against a stub
 `docker` (and a stub `ray` for the command inside the Ray container).
 
@@ -11,8 +14,10 @@ The plans themselves, step by step, are data like the other planner cases: tests
 
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -47,7 +52,6 @@ EMBED = "\n  - name: emb\n    engine: embed\n    port: 8001\n"
 # head is), then the program as it runs inside the image.
 CHAT_SPEC = (
     f"image={IMAGE} RAY_ADDRESS=192.168.100.10:6379 "
-    'VLLM_DISTRIBUTED_EXECUTOR_CONFIG={"placement_group_options":{"strategy":"SPREAD"}} '
     "vllm serve Qwen/Qwen3-30B-A3B-Instruct-2507 --served-model-name chat --tensor-parallel-size 2 "
     "--distributed-executor-backend ray --gpu-memory-utilization 0.85 --host 10.0.0.11 --port 8000 "
     "--max-model-len 32768"
@@ -76,9 +80,10 @@ def _converged_venv_facts() -> dict[str, dict[str, Any]]:
 
 
 def converged_facts(user: str = "root") -> dict[str, HostFacts]:
-    """A converged pair in container mode: Ray and vLLM run in containers (as `user`, root unless rootless Docker).
+    """A converged pair in container mode: Ray runs in containers (as `user`, root unless rootless Docker), vLLM in
+    the head's Ray container.
 
-    `docker ps` lists sparkctl-ray on both hosts and sparkctl-chat on the head, all from IMAGE.
+    `docker ps` lists sparkctl-ray on both hosts, from IMAGE; the probe finds chat's recorded process alive inside.
     """
     ray = "/usr/local/lib/python3.12/dist-packages/ray/core/src/ray"
     procs = {
@@ -112,10 +117,8 @@ def converged_facts(user: str = "root") -> dict[str, HostFacts]:
             ),
         ],
     }
-    containers = {
-        "spark-a": {"sparkctl-ray": IMAGE, "sparkctl-chat": IMAGE},
-        "spark-b": {"sparkctl-ray": IMAGE},
-    }
+    containers = {"spark-a": {"sparkctl-ray": IMAGE}, "spark-b": {"sparkctl-ray": IMAGE}}
+    inside = {"spark-a": ["chat"], "spark-b": []}
     result = {}
     for host, data in _converged_venv_facts().items():
         files = dict(data["files"])
@@ -128,6 +131,7 @@ def converged_facts(user: str = "root") -> dict[str, HostFacts]:
                 "files": files,
                 "processes": procs[host],
                 "containers": containers[host],
+                "container_workloads": inside[host],
                 "runtime": Runtime(image_id=IMAGE_ID),
             }
         )
@@ -177,15 +181,35 @@ def docker_run(line: str) -> tuple[list[str], list[str]]:
     return run[:at], run[at + 1 :]
 
 
+def docker_exec(line: str) -> tuple[list[str], str, list[str]]:
+    """The `docker exec` in a planned line: (its options, the container, the command run inside)."""
+    tokens = shlex.split(line)
+    start = next(i for i in range(len(tokens) - 1) if tokens[i : i + 2] == ["docker", "exec"])
+    end = next((i for i in range(start, len(tokens)) if tokens[i] in SHELL_OPERATORS), len(tokens))
+    run = tokens[start + 2 : end]
+    at = next(i for i, t in enumerate(run) if t.startswith("sparkctl-") and run[i - 1] != "-e")
+    return run[:at], run[at], run[at + 1 :]
+
+
+def inside(line: str) -> list[str]:
+    """The workload's argv in the `sh -c` a `docker exec` runs: `{ setsid ARGV > log ... & } && echo $! > pid`."""
+    _, container, command = docker_exec(line)
+    assert container == "sparkctl-ray" and command[:2] == ["sh", "-c"], (container, command)
+    tokens = shlex.split(command[2])
+    assert tokens[:2] == ["{", "setsid"], tokens
+    return tokens[2 : tokens.index(">")]
+
+
 def has(options: list[str], *seq: str) -> bool:
     return any(options[i : i + len(seq)] == list(seq) for i in range(len(options)))
 
 
 def assert_spark_container(options: list[str], name: str) -> None:
     assert options[:3] == ["-d", "--name", name]
+    assert has(options, "--init")  # a PID 1 that reaps what `docker exec` started
     assert has(options, "--gpus", "all")
     assert has(options, "--network", "host")
-    assert has(options, "--ipc", "host")
+    assert not has(options, "--ipc", "host")  # --shm-size is the container's own /dev/shm (run_cluster.sh)
     assert has(options, "--shm-size=64g") or has(options, "--shm-size", "64g")
     assert has(options, "--ulimit", "memlock=-1")
     assert has(options, "--device", "/dev/infiniband")
@@ -196,6 +220,9 @@ def assert_spark_container(options: list[str], name: str) -> None:
     assert has(options, "-e", "RAY_AUTH_TOKEN_PATH=/sparkctl/ray-token")
     assert has(options, "-v", f"{STATE}:/sparkctl")
     assert paths.token_path(HOME) == f"{STATE}/ray-token"
+    # vLLM in the container (root, another $HOME) reads the non-carry-over list the host keeps in ~/.config/vllm
+    assert has(options, "-e", "VLLM_CONFIG_ROOT=/sparkctl-config/vllm")
+    assert has(options, "-v", f"{HOME}/.config/vllm:/sparkctl-config/vllm")
 
 
 # --- Ray -------------------------------------------------------------------------------------------------------
@@ -244,7 +271,7 @@ def test_ray_formation_is_checked_inside_the_ray_container() -> None:
         "-e",
         "RAY_ADDRESS=192.168.100.10:6379",
         "sparkctl-ray",
-        "python",
+        "python3",
         "-",
     ]
     assert cmd.stdin is not None and '"192.168.100.10", "192.168.100.11"' in cmd.stdin
@@ -255,7 +282,7 @@ def test_shm_size_and_hf_cache_follow_the_inventory() -> None:
         (f"  image: {IMAGE}\n", f"  image: {IMAGE}\n  shm_size_gb: 32\n  hf_cache: /data/hf\n"),
     )
     plan = plan_of(inv, fresh(inv))
-    for step in (one(plan, "spark-b", "ray_node"), one(plan, "spark-a", "workload", "chat")):
+    for step in (one(plan, "spark-b", "ray_node"), one(plan, "spark-a", "ray_node")):
         options, _ = docker_run(sh_line(step.commands[-1]))
         assert has(options, "--shm-size=32g") or has(options, "--shm-size", "32g")
         assert has(options, "-v", "/data/hf:/root/.cache/huggingface")
@@ -265,15 +292,17 @@ def test_shm_size_and_hf_cache_follow_the_inventory() -> None:
 # --- workloads -------------------------------------------------------------------------------------------------
 
 
-def test_vllm_workload_is_a_docker_run_of_the_same_image() -> None:
+def test_vllm_workload_runs_in_the_heads_ray_container() -> None:
+    """`docker exec` into sparkctl-ray: the driver shares the container's Ray session and process namespace."""
     inv = container_inventory()
     step = one(plan_of(inv, fresh(inv)), "spark-a", "workload", "chat")
     (cmd,) = step.commands
     assert cmd.stdin_secret == "api_key:chat" and cmd.stdin is None
     line = sh_line(cmd)
-    options, command = docker_run(line)
-    assert_spark_container(options, "sparkctl-chat")
-    assert command == [
+    assert "docker run" not in line
+    options, container, command = docker_exec(line)
+    assert container == "sparkctl-ray"
+    assert inside(line) == [
         "vllm",
         "serve",
         "Qwen/Qwen3-30B-A3B-Instruct-2507",
@@ -292,32 +321,34 @@ def test_vllm_workload_is_a_docker_run_of_the_same_image() -> None:
         "--max-model-len",
         "32768",
     ]
-    assert has(options, "-e", f"VLLM_DISTRIBUTED_EXECUTOR_CONFIG={lc.SPREAD}")
+    assert not any("VLLM_DISTRIBUTED_EXECUTOR_CONFIG" in o for o in options)  # not a vLLM variable
     assert has(options, "-e", "RAY_ADDRESS=192.168.100.10:6379")
     # the API key: read from stdin into the shell, handed to docker by name only
     assert has(options, "-e", "VLLM_API_KEY")
     assert not any(o.startswith("VLLM_API_KEY=") for o in shlex.split(line))
-    assert line.index("IFS= read -r VLLM_API_KEY && export VLLM_API_KEY") < line.index("docker run")
-    # the workload's pid on the host and its spec are recorded, so a converged run leaves it alone
-    assert f"docker inspect -f '{{{{.State.Pid}}}}' sparkctl-chat > {STATE}/workload-chat.pid" in line
+    assert line.index("IFS= read -r VLLM_API_KEY && export VLLM_API_KEY") < line.index("docker exec")
+    # output and pid go to the mounted state dir: the same log and pid file as in venv mode
+    inner = command[2]
+    assert "> /sparkctl/logs/chat.log 2>&1 < /dev/null & }" in inner
+    assert inner.endswith("&& echo $! > /sparkctl/workload-chat.pid")
     assert f"> {STATE}/workload-chat.spec" in line
     assert step.diff[-1] == f"+ chat: {CHAT_SPEC}"
 
 
 @pytest.mark.parametrize("workload", ["chat", "emb"])
-def test_workload_containers_are_told_where_the_ray_cluster_is(workload: str) -> None:
-    """The container has its own /tmp and PID namespace: without RAY_ADDRESS, ray.init() starts a private Ray."""
+def test_workloads_are_told_where_the_ray_cluster_is(workload: str) -> None:
     inv = container_inventory(WITH_EMBED)
-    options, _ = docker_run(sh_line(one(plan_of(inv, fresh(inv)), "spark-a", "workload", workload).commands[-1]))
+    options, _, _ = docker_exec(sh_line(one(plan_of(inv, fresh(inv)), "spark-a", "workload", workload).commands[-1]))
     assert has(options, "-e", "RAY_ADDRESS=192.168.100.10:6379"), options
 
 
 def test_embed_worker_runs_from_the_mounted_state_dir() -> None:
     """In container mode the embed worker's program is /sparkctl/embed_worker.py: the host's state dir, mounted."""
     inv = container_inventory(WITH_EMBED)
-    options, command = docker_run(sh_line(one(plan_of(inv, fresh(inv)), "spark-a", "workload", "emb").commands[-1]))
-    assert_spark_container(options, "sparkctl-emb")
+    line = sh_line(one(plan_of(inv, fresh(inv)), "spark-a", "workload", "emb").commands[-1])
+    options, _, _ = docker_exec(line)
     assert has(options, "-e", "SPARKCTL_API_KEY")
+    command = inside(line)
     assert command[:2] == ["python3", f"/sparkctl/{lc.WORKER_FILE}"]
     assert has(command, "--bundle-resources", '{"GPU":1}')
     assert has(command, "--ray-address", "192.168.100.10:6379")
@@ -356,13 +387,18 @@ def test_converged_container_pair_plans_no_change() -> None:
     assert sorted(s.id for s in steps(plan, "spark-a")) == [
         "verify_jumbo:enP2p1s0f1np1->spark-b",
         "verify_jumbo:enp1s0f1np1->spark-b",
+        "verify_placement:chat",
         "verify_ray:formation",
         "verify_workload:chat",
     ]
 
 
 CHAT_STOP = (
-    "docker stop -t 30 sparkctl-chat >/dev/null 2>&1; docker rm -f sparkctl-chat >/dev/null 2>&1; "
+    "docker exec sparkctl-ray sh -c 'if [ -f /sparkctl/workload-chat.pid ]; then "
+    "pid=$(cat /sparkctl/workload-chat.pid); "
+    'kill -TERM -"$pid" 2>/dev/null; i=0; while kill -0 -"$pid" 2>/dev/null && [ $i -lt 150 ]; do sleep 0.2; '
+    'i=$((i+1)); done; kill -KILL -"$pid" 2>/dev/null; rm -f /sparkctl/workload-chat.pid /sparkctl/workload-chat.spec; '
+    "fi; true' 2>/dev/null; "
     f"rm -f {STATE}/workload-chat.pid {STATE}/workload-chat.spec; true"
 )
 
@@ -373,35 +409,38 @@ def test_rotated_token_restarts_ray_by_removing_its_container() -> None:
         stop, start = one(plan, host, "ray_node").commands
         assert sh_line(stop) == "docker rm -f sparkctl-ray >/dev/null 2>&1; true"
         assert docker_run(sh_line(start))[0][:3] == ["-d", "--name", "sparkctl-ray"]
+    # chat is stopped inside (a no-op once its Ray container was replaced) and started in the new container
     stop, start = one(plan, "spark-a", "workload", "chat").commands
-    # the container's processes belong to root: docker stops it (TERM, KILL after 30 s), then removes it
     assert sh_line(stop) == CHAT_STOP
-    assert docker_run(sh_line(start))[0][:3] == ["-d", "--name", "sparkctl-chat"]
+    assert docker_exec(sh_line(start))[1] == "sparkctl-ray"
 
 
-@pytest.mark.parametrize("what", ["ray", "chat"])
-def test_a_leftover_container_is_removed_before_docker_run(what: str) -> None:
-    """A stopped container keeps its name (after a reboot, or when Ray or vLLM exited): `docker run --name` would
-    fail with a name conflict, so the start line removes any container of that name first."""
+def test_a_leftover_container_is_removed_before_docker_run() -> None:
+    """A stopped container keeps its name (after a reboot, or when Ray exited): `docker run --name` would fail with
+    a name conflict, so the start line removes any container of that name first."""
     facts = converged_facts()
-    if what == "ray":  # after a reboot: the containers exist, stopped (`docker ps` lists none); nothing runs
-        facts = {h: f.model_copy(update={"processes": f.processes[:1], "containers": {}}) for h, f in facts.items()}
-        step = one(plan_of(container_inventory(), facts), "spark-a", "ray_node")
-    else:  # vLLM exited; its container stays, stopped
-        a = facts["spark-a"]
-        facts["spark-a"] = a.model_copy(
-            update={
-                "processes": [p for p in a.processes if p.pid != 5120],
-                "containers": {"sparkctl-ray": IMAGE},
-            }
-        )
-        step = one(plan_of(container_inventory(), facts), "spark-a", "workload", "chat")
+    # after a reboot: the containers exist, stopped (`docker ps` lists none); nothing runs
+    facts = {
+        h: f.model_copy(update={"processes": f.processes[:1], "containers": {}, "container_workloads": []})
+        for h, f in facts.items()
+    }
+    step = one(plan_of(container_inventory(), facts), "spark-a", "ray_node")
     lines = [sh_line(c) for c in step.commands]
-    (run_at,) = [i for i, line in enumerate(lines) if f"--name sparkctl-{what}" in line]
+    (run_at,) = [i for i, line in enumerate(lines) if "--name sparkctl-ray" in line]
     run = lines[run_at]
-    removal = f"{{ docker rm -f sparkctl-{what} >/dev/null 2>&1; true; }} && docker run -d --name sparkctl-{what} "
+    removal = "{ docker rm -f sparkctl-ray >/dev/null 2>&1; true; } && docker run -d --name sparkctl-ray "
     assert removal in run, run
     assert run.index(removal) < run.index("docker run")
+
+
+def test_a_workload_whose_process_exited_is_started_again() -> None:
+    """vLLM exited inside the Ray container: the probe no longer finds its process, so up starts it again."""
+    facts = converged_facts()
+    facts["spark-a"] = facts["spark-a"].model_copy(update={"container_workloads": []})
+    plan = plan_of(container_inventory(), facts)
+    (start,) = one(plan, "spark-a", "workload", "chat").commands
+    assert docker_exec(sh_line(start))[1] == "sparkctl-ray"
+    assert {s.id for s in steps(plan) if s.changes} == {"page_cache:drop", "workload:chat"}
 
 
 def test_a_new_image_restarts_ray_and_the_workloads() -> None:
@@ -415,7 +454,7 @@ def test_a_new_image_restarts_ray_and_the_workloads() -> None:
         assert f" {new} sh -c " in sh_line(start)
     chat = one(plan, "spark-a", "workload", "chat")
     assert chat.diff[-1] == f"+ chat: {CHAT_SPEC.replace(IMAGE, new)}"
-    assert f" {new} vllm serve " in sh_line(chat.commands[-1])
+    assert inside(sh_line(chat.commands[-1]))[:2] == ["vllm", "serve"]
 
 
 def test_ray_converges_on_the_container_docker_lists() -> None:
@@ -432,7 +471,7 @@ def test_ray_converges_on_the_container_docker_lists() -> None:
 # --- down --------------------------------------------------------------------------------------------------------
 
 
-def test_down_removes_the_containers() -> None:
+def test_down_stops_the_workload_inside_then_removes_the_containers() -> None:
     """With rootless Docker the containers' processes belong to the login user, and `down` removes them."""
     plan = plan_of(container_inventory(), converged_facts(user="nvidia"), runbook="down")
     (stop,) = one(plan, "spark-a", "workload_stopped", "chat").commands
@@ -512,6 +551,10 @@ def _sh_lines(plan: Plan) -> list[str]:
                     _, command = docker_run(c.argv[2])
                     if command[:2] == ["sh", "-c"]:
                         lines.append(command[2])
+                if "docker exec sparkctl-ray sh -c" in c.argv[2] or "docker exec -e" in c.argv[2]:
+                    _, _, command = docker_exec(c.argv[2])
+                    if command[:2] == ["sh", "-c"]:
+                        lines.append(command[2])
     return lines
 
 
@@ -533,7 +576,7 @@ STUB_DOCKER = """#!/bin/sh
 echo "$1 $2 $3" >> "$REC/calls.log"
 case "$1" in
   run) printf '%s\\n' "$@" > "$REC/run.argv"; printf '%s' "$VLLM_API_KEY" > "$REC/run.key"; echo 6f1c0e9b2a7d ;;
-  inspect) echo 4242 ;;
+  exec) printf '%s\\n' "$@" > "$REC/exec.argv"; printf '%s' "$VLLM_API_KEY" > "$REC/exec.key" ;;
   logs) echo "output of $3" ;;
 esac
 """
@@ -573,22 +616,33 @@ def test_workload_line_gives_docker_the_key_by_name_only(stubs: tuple[dict[str, 
     env, tmp = stubs
     home = str(tmp / "home")
     inv = container_inventory()
-    line = lc.build_workload_start(inv, inv.workload("chat"), home).replace(paths.ENV_FILE, str(tmp / "worker.env"))
+    line = lc.build_workload_start(inv, inv.workload("chat"), home)
     r = subprocess.run([shell, "-c", line], input="sk-unit-test\n", env=env, capture_output=True, text=True, timeout=20)
     assert r.returncode == 0, r.stderr
-    argv = (tmp / "run.argv").read_text().splitlines()
-    assert (tmp / "run.key").read_text() == "sk-unit-test"
+    argv = (tmp / "exec.argv").read_text().splitlines()
+    assert (tmp / "exec.key").read_text() == "sk-unit-test"
     assert "sk-unit-test" not in "\n".join(argv) and "sk-unit-test" not in line
-    assert has(argv, "-e", "VLLM_API_KEY")
+    assert argv[:3] == ["exec", "-e", "VLLM_API_KEY"]
     assert has(argv, "-e", "RAY_ADDRESS=192.168.100.10:6379")
-    assert argv[argv.index(IMAGE) + 1 : argv.index(IMAGE) + 3] == ["vllm", "serve"]
-    assert Path(lc.pid_file(home, "chat")).read_text() == "4242\n"
+    assert argv[argv.index("sparkctl-ray") + 1 : argv.index("sparkctl-ray") + 3] == ["sh", "-c"]
     assert Path(lc.spec_file(home, "chat")).read_text() == lc.workload_spec(inv, inv.workload("chat"), home) + "\n"
-    # a leftover container of that name is removed first; the container's output is followed into the log
-    assert _followed(Path(paths.log_path(home, "chat"))) == "output of sparkctl-chat\n"
-    calls = _calls(tmp)
-    assert calls[:2] == ["rm -f sparkctl-chat", "run -d --name"]
-    assert sorted(calls[2:]) == ["inspect -f {{.State.Pid}}", "logs -f sparkctl-chat"]
+    assert _calls(tmp) == ["exec -e VLLM_API_KEY"]
+    # what the container's sh runs, here on this machine with /sparkctl as the state dir: the pid is recorded
+    inner = argv[argv.index("sparkctl-ray") + 3]
+    state = tmp / "state"
+    (state / "logs").mkdir(parents=True)
+    sleeper = inner.replace("/sparkctl/", f"{state}/").split("setsid ", 1)
+    script = sleeper[0] + "setsid sleep 30 > " + sleeper[1].split(" > ", 1)[1]
+    r = subprocess.run([shell, "-c", script], env=env, capture_output=True, text=True, timeout=20)
+    assert r.returncode == 0, r.stderr
+    pid = int((state / "workload-chat.pid").read_text())
+    try:
+        end = time.monotonic() + 3
+        while os.getpgid(pid) != pid and time.monotonic() < end:  # the child runs setsid after the shell returned
+            time.sleep(0.02)
+        assert os.getpgid(pid) == pid  # its own process group: `down` TERMs all of it
+    finally:
+        os.killpg(pid, signal.SIGKILL)
 
 
 @pytest.mark.skipif(shutil.which("setsid") is None, reason="needs util-linux setsid")
@@ -601,7 +655,8 @@ def test_ray_line_survives_both_levels_of_quoting(stubs: tuple[dict[str, str], P
     r = subprocess.run([shell, "-c", line], env=env, capture_output=True, text=True, timeout=20)
     assert r.returncode == 0, r.stderr
     assert _followed(Path(paths.log_path(home, "ray"))) == "output of sparkctl-ray\n"
-    assert _calls(tmp) == ["rm -f sparkctl-ray", "run -d --name", "logs -f sparkctl-ray"]
+    assert _calls(tmp)[:2] == ["rm -f sparkctl-ray", "run -d --name"]
+    assert sorted(_calls(tmp)) == ["logs -f sparkctl-ray", "rm -f sparkctl-ray", "run -d --name"]
     argv = (tmp / "run.argv").read_text().splitlines()
     command = argv[argv.index(IMAGE) + 1 :]
     assert command[:2] == ["sh", "-c"]

@@ -246,7 +246,7 @@ RECORDER = """#!/bin/sh
   echo "RAY_AUTH_MODE=$RAY_AUTH_MODE"
   echo "RAY_AUTH_TOKEN_PATH=$RAY_AUTH_TOKEN_PATH"
   echo "NCCL_IB_GID_INDEX=$NCCL_IB_GID_INDEX"
-  echo "VLLM_DISTRIBUTED_EXECUTOR_CONFIG=$VLLM_DISTRIBUTED_EXECUTOR_CONFIG"
+  echo "VLLM_DISTRIBUTED_EXECUTOR_CONFIG=${{VLLM_DISTRIBUTED_EXECUTOR_CONFIG-unset}}"
   echo "RAY_ADDRESS=$RAY_ADDRESS"
   echo "pid=$$"
 }} > "{record}.tmp" && mv "{record}.tmp" "{record}"
@@ -327,7 +327,8 @@ def test_workload_start_line_reads_the_key_from_stdin_and_records_the_pid(sandbo
                 os.killpg(int(pid_file.read_text()), signal.SIGKILL)
     assert rec["VLLM_API_KEY"] == "sk-unit-test"
     assert rec["argv"].startswith("serve Qwen/Qwen3-30B-A3B-Instruct-2507 ")
-    assert rec["VLLM_DISTRIBUTED_EXECUTOR_CONFIG"] == lc.SPREAD
+    # not a vLLM variable (absent from vllm/envs.py): placement comes from vLLM's own PACK group and one GPU per node
+    assert rec["VLLM_DISTRIBUTED_EXECUTOR_CONFIG"] == "unset"
     assert rec["RAY_ADDRESS"] == "192.168.100.10:6379"  # the head's fabric address and Ray port
     assert rec["NCCL_IB_GID_INDEX"] == "5"
     assert pid_file.read_text().strip() == rec["pid"]

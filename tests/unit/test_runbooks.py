@@ -351,6 +351,7 @@ def test_up_runs_in_the_documented_order() -> None:
         "drop_caches",
         "workload_start",
         "workload_ready",
+        "verify_placement",
     ]
     assert [s.hosts for s in up.steps if s.action == "ray_start"] == ["head", "workers"]
 
