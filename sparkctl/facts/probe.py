@@ -14,6 +14,11 @@ NMCLI_SETTINGS = "connection.uuid,connection.interface-name,ipv4.method,ipv4.add
 NVIDIA_QUERY = "--query-gpu=name,compute_cap,driver_version,temperature.gpu"
 DIGESTED_FILES = ("ray-token", "embed_worker.py")
 
+# NetworkManager's D-Bus API (introspection/org.freedesktop.NetworkManager.xml): GetDeviceByIpIface gives a
+# device's object path, the Checkpoints property lists pending checkpoints. busctl ships with systemd (Ubuntu
+# 24.04 / DGX OS and Debian 12 alike); gdbus (libglib2.0-bin) is not always installed.
+NM_BUS = ("org.freedesktop.NetworkManager", "/org/freedesktop/NetworkManager", "org.freedesktop.NetworkManager")
+
 
 def build_probe(inventory: Inventory, host: Host) -> str:
     """The probe script for `host`. It only reads; every section is printed even when a tool is absent."""
@@ -44,13 +49,19 @@ def build_probe(inventory: Inventory, host: Host) -> str:
             "echo; done"
         ),
         "nm_devices": "nmcli -t -f DEVICE,TYPE,STATE,CONNECTION device status 2>/dev/null || true",
+        "nm_checkpoint": (
+            f"for i in {twins}; do printf 'device %s ' \"$i\"; "
+            f'busctl call {" ".join(NM_BUS)} GetDeviceByIpIface s "$i" 2>/dev/null || echo; done; '
+            f"printf 'listed '; busctl get-property {' '.join(NM_BUS)} Checkpoints 2>/dev/null || echo; "
+            f"printf 'file '; cat {q(paths.CHECKPOINT_FILE)} 2>/dev/null || echo"
+        ),
         "env_file": f"cat {q(paths.ENV_FILE)} 2>/dev/null && echo && echo '{MARK} present' || echo '{MARK} absent'",
         "non_carry_over": f"cat \"$HOME\"/{q(paths.NON_CARRY_OVER)} 2>/dev/null && echo && echo '{MARK} present' "
         f"|| echo '{MARK} absent'",
         "state_files": (
             f"cd {state} 2>/dev/null && {{ sha256sum {' '.join(DIGESTED_FILES)} 2>/dev/null "
             '| while read -r d f; do echo "$f.sha256:$d"; done; '
-            "grep -H '' workload-*.pid workload-*.spec 2>/dev/null; }; true"
+            "grep -H '' workload-*.pid workload-*.spec workload-*.health 2>/dev/null; }; true"
         ),
         "firewall": (
             f"cat {q(paths.FIREWALL_FILE)} 2>/dev/null && echo && echo '{MARK} present' || echo '{MARK} absent'"

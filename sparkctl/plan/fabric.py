@@ -2,13 +2,35 @@
 
 from __future__ import annotations
 
+import shlex
+
 from sparkctl import paths
 from sparkctl.errors import PlanError, Problem
 from sparkctl.facts.models import HostFacts, NmConnection
+from sparkctl.facts.probe import NM_BUS
 from sparkctl.inventory.models import FabricInterface, Host, Inventory
-from sparkctl.plan.models import Command, Step
+from sparkctl.plan.models import Command, Rollback, Step
 
 ACTIVATE_WAIT = "30"
+
+# NetworkManager checkpoints (D-Bus API, introspection/org.freedesktop.NetworkManager.xml; CheckpointCreate,
+# CheckpointDestroy and CheckpointRollback exist since NetworkManager 1.4, the flag below since 1.6; DGX OS /
+# Ubuntu 24.04 ships 1.46, Debian 12 1.42). CheckpointCreate(ao devices, u rollback_timeout, u flags) -> o:
+# NetworkManager snapshots each listed device (its active profile and that profile's settings) and, unless the
+# checkpoint is destroyed first, rolls them back by itself after rollback_timeout seconds - even when sparkctl
+# can no longer reach the host (src/core/nm-checkpoint.c: nm_checkpoint_rollback re-activates the snapshot's
+# profile, or disconnects a device that had none).
+CHECKPOINT_DELETE_NEW_CONNECTIONS = 0x02
+"""NM_CHECKPOINT_CREATE_FLAG_DELETE_NEW_CONNECTIONS (nm-dbus-interface.h): a rollback deletes profiles added since."""
+
+CHECKPOINT_STEP = "fabric_checkpoint"
+COMMIT_STEP = "fabric_commit"
+
+
+def _busctl(method: str, signature: str, *args: str) -> str:
+    """`busctl call` of a NetworkManager method (systemd's busctl(1): SIGNATURE then one word per value,
+    an array as its length followed by its items)."""
+    return shlex.join(["busctl", "call", *NM_BUS, method, signature, *args])
 
 
 def desired_settings(twin: FabricInterface, mtu: int) -> dict[str, str]:
@@ -64,14 +86,145 @@ def check_session_safety(host: Host, facts: HostFacts) -> list[Problem]:
 
 
 def plan_fabric(inv: Inventory, host: Host, facts: HostFacts) -> list[Step]:
-    """Steps that make every twin of `host` carry its address at the fabric MTU through a sparkctl profile."""
+    """Steps that make every twin of `host` carry its address at the fabric MTU through a sparkctl profile.
+
+    When anything changes, the first step opens a NetworkManager checkpoint on the twins; the change is final
+    only after a later `fabric_commit` step (see plan_fabric_commit).
+    """
     problems = check_session_safety(host, facts)
     if problems:
         raise PlanError(problems)
     steps: list[Step] = []
     for twin in host.fabric:
         steps += _plan_twin(host.name, twin, inv.network.mtu, facts)
+    if steps or facts.nm_checkpoints.pending:  # another run's pending checkpoint fails the step (its verdict)
+        steps.insert(0, _checkpoint_step(inv, host, facts, steps))
     return steps
+
+
+def _checkpoint_step(inv: Inventory, host: Host, facts: HostFacts, changes: list[Step]) -> Step:
+    """Open a checkpoint on the twins; its rollback undoes `changes` (NetworkManager's and, for profiles that
+    were not active on a twin, sparkctl's own undo commands, which the checkpoint does not cover)."""
+    cp = facts.nm_checkpoints
+    timeout = inv.network.checkpoint_timeout
+    devices = [cp.devices.get(t.interface, "") for t in host.fabric]
+    file = shlex.quote(paths.CHECKPOINT_FILE)
+    create = _busctl(
+        "CheckpointCreate", "aouu", str(len(devices)), *devices, str(timeout), str(CHECKPOINT_DELETE_NEW_CONNECTIONS)
+    )
+    line = (
+        f"mkdir -p {shlex.quote(paths.CHECKPOINT_FILE.rsplit('/', 1)[0])} && out=$({create}) && "
+        f"printf '%s\\n' \"$out\" | cut -d '\"' -f 2 > {file}.new && mv {file}.new {file}"
+    )
+    verdict = ""
+    missing = [t.interface for t, d in zip(host.fabric, devices, strict=True) if not d]
+    if cp.pending:
+        verdict = (
+            f"NetworkManager holds a checkpoint of another sparkctl run ({cp.pending}): that run is still "
+            f"changing the fabric, or it failed and NetworkManager rolls its change back within "
+            f"{timeout} s; hint: wait for that run to end (or the rollback), then run again"
+        )
+    elif missing:
+        verdict = (
+            f"NetworkManager's D-Bus device of {', '.join(missing)} was not found (busctl call ... "
+            "GetDeviceByIpIface); hint: check that busctl (systemd) is installed and NetworkManager manages the twins"
+        )
+    return Step(
+        host=host.name,
+        kind=CHECKPOINT_STEP,
+        target=",".join(t.interface for t in host.fabric),
+        description=f"open a NetworkManager checkpoint on the twins (rolls back by itself after {timeout} s "
+        "unless committed)",
+        commands=[Command(argv=["sh", "-c", line], sudo=True)],
+        diff=[f"- {paths.CHECKPOINT_FILE}: absent", f"+ {paths.CHECKPOINT_FILE}: checkpoint path"],
+        verdict=verdict,
+        rollback=Rollback(
+            commands=[_rollback_command(), *_undo_commands(host, facts, changes)],
+            commit=COMMIT_STEP,
+            description="roll the twins back to the checkpoint (profiles added by this run are deleted)",
+            fallback=f"NetworkManager on {host.name} rolls the change back by itself when the checkpoint expires "
+            f"({timeout} s after it was opened; network.checkpoint_timeout)",
+        ),
+    )
+
+
+def _rollback_command() -> Command:
+    """Roll back sparkctl's recorded checkpoint, if any; fail if a device could not be restored."""
+    file = shlex.quote(paths.CHECKPOINT_FILE)
+    line = (
+        f'p=$(cat {file} 2>/dev/null); [ -n "$p" ] || exit 0; '
+        f"out=$({_busctl('CheckpointRollback', 'o', 'PATH').replace('PATH', chr(34) + '$p' + chr(34))}); rc=$?; "
+        f"rm -f {file}; "
+        '[ $rc = 0 ] || { echo "NetworkManager no longer holds checkpoint $p (it expired and was rolled back, '
+        'or NetworkManager restarted)" >&2; exit 1; }; '
+        # the reply is a{su}: each device's original path and its NMRollbackResult (0 = restored)
+        'echo "$out"; case "$out" in *\'" 1\'*|*\'" 2\'*|*\'" 3\'*) '
+        'echo "NetworkManager could not restore every device" >&2; exit 1;; esac'
+    )
+    return Command(argv=["sh", "-c", line], sudo=True)
+
+
+def _undo_commands(host: Host, facts: HostFacts, changes: list[Step]) -> list[Command]:
+    """nmcli commands restoring profiles this run modifies that were not active on a twin (a checkpoint restores
+    only the profile active on each device; src/core/nm-checkpoint.c device_checkpoint_create)."""
+    active = {d.connection for d in facts.nm_devices.values() if d.connection}
+    undo: list[Command] = []
+    for step in changes:
+        if step.kind == "fabric_rival_profile":
+            uuid = step.commands[0].argv[4]
+            rival = next(c for c in facts.nm_connections if c.uuid == uuid)
+            if rival.name not in active:
+                undo.append(
+                    Command(
+                        argv=["nmcli", "connection", "modify", "uuid", uuid, "connection.autoconnect", "yes"], sudo=True
+                    )
+                )
+        elif step.kind == "fabric_profile" and step.commands[0].argv[2] == "modify":
+            name = step.commands[0].argv[4]
+            ours = facts.connection(name)
+            if ours is None or ours.name in active:
+                continue
+            have = current_settings(ours)
+            argv = ["nmcli", "connection", "modify", "uuid", ours.uuid]
+            for key in step.commands[0].argv[5::2]:
+                argv += [key, "0" if key == "802-3-ethernet.mtu" and have[key] == "auto" else have[key]]
+            undo.append(Command(argv=argv, sudo=True))
+    return undo
+
+
+def plan_fabric_commit(inv: Inventory, host: Host, facts: HostFacts, run_opens: bool) -> list[Step]:
+    """Destroy this run's checkpoint on a host (the fabric change becomes final).
+
+    `run_opens`: an earlier stage of this run opens checkpoints. Before that stage runs, the host's own fabric
+    plan says whether it gets one; after it, the facts show the checkpoint pending.
+    """
+    if not run_opens:
+        return []
+    pending = bool(facts.nm_checkpoints.pending)
+    opened = pending or bool(plan_fabric(inv, host, facts))
+    if not opened:
+        return []
+    file = shlex.quote(paths.CHECKPOINT_FILE)
+    timeout = inv.network.checkpoint_timeout
+    line = (
+        f'p=$(cat {file} 2>/dev/null); [ -n "$p" ] || {{ echo "no checkpoint recorded in {paths.CHECKPOINT_FILE}" '
+        ">&2; exit 1; }; "
+        f"{_busctl('CheckpointDestroy', 'o', 'PATH').replace('PATH', chr(34) + '$p' + chr(34))} >/dev/null || "
+        f'{{ rm -f {file}; echo "NetworkManager no longer holds checkpoint $p: the fabric change was rolled back '
+        f"(it expired after network.checkpoint_timeout={timeout} s, before the checks ended, or NetworkManager "
+        f'restarted); hint: raise network.checkpoint_timeout and run again" >&2; exit 1; }}; rm -f {file}'
+    )
+    return [
+        Step(
+            host=host.name,
+            kind=COMMIT_STEP,
+            target=paths.CHECKPOINT_FILE,
+            description="commit the fabric change (destroy the NetworkManager checkpoint)",
+            commands=[Command(argv=["sh", "-c", line], sudo=True)],
+            diff=[f"- checkpoint: rolls back after {timeout} s", "+ checkpoint: none (the change is final)"],
+            depends_on_earlier=not pending,
+        )
+    ]
 
 
 def _plan_twin(hostname: str, twin: FabricInterface, mtu: int, facts: HostFacts) -> list[Step]:

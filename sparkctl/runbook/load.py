@@ -83,6 +83,19 @@ def _check(rb: Runbook) -> list[tuple[tuple[str | int, ...], str, str]]:
                 param = re.sub(r"^not\s+", "", step.when.strip()).split()[0]
                 if param not in rb.parameters:
                     found.append(((group, i, "when"), f"'{param}' is not a parameter of this runbook", ""))
+    for i, step in enumerate(rb.steps):
+        needs = [a for a in ACTIONS.values() if a.commits and a.commits == step.action]
+        later = {s.action for s in rb.steps[i + 1 :]}
+        for commit in needs:
+            if commit.name not in later:
+                found.append(
+                    (
+                        ("steps", i, "action"),
+                        f"'{step.action}' changes are rolled back by the hosts unless a later step commits them",
+                        f"add a later step with `action: {commit.name}` (after the check that proves the change, "
+                        "e.g. verify_fabric)",
+                    )
+                )
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:
         found.append((("steps",), f"duplicate step names: {', '.join(sorted(dupes))}", "name every step once"))
@@ -247,6 +260,12 @@ def _override_workloads(
     return new
 
 
+def _commits(action: str, other: str) -> bool:
+    """`action` makes `other`'s change final (so `--only other` runs it too)."""
+    found = ACTIONS.get(action)
+    return bool(other) and found is not None and found.commits == other
+
+
 def build_runbook_plan(
     rb: Runbook,
     ctx: PlanContext,
@@ -259,8 +278,9 @@ def build_runbook_plan(
     """Plan every step of a runbook in order; later steps see which kinds earlier ones change."""
     stages = []
     notes = []
+    only_action = next((s.action for s in rb.steps if s.name == only), "") if only else ""
     for i, step in enumerate(rb.steps):
-        if i < start or (only and step.name != only):
+        if i < start or (only and step.name != only and not _commits(step.action, only_action)):
             continue
         if not when_holds(step.when, params):
             notes.append(f"step '{step.name}' skipped: when: {step.when}")
