@@ -57,6 +57,23 @@ def current_settings(con: NmConnection) -> dict[str, str]:
     }
 
 
+def pick_profile(
+    facts: HostFacts, name: str, interface: str, want: dict[str, str]
+) -> tuple[NmConnection | None, list[NmConnection]]:
+    """The profile called `name` sparkctl keeps, and its duplicates (same name, other UUIDs).
+
+    Kept: the one active on the twin, else one already holding the wanted settings, else the first listed.
+    """
+    found = [c for c in facts.nm_connections if c.name == name]
+    if not found:
+        return None, []
+    keep = next(
+        (c for c in found if c.device == interface),
+        next((c for c in found if current_settings(c) == want), found[0]),
+    )
+    return keep, [c for c in found if c.uuid != keep.uuid]
+
+
 def check_session_safety(host: Host, facts: HostFacts) -> list[Problem]:
     """Refuse any twin that carries the SSH session (by route or by address)."""
     problems = []
@@ -181,7 +198,7 @@ def _undo_commands(host: Host, facts: HostFacts, changes: list[Step]) -> list[Co
                 )
         elif step.kind == "fabric_profile" and step.commands[0].argv[2] == "modify":
             name = step.commands[0].argv[4]
-            ours = facts.connection(name)
+            ours = pick_profile(facts, name, step.target, {})[0]
             if ours is None or ours.name in active:
                 continue
             have = current_settings(ours)
@@ -229,9 +246,25 @@ def plan_fabric_commit(inv: Inventory, host: Host, facts: HostFacts, run_opens: 
 
 def _plan_twin(hostname: str, twin: FabricInterface, mtu: int, facts: HostFacts) -> list[Step]:
     name = paths.connection_name(twin.interface)
-    ours = facts.connection(name)
     want = desired_settings(twin, mtu)
+    ours, extra = pick_profile(facts, name, twin.interface, want)
     steps: list[Step] = []
+
+    # Two runs at once (or a profile copied by hand) leave several profiles of one name: `nmcli ... id NAME`
+    # then acts on whichever NetworkManager lists first. Keep one, delete the others by UUID, before any change.
+    for dup in extra:
+        where = f", active on {dup.device}" if dup.device else ""
+        steps.append(
+            Step(
+                host=hostname,
+                kind="fabric_duplicate_profile",
+                target=f"{twin.interface}/{dup.uuid}",
+                description=f"delete the duplicate profile {name} ({dup.uuid}{where}); {ours.uuid if ours else ''} "
+                "stays",
+                commands=[Command(argv=["nmcli", "connection", "delete", "uuid", dup.uuid], sudo=True)],
+                diff=[f"- {name} {dup.uuid}{(' ' + dup.filename) if dup.filename else ''}"],
+            )
+        )
 
     rivals = [c for c in facts.nm_connections if c.name != name and twin.interface in (c.interface_name, c.device)]
     for rival in rivals:
@@ -276,7 +309,7 @@ def _plan_twin(hostname: str, twin: FabricInterface, mtu: int, facts: HostFacts)
         differ = {k: v for k, v in want.items() if have.get(k) != v}
         changed_profile = bool(differ)
         if differ:
-            argv = ["nmcli", "connection", "modify", "id", name]
+            argv = ["nmcli", "connection", "modify", "id", name]  # unambiguous: duplicates are deleted first
             for key, value in differ.items():
                 argv += [key, value]
             diff = []
@@ -324,14 +357,17 @@ def plan_restore_network(inv: Inventory, host: Host, facts: HostFacts) -> list[S
     steps: list[Step] = []
     for twin in host.fabric:
         name = paths.connection_name(twin.interface)
-        if facts.connection(name):
+        mine = [c for c in facts.nm_connections if c.name == name]
+        if mine:
             steps.append(
                 Step(
                     host=host.name,
                     kind="fabric_profile_removed",
                     target=twin.interface,
-                    description=f"delete profile {name}",
-                    commands=[Command(argv=["nmcli", "connection", "delete", "id", name], sudo=True)],
+                    description=f"delete profile {name}" + (f" ({len(mine)} copies)" if len(mine) > 1 else ""),
+                    commands=[Command(argv=["nmcli", "connection", "delete", "uuid", c.uuid], sudo=True) for c in mine]
+                    if len(mine) > 1
+                    else [Command(argv=["nmcli", "connection", "delete", "id", name], sudo=True)],
                     diff=[f"- {name}"],
                 )
             )

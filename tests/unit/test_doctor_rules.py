@@ -431,6 +431,27 @@ CASES: list[Case] = [
         subject=f"{B} enp1s0f1np1",
         evidence="MTU 9000 DOWN",
     ),
+    # --- twin-duplicate-profile
+    Case("twin-duplicate-profile", "one-profile-per-twin", "pass", subject=f"{B} enp1s0f1np1", evidence="1 profile named"),
+    Case(
+        "twin-duplicate-profile",
+        "two-runs-left-two-profiles",
+        "fail",
+        facts={
+            B: {
+                "nm_connections": [
+                    *HEALTHY[B].nm_connections,
+                    HEALTHY[B]
+                    .nm_connections[0]
+                    .model_copy(update={"uuid": "9e9e9e9e-0000-4000-8000-00000000000b", "device": ""}),
+                ]
+            }
+        },
+        subject=f"{B} enp1s0f1np1",
+        evidence="2 profiles named sparkctl-enp1s0f1np1: 1a2b3c4d-0000-4000-8000-00000000000b (active on "
+        "enp1s0f1np1), 9e9e9e9e-0000-4000-8000-00000000000b",
+        fix="deletes the others by UUID",
+    ),
     # --- twin-subnets
     Case("twin-subnets", "own-subnets", "pass", subject=A, evidence="each twin on its own subnet"),
     Case(
