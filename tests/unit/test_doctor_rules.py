@@ -432,7 +432,9 @@ CASES: list[Case] = [
         evidence="MTU 9000 DOWN",
     ),
     # --- twin-duplicate-profile
-    Case("twin-duplicate-profile", "one-profile-per-twin", "pass", subject=f"{B} enp1s0f1np1", evidence="1 profile named"),
+    Case(
+        "twin-duplicate-profile", "one-profile-per-twin", "pass", subject=f"{B} enp1s0f1np1", evidence="1 profile named"
+    ),
     Case(
         "twin-duplicate-profile",
         "two-runs-left-two-profiles",
