@@ -220,6 +220,23 @@ def duplicate_profiles(ctx: CheckContext, rule: Rule) -> list[Finding]:
     return out
 
 
+@evaluator("workload_health")
+def workload_health(ctx: CheckContext, rule: Rule) -> list[Finding]:
+    out: list[Finding] = []
+    head = ctx.inventory.head
+    f = ctx.facts.get(head.name)
+    if f is None:
+        return out
+    for w in ctx.inventory.workloads:
+        if f"workload-{w.name}.pid" not in f.files:
+            continue  # not running: nothing to judge
+        health = f.files.get(f"workload-{w.name}.health", "").strip()
+        out.append(
+            _f(rule, not health.startswith("failed"), f"{head.name} workload {w.name}", health or "no health recorded")
+        )
+    return out
+
+
 @evaluator("twin_subnets")
 def twin_subnets(ctx: CheckContext, rule: Rule) -> list[Finding]:
     out = []

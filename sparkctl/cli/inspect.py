@@ -14,7 +14,7 @@ from sparkctl.errors import InputError, Problem
 from sparkctl.inventory.models import Inventory
 from sparkctl.launch import commands as lc
 from sparkctl.launch.probe import probe_workload
-from sparkctl.plan.cluster import ray_running_ok, workload_state
+from sparkctl.plan.cluster import ray_running_ok, workload_health, workload_state
 from sparkctl.runbook.actions import ACTIONS
 from sparkctl.runbook.load import builtin_names, builtin_text, load_runbook
 from sparkctl.runbook.run import Session
@@ -53,6 +53,7 @@ def cluster_status(session: Session, inv: Inventory, secrets: dict[str, str]) ->
             "process": workload_state(ctx, w),
             "health": probe.phase,
             "detail": probe.detail,
+            "recorded": workload_health(ctx, w),
         }
     return {"cluster": inv.cluster, "hosts": hosts, "workloads": workloads}
 
@@ -68,6 +69,8 @@ def _render_status(st: dict[str, Any]) -> str:
             )
     for name, w in st["workloads"].items():
         lines.append(f"  workload {name} ({w['engine']}): {w['endpoint']} process {w['process']}, {w['health']}")
+        if "broken" in (w["process"], w["health"]):
+            lines.append(f"    broken: {w['detail'] or w.get('recorded', '')}; hint: sparkctl up restarts it")
     return "\n".join(lines)
 
 

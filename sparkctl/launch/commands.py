@@ -189,6 +189,8 @@ def workload_argv(inv: Inventory, w: Workload, home: str) -> list[str]:
             f"{fabric_ip(inv.head)}:{inv.ray.port}",
             "--bundle-resources",
             json.dumps(bundle, separators=(",", ":")),
+            "--health-file",
+            health_file(home, w.name) if inv.runtime.venv else f"/sparkctl/workload-{w.name}.health",
             *w.extra_args,
         ]
     vllm = f"{inv.runtime.venv}/bin/vllm" if inv.runtime.venv else "vllm"
@@ -236,6 +238,11 @@ def pid_file(home: str, name: str) -> str:
 
 def spec_file(home: str, name: str) -> str:
     return f"{paths.state_dir(home)}/workload-{name}.spec"
+
+
+def health_file(home: str, name: str) -> str:
+    """Where the embed worker keeps its health (`loading`, `ok`, `failed <why>`), read by the facts probe."""
+    return f"{paths.state_dir(home)}/workload-{name}.health"
 
 
 def build_workload_start(inv: Inventory, w: Workload, home: str) -> str:
@@ -287,13 +294,14 @@ def build_workload_stop(inv: Inventory, name: str, home: str, grace: int = 30) -
         f"if [ -f {pidf} ]; then pid=$(cat {pidf}); "
         f'kill -TERM -"$pid" 2>/dev/null; i=0; '
         f'while kill -0 -"$pid" 2>/dev/null && [ $i -lt {grace * 5} ]; do sleep 0.2; i=$((i+1)); done; '
-        f'kill -KILL -"$pid" 2>/dev/null; rm -f {pidf} {q(spec_file(home, name))}; fi; true'
+        f'kill -KILL -"$pid" 2>/dev/null; '
+        f"rm -f {pidf} {q(spec_file(home, name))} {q(health_file(home, name))}; fi; true"
     )
     if inv.runtime.image:  # the container's processes belong to root: docker stops them (TERM, KILL after grace)
         container = q(f"sparkctl-{name}")
         return (
             f"docker stop -t {grace} {container} >/dev/null 2>&1; docker rm -f {container} >/dev/null 2>&1; "
-            f"rm -f {pidf} {q(spec_file(home, name))}; true"
+            f"rm -f {pidf} {q(spec_file(home, name))} {q(health_file(home, name))}; true"
         )
     return stop
 

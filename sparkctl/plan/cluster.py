@@ -187,8 +187,13 @@ def _selected(ctx: PlanContext) -> list[Workload]:
     return [w for w in ws if not names or w.name in names]
 
 
+def workload_health(ctx: PlanContext, w: Workload) -> str:
+    """What the workload recorded about itself on the head ('' if nothing): e.g. 'failed <why>'."""
+    return ctx.facts[ctx.inventory.head.name].files.get(f"workload-{w.name}.health", "").strip()
+
+
 def workload_state(ctx: PlanContext, w: Workload) -> str:
-    """'ok', 'stopped' or 'changed' for a workload on the head."""
+    """'ok', 'stopped', 'broken' (running, but it reports a failed backend) or 'changed' for a workload."""
     if "workload_stopped" in ctx.changed:  # an earlier step of this run stops the selected workloads
         return "stopped"
     head = ctx.inventory.head
@@ -200,6 +205,8 @@ def workload_state(ctx: PlanContext, w: Workload) -> str:
         alive = pid.isdigit() and any(p.pid == int(pid) for p in facts.processes)
     if not alive:
         return "stopped"
+    if workload_health(ctx, w).startswith("failed"):  # e.g. a tensor-parallel rank died: restart the group
+        return "broken"
     spec = facts.files.get(f"workload-{w.name}.spec", "")
     return "ok" if spec == lc.workload_spec(ctx.inventory, w, ctx.home(head)) else "changed"
 
@@ -272,7 +279,10 @@ def plan_workloads(ctx: PlanContext, host: Host) -> list[Step]:
                 + (f", replicas={w.replicas}" if w.replicas > 1 else "")
                 + f", {lc.endpoint(inv, w)}",
                 commands=cmds,
-                diff=[f"- {w.name}: {state}", f"+ {w.name}: {lc.workload_spec(inv, w, home)}"],
+                diff=[
+                    f"- {w.name}: {state}" + (f" ({workload_health(ctx, w)})" if state == "broken" else ""),
+                    f"+ {w.name}: {lc.workload_spec(inv, w, home)}",
+                ],
                 depends_on_earlier="ray_node" in ctx.changed,
             )
         )

@@ -378,6 +378,8 @@ class Engine:
                 self.emit(Event("phase", host=step.host, stage=stage, step=step.id, status=phase, message=p.detail))
             if p.ready:
                 return
+            if p.phase == "broken":  # reported by the workload itself; it does not heal while waiting
+                raise HostError(f"{wait.model} is broken: {p.detail}")
             if wait.alive is not None and p.phase != "ready":
                 line, data = remote_line(wait.alive, self.nopasswd.get(step.host, False), self.secrets, self.blobs)
                 if not self.transports[step.host].run(line, stdin=data, timeout=30).ok:

@@ -359,7 +359,7 @@ def test_converged_container_pair_plans_no_change() -> None:
 
 CHAT_STOP = (
     "docker stop -t 30 sparkctl-chat >/dev/null 2>&1; docker rm -f sparkctl-chat >/dev/null 2>&1; "
-    f"rm -f {STATE}/workload-chat.pid {STATE}/workload-chat.spec; true"
+    f"rm -f {STATE}/workload-chat.pid {STATE}/workload-chat.spec {STATE}/workload-chat.health; true"
 )
 
 

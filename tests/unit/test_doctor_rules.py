@@ -983,6 +983,32 @@ CASES: list[Case] = [
         subject=A,
         evidence="Ray listens on the fabric address and loopback only",
     ),
+    # --- workload-health
+    Case(
+        "workload-health",
+        "recorded-ok",
+        "pass",
+        facts={A: {"files": {**HEALTHY[A].files, "workload-chat.health": "ok"}}},
+        subject=f"{A} workload chat",
+        evidence="ok",
+    ),
+    Case(
+        "workload-health",
+        "a-rank-died",
+        "fail",
+        facts={
+            A: {
+                "files": {
+                    **HEALTHY[A].files,
+                    "workload-chat.health": "failed tensor-parallel rank lost: group 0 rank 1 on spark-b "
+                    "(192.168.100.11) died (ActorDiedError)",
+                }
+            }
+        },
+        subject=f"{A} workload chat",
+        evidence="group 0 rank 1 on spark-b",
+        fix="restart",
+    ),
     # --- runtime-versions
     Case("runtime-versions", "same-venv", "pass", subject="cluster", evidence="spark-a: python 3.12.3 ray 2.52.1 vllm"),
     Case(
