@@ -131,7 +131,7 @@ def _checkpoint_step(inv: Inventory, host: Host, facts: HostFacts, changes: list
     )
     line = (
         f"mkdir -p {shlex.quote(paths.CHECKPOINT_FILE.rsplit('/', 1)[0])} && out=$({create}) && "
-        f"printf '%s\\n' \"$out\" | cut -d '\"' -f 2 > {file}.new && mv {file}.new {file}"
+        f'echo "$out" | cut -d\\" -f 2 > {file}.new && mv {file}.new {file}'
     )
     verdict = ""
     missing = [t.interface for t, d in zip(host.fabric, devices, strict=True) if not d]
@@ -175,8 +175,8 @@ def _rollback_command() -> Command:
         '[ $rc = 0 ] || { echo "NetworkManager no longer holds checkpoint $p (it expired and was rolled back, '
         'or NetworkManager restarted)" >&2; exit 1; }; '
         # the reply is a{su}: each device's original path and its NMRollbackResult (0 = restored)
-        'echo "$out"; case "$out" in *\'" 1\'*|*\'" 2\'*|*\'" 3\'*) '
-        'echo "NetworkManager could not restore every device" >&2; exit 1;; esac'
+        'echo "$out"; if echo "$out" | grep -q "\\" [1-3]"; then '
+        'echo "NetworkManager could not restore every device" >&2; exit 1; fi'
     )
     return Command(argv=["sh", "-c", line], sudo=True)
 

@@ -336,3 +336,49 @@ def test_an_interrupt_before_the_commit_rolls_back() -> None:
     )
     _, report = run(plan, ts)
     assert report.interrupted and ts["spark-a"].commands[-1] == "undo-a"  # type: ignore[attr-defined]
+
+
+# busctl's replies as the real busctl 252 printed them on the testbed (CheckpointCreate: `o "PATH"`;
+# CheckpointRollback: `a{su} N "DEVICE" RESULT ...`; a destroyed or expired checkpoint: "Call failed: ...").
+FAKE_BUSCTL = """#!/bin/sh
+case "$*" in
+*CheckpointCreate*) echo 'o "/org/freedesktop/NetworkManager/Checkpoint/3"';;
+*CheckpointRollback*) d=/org/freedesktop/NetworkManager/Devices; echo "a{su} 2 \\"$d/3\\" 0 \\"$d/4\\" ${RB:-0}";;
+*CheckpointDestroy*) [ -z "$GONE" ] || { echo "Call failed: checkpoint $7 does not exist" >&2; exit 1; };;
+esac
+"""
+
+
+def test_checkpoint_lines_record_commit_and_roll_back(inv: Inventory, tmp_path: Path) -> None:
+    import os
+
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "busctl").write_text(FAKE_BUSCTL)
+    (tmp_path / "bin" / "busctl").chmod(0o755)
+    host, facts = inv.host("spark-a"), host_facts(inv, "spark-a")
+    first = fabric.plan_fabric(inv, host, facts)[0]
+    assert first.rollback is not None
+    record = tmp_path / "run" / "nm-checkpoint"
+    lines = {
+        "create": first.commands[0].argv[2],
+        "rollback": first.rollback.commands[0].argv[2],
+        "commit": fabric.plan_fabric_commit(inv, host, facts, run_opens=True)[0].commands[0].argv[2],
+    }
+
+    def sh(which: str, **env: str) -> subprocess.CompletedProcess[str]:
+        line = lines[which].replace(str(Path(paths.CHECKPOINT_FILE).parent), str(record.parent))
+        path = f"{tmp_path / 'bin'}:{os.environ['PATH']}"
+        return subprocess.run(
+            ["sh", "-c", line], env={**os.environ, "PATH": path, **env}, capture_output=True, text=True, check=False
+        )
+
+    assert sh("create").returncode == 0 and record.read_text() == f"{CP[:-1]}3\n"
+    assert sh("commit").returncode == 0 and not record.exists()
+    assert sh("create").returncode == 0
+    expired = sh("commit", GONE="1")
+    assert expired.returncode == 1 and "raise network.checkpoint_timeout" in expired.stderr and not record.exists()
+    assert sh("rollback").returncode == 0  # nothing recorded: nothing to roll back
+    assert sh("create").returncode == 0
+    failed = sh("rollback", RB="3")  # NM_ROLLBACK_RESULT_ERR_FAILED for one device
+    assert failed.returncode == 1 and "could not restore every device" in failed.stderr
+    assert sh("create").returncode == 0 and sh("rollback").returncode == 0 and not record.exists()
