@@ -64,6 +64,8 @@ def render_report(report: Report) -> str:
             if r.log_tail:
                 lines.append("  log tail:")
                 lines += [f"    {x}" for x in r.log_tail.splitlines()]
+    for host, message in report.host_errors.items():
+        lines.append(f"error: {host}: {message}")
     for host in report.rolled_back:
         undone = [r for r in report.results if r.host == host and r.stage == "rollback"]
         if undone and all(r.status != "failed" for r in undone):

@@ -163,7 +163,14 @@ class Engine:
                         report.ok = False
                         break
                 if changed and replan is not None and i + 1 < len(stages):
-                    fresh = replan(frozenset(done), i + 1)
+                    try:
+                        fresh = replan(frozenset(done), i + 1)
+                    except HostError as exc:  # a host stopped answering between stages: stop (and roll back)
+                        report.ok = False
+                        for p in exc.problems:
+                            report.host_errors[p.where or "?"] = p.message
+                            self.emit(Event("note", host=p.where, message=f"re-reading the hosts: {p.message}"))
+                        break
                     if fresh is not None:
                         stages = self._revise(stages, i + 1, fresh, report)
                 i += 1

@@ -382,3 +382,27 @@ def test_checkpoint_lines_record_commit_and_roll_back(inv: Inventory, tmp_path: 
     failed = sh("rollback", RB="3")  # NM_ROLLBACK_RESULT_ERR_FAILED for one device
     assert failed.returncode == 1 and "could not restore every device" in failed.stderr
     assert sh("create").returncode == 0 and sh("rollback").returncode == 0 and not record.exists()
+
+
+def test_a_host_lost_while_re_reading_between_stages_still_rolls_back_the_others() -> None:
+    from sparkctl.errors import HostError, Problem
+
+    ts = {h: RecordingTransport(h) for h in ("spark-a", "spark-b")}
+    plan = Plan(
+        cluster="c",
+        runbook="up",
+        hosts=["spark-a", "spark-b"],
+        stages=[
+            Stage(name="fabric", action="fabric", steps=[tx_step("spark-a", "undo-a"), tx_step("spark-b", "undo-b")]),
+            Stage(name="commit", action="fabric_commit", steps=[simple("spark-a", "fabric_commit", "commit")]),
+        ],
+    )
+
+    def replan(done: frozenset[str], start: int) -> Plan:
+        raise HostError([Problem("spark-b", "connection lost")])
+
+    eng = Engine(transports=ts, nopasswd={h: True for h in ts}, sleep=lambda s: None)
+    report = eng.run(plan, replan=replan)
+    assert not report.ok and report.host_errors == {"spark-b": "connection lost"}
+    assert ts["spark-a"].commands == ["open-checkpoint", "undo-a"]  # never committed, rolled back
+    assert report.rolled_back == ["spark-a", "spark-b"]
