@@ -86,7 +86,7 @@ def test_a_host_failing_in_the_fabric_stage_rolls_back_every_host(
     r = sparkctl("run", str(rb), "--yes", "-i", str(inv), env=env, timeout=300)
     out = r.stdout + r.stderr
     assert r.returncode == 1, out
-    assert "spark-b fabric-b/fabric_profile:enp1s0f1np1" in out and "nmcli connection add" in out
+    assert "error: spark-b fabric-b/" in out and "nmcli connection" in out  # its first profile write failed
     assert "spark-a: rolled back" in out, out
     assert "Traceback" not in out
     for host in tb.hosts:
@@ -107,7 +107,7 @@ def test_a_host_cut_off_after_the_change_rolls_back_by_itself(
     """spark-b's management link goes down after its fabric change and before the commit: sparkctl rolls back
     spark-a, names spark-b, and spark-b's NetworkManager rolls back on its own when the checkpoint expires."""
     tb = fresh_testbed
-    timeout = 40
+    timeout = 90  # covers the cut-off host's failing checks (2 x 10 s SSH timeouts) before spark-a's rollback
     inv = _inventory(tb, tmp_path, checkpoint_timeout=timeout)
     rb = _write(
         tmp_path / "held.yaml",
