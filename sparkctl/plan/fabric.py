@@ -14,7 +14,7 @@ from sparkctl.plan.models import Command, Rollback, Step
 ACTIVATE_WAIT = "30"
 
 # NetworkManager checkpoints (D-Bus API, introspection/org.freedesktop.NetworkManager.xml; CheckpointCreate,
-# CheckpointDestroy and CheckpointRollback exist since NetworkManager 1.4, the flag below since 1.6; DGX OS /
+# CheckpointDestroy and CheckpointRollback exist since NetworkManager 1.4 (NEWS), the flag below since 1.6; DGX OS /
 # Ubuntu 24.04 ships 1.46, Debian 12 1.42). CheckpointCreate(ao devices, u rollback_timeout, u flags) -> o:
 # NetworkManager snapshots each listed device (its active profile and that profile's settings) and, unless the
 # checkpoint is destroyed first, rolls them back by itself after rollback_timeout seconds - even when sparkctl
