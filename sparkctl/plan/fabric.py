@@ -187,16 +187,7 @@ def _undo_commands(host: Host, facts: HostFacts, changes: list[Step]) -> list[Co
     active = {d.connection for d in facts.nm_devices.values() if d.connection}
     undo: list[Command] = []
     for step in changes:
-        if step.kind == "fabric_rival_profile":
-            uuid = step.commands[0].argv[4]
-            rival = next(c for c in facts.nm_connections if c.uuid == uuid)
-            if rival.name not in active:
-                undo.append(
-                    Command(
-                        argv=["nmcli", "connection", "modify", "uuid", uuid, "connection.autoconnect", "yes"], sudo=True
-                    )
-                )
-        elif step.kind == "fabric_profile" and step.commands[0].argv[2] == "modify":
+        if step.kind == "fabric_profile" and step.commands[0].argv[2] == "modify":
             name = step.commands[0].argv[4]
             ours = pick_profile(facts, name, step.target, {})[0]
             if ours is None or ours.name in active:
@@ -209,18 +200,53 @@ def _undo_commands(host: Host, facts: HostFacts, changes: list[Step]) -> list[Co
     return undo
 
 
+def plan_rivals(host: Host, facts: HostFacts) -> list[Step]:
+    """Stop other profiles from claiming the twins (autoconnect no), so the sparkctl profiles win after a reboot.
+
+    Planned by the commit stage, after the checkpoint is destroyed: changing a profile saves it to disk (an
+    automatic "Wired connection N" kept in /run moves to /etc), which a checkpoint rollback cannot undo
+    (NetworkManager keeps a restored profile where it is: src/core/nm-checkpoint.c). Until then the rival only
+    stands aside: it is deactivated when the sparkctl profile comes up, and an active device is not autoconnected.
+    """
+    steps: list[Step] = []
+    for twin in host.fabric:
+        name = paths.connection_name(twin.interface)
+        rivals = [c for c in facts.nm_connections if c.name != name and twin.interface in (c.interface_name, c.device)]
+        for rival in rivals:
+            if not rival.autoconnect:
+                continue
+            steps.append(
+                Step(
+                    host=host.name,
+                    kind="fabric_rival_profile",
+                    target=f"{twin.interface}/{rival.name}",
+                    description=f"stop profile '{rival.name}' from claiming {twin.interface} (autoconnect)",
+                    commands=[
+                        Command(
+                            argv=["nmcli", "connection", "modify", "uuid", rival.uuid, "connection.autoconnect", "no"],
+                            sudo=True,
+                        )
+                    ],
+                    diff=[f"- {rival.name}: connection.autoconnect yes", f"+ {rival.name}: connection.autoconnect no"],
+                    notes=["`sparkctl restore-network` re-enables it"],
+                )
+            )
+    return steps
+
+
 def plan_fabric_commit(inv: Inventory, host: Host, facts: HostFacts, run_opens: bool) -> list[Step]:
     """Destroy this run's checkpoint on a host (the fabric change becomes final).
 
     `run_opens`: an earlier stage of this run opens checkpoints. Before that stage runs, the host's own fabric
     plan says whether it gets one; after it, the facts show the checkpoint pending.
     """
+    rivals = plan_rivals(host, facts)
     if not run_opens:
-        return []
+        return rivals
     pending = bool(facts.nm_checkpoints.pending)
     opened = pending or bool(plan_fabric(inv, host, facts))
     if not opened:
-        return []
+        return rivals
     file = shlex.quote(paths.CHECKPOINT_FILE)
     timeout = inv.network.checkpoint_timeout
     line = (
@@ -240,7 +266,8 @@ def plan_fabric_commit(inv: Inventory, host: Host, facts: HostFacts, run_opens: 
             commands=[Command(argv=["sh", "-c", line], sudo=True)],
             diff=[f"- checkpoint: rolls back after {timeout} s", "+ checkpoint: none (the change is final)"],
             depends_on_earlier=not pending,
-        )
+        ),
+        *rivals,
     ]
 
 
@@ -263,28 +290,6 @@ def _plan_twin(hostname: str, twin: FabricInterface, mtu: int, facts: HostFacts)
                 "stays",
                 commands=[Command(argv=["nmcli", "connection", "delete", "uuid", dup.uuid], sudo=True)],
                 diff=[f"- {name} {dup.uuid}{(' ' + dup.filename) if dup.filename else ''}"],
-            )
-        )
-
-    rivals = [c for c in facts.nm_connections if c.name != name and twin.interface in (c.interface_name, c.device)]
-    for rival in rivals:
-        if not rival.autoconnect:
-            continue
-        active = " and is deactivated when the sparkctl profile comes up" if rival.device == twin.interface else ""
-        steps.append(
-            Step(
-                host=hostname,
-                kind="fabric_rival_profile",
-                target=f"{twin.interface}/{rival.name}",
-                description=f"stop profile '{rival.name}' from claiming {twin.interface}{active}",
-                commands=[
-                    Command(
-                        argv=["nmcli", "connection", "modify", "uuid", rival.uuid, "connection.autoconnect", "no"],
-                        sudo=True,
-                    )
-                ],
-                diff=[f"- {rival.name}: connection.autoconnect yes", f"+ {rival.name}: connection.autoconnect no"],
-                notes=["`sparkctl restore-network` re-enables it"],
             )
         )
 

@@ -159,9 +159,9 @@ def test_missing_device_path_is_a_named_verdict(inv: Inventory) -> None:
     assert TWINS[1] in steps[0].verdict and "busctl" in steps[0].verdict
 
 
-def test_rollback_undoes_a_rival_the_checkpoint_does_not_cover(inv: Inventory) -> None:
-    """NetworkManager's checkpoint restores only the profile active on each device; an inactive rival whose
-    autoconnect sparkctl turns off is turned back on by sparkctl's rollback."""
+def test_rivals_are_turned_off_only_by_the_commit(inv: Inventory) -> None:
+    """Changing a profile saves it to disk, which a rollback cannot undo: the fabric stage leaves rival profiles
+    alone (the sparkctl profile takes the device over), the commit stage turns their autoconnect off."""
     idle = NmConnection(uuid="11111111-2222-4333-8444-555555555555", name="Wired connection 9", interface_name=TWINS[0])
     busy = NmConnection(uuid="66666666-2222-4333-8444-555555555555", name="Wired connection 1", device=TWINS[1])
     devs = {
@@ -170,9 +170,49 @@ def test_rollback_undoes_a_rival_the_checkpoint_does_not_cover(inv: Inventory) -
     }
     facts = host_facts(inv, "spark-a", nm_connections=[idle, busy], nm_devices=devs)
     steps = fabric.plan_fabric(inv, inv.host("spark-a"), facts)
+    assert "fabric_rival_profile" not in {s.kind for s in steps}
+    assert steps[0].rollback is not None and len(steps[0].rollback.commands) == 1  # the checkpoint covers it all
+    commit = fabric.plan_fabric_commit(inv, inv.host("spark-a"), facts, run_opens=True)
+    assert [s.kind for s in commit] == ["fabric_commit", "fabric_rival_profile", "fabric_rival_profile"]
+    assert [s.commands[0].argv[4] for s in commit[1:]] == [idle.uuid, busy.uuid]
+    # a converged host whose rival autoconnects again: the commit stage alone repairs it, without a checkpoint
+    done = host_facts(inv, "spark-a", converged=True)
+    done = done.model_copy(update={"nm_connections": [*done.nm_connections, idle]})
+    assert fabric.plan_fabric(inv, inv.host("spark-a"), done) == []
+    assert [s.kind for s in fabric.plan_fabric_commit(inv, inv.host("spark-a"), done, run_opens=False)] == [
+        "fabric_rival_profile"
+    ]
+
+
+def test_rollback_restores_an_inactive_sparkctl_profile_it_modified(inv: Inventory) -> None:
+    """A checkpoint restores only the profile active on each device; an inactive sparkctl profile that the run
+    modifies is restored by sparkctl's own nmcli command."""
+    pname = paths.connection_name(TWINS[0])
+    stale = NmConnection(
+        uuid="77777777-2222-4333-8444-555555555555",
+        name=pname,
+        interface_name=TWINS[0],
+        ipv4_method="manual",
+        ipv4_addresses=["192.168.100.99/24"],
+        ipv6_method="disabled",
+    )
+    facts = host_facts(inv, "spark-a", nm_connections=[stale])
+    steps = fabric.plan_fabric(inv, inv.host("spark-a"), facts)
     assert steps[0].rollback is not None
     undo = [c.argv for c in steps[0].rollback.commands[1:]]
-    assert undo == [["nmcli", "connection", "modify", "uuid", idle.uuid, "connection.autoconnect", "yes"]]
+    assert undo == [
+        [
+            "nmcli",
+            "connection",
+            "modify",
+            "uuid",
+            stale.uuid,
+            "ipv4.addresses",
+            "192.168.100.99/24",
+            "802-3-ethernet.mtu",
+            "0",
+        ]
+    ]
 
 
 def test_commit_is_planned_where_the_run_opens_a_checkpoint_and_after_it(inv: Inventory) -> None:
