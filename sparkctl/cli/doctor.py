@@ -8,14 +8,15 @@ from typing import Annotated, Any
 
 import typer
 
-from sparkctl.checks.active import measure_jumbo
-from sparkctl.checks.discover import DISCOVER_PROBE, parse_discovery, propose_inventory
-from sparkctl.checks.doctor import evaluate
-from sparkctl.checks.evaluators import CheckContext
-from sparkctl.checks.rules import Finding
+from sparkctl import state
 from sparkctl.cli import common as c
+from sparkctl.doctor.evaluate import evaluate
+from sparkctl.doctor.evaluators import CheckContext
+from sparkctl.doctor.rules import Finding
 from sparkctl.errors import EXIT_FAILED, HostError
+from sparkctl.facts.discover import DISCOVER_PROBE, parse_discovery, propose_inventory
 from sparkctl.inventory.models import FabricInterface, Host, SshSettings
+from sparkctl.plan.bench import measure_jumbo
 from sparkctl.runbook.engine import Report
 from sparkctl.runbook.load import load_runbook, resolve_params
 
@@ -80,6 +81,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         from sparkctl.execute import ssh
 
         settings = SshSettings(user=user, port=port, identity_file=identity, known_hosts=known_hosts)
+        if identity:
+            state.refuse_exposed(identity, "--identity-file")
         found = []
         problems = []
         for i, addr in enumerate(hosts):

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from sparkctl import paths
-from sparkctl.checks.doctor import evaluate
-from sparkctl.checks.evaluators import CheckContext
+from sparkctl.doctor.evaluate import evaluate
+from sparkctl.doctor.evaluators import CheckContext
 from sparkctl.execute.base import Result
 from sparkctl.execute.fake import RecordingTransport
 from sparkctl.facts.models import HostFacts, Interface, NmCheckpoints, NmConnection, NmDevice
@@ -23,7 +23,8 @@ from sparkctl.plan import fabric
 from sparkctl.plan.context import PlanContext
 from sparkctl.plan.models import Command, Plan, Rollback, Stage, Step
 from sparkctl.runbook.engine import Engine
-from sparkctl.runbook.load import build_runbook_plan, load_runbook, resolve_params
+from sparkctl.runbook.load import load_runbook, resolve_params
+from sparkctl.runbook.planner import build_runbook_plan
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "inventories" / "example-pair.yaml"
 TWINS = ("enp1s0f1np1", "enP2p1s0f1np1")

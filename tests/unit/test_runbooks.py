@@ -13,15 +13,13 @@ from sparkctl.plan.context import PlanContext, fresh_facts
 from sparkctl.runbook.actions import ACTIONS
 from sparkctl.runbook.load import (
     RunbookError,
-    build_runbook_plan,
     builtin_names,
     load_runbook,
     parse_runbook,
     resolve_params,
-    select_hosts,
     step_index,
-    when_holds,
 )
+from sparkctl.runbook.planner import build_runbook_plan, select_hosts, when_holds
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "inventories" / "example-pair.yaml"
 
@@ -35,6 +33,9 @@ parameters:
     default: true
   mode:
     default: fast
+  anything:
+    default: null
+    description: no default, so no type either
 steps:
   - name: check
     action: verify_fabric
@@ -224,8 +225,8 @@ def test_set_on_an_unknown_parameter() -> None:
 )
 def test_set_values_are_yaml_scalars(raw: str, value: object) -> None:
     rb = parse_runbook(GOOD, "rb.yaml")
-    params = resolve_params(rb, {"tag": raw})
-    assert params["tag"] == value
+    params = resolve_params(rb, {"anything": raw})
+    assert params["anything"] == value
     assert params["mode"] == "fast" and params["restart"] is True
 
 

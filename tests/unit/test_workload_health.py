@@ -13,12 +13,12 @@ from typing import Any
 import pytest
 
 from sparkctl.execute.fake import RecordingTransport
+from sparkctl.execute.http import Probe, probe_workload
 from sparkctl.facts.parse import parse_probe
 from sparkctl.facts.probe import MARK
 from sparkctl.inventory import parse_inventory
-from sparkctl.launch import commands as lc
-from sparkctl.launch.probe import Probe, probe_workload
 from sparkctl.plan import cluster
+from sparkctl.plan import commands as lc
 from sparkctl.plan.context import PlanContext
 from sparkctl.plan.models import Plan, Stage, Step, Wait
 from sparkctl.runbook.engine import Engine

@@ -14,14 +14,14 @@ from typing import Any
 from sparkctl import state
 from sparkctl.errors import HostError, Problem, SecretError
 from sparkctl.execute.base import Transport
-from sparkctl.facts.gather import gather_facts
 from sparkctl.facts.models import HostFacts
 from sparkctl.inventory.models import Inventory
 from sparkctl.plan.context import PlanContext
 from sparkctl.plan.models import Plan, Stage
 from sparkctl.runbook.engine import Engine, Event, Report, Secrets
-from sparkctl.runbook.load import build_runbook_plan, plan_stage
+from sparkctl.runbook.gather import gather_facts
 from sparkctl.runbook.models import Runbook
+from sparkctl.runbook.planner import build_runbook_plan, plan_stage
 
 Connect = Callable[[Inventory, str], Transport]
 
@@ -160,6 +160,7 @@ class Session:
         start: int = 0,
     ) -> Report:
         """Run the plan; re-read the hosts after each changing stage; journal the run."""
+        secrets = {**secrets, **rb.secret_values(params)}
         engine = Engine(
             transports=self.transports,
             nopasswd={n: f.sudo_nopasswd for n, f in self.facts.items()},
@@ -190,26 +191,26 @@ class Session:
 
         report = engine.run(plan, replan=replan, cleanup=cleanup)
         report.run_id = run_id
-        state.append_journal(
-            {
-                "id": run_id,
-                "cluster": plan.cluster,
-                "runbook": rb.name,
-                "started": started,
-                "ended": time.time(),
-                "ok": report.ok,
-                "interrupted": report.interrupted,
-                "params": {
-                    k: ("<redacted>" if rb.parameters.get(k) and rb.parameters[k].secret else v)
-                    for k, v in params.items()
-                },
-                "hosts": report.hosts,
-                "revisions": report.revisions,
-                "planned_changes": plan.changes,
-                "steps": [r.model_dump() for r in report.results],
-                "executed": [s.model_dump() for s in report.executed],
-            }
-        )
+        record = {
+            "id": run_id,
+            "cluster": plan.cluster,
+            "runbook": rb.name,
+            "started": started,
+            "ended": time.time(),
+            "ok": report.ok,
+            "interrupted": report.interrupted,
+            "params": {
+                k: ("<redacted>" if rb.parameters.get(k) and rb.parameters[k].secret else v) for k, v in params.items()
+            },
+            "hosts": report.hosts,
+            "revisions": report.revisions,
+            "planned_changes": plan.changes,
+            "steps": [r.model_dump() for r in report.results],
+            "executed": [s.model_dump() for s in report.executed],
+        }
+        # Secret values (the token, API keys, the sudo password, `secret: true` parameters) may sit in the
+        # commands as planned: the journal keeps none of them.
+        state.append_journal(Secrets(secrets).scrub(record))
         return report
 
     def close(self) -> None:
