@@ -781,7 +781,18 @@ class RayBackend:
             result: torch.Tensor = _ray().get(refs)[0]
             return result
         except Exception as exc:
+            # name the rank that died (Ray's verdict on a ping), not only Ray's message about some actor
+            dead = self.dead_ranks(timeout_s=5.0) if self._actor_died(exc) else []
+            if dead:
+                raise BackendFailure("tensor-parallel rank lost: " + "; ".join(dead)) from exc
             raise BackendFailure(f"tensor-parallel group {index} failed: {exc}") from exc
+
+    @staticmethod
+    def _actor_died(exc: BaseException) -> bool:
+        try:
+            return isinstance(exc, _ray().exceptions.RayActorError)
+        except ImportError:
+            return False
 
     def dead_ranks(self, timeout_s: float = 10.0) -> list[str]:
         """Ranks Ray reports dead (RayActorError on a ping), e.g. killed or lost with their node.
