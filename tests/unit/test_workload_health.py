@@ -181,3 +181,51 @@ def test_worker_records_loading_ok_and_failed(tmp_path: Path) -> None:
     assert service.health() == (503, {"status": "failed", "error": "tensor-parallel group 0 failed: the actor died"})
     service.fail("a second reason")  # the first failure stays
     assert "group 0" in service.health_file.read_text()
+
+
+def test_a_request_meeting_a_dead_rank_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray raises RayActorError for calls to a dead actor (ray.exceptions); the failure names rank and node."""
+    embed = pytest.importorskip("sparkctl.workers.embed")
+    import types
+
+    class RayActorError(Exception):
+        pass
+
+    class GetTimeoutError(Exception):
+        pass
+
+    class Ref:
+        def __init__(self, value: Any, error: Exception | None = None) -> None:
+            self.value, self.error = value, error
+
+    def get(refs: Any, timeout: float | None = None) -> Any:
+        for ref in refs if isinstance(refs, list) else [refs]:
+            if ref.error:
+                raise ref.error
+        return [r.value for r in refs] if isinstance(refs, list) else refs.value
+
+    class Method:
+        def __init__(self, value: Any, dead: bool) -> None:
+            self.value, self.dead = value, dead
+
+        def remote(self, *args: Any) -> Ref:
+            return Ref(self.value, RayActorError("The actor died unexpectedly") if self.dead else None)
+
+    class Actor:
+        def __init__(self, rank: int, dead: bool) -> None:
+            self.forward = Method("vectors", dead)
+            self.ping = Method(rank, dead)
+
+    fake = types.SimpleNamespace(
+        get=get, exceptions=types.SimpleNamespace(RayActorError=RayActorError, GetTimeoutError=GetTimeoutError)
+    )
+    monkeypatch.setattr(embed, "_ray", lambda: fake)
+    backend = embed.RayBackend(embed.RayOptions(model="m", max_seq_length=None, tp=2))
+    backend.groups = [[Actor(0, False), Actor(1, True)]]
+    backend.where = {(0, 0): "spark-a (192.168.100.10)", (0, 1): "spark-b (192.168.100.11)"}
+    with pytest.raises(embed.BackendFailure) as err:
+        backend._forward(0, ("ids", "mask"))
+    assert str(err.value).startswith("tensor-parallel rank lost: group 0 rank 1 on spark-b (192.168.100.11) died")
+    assert backend.dead_ranks() == ["group 0 rank 1 on spark-b (192.168.100.11) died (The actor died unexpectedly)"]
+    backend.groups = [[Actor(0, False), Actor(1, False)]]
+    assert backend.dead_ranks() == []
