@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install what the test suite needs on a Debian machine (run as root; idempotent):
 # - the Debian packages the testbed's fake Sparks run (sshd, NetworkManager, dbus, udev, sudo, nftables),
-# - sparkctl with its test and worker extras for the test runner's python3,
+# - sparkctl with its dev (tests, ruff, mypy) and worker extras for the test runner's python3,
 # - the hosts' runtime venv (/opt/sparkctl-runtime: Ray, torch CPU, sentence-transformers, the MiniLM weights),
 #   built from Debian's /usr/bin/python3 so the hosts' login user can run it.
 set -euo pipefail
@@ -19,7 +19,7 @@ if ! dpkg -s network-manager openssh-server dbus-daemon udev sudo nftables pytho
 fi
 
 python3 -m pip install -q "$TORCH"
-python3 -m pip install -q -e '.[test,worker]' "$RAY"
+python3 -m pip install -q -e '.[dev,worker]' "$RAY"
 
 if [ ! -x "$RUNTIME/bin/ray" ] || [ ! -x "$RUNTIME/bin/python" ]; then
   /usr/bin/python3 -m venv "$RUNTIME"

@@ -9,6 +9,7 @@ from sparkctl.errors import PlanError, Problem
 from sparkctl.facts.models import HostFacts, NmConnection
 from sparkctl.facts.probe import NM_BUS
 from sparkctl.inventory.models import FabricInterface, Host, Inventory
+from sparkctl.plan.context import PlanContext
 from sparkctl.plan.models import Command, Rollback, Step
 
 ACTIVATE_WAIT = "30"
@@ -102,12 +103,16 @@ def check_session_safety(host: Host, facts: HostFacts) -> list[Problem]:
     return problems
 
 
-def plan_fabric(inv: Inventory, host: Host, facts: HostFacts) -> list[Step]:
+def plan_fabric(ctx: PlanContext, host: Host) -> list[Step]:
     """Steps that make every twin of `host` carry its address at the fabric MTU through a sparkctl profile.
 
     When anything changes, the first step opens a NetworkManager checkpoint on the twins; the change is final
     only after a later `fabric_commit` step (see plan_fabric_commit).
     """
+    return _plan_fabric(ctx.inventory, host, ctx.facts[host.name])
+
+
+def _plan_fabric(inv: Inventory, host: Host, facts: HostFacts) -> list[Step]:
     problems = check_session_safety(host, facts)
     if problems:
         raise PlanError(problems)
@@ -244,7 +249,7 @@ def plan_fabric_commit(inv: Inventory, host: Host, facts: HostFacts, run_opens: 
     if not run_opens:
         return rivals
     pending = bool(facts.nm_checkpoints.pending)
-    opened = pending or bool(plan_fabric(inv, host, facts))
+    opened = pending or bool(_plan_fabric(inv, host, facts))
     if not opened:
         return rivals
     file = shlex.quote(paths.CHECKPOINT_FILE)
@@ -354,8 +359,9 @@ def _plan_twin(hostname: str, twin: FabricInterface, mtu: int, facts: HostFacts)
     return steps
 
 
-def plan_restore_network(inv: Inventory, host: Host, facts: HostFacts) -> list[Step]:
+def plan_restore_network(ctx: PlanContext, host: Host) -> list[Step]:
     """Undo the fabric: delete sparkctl profiles, hand the twins back to the profiles sparkctl disabled."""
+    facts = ctx.facts[host.name]
     problems = [p for p in check_session_safety(host, facts) if "carries" in p.message]
     if problems:
         raise PlanError(problems)

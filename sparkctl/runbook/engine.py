@@ -141,6 +141,10 @@ class Engine:
     sleep: Callable[[float], None] = time.sleep
     probe: Callable[[str, str, str | None, str], Probe] = probe_workload
     confirm: Callable[[str], bool] = lambda message: True
+    keep_going: bool = False
+    """A failed step does not stop the other hosts' steps of its stage (read-only measurements)."""
+    output_lines: int = 20
+    """How many trailing lines of each command's output the report keeps."""
     _abort: threading.Event = field(default_factory=threading.Event)
     _open: dict[str, list[Step]] = field(default_factory=dict)
     """Per host, executed steps whose change awaits a commit (undone by their rollback if the run fails)."""
@@ -274,7 +278,7 @@ class Engine:
                         report.executed.append(step)
                         if not cleanup:
                             self._track(host, step, res)
-                    if res.status == "failed":
+                    if res.status == "failed" and not self.keep_going:
                         self._abort.set()
                 with lock:
                     results.append(res)
@@ -352,8 +356,8 @@ class Engine:
                 command=self.secrets.redact(cmd.render()),
                 exit_code=result.exit_code,
                 duration=round(result.duration, 3),
-                stdout=self.secrets.redact(_tail(result.stdout)),
-                stderr=self.secrets.redact(_tail(result.stderr)),
+                stdout=self.secrets.redact(_tail(result.stdout, self.output_lines)),
+                stderr=self.secrets.redact(_tail(result.stderr, self.output_lines)),
             )
         )
         if check and not result.ok:

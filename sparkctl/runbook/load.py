@@ -97,6 +97,15 @@ def _check(rb: Runbook) -> list[tuple[tuple[str | int, ...], str, str]]:
                         "e.g. verify_fabric)",
                     )
                 )
+    for i, ref in enumerate(rb.on_interrupt):
+        if ref not in {s.name for s in rb.cleanup} and ref not in builtin_names():
+            found.append(
+                (
+                    ("on_interrupt", i),
+                    f"'{ref}' is neither a cleanup step nor a built-in runbook",
+                    f"name a step listed under cleanup:, or one of: {', '.join(builtin_names())}",
+                )
+            )
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:
         found.append((("steps",), f"duplicate step names: {', '.join(sorted(dupes))}", "name every step once"))
@@ -182,9 +191,8 @@ def _typed(name: str, raw: str, value: Any, default: Any, secret: bool) -> Any:
         return value
     if isinstance(default, str) and isinstance(value, bool | int | float):
         return raw.strip()  # a text parameter: `--set tag=3` means the text "3"
-    fits = (
-        isinstance(value, bool) == isinstance(default, bool)
-        and (isinstance(value, type(default)) or (isinstance(default, float) and isinstance(value, int)))
+    fits = isinstance(value, bool) == isinstance(default, bool) and (
+        isinstance(value, type(default)) or (isinstance(default, float) and isinstance(value, int))
     )
     if fits:
         return value

@@ -1,53 +1,66 @@
-"""A run: connect, gather facts from every host, plan, check secrets, apply, journal. Used by every command."""
+"""A run against the hosts: connect through the one connect seam, probe, plan, apply, journal.
+
+Every command that reaches a host goes through here: plans through the engine (`apply`), read-only steps
+through `read` (doctor's pings, the sudo check, `logs`); runbook/discovery.py does the same for hosts that have
+no inventory yet.
+Tests replace the network once: `ssh_connect` below, or a `connect` given to the Session.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from importlib import resources
 from typing import Any
 
 from sparkctl import state
-from sparkctl.errors import HostError, Problem, SecretError
-from sparkctl.execute.base import Transport
+from sparkctl.errors import HostError, Problem, SecretError, Unreachable
+from sparkctl.execute.base import Connect, Endpoint, Transport
+from sparkctl.execute.http import Probe, probe_workload
 from sparkctl.facts.models import HostFacts
-from sparkctl.inventory.models import Inventory
+from sparkctl.inventory.models import Inventory, SshSettings
 from sparkctl.plan.context import PlanContext
-from sparkctl.plan.models import Plan, Stage
+from sparkctl.plan.models import Command, Plan, Stage, Step
 from sparkctl.runbook.engine import Engine, Event, Report, Secrets
 from sparkctl.runbook.gather import gather_facts
+from sparkctl.runbook.load import load_runbook, resolve_params
 from sparkctl.runbook.models import Runbook
-from sparkctl.runbook.planner import build_runbook_plan, plan_stage
+from sparkctl.runbook.planner import build_runbook_plan, plan_stage, sha256, worker_code
 
-Connect = Callable[[Inventory, str], Transport]
-
-
-def worker_code() -> str:
-    """The embedding worker shipped to the head host."""
-    return resources.files("sparkctl").joinpath("workers/embed.py").read_text()
-
-
-def sha256(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-class Unreachable(HostError):
-    """Some hosts could not be reached or probed; nothing was changed anywhere."""
+__all__ = ["Connect", "Session", "Unreachable", "open_session", "ssh_connect"]
 
 
 def ssh_connect(accept_new_host_keys: bool) -> Connect:
-    """The real connector (imports Fabric only when called)."""
+    """The real connector: OpenSSH over Fabric with strict host keys (imports Fabric only when called)."""
 
-    def connect(inv: Inventory, name: str) -> Transport:
-        from sparkctl.execute import ssh
+    def connect(host: Endpoint, settings: SshSettings) -> Transport:
+        from sparkctl.execute import ssh  # noqa: TID251 - the one place that builds the real connector
 
-        return ssh.connect(inv.host(name), inv.ssh, accept_new_host_keys=accept_new_host_keys)
+        return ssh.connect(host, settings, accept_new_host_keys=accept_new_host_keys)
 
     return connect
+
+
+def silent(event: Event) -> None:
+    """Read-only probes report through their caller, not as progress."""
+
+
+def read_plan(cluster: str, name: str, steps: list[Step]) -> Plan:
+    """Read-only steps as a one-stage plan (refuses a step that would change something)."""
+    changing = [f"{s.host} {s.id}" for s in steps if s.changes]
+    if changing:
+        raise ValueError(f"read-only probe given changing steps: {', '.join(changing)}")
+    hosts = list(dict.fromkeys(s.host for s in steps))
+    return Plan(cluster=cluster, runbook=name, hosts=hosts, stages=[Stage(name=name, action=name, steps=steps)])
+
+
+def run_read(engine: Engine, plan: Plan) -> Report:
+    report = engine.run(plan)
+    if report.interrupted:
+        raise KeyboardInterrupt
+    return report
 
 
 @dataclass
@@ -57,6 +70,8 @@ class Session:
     inventory: Inventory
     connect: Connect
     emit: Callable[[Event], None] = lambda e: None
+    probe: Callable[..., Probe] = probe_workload
+    """The HTTP readiness probe of workload endpoints (the engine's waits and `status`)."""
     transports: dict[str, Transport] = field(default_factory=dict)
     facts: dict[str, HostFacts] = field(default_factory=dict)
 
@@ -78,14 +93,18 @@ class Session:
 
         def conn(name: str) -> None:
             try:
-                self.transports[name] = self.connect(self.inventory, name)
+                self.transports[name] = self.connect(self.inventory.host(name), self.inventory.ssh)
             except HostError as exc:
                 errors[name] = [Problem(p.where or name, p.message, p.hint) for p in exc.problems]
 
         with ThreadPoolExecutor(max_workers=len(names)) as pool:
             list(pool.map(conn, names))
         if not errors:
-            self.gather()
+            try:
+                self.gather()
+            except HostError:
+                self.close()
+                raise
             return
         self.close()
         raise Unreachable([p for n in names if n in errors for p in errors[n]], hint="nothing was changed on any host")
@@ -140,14 +159,45 @@ class Session:
                     )
                 ]
             )
-        bad = []
-        for host in needs:
-            r = self.transports[host].run("sudo -k -S -p '' -- true", stdin=pw + "\n", timeout=30)
-            if not r.ok:
-                bad.append(Problem(host, "sudo rejected the password", "check the password for the login user"))
+        steps = [
+            Step(
+                host=host,
+                kind="sudo_check",
+                description="sudo accepts the password",
+                changes=False,
+                commands=[Command(argv=["true"], sudo=True, timeout=30)],
+            )
+            for host in needs
+        ]
+        report = self.read(steps, {"sudo_password": pw}, name="sudo")
+        bad = [
+            Problem(r.host, "sudo rejected the password", "check the password for the login user")
+            for r in report.results
+            if r.status == "failed"
+        ]
         if bad:
             raise HostError(bad)
         return {"sudo_password": pw}
+
+    def engine(self, secrets: Mapping[str, str], **options: Any) -> Engine:
+        """The engine over this session's connections."""
+        return Engine(
+            transports=self.transports,
+            nopasswd={n: f.sudo_nopasswd for n, f in self.facts.items()},
+            secrets=Secrets(secrets),
+            blobs={"worker_code": worker_code()},
+            emit=options.pop("emit", self.emit),
+            command_timeout=self.inventory.ssh.command_timeout,
+            probe=self.probe,
+            **options,
+        )
+
+    def read(
+        self, steps: list[Step], secrets: Mapping[str, str] | None = None, *, name: str = "read", output_lines: int = 20
+    ) -> Report:
+        """Run read-only steps through the engine, silently, every host to the end (not journaled)."""
+        plan = read_plan(self.inventory.cluster, name, steps)
+        return run_read(self.engine(secrets or {}, emit=silent, keep_going=True, output_lines=output_lines), plan)
 
     def apply(
         self,
@@ -161,15 +211,7 @@ class Session:
     ) -> Report:
         """Run the plan; re-read the hosts after each changing stage; journal the run."""
         secrets = {**secrets, **rb.secret_values(params)}
-        engine = Engine(
-            transports=self.transports,
-            nopasswd={n: f.sudo_nopasswd for n, f in self.facts.items()},
-            secrets=Secrets(secrets),
-            blobs={"worker_code": worker_code()},
-            emit=self.emit,
-            command_timeout=self.inventory.ssh.command_timeout,
-            confirm=confirm,
-        )
+        engine = self.engine(secrets, confirm=confirm)
         run_id = state.new_run_id()
         started = time.time()
         index = {s.name: i for i, s in enumerate(rb.steps)}
@@ -211,10 +253,36 @@ class Session:
         # Secret values (the token, API keys, the sudo password, `secret: true` parameters) may sit in the
         # commands as planned: the journal keeps none of them.
         state.append_journal(Secrets(secrets).scrub(record))
+        if report.interrupted and rb.on_interrupt:
+            self._after_interrupt(rb, params, secrets)
         return report
+
+    def _after_interrupt(self, rb: Runbook, params: dict[str, Any], secrets: Mapping[str, str]) -> None:
+        """Ctrl-C stopped `rb`: run what it declares under `on_interrupt:` (cleanup steps or built-in runbooks)."""
+        self.emit(Event("note", message=f"interrupted: running {', '.join(rb.on_interrupt)} (on_interrupt)"))
+        cleanup = {s.name: s for s in rb.cleanup}
+        for ref in rb.on_interrupt:
+            self.gather()
+            if ref in cleanup:
+                stage = plan_stage(cleanup[ref], self.context(secrets, params), params)
+                plan = Plan(
+                    cluster=self.inventory.cluster, runbook=rb.name, hosts=list(self.transports), stages=[stage]
+                )
+                self.engine(secrets).run(plan)
+            else:
+                other = load_runbook(ref)
+                other_params = resolve_params(other, {})
+                self.apply(other, self.plan(other, other_params, secrets), other_params, secrets)
 
     def close(self) -> None:
         for t in self.transports.values():
             with contextlib.suppress(Exception):
                 t.close()
         self.transports.clear()
+
+
+def open_session(inv: Inventory, accept_new_host_keys: bool, emit: Callable[[Event], None] | None = None) -> Session:
+    """Connect to and probe every host (one SSH connection each, in parallel)."""
+    session = Session(inv, ssh_connect(accept_new_host_keys), emit=emit or silent)
+    session.open()
+    return session

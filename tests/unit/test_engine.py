@@ -564,7 +564,7 @@ def test_no_replan_after_a_stage_that_changed_nothing() -> None:
 def test_session_open_with_one_host_unreachable_changes_nothing(isolated_state) -> None:
     inv = parse_inventory(EXAMPLE.read_text())
     fake = FailingConnect(unreachable=["spark-b"], message="No route to host")
-    session = run_mod.Session(inv, lambda i, name: fake(i.host(name), i.ssh))
+    session = run_mod.Session(inv, fake)
     with pytest.raises(run_mod.Unreachable) as info:
         session.open()
     assert [p.where for p in info.value.problems] == ["spark-b"]
@@ -584,19 +584,20 @@ def test_session_open_with_a_failing_probe_names_the_host(isolated_state) -> Non
         ),
         "spark-b": RecordingTransport("spark-b", {"sh -s": Result(127, "", "sh: not found")}),
     }
-    session = run_mod.Session(inv, lambda i, name: transports[name])
+    session = run_mod.Session(inv, lambda host, settings: transports[host.name])
     with pytest.raises(run_mod.Unreachable) as info:
         session.open()
     assert [p.where for p in info.value.problems] == ["spark-b"]
     assert "probe did not complete" in info.value.problems[0].message
-    # the only command anywhere was the read-only probe
+    # the only command anywhere was the read-only probe, and the connections are closed again
     assert all(c.command == "sh -s" for t in transports.values() for c in t.calls)
+    assert all(t.closed for t in transports.values()) and session.transports == {}
 
 
 def test_unreachable_error_reads_once_with_its_hint(isolated_state) -> None:
     inv = parse_inventory(EXAMPLE.read_text())
     fake = FailingConnect(unreachable=["spark-b"], message="No route to host")
-    session = run_mod.Session(inv, lambda i, name: fake(i.host(name), i.ssh))
+    session = run_mod.Session(inv, fake)
     with pytest.raises(run_mod.Unreachable) as info:
         session.open()
     text = str(info.value)

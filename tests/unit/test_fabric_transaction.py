@@ -6,6 +6,7 @@ from __future__ import annotations
 import shlex
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -80,6 +81,10 @@ def host_facts(inv: Inventory, name: str, *, converged: bool = False, **kw: obje
     return HostFacts.model_validate(base)
 
 
+def plan_fab(inv: Inventory, host: Any, facts: HostFacts) -> list[Step]:
+    return fabric.plan_fabric(PlanContext(inv, {host.name: facts}), host)
+
+
 # --- facts -------------------------------------------------------------------------------------------------
 
 
@@ -114,7 +119,7 @@ def test_probe_output_carries_the_checkpoint_section() -> None:
 
 def test_a_changing_host_opens_a_checkpoint_first_with_the_exact_busctl_call(inv: Inventory) -> None:
     host = inv.host("spark-a")
-    steps = fabric.plan_fabric(inv, host, host_facts(inv, "spark-a"))
+    steps = plan_fab(inv, host, host_facts(inv, "spark-a"))
     first = steps[0]
     assert first.kind == "fabric_checkpoint" and first.changes and not first.verdict
     (cmd,) = first.commands
@@ -144,19 +149,19 @@ def test_a_changing_host_opens_a_checkpoint_first_with_the_exact_busctl_call(inv
 
 def test_a_converged_host_opens_no_checkpoint(inv: Inventory) -> None:
     host = inv.host("spark-a")
-    assert fabric.plan_fabric(inv, host, host_facts(inv, "spark-a", converged=True)) == []
+    assert plan_fab(inv, host, host_facts(inv, "spark-a", converged=True)) == []
 
 
 def test_another_runs_pending_checkpoint_fails_the_step_even_when_converged(inv: Inventory) -> None:
     cp = NmCheckpoints(devices=DEV, listed=[CP], recorded=CP)
-    steps = fabric.plan_fabric(inv, inv.host("spark-a"), host_facts(inv, "spark-a", converged=True, nm_checkpoints=cp))
+    steps = plan_fab(inv, inv.host("spark-a"), host_facts(inv, "spark-a", converged=True, nm_checkpoints=cp))
     assert [s.kind for s in steps] == ["fabric_checkpoint"]
     assert CP in steps[0].verdict and "45 s" in steps[0].verdict
 
 
 def test_missing_device_path_is_a_named_verdict(inv: Inventory) -> None:
     facts = host_facts(inv, "spark-a", nm_checkpoints=NmCheckpoints(devices={TWINS[0]: DEV[TWINS[0]]}))
-    steps = fabric.plan_fabric(inv, inv.host("spark-a"), facts)
+    steps = plan_fab(inv, inv.host("spark-a"), facts)
     assert TWINS[1] in steps[0].verdict and "busctl" in steps[0].verdict
 
 
@@ -170,7 +175,7 @@ def test_rivals_are_turned_off_only_by_the_commit(inv: Inventory) -> None:
         TWINS[1]: NmDevice(name=TWINS[1], type="ethernet", state="connected", connection="Wired connection 1"),
     }
     facts = host_facts(inv, "spark-a", nm_connections=[idle, busy], nm_devices=devs)
-    steps = fabric.plan_fabric(inv, inv.host("spark-a"), facts)
+    steps = plan_fab(inv, inv.host("spark-a"), facts)
     assert "fabric_rival_profile" not in {s.kind for s in steps}
     assert steps[0].rollback is not None and len(steps[0].rollback.commands) == 1  # the checkpoint covers it all
     commit = fabric.plan_fabric_commit(inv, inv.host("spark-a"), facts, run_opens=True)
@@ -179,7 +184,7 @@ def test_rivals_are_turned_off_only_by_the_commit(inv: Inventory) -> None:
     # a converged host whose rival autoconnects again: the commit stage alone repairs it, without a checkpoint
     done = host_facts(inv, "spark-a", converged=True)
     done = done.model_copy(update={"nm_connections": [*done.nm_connections, idle]})
-    assert fabric.plan_fabric(inv, inv.host("spark-a"), done) == []
+    assert plan_fab(inv, inv.host("spark-a"), done) == []
     assert [s.kind for s in fabric.plan_fabric_commit(inv, inv.host("spark-a"), done, run_opens=False)] == [
         "fabric_rival_profile"
     ]
@@ -198,7 +203,7 @@ def test_rollback_restores_an_inactive_sparkctl_profile_it_modified(inv: Invento
         ipv6_method="disabled",
     )
     facts = host_facts(inv, "spark-a", nm_connections=[stale])
-    steps = fabric.plan_fabric(inv, inv.host("spark-a"), facts)
+    steps = plan_fab(inv, inv.host("spark-a"), facts)
     assert steps[0].rollback is not None
     undo = [c.argv for c in steps[0].rollback.commands[1:]]
     assert undo == [
@@ -242,7 +247,7 @@ def test_up_plans_checkpoint_then_commit_after_the_jumbo_check(inv: Inventory) -
 @pytest.mark.parametrize("which", ["create", "commit", "rollback"])
 def test_checkpoint_shell_lines_parse(inv: Inventory, which: str) -> None:
     host, facts = inv.host("spark-a"), host_facts(inv, "spark-a")
-    first = fabric.plan_fabric(inv, host, facts)[0]
+    first = plan_fab(inv, host, facts)[0]
     assert first.rollback is not None
     line = {
         "create": first.commands[0],
@@ -260,7 +265,7 @@ def test_duplicate_profiles_are_deleted_by_uuid_keeping_the_active_one(inv: Inve
     active = facts.nm_connections[0]
     copy = active.model_copy(update={"uuid": "99999999-aaaa-4bbb-8ccc-dddddddddddd", "device": ""})
     facts = facts.model_copy(update={"nm_connections": [copy, *facts.nm_connections]})  # the copy listed first
-    steps = fabric.plan_fabric(inv, inv.host("spark-a"), facts)
+    steps = plan_fab(inv, inv.host("spark-a"), facts)
     assert [s.kind for s in steps] == ["fabric_checkpoint", "fabric_duplicate_profile"]
     assert steps[1].commands[0].argv == ["nmcli", "connection", "delete", "uuid", copy.uuid]
     assert active.uuid in steps[1].description
@@ -397,7 +402,7 @@ def test_checkpoint_lines_record_commit_and_roll_back(inv: Inventory, tmp_path: 
     (tmp_path / "bin" / "busctl").write_text(FAKE_BUSCTL)
     (tmp_path / "bin" / "busctl").chmod(0o755)
     host, facts = inv.host("spark-a"), host_facts(inv, "spark-a")
-    first = fabric.plan_fabric(inv, host, facts)[0]
+    first = plan_fab(inv, host, facts)[0]
     assert first.rollback is not None
     record = tmp_path / "run" / "nm-checkpoint"
     lines = {
