@@ -12,10 +12,11 @@ TORCH="torch==2.13.0"
 RAY="ray[default]==2.60.0"
 
 export DEBIAN_FRONTEND=noninteractive
-if ! dpkg -s network-manager openssh-server dbus-daemon udev sudo nftables python3-venv >/dev/null 2>&1; then
+# systemd: for busctl, which sparkctl uses to reach NetworkManager's checkpoints over D-Bus (not PID 1 here)
+if ! dpkg -s network-manager openssh-server dbus-daemon udev sudo nftables python3-venv systemd >/dev/null 2>&1; then
   apt-get update -q
   apt-get install -y -q openssh-server openssh-client network-manager dbus udev sudo iproute2 \
-    iputils-ping nftables python3-venv procps util-linux
+    iputils-ping nftables python3-venv procps util-linux systemd
 fi
 
 python3 -m pip install -q "$TORCH"
