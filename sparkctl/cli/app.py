@@ -10,12 +10,16 @@ import typer
 from sparkctl import __version__
 from sparkctl.cli import bench, cluster, doctor, history, inspect, runbook
 
+# rich_markup_mode=None: plain help and error text (click's formatter). rich's renderer costs more to import
+# than the rest of `--help`.
+
 app = typer.Typer(
     name="sparkctl",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
     help="Turn two or more DGX Sparks into one inference cluster: plan, up, down, status.",
+    rich_markup_mode=None,
 )
 cluster.register(app)
 inspect.register(app)

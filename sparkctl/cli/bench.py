@@ -13,7 +13,7 @@ from sparkctl.errors import EXIT_FAILED
 from sparkctl.runbook.load import load_runbook, resolve_params
 from sparkctl.runbook.reports import summarise_bench
 
-app = typer.Typer(help="Measure the cluster.", no_args_is_help=True)
+app = typer.Typer(help="Measure the cluster.", no_args_is_help=True, rich_markup_mode=None)
 
 
 @app.command("fabric")

@@ -10,7 +10,7 @@ from sparkctl import state
 from sparkctl.cli import common as c
 from sparkctl.errors import InputError, Problem
 
-app = typer.Typer(help="Runs recorded in the journal.")
+app = typer.Typer(help="Runs recorded in the journal.", rich_markup_mode=None)
 
 
 @app.callback(invoke_without_command=True)

@@ -9,7 +9,9 @@ from sparkctl.errors import InputError
 from sparkctl.runbook.actions import ACTIONS
 from sparkctl.runbook.load import builtin_names, builtin_text, load_runbook
 
-app = typer.Typer(help="Built-in runbooks and validation of runbook files.", no_args_is_help=True)
+app = typer.Typer(
+    help="Built-in runbooks and validation of runbook files.", no_args_is_help=True, rich_markup_mode=None
+)
 
 
 @app.command("list")

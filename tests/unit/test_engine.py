@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -91,6 +92,59 @@ def test_stages_run_in_order_on_every_host() -> None:
     assert ts["spark-b"].commands == ["echo 1 spark-b", "echo 2 spark-b"]
     assert [s.kind for s in report.executed if s.host == "spark-a"] == ["first", "second", "third"]
     assert report.hosts == {"spark-a": "changed", "spark-b": "changed"}
+
+
+def test_read_only_checks_of_one_host_run_side_by_side_and_report_in_plan_order() -> None:
+    # Both checks of spark-a block until both have started: only side-by-side checks get past the barrier.
+    barrier = threading.Barrier(2, timeout=5)
+
+    def meet(command: str) -> Result:
+        if command.startswith("check"):
+            barrier.wait()
+        return Result(0, "", "")
+
+    ts = {"spark-a": RecordingTransport("spark-a", meet)}
+    checks = [step("spark-a", "verify", ["check", str(i)], target=str(i), changes=False) for i in (1, 2)]
+    p = plan_of(
+        Stage(name="s", action="x", steps=[step("spark-a", "write", ["echo", "w"]), *checks]),
+        Stage(name="t", action="x", steps=[step("spark-a", "after", ["echo", "a"])]),
+    )
+    report = engine(ts).run(p)
+    assert report.ok and not barrier.broken
+    assert [r.step for r in report.results] == ["write", "verify:1", "verify:2", "after"]
+    assert ts["spark-a"].commands[0] == "echo w" and ts["spark-a"].commands[-1] == "echo a"
+
+
+def test_a_changing_step_never_runs_beside_another_step_of_its_host() -> None:
+    running = []
+    overlap = []
+    lock = threading.Lock()
+
+    def track(command: str) -> Result:
+        with lock:
+            if running:
+                overlap.append((running[0], command))
+            running.append(command)
+        time.sleep(0.05)
+        with lock:
+            running.remove(command)
+        return Result(0, "", "")
+
+    ts = {"spark-a": RecordingTransport("spark-a", track)}
+    p = plan_of(
+        Stage(
+            name="s",
+            action="x",
+            steps=[
+                step("spark-a", "verify", ["check", "1"], target="1", changes=False),
+                step("spark-a", "write", ["echo", "w"]),
+                step("spark-a", "verify", ["check", "2"], target="2", changes=False),
+            ],
+        )
+    )
+    assert engine(ts).run(p).ok
+    assert overlap == []
+    assert ts["spark-a"].commands == ["check 1", "echo w", "check 2"]
 
 
 def test_hosts_of_a_stage_run_at_the_same_time() -> None:

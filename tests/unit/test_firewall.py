@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from sparkctl.facts.parse import parse_probe
-from sparkctl.facts.probe import MARK, build_probe
+from sparkctl.facts.probe import MARK, probe_sections
 from sparkctl.inventory import parse_inventory
 from sparkctl.inventory.models import Inventory
 from sparkctl.paths import FIREWALL_FILE
@@ -165,9 +165,7 @@ def test_the_rules_sparkctl_writes_read_back_as_converged(tmp_path: Path) -> Non
     inv = _inventory()
     host = inv.host("spark-a")
     rules = lc.render_firewall(inv, host)
-    probe = build_probe(inv, host)
-    start = probe.index(f"echo '{MARK} firewall'\n")
-    section = probe[start : probe.index(f"\necho '{MARK} ", start)]
+    section = f"echo '{MARK} firewall'\n" + probe_sections(inv, host)["firewall"]
     written = tmp_path / "firewall.nft"
     assert FIREWALL_FILE in section
     line = section.replace(FIREWALL_FILE, str(written))
