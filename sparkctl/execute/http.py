@@ -11,7 +11,11 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Probe:
-    """Where a workload stands: phase is 'down', 'loading', 'listed' or 'ready'."""
+    """Where a workload stands: phase is 'down', 'loading', 'broken', 'listed' or 'ready'.
+
+    'broken': /health answers 503 with status 'failed' (the embed worker's backend lost a rank or a collective
+    failed); it stays so until the workload is restarted, so a wait for it can end at once.
+    """
 
     phase: str
     detail: str = ""
@@ -32,7 +36,11 @@ def _call(url: str, key: str | None, body: dict[str, Any] | None = None, timeout
             raw = resp.read()
             status = resp.status
     except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()[:300].decode(errors="replace")
+        raw = exc.read()[:2000]
+        try:
+            return exc.code, json.loads(raw or b"null")  # e.g. /health 503 {"status": "failed", "error": ...}
+        except json.JSONDecodeError:
+            return exc.code, raw[:300].decode(errors="replace")
     try:
         return status, json.loads(raw or b"null")
     except json.JSONDecodeError:
@@ -48,8 +56,10 @@ def _embedding(base: str, model: str, key: str | None, timeout: float) -> tuple[
 def probe_workload(base: str, model: str, key: str | None, engine: str, timeout: float = 10) -> Probe:
     """One readiness probe of an OpenAI-compatible endpoint."""
     try:
-        status, _ = _call(f"{base}/health", None, timeout=timeout)
+        status, body = _call(f"{base}/health", None, timeout=timeout)
         if status != 200:
+            if isinstance(body, dict) and body.get("status") == "failed":
+                return Probe("broken", str(body.get("error", "the workload reports a failed backend"))[:300])
             return Probe("loading", f"/health answered {status}")
         status, body = _call(f"{base}/v1/models", key, timeout=timeout)
         ids = [m.get("id") for m in body.get("data", [])] if isinstance(body, dict) else []

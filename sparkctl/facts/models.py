@@ -64,6 +64,19 @@ class GidEntry(_Fact):
         return ".".join(str(int(raw[i : i + 2], 16)) for i in range(0, 8, 2))
 
 
+class NmCheckpoints(_Fact):
+    """NetworkManager checkpoint state: the twins' D-Bus device paths, pending checkpoints, and sparkctl's own."""
+
+    devices: dict[str, str] = Field(default_factory=dict, description="twin interface -> NM device object path")
+    listed: list[str] = Field(default_factory=list, description="checkpoints NetworkManager holds now")
+    recorded: str = Field("", description="the checkpoint a sparkctl run opened (CHECKPOINT_FILE), '' if none")
+
+    @property
+    def pending(self) -> str:
+        """sparkctl's checkpoint if NetworkManager still holds it (not yet committed, rolled back or expired)."""
+        return self.recorded if self.recorded and self.recorded in self.listed else ""
+
+
 class Gpu(_Fact):
     """One GPU as nvidia-smi reports it."""
 
@@ -125,6 +138,7 @@ class HostFacts(_Fact):
     nm_running: bool = False
     nm_connections: list[NmConnection] = Field(default_factory=list)
     nm_devices: dict[str, NmDevice] = Field(default_factory=dict)
+    nm_checkpoints: NmCheckpoints = Field(default_factory=NmCheckpoints)
     env_file: str | None = Field(None, description="content of the env file sparkctl manages, None if absent")
     non_carry_over: str | None = None
     processes: list[Process] = Field(default_factory=list)

@@ -12,6 +12,7 @@ from sparkctl.facts.models import (
     HostFacts,
     Interface,
     Listener,
+    NmCheckpoints,
     NmConnection,
     NmDevice,
     Process,
@@ -134,6 +135,33 @@ def parse_nm_devices(text: str) -> dict[str, NmDevice]:
         if len(f) >= 4 and f[0]:
             result[f[0]] = NmDevice(name=f[0], type=f[1], state=f[2], connection="" if f[3] == "--" else f[3])
     return result
+
+
+_OBJECT_PATH = re.compile(r'"(/[A-Za-z0-9_/]*)"')
+
+
+def parse_nm_checkpoints(text: str) -> NmCheckpoints:
+    """The probe's `nm_checkpoint` section: busctl's replies (`o "/org/..."`, `ao 1 "/org/..."`) and the file.
+
+    busctl prints a reply as its D-Bus signature followed by the values, strings and object paths quoted
+    (systemd's busctl(1), `call` and `get-property`).
+    """
+    devices: dict[str, str] = {}
+    listed: list[str] = []
+    recorded = ""
+    for line in text.splitlines():
+        word, _, rest = line.partition(" ")
+        if word == "device":
+            iface, _, reply = rest.partition(" ")
+            found = _OBJECT_PATH.findall(reply)
+            if iface and found:
+                devices[iface] = found[0]
+        elif word == "listed":
+            listed = _OBJECT_PATH.findall(rest)
+        elif word == "file":
+            value = rest.strip()
+            recorded = value if value.startswith("/org/freedesktop/NetworkManager/Checkpoint/") else ""
+    return NmCheckpoints(devices=devices, listed=listed, recorded=recorded)
 
 
 def parse_gids(text: str) -> list[GidEntry]:
@@ -294,6 +322,7 @@ def parse_probe(host: str, output: str) -> HostFacts:
         nm_running=s.get("nm_running", "").strip() == "running",
         nm_connections=parse_nm_connections(s.get("nm_connections", ""), s.get("nm_settings", "")),
         nm_devices=parse_nm_devices(s.get("nm_devices", "")),
+        nm_checkpoints=parse_nm_checkpoints(s.get("nm_checkpoint", "")),
         env_file=_file_section(s.get("env_file", "")),
         non_carry_over=_file_section(s.get("non_carry_over", "")),
         processes=parse_processes(s.get("processes", "")),

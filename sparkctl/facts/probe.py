@@ -39,11 +39,17 @@ IMAGE_VERSIONS = (
     "        pass\n"
 )
 
+# NetworkManager's D-Bus API (introspection/org.freedesktop.NetworkManager.xml): GetDeviceByIpIface gives a
+# device's object path, the Checkpoints property lists pending checkpoints. busctl ships with systemd (Ubuntu
+# 24.04 / DGX OS and Debian 12 alike); gdbus (libglib2.0-bin) is not always installed.
+NM_BUS = ("org.freedesktop.NetworkManager", "/org/freedesktop/NetworkManager", "org.freedesktop.NetworkManager")
+
 
 def probe_sections(inventory: Inventory, host: Host) -> dict[str, str]:
     """Section name -> the shell commands printing it, in the order of the output."""
     q = shlex.quote
     state = f'"$HOME"/{q(paths.STATE)}'
+    twins = " ".join(q(t.interface) for t in host.fabric)
     rt = inventory.runtime
     gcs = int(inventory.ray.port)
     if rt.venv:
@@ -77,13 +83,19 @@ def probe_sections(inventory: Inventory, host: Host) -> dict[str, str]:
             '} >"$_sp/nm-$u" & done; wait; for u in $us; do cat "$_sp/nm-$u"; echo; done'
         ),
         "nm_devices": "nmcli -t -f DEVICE,TYPE,STATE,CONNECTION device status 2>/dev/null || true",
+        "nm_checkpoint": (
+            f"for i in {twins}; do printf 'device %s ' \"$i\"; "
+            f'busctl call {" ".join(NM_BUS)} GetDeviceByIpIface s "$i" 2>/dev/null || echo; done; '
+            f"printf 'listed '; busctl get-property {' '.join(NM_BUS)} Checkpoints 2>/dev/null || echo; "
+            f"printf 'file '; cat {q(paths.CHECKPOINT_FILE)} 2>/dev/null || echo"
+        ),
         "env_file": f"cat {q(paths.ENV_FILE)} 2>/dev/null && echo && echo '{MARK} present' || echo '{MARK} absent'",
         "non_carry_over": f"cat \"$HOME\"/{q(paths.NON_CARRY_OVER)} 2>/dev/null && echo && echo '{MARK} present' "
         f"|| echo '{MARK} absent'",
         "state_files": (
             f"cd {state} 2>/dev/null && {{ sha256sum {' '.join(DIGESTED_FILES)} 2>/dev/null "
             '| while read -r d f; do echo "$f.sha256:$d"; done; '
-            "grep -H '' workload-*.pid workload-*.spec 2>/dev/null; }; true"
+            "grep -H '' workload-*.pid workload-*.spec workload-*.health 2>/dev/null; }; true"
         ),
         "firewall": (
             f"cat {q(paths.FIREWALL_FILE)} 2>/dev/null && echo && echo '{MARK} present' || echo '{MARK} absent'"

@@ -200,6 +200,13 @@ class Network(_Model):
 
     mtu: int = Field(9000, ge=1280, le=9216, description="MTU on every twin.")
     topology: Literal["direct"] = Field("direct", description="'direct': two hosts joined by one cable.")
+    checkpoint_timeout: int = Field(
+        120,
+        ge=10,
+        le=3600,
+        description="Seconds after which NetworkManager on a host undoes a fabric change by itself unless the run "
+        "has committed it (after the jumbo-frame checks); covers a change that cuts the host off.",
+    )
 
 
 class RayPorts(_Model):

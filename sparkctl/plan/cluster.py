@@ -207,8 +207,14 @@ def _selected(ctx: PlanContext) -> list[Workload]:
     return [w for w in ws if not names or w.name in names]
 
 
+def workload_health(ctx: PlanContext, w: Workload, host: Host | None = None) -> str:
+    """What the workload recorded about itself on `host` (default the head; '' if nothing): e.g. 'failed <why>'."""
+    return ctx.facts[(host or ctx.inventory.head).name].files.get(f"workload-{w.name}.health", "").strip()
+
+
 def workload_state(ctx: PlanContext, w: Workload, host: Host | None = None) -> str:
-    """'ok', 'stopped' or 'changed' for a workload on `host`; without one, on every host running it.
+    """'ok', 'stopped', 'broken' (running, but it reports a failed backend) or 'changed' for a workload on `host`;
+    without one, on every host running it.
 
     A workload of vLLM's multiprocessing executor runs on several hosts: it is 'ok' only when all are, and is
     otherwise restarted everywhere (its ranks meet only at start).
@@ -229,6 +235,8 @@ def workload_state(ctx: PlanContext, w: Workload, host: Host | None = None) -> s
         alive = pid.isdigit() and any(p.pid == int(pid) for p in facts.processes)
     if not alive:
         return "stopped"
+    if workload_health(ctx, w, host).startswith("failed"):  # e.g. a tensor-parallel rank died: restart the group
+        return "broken"
     spec = facts.files.get(f"workload-{w.name}.spec", "")
     return "ok" if spec == lc.workload_spec(ctx.inventory, w, ctx.home(host), host) else "changed"
 
@@ -329,7 +337,10 @@ def plan_workloads(ctx: PlanContext, host: Host) -> list[Step]:
                 + (f", replicas={w.replicas}" if w.replicas > 1 else "")
                 + f", {lc.endpoint(inv, w)}",
                 commands=cmds,
-                diff=[f"- {w.name}: {state}", f"+ {w.name}: {lc.workload_spec(inv, w, home, host)}"],
+                diff=[
+                    f"- {w.name}: {state}" + (f" ({workload_health(ctx, w, host)})" if state == "broken" else ""),
+                    f"+ {w.name}: {lc.workload_spec(inv, w, home, host)}",
+                ],
                 depends_on_earlier="ray_node" in ctx.changed,
             )
         )

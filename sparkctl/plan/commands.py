@@ -252,6 +252,8 @@ def workload_argv(inv: Inventory, w: Workload, home: str, host: Host | None = No
             f"{fabric_ip(inv.head)}:{inv.ray.port}",
             "--bundle-resources",
             json.dumps(bundle, separators=(",", ":")),
+            "--health-file",
+            health_file(home, w.name) if inv.runtime.venv else f"/sparkctl/workload-{w.name}.health",
             *w.extra_args,
         ]
     vllm = f"{inv.runtime.venv}/bin/vllm" if inv.runtime.venv else "vllm"
@@ -329,14 +331,21 @@ def spec_file(home: str, name: str) -> str:
     return f"{paths.state_dir(home)}/workload-{name}.spec"
 
 
-def _stop_script(pidf: str, specf: str, grace: int) -> str:
-    """TERM the process group recorded in `pidf`, wait up to `grace` s, KILL, forget it (safe when absent)."""
+def _stop_script(pidf: str, specf: str, grace: int, extra: str = "") -> str:
+    """TERM the process group recorded in `pidf`, wait up to `grace` s, KILL, forget it and `extra` files (safe
+    when absent)."""
+    tail = f" {extra}" if extra else ""
     return (
         f"if [ -f {pidf} ]; then pid=$(cat {pidf}); "
         f'kill -TERM -"$pid" 2>/dev/null; i=0; '
         f'while kill -0 -"$pid" 2>/dev/null && [ $i -lt {grace * 5} ]; do sleep 0.2; i=$((i+1)); done; '
-        f'kill -KILL -"$pid" 2>/dev/null; rm -f {pidf} {specf}; fi; true'
+        f'kill -KILL -"$pid" 2>/dev/null; rm -f {pidf} {specf}{tail}; fi; true'
     )
+
+
+def health_file(home: str, name: str) -> str:
+    """Where the embed worker keeps its health (`loading`, `ok`, `failed <why>`), read by the facts probe."""
+    return f"{paths.state_dir(home)}/workload-{name}.health"
 
 
 def build_workload_start(inv: Inventory, w: Workload, home: str, host: Host | None = None) -> str:
@@ -388,8 +397,9 @@ def build_workload_stop(inv: Inventory, name: str, home: str, grace: int = 30) -
             q(f"{CONTAINER_STATE}/workload-{name}.pid"), q(f"{CONTAINER_STATE}/workload-{name}.spec"), grace
         )
         docker = shlex.join(["docker", "exec", RAY_CONTAINER, "sh", "-c", inner])
-        return f"{docker} 2>/dev/null; rm -f {q(pid_file(home, name))} {q(spec_file(home, name))}; true"
-    return _stop_script(q(pid_file(home, name)), q(spec_file(home, name)), grace)
+        records = f"{q(pid_file(home, name))} {q(spec_file(home, name))} {q(health_file(home, name))}"
+        return f"{docker} 2>/dev/null; rm -f {records}; true"
+    return _stop_script(q(pid_file(home, name)), q(spec_file(home, name)), grace, q(health_file(home, name)))
 
 
 EPHEMERAL = "32768-60999"

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from sparkctl.facts.models import HostFacts, Interface
+from sparkctl.facts.models import HostFacts, Interface, NmCheckpoints
 from sparkctl.inventory.models import Host, Inventory
 
 
@@ -35,6 +35,14 @@ def fresh_facts(inv: Inventory, host: Host) -> HostFacts:
     """Facts of a host as sparkctl expects a fresh install to look (for `plan --offline`)."""
     interfaces = {t.interface: Interface(name=t.interface, mtu=1500, operstate="UP", up=True) for t in host.fabric}
     user = host.ssh.user or inv.ssh.user or "user"
+    # NetworkManager numbers its device objects in the order it finds them (loopback first); assumed, like the rest
+    devices = {t.interface: f"/org/freedesktop/NetworkManager/Devices/{i + 3}" for i, t in enumerate(host.fabric)}
     return HostFacts(
-        host=host.name, user=user, home=f"/home/{user}", hostname=host.name, interfaces=interfaces, nm_running=True
+        host=host.name,
+        user=user,
+        home=f"/home/{user}",
+        hostname=host.name,
+        interfaces=interfaces,
+        nm_running=True,
+        nm_checkpoints=NmCheckpoints(devices=devices),
     )

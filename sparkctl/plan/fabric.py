@@ -2,14 +2,36 @@
 
 from __future__ import annotations
 
+import shlex
+
 from sparkctl import paths
 from sparkctl.errors import PlanError, Problem
 from sparkctl.facts.models import HostFacts, NmConnection
-from sparkctl.inventory.models import FabricInterface, Host
+from sparkctl.facts.probe import NM_BUS
+from sparkctl.inventory.models import FabricInterface, Host, Inventory
 from sparkctl.plan.context import PlanContext
-from sparkctl.plan.models import Command, Step
+from sparkctl.plan.models import Command, Rollback, Step
 
 ACTIVATE_WAIT = "30"
+
+# NetworkManager checkpoints (D-Bus API, introspection/org.freedesktop.NetworkManager.xml; CheckpointCreate,
+# CheckpointDestroy and CheckpointRollback exist since NetworkManager 1.4 (NEWS), the flag below since 1.6; DGX OS /
+# Ubuntu 24.04 ships 1.46, Debian 12 1.42). CheckpointCreate(ao devices, u rollback_timeout, u flags) -> o:
+# NetworkManager snapshots each listed device (its active profile and that profile's settings) and, unless the
+# checkpoint is destroyed first, rolls them back by itself after rollback_timeout seconds - even when sparkctl
+# can no longer reach the host (src/core/nm-checkpoint.c: nm_checkpoint_rollback re-activates the snapshot's
+# profile, or disconnects a device that had none).
+CHECKPOINT_DELETE_NEW_CONNECTIONS = 0x02
+"""NM_CHECKPOINT_CREATE_FLAG_DELETE_NEW_CONNECTIONS (nm-dbus-interface.h): a rollback deletes profiles added since."""
+
+CHECKPOINT_STEP = "fabric_checkpoint"
+COMMIT_STEP = "fabric_commit"
+
+
+def _busctl(method: str, signature: str, *args: str) -> str:
+    """`busctl call` of a NetworkManager method (systemd's busctl(1): SIGNATURE then one word per value,
+    an array as its length followed by its items)."""
+    return shlex.join(["busctl", "call", *NM_BUS, method, signature, *args])
 
 
 def desired_settings(twin: FabricInterface, mtu: int) -> dict[str, str]:
@@ -34,6 +56,23 @@ def current_settings(con: NmConnection) -> dict[str, str]:
         "802-3-ethernet.mtu": str(con.mtu) if con.mtu else "auto",
         "connection.autoconnect": "yes" if con.autoconnect else "no",
     }
+
+
+def pick_profile(
+    facts: HostFacts, name: str, interface: str, want: dict[str, str]
+) -> tuple[NmConnection | None, list[NmConnection]]:
+    """The profile called `name` sparkctl keeps, and its duplicates (same name, other UUIDs).
+
+    Kept: the one active on the twin, else one already holding the wanted settings, else the first listed.
+    """
+    found = [c for c in facts.nm_connections if c.name == name]
+    if not found:
+        return None, []
+    keep = next(
+        (c for c in found if c.device == interface),
+        next((c for c in found if current_settings(c) == want), found[0]),
+    )
+    return keep, [c for c in found if c.uuid != keep.uuid]
 
 
 def check_session_safety(host: Host, facts: HostFacts) -> list[Problem]:
@@ -65,42 +104,197 @@ def check_session_safety(host: Host, facts: HostFacts) -> list[Problem]:
 
 
 def plan_fabric(ctx: PlanContext, host: Host) -> list[Step]:
-    """Steps that make every twin of `host` carry its address at the fabric MTU through a sparkctl profile."""
-    inv, facts = ctx.inventory, ctx.facts[host.name]
+    """Steps that make every twin of `host` carry its address at the fabric MTU through a sparkctl profile.
+
+    When anything changes, the first step opens a NetworkManager checkpoint on the twins; the change is final
+    only after a later `fabric_commit` step (see plan_fabric_commit).
+    """
+    return _plan_fabric(ctx.inventory, host, ctx.facts[host.name])
+
+
+def _plan_fabric(inv: Inventory, host: Host, facts: HostFacts) -> list[Step]:
     problems = check_session_safety(host, facts)
     if problems:
         raise PlanError(problems)
     steps: list[Step] = []
     for twin in host.fabric:
         steps += _plan_twin(host.name, twin, inv.network.mtu, facts)
+    if steps or facts.nm_checkpoints.pending:  # another run's pending checkpoint fails the step (its verdict)
+        steps.insert(0, _checkpoint_step(inv, host, facts, steps))
     return steps
+
+
+def _checkpoint_step(inv: Inventory, host: Host, facts: HostFacts, changes: list[Step]) -> Step:
+    """Open a checkpoint on the twins; its rollback undoes `changes` (NetworkManager's and, for profiles that
+    were not active on a twin, sparkctl's own undo commands, which the checkpoint does not cover)."""
+    cp = facts.nm_checkpoints
+    timeout = inv.network.checkpoint_timeout
+    devices = [cp.devices.get(t.interface, "") for t in host.fabric]
+    file = shlex.quote(paths.CHECKPOINT_FILE)
+    create = _busctl(
+        "CheckpointCreate", "aouu", str(len(devices)), *devices, str(timeout), str(CHECKPOINT_DELETE_NEW_CONNECTIONS)
+    )
+    line = (
+        f"mkdir -p {shlex.quote(paths.CHECKPOINT_FILE.rsplit('/', 1)[0])} && out=$({create}) && "
+        f'echo "$out" | cut -d\\" -f 2 > {file}.new && mv {file}.new {file}'
+    )
+    verdict = ""
+    missing = [t.interface for t, d in zip(host.fabric, devices, strict=True) if not d]
+    if cp.pending:
+        verdict = (
+            f"NetworkManager holds a checkpoint of another sparkctl run ({cp.pending}): that run is still "
+            f"changing the fabric, or it failed and NetworkManager rolls its change back within "
+            f"{timeout} s; hint: wait for that run to end (or the rollback), then run again"
+        )
+    elif missing:
+        verdict = (
+            f"NetworkManager's D-Bus device of {', '.join(missing)} was not found (busctl call ... "
+            "GetDeviceByIpIface); hint: check that busctl (systemd) is installed and NetworkManager manages the twins"
+        )
+    return Step(
+        host=host.name,
+        kind=CHECKPOINT_STEP,
+        target=",".join(t.interface for t in host.fabric),
+        description=f"open a NetworkManager checkpoint on the twins (rolls back by itself after {timeout} s "
+        "unless committed)",
+        commands=[Command(argv=["sh", "-c", line], sudo=True)],
+        diff=[f"- {paths.CHECKPOINT_FILE}: absent", f"+ {paths.CHECKPOINT_FILE}: checkpoint path"],
+        verdict=verdict,
+        rollback=Rollback(
+            commands=[_rollback_command(), *_undo_commands(host, facts, changes)],
+            commit=COMMIT_STEP,
+            description="roll the twins back to the checkpoint (profiles added by this run are deleted)",
+            fallback=f"NetworkManager on {host.name} rolls the change back by itself when the checkpoint expires "
+            f"({timeout} s after it was opened; network.checkpoint_timeout)",
+        ),
+    )
+
+
+def _rollback_command() -> Command:
+    """Roll back sparkctl's recorded checkpoint, if any; fail if a device could not be restored."""
+    file = shlex.quote(paths.CHECKPOINT_FILE)
+    line = (
+        f'p=$(cat {file} 2>/dev/null); [ -n "$p" ] || exit 0; '
+        f"out=$({_busctl('CheckpointRollback', 'o', 'PATH').replace('PATH', chr(34) + '$p' + chr(34))}); rc=$?; "
+        f"rm -f {file}; "
+        '[ $rc = 0 ] || { echo "NetworkManager no longer holds checkpoint $p (it expired and was rolled back, '
+        'or NetworkManager restarted)" >&2; exit 1; }; '
+        # the reply is a{su}: each device's original path and its NMRollbackResult (0 = restored)
+        'echo "$out"; if echo "$out" | grep -q "\\" [1-3]"; then '
+        'echo "NetworkManager could not restore every device" >&2; exit 1; fi'
+    )
+    return Command(argv=["sh", "-c", line], sudo=True)
+
+
+def _undo_commands(host: Host, facts: HostFacts, changes: list[Step]) -> list[Command]:
+    """nmcli commands restoring profiles this run modifies that were not active on a twin (a checkpoint restores
+    only the profile active on each device; src/core/nm-checkpoint.c device_checkpoint_create)."""
+    active = {d.connection for d in facts.nm_devices.values() if d.connection}
+    undo: list[Command] = []
+    for step in changes:
+        if step.kind == "fabric_profile" and step.commands[0].argv[2] == "modify":
+            name = step.commands[0].argv[4]
+            ours = pick_profile(facts, name, step.target, {})[0]
+            if ours is None or ours.name in active:
+                continue
+            have = current_settings(ours)
+            argv = ["nmcli", "connection", "modify", "uuid", ours.uuid]
+            for key in step.commands[0].argv[5::2]:
+                argv += [key, "0" if key == "802-3-ethernet.mtu" and have[key] == "auto" else have[key]]
+            undo.append(Command(argv=argv, sudo=True))
+    return undo
+
+
+def plan_rivals(host: Host, facts: HostFacts) -> list[Step]:
+    """Stop other profiles from claiming the twins (autoconnect no), so the sparkctl profiles win after a reboot.
+
+    Planned by the commit stage, after the checkpoint is destroyed: changing a profile saves it to disk (an
+    automatic "Wired connection N" kept in /run moves to /etc), which a checkpoint rollback cannot undo
+    (NetworkManager keeps a restored profile where it is: src/core/nm-checkpoint.c). Until then the rival only
+    stands aside: it is deactivated when the sparkctl profile comes up, and an active device is not autoconnected.
+    """
+    steps: list[Step] = []
+    for twin in host.fabric:
+        name = paths.connection_name(twin.interface)
+        rivals = [c for c in facts.nm_connections if c.name != name and twin.interface in (c.interface_name, c.device)]
+        for rival in rivals:
+            if not rival.autoconnect:
+                continue
+            steps.append(
+                Step(
+                    host=host.name,
+                    kind="fabric_rival_profile",
+                    target=f"{twin.interface}/{rival.name}",
+                    description=f"stop profile '{rival.name}' from claiming {twin.interface} (autoconnect)",
+                    commands=[
+                        Command(
+                            argv=["nmcli", "connection", "modify", "uuid", rival.uuid, "connection.autoconnect", "no"],
+                            sudo=True,
+                        )
+                    ],
+                    diff=[f"- {rival.name}: connection.autoconnect yes", f"+ {rival.name}: connection.autoconnect no"],
+                    notes=["`sparkctl restore-network` re-enables it"],
+                )
+            )
+    return steps
+
+
+def plan_fabric_commit(inv: Inventory, host: Host, facts: HostFacts, run_opens: bool) -> list[Step]:
+    """Destroy this run's checkpoint on a host (the fabric change becomes final).
+
+    `run_opens`: an earlier stage of this run opens checkpoints. Before that stage runs, the host's own fabric
+    plan says whether it gets one; after it, the facts show the checkpoint pending.
+    """
+    rivals = plan_rivals(host, facts)
+    if not run_opens:
+        return rivals
+    pending = bool(facts.nm_checkpoints.pending)
+    opened = pending or bool(_plan_fabric(inv, host, facts))
+    if not opened:
+        return rivals
+    file = shlex.quote(paths.CHECKPOINT_FILE)
+    timeout = inv.network.checkpoint_timeout
+    line = (
+        f'p=$(cat {file} 2>/dev/null); [ -n "$p" ] || {{ echo "no checkpoint recorded in {paths.CHECKPOINT_FILE}" '
+        ">&2; exit 1; }; "
+        f"{_busctl('CheckpointDestroy', 'o', 'PATH').replace('PATH', chr(34) + '$p' + chr(34))} >/dev/null || "
+        f'{{ rm -f {file}; echo "NetworkManager no longer holds checkpoint $p: the fabric change was rolled back '
+        f"(it expired after network.checkpoint_timeout={timeout} s, before the checks ended, or NetworkManager "
+        f'restarted); hint: raise network.checkpoint_timeout and run again" >&2; exit 1; }}; rm -f {file}'
+    )
+    return [
+        Step(
+            host=host.name,
+            kind=COMMIT_STEP,
+            target=paths.CHECKPOINT_FILE,
+            description="commit the fabric change (destroy the NetworkManager checkpoint)",
+            commands=[Command(argv=["sh", "-c", line], sudo=True)],
+            diff=[f"- checkpoint: rolls back after {timeout} s", "+ checkpoint: none (the change is final)"],
+            depends_on_earlier=not pending,
+        ),
+        *rivals,
+    ]
 
 
 def _plan_twin(hostname: str, twin: FabricInterface, mtu: int, facts: HostFacts) -> list[Step]:
     name = paths.connection_name(twin.interface)
-    ours = facts.connection(name)
     want = desired_settings(twin, mtu)
+    ours, extra = pick_profile(facts, name, twin.interface, want)
     steps: list[Step] = []
 
-    rivals = [c for c in facts.nm_connections if c.name != name and twin.interface in (c.interface_name, c.device)]
-    for rival in rivals:
-        if not rival.autoconnect:
-            continue
-        active = " and is deactivated when the sparkctl profile comes up" if rival.device == twin.interface else ""
+    # Two runs at once (or a profile copied by hand) leave several profiles of one name: `nmcli ... id NAME`
+    # then acts on whichever NetworkManager lists first. Keep one, delete the others by UUID, before any change.
+    for dup in extra:
+        where = f", active on {dup.device}" if dup.device else ""
         steps.append(
             Step(
                 host=hostname,
-                kind="fabric_rival_profile",
-                target=f"{twin.interface}/{rival.name}",
-                description=f"stop profile '{rival.name}' from claiming {twin.interface}{active}",
-                commands=[
-                    Command(
-                        argv=["nmcli", "connection", "modify", "uuid", rival.uuid, "connection.autoconnect", "no"],
-                        sudo=True,
-                    )
-                ],
-                diff=[f"- {rival.name}: connection.autoconnect yes", f"+ {rival.name}: connection.autoconnect no"],
-                notes=["`sparkctl restore-network` re-enables it"],
+                kind="fabric_duplicate_profile",
+                target=f"{twin.interface}/{dup.uuid}",
+                description=f"delete the duplicate profile {name} ({dup.uuid}{where}); {ours.uuid if ours else ''} "
+                "stays",
+                commands=[Command(argv=["nmcli", "connection", "delete", "uuid", dup.uuid], sudo=True)],
+                diff=[f"- {name} {dup.uuid}{(' ' + dup.filename) if dup.filename else ''}"],
             )
         )
 
@@ -125,7 +319,7 @@ def _plan_twin(hostname: str, twin: FabricInterface, mtu: int, facts: HostFacts)
         differ = {k: v for k, v in want.items() if have.get(k) != v}
         changed_profile = bool(differ)
         if differ:
-            argv = ["nmcli", "connection", "modify", "id", name]
+            argv = ["nmcli", "connection", "modify", "id", name]  # unambiguous: duplicates are deleted first
             for key, value in differ.items():
                 argv += [key, value]
             diff = []
@@ -174,14 +368,17 @@ def plan_restore_network(ctx: PlanContext, host: Host) -> list[Step]:
     steps: list[Step] = []
     for twin in host.fabric:
         name = paths.connection_name(twin.interface)
-        if facts.connection(name):
+        mine = [c for c in facts.nm_connections if c.name == name]
+        if mine:
             steps.append(
                 Step(
                     host=host.name,
                     kind="fabric_profile_removed",
                     target=twin.interface,
-                    description=f"delete profile {name}",
-                    commands=[Command(argv=["nmcli", "connection", "delete", "id", name], sudo=True)],
+                    description=f"delete profile {name}" + (f" ({len(mine)} copies)" if len(mine) > 1 else ""),
+                    commands=[Command(argv=["nmcli", "connection", "delete", "uuid", c.uuid], sudo=True) for c in mine]
+                    if len(mine) > 1
+                    else [Command(argv=["nmcli", "connection", "delete", "id", name], sudo=True)],
                     diff=[f"- {name}"],
                 )
             )

@@ -48,6 +48,15 @@ class Wait(_Data):
     alive: Command | None = Field(None, description="checked each round on the host: failing ends the wait at once")
 
 
+class Rollback(_Data):
+    """How the engine undoes a step's change on its host when the run fails before a later step commits it."""
+
+    commands: list[Command] = Field(description="run on the host, in order, if the run fails or is interrupted")
+    commit: str = Field(description="kind of the later step on the same host after which the change is final")
+    description: str = ""
+    fallback: str = Field("", description="what undoes the change when the engine cannot reach the host")
+
+
 class Step(_Data):
     """One thing to ensure on one host."""
 
@@ -62,6 +71,7 @@ class Step(_Data):
     notes: list[str] = Field(default_factory=list)
     wait: Wait | None = None
     verdict: str = Field("", description="a check already failed from the facts: the engine fails the step with this")
+    rollback: Rollback | None = Field(None, description="undo on failure, until a later step commits the change")
 
     @property
     def id(self) -> str:

@@ -53,6 +53,8 @@ class Action:
     help: ClassVar[str]
     Args: ClassVar[type[BaseModel]] = NoArgs
     needs_shell_opt_in: ClassVar[bool] = False
+    commits: ClassVar[str] = ""
+    """Name of the action whose change this one makes final (`--only` that action runs this one too)."""
 
     def plan(self, ctx: PlanContext, host: Host, args: Any) -> list[Step]:
         raise NotImplementedError
@@ -69,6 +71,16 @@ def _simple(
     return type(
         f"{name.title().replace('_', '')}Action", (Action,), {"name": name, "help": help, "Args": args, "plan": plan}
     )
+
+
+class FabricCommit(Action):
+    name = "fabric_commit"
+    help = "make the fabric change final: destroy the NetworkManager checkpoint the fabric step opened"
+    commits = "fabric"
+
+    def plan(self, ctx: PlanContext, host: Host, args: NoArgs) -> list[Step]:
+        opens = fabric.CHECKPOINT_STEP in ctx.changed
+        return fabric.plan_fabric_commit(ctx.inventory, host, ctx.facts[host.name], opens)
 
 
 class Shell(Action):
@@ -160,6 +172,7 @@ _ACTIONS: list[type[Action]] = [
         "NetworkManager profiles with static IPv4 + MTU on the twins, activated",
         fabric.plan_fabric,
     ),
+    FabricCommit,
     _simple("verify_fabric", "jumbo frames cross every twin both ways (ping -M do)", cluster.plan_verify_fabric),
     _simple(
         "worker_env",

@@ -71,6 +71,7 @@ class Report(BaseModel):
     host_errors: dict[str, str] = Field(default_factory=dict)
     results: list[StepResult] = Field(default_factory=list)
     revisions: list[str] = Field(default_factory=list)
+    rolled_back: list[str] = Field(default_factory=list, description="hosts whose uncommitted changes were undone")
     executed: list[Step] = Field(default_factory=list, description="the steps as they were run, in order")
 
 
@@ -166,6 +167,8 @@ class Engine:
     output_lines: int = 20
     """How many trailing lines of each command's output the report keeps."""
     _abort: threading.Event = field(default_factory=threading.Event)
+    _open: dict[str, list[Step]] = field(default_factory=dict)
+    """Per host, executed steps whose change awaits a commit (undone by their rollback if the run fails)."""
 
     def run(
         self,
@@ -197,7 +200,14 @@ class Engine:
                         report.ok = False
                         break
                 if changed and replan is not None and i + 1 < len(stages):
-                    fresh = replan(frozenset(done), i + 1)
+                    try:
+                        fresh = replan(frozenset(done), i + 1)
+                    except HostError as exc:  # a host stopped answering between stages: stop (and roll back)
+                        report.ok = False
+                        for p in exc.problems:
+                            report.host_errors[p.where or "?"] = p.message
+                            self.emit(Event("note", host=p.where, message=f"re-reading the hosts: {p.message}"))
+                        break
                     if fresh is not None:
                         stages = self._revise(stages, i + 1, fresh, report)
                 i += 1
@@ -205,6 +215,8 @@ class Engine:
             self._abort.set()
             report.ok = False
             report.interrupted = True
+        if not report.ok and any(self._open.values()):
+            self._roll_back(report)
         for r in report.results:
             if r.status == "failed":
                 report.ok = False  # `on_failure: continue` goes on, but the run still failed
@@ -212,6 +224,39 @@ class Engine:
             elif r.status == "changed" and report.hosts.get(r.host) == "ok":
                 report.hosts[r.host] = "changed"
         return report
+
+    def _roll_back(self, report: Report) -> None:
+        """Undo every uncommitted change, newest first per host, all hosts in parallel."""
+        self._abort.clear()
+        steps = []
+        for host, opened in self._open.items():
+            for step in reversed(opened):
+                assert step.rollback is not None
+                steps.append(
+                    Step(
+                        host=host,
+                        kind="rollback",
+                        target=step.id,
+                        description=step.rollback.description or f"undo {step.id}",
+                        commands=step.rollback.commands,
+                        notes=[step.rollback.fallback] if step.rollback.fallback else [],
+                    )
+                )
+        self._open.clear()
+        self.emit(Event("note", message="the run failed before its changes were committed: rolling them back"))
+        for res in self._run_stage(Stage(name="rollback", action="rollback", steps=steps), report, cleanup=True):
+            note = next((s.notes[0] for s in steps if s.host == res.host and s.id == res.step and s.notes), "")
+            if res.status == "failed" and note:
+                res.error += f"; {note}"
+        report.rolled_back = sorted({s.host for s in steps})
+
+    def _track(self, host: str, step: Step, res: StepResult) -> None:
+        """Remember a change awaiting its commit; forget the changes a successful commit step makes final."""
+        if res.status == "changed" and step.rollback is not None:
+            self._open.setdefault(host, []).append(step)
+        elif res.status in ("ok", "changed"):
+            opened = self._open.get(host, [])
+            opened[:] = [s for s in opened if s.rollback is None or s.rollback.commit != step.kind]
 
     def _revise(self, stages: list[Stage], start: int, fresh: Plan, report: Report) -> list[Stage]:
         # Only what would run counts; notes and predictions may legitimately differ.
@@ -245,6 +290,8 @@ class Engine:
             res = self._run_step(stage.name, step)
             with lock:
                 report.executed.append(step)
+                if not cleanup:
+                    self._track(host, step, res)
             if res.status == "failed" and not self.keep_going:
                 self._abort.set()
             return res
@@ -385,6 +432,8 @@ class Engine:
                 self.emit(Event("phase", host=step.host, stage=stage, step=step.id, status=phase, message=p.detail))
             if p.ready:
                 return
+            if p.phase == "broken":  # reported by the workload itself; it does not heal while waiting
+                raise HostError(f"{wait.model} is broken: {p.detail}")
             if wait.alive is not None and p.phase != "ready":
                 line, data = remote_line(wait.alive, self.nopasswd.get(step.host, False), self.secrets, self.blobs)
                 if not self.transports[step.host].run(line, stdin=data, timeout=30).ok:

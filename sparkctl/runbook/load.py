@@ -84,6 +84,19 @@ def _check(rb: Runbook) -> list[tuple[tuple[str | int, ...], str, str]]:
             when = parse_when(step.when) if step.when else None
             if when is not None and when[1] not in rb.parameters:
                 found.append(((group, i, "when"), f"'{when[1]}' is not a parameter of this runbook", _params_hint(rb)))
+    for i, step in enumerate(rb.steps):
+        needs = [a for a in ACTIONS.values() if a.commits and a.commits == step.action]
+        later = {s.action for s in rb.steps[i + 1 :]}
+        for commit in needs:
+            if commit.name not in later:
+                found.append(
+                    (
+                        ("steps", i, "action"),
+                        f"'{step.action}' changes are rolled back by the hosts unless a later step commits them",
+                        f"add a later step with `action: {commit.name}` (after the check that proves the change, "
+                        "e.g. verify_fabric)",
+                    )
+                )
     for i, ref in enumerate(rb.on_interrupt):
         if ref not in {s.name for s in rb.cleanup} and ref not in builtin_names():
             found.append(

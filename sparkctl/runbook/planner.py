@@ -200,6 +200,12 @@ def check_against(rb: Runbook, inv: Inventory, params: dict[str, Any]) -> None:
         raise RunbookError([Problem(rb.where(loc), msg, hint) for loc, msg, hint in unique])
 
 
+def _commits(action: str, other: str) -> bool:
+    """`action` makes `other`'s change final (so `--only other` runs it too)."""
+    found = ACTIONS.get(action)
+    return bool(other) and found is not None and found.commits == other
+
+
 def build_runbook_plan(
     rb: Runbook,
     ctx: PlanContext,
@@ -213,8 +219,9 @@ def build_runbook_plan(
     check_against(rb, ctx.inventory, params)
     stages = []
     notes = []
+    only_action = next((s.action for s in rb.steps if s.name == only), "") if only else ""
     for i, step in enumerate(rb.steps):
-        if i < start or (only and step.name != only):
+        if i < start or (only and step.name != only and not _commits(step.action, only_action)):
             continue
         if not when_holds(step.when, params):
             notes.append(f"step '{step.name}' skipped: when: {step.when}")

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from sparkctl.plan import commands as lc
-from sparkctl.plan.cluster import ray_running_ok, workload_state
+from sparkctl.plan.cluster import ray_running_ok, workload_health, workload_state
 from sparkctl.runbook.session import Session
 
 
@@ -44,5 +44,6 @@ def cluster_status(session: Session, secrets: Mapping[str, str]) -> dict[str, An
             "process": workload_state(ctx, w),
             "health": probe.phase,
             "detail": probe.detail,
+            "recorded": workload_health(ctx, w),
         }
     return {"cluster": inv.cluster, "hosts": hosts, "workloads": workloads}

@@ -616,6 +616,10 @@ class RankWorker:
         self.model = TPBert(config, shard, rank, world, all_reduce, device=pick_device(device))
         return f"rank {rank}/{world} on {socket.gethostname()} ready ({self.model.device})"
 
+    def ping(self) -> int:
+        """Answer the worker's liveness watch (no collective: safe between forwards)."""
+        return self.rank
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
         """Every rank computes; only rank 0 ships the result back."""
         assert self.model is not None, "setup() first"
@@ -679,6 +683,8 @@ class RayBackend:
         self._next = itertools.count()
         self._pg: Any = None
         self._pool: ThreadPoolExecutor | None = None
+        self.where: dict[tuple[int, int], str] = {}
+        """(group, rank) -> the node it runs on, for messages."""
 
     def start(self) -> None:
         """Connect, reserve one bundle per rank, start the actors and form the groups; logs each phase."""
@@ -730,6 +736,7 @@ class RayBackend:
             addrs = ray.get([a.address.remote(opts.ifname) for a in group], timeout=opts.timeout_s)
             for rank, addr in enumerate(addrs):
                 log.info("group %d rank %d: %s ip %s ifname %s", g, rank, addr["host"], addr["ip"], addr["ifname"])
+                self.where[(g, rank)] = f"{addr['host']} ({addr['ip']})"
             init_method = None
             if opts.tp > 1:
                 master = str(addrs[0]["ip"])
@@ -774,7 +781,36 @@ class RayBackend:
             result: torch.Tensor = _ray().get(refs)[0]
             return result
         except Exception as exc:
+            # name the rank that died (Ray's verdict on a ping), not only Ray's message about some actor
+            dead = self.dead_ranks(timeout_s=5.0) if self._actor_died(exc) else []
+            if dead:
+                raise BackendFailure("tensor-parallel rank lost: " + "; ".join(dead)) from exc
             raise BackendFailure(f"tensor-parallel group {index} failed: {exc}") from exc
+
+    @staticmethod
+    def _actor_died(exc: BaseException) -> bool:
+        try:
+            return isinstance(exc, _ray().exceptions.RayActorError)
+        except ImportError:
+            return False
+
+    def dead_ranks(self, timeout_s: float = 10.0) -> list[str]:
+        """Ranks Ray reports dead (RayActorError on a ping), e.g. killed or lost with their node.
+
+        A ping that only times out (the rank is busy) proves nothing and is not reported.
+        """
+        ray = _ray()
+        refs = {(g, r): actor.ping.remote() for g, group in enumerate(self.groups) for r, actor in enumerate(group)}
+        dead = []
+        for (g, r), ref in refs.items():
+            try:
+                ray.get(ref, timeout=timeout_s)
+            except ray.exceptions.RayActorError as exc:
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                dead.append(f"group {g} rank {r} on {self.where.get((g, r), '?')} died ({reason[:160]})")
+            except ray.exceptions.GetTimeoutError:
+                continue
+        return dead
 
     def warm_up(self, batch: TokenBatch) -> None:
         """One pass through every group, so a broken collective shows before /health says ready."""
@@ -945,9 +981,30 @@ class EmbeddingService:
         self.backend: Backend | None = None
         self.failure: str | None = None
         self.created = int(time.time())
+        self.health_file: Path | None = None
+
+    def record(self, status: str) -> None:
+        """Write the health sparkctl reads on the host (`loading`, `ok`, or `failed <why>`), atomically."""
+        if self.health_file is None:
+            return
+        try:
+            tmp = self.health_file.with_name(self.health_file.name + ".tmp")
+            tmp.write_text(status.replace("\n", " ") + "\n")
+            tmp.replace(self.health_file)
+        except OSError:
+            log.warning("could not write %s", self.health_file, exc_info=True)
+
+    def fail(self, reason: str) -> None:
+        """The backend is broken for good: /health says so (503, status failed) until the worker is restarted."""
+        if self.failure is None:
+            self.failure = reason
+            log.error("backend failed, the worker is now unhealthy: %s", reason)
+            self.record(f"failed {reason}")
 
     def attach(self, backend: Backend) -> None:
         self.backend = backend
+        if self.failure is None:
+            self.record("ok")
 
     @property
     def ready(self) -> bool:
@@ -982,8 +1039,7 @@ class EmbeddingService:
         try:
             outputs = backend.embed_batches(batches)
         except BackendFailure as exc:
-            self.failure = str(exc)
-            log.error("backend failed, the worker is now unhealthy: %s", exc)
+            self.fail(str(exc))
             raise RequestError(503, f"the model backend failed: {exc}", kind="server_error") from exc
         vectors = torch.empty((len(token_lists), self.config.hidden_size), dtype=torch.float32)
         for idx, out in zip(plan, outputs, strict=True):
@@ -1158,6 +1214,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-inputs", type=int, default=2048, help="inputs per request")
     add("--startup-timeout", type=float, default=600.0, help="seconds for placement and loading")
     add("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    add("--health-file", type=Path, default=None, help="file to keep the health in (loading, ok, failed <why>)")
+    add("--watch-interval", type=float, default=2.0, help="seconds between liveness checks of the ranks")
     return parser
 
 
@@ -1209,6 +1267,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         served_name = args.served_name or Path(args.model.rstrip("/")).name
         tokenizer = TextTokenizer(spec.model_dir, spec.max_seq_length, spec.config.pad_token_id)
         service = EmbeddingService(served_name, api_key, tokenizer, spec.config, args.max_batch_size, args.max_inputs)
+        service.health_file = args.health_file
+        service.record("loading")
         server, _ = start_http_server(service, args.host, args.port, concurrent=args.replicas > 1)
         log.info(
             "serving %s (%s, %s pooling%s, max %d tokens) on http://%s:%d; /health is 503 until loaded",
@@ -1251,8 +1311,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         service.attach(backend)
         starting = False
         log.info("ready: %s tp=%d replicas=%d", served_name, args.tp, args.replicas)
-        while not stop.wait(1.0):
-            pass
+        watch = isinstance(backend, RayBackend)
+        while not stop.wait(args.watch_interval if watch else 1.0):
+            if watch and service.failure is None:
+                assert isinstance(backend, RayBackend)
+                dead = backend.dead_ranks()
+                if dead:  # a tensor-parallel group with a dead rank cannot answer: say so at once
+                    service.fail("tensor-parallel rank lost: " + "; ".join(dead))
     except (_Terminated, KeyboardInterrupt):
         code = _EXIT_OK
     except SystemExit as exc:  # ray's own SIGTERM handler, if the signal lands inside ray.init

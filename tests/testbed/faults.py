@@ -176,6 +176,19 @@ class FaultsMixin:
         if parked["temp"] in state["links"]:
             state["links"].remove(parked["temp"])
 
+    def read_only_nm_profiles(self, host: str) -> None:
+        """NetworkManager cannot write profiles: its keyfile directory becomes a read-only mount of itself.
+
+        `nmcli connection add` then fails (the keyfile plugin cannot save the profile) while every profile that
+        exists keeps working. Undo with writable_nm_profiles() or reset_hosts().
+        """
+        d = "/etc/NetworkManager/system-connections"
+        self.exec(host, ["/bin/sh", "-c", f"mount --bind {d} {d} && mount -o remount,bind,ro {d}"])
+
+    def writable_nm_profiles(self, host: str) -> None:
+        d = "/etc/NetworkManager/system-connections"
+        self.exec(host, ["/bin/sh", "-c", f"while mountpoint -q {d}; do umount {d}; done"])
+
     def carrier_down(self, host: str, ifname: str) -> None:
         """Pull the cable: the far end of ifname goes down, so ifname loses carrier.
 

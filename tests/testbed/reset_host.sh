@@ -23,7 +23,11 @@ kill_all -f "testbed-occupy-port"
 pkill -TERM -x NetworkManager
 for _ in $(seq 100); do pgrep -x NetworkManager >/dev/null || break; sleep 0.05; done
 pkill -KILL -x NetworkManager
+# read_only_nm_profiles() mounts the keyfile directory read-only over itself: undo it (it is no mount point else).
+while mountpoint -q /etc/NetworkManager/system-connections; do umount /etc/NetworkManager/system-connections; done
 rm -rf /etc/NetworkManager/system-connections/* /var/lib/NetworkManager/* /run/NetworkManager/*
+# NetworkManager's checkpoints died with it; so does the record of one sparkctl opened.
+rm -rf /run/sparkctl
 rm -f /etc/NetworkManager/conf.d/*sparkctl*
 
 for twin in $TB_TWINS; do

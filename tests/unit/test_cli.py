@@ -105,7 +105,7 @@ def test_plan_offline_json_is_a_plan_with_fabric_and_env_steps(cli, isolated_sta
     assert result.exit_code == 0, result.output
     plan = Plan.model_validate_json(result.stdout)
     assert plan.offline and plan.runbook == "up" and plan.hosts == ["spark-a", "spark-b"]
-    assert [st.name for st in plan.stages][:3] == ["fabric", "fabric-check", "env"]
+    assert [st.name for st in plan.stages][:4] == ["fabric", "fabric-check", "fabric-commit", "env"]
     fabric = {(s.host, s.kind, s.target) for s in plan.stages[0].steps}
     for host in ("spark-a", "spark-b"):
         for twin in ("enp1s0f1np1", "enP2p1s0f1np1"):
@@ -114,7 +114,7 @@ def test_plan_offline_json_is_a_plan_with_fabric_and_env_steps(cli, isolated_sta
     adds = [s.commands[0] for s in plan.stages[0].steps if s.kind == "fabric_profile"]
     assert all(c.sudo and c.argv[:3] == ["nmcli", "connection", "add"] for c in adds)
     assert "192.168.101.11/24" in adds[-1].argv
-    env = {s.host: s for s in plan.stages[2].steps if s.kind == "worker_env"}
+    env = {s.host: s for s in plan.stages[3].steps if s.kind == "worker_env"}
     assert set(env) == {"spark-a", "spark-b"}
     assert "NCCL_IB_GID_INDEX=3\n" in env["spark-a"].commands[0].stdin
     assert "VLLM_HOST_IP=192.168.100.11\n" in env["spark-b"].commands[0].stdin
@@ -176,6 +176,8 @@ parameters:
 steps:
   - name: net
     action: fabric
+  - name: commit
+    action: fabric_commit
   - name: env
     action: worker_env
     when: with_env
@@ -204,14 +206,14 @@ def _dry(cli, *args: str) -> Plan:
 def test_run_playbook_dry_run_offline(cli, playbook: Path) -> None:
     plan = _dry(cli, str(playbook))
     assert plan.runbook == "tune"
-    assert [st.name for st in plan.stages] == ["net", "env", "say"]
+    assert [st.name for st in plan.stages] == ["net", "commit", "env", "say"]
     say = plan.stages[-1].steps
     assert [(s.host, s.commands[0].argv, s.changes) for s in say] == [("spark-a", ["echo", "hello"], False)]
 
 
 def test_run_with_set_and_when(cli, playbook: Path) -> None:
     plan = _dry(cli, str(playbook), "--set", "greeting=bonjour", "--set", "with_env=false")
-    assert [st.name for st in plan.stages] == ["net", "say"]
+    assert [st.name for st in plan.stages] == ["net", "commit", "say"]
     assert plan.stages[-1].steps[0].commands[0].argv == ["echo", "bonjour"]
     assert any("env" in n and "skipped" in n for n in plan.notes)
 
@@ -230,12 +232,24 @@ def test_run_set_without_equals_exits_2(cli, playbook: Path) -> None:
 def test_run_from_unknown_step_exits_2(cli, playbook: Path) -> None:
     result = cli("run", str(playbook), "--from", "nope", "--dry-run", "--offline", "-i", str(EXAMPLE))
     assert result.exit_code == EXIT_BAD_INPUT
-    assert "net, env, say" in result.stderr
+    assert "net, commit, env, say" in result.stderr
 
 
 def test_run_from_and_only_shape_the_offline_plan(cli, playbook: Path) -> None:
     assert [st.name for st in _dry(cli, str(playbook), "--from", "env").stages] == ["env", "say"]
     assert [st.name for st in _dry(cli, str(playbook), "--only", "say").stages] == ["say"]
+    # a fabric change is rolled back by the hosts unless committed: --only its step runs the commit too
+    assert [st.name for st in _dry(cli, str(playbook), "--only", "net").stages] == ["net", "commit"]
+
+
+def test_runbook_without_a_commit_after_fabric_is_refused(cli, tmp_path: Path) -> None:
+    bad = tmp_path / "nocommit.yaml"
+    bad.write_text(PLAYBOOK.replace("  - name: commit\n    action: fabric_commit\n", ""))
+    result = cli("runbook", "validate", str(bad))
+    assert result.exit_code == EXIT_BAD_INPUT
+    line = PLAYBOOK.splitlines().index("    action: fabric") + 1
+    assert f"{bad}:{line} steps[0].action" in result.stderr
+    assert "rolled back" in result.stderr and "fabric_commit" in result.stderr
 
 
 def test_run_builtin_by_name(cli) -> None:
@@ -262,7 +276,7 @@ def test_runbook_show_up_is_a_valid_runbook(cli) -> None:
     assert result.exit_code == 0
     rb = parse_runbook(result.stdout, "shown")
     assert rb.name == "up"
-    assert [s.name for s in rb.steps][:3] == ["fabric", "fabric-check", "env"]
+    assert [s.name for s in rb.steps][:4] == ["fabric", "fabric-check", "fabric-commit", "env"]
 
 
 def test_runbook_show_unknown_exits_2(cli) -> None:
@@ -279,7 +293,7 @@ def test_runbook_validate(cli, playbook: Path, tmp_path: Path) -> None:
     result = cli("runbook", "validate", str(playbook), str(bad))
     assert result.exit_code == EXIT_BAD_INPUT
     line = PLAYBOOK.splitlines().index("    action: worker_env") + 1
-    assert f"error: {bad}:{line} steps[1].action: unknown action 'worker_envv'" in result.stderr
+    assert f"error: {bad}:{line} steps[2].action: unknown action 'worker_envv'" in result.stderr
     assert "did you mean 'worker_env'" in result.stderr
 
 

@@ -399,7 +399,7 @@ CHAT_STOP = (
     'kill -TERM -"$pid" 2>/dev/null; i=0; while kill -0 -"$pid" 2>/dev/null && [ $i -lt 150 ]; do sleep 0.2; '
     'i=$((i+1)); done; kill -KILL -"$pid" 2>/dev/null; rm -f /sparkctl/workload-chat.pid /sparkctl/workload-chat.spec; '
     "fi; true' 2>/dev/null; "
-    f"rm -f {STATE}/workload-chat.pid {STATE}/workload-chat.spec; true"
+    f"rm -f {STATE}/workload-chat.pid {STATE}/workload-chat.spec {STATE}/workload-chat.health; true"
 )
 
 

@@ -342,6 +342,7 @@ def test_up_runs_in_the_documented_order() -> None:
     assert [s.action for s in up.steps] == [
         "fabric",
         "verify_fabric",
+        "fabric_commit",
         "worker_env",
         "ray_firewall",
         "ray_token",

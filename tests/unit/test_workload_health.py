@@ -1,0 +1,231 @@
+"""A workload whose tensor-parallel group lost a rank: the probe calls it broken, the plan restarts it, the
+readiness wait ends at once, and the embed worker records its health where the facts probe reads it."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sparkctl.execute.fake import RecordingTransport
+from sparkctl.execute.http import Probe, probe_workload
+from sparkctl.facts.parse import parse_probe
+from sparkctl.facts.probe import MARK
+from sparkctl.inventory import parse_inventory
+from sparkctl.plan import cluster
+from sparkctl.plan import commands as lc
+from sparkctl.plan.context import PlanContext
+from sparkctl.plan.models import Plan, Stage, Step, Wait
+from sparkctl.runbook.engine import Engine
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "inventories" / "example-pair.yaml"
+WHY = "tensor-parallel rank lost: group 0 rank 1 on spark-b (192.168.100.11) died (ActorDiedError)"
+
+
+def _server(status: int, body: dict[str, Any]) -> Iterator[str]:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=http.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{http.server_address[1]}"
+    http.shutdown()
+    http.server_close()
+
+
+@pytest.fixture
+def failed_endpoint() -> Iterator[str]:
+    yield from _server(503, {"status": "failed", "error": WHY})
+
+
+@pytest.fixture
+def loading_endpoint() -> Iterator[str]:
+    yield from _server(503, {"status": "loading"})
+
+
+def test_probe_calls_a_failed_backend_broken_not_loading(failed_endpoint: str, loading_endpoint: str) -> None:
+    assert probe_workload(failed_endpoint, "embed", "k", "embed", timeout=5) == Probe("broken", WHY)
+    assert probe_workload(loading_endpoint, "embed", "k", "embed", timeout=5).phase == "loading"
+
+
+def test_readiness_wait_ends_at_once_on_a_broken_workload() -> None:
+    slept: list[float] = []
+    step = Step(
+        host="spark-a",
+        kind="verify_workload",
+        target="embed",
+        description="d",
+        changes=False,
+        notes=["embed"],
+        wait=Wait(kind="http", deadline=300, interval=1, url="http://x", model="embed"),
+    )
+    eng = Engine(
+        transports={"spark-a": RecordingTransport("spark-a")},
+        nopasswd={"spark-a": True},
+        sleep=slept.append,
+        probe=lambda *a: Probe("broken", WHY),
+    )
+    report = eng.run(
+        Plan(cluster="c", runbook="up", hosts=["spark-a"], stages=[Stage(name="r", action="r", steps=[step])])
+    )
+    (res,) = report.results
+    assert res.status == "failed" and "embed is broken" in res.error and "rank 1 on spark-b" in res.error
+    assert slept == []  # not the 300 s deadline
+
+
+@pytest.fixture
+def embed_ctx() -> Any:
+    text = EXAMPLE.read_text()
+    inv = parse_inventory(text, "inv.yaml")
+    inv = inv.model_copy(
+        update={
+            "workloads": [
+                w.model_copy(update={"name": "embed", "engine": "embed", "tensor_parallel_size": 2})
+                for w in inv.workloads[:1]
+            ]
+        }
+    )
+    return inv
+
+
+def _facts(inv: Any, health: str | None) -> dict[str, Any]:
+    w = inv.workloads[0]
+    home = "/home/nvidia"
+    files = {
+        "embed_worker.py.sha256": "x",
+        "workload-embed.pid": "4242",
+        "workload-embed.spec": lc.workload_spec(inv, w, home),
+    }
+    if health is not None:
+        files["workload-embed.health"] = health
+    out = (
+        f"{MARK} identity\nnvidia\n{home}\nspark-a\n{MARK} processes\n 4242 nvidia python3 embed_worker.py\n"
+        f"{MARK} state_files\n" + "".join(f"{k}:{v}\n" for k, v in files.items())
+    )
+    head = parse_probe("spark-a", out)
+    return {h.name: head.model_copy(update={"host": h.name}) for h in inv.hosts}
+
+
+def test_the_probe_reads_the_recorded_health(embed_ctx: Any) -> None:
+    facts = _facts(embed_ctx, f"failed {WHY}")
+    assert facts["spark-a"].files["workload-embed.health"] == f"failed {WHY}"
+
+
+def test_a_broken_workload_is_planned_for_a_restart(embed_ctx: Any) -> None:
+    inv = embed_ctx
+    ok = PlanContext(inv, _facts(inv, "ok"), {}, {"worker_code": "x"})
+    assert cluster.workload_state(ok, inv.workloads[0]) == "ok"
+    assert cluster.plan_workloads(ok, inv.head) == []
+    broken = PlanContext(inv, _facts(inv, f"failed {WHY}"), {}, {"worker_code": "x"})
+    assert cluster.workload_state(broken, inv.workloads[0]) == "broken"
+    steps = [s for s in cluster.plan_workloads(broken, inv.head) if s.kind == "workload"]
+    (restart,) = steps
+    stop, start = restart.commands
+    assert "kill -TERM" in stop.argv[2] and "setsid" in start.argv[2]
+    assert any("broken" in d and "rank 1 on spark-b" in d for d in restart.diff)
+
+
+def test_the_embed_argv_names_the_health_file_and_stop_removes_it(embed_ctx: Any) -> None:
+    inv, home = embed_ctx, "/home/nvidia"
+    argv = lc.workload_argv(inv, inv.workloads[0], home)
+    assert argv[argv.index("--health-file") + 1] == lc.health_file(home, "embed")
+    assert lc.health_file(home, "embed") in lc.build_workload_stop(inv, "embed", home)
+
+
+def test_worker_records_loading_ok_and_failed(tmp_path: Path) -> None:
+    embed = pytest.importorskip("sparkctl.workers.embed")
+
+    class Tok:
+        pad_id, max_seq_length = 0, 8
+
+        def tokenize(self, texts: Any) -> list[list[int]]:
+            return [[1] for _ in texts]
+
+    class Broken:
+        def embed_batches(self, batches: Any) -> Any:
+            raise embed.BackendFailure("tensor-parallel group 0 failed: the actor died")
+
+        def close(self) -> None:
+            pass
+
+    config = embed.BertConfig(
+        vocab_size=10,
+        hidden_size=4,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        intermediate_size=4,
+        max_position_embeddings=8,
+    )
+    service = embed.EmbeddingService("embed", "key", Tok(), config)
+    service.health_file = tmp_path / "workload-embed.health"
+    service.record("loading")
+    assert service.health_file.read_text() == "loading\n"
+    service.attach(Broken())
+    assert service.health_file.read_text() == "ok\n"
+    with pytest.raises(embed.RequestError):
+        service.create_embeddings({"model": "embed", "input": "hi"})
+    assert service.health_file.read_text().startswith("failed tensor-parallel group 0 failed")
+    assert service.health() == (503, {"status": "failed", "error": "tensor-parallel group 0 failed: the actor died"})
+    service.fail("a second reason")  # the first failure stays
+    assert "group 0" in service.health_file.read_text()
+
+
+def test_a_request_meeting_a_dead_rank_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray raises RayActorError for calls to a dead actor (ray.exceptions); the failure names rank and node."""
+    embed = pytest.importorskip("sparkctl.workers.embed")
+    import types
+
+    class RayActorError(Exception):
+        pass
+
+    class GetTimeoutError(Exception):
+        pass
+
+    class Ref:
+        def __init__(self, value: Any, error: Exception | None = None) -> None:
+            self.value, self.error = value, error
+
+    def get(refs: Any, timeout: float | None = None) -> Any:
+        for ref in refs if isinstance(refs, list) else [refs]:
+            if ref.error:
+                raise ref.error
+        return [r.value for r in refs] if isinstance(refs, list) else refs.value
+
+    class Method:
+        def __init__(self, value: Any, dead: bool) -> None:
+            self.value, self.dead = value, dead
+
+        def remote(self, *args: Any) -> Ref:
+            return Ref(self.value, RayActorError("The actor died unexpectedly") if self.dead else None)
+
+    class Actor:
+        def __init__(self, rank: int, dead: bool) -> None:
+            self.forward = Method("vectors", dead)
+            self.ping = Method(rank, dead)
+
+    fake = types.SimpleNamespace(
+        get=get, exceptions=types.SimpleNamespace(RayActorError=RayActorError, GetTimeoutError=GetTimeoutError)
+    )
+    monkeypatch.setattr(embed, "_ray", lambda: fake)
+    backend = embed.RayBackend(embed.RayOptions(model="m", max_seq_length=None, tp=2))
+    backend.groups = [[Actor(0, False), Actor(1, True)]]
+    backend.where = {(0, 0): "spark-a (192.168.100.10)", (0, 1): "spark-b (192.168.100.11)"}
+    with pytest.raises(embed.BackendFailure) as err:
+        backend._forward(0, ("ids", "mask"))
+    assert str(err.value).startswith("tensor-parallel rank lost: group 0 rank 1 on spark-b (192.168.100.11) died")
+    assert backend.dead_ranks() == ["group 0 rank 1 on spark-b (192.168.100.11) died (The actor died unexpectedly)"]
+    backend.groups = [[Actor(0, False), Actor(1, False)]]
+    assert backend.dead_ranks() == []
