@@ -36,3 +36,7 @@ def token_path(home: str) -> str:
 def connection_name(interface: str) -> str:
     """The NetworkManager profile sparkctl owns for `interface`."""
     return f"{CONNECTION_PREFIX}{interface}"
+
+
+LOCK_DIR = "/run/lock/sparkctl"
+"""The cluster lock on a host: a directory holding the owner record (see sparkctl.runbook.lock)."""

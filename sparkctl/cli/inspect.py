@@ -46,7 +46,7 @@ def cluster_status(session: Session, inv: Inventory, secrets: dict[str, str]) ->
         }
     workloads = {}
     for w in inv.workloads:
-        probe = probe_workload(lc.endpoint(inv, w), w.name, secrets[f"api_key:{w.name}"], w.engine, timeout=5)
+        probe = probe_workload(lc.endpoint(inv, w), w.name, secrets.get(f"api_key:{w.name}"), w.engine, timeout=5)
         workloads[w.name] = {
             "engine": w.engine,
             "endpoint": lc.endpoint(inv, w) + "/v1",
