@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -61,7 +62,7 @@ def test_second_is_refused_with_a_message_and_the_third_force_quits_saying_what_
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
 def test_sigterm_and_sighup_count_like_ctrl_c(sig: signal.Signals) -> None:
-    p, said, codes = policy()
+    p, _said, codes = policy()
     with pytest.raises(KeyboardInterrupt):
         p.handle(sig)
     assert p.first == sig.name
@@ -82,10 +83,8 @@ def test_a_failing_before_exit_hook_does_not_prevent_the_exit() -> None:
     p, _, codes = policy()
     p.before_exit.append(lambda: 1 / 0)  # type: ignore[func-returns-value]
     for _ in range(2):
-        try:
+        with contextlib.suppress(KeyboardInterrupt):
             p.handle(signal.SIGINT)
-        except KeyboardInterrupt:
-            pass
     with pytest.raises(Exited):
         p.handle(signal.SIGINT)
     assert codes == [130]
