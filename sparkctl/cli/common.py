@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import logging
 import os
@@ -87,7 +88,8 @@ def confirm(message: str, yes: bool) -> bool:
 
 
 def echo(text: str = "", err: bool = False) -> None:
-    typer.echo(text, err=err)
+    with contextlib.suppress(OSError):  # the terminal may be gone (SIGHUP): the cleanup must still run
+        typer.echo(text, err=err)
 
 
 def fail(exc: SparkctlError) -> None:
