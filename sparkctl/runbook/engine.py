@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel, Field
 
 from sparkctl.errors import HostError
-from sparkctl.execute.base import Result, Transport
+from sparkctl.execute.base import Result, Transport, Unreachable
 from sparkctl.launch.probe import Probe, probe_workload
 from sparkctl.plan.models import Command, Plan, Stage, Step
 
@@ -54,6 +54,7 @@ class StepResult(BaseModel):
     commands: list[CommandRecord] = Field(default_factory=list)
     error: str = ""
     log_tail: str = ""
+    lost: bool = Field(False, description="the step failed because the host could not be reached any more")
 
 
 class Report(BaseModel):
@@ -218,7 +219,9 @@ class Engine:
         for r in list(report.results):
             if r.status == "failed":
                 report.ok = False  # `on_failure: continue` goes on, but the run still failed
-                if report.hosts.get(r.host) != "unreachable":
+                if r.lost:
+                    report.hosts[r.host] = "unreachable"
+                elif report.hosts.get(r.host) != "unreachable":
                     report.hosts[r.host] = "failed"
             elif r.status == "changed" and report.hosts.get(r.host) == "ok":
                 report.hosts[r.host] = "changed"
@@ -313,8 +316,9 @@ class Engine:
             res.error = f"{exc.why} after {self.clock() - t0:.1f}s" + (f" ({exc.detail})" if exc.detail else "")
         except HostError as exc:
             res.status = "failed"
+            res.lost = isinstance(exc, Unreachable)
             res.error = self.secrets.redact("; ".join(p.message for p in exc.problems))
-            if step.wait and step.wait.log:
+            if step.wait and step.wait.log and not res.lost:
                 res.log_tail = self._log_tail(step.host, step.wait.log)
         res.ended = self.now()
         self.emit(

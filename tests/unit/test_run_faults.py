@@ -271,3 +271,17 @@ def test_secrets_needed_names_stdin_secrets_and_probe_keys() -> None:
 def test_journal_record_is_json_lines(isolated_state: Path) -> None:
     state.append_journal({"id": "a"})
     assert json.loads((isolated_state / "sparkctl" / "journal.jsonl").read_text()) == {"id": "a"}
+
+
+def test_connection_lost_during_a_step_marks_the_host_unreachable() -> None:
+    from sparkctl.execute.base import Unreachable
+
+    lost = Unreachable([Problem("spark-b", "connection lost while running `ray start`: EOF")])
+    ts = {"spark-a": RecordingTransport("spark-a"), "spark-b": RecordingTransport("spark-b", {"ray": lost})}
+    p = plan_of(
+        Stage(name="ray-head", action="ray_start", steps=[step("spark-a", "ray_node", ["ray"])]),
+        Stage(name="ray-workers", action="ray_start", steps=[step("spark-b", "ray_node", ["ray"])]),
+    )
+    report = engine(transports=ts).run(p)
+    assert report.hosts == {"spark-a": "changed", "spark-b": "unreachable"}
+    assert "UNREACHABLE" in render_report(report) and "could not be reached" in render_report(report)
