@@ -76,9 +76,23 @@ def plan_fabric(inv: Inventory, host: Host, facts: HostFacts) -> list[Step]:
 
 def _plan_twin(hostname: str, twin: FabricInterface, mtu: int, facts: HostFacts) -> list[Step]:
     name = paths.connection_name(twin.interface)
-    ours = facts.connection(name)
+    same = [c for c in facts.nm_connections if c.name == name]
+    # Two profiles of one name (two runs that raced, or a hand-made copy) is drift: keep the one active on the
+    # twin (else the first), delete the others by UUID, so that `nmcli ... id NAME` names exactly one again.
+    ours = next((c for c in same if c.device == twin.interface), same[0] if same else None)
     want = desired_settings(twin, mtu)
-    steps: list[Step] = []
+    steps: list[Step] = [
+        Step(
+            host=hostname,
+            kind="fabric_duplicate_profile",
+            target=f"{twin.interface}/{dup.uuid}",
+            description=f"delete duplicate profile {name} ({dup.uuid}); keep {ours.uuid if ours else '--'}",
+            commands=[Command(argv=["nmcli", "connection", "delete", "uuid", dup.uuid], sudo=True)],
+            diff=[f"- {name}: {dup.uuid}" + (f" (active on {dup.device})" if dup.device else "")],
+        )
+        for dup in same
+        if dup is not ours
+    ]
 
     rivals = [c for c in facts.nm_connections if c.name != name and twin.interface in (c.interface_name, c.device)]
     for rival in rivals:

@@ -265,3 +265,36 @@ def test_status_and_down_with_an_empty_laptop_state_create_no_secret(
     assert d.returncode == 0, d.stdout + d.stderr
     folder = empty / "sparkctl" / "testbed"
     assert not folder.exists() or sorted(x.name for x in folder.iterdir()) == [], list(folder.iterdir())
+
+
+def test_a_duplicate_profile_for_a_twin_is_drift_that_up_repairs(
+    fresh_testbed: Testbed, inventory: Path, sudo_env: dict[str, str], tmp_path: Path
+) -> None:
+    tb = fresh_testbed
+    env = cli_env(sudo_env, tmp_path)
+    assert sparkctl("run", "up", "--only", "fabric", "--yes", "-i", str(inventory), env=env).returncode == 0
+    twin = TWINS[0]
+    tb.exec(  # what a second, unlocked run used to leave: another profile of the same name for the twin
+        "spark-b",
+        [
+            "nmcli",
+            "connection",
+            "add",
+            "type",
+            "ethernet",
+            "con-name",
+            f"sparkctl-{twin}",
+            "ifname",
+            twin,
+            "ipv4.method",
+            "manual",
+            "ipv4.addresses",
+            "192.168.100.11/24",
+            "802-3-ethernet.mtu",
+            "9000",
+        ],
+    )
+    assert _sparkctl_profiles(tb, "spark-b").count(f"sparkctl-{twin}") == 2
+    p = sparkctl("plan", "-i", str(inventory), env=env)
+    assert "delete duplicate profile" in p.stdout and "spark-b" in p.stdout, p.stdout
+    _converged(tb, inventory, env)
