@@ -15,10 +15,11 @@ from sparkctl.errors import EXIT_FAILED, EXIT_INTERRUPTED, HostError, InputError
 from sparkctl.inventory.models import Inventory
 from sparkctl.plan.context import PlanContext, fresh_facts
 from sparkctl.plan.models import Plan
-from sparkctl.runbook.load import build_runbook_plan, load_runbook, resolve_params, step_index
+from sparkctl.runbook.load import load_runbook, resolve_params, step_index
 from sparkctl.runbook.lock import owner_here
 from sparkctl.runbook.models import Runbook
-from sparkctl.runbook.run import Session, secrets_needed, sha256, ssh_connect, worker_code
+from sparkctl.runbook.planner import build_runbook_plan
+from sparkctl.runbook.session import Session, secrets_needed, sha256, ssh_connect, worker_code
 
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Runbook parameter: --set name=value (repeatable).")]
 WorkloadOpt = Annotated[list[str] | None, typer.Option("--workload", "-w", help="Only this workload (repeatable).")]
@@ -47,8 +48,8 @@ def offline_plan(
 
 def preflight(session: Session, force: bool) -> None:
     """Fail-level preflight rules stop `up` before anything changes (--force overrides the safe ones)."""
-    from sparkctl.checks.doctor import blocking, evaluate
-    from sparkctl.checks.evaluators import CheckContext
+    from sparkctl.doctor.evaluate import blocking, evaluate
+    from sparkctl.doctor.evaluators import CheckContext
 
     findings = evaluate(CheckContext(session.inventory, session.facts), preflight_only=True)
     for f in findings:

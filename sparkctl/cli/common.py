@@ -15,7 +15,7 @@ import typer
 from sparkctl.errors import EXIT_FAILED, EXIT_INTERRUPTED, SparkctlError
 from sparkctl.inventory import load_inventory, parse_inventory
 from sparkctl.inventory.models import Inventory
-from sparkctl.runbook.run import Session, ssh_connect
+from sparkctl.runbook.session import Session, ssh_connect
 
 InventoryOpt = Annotated[
     Path | None,

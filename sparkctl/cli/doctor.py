@@ -8,14 +8,14 @@ from typing import Annotated, Any
 
 import typer
 
-from sparkctl.checks.active import measure_jumbo
-from sparkctl.checks.discover import DISCOVER_PROBE, parse_discovery, propose_inventory
-from sparkctl.checks.doctor import evaluate
-from sparkctl.checks.evaluators import CheckContext
-from sparkctl.checks.rules import Finding
 from sparkctl.cli import common as c
+from sparkctl.doctor.evaluate import evaluate
+from sparkctl.doctor.evaluators import CheckContext
+from sparkctl.doctor.rules import Finding
 from sparkctl.errors import EXIT_FAILED, HostError
+from sparkctl.facts.discover import DISCOVER_PROBE, parse_discovery, propose_inventory
 from sparkctl.inventory.models import FabricInterface, Host, SshSettings
+from sparkctl.plan.bench import measure_jumbo
 from sparkctl.runbook.engine import Report
 from sparkctl.runbook.load import load_runbook, resolve_params
 

@@ -11,13 +11,13 @@ import typer
 from sparkctl import paths, state
 from sparkctl.cli import common as c
 from sparkctl.errors import InputError, Problem
+from sparkctl.execute.http import probe_workload
 from sparkctl.inventory.models import Inventory
-from sparkctl.launch import commands as lc
-from sparkctl.launch.probe import probe_workload
+from sparkctl.plan import commands as lc
 from sparkctl.plan.cluster import ray_running_ok, workload_state
 from sparkctl.runbook.actions import ACTIONS
 from sparkctl.runbook.load import builtin_names, builtin_text, load_runbook
-from sparkctl.runbook.run import Session
+from sparkctl.runbook.session import Session
 
 
 def cluster_status(session: Session, inv: Inventory, secrets: dict[str, str]) -> dict[str, Any]:

@@ -7,7 +7,7 @@ import shlex
 from sparkctl import paths
 from sparkctl.facts.models import HostFacts
 from sparkctl.inventory.models import Host, Workload
-from sparkctl.launch import commands as lc
+from sparkctl.plan import commands as lc
 from sparkctl.plan.context import PlanContext
 from sparkctl.plan.models import Command, Step, Wait
 

@@ -96,8 +96,8 @@ class Doctor(Action):
     Args = DoctorArgs
 
     def plan(self, ctx: PlanContext, host: Host, args: DoctorArgs) -> list[Step]:
-        from sparkctl.checks.doctor import evaluate
-        from sparkctl.checks.evaluators import CheckContext
+        from sparkctl.doctor.evaluate import evaluate
+        from sparkctl.doctor.evaluators import CheckContext
 
         cats = frozenset(args.categories) if args.categories else None
         found = evaluate(CheckContext(ctx.inventory, ctx.facts), categories=cats)
@@ -139,7 +139,7 @@ class BenchFabric(Action):
     Args = BenchArgs
 
     def plan(self, ctx: PlanContext, host: Host, args: BenchArgs) -> list[Step]:
-        from sparkctl.checks.active import bench_commands
+        from sparkctl.plan.bench import bench_commands
 
         return bench_commands(ctx, host, args.mb, args.port)
 

@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 
 from sparkctl.errors import HostError
 from sparkctl.execute.base import Result, Transport, Unreachable
-from sparkctl.launch.probe import Probe, probe_workload
+from sparkctl.execute.http import Probe, probe_workload
 from sparkctl.plan.models import Command, Plan, Stage, Step
 
 

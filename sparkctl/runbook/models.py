@@ -7,7 +7,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from sparkctl.errors import InputError
 from sparkctl.inventory.models import PlainName
+
+
+class RunbookError(InputError):
+    """A runbook file is invalid."""
 
 
 class _Model(BaseModel):

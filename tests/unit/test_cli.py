@@ -31,7 +31,7 @@ def cli(isolated_state, mocker):
 
     mocker.patch("sparkctl.cli.cluster.ssh_connect", side_effect=refuse)
     mocker.patch("sparkctl.cli.common.ssh_connect", side_effect=refuse)
-    mocker.patch("sparkctl.runbook.run.ssh_connect", side_effect=refuse)
+    mocker.patch("sparkctl.runbook.session.ssh_connect", side_effect=refuse)
     runner = CliRunner()
 
     def invoke(*args: str):

@@ -19,17 +19,18 @@ import pytest
 import yaml
 
 from sparkctl import paths
-from sparkctl.checks.doctor import evaluate
-from sparkctl.checks.evaluators import CheckContext
+from sparkctl.doctor.evaluate import evaluate
+from sparkctl.doctor.evaluators import CheckContext
 from sparkctl.facts.models import HostFacts, Process, Runtime
 from sparkctl.facts.parse import parse_runtime
 from sparkctl.facts.probe import build_probe
 from sparkctl.inventory import parse_inventory
 from sparkctl.inventory.models import Inventory
-from sparkctl.launch import commands as lc
+from sparkctl.plan import commands as lc
 from sparkctl.plan.context import PlanContext, fresh_facts
 from sparkctl.plan.models import Command, Plan, Step
-from sparkctl.runbook.load import build_runbook_plan, load_runbook, resolve_params
+from sparkctl.runbook.load import load_runbook, resolve_params
+from sparkctl.runbook.planner import build_runbook_plan
 
 HERE = Path(__file__).resolve().parent
 EXAMPLE = HERE.parents[1] / "inventories" / "example-pair.yaml"

@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 import yaml
 
-from sparkctl.checks.doctor import blocking, evaluate
-from sparkctl.checks.evaluators import EVALUATORS, CheckContext
-from sparkctl.checks.rules import Finding, Level, Rule, load_rules
+from sparkctl.doctor.evaluate import blocking, evaluate
+from sparkctl.doctor.evaluators import EVALUATORS, CheckContext
+from sparkctl.doctor.rules import Finding, Level, Rule, load_rules
 from sparkctl.facts.models import GidEntry, Gpu, HostFacts, Interface, Listener, NmDevice, Process, Runtime
 from sparkctl.facts.parse import parse_gids, parse_listeners, parse_meminfo, parse_nvidia_smi, parse_probe
 from sparkctl.inventory import parse_inventory

@@ -14,10 +14,10 @@ import yaml
 
 from sparkctl.facts.parse import parse_probe
 from sparkctl.facts.probe import MARK, build_probe
-from sparkctl.paths import FIREWALL_FILE
 from sparkctl.inventory import parse_inventory
 from sparkctl.inventory.models import Inventory
-from sparkctl.launch import commands as lc
+from sparkctl.paths import FIREWALL_FILE
+from sparkctl.plan import commands as lc
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "inventories" / "example-pair.yaml"

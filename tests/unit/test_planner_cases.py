@@ -54,10 +54,11 @@ from sparkctl.facts.parse import parse_probe
 from sparkctl.facts.probe import MARK
 from sparkctl.inventory import parse_inventory
 from sparkctl.inventory.models import Inventory
-from sparkctl.launch import commands as lc
+from sparkctl.plan import commands as lc
 from sparkctl.plan.context import PlanContext
 from sparkctl.plan.models import Command, Plan, Step
-from sparkctl.runbook.load import build_runbook_plan, load_runbook, resolve_params
+from sparkctl.runbook.load import load_runbook, resolve_params
+from sparkctl.runbook.planner import build_runbook_plan
 
 REPO = Path(__file__).resolve().parents[2]
 CASES = Path(__file__).resolve().parent / "cases"

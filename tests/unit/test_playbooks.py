@@ -49,7 +49,8 @@ from sparkctl.facts.models import HostFacts
 from sparkctl.inventory import parse_inventory
 from sparkctl.plan.context import PlanContext, fresh_facts
 from sparkctl.plan.models import Plan
-from sparkctl.runbook.load import build_runbook_plan, load_runbook, resolve_params, step_index
+from sparkctl.runbook.load import load_runbook, resolve_params, step_index
+from sparkctl.runbook.planner import build_runbook_plan
 
 REPO = Path(__file__).resolve().parents[2]
 PLAYBOOKS = REPO / "playbooks"

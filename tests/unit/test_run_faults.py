@@ -13,10 +13,10 @@ from sparkctl.cli.render import render_report
 from sparkctl.errors import HostError, Problem
 from sparkctl.execute.base import Result
 from sparkctl.execute.fake import FailingConnect, RecordingTransport
+from sparkctl.execute.http import Probe
 from sparkctl.inventory import parse_inventory
-from sparkctl.launch.probe import Probe
 from sparkctl.plan.models import Command, Plan, Stage, Step, Wait
-from sparkctl.runbook import run as run_mod
+from sparkctl.runbook import session as run_mod
 from sparkctl.runbook.engine import Engine, Event, Report
 from sparkctl.runbook.load import load_runbook
 

@@ -13,15 +13,13 @@ from sparkctl.plan.context import PlanContext, fresh_facts
 from sparkctl.runbook.actions import ACTIONS
 from sparkctl.runbook.load import (
     RunbookError,
-    build_runbook_plan,
     builtin_names,
     load_runbook,
     parse_runbook,
     resolve_params,
-    select_hosts,
     step_index,
-    when_holds,
 )
+from sparkctl.runbook.planner import build_runbook_plan, select_hosts, when_holds
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "inventories" / "example-pair.yaml"
 

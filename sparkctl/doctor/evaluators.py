@@ -8,7 +8,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from sparkctl.checks.rules import Finding, Level, Rule
+from sparkctl.doctor.rules import Finding, Level, Rule
 from sparkctl.facts.models import HostFacts
 from sparkctl.inventory.models import Host, Inventory, Workload
 from sparkctl.plan.cluster import RAY_MARKERS

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from sparkctl.checks.evaluators import EVALUATORS, CheckContext
-from sparkctl.checks.rules import Finding, load_rules
+from sparkctl.doctor.evaluators import EVALUATORS, CheckContext
+from sparkctl.doctor.rules import Finding, load_rules
 
 
 def evaluate(

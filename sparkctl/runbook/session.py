@@ -14,15 +14,15 @@ from typing import Any
 from sparkctl import state
 from sparkctl.errors import HostError, Problem, SecretError
 from sparkctl.execute.base import Transport
-from sparkctl.facts.gather import gather_facts
 from sparkctl.facts.models import HostFacts
 from sparkctl.inventory.models import Inventory
 from sparkctl.plan.context import PlanContext
 from sparkctl.plan.models import Plan, Stage
 from sparkctl.runbook.engine import Engine, Event, Report, Secrets
-from sparkctl.runbook.load import build_runbook_plan, plan_stage
+from sparkctl.runbook.gather import gather_facts
 from sparkctl.runbook.lock import LockOwner, release_locks, take_locks
 from sparkctl.runbook.models import Runbook
+from sparkctl.runbook.planner import build_runbook_plan, plan_stage
 
 Connect = Callable[[Inventory, str], Transport]
 

@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 from sparkctl.execute.base import Transport
 from sparkctl.facts.models import HostFacts
 from sparkctl.inventory.models import Host, Inventory
-from sparkctl.launch.commands import runtime_python
 from sparkctl.plan.cluster import plan_verify_fabric
+from sparkctl.plan.commands import runtime_python
 from sparkctl.plan.context import PlanContext
 from sparkctl.plan.models import Command, Step
 
