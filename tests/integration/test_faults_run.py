@@ -86,6 +86,7 @@ def test_second_run_refuses_at_once_naming_the_holder(
         t0 = time.monotonic()
         second = sparkctl("up", "--yes", "-i", str(inventory), env=second_env, timeout=120)
         refused_after = time.monotonic() - t0
+        print(f"second run refused after {refused_after:.2f}s:\n{second.stderr}")  # shown with -s
         assert second.returncode == 1, second.stdout + second.stderr
         err = second.stderr
         assert "locked by" in err and f"pid {first.pid}" in err and record.run_id in err, err
@@ -151,6 +152,7 @@ def test_ssh_lost_during_the_ray_stage_says_what_was_applied_where(
         if proc.poll() is None:
             proc.kill()
     out = "".join(seen) + rest
+    print(out)  # shown with -s
     assert proc.returncode == 1, out
     assert "nothing was changed" not in out
     assert "Traceback" not in out
@@ -171,6 +173,7 @@ def test_ssh_lost_during_the_ray_stage_says_what_was_applied_where(
     assert spark_processes(tb, "spark-a", "raylet")  # the head did start
 
     d = sparkctl("down", "-i", str(inventory), env=env)
+    print(d.stdout, d.stderr)
     assert d.returncode == 1, d.stdout + d.stderr
     assert "spark-b" in d.stdout and "UNREACHABLE" in d.stdout, d.stdout
     for needle in LEFT:
@@ -210,6 +213,7 @@ def test_ctrl_c_twice_cleanup_is_not_interrupted_even_with_sigint_ignored_at_sta
         if proc.poll() is None:
             proc.kill()
     out = "".join(seen) + rest
+    print(out)
     assert proc.returncode == 130, out
     assert "not ready after" not in out and "FAILED" not in out, out
     assert "interrupted" in out
