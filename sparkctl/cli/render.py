@@ -78,7 +78,7 @@ def render_report(report: Report) -> str:
             f"hint: {', '.join(lost)} could not be reached, so this run did not finish there; "
             f"run `sparkctl {report.runbook}` again once reachable"
         )
-    if not report.ok and any(r.status == "changed" for r in report.results):
+    if report.runbook == "up" and not report.ok and any(r.status == "changed" for r in report.results):
         lines.append(
             "hint: the stages listed as applied were; nothing else was. `sparkctl up` again resumes and converges; "
             "`sparkctl down` stops Ray and the workloads"

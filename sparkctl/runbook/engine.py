@@ -212,7 +212,9 @@ class Engine:
             report.host_errors[key] = self.secrets.redact(
                 "; ".join(x for x in (report.host_errors.get(key, ""), p.message) if x)
             )
-        self.emit(Event("note", message=f"stopped: {self.secrets.redact(str(exc).splitlines()[0])}"))
+        first = exc.problems[0] if exc.problems else None
+        where = f"{first.where}: " if first and first.where else ""
+        self.emit(Event("note", message=f"stopped: {where}{self.secrets.redact(first.message if first else '')}"))
 
     @staticmethod
     def _summarise(report: Report) -> None:
@@ -273,15 +275,30 @@ class Engine:
                     results.append(res)
                     report.results.append(res)
 
+        started: set[str] = set()
+        finished = {h: threading.Event() for h in by_host}
+
+        def run_host(host: str, steps: list[Step]) -> None:
+            started.add(host)
+            try:
+                host_worker(host, steps)
+            finally:
+                finished[host].set()
+
         if by_host:
             with ThreadPoolExecutor(max_workers=len(by_host)) as pool:
-                futures = [pool.submit(host_worker, h, steps) for h, steps in by_host.items()]
                 try:
+                    futures = [pool.submit(run_host, h, steps) for h, steps in by_host.items()]
                     for f in futures:
                         f.result()
                 except KeyboardInterrupt:
                     self._interrupted.set()
                     self._abort.set()  # waits end at their next poll; running commands finish, no new step starts
+                    # Wait for the commands under way before the run goes on to its cleanup. Joining the pool is not
+                    # enough: an interrupt landing inside submit() can leave a started thread the pool does not know.
+                    # A host whose work starts after this point finds the abort set and runs nothing.
+                    for host in list(started):
+                        finished[host].wait()
                     raise
         return results
 

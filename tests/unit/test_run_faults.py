@@ -285,3 +285,35 @@ def test_connection_lost_during_a_step_marks_the_host_unreachable() -> None:
     report = engine(transports=ts).run(p)
     assert report.hosts == {"spark-a": "changed", "spark-b": "unreachable"}
     assert "UNREACHABLE" in render_report(report) and "could not be reached" in render_report(report)
+
+
+def test_an_interrupt_waits_for_the_commands_under_way_before_the_run_goes_on() -> None:
+    import signal
+    import threading
+    import time
+
+    finished: list[str] = []
+
+    def slow(command: str) -> Result:
+        if command.startswith("ray"):
+            time.sleep(0.6)
+            finished.append(command)
+        return Result(0, "", "")
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    ts = {h: RecordingTransport(h, slow) for h in HOSTS}
+    p = plan_of(
+        Stage(name="ray-workers", action="ray_start", steps=[step("spark-b", "ray_node", ["ray", "start"])]),
+        Stage(name="after", action="x", steps=[step("spark-a", "k", ["after"])]),
+    )
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    try:
+        threading.Timer(0.2, lambda: signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGUSR1)).start()
+        report = engine(transports=ts).run(p)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert report.interrupted
+    assert finished == ["ray start"], "the run went on before the command under way on spark-b had finished"
+    assert "after" not in ts["spark-a"].commands
