@@ -1,13 +1,19 @@
-"""The laptop's state: secrets (0600) and the journal, under the XDG state dir."""
+"""The laptop's state: secrets and the journal under the XDG state dir; every directory 0700, every file 0600."""
 
 from __future__ import annotations
 
 import json
 import os
 import secrets
+import stat
 import time
 from pathlib import Path
 from typing import Any
+
+from sparkctl.errors import Problem, SecretError
+
+DIR_MODE = 0o700
+FILE_MODE = 0o600
 
 
 def state_home() -> Path:
@@ -16,13 +22,40 @@ def state_home() -> Path:
     return Path(base) / "sparkctl"
 
 
+def private_dir(path: Path) -> Path:
+    """`path` (inside the state dir) and every directory from the state dir down to it, 0700.
+
+    `mkdir(parents=True, mode=...)` applies the mode to the last directory only, and the umask to all: each
+    level is made and then set explicitly. Missing parents above the state dir are made 0700 too, as the XDG
+    Base Directory spec asks of $XDG_STATE_HOME.
+    """
+    home = state_home()
+    home.parent.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+    parts = path.relative_to(home).parts
+    for level in [home, *(home.joinpath(*parts[: n + 1]) for n in range(len(parts)))]:
+        level.mkdir(exist_ok=True, mode=DIR_MODE)
+        if stat.S_IMODE(level.stat().st_mode) != DIR_MODE:
+            level.chmod(DIR_MODE)
+    return path
+
+
+def _open_private(path: Path, flags: int) -> int:
+    """Open (creating 0600) a file in the state dir; a file left wider by an older version is narrowed."""
+    private_dir(path.parent)
+    fd = os.open(path, flags, FILE_MODE)
+    if stat.S_IMODE(os.fstat(fd).st_mode) != FILE_MODE:
+        os.fchmod(fd, FILE_MODE)
+    return fd
+
+
 def _private_file(path: Path, make: str) -> str:
-    """Read a secret file, creating it 0600 (in a 0700 dir) with `make` if absent."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    """Read a secret file, creating it 0600 (in 0700 dirs) with `make` if absent."""
     try:
-        return path.read_text().strip()
+        fd = _open_private(path, os.O_RDONLY)
+        with os.fdopen(fd) as f:
+            return f.read().strip()
     except FileNotFoundError:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = _open_private(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
         with os.fdopen(fd, "w") as f:
             f.write(make + "\n")
         return make
@@ -34,6 +67,30 @@ def _existing(path: Path) -> str | None:
         return path.read_text().strip() or None
     except FileNotFoundError:
         return None
+
+
+def refuse_exposed(path: str | Path, what: str) -> None:
+    """Refuse a secret file (a key, a password) that others may read, as OpenSSH refuses such a private key.
+
+    Same rule as OpenSSH's sshkey_perm_ok() (openssh-portable authfile.c, $OpenBSD: authfile.c,v 1.145): a file
+    owned by the user with any group/other permission bit (`st_mode & 077`) is "too open"; files of other owners
+    are not checked.
+    """
+    full = Path(path).expanduser()
+    try:
+        st = full.stat()
+    except OSError:
+        return  # absent or unreadable: reported where it is used
+    if st.st_uid == os.getuid() and st.st_mode & 0o077:
+        raise SecretError(
+            [
+                Problem(
+                    f"{what} {path}",
+                    f"permissions {stat.S_IMODE(st.st_mode):04o} are too open: others can read this secret",
+                    f"chmod 600 {full}",
+                )
+            ]
+        )
 
 
 def ray_token(cluster: str, *, create: bool = True) -> str | None:
@@ -57,9 +114,8 @@ def journal_path() -> Path:
 
 def append_journal(record: dict[str, Any]) -> None:
     """Append one run's record (secrets already redacted by the caller)."""
-    path = journal_path()
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with path.open("a") as f:
+    fd = _open_private(journal_path(), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    with os.fdopen(fd, "a") as f:
         f.write(json.dumps(record, sort_keys=True) + "\n")
 
 

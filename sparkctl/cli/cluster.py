@@ -15,6 +15,7 @@ from sparkctl.errors import EXIT_FAILED, EXIT_INTERRUPTED, HostError, InputError
 from sparkctl.inventory.models import Inventory
 from sparkctl.plan.context import PlanContext, fresh_facts
 from sparkctl.plan.models import Plan
+from sparkctl.runbook.engine import Report, Secrets
 from sparkctl.runbook.load import load_runbook, resolve_params, step_index
 from sparkctl.runbook.lock import owner_here
 from sparkctl.runbook.models import Runbook
@@ -30,9 +31,43 @@ def _parse_sets(sets: list[str] | None) -> dict[str, str]:
     for item in sets or []:
         key, eq, value = item.partition("=")
         if not eq or not key:
-            raise InputError([Problem(f"--set {item}", "expected name=value")])
+            raise InputError([Problem(f"--set {item}", "expected name=value", "e.g. --set model=Qwen/Qwen3-8B")])
         out[key.strip()] = value
     return out
+
+
+def _workloads(inv: Inventory, chosen: list[str] | None) -> list[str] | None:
+    """`-w NAME` options, each a workload of the inventory (checked here, before any step names it)."""
+    import difflib
+
+    known = [w.name for w in inv.workloads]
+    bad = [n for n in chosen or [] if n not in known]
+    if bad:
+        raise InputError(
+            [
+                Problem(
+                    f"--workload {n}",
+                    f"{inv.cluster} has no workload named {n}",
+                    f"did you mean '{close[0]}'?"
+                    if (close := difflib.get_close_matches(n, known, n=1))
+                    else f"workloads: {', '.join(known) or 'none'}",
+                )
+                for n in bad
+            ]
+        )
+    return chosen or None
+
+
+def show_plan(plan: Plan, as_json: bool, secrets: Secrets) -> str:
+    """The plan as printed (text or JSON), with every secret value redacted, `secret: true` parameters too."""
+    shown = Plan.model_validate(secrets.scrub(plan.model_dump()))
+    return shown.model_dump_json(indent=2) if as_json else render_plan(shown)
+
+
+def show_report(report: Report, as_json: bool, secrets: Secrets) -> str:
+    """The report as printed: the executed steps' commands may hold secret parameter values."""
+    shown = Report.model_validate(secrets.scrub(report.model_dump()))
+    return shown.model_dump_json(indent=2) if as_json else render_report(shown)
 
 
 def offline_plan(
@@ -91,6 +126,7 @@ def execute(
     A run that may change hosts takes the cluster lock on every host before anything else (dry runs do not).
     `partial` (teardown): go on with the hosts that answer, and fail at the end naming the others.
     """
+    c.check_secret_files(inv)
     progress = Progress(quiet=False)
     session = Session(inv, ssh_connect(accept_new_host_keys), emit=progress)
     run_id = state.new_run_id()
@@ -107,11 +143,12 @@ def execute(
             plan = session.plan(rb, params, secrets, start=start, only=only)
         if checks and not dry_run:
             preflight(session, force)
+        hidden = Secrets({**secrets, **rb.secret_values(params)})
         if dry_run:
-            c.echo(plan.model_dump_json(indent=2) if as_json else render_plan(plan))
+            c.echo(show_plan(plan, as_json, hidden))
             return
         if not as_json:
-            c.echo(render_plan(plan))
+            c.echo(show_plan(plan, False, hidden))
         if plan.changes and not c.confirm(f"apply {plan.changes} change(s) to {inv.cluster}?", yes):
             raise typer.Exit(EXIT_FAILED)
         secrets = {**secrets, **session.check_sudo(plan, lambda: c.sudo_password(inv))}
@@ -120,7 +157,7 @@ def execute(
         )
         if report.interrupted and rb.name == "up":
             _stop_after_interrupt(session, secrets)
-        c.echo(report.model_dump_json(indent=2) if as_json else render_report(report))
+        c.echo(show_report(report, as_json, Secrets({**secrets, **rb.secret_values(params)})))
         if report.interrupted:
             raise typer.Exit(EXIT_INTERRUPTED)
         if not report.ok:
@@ -225,10 +262,10 @@ def register(app: typer.Typer) -> None:
         c.set_debug(debug)
         inv = c.inventory(inventory)
         rb = load_runbook("up")
-        params = resolve_params(rb, {}) | {"workloads": workload or None}
+        params = resolve_params(rb, {}) | {"workloads": _workloads(inv, workload)}
         if offline:
             plan = offline_plan(inv, rb, params)
-            c.echo(plan.model_dump_json(indent=2) if as_json else render_plan(plan))
+            c.echo(show_plan(plan, as_json, Secrets(rb.secret_values(params))))
             return
         execute(inv, rb, params, dry_run=True, yes=False, as_json=as_json, accept_new_host_keys=accept_new_host_keys)
 
@@ -254,7 +291,7 @@ def register(app: typer.Typer) -> None:
         c.set_debug(debug)
         inv = c.inventory(inventory)
         rb = load_runbook("up")
-        params = resolve_params(rb, {}) | {"workloads": workload or None}
+        params = resolve_params(rb, {}) | {"workloads": _workloads(inv, workload)}
         execute(
             inv,
             rb,
@@ -367,7 +404,7 @@ def register(app: typer.Typer) -> None:
             )
         if dry_run and offline:
             plan = offline_plan(inv, rb, params, start=start, only=only)
-            c.echo(plan.model_dump_json(indent=2) if as_json else render_plan(plan))
+            c.echo(show_plan(plan, as_json, Secrets(rb.secret_values(params))))
             return
         execute(
             inv,

@@ -11,8 +11,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 
-from sparkctl.errors import EXIT_FAILED, EXIT_INTERRUPTED, SparkctlError
+from sparkctl import state
+from sparkctl.cli.render import escape_controls
+from sparkctl.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, SparkctlError
 from sparkctl.inventory import load_inventory, parse_inventory
 from sparkctl.inventory.models import Inventory
 from sparkctl.runbook.session import Session, ssh_connect
@@ -56,8 +59,18 @@ def inventory(path: Path | None) -> Inventory:
     return parse_inventory(example_inventory_text(), "<bundled example-pair.yaml>")
 
 
+def check_secret_files(inv: Inventory) -> None:
+    """Refuse key and password files others can read, before any connection (as ssh refuses such a key)."""
+    keys = {inv.ssh.identity_file, *(h.ssh.identity_file for h in inv.hosts)} - {None}
+    for key in sorted(k for k in keys if k):
+        state.refuse_exposed(key, "ssh.identity_file")
+    if inv.sudo.password_file:
+        state.refuse_exposed(inv.sudo.password_file, "sudo.password_file")
+
+
 def open_session(inv: Inventory, accept_new_host_keys: bool) -> Session:
     """Connect to and probe every host (one SSH connection each, in parallel)."""
+    check_secret_files(inv)
     session = Session(inv, ssh_connect(accept_new_host_keys))
     session.open()
     return session
@@ -69,6 +82,7 @@ def sudo_password(inv: Inventory) -> str | None:
     if value:
         return value
     if inv.sudo.password_file:
+        state.refuse_exposed(inv.sudo.password_file, "sudo.password_file")
         try:
             return Path(inv.sudo.password_file).expanduser().read_text().splitlines()[0]
         except (OSError, IndexError):
@@ -88,13 +102,14 @@ def confirm(message: str, yes: bool) -> bool:
 
 
 def echo(text: str = "", err: bool = False) -> None:
+    """Print text that may hold values from inventories, runbooks or hosts: control characters escaped."""
     with contextlib.suppress(OSError):  # the terminal may be gone (SIGHUP): the cleanup must still run
-        typer.echo(text, err=err)
+        typer.echo(escape_controls(text), err=err)
 
 
 def fail(exc: SparkctlError) -> None:
     for p in exc.problems:
-        typer.echo(p.render(), err=True)
+        echo(p.render(), err=True)
     raise typer.Exit(exc.exit_code)
 
 
@@ -113,10 +128,20 @@ def guard(fn: Any) -> Any:
             raise typer.Exit(EXIT_INTERRUPTED) from None
         except typer.Exit:
             raise
+        except ValidationError as exc:  # a value from the command line that a model refuses: bad input
+            if _debug:
+                raise
+            for err in exc.errors():
+                where = ".".join(map(str, err["loc"]))
+                ctx = err.get("ctx") or {}
+                msg = str(ctx["message"]) if err["type"] == "sparkctl" else err["msg"]
+                echo(f"error: {where}: {msg}" if where else f"error: {msg}", err=True)
+                echo(f"hint: {ctx.get('hint') or 'check the value given on the command line'}", err=True)
+            raise typer.Exit(EXIT_BAD_INPUT) from None
         except Exception as exc:
             if _debug:
                 raise
-            typer.echo(f"error: unexpected {type(exc).__name__}: {exc}", err=True)
+            echo(f"error: unexpected {type(exc).__name__}: {exc}", err=True)
             typer.echo("hint: re-run with --debug for the traceback", err=True)
             raise typer.Exit(EXIT_FAILED) from None
 

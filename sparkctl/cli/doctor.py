@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
+from sparkctl import state
 from sparkctl.cli import common as c
 from sparkctl.doctor.evaluate import evaluate
 from sparkctl.doctor.evaluators import CheckContext
@@ -80,6 +81,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         from sparkctl.execute import ssh
 
         settings = SshSettings(user=user, port=port, identity_file=identity, known_hosts=known_hosts)
+        if identity:
+            state.refuse_exposed(identity, "--identity-file")
         found = []
         problems = []
         for i, addr in enumerate(hosts):

@@ -20,6 +20,20 @@ SYMBOL = {
     "unreachable": "UNREACHABLE",
 }
 
+# Characters that act on a terminal instead of showing: C0 controls but newline and tab (ESC starts ANSI
+# sequences, CR overwrites a line), DEL, C1 controls (U+0080-U+009F: CSI is U+009B), Unicode bidi controls
+# (U+061C, U+200E/F, U+202A-U+202E, U+2066-U+2069: "Trojan Source", CVE-2021-42574) and the Unicode line and
+# paragraph separators. Text from inventories, runbooks and hosts shows them as \uXXXX, which is also a valid
+# JSON escape, so the same table serves --json output.
+_CONTROLS = [*range(0x00, 0x09), *range(0x0B, 0x20), 0x7F, *range(0x80, 0xA0), 0x061C, 0x200E, 0x200F]
+_CONTROLS += [*range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x2028, 0x2029]
+_ESCAPES = {c: f"\\u{c:04x}" for c in _CONTROLS}
+
+
+def escape_controls(text: str) -> str:
+    """`text` safe to print: terminal control characters shown as \\uXXXX (newlines and tabs kept)."""
+    return text.translate(_ESCAPES)
+
 
 def render_plan(plan: Plan) -> str:
     """The plan per host, per step: description, exact commands, diff."""
@@ -126,5 +140,5 @@ class Progress:
         else:
             text = f"   note: {e.message}"
         with self._lock, contextlib.suppress(OSError):  # a terminal gone (SIGHUP) must not stop the cleanup
-            self.stream.write(text + "\n")
+            self.stream.write(escape_controls(text) + "\n")
             self.stream.flush()

@@ -15,6 +15,7 @@ def check_inventory(inv: Inventory) -> list[Found]:
     found: list[Found] = []
     found += _check_hosts(inv)
     found += _check_fabric(inv)
+    found += _check_ray_ports(inv)
     found += _check_ray_and_workloads(inv)
     return found
 
@@ -61,6 +62,16 @@ def _check_fabric(inv: Inventory) -> list[Found]:
         for j, twin in enumerate(h.fabric):
             loc = ("hosts", i, "fabric", j, "address")
             addr, net = twin.address.ip, twin.address.network
+            if net.prefixlen == 32:
+                found.append(
+                    (
+                        loc,
+                        f"{twin.address} is a /32 (as is an address written without a prefix): "
+                        "no other host can be on this link",
+                        f"use a prefix that holds every host of the link, e.g. {addr}/24",
+                    )
+                )
+                continue
             if net.prefixlen < 31 and addr in (net.network_address, net.broadcast_address):
                 found.append(
                     (loc, f"{twin.address} is the network or broadcast address of {net}", "pick a host address")
@@ -97,11 +108,7 @@ def _check_fabric(inv: Inventory) -> list[Found]:
                 net_owner.setdefault(net, j)
             elif net != link_nets[j]:
                 found.append(
-                    (
-                        loc,
-                        f"{twin.address} is not in {link_nets[j]}, the subnet of link {j}",
-                        f"addresses of one link share a subnet: use an address in {link_nets[j]}",
-                    )
+                    (loc, f"{twin.address} is not in {link_nets[j]}, the subnet of link {j}", _link_hint(inv, j))
                 )
             try:
                 mgmt = ipaddress.ip_address(h.address)
@@ -120,6 +127,47 @@ def _check_fabric(inv: Inventory) -> list[Found]:
         found.append(
             (("hosts",), "hosts list different numbers of fabric interfaces", "list the same twins on every host")
         )
+    return found
+
+
+def _link_hint(inv: Inventory, j: int) -> str:
+    """A fix that can work: a free address of link j's subnet, or a wider prefix when the subnet is full."""
+    first = inv.hosts[0].fabric[j].address
+    taken = {h.fabric[j].address.ip for h in inv.hosts if len(h.fabric) > j}
+    free = next((a for a in first.network.hosts() if a not in taken), None)  # hosts() is lazy: any prefix is cheap
+    if free is None:
+        return f"{first.network} has no free address: widen the prefix on every host of link {j}, e.g. {first.ip}/24"
+    net = first.network
+    return f"addresses of one link share a subnet: use an address in {net}, e.g. {free}/{net.prefixlen}"
+
+
+def _check_ray_ports(inv: Inventory) -> list[Found]:
+    """Ray's pinned ports: distinct, and none inside the worker port range (which must not be inverted)."""
+    found: list[Found] = []
+    p = inv.ray.ports
+    if p.min_worker > p.max_worker:
+        found.append(
+            (
+                ("ray", "ports", "min_worker"),
+                f"the worker port range {p.min_worker}-{p.max_worker} is inverted",
+                f"set min_worker <= max_worker, e.g. min_worker: {p.max_worker} and max_worker: {p.min_worker}",
+            )
+        )
+    named: list[tuple[tuple[str | int, ...], int]] = [(("ray", "port"), inv.ray.port)]
+    named += [(("ray", "ports", k), v) for k, v in p.model_dump().items() if k not in ("min_worker", "max_worker")]
+    seen: dict[int, str] = {}
+    for loc, port in named:
+        if port in seen:
+            found.append((loc, f"port {port} is also {seen[port]}", "give every Ray port its own number"))
+        seen.setdefault(port, ".".join(map(str, loc)))
+        if p.min_worker <= port <= p.max_worker:
+            found.append(
+                (
+                    loc,
+                    f"port {port} is inside the worker port range {p.min_worker}-{p.max_worker}",
+                    "move it out of the range, or move ray.ports.min_worker/max_worker",
+                )
+            )
     return found
 
 

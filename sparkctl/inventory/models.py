@@ -7,6 +7,7 @@ import re
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 # Plain names only: no whitespace, no shell metacharacters, no leading '-' (it would read as an option).
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -16,15 +17,26 @@ _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _IMAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./:@-]*$")
 
 
+def invalid(message: str, hint: str) -> PydanticCustomError:
+    """A validation error that carries its fix (the loader prints `hint:` from it)."""
+    return PydanticCustomError("sparkctl", "{message}", {"message": message, "hint": hint})
+
+
 def _plain_name(value: str) -> str:
     if not _NAME.match(value):
-        raise ValueError(f"{value!r} is not a plain name (letters, digits, '_', '.', '-'; no leading '-')")
+        raise invalid(
+            f"{value!r} is not a plain name",
+            "use letters, digits, '_', '.', '-' only, starting with a letter or digit, e.g. spark-a",
+        )
     return value
 
 
 def _interface_name(value: str) -> str:
     if not _IFNAME.match(value):
-        raise ValueError(f"{value!r} is not a Linux interface name (at most 15 of letters, digits, '_', '.', '-')")
+        raise invalid(
+            f"{value!r} is not a Linux interface name",
+            "use the name `ip link` shows: at most 15 of letters, digits, '_', '.', '-', e.g. enp1s0f1np1",
+        )
     return value
 
 
@@ -35,36 +47,70 @@ def _host_address(value: str) -> str:
     except ValueError:
         pass
     labels = value.split(".")
+    if all(x.isdigit() for x in labels):
+        raise invalid(
+            f"{value!r} is not an IP address",
+            "an IPv4 address is four numbers from 0 to 255, e.g. 10.0.0.11; a DNS name ends in a name, not a number",
+        )
     if (
         not value
         or len(value) > 253
-        or not all(re.match(r"^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?$", x) for x in labels)
+        or not all(re.match(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$", x) for x in labels)
+        or labels[-1].isdigit()
     ):
-        raise ValueError(f"{value!r} is neither an IP address nor a DNS name")
+        raise invalid(
+            f"{value!r} is neither an IP address nor a DNS name",
+            "use the management address or host name the laptop reaches over SSH, e.g. 10.0.0.11 or spark-a.lan",
+        )
     return value
 
 
 def _model_name(value: str) -> str:
     if not _MODEL.match(value):
-        raise ValueError(f"{value!r} is not a model id or path (no spaces, quotes or shell metacharacters)")
+        raise invalid(
+            f"{value!r} is not a model id or path",
+            "use a Hugging Face id like Qwen/Qwen3-8B or a directory on the hosts: no spaces, quotes or $`;|&",
+        )
     return value
 
 
 def _single_line(value: str) -> str:
     if "\n" in value or "\0" in value or "\r" in value:
-        raise ValueError("must be a single line")
+        raise invalid("must be a single line", "remove the line breaks (use a list for several values)")
     return value
 
 
 def _image_name(value: str) -> str:
     if not _IMAGE.match(value):
-        raise ValueError(f"{value!r} is not a container image reference")
+        raise invalid(f"{value!r} is not a container image reference", "e.g. nvcr.io/nvidia/vllm:25.11-py3")
     return value
 
 
 def _abs_path(value: str) -> str:
     if not value.startswith("/") or not re.match(r"^[A-Za-z0-9_./+-]+$", value):
-        raise ValueError(f"{value!r} must be an absolute path of plain characters")
+        raise invalid(
+            f"{value!r} must be an absolute path of plain characters", "e.g. /opt/sparkctl-runtime (no spaces)"
+        )
+    return value
+
+
+def _env_name(value: str) -> str:
+    # The value is not echoed: a key pasted where the variable's name belongs is a secret.
+    if not _ENV_KEY.match(value):
+        raise invalid(
+            "is not an environment variable name",
+            "name the variable that holds the secret (letters, digits, '_'), e.g. VLLM_API_KEY; "
+            "never put the secret itself in the file",
+        )
+    return value
+
+
+def _env_key(value: str) -> str:
+    if not _ENV_KEY.match(value):
+        raise invalid(
+            f"{value!r} is not an environment variable name",
+            "use letters, digits and '_', not starting with a digit, e.g. NCCL_DEBUG",
+        )
     return value
 
 
@@ -74,11 +120,15 @@ HostAddress = Annotated[str, AfterValidator(_host_address)]
 ModelName = Annotated[str, AfterValidator(_model_name)]
 SingleLine = Annotated[str, AfterValidator(_single_line)]
 AbsPath = Annotated[str, AfterValidator(_abs_path)]
+EnvName = Annotated[str, AfterValidator(_env_name)]
+EnvKey = Annotated[str, AfterValidator(_env_key)]
+FilePath = Annotated[str, AfterValidator(_single_line)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: YAML's `yes` is not a number and 3 is not a name; finite: `.inf` is no timeout.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class SshSettings(_Model):
@@ -86,15 +136,15 @@ class SshSettings(_Model):
 
     user: PlainName | None = Field(None, description="Login user; default from ~/.ssh/config or the local user.")
     port: Port | None = Field(None, description="SSH port; default from ~/.ssh/config or 22.")
-    identity_file: str | None = Field(
+    identity_file: FilePath | None = Field(
         None, description="Private key file; ssh-agent and ~/.ssh/config keys are used too."
     )
-    known_hosts: str = Field("~/.ssh/known_hosts", description="known_hosts file host keys are checked against.")
+    known_hosts: FilePath = Field("~/.ssh/known_hosts", description="known_hosts file host keys are checked against.")
     host_key_policy: Literal["reject", "accept_new"] = Field(
         "reject", description="Unknown host keys: 'reject' (default) or 'accept_new' (record them on first use)."
     )
-    connect_timeout: float = Field(10, gt=0, description="Seconds to wait for a connection.")
-    command_timeout: float = Field(120, gt=0, description="Seconds any one command may take.")
+    connect_timeout: float = Field(10, gt=0, le=3600, description="Seconds to wait for a connection.")
+    command_timeout: float = Field(120, gt=0, le=86400, description="Seconds any one command may take.")
 
 
 class SshOverride(_Model):
@@ -102,23 +152,27 @@ class SshOverride(_Model):
 
     user: PlainName | None = Field(None, description="Login user on this host.")
     port: Port | None = Field(None, description="SSH port of this host.")
-    identity_file: str | None = Field(None, description="Private key file for this host.")
+    identity_file: FilePath | None = Field(None, description="Private key file for this host.")
 
 
 class SudoSettings(_Model):
     """Where the sudo password comes from when a host needs one (never from the inventory itself)."""
 
-    password_env: Annotated[str, AfterValidator(_plain_name)] = Field(
+    password_env: EnvName = Field(
         "SPARKCTL_SUDO_PASSWORD", description="Environment variable holding the sudo password."
     )
-    password_file: str | None = Field(None, description="File holding the sudo password (first line).")
+    password_file: FilePath | None = Field(
+        None, description="File holding the sudo password (first line); refused if others can read it."
+    )
 
 
 class FabricInterface(_Model):
     """One ConnectX-7 twin netdev and the static address sparkctl gives it."""
 
     interface: InterfaceName = Field(description="Netdev name, e.g. enp1s0f1np1.")
-    address: ipaddress.IPv4Interface = Field(description="IPv4 address with prefix, e.g. 192.168.100.10/24.")
+    address: ipaddress.IPv4Interface = Field(
+        strict=False, description="IPv4 address with prefix, e.g. 192.168.100.10/24."
+    )
     rdma_device: InterfaceName | None = Field(None, description="RDMA device of this netdev, e.g. rocep1s0f1.")
 
 
@@ -170,7 +224,7 @@ class Runtime(_Model):
     image: Annotated[str, AfterValidator(_image_name)] | None = Field(
         None, description="Container image (e.g. nvcr.io/nvidia/vllm:25.11-py3) run with docker on every host."
     )
-    hf_cache: str = Field(
+    hf_cache: FilePath = Field(
         "~/.cache/huggingface", description="Hugging Face cache on the hosts (mounted in containers)."
     )
     shm_size_gb: int = Field(64, ge=1, description="Container shared memory size in GiB.")
@@ -178,7 +232,10 @@ class Runtime(_Model):
     @model_validator(mode="after")
     def _one_kind(self) -> Runtime:
         if (self.venv is None) == (self.image is None):
-            raise ValueError("set exactly one of 'venv' or 'image'")
+            raise invalid(
+                "set exactly one of 'venv' or 'image'",
+                "keep exactly one: venv (a Python venv on every host) or image (a container image run with docker)",
+            )
         return self
 
 
@@ -197,19 +254,12 @@ class Workload(_Model):
     bind: Literal["fabric", "management", "loopback"] = Field(
         "management", description="Where the API listens on the head: its management, fabric or loopback address."
     )
-    api_key_env: PlainName | None = Field(
+    api_key_env: EnvName | None = Field(
         None, description="Laptop env var holding the API key; default a generated key stored 0600 on the laptop."
     )
     extra_args: list[SingleLine] = Field(default_factory=list, description="Extra engine arguments, verbatim.")
-    env: dict[str, SingleLine] = Field(default_factory=dict, description="Extra environment for the workers.")
-    ready_timeout: float = Field(1800, gt=0, description="Seconds to wait for the endpoint to answer.")
-
-    @model_validator(mode="after")
-    def _env_keys(self) -> Workload:
-        bad = [k for k in self.env if not _ENV_KEY.match(k)]
-        if bad:
-            raise ValueError(f"env keys must be variable names: {', '.join(map(repr, bad))}")
-        return self
+    env: dict[EnvKey, SingleLine] = Field(default_factory=dict, description="Extra environment for the workers.")
+    ready_timeout: float = Field(1800, gt=0, le=86400, description="Seconds to wait for the endpoint to answer.")
 
 
 class Inventory(_Model):

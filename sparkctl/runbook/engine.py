@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 from pydantic import BaseModel, Field
 
@@ -88,10 +89,21 @@ class Secrets:
         return name in self._values
 
     def redact(self, text: str) -> str:
-        for value in self._values.values():
+        # Longest first, so a secret containing another is replaced whole.
+        for value in sorted(self._values.values(), key=len, reverse=True):
             if value and len(value) >= 4:
                 text = text.replace(value, "<redacted>")
         return text
+
+    def scrub(self, data: Any) -> Any:
+        """`data` (JSON-like: dicts, lists, strings) with every secret value redacted in every string."""
+        if isinstance(data, str):
+            return self.redact(data)
+        if isinstance(data, list | tuple):
+            return [self.scrub(v) for v in data]
+        if isinstance(data, dict):
+            return {k: self.scrub(v) for k, v in data.items()}
+        return data
 
 
 def remote_line(cmd: Command, nopasswd: bool, secrets: Secrets, blobs: Mapping[str, str]) -> tuple[str, str | None]:
@@ -238,7 +250,7 @@ class Engine:
         for key in sorted(set(old) | set(new)):
             if old.get(key) != new.get(key):
                 what = "added" if key not in old else "dropped" if key not in new else "changed"
-                diffs.append(f"{key[1]} {key[0]}/{key[2]}: {what} after re-reading the hosts")
+                diffs.append(self.secrets.redact(f"{key[1]} {key[0]}/{key[2]}: {what} after re-reading the hosts"))
         if not diffs:
             return stages
         report.revisions += diffs
@@ -312,7 +324,15 @@ class Engine:
             status="ok",
             started=self.now(),
         )
-        self.emit(Event("step_start", host=step.host, stage=stage, step=step.id, message=step.description))
+        self.emit(
+            Event(
+                "step_start",
+                host=step.host,
+                stage=stage,
+                step=self.secrets.redact(step.id),
+                message=self.secrets.redact(step.description),
+            )
+        )
         t0 = self.clock()
         try:
             if step.verdict:
@@ -343,9 +363,9 @@ class Engine:
                 "step_end",
                 host=step.host,
                 stage=stage,
-                step=step.id,
+                step=self.secrets.redact(step.id),
                 status=res.status,
-                message=res.error or step.description,
+                message=res.error or self.secrets.redact(step.description),
                 elapsed=self.clock() - t0,
             )
         )
@@ -356,7 +376,7 @@ class Engine:
         result = self.transports[host].run(line, stdin=data, timeout=cmd.timeout or self.command_timeout)
         res.commands.append(
             CommandRecord(
-                command=cmd.render(),
+                command=self.secrets.redact(cmd.render()),
                 exit_code=result.exit_code,
                 duration=round(result.duration, 3),
                 stdout=self.secrets.redact(_tail(result.stdout)),
@@ -365,7 +385,7 @@ class Engine:
         )
         if check and not result.ok:
             detail = _tail(result.stderr or result.stdout, 5)
-            raise HostError(f"`{cmd.render()}` exited {result.exit_code}: {self.secrets.redact(detail)}")
+            raise HostError(self.secrets.redact(f"`{cmd.render()}` exited {result.exit_code}: {detail}"))
         return result
 
     def _wait_remote(self, stage: str, step: Step, res: StepResult, t0: float) -> None:

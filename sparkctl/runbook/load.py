@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import re
+import difflib
+from collections.abc import Collection
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -10,10 +11,11 @@ from typing import Any
 from pydantic import ValidationError
 
 from sparkctl.errors import Problem
-from sparkctl.inventory.load import load_model, read_text
+from sparkctl.inventory.load import Source, read_text, validate_source
+from sparkctl.inventory.reader import ReadError, read_yaml
 from sparkctl.runbook.actions import ACTIONS
-from sparkctl.runbook.models import Runbook, RunbookError
-from sparkctl.runbook.planner import substitute
+from sparkctl.runbook.models import Runbook, RunbookError, parse_when
+from sparkctl.runbook.planner import PARAM, Found, substitute
 
 
 def builtin_names() -> list[str]:
@@ -36,8 +38,6 @@ def _check(rb: Runbook) -> list[tuple[tuple[str | int, ...], str, str]]:
         for i, step in enumerate(getattr(rb, group)):
             action = ACTIONS.get(step.action)
             if action is None:
-                import difflib
-
                 close = difflib.get_close_matches(step.action, list(ACTIONS), n=1)
                 found.append(
                     (
@@ -55,11 +55,13 @@ def _check(rb: Runbook) -> list[tuple[tuple[str | int, ...], str, str]]:
                         "opt in with `shell: true` on this step",
                     )
                 )
+            found += _unknown_params(rb, step.args, (group, i, "args"))
             try:
-                action.Args.model_validate(substitute(step.args, {k: p.default for k, p in rb.parameters.items()}))
+                action.Args.model_validate(
+                    substitute(step.args, {k: p.default for k, p in rb.parameters.items()}, strict=False)
+                )
             except ValidationError as exc:
-                for err in exc.errors():
-                    found.append(((group, i, "args", *err["loc"]), err["msg"], ""))
+                found += _args_problems(action.Args, exc, (group, i, "args"))
             if isinstance(step.on_failure, list):
                 cleanup = {s.name for s in rb.cleanup}
                 for ref in step.on_failure:
@@ -72,20 +74,69 @@ def _check(rb: Runbook) -> list[tuple[tuple[str | int, ...], str, str]]:
                             )
                         )
             elif step.on_failure not in ("stop", "continue"):
-                found.append(((group, i, "on_failure"), f"'{step.on_failure}' is not stop, continue or a list", ""))
-            if step.when:
-                param = re.sub(r"^not\s+", "", step.when.strip()).split()[0]
-                if param not in rb.parameters:
-                    found.append(((group, i, "when"), f"'{param}' is not a parameter of this runbook", ""))
+                found.append(
+                    (
+                        (group, i, "on_failure"),
+                        f"'{step.on_failure}' is not stop, continue or a list",
+                        "use stop, continue, or a list of cleanup step names",
+                    )
+                )
+            when = parse_when(step.when) if step.when else None
+            if when is not None and when[1] not in rb.parameters:
+                found.append(((group, i, "when"), f"'{when[1]}' is not a parameter of this runbook", _params_hint(rb)))
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:
         found.append((("steps",), f"duplicate step names: {', '.join(sorted(dupes))}", "name every step once"))
     return found
 
 
+def _params_hint(rb: Runbook, name: str = "") -> str:
+    close = difflib.get_close_matches(name, list(rb.parameters), n=1) if name else []
+    if close:
+        return f"did you mean '{close[0]}'?"
+    known = ", ".join(rb.parameters) or "(none)"
+    return f"declare it under parameters: (this runbook has {known})"
+
+
+def _unknown_params(rb: Runbook, value: Any, loc: tuple[str | int, ...]) -> Found:
+    """Every `${name}` in `value` that names no parameter (it would otherwise become an empty string)."""
+    if isinstance(value, str):
+        return [
+            (loc, f"unknown parameter '${{{m.group(1)}}}'", _params_hint(rb, m.group(1)))
+            for m in PARAM.finditer(value)
+            if m.group(1) not in rb.parameters
+        ]
+    if isinstance(value, list):
+        return [f for n, v in enumerate(value) for f in _unknown_params(rb, v, (*loc, n))]
+    if isinstance(value, dict):
+        return [f for k, v in value.items() for f in _unknown_params(rb, v, (*loc, str(k)))]
+    return []
+
+
+def _args_problems(
+    args: type[Any], exc: ValidationError, loc: tuple[str | int, ...], used: str = "", hide: bool = False
+) -> Found:
+    """An action's argument errors, each with the field's description as its fix (`hide`: never the value)."""
+    found: Found = []
+    for err in exc.errors():
+        sub = tuple(err["loc"])
+        field = getattr(args, "model_fields", {}).get(sub[0]) if sub else None
+        hint = (field.description if field is not None and field.description else "") or (
+            "see `sparkctl runbook actions` for this action's arguments"
+        )
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] not in ("missing", "extra_forbidden") and not isinstance(err.get("input"), dict | list):
+            msg += f" ({used})" if used else "" if hide else f" (found {err.get('input')!r})"
+        found.append(((*loc, *sub), msg, hint))
+    return found
+
+
 def parse_runbook(text: str, name: str) -> Runbook:
     """Validate runbook YAML; RunbookError lists every problem with file:line."""
-    return load_model(text, name, Runbook, _check, error=RunbookError)
+    source = Source(text, name, RunbookError)
+    rb = validate_source(source, Runbook, _check, RunbookError)
+    rb._where = source.where
+    return rb
 
 
 def load_runbook(ref: str) -> Runbook:
@@ -95,10 +146,50 @@ def load_runbook(ref: str) -> Runbook:
     return parse_runbook(read_text(ref, RunbookError), ref)
 
 
-def resolve_params(rb: Runbook, overrides: dict[str, str]) -> dict[str, Any]:
-    """Defaults overridden by `--set k=v` (values parsed as YAML scalars/lists)."""
-    import yaml
+_KINDS: list[tuple[type | tuple[type, ...], str, str]] = [
+    (bool, "true or false", "true"),
+    (int, "a whole number", "3"),
+    (float, "a number", "0.5"),
+    (str, "text", "text"),
+    (list, "a list", "[a, b]"),
+    (dict, "a mapping", "{a: 1}"),
+]
 
+
+def _kind(value: Any) -> tuple[str, str] | None:
+    for kind, text, example in _KINDS:
+        if isinstance(value, kind):
+            return text, example
+    return None
+
+
+def _typed(name: str, raw: str, value: Any, default: Any, secret: bool) -> Any:
+    """`--set name=raw` read as YAML, then held to the type of the parameter's default (if it has one)."""
+    if default is None or value is None:
+        return value
+    if isinstance(default, str) and isinstance(value, bool | int | float):
+        return raw.strip()  # a text parameter: `--set tag=3` means the text "3"
+    fits = isinstance(value, bool) == isinstance(default, bool) and (
+        isinstance(value, type(default)) or (isinstance(default, float) and isinstance(value, int))
+    )
+    if fits:
+        return value
+    want, example = _kind(default) or ("the default's type", "")
+    found = "" if secret else f", found {raw!r}"
+    raise RunbookError(
+        [
+            Problem(
+                f"--set {name}",
+                f"expected {want} like the default {default!r}{found}",
+                f"e.g. --set {name}={example}",
+            )
+        ]
+    )
+
+
+def resolve_params(rb: Runbook, overrides: dict[str, str]) -> dict[str, Any]:
+    """Defaults overridden by `--set k=v` (values read as YAML, held to the default's type), then every step's
+    arguments checked with these values: a bad value is reported here, at the step that uses it."""
     unknown = sorted(set(overrides) - set(rb.parameters))
     if unknown:
         raise RunbookError(
@@ -112,21 +203,55 @@ def resolve_params(rb: Runbook, overrides: dict[str, str]) -> dict[str, Any]:
             ]
         )
     params = {k: p.default for k, p in rb.parameters.items()}
+    problems: list[Problem] = []
     for k, v in overrides.items():
-        params[k] = yaml.safe_load(v) if v else v
+        secret = rb.parameters[k].secret
+        try:
+            value = read_yaml(v).data if v else v
+            params[k] = _typed(k, v, value, rb.parameters[k].default, secret)
+        except ReadError as exc:
+            shown = "" if secret else f" {v!r}"
+            hint = f"the value is read as YAML: quote text in it, e.g. --set {k}='\"...\"'"
+            if "alias" in exc.message or "tag" in exc.message:
+                hint = exc.hint
+            problems.append(Problem(f"--set {k}", f"cannot read the value{shown}: {exc.message}", hint))
+        except RunbookError as exc:
+            problems += exc.problems
+    if problems:
+        raise RunbookError(problems)
     missing = [k for k, p in rb.parameters.items() if p.required and params.get(k) in (None, "")]
     if missing:
         raise RunbookError(
             [
                 Problem(
-                    f"{rb.name}",
+                    rb.where(("parameters", k)),
                     f"parameter '{k}' needs a value",
                     f"--set {k}=... ({rb.parameters[k].description or 'see the runbook'})",
                 )
                 for k in missing
             ]
         )
+    check_params(rb, params, set(overrides))
     return params
+
+
+def check_params(rb: Runbook, params: dict[str, Any], overridden: Collection[str] = ()) -> None:
+    """Every step's arguments validated with these parameter values: RunbookError at the step's file:line."""
+    found: Found = []
+    for group in ("steps", "cleanup"):
+        for i, step in enumerate(getattr(rb, group)):
+            action = ACTIONS.get(step.action)
+            if action is None:
+                continue
+            try:
+                action.Args.model_validate(substitute(step.args, params))
+            except ValidationError as exc:
+                refs = {m.group(1) for m in PARAM.finditer(str(step.args))}
+                note = ", ".join(f"from --set {u}" for u in sorted(refs & set(overridden)))
+                hide = any(rb.parameters[r].secret for r in refs if r in rb.parameters)
+                found += _args_problems(action.Args, exc, (group, i, "args"), note, hide)
+    if found:
+        raise RunbookError([Problem(rb.where(loc), msg, hint) for loc, msg, hint in found])
 
 
 def step_index(rb: Runbook, name: str, option: str = "--from") -> int:

@@ -2,42 +2,61 @@
 
 from __future__ import annotations
 
+import difflib
 import re
 from typing import Any
 
+from pydantic import ValidationError
+
 from sparkctl.errors import Problem
+from sparkctl.inventory.load import render_loc
 from sparkctl.inventory.models import Host, Inventory
 from sparkctl.plan.context import PlanContext
 from sparkctl.plan.models import Plan, Stage
 from sparkctl.runbook.actions import ACTIONS
-from sparkctl.runbook.models import Runbook, RunbookError, RunbookStep
+from sparkctl.runbook.models import Runbook, RunbookError, RunbookStep, parse_when
+
+PARAM = re.compile(r"\$\{([^}]*)\}")
+"""A `${name}` reference in a runbook string."""
+Found = list[tuple[tuple[str | int, ...], str, str]]
 
 
-def substitute(value: Any, params: dict[str, Any]) -> Any:
+def substitute(value: Any, params: dict[str, Any], strict: bool = True) -> Any:
+    """`${name}` -> the parameter's value (a whole-value reference keeps its type). Unknown names are errors
+    (found at load time; `strict=False` leaves them as they are for that check)."""
+
+    def get(name: str, whole: str) -> Any:
+        if name in params:
+            return params[name]
+        if strict:
+            raise RunbookError([Problem(whole, f"unknown parameter '{whole}'", "declare it under parameters:")])
+        return whole
+
     if isinstance(value, str):
-        whole = re.fullmatch(r"\$\{(\w+)\}", value)
+        whole = PARAM.fullmatch(value)
         if whole:
-            return params.get(whole.group(1))
-        return re.sub(r"\$\{(\w+)\}", lambda m: str(params.get(m.group(1), "")), value)
+            return get(whole.group(1), value)
+        return PARAM.sub(lambda m: str(get(m.group(1), m.group(0))), value)
     if isinstance(value, list):
-        return [substitute(v, params) for v in value]
+        return [substitute(v, params, strict) for v in value]
     if isinstance(value, dict):
-        return {k: substitute(v, params) for k, v in value.items()}
+        return {k: substitute(v, params, strict) for k, v in value.items()}
     return value
 
 
 def when_holds(expr: str | None, params: dict[str, Any]) -> bool:
-    """Evaluate a step's `when:` against the parameters."""
+    """Evaluate a step's `when:` against the parameters (`a==b` and `a == b` read the same)."""
     if not expr:
         return True
-    expr = expr.strip()
-    m = re.match(r"^(\w+)\s*(==|!=)\s*(\S+)$", expr)
-    if m:
-        equal = str(params.get(m.group(1))) == m.group(3)
-        return equal if m.group(2) == "==" else not equal
-    if expr.startswith("not "):
-        return not params.get(expr[4:].strip())
-    return bool(params.get(expr))
+    parsed = parse_when(expr)
+    if parsed is None:
+        raise RunbookError([Problem(f"when: {expr}", "cannot read it", "use 'p', 'not p', 'p == v' or 'p != v'")])
+    negated, name, op, value = parsed
+    if op is not None:
+        equal = str(params.get(name)) == value
+        return equal if op == "==" else not equal
+    held = bool(params.get(name))
+    return not held if negated else held
 
 
 def select_hosts(ctx: PlanContext, selector: str) -> list[Host]:
@@ -90,43 +109,88 @@ def _override_workloads(
     ctx: PlanContext, step: str, names: list[str] | None, changes: dict[str, Any] | None
 ) -> Inventory:
     """The inventory with `set:` applied to the selected workloads, validated like the inventory itself."""
-    inv = ctx.inventory
-    unknown = sorted(set(names or []) - {w.name for w in inv.workloads})
-    if unknown:
-        raise RunbookError(
-            [
-                Problem(
-                    f"step {step} args.workloads",
-                    f"no workload named {', '.join(unknown)}",
-                    f"the inventory has: {', '.join(w.name for w in inv.workloads) or 'none'}",
-                )
-            ]
-        )
-    changes = {k: v for k, v in (changes or {}).items() if v is not None}  # null keeps the inventory's value
-    if not changes:
-        return inv
-    from pydantic import ValidationError
+    inv, found = _workload_overrides(ctx.inventory, names, changes)
+    if found:
+        raise RunbookError([Problem(f"step {step} {render_loc(('args', *loc))}", m, h) for loc, m, h in found])
+    return inv
 
+
+def _workload_overrides(
+    inv: Inventory, names: list[str] | None, changes: dict[str, Any] | None
+) -> tuple[Inventory, Found]:
+    """(the inventory with `set:` applied, problems located relative to the step's args)."""
     from sparkctl.inventory.checks import check_inventory
     from sparkctl.inventory.models import Workload
 
+    known = [w.name for w in inv.workloads]
+    unknown = [n for n in names or [] if n not in known]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], known, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"the inventory has: {', '.join(known) or 'none'}"
+        return inv, [(("workloads",), f"no workload named {', '.join(unknown)}", hint)]
+    changes = {k: v for k, v in (changes or {}).items() if v is not None}  # null keeps the inventory's value
+    if not changes:
+        return inv, []
     try:
         workloads = [
             Workload.model_validate({**w.model_dump(), **changes}) if not names or w.name in names else w
             for w in inv.workloads
         ]
-        new = inv.model_copy(update={"workloads": workloads})
     except ValidationError as exc:
-        raise RunbookError(
-            [
-                Problem(f"step {step} args.set.{'.'.join(map(str, e['loc']))}", e["msg"].removeprefix("Value error, "))
-                for e in exc.errors()
-            ]
-        ) from None
-    found = check_inventory(new)
+        found: Found = []
+        for e in exc.errors():
+            loc = tuple(e["loc"])
+            field = Workload.model_fields.get(str(loc[0])) if loc else None
+            ctx = dict(e.get("ctx") or {})
+            msg = str(ctx["message"]) if e["type"] == "sparkctl" else e["msg"]
+            if e["type"] == "extra_forbidden":
+                close = difflib.get_close_matches(str(loc[0]), list(Workload.model_fields), n=1)
+                hint = f"did you mean '{close[0]}'?" if close else "set: takes the fields of an inventory workload"
+                msg = f"unknown workload field '{loc[0]}'"
+            else:
+                hint = str(ctx.get("hint") or (field.description if field else "") or "")
+            found.append((("set", *loc), msg, hint or "see docs/inventory.md for the workload's fields"))
+        return inv, found
+    new = inv.model_copy(update={"workloads": workloads})
+    return new, [(("set", *loc[2:]), msg, hint) for loc, msg, hint in check_inventory(new) if loc[:1] == ("workloads",)]
+
+
+def check_against(rb: Runbook, inv: Inventory, params: dict[str, Any]) -> None:
+    """What only the inventory can tell (host selectors, workload names, `set:` overrides), for every step
+    and cleanup step, at plan time: RunbookError at the step's file:line."""
+    found: Found = []
+    names = [h.name for h in inv.hosts]
+    for group in ("steps", "cleanup"):
+        for i, step in enumerate(getattr(rb, group)):
+            if step.hosts not in ("all", "head", "workers", *names):
+                close = difflib.get_close_matches(step.hosts, ["all", "head", "workers", *names], n=1)
+                found.append(
+                    (
+                        (group, i, "hosts"),
+                        f"'{step.hosts}' is not a host of {inv.cluster} nor all, head or workers",
+                        f"did you mean '{close[0]}'?"
+                        if close
+                        else f"use all, head, workers or one of {', '.join(names)}",
+                    )
+                )
+            action = ACTIONS.get(step.action)
+            if action is None or "workloads" not in action.Args.model_fields:
+                continue
+            try:
+                args = action.Args.model_validate(substitute(step.args, params))
+            except (ValidationError, RunbookError):
+                continue  # reported by check_params
+            _, bad = _workload_overrides(inv, getattr(args, "workloads", None), getattr(args, "set", None))
+            found += [((group, i, "args", *loc), msg, hint) for loc, msg, hint in bad]
     if found:
-        raise RunbookError([Problem(f"step {step} args.set", msg, hint) for _, msg, hint in found])
-    return new
+        # One value used by several steps (a `--set`, a parameter's default) is one problem: shown once.
+        seen: set[tuple[str, str]] = set()
+        unique: Found = []
+        for loc, msg, hint in found:
+            if (msg, hint) not in seen:
+                seen.add((msg, hint))
+                unique.append((loc, msg, hint))
+        raise RunbookError([Problem(rb.where(loc), msg, hint) for loc, msg, hint in unique])
 
 
 def build_runbook_plan(
@@ -139,6 +203,7 @@ def build_runbook_plan(
     offline: bool = False,
 ) -> Plan:
     """Plan every step of a runbook in order; later steps see which kinds earlier ones change."""
+    check_against(rb, ctx.inventory, params)
     stages = []
     notes = []
     for i, step in enumerate(rb.steps):

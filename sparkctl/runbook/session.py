@@ -84,6 +84,8 @@ class Session:
     running: dict[str, Any] | None = None
     """The journal record of the run under way (written at its end, or by journal_unfinished on a force quit)."""
     current: Report | None = None
+    journal_secrets: Secrets = field(default_factory=Secrets)
+    """The run's secret values, scrubbed from its journal record."""
 
     def secrets_for_plan(self, *, create: bool = False) -> dict[str, str]:
         """Laptop-side secrets a run may need: the Ray token and the workloads' API keys.
@@ -228,6 +230,7 @@ class Session:
         run_id: str | None = None,
     ) -> Report:
         """Run the plan; re-read the hosts after each changing stage; journal the run however it ends."""
+        secrets = {**secrets, **rb.secret_values(params)}
         engine = Engine(
             transports=self.transports,
             nopasswd={n: f.sudo_nopasswd for n, f in self.facts.items()},
@@ -274,6 +277,7 @@ class Session:
         }
         self.applying = True
         self.current = report
+        self.journal_secrets = Secrets(secrets)
         try:
             engine.run(plan, replan=replan, cleanup=cleanup, report=report)
         except BaseException as exc:  # a bug, or a force quit: the run is still journaled, then the error goes on
@@ -289,20 +293,24 @@ class Session:
         if record is None:
             return
         self.running = None
+        # Secret values (the token, API keys, the sudo password, `secret: true` parameters) may sit in the
+        # commands as planned: the journal keeps none of them.
         state.append_journal(
-            {
-                **record,
-                "ended": time.time(),
-                "ok": report.ok,
-                "interrupted": report.interrupted,
-                "force_quit": force_quit,
-                "error": report.error,
-                "hosts": dict(report.hosts),
-                "host_errors": dict(report.host_errors),
-                "revisions": list(report.revisions),
-                "steps": [r.model_dump() for r in list(report.results)],
-                "executed": [s.model_dump() for s in list(report.executed)],
-            }
+            self.journal_secrets.scrub(
+                {
+                    **record,
+                    "ended": time.time(),
+                    "ok": report.ok,
+                    "interrupted": report.interrupted,
+                    "force_quit": force_quit,
+                    "error": report.error,
+                    "hosts": dict(report.hosts),
+                    "host_errors": dict(report.host_errors),
+                    "revisions": list(report.revisions),
+                    "steps": [r.model_dump() for r in list(report.results)],
+                    "executed": [s.model_dump() for s in list(report.executed)],
+                }
+            )
         )
 
     def journal_unfinished(self) -> None:

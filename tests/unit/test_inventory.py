@@ -271,8 +271,10 @@ def test_extra_args_with_newline_rejected(problems, example) -> None:
 def test_env_keys_must_be_variable_names(problems, example) -> None:
     text = example.edit("    port: 8000", "    port: 8000\n    env: {'A B': x}")
     p = only(problems(text))
-    assert p.where.endswith("workloads[0]")
+    # the key itself is blamed, on its own line, with a fix
+    assert p.where == f"inv.yaml:{text.line_of('A B')} workloads[0].env.A B"
     assert "'A B'" in p.message
+    assert "letters, digits and '_'" in p.hint
 
 
 # --- runtime and ray -----------------------------------------------------------------------------------
@@ -361,7 +363,7 @@ def test_the_error_renders_every_problem_with_its_hint(example) -> None:
 def test_not_yaml_gives_file_and_line(problems, example) -> None:
     text = example.edit("  port: 6379", "  port: [6379")
     p = only(problems(text))
-    file, line = p.where.split(":")
+    file, line = p.where.split(" ")[0].split(":")
     assert file == "inv.yaml"
     # the parser notices at the bracket's line or just after it
     assert text.line_of("[6379") <= int(line) <= text.line_of("[6379") + 2

@@ -33,6 +33,9 @@ parameters:
     default: true
   mode:
     default: fast
+  anything:
+    default: null
+    description: no default, so no type either
 steps:
   - name: check
     action: verify_fabric
@@ -222,8 +225,8 @@ def test_set_on_an_unknown_parameter() -> None:
 )
 def test_set_values_are_yaml_scalars(raw: str, value: object) -> None:
     rb = parse_runbook(GOOD, "rb.yaml")
-    params = resolve_params(rb, {"tag": raw})
-    assert params["tag"] == value
+    params = resolve_params(rb, {"anything": raw})
+    assert params["anything"] == value
     assert params["mode"] == "fast" and params["restart"] is True
 
 

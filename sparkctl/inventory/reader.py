@@ -1,0 +1,287 @@
+"""A bounded YAML reader: one pass over the parser's events, every value located, nothing surprising accepted.
+
+Inventories and runbooks are a few kilobytes of plain YAML. The reader enforces that, so that no input (an alias
+bomb, a huge or endless file, binary data, deep nesting) can cost more than a bounded time and memory:
+
+- input: at most MAX_BYTES, UTF-8, no NUL bytes; one document;
+- no aliases (`*name`): no sparkctl schema needs them, and they are how a nine-line file expands to 10**9 values;
+- at most MAX_VALUES values and MAX_DEPTH levels of nesting; built without recursion;
+- no tags other than the core schema's (`!!python/...` and friends are refused, not constructed);
+- keys are plain text and unique (YAML's "the last one wins" hides mistakes).
+
+It reads the events of libyaml's parser (PyYAML's C extension, `yaml.CSafeLoader`) when available, else of the
+pure-Python parser, and resolves plain scalars with PyYAML's own YAML 1.1 resolver and safe constructors, so a
+value means what `yaml.safe_load` makes of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from yaml.constructor import SafeConstructor
+from yaml.nodes import ScalarNode
+from yaml.resolver import Resolver
+
+Loc = tuple[str | int, ...]
+
+MAX_BYTES = 1024 * 1024
+MAX_VALUES = 10_000  # an inventory holds ~50 values, a runbook a few hundred
+MAX_DEPTH = 32
+
+_CORE = "tag:yaml.org,2002:"
+_SCALAR_TAGS = {f"{_CORE}{t}" for t in ("str", "int", "float", "bool", "null", "timestamp")}
+_COLLECTION_TAGS = {f"{_CORE}map", f"{_CORE}seq"}
+_CONSTRUCTOR = SafeConstructor()
+_RESOLVERS: dict[str | None, list[tuple[str, Any]]] = Resolver.yaml_implicit_resolvers
+
+try:  # libyaml's parser, ~10x faster than the pure-Python one; line numbers are the same
+    _PARSER: Any = yaml.CSafeLoader
+except AttributeError:  # pragma: no cover - PyYAML built without libyaml
+    _PARSER = yaml.SafeLoader
+
+
+class ReadError(Exception):
+    """Why the input cannot be read: at `line` (1-based) and `loc` (key path), `message`, fixed by `hint`."""
+
+    def __init__(self, line: int, loc: Loc, message: str, hint: str) -> None:
+        super().__init__(message)
+        self.line = line
+        self.loc = loc
+        self.message = message
+        self.hint = hint
+
+
+@dataclass
+class Document:
+    """The data read, and where each key path came from."""
+
+    data: Any
+    lines: dict[Loc, int] = field(default_factory=dict)
+    raw: dict[Loc, str] = field(default_factory=dict)
+    """The source text of plain scalars YAML did not read as a string (`no`, `1e3`, `~`), for hints."""
+
+
+def read_bytes(path: str | Path) -> bytes:
+    """At most MAX_BYTES + 1 bytes of a file: enough to tell it is too large, bounded for /dev/zero and pipes."""
+    with open(path, "rb") as f:
+        return f.read(MAX_BYTES + 1)
+
+
+def decode(data: bytes) -> str:
+    """UTF-8 text of `data`, or ReadError at the line of the first byte that is not text."""
+    if len(data) > MAX_BYTES:
+        raise ReadError(
+            data.count(b"\n", 0, MAX_BYTES) + 1,
+            (),
+            f"larger than {MAX_BYTES // 1024} KiB: not an inventory or runbook",
+            "check the file name; sparkctl reads small YAML files only",
+        )
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise ReadError(1, (), "UTF-16 text", "save the file as UTF-8")
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise ReadError(
+            data.count(b"\n", 0, nul) + 1, (), "binary data (a NUL byte)", "check the file name: expected YAML text"
+        )
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ReadError(
+            data.count(b"\n", 0, exc.start) + 1,
+            (),
+            f"not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})",
+            "save the file as UTF-8",
+        ) from None
+
+
+def _scalar(value: str, tag: str) -> Any:
+    if tag == f"{_CORE}str":
+        return value
+    return _CONSTRUCTOR.yaml_constructors[tag](_CONSTRUCTOR, ScalarNode(tag, value))
+
+
+def _resolve(value: str) -> str:
+    """PyYAML's implicit tag of a plain scalar (YAML 1.1: `yes` is a bool, `1_000` an int, `~` null)."""
+    for tag, regexp in _RESOLVERS.get(value[0] if value else "", []):
+        if regexp.match(value):
+            return tag
+    return f"{_CORE}str"
+
+
+def _short(tag: str) -> str:
+    return "!!" + tag.removeprefix(_CORE) if tag.startswith(_CORE) else tag
+
+
+class _Frame:
+    __slots__ = ("container", "key", "keys", "loc")
+
+    def __init__(self, container: dict[str, Any] | list[Any], loc: Loc) -> None:
+        self.container = container
+        self.loc = loc
+        self.key: str | None = None
+        self.keys: dict[str, int] = {}
+
+
+def read_yaml(text: str) -> Document:
+    """Parse one YAML document within the limits above; ReadError (located) for anything else."""
+    if len(text) > MAX_BYTES:
+        raise ReadError(text.count("\n", 0, MAX_BYTES) + 1, (), f"larger than {MAX_BYTES // 1024} KiB", "keep it small")
+    doc = Document(None)
+    stack: list[_Frame] = []
+    values = 0
+    documents = 0
+    try:
+        loader = _PARSER(str(text))  # libyaml wants exactly a str, not a subclass
+    except yaml.reader.ReaderError as exc:  # the pure-Python reader checks every character up front
+        raise _not_allowed(text, exc, ()) from None
+    try:
+        while True:
+            try:
+                event = loader.get_event()
+            except yaml.MarkedYAMLError as exc:
+                mark = exc.problem_mark or exc.context_mark
+                line = mark.line + 1 if mark else 1
+                lines = text.split("\n", line)
+                source_line = lines[line - 1] if 0 < line <= len(lines) else ""
+                tab = "\t" in source_line[: len(source_line) - len(source_line.lstrip())]
+                raise ReadError(
+                    line,
+                    stack[-1].loc if stack else (),
+                    f"not valid YAML: {exc.problem or exc}",
+                    "indent with spaces: YAML does not allow tabs there"
+                    if tab
+                    else "check indentation and quoting on that line or just above it",
+                ) from None
+            except yaml.reader.ReaderError as exc:  # a control character: located by its offset, not a mark
+                raise _not_allowed(text, exc, stack[-1].loc if stack else ()) from None
+            if event is None or isinstance(event, yaml.StreamEndEvent):
+                break
+            if isinstance(event, yaml.DocumentStartEvent):
+                documents += 1
+                if documents > 1:
+                    raise ReadError(
+                        line_of(event),
+                        (),
+                        "a second YAML document (after '---')",
+                        "keep one document per file",
+                    )
+                continue
+            if isinstance(event, yaml.StreamStartEvent | yaml.DocumentEndEvent):
+                continue
+            line = line_of(event)
+            if isinstance(event, yaml.MappingEndEvent | yaml.SequenceEndEvent):
+                frame = stack.pop()
+                if not stack:
+                    doc.data = frame.container
+                continue
+            top = stack[-1] if stack else None
+            # Where this event goes: a mapping key, a mapping value, a list item, or the document itself.
+            is_key = top is not None and isinstance(top.container, dict) and top.key is None
+            if top is None:
+                loc: Loc = ()
+            elif isinstance(top.container, list):
+                loc = (*top.loc, len(top.container))
+            else:
+                loc = (*top.loc, top.key if top.key is not None else "")
+            if isinstance(event, yaml.AliasEvent):
+                raise ReadError(
+                    line,
+                    top.loc if is_key and top else loc,
+                    f"YAML alias '*{event.anchor}' is not supported",
+                    "write the value out in full: sparkctl files use no anchors or aliases",
+                )
+            values += 1
+            if values > MAX_VALUES:
+                raise ReadError(
+                    line, loc, f"more than {MAX_VALUES} values: not an inventory or runbook", "check the file name"
+                )
+            tag = getattr(event, "tag", None)
+            if isinstance(event, yaml.ScalarEvent):
+                explicit = tag not in (None, "!")
+                if explicit and tag not in _SCALAR_TAGS:
+                    raise ReadError(
+                        line, loc, f"YAML tag {_short(tag or '')} is not allowed", "remove the tag: plain values only"
+                    )
+                if is_key:
+                    assert top is not None
+                    if explicit and tag != f"{_CORE}str":
+                        raise ReadError(line, top.loc, "keys must be plain text", "remove the tag from the key")
+                    key = event.value
+                    if key in top.keys:
+                        raise ReadError(
+                            line,
+                            (*top.loc, key),
+                            f"key {key!r} appears twice (first on line {top.keys[key]})",
+                            "keep one of them: YAML would silently use the last",
+                        )
+                    top.keys[key] = line
+                    top.key = key
+                    doc.lines[(*top.loc, key)] = line
+                    continue
+                plain = not event.style and event.implicit[0]
+                resolved = tag if explicit and tag else (_resolve(event.value) if plain else f"{_CORE}str")
+                try:
+                    value = _scalar(event.value, resolved)
+                except (yaml.YAMLError, ValueError, OverflowError) as exc:
+                    raise ReadError(
+                        line, loc, f"cannot read {event.value!r} as {_short(resolved)}: {exc}", "quote it as a string"
+                    ) from None
+                if resolved != f"{_CORE}str":
+                    doc.raw[loc] = event.value
+                doc.lines.setdefault(loc, line)
+                if top is None:
+                    doc.data = value
+                    continue
+                _store(top, value)
+                continue
+            # A mapping or a sequence starts.
+            if tag not in (None, "!") and tag not in _COLLECTION_TAGS:
+                raise ReadError(
+                    line, loc, f"YAML tag {_short(tag or '')} is not allowed", "remove the tag: plain values only"
+                )
+            if is_key:
+                assert top is not None
+                raise ReadError(line, top.loc, "keys must be plain text, not a list or a mapping", "use a plain key")
+            if len(stack) >= MAX_DEPTH:
+                raise ReadError(line, loc[:2], f"nested more than {MAX_DEPTH} levels deep", "flatten the structure")
+            container: dict[str, Any] | list[Any] = {} if isinstance(event, yaml.MappingStartEvent) else []
+            doc.lines.setdefault(loc, line)
+            if top is not None:
+                _store(top, container)
+            stack.append(_Frame(container, loc))
+    finally:
+        loader.dispose()
+    return doc
+
+
+def _not_allowed(text: str, exc: yaml.reader.ReaderError, loc: Loc) -> ReadError:
+    """A character YAML forbids, at its line: libyaml counts the offset in UTF-8 bytes, PyYAML in characters."""
+    if _PARSER is yaml.SafeLoader:
+        line = text.count("\n", 0, exc.position) + 1
+    else:
+        line = text.encode()[: exc.position].count(b"\n") + 1
+    char = exc.character if isinstance(exc.character, int) else ord(exc.character)
+    return ReadError(
+        line,
+        loc,
+        f"character {char:#06x} is not allowed in YAML",
+        "remove control characters from the file",
+    )
+
+
+def line_of(event: Any) -> int:
+    """1-based line of an event (every event of a parsed stream has a start mark)."""
+    mark = event.start_mark
+    return int(mark.line) + 1 if mark is not None else 1
+
+
+def _store(frame: _Frame, value: Any) -> None:
+    if isinstance(frame.container, list):
+        frame.container.append(value)
+    else:
+        assert frame.key is not None
+        frame.container[frame.key] = value
+        frame.key = None

@@ -1,0 +1,238 @@
+"""Secrets and state on the laptop: `secret: true` parameters redacted wherever secrets are, state 0700/0600,
+exposed key and password files refused, and terminal control characters from any input escaped on output."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from sparkctl import state
+from sparkctl.cli.app import app
+from sparkctl.cli.render import Progress, escape_controls
+from sparkctl.errors import EXIT_BAD_INPUT, SecretError
+from sparkctl.execute.fake import RecordingTransport
+from sparkctl.inventory import parse_inventory
+from sparkctl.plan.context import fresh_facts
+from sparkctl.runbook.engine import Event
+from sparkctl.runbook.load import parse_runbook, resolve_params
+from sparkctl.runbook.session import Session
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE = REPO / "inventories" / "example-pair.yaml"
+SECRET = "hunter2-very-secret"
+
+SECRET_RUNBOOK = """\
+name: tokens
+parameters:
+  token:
+    secret: true
+    default: null
+    description: a token the command needs
+steps:
+  - name: use
+    action: shell
+    shell: true
+    hosts: head
+    args: {argv: [register, "--token=${token}"], changes: true}
+"""
+
+
+@pytest.fixture
+def cli(isolated_state, mocker):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the CLI tried to connect")
+
+    mocker.patch("sparkctl.cli.cluster.ssh_connect", side_effect=refuse)
+    mocker.patch("sparkctl.cli.common.ssh_connect", side_effect=refuse)
+    runner = CliRunner()
+    return lambda *args: runner.invoke(app, list(args))
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+# --- secret: true parameters ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_a_secret_parameter_is_redacted_in_the_plan(cli, tmp_path: Path, as_json: bool) -> None:
+    rb = tmp_path / "rb.yaml"
+    rb.write_text(SECRET_RUNBOOK)
+    args = ["run", str(rb), "--dry-run", "--offline", "-i", str(EXAMPLE), "--set", f"token={SECRET}"]
+    result = cli(*args, *(["--json"] if as_json else []))
+    assert result.exit_code == 0, result.output
+    assert SECRET not in result.output
+    if as_json:
+        argv = json.loads(result.stdout)["stages"][0]["steps"][0]["commands"][0]["argv"]
+        assert argv == ["register", "--token=<redacted>"]
+    else:
+        assert "register --token=<redacted>" in result.output
+
+
+def test_a_secret_parameter_with_a_wrong_value_is_not_echoed(cli, tmp_path: Path) -> None:
+    rb = tmp_path / "rb.yaml"
+    rb.write_text(SECRET_RUNBOOK.replace("default: null", "default: 12345"))
+    result = cli("run", str(rb), "--dry-run", "--offline", "-i", str(EXAMPLE), "--set", f"token={SECRET}")
+    assert result.exit_code == EXIT_BAD_INPUT
+    assert SECRET not in result.output and "--set token" in result.output
+
+
+def test_the_journal_keeps_no_secret_but_the_host_gets_the_value(isolated_state: Path) -> None:
+    inv = parse_inventory(EXAMPLE.read_text())
+    rb = parse_runbook(SECRET_RUNBOOK, "rb.yaml")
+    params = resolve_params(rb, {"token": SECRET})
+    transports = {h.name: RecordingTransport(h.name) for h in inv.hosts}
+    events: list[Event] = []
+    session = Session(inv, lambda i, name: transports[name], emit=events.append, transports=dict(transports))
+    session.facts = {h.name: fresh_facts(inv, h) for h in inv.hosts}
+    secrets = {"ray_token": "ray-token-0123456789"}
+    plan = session.plan(rb, params, secrets)
+    report = session.apply(rb, plan, params, secrets)
+    assert report.ok, report
+    # plan equals apply: the host ran the real value
+    assert any(SECRET in c for c in transports["spark-a"].commands)
+    journal = state.journal_path()
+    text = journal.read_text()
+    assert SECRET not in text
+    record = json.loads(text)
+    assert record["params"]["token"] == "<redacted>"
+    assert record["executed"][0]["commands"][0]["argv"] == ["register", "--token=<redacted>"]
+    assert record["steps"][0]["commands"][0]["command"] == "register --token=<redacted>"
+    assert mode(journal) == 0o600
+    # ... nor the progress lines (the step's description is its command line)
+    assert events and not any(SECRET in f"{e.step} {e.message}" for e in events)
+    assert any("<redacted>" in e.message for e in events)
+
+
+# --- laptop state: every directory 0700, every file 0600 ---------------------------------------------------
+
+
+def test_state_dirs_are_0700_and_files_0600_at_every_level(tmp_path: Path, monkeypatch) -> None:
+    base = tmp_path / "xdg" / "state"  # neither exists yet: mkdir(parents=True) would make them 0755
+    monkeypatch.setenv("XDG_STATE_HOME", str(base))
+    old = os.umask(0o022)
+    try:
+        state.ray_token("pair")
+        state.api_key("pair", "chat", None)
+        state.append_journal({"id": "x"})
+    finally:
+        os.umask(old)
+    home = state.state_home()
+    assert mode(base) == 0o700
+    assert mode(home) == 0o700 and mode(home / "pair") == 0o700
+    for f in (home / "pair" / "ray-token", home / "pair" / "api-key-chat", home / "journal.jsonl"):
+        assert mode(f) == 0o600, f
+
+
+def test_state_left_open_by_an_older_version_is_narrowed(isolated_state: Path) -> None:
+    home = state.state_home()
+    (home / "pair").mkdir(parents=True)
+    home.chmod(0o755)
+    (home / "pair").chmod(0o755)
+    (home / "journal.jsonl").write_text("")
+    (home / "journal.jsonl").chmod(0o644)
+    (home / "pair" / "ray-token").write_text("old-token-value\n")
+    (home / "pair" / "ray-token").chmod(0o644)
+    assert state.ray_token("pair") == "old-token-value"
+    state.append_journal({"id": "y"})
+    assert mode(home) == 0o700 and mode(home / "pair") == 0o700
+    assert mode(home / "journal.jsonl") == 0o600 and mode(home / "pair" / "ray-token") == 0o600
+
+
+# --- key and password files others can read -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("key", "expect"), [("ssh.identity_file", 0o644), ("sudo.password_file", 0o640)])
+def test_an_exposed_secret_file_is_refused_before_connecting(cli, tmp_path: Path, key: str, expect: int) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("x\n")
+    secret.chmod(expect)
+    section, field = key.split(".")
+    inv = tmp_path / "inv.yaml"
+    inv.write_text(EXAMPLE.read_text().replace("ssh:\n", f"{section}:\n  {field}: {secret}\nssh:\n", 1))
+    if section == "ssh":  # the example already has an ssh: section
+        inv.write_text(EXAMPLE.read_text().replace("  user: nvidia\n", f"  user: nvidia\n  {field}: {secret}\n"))
+    result = cli("down", "-i", str(inv))  # the connector fails the test if it is reached
+    assert result.exit_code == EXIT_BAD_INPUT, result.output
+    assert f"error: {key} {secret}: permissions {expect:04o} are too open" in result.output
+    assert f"hint: chmod 600 {secret}" in result.output
+    secret.chmod(0o600)
+    state.refuse_exposed(secret, key)  # 0600 passes
+
+
+def test_an_exposed_file_of_another_owner_is_left_to_the_os(tmp_path: Path, mocker) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("x\n")
+    secret.chmod(0o644)
+    mocker.patch("sparkctl.state.os.getuid", return_value=os.getuid() + 1)  # as OpenSSH: only the user's own files
+    state.refuse_exposed(secret, "ssh.identity_file")
+    mocker.stopall()
+    with pytest.raises(SecretError):
+        state.refuse_exposed(secret, "ssh.identity_file")
+
+
+# --- control characters on output ------------------------------------------------------------------------
+
+HOSTILE = ["\x1b[2J\x1b[31m", "\u202eevil", "\x9b31m", "a\rb", "\x07", "\u2066x\u2069", "\x7f"]
+
+
+@pytest.mark.parametrize("text", HOSTILE)
+def test_control_characters_are_escaped(text: str) -> None:
+    shown = escape_controls(text)
+    assert shown.isprintable(), repr(shown)
+    assert "\\u" in shown
+
+
+def test_newlines_and_tabs_are_kept() -> None:
+    assert escape_controls("a\tb\nc") == "a\tb\nc"
+
+
+def test_host_output_in_progress_lines_is_escaped() -> None:
+    out = io.StringIO()
+    Progress(out)(Event("step_end", host="spark-a", step="x", status="failed", message="boom \x1b[2J\u202e"))
+    assert "\x1b" not in out.getvalue() and "\u202e" not in out.getvalue()
+    assert "\\u001b[2J\\u202e" in out.getvalue()
+
+
+def test_an_inventory_value_with_escapes_is_printed_escaped(cli, tmp_path: Path) -> None:
+    inv = tmp_path / "inv.yaml"
+    # YAML's double-quoted escapes make real control characters out of plain ASCII text
+    inv.write_text(EXAMPLE.read_text().replace("cluster: spark-pair", 'cluster: "pair\\e[31m\\u202e"'))
+    result = cli("plan", "--offline", "-i", str(inv))
+    assert result.exit_code == EXIT_BAD_INPUT
+    assert "\x1b" not in result.output and "\u202e" not in result.output
+    inv.write_text(EXAMPLE.read_text().replace("ssh:\n", '"bad\\e[2Jkey\\u202e": 1\nssh:\n'))
+    result = cli("plan", "--offline", "-i", str(inv))
+    assert result.exit_code == EXIT_BAD_INPUT
+    assert "unknown key 'bad\\u001b[2Jkey\\u202e'" in result.output
+
+
+def test_a_runbook_value_with_escapes_is_escaped_in_the_plan_and_valid_json(cli, tmp_path: Path) -> None:
+    rb = tmp_path / "rb.yaml"
+    rb.write_text(SECRET_RUNBOOK.replace("secret: true", "secret: false"))
+    args = ["run", str(rb), "--dry-run", "--offline", "-i", str(EXAMPLE), "--set", 'token="x\\e[2J\\u202e\\x85"']
+    text = cli(*args)
+    assert text.exit_code == 0, text.output
+    assert not any(ch in text.output for ch in "\x1b\u202e\x85")
+    as_json = cli(*args, "--json")
+    assert not any(ch in as_json.stdout for ch in "\x1b\u202e\x85")
+    argv = json.loads(as_json.stdout)["stages"][0]["steps"][0]["commands"][0]["argv"]
+    assert argv == ["register", "--token=x\x1b[2J\u202e\x85"], "the escapes are JSON escapes: the data is intact"
+
+
+def test_discover_refuses_an_exposed_identity_file(cli, tmp_path: Path, mocker) -> None:
+    key = tmp_path / "id_ed25519"
+    key.write_text("x\n")
+    key.chmod(0o604)
+    connect = mocker.patch("sparkctl.execute.ssh.connect", side_effect=AssertionError("connected"))
+    result = cli("discover", "127.0.0.1", "--identity-file", str(key))
+    assert result.exit_code == EXIT_BAD_INPUT, result.output
+    assert "permissions 0604 are too open" in result.output and f"hint: chmod 600 {key}" in result.output
+    connect.assert_not_called()
