@@ -6,6 +6,7 @@ Run:  python3 -m benchmarks.bench_cli [--runs 10]
 from __future__ import annotations
 
 import argparse
+import compileall
 import statistics
 import subprocess
 import sys
@@ -30,6 +31,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=10)
     runs = ap.parse_args().runs
     py = sys.executable
+    # Bytecode as an installed package has it (with PYTHONDONTWRITEBYTECODE set, every run would compile sparkctl).
+    compileall.compile_dir(str(REPO / "sparkctl"), quiet=1)
     example = str(REPO / "inventories" / "example-pair.yaml")
     rows = {
         "python -c pass (interpreter floor)": timed([py, "-c", "pass"], runs),

@@ -33,7 +33,9 @@ LAYOUTS = [("TP=2", {"tensor_parallel_size": 2, "replicas": 1}),
 
 
 def sentences(n: int) -> list[str]:
-    words = ["fabric", "twin", "jumbo", "frame", "tensor", "rank", "gloo", "ray", "spark", "unified", "memory", "page", "cache", "driver", "kernel", "attention", "head", "column", "split", "reduce", "embedding", "vector", "model", "weights"]
+    words = ["fabric", "twin", "jumbo", "frame", "tensor", "rank", "gloo", "ray", "spark", "unified", "memory", "page",
+             "cache", "driver", "kernel", "attention", "head", "column", "split", "reduce", "embedding", "vector",
+             "model", "weights"]
     return [" ".join(words[(i * 7 + k) % len(words)] for k in range(8 + i % 24)) for i in range(n)]
 
 

@@ -58,5 +58,9 @@ class HostError(SparkctlError):
     """A host was unreachable or a command on it failed."""
 
 
+class Unreachable(HostError):
+    """A host could not be connected to or probed (network, auth, or host key)."""
+
+
 class SecretError(InputError):
     """A secret needed for the run is missing."""

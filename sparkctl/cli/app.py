@@ -1,11 +1,17 @@
-"""The sparkctl command line. Heavy modules (fabric, ray, torch) load only inside commands that need them."""
+"""The sparkctl command line: one module per command group, each thin (parse, call, render).
+
+Heavy modules (fabric, ray, torch) load only inside commands that need them.
+"""
 
 from __future__ import annotations
 
 import typer
 
 from sparkctl import __version__
-from sparkctl.cli import cluster, doctor, inspect
+from sparkctl.cli import bench, cluster, doctor, history, inspect, runbook
+
+# rich_markup_mode=None: plain help and error text (click's formatter). rich's renderer costs more to import
+# than the rest of `--help`.
 
 app = typer.Typer(
     name="sparkctl",
@@ -13,17 +19,14 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     help="Turn two or more DGX Sparks into one inference cluster: plan, up, down, status.",
+    rich_markup_mode=None,
 )
-runbook_app = typer.Typer(help="Built-in runbooks and validation of runbook files.", no_args_is_help=True)
-history_app = typer.Typer(help="Runs recorded in the journal.")
-app.add_typer(runbook_app, name="runbook")
-app.add_typer(history_app, name="history")
-bench_app = typer.Typer(help="Measure the cluster.", no_args_is_help=True)
-app.add_typer(bench_app, name="bench")
-
 cluster.register(app)
-inspect.register(app, runbook_app, history_app)
-doctor.register(app, bench_app)
+inspect.register(app)
+doctor.register(app)
+app.add_typer(runbook.app, name="runbook")
+app.add_typer(history.app, name="history")
+app.add_typer(bench.app, name="bench")
 
 
 def _version(value: bool) -> None:

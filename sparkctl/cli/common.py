@@ -1,4 +1,4 @@
-"""Shared CLI options, loading helpers and the error boundary."""
+"""Shared CLI option types, loading helpers and the one error boundary."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import getpass
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,10 +16,12 @@ from pydantic import ValidationError
 
 from sparkctl import state
 from sparkctl.cli.render import escape_controls
-from sparkctl.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, SparkctlError
+from sparkctl.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, InputError, Problem, SparkctlError
 from sparkctl.inventory import load_inventory, parse_inventory
 from sparkctl.inventory.models import Inventory
-from sparkctl.runbook.session import Session, ssh_connect
+from sparkctl.runbook import session as sessions
+from sparkctl.runbook.engine import Event
+from sparkctl.runbook.session import Session
 
 InventoryOpt = Annotated[
     Path | None,
@@ -38,6 +41,10 @@ AcceptKeysOpt = Annotated[
         "--accept-new-host-keys", help="Record unknown host keys on first use (changed keys are always refused)."
     ),
 ]
+
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Only show the plan.")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Runbook parameter: --set name=value (repeatable).")]
+WorkloadOpt = Annotated[list[str] | None, typer.Option("--workload", "-w", help="Only this workload (repeatable).")]
 
 _debug = False
 
@@ -59,6 +66,23 @@ def inventory(path: Path | None) -> Inventory:
     return parse_inventory(example_inventory_text(), "<bundled example-pair.yaml>")
 
 
+def start(debug: bool, path: Path | None) -> Inventory:
+    """What every command that targets a cluster does first: debug logging on request, then the inventory."""
+    set_debug(debug)
+    return inventory(path)
+
+
+def parse_sets(sets: list[str] | None) -> dict[str, str]:
+    """`--set name=value` options as a mapping."""
+    out = {}
+    for item in sets or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise InputError([Problem(f"--set {item}", "expected name=value", "e.g. --set model=Qwen/Qwen3-8B")])
+        out[key.strip()] = value
+    return out
+
+
 def check_secret_files(inv: Inventory) -> None:
     """Refuse key and password files others can read, before any connection (as ssh refuses such a key)."""
     keys = {inv.ssh.identity_file, *(h.ssh.identity_file for h in inv.hosts)} - {None}
@@ -68,12 +92,10 @@ def check_secret_files(inv: Inventory) -> None:
         state.refuse_exposed(inv.sudo.password_file, "sudo.password_file")
 
 
-def open_session(inv: Inventory, accept_new_host_keys: bool) -> Session:
-    """Connect to and probe every host (one SSH connection each, in parallel)."""
+def open_session(inv: Inventory, accept_new_host_keys: bool, emit: Callable[[Event], None] | None = None) -> Session:
+    """Refuse exposed key files, then connect to and probe every host (one SSH connection each, in parallel)."""
     check_secret_files(inv)
-    session = Session(inv, ssh_connect(accept_new_host_keys))
-    session.open()
-    return session
+    return sessions.open_session(inv, accept_new_host_keys, emit)
 
 
 def sudo_password(inv: Inventory) -> str | None:

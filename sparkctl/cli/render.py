@@ -1,12 +1,13 @@
-"""Text renderings of plans, reports and progress events."""
+"""Text renderings of plans, reports, findings, status and progress events."""
 
 from __future__ import annotations
 
 import contextlib
 import sys
 import threading
-from typing import TextIO
+from typing import Any, TextIO
 
+from sparkctl.doctor.rules import Finding
 from sparkctl.plan.models import Plan
 from sparkctl.runbook.engine import Event, Report
 
@@ -114,6 +115,49 @@ def _applied(report: Report, host: str) -> str:
         return "; nothing applied" if not report.ok else ""
     parts = [f"{stage} ({n} steps)" if n > 1 else stage for stage, n in counts.items()]
     return "; applied: " + ", ".join(parts)
+
+
+MARK = {"pass": "pass", "warn": "WARN", "fail": "FAIL"}
+
+
+def render_findings(findings: list[Finding], verbose: bool = False) -> str:
+    """Doctor's findings: failures and warnings with why and fix (passes too with verbose), then the counts."""
+    lines = []
+    for f in findings:
+        if f.level == "pass" and not verbose:
+            continue
+        lines.append(f"{MARK[f.level]:4} {f.rule:24} {f.subject}: {f.evidence}")
+        if f.level != "pass":
+            lines.append(f"     why: {f.why}")
+            lines.append(f"     fix: {f.fix}")
+    counts = {lvl: sum(1 for f in findings if f.level == lvl) for lvl in ("pass", "warn", "fail")}
+    lines.append(f"{counts['pass']} passed, {counts['warn']} warning(s), {counts['fail']} failed")
+    return "\n".join(lines)
+
+
+def render_status(st: dict[str, Any]) -> str:
+    """`sparkctl status`: per host Ray and the twins, per workload its endpoint, process and health."""
+    lines = [f"cluster {st['cluster']}"]
+    for name, h in st["hosts"].items():
+        lines.append(f"  {name}: ray {h['ray']}")
+        for t in h["fabric"]:
+            lines.append(
+                f"    {t['interface']}: {','.join(t['ipv4']) or 'no IPv4'} MTU {t['mtu']} "
+                f"({'ok' if t['ok'] else 'want ' + t['want']})"
+            )
+    for name, w in st["workloads"].items():
+        lines.append(f"  workload {name} ({w['engine']}): {w['endpoint']} process {w['process']}, {w['health']}")
+    return "\n".join(lines)
+
+
+def render_bench(result: dict[str, Any]) -> str:
+    """`sparkctl bench fabric`: the method, per link jumbo frames and the stream's rate, then the notes."""
+    lines = [f"method: {result['method']}"]
+    for link in result["links"]:
+        rate = f", {link['mbytes_per_s']:.0f} MB/s (one TCP stream)" if link.get("mbytes_per_s") else ""
+        lines.append(f"  {link['host']} {link['link']}: jumbo {'ok' if link['jumbo'] else 'FAILED'}{rate}")
+    lines += [f"note: {note}" for note in result["notes"]]
+    return "\n".join(lines)
 
 
 class Progress:

@@ -1,1 +1,1 @@
-"""Checks: SM121 knowledge as a data table (sparkctl/data/rules.yaml) evaluated against facts."""
+"""Doctor: SM121 knowledge as a data table (sparkctl/data/rules.yaml) evaluated, purely, against facts."""

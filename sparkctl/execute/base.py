@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from sparkctl.errors import HostError
+from sparkctl.errors import HostError, Unreachable
+from sparkctl.inventory.models import SshOverride, SshSettings
+
+__all__ = ["CommandTimeout", "Connect", "Endpoint", "Result", "Transport", "Unreachable"]
 
 
 @dataclass(frozen=True)
@@ -20,10 +24,6 @@ class Result:
     @property
     def ok(self) -> bool:
         return self.exit_code == 0
-
-
-class Unreachable(HostError):
-    """A host could not be connected to (network, auth, or host key)."""
 
 
 class CommandTimeout(HostError):
@@ -42,3 +42,23 @@ class Transport(Protocol):
     def close(self) -> None:
         """Close the connection."""
         ...
+
+
+class Endpoint(Protocol):
+    """What connecting to a host needs: a name for messages, its address, and its own SSH overrides.
+
+    An inventory `Host` is one; so is a host known only by its address (`sparkctl discover`).
+    """
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def address(self) -> str: ...
+
+    @property
+    def ssh(self) -> SshOverride: ...
+
+
+# The one seam through which sparkctl reaches a host: the session is given one of these.
+Connect = Callable[[Endpoint, SshSettings], Transport]

@@ -6,8 +6,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sparkctl.errors import Problem
-from sparkctl.execute.base import Result, Unreachable
+from sparkctl.errors import Problem, Unreachable
+from sparkctl.execute.base import Result
 
 # A function of the command line, or command prefixes -> answers (an exception instance is raised).
 Responses = Callable[[str], Result] | Mapping[str, Result | BaseException] | None

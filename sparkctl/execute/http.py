@@ -39,6 +39,12 @@ def _call(url: str, key: str | None, body: dict[str, Any] | None = None, timeout
         return status, raw[:300].decode(errors="replace")
 
 
+def _embedding(base: str, model: str, key: str | None, timeout: float) -> tuple[int, Any, bool]:
+    """One minimal embedding request: (status, body, answered with data)."""
+    status, body = _call(f"{base}/v1/embeddings", key, {"model": model, "input": "ping"}, timeout=timeout * 3)
+    return status, body, status == 200 and isinstance(body, dict) and bool(body.get("data"))
+
+
 def probe_workload(base: str, model: str, key: str | None, engine: str, timeout: float = 10) -> Probe:
     """One readiness probe of an OpenAI-compatible endpoint."""
     try:
@@ -50,13 +56,17 @@ def probe_workload(base: str, model: str, key: str | None, engine: str, timeout:
         if status != 200 or model not in ids:
             return Probe("loading", f"/v1/models answered {status}, models {ids}")
         if engine == "embed":
-            status, body = _call(f"{base}/v1/embeddings", key, {"model": model, "input": "ping"}, timeout=timeout * 3)
-            ok = status == 200 and isinstance(body, dict) and body.get("data")
+            status, body, ok = _embedding(base, model, key, timeout)
         else:
             status, body = _call(
                 f"{base}/v1/completions", key, {"model": model, "prompt": "ping", "max_tokens": 1}, timeout=timeout * 6
             )
-            ok = status == 200 and isinstance(body, dict) and body.get("choices")
+            ok = status == 200 and isinstance(body, dict) and bool(body.get("choices"))
+            if status == 404 and not ok:
+                # vLLM serving a pooling (embedding) model registers no generation routes, so /v1/completions
+                # is FastAPI's 404 (vllm/entrypoints/launchers/api_server/routers.py, vLLM 0.32.0): ask for an
+                # embedding instead.
+                status, body, ok = _embedding(base, model, key, timeout)
         if not ok:
             return Probe("listed", f"minimal request answered {status}: {str(body)[:200]}")
         return Probe("ready", "health, models and a minimal request all answered")

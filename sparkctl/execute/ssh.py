@@ -17,9 +17,9 @@ from typing import Any
 import paramiko  # type: ignore[import-untyped]
 from fabric import Config, Connection  # type: ignore[import-untyped]
 
-from sparkctl.errors import Problem
-from sparkctl.execute.base import CommandTimeout, Result, Unreachable
-from sparkctl.inventory.models import Host, SshSettings
+from sparkctl.errors import Problem, Unreachable
+from sparkctl.execute.base import CommandTimeout, Endpoint, Result
+from sparkctl.inventory.models import SshSettings
 
 log = logging.getLogger("sparkctl.ssh")
 
@@ -32,7 +32,7 @@ _known_hosts_lock = threading.Lock()
 
 
 def connect(
-    host: Host,
+    host: Endpoint,
     settings: SshSettings,
     *,
     accept_new_host_keys: bool = False,
@@ -220,7 +220,7 @@ def _short(command: str) -> str:
 
 
 def _build_connection(
-    host: Host,
+    host: Endpoint,
     settings: SshSettings,
     *,
     ssh_config: str | os.PathLike[str] | None = None,

@@ -88,6 +88,15 @@ class Listener(_Fact):
     port: int
 
 
+class TcpLink(_Fact):
+    """An established TCP connection, as `ss -tn` shows it."""
+
+    local: str
+    local_port: int
+    peer: str
+    peer_port: int
+
+
 class Runtime(_Fact):
     """What the worker runtime (venv or image) holds."""
 
@@ -120,6 +129,9 @@ class HostFacts(_Fact):
     processes: list[Process] = Field(default_factory=list)
     containers: dict[str, str] = Field(default_factory=dict, description="running sparkctl-* containers: name -> image")
     listeners: list[Listener] = Field(default_factory=list)
+    gcs_links: list[TcpLink] = Field(
+        default_factory=list, description="established TCP connections to or from Ray's GCS port (ray.port)"
+    )
     meminfo_kb: dict[str, int] = Field(default_factory=dict)
     gids: list[GidEntry] = Field(default_factory=list)
     gpus: list[Gpu] = Field(default_factory=list)

@@ -16,6 +16,7 @@ from sparkctl.facts.models import (
     NmDevice,
     Process,
     Runtime,
+    TcpLink,
 )
 from sparkctl.facts.probe import MARK
 
@@ -196,6 +197,27 @@ def parse_listeners(text: str) -> list[Listener]:
     return result
 
 
+def _endpoint(text: str) -> tuple[str, int] | None:
+    addr, _, port = text.rpartition(":")
+    if not port.isdigit():
+        return None
+    return addr.strip("[]").split("%")[0].removeprefix("::ffff:"), int(port)
+
+
+def parse_tcp_links(text: str) -> list[TcpLink]:
+    """`ss -tnH state established ...` -> (local, peer) pairs. With one state selected ss leaves out the State
+    column, so the local and peer addresses are the last two fields."""
+    result = []
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) < 4:
+            continue
+        local, peer = _endpoint(parts[-2]), _endpoint(parts[-1])
+        if local and peer:
+            result.append(TcpLink(local=local[0], local_port=local[1], peer=peer[0], peer_port=peer[1]))
+    return result
+
+
 def parse_meminfo(text: str) -> dict[str, int]:
     """`/proc/meminfo` lines -> kB values."""
     result = {}
@@ -276,6 +298,7 @@ def parse_probe(host: str, output: str) -> HostFacts:
         processes=parse_processes(s.get("processes", "")),
         containers=dict(line.split(None, 1) for line in s.get("containers", "").splitlines() if len(line.split()) == 2),
         listeners=parse_listeners(s.get("listeners", "")),
+        gcs_links=parse_tcp_links(s.get("gcs_links", "")),
         meminfo_kb=parse_meminfo(s.get("meminfo", "")),
         gids=parse_gids(s.get("gids", "")),
         gpus=parse_nvidia_smi(s.get("gpus", "")),

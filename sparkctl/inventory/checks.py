@@ -225,4 +225,22 @@ def _check_ray_and_workloads(inv: Inventory) -> list[Found]:
             )
         if w.engine == "vllm" and w.replicas != 1:
             found.append((("workloads", k, "replicas"), "replicas is for engine 'embed'", "remove it"))
+        if w.executor == "mp" and w.engine != "vllm":
+            found.append((("workloads", k, "executor"), "executor is for engine 'vllm'", "remove it"))
+        elif w.executor == "mp" and w.tensor_parallel_size > len(inv.hosts):
+            found.append(
+                (
+                    ("workloads", k, "tensor_parallel_size"),
+                    f"executor mp runs one rank per host: {w.tensor_parallel_size} ranks but {len(inv.hosts)} host(s)",
+                    f"use tensor_parallel_size <= {len(inv.hosts)}",
+                )
+            )
+        elif w.executor == "mp" and inv.runtime.image:
+            found.append(
+                (
+                    ("workloads", k, "executor"),
+                    "executor mp is supported with a venv runtime only",
+                    "use executor: ray with runtime.image, or runtime.venv",
+                )
+            )
     return found

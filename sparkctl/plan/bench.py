@@ -1,44 +1,11 @@
-"""Read-only measurements that facts alone cannot give: jumbo pings and the fabric throughput fallback."""
+"""The fabric throughput fallback as steps: one TCP stream per link, peers listen, the first host sends."""
 
 from __future__ import annotations
 
-import shlex
-import threading
-from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
-
-from sparkctl.execute.base import Transport
-from sparkctl.facts.models import HostFacts
-from sparkctl.inventory.models import Host, Inventory
-from sparkctl.plan.cluster import plan_verify_fabric
+from sparkctl.inventory.models import Host
 from sparkctl.plan.commands import runtime_python
 from sparkctl.plan.context import PlanContext
 from sparkctl.plan.models import Command, Step
-
-Link = tuple[str, str, str]
-
-
-def measure_jumbo(
-    inv: Inventory, facts: Mapping[str, HostFacts], transports: Mapping[str, Transport]
-) -> dict[Link, tuple[bool, str]]:
-    """Run the same unfragmented pings `up` verifies with, once, on every host in parallel."""
-    ctx = PlanContext(inv, facts)
-    results: dict[Link, tuple[bool, str]] = {}
-    lock = threading.Lock()
-
-    def host(name: str) -> None:
-        for step in plan_verify_fabric(ctx, inv.host(name)):
-            argv = step.commands[0].argv
-            r = transports[name].run(shlex.join(argv), timeout=20)
-            summary = next((ln for ln in r.stdout.splitlines() if "packet loss" in ln), "")
-            err = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ""
-            with lock:
-                results[(name, argv[-2], argv[-1])] = (r.ok, summary or err or f"exit {r.exit_code}")
-
-    with ThreadPoolExecutor(max_workers=len(inv.hosts)) as pool:
-        list(pool.map(host, [h.name for h in inv.hosts]))
-    return results
-
 
 _SERVER = """
 import socket, sys, time
@@ -64,9 +31,13 @@ c.shutdown(socket.SHUT_WR); c.recv(1); print(sent, time.monotonic() - t)
 """
 
 
-def bench_commands(ctx: PlanContext, host: Host, mb: int, port: int) -> list[Step]:
-    """The bench as runbook steps: peers listen, the first host sends, link by link (hosts run in parallel)."""
+def plan_bench_fabric(ctx: PlanContext, host: Host) -> list[Step]:
+    """The bench as runbook steps: peers listen, the first host sends, link by link (hosts run in parallel).
+
+    `ctx.params` carries the action's arguments: `mb` sent per link and the `port` the peers listen on.
+    """
     inv = ctx.inventory
+    mb, port = int(ctx.params["mb"]), int(ctx.params["port"])
     python = runtime_python(inv)
     src = inv.hosts[0]
     steps = []

@@ -160,10 +160,30 @@ def plan_ray_node(ctx: PlanContext, host: Host) -> list[Step]:
     ]
 
 
+def ray_formed(ctx: PlanContext) -> bool:
+    """The facts already show the cluster formed, and nothing earlier in this run changes anything: every host runs
+    Ray as specified (fabric address, the cluster's token) and every host's raylet holds its connection to the head's
+    GCS from its fabric address. A raylet whose GCS drops it exits, so the connection is the node's membership."""
+    inv = ctx.inventory
+    if ctx.changed:
+        return False
+    head_ip, port = lc.fabric_ip(inv.head), inv.ray.port
+    for h in inv.hosts:
+        links = ctx.facts[h.name].gcs_links
+        connected = any(
+            (link.local, link.peer, link.peer_port) == (lc.fabric_ip(h), head_ip, port) for link in links
+        )
+        if not (ray_running_ok(ctx, h) and connected):
+            return False
+    return True
+
+
 def plan_ray_ready(ctx: PlanContext, host: Host) -> list[Step]:
     """Wait until Ray shows this host's node alive (on the head: every node), so a timeout names the missing host
-    and shows that host's own Ray log."""
+    and shows that host's own Ray log. Nothing to wait for when the facts show the cluster already formed."""
     inv = ctx.inventory
+    if ray_formed(ctx):
+        return []
     is_head = host.name == inv.head.name
     expected = [lc.fabric_ip(h) for h in inv.hosts] if is_head else [lc.fabric_ip(host)]
     return [
@@ -187,12 +207,21 @@ def _selected(ctx: PlanContext) -> list[Workload]:
     return [w for w in ws if not names or w.name in names]
 
 
-def workload_state(ctx: PlanContext, w: Workload) -> str:
-    """'ok', 'stopped' or 'changed' for a workload on the head."""
+def workload_state(ctx: PlanContext, w: Workload, host: Host | None = None) -> str:
+    """'ok', 'stopped' or 'changed' for a workload on `host`; without one, on every host running it.
+
+    A workload of vLLM's multiprocessing executor runs on several hosts: it is 'ok' only when all are, and is
+    otherwise restarted everywhere (its ranks meet only at start).
+    """
     if "workload_stopped" in ctx.changed:  # an earlier step of this run stops the selected workloads
         return "stopped"
-    head = ctx.inventory.head
-    facts = ctx.facts[head.name]
+    if host is None:
+        ranks = lc.rank_hosts(ctx.inventory, w)
+        states = [workload_state(ctx, w, h) for h in ranks] if ranks else []
+        if not states:
+            return workload_state(ctx, w, ctx.inventory.head)
+        return "ok" if set(states) == {"ok"} else (states[0] if states[0] != "ok" else "changed")
+    facts = ctx.facts[host.name]
     pid = facts.files.get(f"workload-{w.name}.pid", "").strip()
     if ctx.inventory.runtime.image:
         alive = f"sparkctl-{w.name}" in facts.containers
@@ -201,7 +230,7 @@ def workload_state(ctx: PlanContext, w: Workload) -> str:
     if not alive:
         return "stopped"
     spec = facts.files.get(f"workload-{w.name}.spec", "")
-    return "ok" if spec == lc.workload_spec(ctx.inventory, w, ctx.home(head)) else "changed"
+    return "ok" if spec == lc.workload_spec(ctx.inventory, w, ctx.home(host), host) else "changed"
 
 
 def workloads_to_start(ctx: PlanContext) -> list[Workload]:
@@ -228,10 +257,38 @@ def plan_drop_caches(ctx: PlanContext, host: Host) -> list[Step]:
     ]
 
 
+def _plan_other_ranks(ctx: PlanContext, host: Host) -> list[Step]:
+    """On a host other than the head: (re)start its rank of each multiprocessing-executor workload being started."""
+    inv = ctx.inventory
+    home = ctx.home(host)
+    steps = []
+    for w in workloads_to_start(ctx):
+        ranks = [h.name for h in lc.rank_hosts(inv, w)]
+        if host.name not in ranks:
+            continue
+        state = workload_state(ctx, w, host)
+        cmds = [] if state == "stopped" else [_sh(lc.build_workload_stop(inv, w.name, home))]
+        cmds.append(_sh(lc.build_workload_start(inv, w, home, host), stdin_secret=f"api_key:{w.name}"))
+        steps.append(
+            Step(
+                host=host.name,
+                kind="workload",
+                target=w.name,
+                description=f"start {w.name}: node rank {ranks.index(host.name)} of {len(ranks)} (headless), "
+                f"vllm {w.model}",
+                commands=cmds,
+                diff=[f"- {w.name}: {state}", f"+ {w.name}: {lc.workload_spec(inv, w, home, host)}"],
+                depends_on_earlier="ray_node" in ctx.changed,
+            )
+        )
+    return steps
+
+
 def plan_workloads(ctx: PlanContext, host: Host) -> list[Step]:
-    """On the head: ship the embed worker if needed, then (re)start each workload not running as specified."""
+    """On the head: ship the embed worker if needed, then (re)start each workload not running as specified; on the
+    other hosts, their ranks of multiprocessing-executor workloads."""
     if host.name != ctx.inventory.head.name:
-        return []
+        return _plan_other_ranks(ctx, host)
     inv = ctx.inventory
     home = ctx.home(host)
     facts = ctx.facts[host.name]
@@ -258,11 +315,11 @@ def plan_workloads(ctx: PlanContext, host: Host) -> list[Step]:
     for w in _selected(ctx):
         if w not in starting:
             continue
-        state = workload_state(ctx, w)
+        state = workload_state(ctx, w, host)
         cmds = []
         if state != "stopped":
             cmds.append(_sh(lc.build_workload_stop(inv, w.name, home)))
-        cmds.append(_sh(lc.build_workload_start(inv, w, home), stdin_secret=f"api_key:{w.name}"))
+        cmds.append(_sh(lc.build_workload_start(inv, w, home, host), stdin_secret=f"api_key:{w.name}"))
         steps.append(
             Step(
                 host=host.name,
@@ -272,7 +329,7 @@ def plan_workloads(ctx: PlanContext, host: Host) -> list[Step]:
                 + (f", replicas={w.replicas}" if w.replicas > 1 else "")
                 + f", {lc.endpoint(inv, w)}",
                 commands=cmds,
-                diff=[f"- {w.name}: {state}", f"+ {w.name}: {lc.workload_spec(inv, w, home)}"],
+                diff=[f"- {w.name}: {state}", f"+ {w.name}: {lc.workload_spec(inv, w, home, host)}"],
                 depends_on_earlier="ray_node" in ctx.changed,
             )
         )

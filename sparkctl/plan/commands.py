@@ -164,8 +164,19 @@ def endpoint(inv: Inventory, w: Workload) -> str:
     return f"http://{host}:{w.port}"
 
 
-def workload_argv(inv: Inventory, w: Workload, home: str) -> list[str]:
-    """The program and arguments a workload runs on the head."""
+def rank_hosts(inv: Inventory, w: Workload) -> list[Host]:
+    """Hosts running a `vllm serve` of `w` under vLLM's multiprocessing executor, head first (index = node rank).
+
+    Empty for every other workload: those run one process, on the head.
+    """
+    if w.engine != "vllm" or w.executor != "mp" or w.tensor_parallel_size < 2:
+        return []
+    others = [h for h in inv.hosts if h.name != inv.head.name]
+    return [inv.head, *others][: w.tensor_parallel_size]
+
+
+def workload_argv(inv: Inventory, w: Workload, home: str, host: Host | None = None) -> list[str]:
+    """The program and arguments a workload runs on `host` (default: the head)."""
     if w.engine == "embed":
         py = runtime_python(inv)
         worker = f"{paths.state_dir(home)}/{WORKER_FILE}" if inv.runtime.venv else f"/sparkctl/{WORKER_FILE}"
@@ -192,6 +203,24 @@ def workload_argv(inv: Inventory, w: Workload, home: str) -> list[str]:
             *w.extra_args,
         ]
     vllm = f"{inv.runtime.venv}/bin/vllm" if inv.runtime.venv else "vllm"
+    # Ranks on several Sparks need the Ray executor, which vLLM only uses when asked: with the backend unset and
+    # more ranks than local GPUs it refuses ("World size ... is larger than the number of available GPUs ...
+    # set '--distributed-executor-backend ray'"). One rank needs no executor backend: vLLM picks "uni" and never
+    # touches Ray (vllm/config/parallel.py, ParallelConfig.__post_init__, vLLM 0.32.0), which is also what runs
+    # on a platform without a Ray device key (vLLM's CPU build: vllm/platforms/cpu.py).
+    executor = ["--distributed-executor-backend", "ray"] if w.tensor_parallel_size > 1 else []
+    api = ["--host", bind_address(inv, w), "--port", str(w.port)]
+    ranks = [h.name for h in rank_hosts(inv, w)]
+    if ranks:
+        # vLLM's multiprocessing executor across nodes: every node runs `vllm serve` with the same model arguments
+        # plus --nnodes/--node-rank/--master-addr (torch.distributed meets at master-addr:master-port, default
+        # 29501: vllm/config/parallel.py, vllm/distributed/parallel_state.py); the nodes but the first run
+        # --headless, no API server (vllm/entrypoints/cli/serve.py, run_headless). vLLM 0.32.0.
+        rank = ranks.index(host.name) if host is not None and host.name in ranks else 0
+        executor = ["--distributed-executor-backend", "mp", "--nnodes", str(len(ranks)), "--node-rank", str(rank)]
+        executor += ["--master-addr", fabric_ip(inv.head)]
+        if rank:
+            api = ["--headless"]
     return [
         vllm,
         "serve",
@@ -200,14 +229,10 @@ def workload_argv(inv: Inventory, w: Workload, home: str) -> list[str]:
         w.name,
         "--tensor-parallel-size",
         str(w.tensor_parallel_size),
-        "--distributed-executor-backend",
-        "ray",
+        *executor,
         "--gpu-memory-utilization",
         f"{w.gpu_memory_utilization:g}",
-        "--host",
-        bind_address(inv, w),
-        "--port",
-        str(w.port),
+        *api,
         *w.extra_args,
     ]
 
@@ -217,17 +242,18 @@ SPREAD = json.dumps({"placement_group_options": {"strategy": "SPREAD"}}, separat
 
 def workload_env(inv: Inventory, w: Workload) -> dict[str, str]:
     """Extra environment of a workload process (besides the env file and the API key): where Ray's head is."""
-    env = {"RAY_ADDRESS": f"{fabric_ip(inv.head)}:{inv.ray.port}"}
+    # vLLM's multiprocessing executor never joins Ray.
+    env = {} if rank_hosts(inv, w) else {"RAY_ADDRESS": f"{fabric_ip(inv.head)}:{inv.ray.port}"}
     if w.engine == "vllm":
         env["VLLM_DISTRIBUTED_EXECUTOR_CONFIG"] = SPREAD
     return env | dict(w.env)
 
 
-def workload_spec(inv: Inventory, w: Workload, home: str) -> str:
-    """One line identifying what a workload runs (and in which image); a change of it means a restart."""
+def workload_spec(inv: Inventory, w: Workload, home: str, host: Host | None = None) -> str:
+    """One line identifying what a workload runs on `host` (and in which image); a change of it means a restart."""
     env = " ".join(f"{k}={v}" for k, v in sorted(workload_env(inv, w).items()))
     image = f"image={inv.runtime.image} " if inv.runtime.image else ""
-    return f"{image}{env} {shlex.join(workload_argv(inv, w, home))}".strip()
+    return f"{image}{env} {shlex.join(workload_argv(inv, w, home, host))}".strip()
 
 
 def pid_file(home: str, name: str) -> str:
@@ -238,10 +264,11 @@ def spec_file(home: str, name: str) -> str:
     return f"{paths.state_dir(home)}/workload-{name}.spec"
 
 
-def build_workload_start(inv: Inventory, w: Workload, home: str) -> str:
-    """Start a workload detached (own session), API key read from stdin, pid and spec recorded."""
+def build_workload_start(inv: Inventory, w: Workload, home: str, host: Host | None = None) -> str:
+    """Start a workload on `host` (default the head) detached (own session), API key read from stdin, pid and
+    spec recorded."""
     log = paths.log_path(home, w.name)
-    argv = workload_argv(inv, w, home)
+    argv = workload_argv(inv, w, home, host)
     env = " ".join(f"{k}={q(v)}" for k, v in workload_env(inv, w).items())
     key_var = "VLLM_API_KEY" if w.engine == "vllm" else "SPARKCTL_API_KEY"
     pidf = q(pid_file(home, w.name))
@@ -269,7 +296,7 @@ def build_workload_start(inv: Inventory, w: Workload, home: str) -> str:
     return (
         f"mkdir -p {q(paths.state_dir(home))}/logs && "
         f"IFS= read -r {key_var} && export {key_var} && {_env_prelude(home)}"
-        f"{launch} && printf '%s\\n' {q(workload_spec(inv, w, home))} > {q(spec_file(home, w.name))}"
+        f"{launch} && printf '%s\\n' {q(workload_spec(inv, w, home, host))} > {q(spec_file(home, w.name))}"
     )
 
 

@@ -8,6 +8,7 @@ import re
 from sparkctl import paths
 from sparkctl.facts.models import HostFacts
 from sparkctl.inventory.models import FabricInterface, Host, Inventory
+from sparkctl.plan.context import PlanContext
 from sparkctl.plan.models import Command, Step
 
 DEFAULT_GID_INDEX = 3
@@ -111,8 +112,9 @@ def _file_diff(path: str, before: str | None, after: str) -> list[str]:
     return diff
 
 
-def plan_worker_env(inv: Inventory, host: Host, facts: HostFacts) -> list[Step]:
+def plan_worker_env(ctx: PlanContext, host: Host) -> list[Step]:
     """Write the env file and the non-carry-over list where they differ from what the host has."""
+    inv, facts = ctx.inventory, ctx.facts[host.name]
     gid, notes, predicted = gid_index(facts, host)
     env = render_env(inv, host, gid)
     steps = []

@@ -5,7 +5,8 @@ from __future__ import annotations
 from sparkctl import paths
 from sparkctl.errors import PlanError, Problem
 from sparkctl.facts.models import HostFacts, NmConnection
-from sparkctl.inventory.models import FabricInterface, Host, Inventory
+from sparkctl.inventory.models import FabricInterface, Host
+from sparkctl.plan.context import PlanContext
 from sparkctl.plan.models import Command, Step
 
 ACTIVATE_WAIT = "30"
@@ -63,8 +64,9 @@ def check_session_safety(host: Host, facts: HostFacts) -> list[Problem]:
     return problems
 
 
-def plan_fabric(inv: Inventory, host: Host, facts: HostFacts) -> list[Step]:
+def plan_fabric(ctx: PlanContext, host: Host) -> list[Step]:
     """Steps that make every twin of `host` carry its address at the fabric MTU through a sparkctl profile."""
+    inv, facts = ctx.inventory, ctx.facts[host.name]
     problems = check_session_safety(host, facts)
     if problems:
         raise PlanError(problems)
@@ -177,8 +179,9 @@ def _plan_twin(hostname: str, twin: FabricInterface, mtu: int, facts: HostFacts)
     return steps
 
 
-def plan_restore_network(inv: Inventory, host: Host, facts: HostFacts) -> list[Step]:
+def plan_restore_network(ctx: PlanContext, host: Host) -> list[Step]:
     """Undo the fabric: delete sparkctl profiles, hand the twins back to the profiles sparkctl disabled."""
+    facts = ctx.facts[host.name]
     problems = [p for p in check_session_safety(host, facts) if "carries" in p.message]
     if problems:
         raise PlanError(problems)

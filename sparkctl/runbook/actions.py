@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from sparkctl.inventory.models import Host
-from sparkctl.plan import cluster, env, fabric
+from sparkctl.plan import bench, cluster, env, fabric
 from sparkctl.plan.context import PlanContext
 from sparkctl.plan.models import Command, Step
 
@@ -139,9 +140,7 @@ class BenchFabric(Action):
     Args = BenchArgs
 
     def plan(self, ctx: PlanContext, host: Host, args: BenchArgs) -> list[Step]:
-        from sparkctl.plan.bench import bench_commands
-
-        return bench_commands(ctx, host, args.mb, args.port)
+        return bench.plan_bench_fabric(replace(ctx, params={**ctx.params, "mb": args.mb, "port": args.port}), host)
 
 
 class Pause(Action):
@@ -159,13 +158,13 @@ _ACTIONS: list[type[Action]] = [
     _simple(
         "fabric",
         "NetworkManager profiles with static IPv4 + MTU on the twins, activated",
-        lambda c, h: fabric.plan_fabric(c.inventory, h, c.facts[h.name]),
+        fabric.plan_fabric,
     ),
     _simple("verify_fabric", "jumbo frames cross every twin both ways (ping -M do)", cluster.plan_verify_fabric),
     _simple(
         "worker_env",
         "per-host env file (GID index, NCCL/GLOO/UCX) + vLLM's Ray list",
-        lambda c, h: env.plan_worker_env(c.inventory, h, c.facts[h.name]),
+        env.plan_worker_env,
     ),
     _simple("ray_firewall", "nftables: Ray reachable only over the fabric and loopback", cluster.plan_ray_firewall),
     _simple("ray_token", "the cluster's Ray auth token on every host", cluster.plan_ray_token),
@@ -185,7 +184,7 @@ _ACTIONS: list[type[Action]] = [
     _simple(
         "restore_network",
         "delete sparkctl profiles, re-enable the profiles it disabled",
-        lambda c, h: fabric.plan_restore_network(c.inventory, h, c.facts[h.name]),
+        fabric.plan_restore_network,
     ),
     Shell,
     Pause,

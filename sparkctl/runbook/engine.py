@@ -8,14 +8,16 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
 
 from sparkctl.errors import HostError
 from sparkctl.execute.base import Result, Transport, Unreachable
-from sparkctl.execute.http import Probe, probe_workload
 from sparkctl.plan.models import Command, Plan, Stage, Step
+
+if TYPE_CHECKING:
+    from sparkctl.execute.http import Probe
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,25 @@ class _Stopped(Exception):
         self.why, self.detail = why, detail
 
 
+def probe_workload(url: str, model: str, api_key: str | None, engine: str) -> Probe:
+    """The HTTP readiness probe, imported on first use: urllib's HTTP stack is not needed to plan."""
+    from sparkctl.execute.http import probe_workload as probe
+
+    return probe(url, model, api_key, engine)
+
+
+def _batches(steps: list[Step]) -> list[list[Step]]:
+    """Consecutive read-only checks (no change, no operator prompt) form one batch; every other step is alone."""
+    out: list[list[Step]] = []
+    for step in steps:
+        check = not step.changes and step.kind != "pause"
+        if check and out and not out[-1][-1].changes and out[-1][-1].kind != "pause":
+            out[-1].append(step)
+        else:
+            out.append([step])
+    return out
+
+
 def _tail(text: str, lines: int = 20) -> str:
     return "\n".join(text.rstrip().splitlines()[-lines:])
 
@@ -150,6 +171,10 @@ class Engine:
     sleep: Callable[[float], None] = time.sleep
     probe: Callable[[str, str, str | None, str], Probe] = probe_workload
     confirm: Callable[[str], bool] = lambda message: True
+    keep_going: bool = False
+    """A failed step does not stop the other hosts' steps of its stage (read-only measurements)."""
+    output_lines: int = 20
+    """How many trailing lines of each command's output the report keeps."""
     _abort: threading.Event = field(default_factory=threading.Event)
     _interrupted: threading.Event = field(default_factory=threading.Event)
 
@@ -266,26 +291,28 @@ class Engine:
         results: list[StepResult] = []
         lock = threading.Lock()
 
+        def one(host: str, step: Step) -> StepResult:
+            if self._abort.is_set():
+                return StepResult(
+                    host=host, stage=stage.name, step=step.id, kind=step.kind, changes=step.changes, status="skipped"
+                )
+            res = self._run_step(stage.name, step)
+            with lock:
+                report.executed.append(step)
+            if res.status == "failed" and not self.keep_going:
+                self._abort.set()
+            return res
+
         def host_worker(host: str, steps: list[Step]) -> None:
-            for step in steps:
-                if self._abort.is_set():
-                    res = StepResult(
-                        host=host,
-                        stage=stage.name,
-                        step=step.id,
-                        kind=step.kind,
-                        changes=step.changes,
-                        status="skipped",
-                    )
-                else:
-                    res = self._run_step(stage.name, step)
-                    with lock:
-                        report.executed.append(step)
-                    if res.status == "failed":
-                        self._abort.set()
+            for batch in _batches(steps):
+                if len(batch) == 1:
+                    done = [one(host, batch[0])]
+                else:  # read-only checks of one host: side by side, each on its own channel of the connection
+                    with ThreadPoolExecutor(max_workers=len(batch)) as checks:
+                        done = list(checks.map(lambda st: one(host, st), batch))
                 with lock:
-                    results.append(res)
-                    report.results.append(res)
+                    results.extend(done)
+                    report.results.extend(done)
 
         started: set[str] = set()
         finished = {h: threading.Event() for h in by_host}
@@ -379,8 +406,8 @@ class Engine:
                 command=self.secrets.redact(cmd.render()),
                 exit_code=result.exit_code,
                 duration=round(result.duration, 3),
-                stdout=self.secrets.redact(_tail(result.stdout)),
-                stderr=self.secrets.redact(_tail(result.stderr)),
+                stdout=self.secrets.redact(_tail(result.stdout, self.output_lines)),
+                stderr=self.secrets.redact(_tail(result.stderr, self.output_lines)),
             )
         )
         if check and not result.ok:

@@ -1,4 +1,4 @@
-"""Gather facts: the probe on every host in parallel, one round trip each."""
+"""The session's fact probe: the probe script on every host in parallel, one round trip each (read-only)."""
 
 from __future__ import annotations
 

@@ -84,6 +84,15 @@ def _check(rb: Runbook) -> list[tuple[tuple[str | int, ...], str, str]]:
             when = parse_when(step.when) if step.when else None
             if when is not None and when[1] not in rb.parameters:
                 found.append(((group, i, "when"), f"'{when[1]}' is not a parameter of this runbook", _params_hint(rb)))
+    for i, ref in enumerate(rb.on_interrupt):
+        if ref not in {s.name for s in rb.cleanup} and ref not in builtin_names():
+            found.append(
+                (
+                    ("on_interrupt", i),
+                    f"'{ref}' is neither a cleanup step nor a built-in runbook",
+                    f"name a step listed under cleanup:, or one of: {', '.join(builtin_names())}",
+                )
+            )
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:
         found.append((("steps",), f"duplicate step names: {', '.join(sorted(dupes))}", "name every step once"))

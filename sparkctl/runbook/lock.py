@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -98,7 +97,7 @@ def owner_here(cluster: str, run_id: str, command: str) -> LockOwner:
         user = getpass.getuser()
     except (KeyError, OSError):
         user = str(os.getuid())
-    return LockOwner(cluster, user, socket.gethostname(), os.getpid(), run_id, round(time.time(), 3), command)
+    return LockOwner(cluster, user, os.uname().nodename, os.getpid(), run_id, round(time.time(), 3), command)
 
 
 def build_take(owner: LockOwner) -> str:

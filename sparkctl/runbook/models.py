@@ -68,6 +68,10 @@ class Runbook(_Model):
     parameters: dict[str, Parameter] = Field(default_factory=dict)
     steps: list[RunbookStep] = Field(min_length=1)
     cleanup: list[RunbookStep] = Field(default_factory=list, description="Steps run only via on_failure.")
+    on_interrupt: list[str] = Field(
+        default_factory=list,
+        description="Run after Ctrl-C stops the run: cleanup step names of this runbook, or built-in runbook names.",
+    )
     _where: Any = PrivateAttr(default=None)
 
     def where(self, loc: tuple[str | int, ...]) -> str:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import difflib
+import hashlib
 import re
+from importlib import resources
 from typing import Any
 
 from pydantic import ValidationError
@@ -11,7 +13,7 @@ from pydantic import ValidationError
 from sparkctl.errors import Problem
 from sparkctl.inventory.load import render_loc
 from sparkctl.inventory.models import Host, Inventory
-from sparkctl.plan.context import PlanContext
+from sparkctl.plan.context import PlanContext, fresh_facts
 from sparkctl.plan.models import Plan, Stage
 from sparkctl.runbook.actions import ACTIONS
 from sparkctl.runbook.models import Runbook, RunbookError, RunbookStep, parse_when
@@ -19,6 +21,15 @@ from sparkctl.runbook.models import Runbook, RunbookError, RunbookStep, parse_wh
 PARAM = re.compile(r"\$\{([^}]*)\}")
 """A `${name}` reference in a runbook string."""
 Found = list[tuple[tuple[str | int, ...], str, str]]
+
+
+def worker_code() -> str:
+    """The embedding worker shipped to the head host."""
+    return resources.files("sparkctl").joinpath("workers/embed.py").read_text()
+
+
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def substitute(value: Any, params: dict[str, Any], strict: bool = True) -> Any:
@@ -227,3 +238,14 @@ def build_runbook_plan(
         notes=notes,
         offline=offline,
     )
+
+
+def offline_plan(
+    inv: Inventory, rb: Runbook, params: dict[str, Any], *, start: int = 0, only: str | None = None
+) -> Plan:
+    """A plan against fresh hosts, contacting nobody and reading no secrets (digests are placeholders)."""
+    facts = {h.name: fresh_facts(inv, h) for h in inv.hosts}
+    ctx = PlanContext(
+        inv, facts, params, {"ray_token": "(generated on first up)", "worker_code": sha256(worker_code())}, offline=True
+    )
+    return build_runbook_plan(rb, ctx, params, start=start, only=only, offline=True)

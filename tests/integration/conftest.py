@@ -85,3 +85,8 @@ def gid_index_mismatch(fresh_testbed: Testbed) -> Iterator[Testbed]:
 def sudo_env(testbed: Testbed) -> dict[str, str]:
     """Environment for running sparkctl: the sudo password of the hosts that ask for one."""
     return {**os.environ, "SPARKCTL_SUDO_PASSWORD": testbed.sudo_password}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that need no testbed run first, so the machine-wide testbed lock is held only while testbed tests run."""
+    items.sort(key=lambda item: item.get_closest_marker("testbed") is not None)

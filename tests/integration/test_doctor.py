@@ -18,7 +18,9 @@ pytestmark = pytest.mark.testbed
 
 
 @pytest.fixture(scope="module")
-def configured(testbed: Testbed, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Testbed, Path, dict[str, str]]]:
+def configured(
+    testbed: Testbed, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Testbed, Path, dict[str, str]]]:
     """A pair after `up` (fabric, env, Ray; no workload)."""
     testbed.reset_hosts()
     state = tmp_path_factory.mktemp("doctor-state")

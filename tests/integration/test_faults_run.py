@@ -205,7 +205,7 @@ def test_ctrl_c_twice_cleanup_is_not_interrupted_even_with_sigint_ignored_at_sta
         _read_until(proc, "verify_workload:embed ...", seen)
         assert spark_processes(tb, "spark-a", "embed_worker")
         proc.send_signal(signal.SIGINT)
-        _read_until(proc, "running `down`", seen)
+        _read_until(proc, "interrupted: running down", seen)
         proc.send_signal(signal.SIGINT)  # the second one, during the cleanup
         _read_until(proc, "cannot be interrupted", seen)
         rest, _ = proc.communicate(timeout=180)
@@ -243,7 +243,7 @@ def test_sigterm_and_sighup_behave_like_ctrl_c(
             proc.kill()
     out = "".join(seen) + rest
     assert proc.returncode == 130, out
-    assert sig.name in out and "running `down`" in out, out
+    assert sig.name in out and "interrupted: running down" in out, out
     for host in tb.hosts:
         for needle in LEFT:
             assert spark_processes(tb, host, needle) == [], (host, needle)

@@ -97,7 +97,8 @@ def test_up_configures_fabric_env_ray_and_the_tp2_endpoint(pair: Pair) -> None:
     tb = pair.tb
     # a clean, cached file: after the page-cache step its pages are no longer resident
     for h in tb.hosts:
-        tb.exec(h, ["sh", "-c", "head -c 64M /dev/urandom > /tmp/cache-probe && sync && cat /tmp/cache-probe >/dev/null"])
+        tb.exec(h, ["sh", "-c",
+                    "head -c 64M /dev/urandom > /tmp/cache-probe && sync && cat /tmp/cache-probe >/dev/null"])
     secrets_seen: list[str] = []
     stop = threading.Event()
 

@@ -227,6 +227,38 @@ def test_pid_namespaces_are_separate(fresh_testbed: Testbed) -> None:
     assert tb.exec("spark-a", ["pgrep", "-f", "sleep 4242"], check=False).returncode == 1
 
 
+def test_hosts_have_their_own_dev_shm(fresh_testbed: Testbed) -> None:
+    # vLLM tells "same node" from shared memory (shm_broadcast): real Sparks share none, nor do the fake ones.
+    tb = fresh_testbed
+    tb.exec("spark-a", ["sh", "-c", "echo a > /dev/shm/testbed-probe"], user="spark")
+    assert tb.exec("spark-a", ["cat", "/dev/shm/testbed-probe"]).stdout == "a\n"
+    assert tb.exec("spark-b", ["test", "-e", "/dev/shm/testbed-probe"], check=False).returncode == 1
+    assert not Path("/dev/shm/testbed-probe").exists()
+    mounts = {h: tb.exec(h, ["findmnt", "-n", "-o", "FSTYPE", "/dev/shm"]).stdout.split() for h in HOSTS}
+    assert all(m[-1:] == ["tmpfs"] for m in mounts.values()), mounts
+
+
+def test_runtime_venv_shows_real_vllm_or_the_simulated_one_on_demand(fresh_testbed: Testbed) -> None:
+    tb = fresh_testbed
+    venv_vllm = "/opt/sparkctl-runtime/bin/vllm"
+    machine = Path(venv_vllm).read_bytes()
+    assert b"SIMULATED" not in machine[:4096]  # vLLM's own console script (tests/prepare.sh)
+    try:
+        for host in HOSTS:
+            assert tb.vllm_kind(host) == "real"
+            assert tb.exec(host, ["cat", venv_vllm]).stdout.encode() == machine
+        tb.use_vllm("simulated", ["spark-b"])
+        assert tb.vllm_kind("spark-a") == "real" and tb.vllm_kind("spark-b") == "simulated"
+        assert "SIMULATED" in tb.exec("spark-b", ["head", "-c", "4096", venv_vllm]).stdout
+        assert Path(venv_vllm).read_bytes() == machine  # the machine's venv is never written
+        assert tb.exec("spark-b", ["test", "-x", "/opt/sparkctl-runtime/bin/ray"], check=False).returncode == 0
+    finally:
+        tb.use_vllm("real")
+    assert tb.vllm_kind("spark-b") == "real"
+    with pytest.raises(TestbedError, match="kind 'gpu'"):
+        tb.use_vllm("gpu")
+
+
 # --- network --------------------------------------------------------------------------------------
 
 

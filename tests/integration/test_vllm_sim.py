@@ -1,8 +1,11 @@
-"""`sparkctl up`/`down` with a vllm workload on the testbed, against the SIMULATED vllm (tests/testbed/sim/vllm).
+"""`sparkctl up`/`down` of a TP=2 vllm workload on the testbed, against the SIMULATED vllm (tests/testbed/sim/vllm).
 
-The hosts have no GPU, so /opt/sparkctl-runtime/bin/vllm inside them is the testbed's stand-in: it parses argv
-like `vllm serve`, joins the Ray cluster and reserves one GPU bundle per rank, serves the OpenAI API, and records
-its argv and environment in ~/.local/state/sparkctl/vllm-sim/<served name>.json on the head.
+The hosts have no GPU and vLLM's CPU build has no Ray executor, so for ranks on two Sparks this module lays the
+testbed's stand-in over /opt/sparkctl-runtime/bin/vllm (Testbed.use_vllm("simulated")): it parses argv with the
+installed vLLM's own parser, runs vLLM's own Ray placement (initialize_ray_cluster) as on a node with one GPU,
+places one task per rank that applies the driver's environment as vLLM's executor does, serves the OpenAI API,
+and records all of it in ~/.local/state/sparkctl/vllm-sim/<served name>.json on the head. What vLLM does at one
+rank is tested against vLLM itself in test_vllm_real.py.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ CHAT: dict[str, Any] = {
     "model": "Qwen/Qwen3-0.6B",
     "tensor_parallel_size": 2,
     "port": 8000,
-    "ready_timeout": 120,
+    "ready_timeout": 300,  # the simulation imports vLLM's parser: about 10 s of CPU, more on a busy machine
 }
 # A vllm or Ray process of the login user; pgrep never matches its own command line.
 LEFTOVER = "vllm|ray"
@@ -113,6 +116,14 @@ def http_status(url: str, key: str | None = None) -> int:
         return exc.code
 
 
+@pytest.fixture(scope="module", autouse=True)
+def simulated_vllm(testbed: Testbed) -> Iterator[None]:
+    """The SIMULATED vllm over the runtime venv's bin/ for this module (a GPU path); vLLM itself afterwards."""
+    testbed.use_vllm("simulated")
+    yield
+    testbed.use_vllm("real")
+
+
 @pytest.fixture
 def cli_env(sudo_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
     """sparkctl's environment: the sudo password, and a private laptop state dir (keys, journal)."""
@@ -157,15 +168,28 @@ def test_up_launches_vllm_as_built_and_serves(testbed: Testbed, chat_up: dict[st
     env, wanted = rec["env"], env_file(testbed, HEAD)
     assert env["NCCL_IB_GID_INDEX"] == wanted["NCCL_IB_GID_INDEX"] == str(testbed.spec(HEAD).gid_index)
     assert env["GLOO_SOCKET_IFNAME"] == wanted["GLOO_SOCKET_IFNAME"] == TWINS[0].interface
-    config = json.loads(env["VLLM_DISTRIBUTED_EXECUTOR_CONFIG"])
-    assert config["placement_group_options"]["strategy"] == "SPREAD"
     assert env["RAY_AUTH_MODE"] == "token"
     assert rec["api_key_set"] is True and "VLLM_API_KEY" in rec["secrets_set"]
 
-    # The placement group held one GPU on each Spark: Ray formed over the fabric with both GPUs.
-    fabric = sorted(testbed.spec(h).fabric_ip(TWINS[0]) for h in HOSTS)
-    assert rec["executor"]["strategy"] == "SPREAD"
-    assert sorted(rec["executor"]["bundle_nodes"]) == fabric, rec["executor"]
+    # vLLM's own placement (RayExecutorV2, the default of vLLM 0.32.0): one {"GPU": 1} bundle per rank, PACK, no
+    # pin; the ranks land one per Spark because each Ray node has one GPU, driver node first.
+    ex = rec["executor"]
+    fabric = {h: testbed.spec(h).fabric_ip(TWINS[0]) for h in HOSTS}
+    assert (ex["backend"], ex["class"], ex["strategy"]) == ("ray", "RayExecutorV2", "PACK"), ex
+    assert ex["bundles"] == [{"GPU": 1.0}, {"GPU": 1.0}], ex
+    assert sorted(ex["bundle_nodes"]) == sorted(fabric.values()), ex
+    assert [r["node_ip"] for r in ex["ranks"]] == [fabric["spark-a"], fabric["spark-b"]], ex["ranks"]
+    # Each rank keeps its own host's per-host variables (the setdefault of RayWorkerProc.initialize_worker).
+    for rank, host in zip(ex["ranks"], HOSTS, strict=True):
+        own = env_file(testbed, host)
+        for name in ("VLLM_HOST_IP", "NCCL_IB_GID_INDEX", "GLOO_SOCKET_IFNAME"):
+            assert rank["env"][name] == own[name], (host, name, rank)
+    # vLLM read sparkctl's non-carry-over list where it reads it: $XDG_CONFIG_HOME/vllm, i.e. ~/.config/vllm.
+    listed = json.loads(testbed.exec(HEAD, ["cat", f"{_home()}/.config/vllm/ray_non_carry_over_env_vars.json"]).stdout)
+    assert ex["non_carry_over"] == {
+        "file": f"{_home()}/.config/vllm/ray_non_carry_over_env_vars.json",
+        "vars": sorted(listed),
+    }
 
     key = chat_up["key_file"].read_text().strip()
     assert key
@@ -205,7 +229,7 @@ def test_down_stops_vllm_and_ray(testbed: Testbed, chat_up: dict[str, Any]) -> N
 def test_crashing_worker_fails_up_with_its_log_and_is_cleaned_up(
     fresh_testbed: Testbed, cli_env: dict[str, str]
 ) -> None:
-    workload = {**CHAT, "env": {"SPARKCTL_SIM_CRASH_AFTER": "1"}, "ready_timeout": 20}
+    workload = {**CHAT, "env": {"SPARKCTL_SIM_CRASH_AFTER": "1"}, "ready_timeout": 180}
     inventory = fresh_testbed.inventory_path(workloads=[workload])
 
     up = sparkctl(cli_env, "up", "-i", str(inventory), "--yes")
@@ -224,7 +248,7 @@ def test_crashing_worker_fails_up_with_its_log_and_is_cleaned_up(
 def test_engine_argument_vllm_refuses_fails_up_with_the_parser_error(
     fresh_testbed: Testbed, cli_env: dict[str, str]
 ) -> None:
-    workload = {**CHAT, "extra_args": ["--no-such-flag"], "ready_timeout": 20}
+    workload = {**CHAT, "extra_args": ["--no-such-flag"], "ready_timeout": 180}
     inventory = fresh_testbed.inventory_path(workloads=[workload])
 
     up = sparkctl(cli_env, "up", "-i", str(inventory), "--yes")
@@ -233,3 +257,30 @@ def test_engine_argument_vllm_refuses_fails_up_with_the_parser_error(
     rec = read_record(fresh_testbed)
     assert rec["state"] == "refused" and rec["argv"][-1] == "--no-such-flag", rec
     assert leftovers(fresh_testbed, HEAD, "[v]llm") == ""
+
+
+def test_v1_ray_executor_pins_rank_0_to_vllm_host_ip_and_keeps_listed_vars_per_host(
+    gid_index_mismatch: Testbed, cli_env: dict[str, str]
+) -> None:
+    # vLLM 0.32.0's RayDistributedExecutor (VLLM_USE_RAY_V2_EXECUTOR_BACKEND=0, and the only Ray executor of older
+    # releases) pins the first bundle to node:<VLLM_HOST_IP> and overwrites each rank's variables with the head's,
+    # except those on the non-carry-over list: spark-b's rank keeps its own GID index (5, the head's is 3).
+    tb = gid_index_mismatch
+    workload = {**CHAT, "env": {"VLLM_USE_RAY_V2_EXECUTOR_BACKEND": "0"}}
+    inventory = tb.inventory_path(workloads=[workload])
+    up = sparkctl(cli_env, "up", "-i", str(inventory), "--yes")
+    try:
+        assert up.returncode == 0, output(up)
+        ex = read_record(tb)["executor"]
+        head_ip = tb.spec(HEAD).fabric_ip(TWINS[0])
+        assert ex["class"] == "RayDistributedExecutor" and ex["strategy"] == "PACK", ex
+        assert ex["bundles"] == [{"GPU": 1.0, f"node:{head_ip}": 0.001}, {"GPU": 1.0}], ex
+        assert ex["bundle_nodes"][0] == head_ip
+        rank_b = ex["ranks"][1]
+        assert rank_b["node_ip"] == tb.spec("spark-b").fabric_ip(TWINS[0])
+        assert "NCCL_IB_GID_INDEX" in ex["non_carry_over"]["vars"]
+        assert rank_b["env"]["NCCL_IB_GID_INDEX"] == env_file(tb, "spark-b")["NCCL_IB_GID_INDEX"] == "5"
+        assert ex["ranks"][0]["env"]["NCCL_IB_GID_INDEX"] == "3"
+    finally:
+        down = sparkctl(cli_env, "down", "-i", str(inventory))
+    assert down.returncode == 0, output(down)

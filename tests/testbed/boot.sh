@@ -37,11 +37,8 @@ mount --bind "$TB_HOSTDIR/etc-up/machine-id" /var/lib/dbus/machine-id
 # SIMULATED hardware: state dir, GPU/RDMA tools on PATH, RoCE entries under /sys/class/infiniband.
 mount --bind "$TB_HOSTDIR/sim" "$TB_SIM_MOUNT"
 mount -t overlay overlay -o "lowerdir=$TB_SIMBIN:/usr/local/bin" /usr/local/bin
-# SIMULATED vLLM: the runtime venv's bin/ with the fake `vllm` on top (read-only, like /usr/local/bin);
-# the machine's venv is never written. Skipped when the machine has no venv.
-if [ -n "${TB_RUNTIME_SIMBIN:-}" ] && [ -d "$TB_RUNTIME_SIMBIN" ] && [ -d "${TB_RUNTIME:-}/bin" ]; then
-    mount -t overlay overlay -o "lowerdir=$TB_RUNTIME_SIMBIN:$TB_RUNTIME/bin" "$TB_RUNTIME/bin"
-fi
+# The runtime venv's bin/ shows vLLM itself (its CPU build, installed by tests/prepare.sh). The SIMULATED
+# `vllm` (for what needs a GPU) is laid over it on demand by Testbed.use_vllm("simulated"), never here.
 # sysfs cannot hold a new directory, and an overlay on /sys/class caches lookups (an interface
 # looked up before it existed stays invisible). So /sys/class becomes a tmpfs with a bind mount
 # of every real class directory (live, e.g. net/) plus the fake infiniband/ (symlinks into the

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ._proc import TestbedError, children_of, clean_env, pid_alive
-from .layout import LAPTOP_IP, MGMT_IFNAME, MGMT_PREFIX_LEN, RUNTIME_VENV, SIM_MOUNTPOINT, TWINS, HostSpec
+from .layout import LAPTOP_IP, MGMT_IFNAME, MGMT_PREFIX_LEN, SIM_MOUNTPOINT, TWINS, HostSpec
 
 Exec = Callable[..., "subprocess.CompletedProcess[str]"]
 
@@ -39,8 +39,6 @@ def spawn_host(
         TB_LIBEXEC=str(root / "libexec"),
         TB_SIMBIN=str(root / "sim-bin"),
         TB_SIM_MOUNT=SIM_MOUNTPOINT,
-        TB_RUNTIME=RUNTIME_VENV,
-        TB_RUNTIME_SIMBIN=str(root / "runtime-sim-bin"),
     )
     argv = [
         *f"ip netns exec {spec.netns} unshare --mount --pid --uts --ipc --fork".split(),

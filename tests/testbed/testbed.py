@@ -42,6 +42,7 @@ from .layout import (
 )
 
 STATE_VERSION = 1
+VLLM_KINDS = ("real", "simulated")
 BOOT_TIMEOUT = 60.0
 SETTLE_TIMEOUT = 60.0
 
@@ -424,6 +425,36 @@ class Testbed(FaultsMixin):
             },
             timeout=60,
         )
+
+    # --- which vLLM the hosts run ----------------------------------------------------------------
+
+    def use_vllm(self, kind: str, hosts: Sequence[str] | None = None) -> None:
+        """Make the runtime venv's `vllm` inside the hosts vLLM itself or the SIMULATED one.
+
+        "real" (the state after up()): the venv's own bin/, i.e. vLLM's CPU build installed by tests/prepare.sh.
+        "simulated": tests/testbed/sim/vllm laid over the venv's bin/ (an overlay inside each host's mount
+        namespace; the machine's venv is never written), for what needs a GPU: the Ray executor across nodes.
+        """
+        if kind not in VLLM_KINDS:
+            raise TestbedError(f"use_vllm: kind {kind!r} is not one of {', '.join(VLLM_KINDS)}")
+        bindir = f"{RUNTIME_VENV}/bin"
+        if kind == "real" and not Path(bindir, "vllm").exists():
+            raise TestbedError(f"{bindir}/vllm does not exist on this machine\nhint: run tests/prepare.sh")
+        simbin = self.root / "runtime-sim-bin"
+        if kind == "real":
+            script = f"while mountpoint -q {bindir}; do umount {bindir}; done"
+        else:
+            script = f"mountpoint -q {bindir} || mount -t overlay overlay -o lowerdir={simbin}:{bindir} {bindir}"
+
+        def switch(host: str) -> None:
+            self.exec(host, ["sh", "-c", script])
+
+        self._parallel(switch, list(hosts or self.hosts))
+
+    def vllm_kind(self, host: str) -> str:
+        """'simulated' while the SIMULATED vllm is laid over the runtime venv inside `host`, else 'real'."""
+        r = self.exec(host, ["mountpoint", "-q", f"{RUNTIME_VENV}/bin"], check=False)
+        return "simulated" if r.returncode == 0 else "real"
 
     def namespace_pids(self) -> dict[str, list[int]]:
         """PIDs (as the machine numbers them) of every process running inside each host."""

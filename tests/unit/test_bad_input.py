@@ -317,8 +317,7 @@ def cli(isolated_state, mocker):
     def refuse(*args, **kwargs):
         raise AssertionError("the CLI tried to connect")
 
-    mocker.patch("sparkctl.cli.cluster.ssh_connect", side_effect=refuse)
-    mocker.patch("sparkctl.cli.common.ssh_connect", side_effect=refuse)
+    mocker.patch("sparkctl.runbook.session.ssh_connect", side_effect=refuse)  # the one seam to the hosts
     runner = CliRunner()
     return lambda *args: runner.invoke(app, list(args))
 

@@ -29,9 +29,7 @@ def cli(isolated_state, mocker):
     def refuse(*args, **kwargs):
         raise AssertionError("the CLI tried to connect")
 
-    mocker.patch("sparkctl.cli.cluster.ssh_connect", side_effect=refuse)
-    mocker.patch("sparkctl.cli.common.ssh_connect", side_effect=refuse)
-    mocker.patch("sparkctl.runbook.session.ssh_connect", side_effect=refuse)
+    mocker.patch("sparkctl.runbook.session.ssh_connect", side_effect=refuse)  # the one seam to the hosts
     runner = CliRunner()
 
     def invoke(*args: str):
@@ -73,6 +71,30 @@ def test_importing_the_cli_loads_no_heavy_module() -> None:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "", f"imported at startup: {r.stdout.strip()}"
+
+
+def _loaded_after(argv: list[str], watched: tuple[str, ...]) -> list[str]:
+    """Which of `watched` a real `python -m sparkctl <argv>` process has imported when it exits."""
+    code = (
+        "import atexit, sys, runpy\n"
+        f"watched = {watched!r}\n"
+        "def report():\n"
+        "    hit = [m for m in watched if m in sys.modules]\n"
+        "    sys.__stderr__.write('LOADED:' + ' '.join(hit) + '\\n')\n"
+        "atexit.register(report)\n"
+        f"sys.argv = ['sparkctl', *{argv!r}]\n"
+        "runpy.run_module('sparkctl', run_name='__main__')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    line = next(x for x in r.stderr.splitlines() if x.startswith("LOADED:"))
+    return line.removeprefix("LOADED:").split()
+
+
+def test_help_and_offline_plan_load_neither_ssh_nor_ray_nor_rich() -> None:
+    watched = ("paramiko", "fabric", "invoke", "ray", "torch", "rich", "sparkctl.execute.ssh")
+    assert _loaded_after(["--help"], watched) == []
+    assert _loaded_after(["plan", "--offline", "-i", str(EXAMPLE)], watched) == []
 
 
 # --- plan --offline --------------------------------------------------------------------------------------

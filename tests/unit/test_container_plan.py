@@ -4,6 +4,9 @@ The built-in `up` and `down` are planned on fresh facts (as `plan --offline` ass
 pair whose Ray and workload run in containers; the docker command lines are taken apart and checked flag by flag.
 The shell lines are parsed by `sh -n`, and the workload and Ray lines are run by dash and bash against a stub
 `docker` (and a stub `ray` for the command inside the Ray container).
+
+The plans themselves, step by step, are data like the other planner cases: tests/unit/cases/container-*.yaml
+(fresh pair, converged pair, a new image, `down` with Ray running as root), run by test_planner_cases.py.
 """
 
 from __future__ import annotations
@@ -459,7 +462,10 @@ def test_down_on_a_clean_container_pair_stops_nothing() -> None:
 
 def test_verify_clean_also_asks_docker_in_container_mode() -> None:
     """Root's processes in the containers escape `pgrep -u $(id -un)`: docker must list no sparkctl-* container."""
-    pgrep = "! pgrep -u \"$(id -un)\" -f -a -- '[r]aylet|[g]cs_server|[r]ay/dashboard|[r]ay/_private|[r]ay::|[e]mbed_worker[.]py|[v]llm serve'"
+    pgrep = (
+        "! pgrep -u \"$(id -un)\" -f -a -- "
+        "'[r]aylet|[g]cs_server|[r]ay/dashboard|[r]ay/_private|[r]ay::|[e]mbed_worker[.]py|[v]llm serve'"
+    )
     plan = plan_of(container_inventory(), converged_facts(), runbook="down")
     for host in ("spark-a", "spark-b"):
         (cmd,) = one(plan, host, "verify_clean").commands

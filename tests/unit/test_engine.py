@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -91,6 +92,59 @@ def test_stages_run_in_order_on_every_host() -> None:
     assert ts["spark-b"].commands == ["echo 1 spark-b", "echo 2 spark-b"]
     assert [s.kind for s in report.executed if s.host == "spark-a"] == ["first", "second", "third"]
     assert report.hosts == {"spark-a": "changed", "spark-b": "changed"}
+
+
+def test_read_only_checks_of_one_host_run_side_by_side_and_report_in_plan_order() -> None:
+    # Both checks of spark-a block until both have started: only side-by-side checks get past the barrier.
+    barrier = threading.Barrier(2, timeout=5)
+
+    def meet(command: str) -> Result:
+        if command.startswith("check"):
+            barrier.wait()
+        return Result(0, "", "")
+
+    ts = {"spark-a": RecordingTransport("spark-a", meet)}
+    checks = [step("spark-a", "verify", ["check", str(i)], target=str(i), changes=False) for i in (1, 2)]
+    p = plan_of(
+        Stage(name="s", action="x", steps=[step("spark-a", "write", ["echo", "w"]), *checks]),
+        Stage(name="t", action="x", steps=[step("spark-a", "after", ["echo", "a"])]),
+    )
+    report = engine(ts).run(p)
+    assert report.ok and not barrier.broken
+    assert [r.step for r in report.results] == ["write", "verify:1", "verify:2", "after"]
+    assert ts["spark-a"].commands[0] == "echo w" and ts["spark-a"].commands[-1] == "echo a"
+
+
+def test_a_changing_step_never_runs_beside_another_step_of_its_host() -> None:
+    running = []
+    overlap = []
+    lock = threading.Lock()
+
+    def track(command: str) -> Result:
+        with lock:
+            if running:
+                overlap.append((running[0], command))
+            running.append(command)
+        time.sleep(0.05)
+        with lock:
+            running.remove(command)
+        return Result(0, "", "")
+
+    ts = {"spark-a": RecordingTransport("spark-a", track)}
+    p = plan_of(
+        Stage(
+            name="s",
+            action="x",
+            steps=[
+                step("spark-a", "verify", ["check", "1"], target="1", changes=False),
+                step("spark-a", "write", ["echo", "w"]),
+                step("spark-a", "verify", ["check", "2"], target="2", changes=False),
+            ],
+        )
+    )
+    assert engine(ts).run(p).ok
+    assert overlap == []
+    assert ts["spark-a"].commands == ["check 1", "echo w", "check 2"]
 
 
 def test_hosts_of_a_stage_run_at_the_same_time() -> None:
@@ -564,7 +618,7 @@ def test_no_replan_after_a_stage_that_changed_nothing() -> None:
 def test_session_open_with_one_host_unreachable_changes_nothing(isolated_state) -> None:
     inv = parse_inventory(EXAMPLE.read_text())
     fake = FailingConnect(unreachable=["spark-b"], message="No route to host")
-    session = run_mod.Session(inv, lambda i, name: fake(i.host(name), i.ssh))
+    session = run_mod.Session(inv, fake)
     with pytest.raises(run_mod.Unreachable) as info:
         session.open()
     assert [p.where for p in info.value.problems] == ["spark-b"]
@@ -584,19 +638,20 @@ def test_session_open_with_a_failing_probe_names_the_host(isolated_state) -> Non
         ),
         "spark-b": RecordingTransport("spark-b", {"sh -s": Result(127, "", "sh: not found")}),
     }
-    session = run_mod.Session(inv, lambda i, name: transports[name])
+    session = run_mod.Session(inv, lambda host, settings: transports[host.name])
     with pytest.raises(run_mod.Unreachable) as info:
         session.open()
     assert [p.where for p in info.value.problems] == ["spark-b"]
     assert "probe did not complete" in info.value.problems[0].message
-    # the only command anywhere was the read-only probe
+    # the only command anywhere was the read-only probe, and the connections are closed again
     assert all(c.command == "sh -s" for t in transports.values() for c in t.calls)
+    assert all(t.closed for t in transports.values()) and session.transports == {}
 
 
 def test_unreachable_error_reads_once_with_its_hint(isolated_state) -> None:
     inv = parse_inventory(EXAMPLE.read_text())
     fake = FailingConnect(unreachable=["spark-b"], message="No route to host")
-    session = run_mod.Session(inv, lambda i, name: fake(i.host(name), i.ssh))
+    session = run_mod.Session(inv, fake)
     with pytest.raises(run_mod.Unreachable) as info:
         session.open()
     text = str(info.value)

@@ -29,7 +29,7 @@ from sparkctl.facts.parse import (
     parse_sections,
     split_terse,
 )
-from sparkctl.facts.probe import MARK, build_probe
+from sparkctl.facts.probe import MARK, build_probe, probe_sections
 from sparkctl.inventory import parse_inventory
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -553,7 +553,9 @@ def test_probe_script_output_parses_back(tmp_path: Path) -> None:
         "HOME": str(home),
         "FX": str(fixtures),
         "SSH_CONNECTION": "10.0.0.2 53422 10.0.0.11 22",
+        "TMPDIR": str(tmp_path / "tmp"),
     }
+    (tmp_path / "tmp").mkdir()
     r = subprocess.run(
         ["sh", "-s"],
         input=build_probe(inv, inv.host("spark-a")),
@@ -581,3 +583,32 @@ def test_probe_script_output_parses_back(tmp_path: Path) -> None:
     assert facts.meminfo_kb["MemTotal"] > 0
     assert set(facts.meminfo_kb) <= {"MemTotal", "MemFree", "MemAvailable", "Cached", "Buffers"}
     assert os.environ.get("FX") is None  # the stub environment did not leak into the test process
+
+    # The sections run side by side, yet print exactly what they print one after the other; nothing is left behind.
+    assert list((tmp_path / "tmp").iterdir()) == []
+    sections = probe_sections(inv, inv.host("spark-a"))
+    one_by_one = 'export LC_ALL=C; _sp=$(mktemp -d)\n' + "".join(
+        f"echo '{MARK} {name}'\n{cmd}\n" for name, cmd in sections.items()
+    ) + f"echo '{MARK} end'\n"
+    seq = subprocess.run(["sh", "-s"], input=one_by_one, capture_output=True, text=True, env=env, timeout=30)
+    assert seq.returncode == 0, seq.stderr
+    live = "meminfo"  # read from this machine's /proc, changing between the two runs
+    assert [k for k in parse_sections(r.stdout)] == [*sections, "end"]
+    assert {k: v for k, v in parse_sections(r.stdout).items() if k != live} == {
+        k: v for k, v in parse_sections(seq.stdout).items() if k != live
+    }
+
+
+def test_gcs_links_from_ss_with_and_without_the_state_column() -> None:
+    from sparkctl.facts.parse import parse_tcp_links
+
+    text = (
+        "0      0      192.168.100.11:51234 192.168.100.10:6379\n"
+        "ESTAB  0      0      [::ffff:192.168.100.10]:6379 [::ffff:192.168.100.11]:51234\n"
+        "garbage\n"
+    )
+    links = parse_tcp_links(text)
+    assert [(x.local, x.local_port, x.peer, x.peer_port) for x in links] == [
+        ("192.168.100.11", 51234, "192.168.100.10", 6379),
+        ("192.168.100.10", 6379, "192.168.100.11", 51234),
+    ]

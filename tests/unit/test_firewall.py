@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import yaml
 
 from sparkctl.facts.parse import parse_probe
-from sparkctl.facts.probe import MARK, build_probe
+from sparkctl.facts.probe import MARK, probe_sections
 from sparkctl.inventory import parse_inventory
 from sparkctl.inventory.models import Inventory
 from sparkctl.paths import FIREWALL_FILE
@@ -169,9 +165,7 @@ def test_the_rules_sparkctl_writes_read_back_as_converged(tmp_path: Path) -> Non
     inv = _inventory()
     host = inv.host("spark-a")
     rules = lc.render_firewall(inv, host)
-    probe = build_probe(inv, host)
-    start = probe.index(f"echo '{MARK} firewall'\n")
-    section = probe[start : probe.index(f"\necho '{MARK} ", start)]
+    section = f"echo '{MARK} firewall'\n" + probe_sections(inv, host)["firewall"]
     written = tmp_path / "firewall.nft"
     assert FIREWALL_FILE in section
     line = section.replace(FIREWALL_FILE, str(written))
@@ -183,64 +177,3 @@ def test_the_rules_sparkctl_writes_read_back_as_converged(tmp_path: Path) -> Non
     written.unlink()
     out = subprocess.run(["sh", "-c", line], capture_output=True, text=True, timeout=10, check=True).stdout
     assert "firewall.nft" not in parse_probe("spark-a", out + f"{MARK} end\n").files
-
-
-# --- nft itself, in a throwaway network namespace ---------------------------------------------------
-
-
-NFT = shutil.which("nft") or ("/usr/sbin/nft" if Path("/usr/sbin/nft").exists() else None)
-IP = shutil.which("ip") or "/usr/sbin/ip"
-
-no_nft = pytest.mark.skipif(NFT is None, reason="nft is not installed (/usr/sbin/nft)")
-not_root = pytest.mark.skipif(os.geteuid() != 0, reason="a throwaway network namespace for nft needs root")
-
-
-@pytest.fixture
-def netns() -> Iterator[str]:
-    """A fresh network namespace, so nothing touches the host's own ruleset."""
-    name = f"sparkctl-unit-fw-{os.getpid()}"
-    subprocess.run([IP, "netns", "add", name], check=True, capture_output=True, timeout=10)
-    try:
-        yield name
-    finally:
-        subprocess.run([IP, "netns", "delete", name], check=True, capture_output=True, timeout=10)
-
-
-def _nft(ns: str, *args: str) -> subprocess.CompletedProcess[str]:
-    assert NFT is not None
-    return subprocess.run([IP, "netns", "exec", ns, NFT, *args], capture_output=True, text=True, timeout=20)
-
-
-RULESETS = {
-    "example-pair": _inventory,
-    "no-workloads": lambda: _inventory({"workloads": []}),
-    "distinct-twins": _with_distinct_twins,
-}
-
-
-@no_nft
-@not_root
-@pytest.mark.parametrize("inventory", list(RULESETS))
-@pytest.mark.parametrize("host", ["spark-a", "spark-b"])
-def test_nft_accepts_the_rendered_rules(inventory: str, host: str, netns: str, tmp_path: Path) -> None:
-    inv = RULESETS[inventory]()
-    path = tmp_path / "firewall.nft"
-    path.write_text(lc.render_firewall(inv, inv.host(host)))
-    r = _nft(netns, "-c", "-f", str(path))
-    assert r.returncode == 0, f"nft -c rejected the rules:\n{r.stderr}\n{path.read_text()}"
-
-
-@no_nft
-@not_root
-def test_nft_loads_the_rules_again_over_a_loaded_table(netns: str, tmp_path: Path) -> None:
-    """`up` reloads the file whenever Ray is not running: a second load replaces the table."""
-    inv = _inventory()
-    path = tmp_path / "firewall.nft"
-    path.write_text(lc.render_firewall(inv, inv.host("spark-a")))
-    for attempt in (1, 2):
-        r = _nft(netns, "-f", str(path))
-        assert r.returncode == 0, f"load {attempt}: {r.stderr}"
-    listed = _nft(netns, "list", "table", "inet", "sparkctl")
-    assert listed.returncode == 0, listed.stderr
-    assert listed.stdout.count("chain input") == 1
-    assert listed.stdout.count(" drop") == 1, listed.stdout

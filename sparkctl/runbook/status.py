@@ -1,0 +1,48 @@
+"""Where the cluster stands, from the session's facts and the workloads' HTTP probe (reads only)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from sparkctl.plan import commands as lc
+from sparkctl.plan.cluster import ray_running_ok, workload_state
+from sparkctl.runbook.session import Session
+
+
+def cluster_status(session: Session, secrets: Mapping[str, str]) -> dict[str, Any]:
+    """Per host: fabric state and Ray; per workload: endpoint, process and health."""
+    inv = session.inventory
+    ctx = session.context(secrets, {})
+    hosts: dict[str, Any] = {}
+    for h in inv.hosts:
+        f = session.facts[h.name]
+        fabric = []
+        for t in h.fabric:
+            live = f.interfaces.get(t.interface)
+            ok = live is not None and str(t.address) in live.ipv4 and live.mtu == inv.network.mtu
+            fabric.append(
+                {
+                    "interface": t.interface,
+                    "want": str(t.address),
+                    "mtu": live.mtu if live else None,
+                    "ipv4": live.ipv4 if live else [],
+                    "ok": ok,
+                }
+            )
+        hosts[h.name] = {
+            "fabric": fabric,
+            "ray": "running" if ray_running_ok(ctx, h) else "not running",
+            "env_file": f.env_file is not None,
+        }
+    workloads = {}
+    for w in inv.workloads:
+        probe = session.probe(lc.endpoint(inv, w), w.name, secrets.get(f"api_key:{w.name}"), w.engine, timeout=5)
+        workloads[w.name] = {
+            "engine": w.engine,
+            "endpoint": lc.endpoint(inv, w) + "/v1",
+            "process": workload_state(ctx, w),
+            "health": probe.phase,
+            "detail": probe.detail,
+        }
+    return {"cluster": inv.cluster, "hosts": hosts, "workloads": workloads}
