@@ -13,18 +13,18 @@ from __future__ import annotations
 import os
 import shlex
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from sparkctl import paths
-from sparkctl.errors import HostError, Problem
-from sparkctl.execute.base import Transport
+from sparkctl.errors import HostError
 
 TAKEN = "@@sparkctl-lock taken"
 HELD = "@@sparkctl-lock held"
 FREE = "@@sparkctl-lock free"
 _FIELDS = ("cluster", "user", "laptop", "pid", "run_id", "since", "command")
-_TIMEOUT = 20
+TIMEOUT = 20
+"""Seconds a lock command may take on a host."""
 
 
 class LockHeld(HostError):
@@ -163,78 +163,3 @@ def pid_alive(pid: int) -> bool:
 def is_stale_here(holder: LockOwner, me: LockOwner, alive: Callable[[int], bool] = pid_alive) -> bool:
     """A lock left by an earlier run of this user on this laptop whose process is gone (killed, force-quit)."""
     return holder.user == me.user and holder.laptop == me.laptop and holder.pid != me.pid and not alive(holder.pid)
-
-
-def take_locks(
-    transports: Mapping[str, Transport],
-    order: Sequence[str],
-    me: LockOwner,
-    note: Callable[[str], None] = lambda m: None,
-    alive: Callable[[int], bool] = pid_alive,
-) -> list[str]:
-    """Take the lock on every host in `order` (one at a time, so of two racing runs exactly one gets them all).
-
-    Returns the hosts now locked. If a host is held by another run, the locks taken so far are released and
-    LockHeld names the holder. A lock left by a dead run of this user on this laptop is taken over (said so).
-    """
-    taken: list[str] = []
-    try:
-        for host in order:
-            holder = _take_one(transports[host], host, me)
-            if holder is not None and is_stale_here(holder, me, alive):
-                transports[host].run(build_break(holder.run_id), timeout=_TIMEOUT)
-                note(f"{host}: took over the lock left by run {holder.run_id} (pid {holder.pid} no longer runs here)")
-                holder = _take_one(transports[host], host, me)
-            if holder is not None:
-                raise LockHeld(
-                    [
-                        Problem(
-                            host,
-                            f"the cluster is locked by {holder.describe()}; nothing was changed",
-                            "wait for that run to end; if it is dead (its laptop crashed or lost the network), "
-                            "break the lock with `sparkctl unlock`",
-                        )
-                    ]
-                )
-            taken.append(host)
-    except BaseException:
-        release_locks(transports, taken, me.run_id)
-        raise
-    return taken
-
-
-def _take_one(t: Transport, host: str, me: LockOwner) -> LockOwner | None:
-    """None when taken by `me`; else the holder (a placeholder record if it cannot be read)."""
-    r = t.run(build_take(me), timeout=_TIMEOUT)
-    status, holder = parse_answer(r.stdout)
-    if status == "taken":
-        return None
-    if status != "held":
-        raise HostError(
-            [
-                Problem(
-                    host,
-                    f"could not take the cluster lock {paths.LOCK_DIR} (exit {r.exit_code}): {r.stderr.strip()[-200:]}",
-                    "the login user must be able to write in /run/lock (Ubuntu: a tmpfs, mode 1777)",
-                )
-            ]
-        )
-    if holder is None:
-        return LockOwner("?", "?", "an unknown laptop", 0, "?", 0.0, "unreadable lock record")
-    if holder.run_id == me.run_id:
-        return None  # this run already holds it
-    return holder
-
-
-def release_locks(transports: Mapping[str, Transport], hosts: Sequence[str], run_id: str) -> list[str]:
-    """Release this run's lock on each host; returns the hosts where that failed (unreachable)."""
-    failed = []
-    for host in hosts:
-        t = transports.get(host)
-        try:
-            if t is None:
-                raise HostError(f"{host}: not connected")
-            t.run(build_release(run_id), timeout=_TIMEOUT)
-        except HostError:
-            failed.append(host)
-    return failed

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from sparkctl import state
+from sparkctl import paths, state
 from sparkctl.errors import HostError, Problem, SecretError, Unreachable
 from sparkctl.execute.base import Connect, Endpoint, Transport
 from sparkctl.execute.http import Probe, probe_workload
@@ -23,10 +23,11 @@ from sparkctl.facts.models import HostFacts
 from sparkctl.inventory.models import Inventory, SshSettings
 from sparkctl.plan.context import PlanContext
 from sparkctl.plan.models import Command, Plan, Stage, Step
+from sparkctl.runbook import lock
 from sparkctl.runbook.engine import Engine, Event, Report, Secrets
 from sparkctl.runbook.gather import gather_facts
 from sparkctl.runbook.load import load_runbook, resolve_params
-from sparkctl.runbook.lock import LockOwner, release_locks, take_locks
+from sparkctl.runbook.lock import LockOwner
 from sparkctl.runbook.models import Runbook
 from sparkctl.runbook.planner import build_runbook_plan, plan_stage, sha256, worker_code
 
@@ -387,6 +388,84 @@ class Session:
             with contextlib.suppress(Exception):
                 t.close()
         self.transports.clear()
+
+
+# --- the cluster lock on the hosts (commands and parsing in sparkctl.runbook.lock) ---------------------
+
+
+def take_locks(
+    transports: Mapping[str, Transport],
+    order: Sequence[str],
+    me: lock.LockOwner,
+    note: Callable[[str], None] = lambda m: None,
+    alive: Callable[[int], bool] = lock.pid_alive,
+) -> list[str]:
+    """Take the lock on every host in `order` (one at a time, so of two racing runs exactly one gets them all).
+
+    Returns the hosts now locked. If a host is held by another run, the locks taken so far are released and
+    LockHeld names the holder. A lock left by a dead run of this user on this laptop is taken over (said so).
+    """
+    taken: list[str] = []
+    try:
+        for host in order:
+            holder = _take_one(transports[host], host, me)
+            if holder is not None and lock.is_stale_here(holder, me, alive):
+                transports[host].run(lock.build_break(holder.run_id), timeout=lock.TIMEOUT)
+                note(f"{host}: took over the lock left by run {holder.run_id} (pid {holder.pid} no longer runs here)")
+                holder = _take_one(transports[host], host, me)
+            if holder is not None:
+                raise lock.LockHeld(
+                    [
+                        Problem(
+                            host,
+                            f"the cluster is locked by {holder.describe()}; nothing was changed",
+                            "wait for that run to end; if it is dead (its laptop crashed or lost the network), "
+                            "break the lock with `sparkctl unlock`",
+                        )
+                    ]
+                )
+            taken.append(host)
+    except BaseException:
+        release_locks(transports, taken, me.run_id)
+        raise
+    return taken
+
+
+def _take_one(t: Transport, host: str, me: lock.LockOwner) -> lock.LockOwner | None:
+    """None when taken by `me`; else the holder (a placeholder record if it cannot be read)."""
+    r = t.run(lock.build_take(me), timeout=lock.TIMEOUT)
+    status, holder = lock.parse_answer(r.stdout)
+    if status == "taken":
+        return None
+    if status != "held":
+        raise HostError(
+            [
+                Problem(
+                    host,
+                    f"could not take the cluster lock {paths.LOCK_DIR} (exit {r.exit_code}): {r.stderr.strip()[-200:]}",
+                    "the login user must be able to write in /run/lock (Ubuntu: a tmpfs, mode 1777)",
+                )
+            ]
+        )
+    if holder is None:
+        return lock.LockOwner("?", "?", "an unknown laptop", 0, "?", 0.0, "unreadable lock record")
+    if holder.run_id == me.run_id:
+        return None  # this run already holds it
+    return holder
+
+
+def release_locks(transports: Mapping[str, Transport], hosts: Sequence[str], run_id: str) -> list[str]:
+    """Release this run's lock on each host; returns the hosts where that failed (unreachable)."""
+    failed = []
+    for host in hosts:
+        t = transports.get(host)
+        try:
+            if t is None:
+                raise HostError(f"{host}: not connected")
+            t.run(lock.build_release(run_id), timeout=lock.TIMEOUT)
+        except HostError:
+            failed.append(host)
+    return failed
 
 
 def open_session(inv: Inventory, accept_new_host_keys: bool, emit: Callable[[Event], None] | None = None) -> Session:

@@ -14,6 +14,7 @@ from sparkctl.execute.fake import RecordingTransport
 from sparkctl.execute.local import LocalTransport
 from sparkctl.runbook import lock
 from sparkctl.runbook.lock import LockHeld, LockOwner
+from sparkctl.runbook.session import take_locks
 
 
 def owner(run_id: str = "20261130-101500-ab12", **kw: object) -> LockOwner:
@@ -124,7 +125,7 @@ def test_take_fails_with_a_fix_when_the_lock_dir_is_not_writable(
 ) -> None:
     monkeypatch.setattr(paths, "LOCK_DIR", str(tmp_path / "missing" / "sparkctl"))
     with pytest.raises(HostError) as info:
-        lock.take_locks({"spark-a": LocalTransport("spark-a")}, ["spark-a"], owner())
+        take_locks({"spark-a": LocalTransport("spark-a")}, ["spark-a"], owner())
     assert info.value.problems[0].where == "spark-a"
     assert "/run/lock" in info.value.problems[0].hint
 
@@ -136,7 +137,7 @@ def test_take_locks_releases_what_it_took_when_a_later_host_is_held(lock_dir: Pa
         "spark-b": RecordingTransport("spark-b", {"t=$(mktemp": held}),
     }
     with pytest.raises(LockHeld) as info:
-        lock.take_locks(ts, ["spark-a", "spark-b"], owner("my-run"), alive=lambda pid: True)
+        take_locks(ts, ["spark-a", "spark-b"], owner("my-run"), alive=lambda pid: True)
     p = info.value.problems[0]
     assert p.where == "spark-b"
     assert "ana@laptop-2 (pid 4242, run their-run, sparkctl up)" in p.message and "nothing was changed" in p.message
@@ -150,7 +151,7 @@ def test_a_dead_run_of_this_laptop_is_taken_over_said_so(lock_dir: Path) -> None
     me = owner("new-run", pid=1000)
     t.run(lock.build_take(owner("old-run", pid=999)), timeout=10)
     notes: list[str] = []
-    assert lock.take_locks({"spark-a": t}, ["spark-a"], me, note=notes.append, alive=lambda pid: False) == ["spark-a"]
+    assert take_locks({"spark-a": t}, ["spark-a"], me, note=notes.append, alive=lambda pid: False) == ["spark-a"]
     assert LockOwner.parse((lock_dir / "owner").read_text()) == me
     assert notes and "old-run" in notes[0] and "pid 999" in notes[0]
 
@@ -166,5 +167,5 @@ def test_a_live_run_of_this_laptop_or_any_run_elsewhere_is_not_taken_over() -> N
 def test_same_run_taking_again_is_not_blocked(lock_dir: Path) -> None:
     t = LocalTransport("spark-a")
     me = owner("run-1")
-    assert lock.take_locks({"spark-a": t}, ["spark-a"], me) == ["spark-a"]
-    assert lock.take_locks({"spark-a": t}, ["spark-a"], me) == ["spark-a"]
+    assert take_locks({"spark-a": t}, ["spark-a"], me) == ["spark-a"]
+    assert take_locks({"spark-a": t}, ["spark-a"], me) == ["spark-a"]

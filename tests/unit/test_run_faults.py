@@ -155,7 +155,7 @@ PROBE_OK = "@@sparkctl identity\nspark\n/home/spark\nspark-x\n@@sparkctl end\n"
 
 def _session(transports: dict[str, RecordingTransport]) -> run_mod.Session:
     inv = parse_inventory(EXAMPLE.read_text())
-    return run_mod.Session(inv, lambda i, name: transports[name])
+    return run_mod.Session(inv, lambda host, settings: transports[host.name])
 
 
 def test_a_run_that_raises_is_journaled_with_what_it_did(isolated_state: Path) -> None:
@@ -191,9 +191,9 @@ def test_force_quit_journals_the_unfinished_run(isolated_state: Path) -> None:
 def test_partial_open_goes_on_without_the_unreachable_host(isolated_state: Path) -> None:
     inv = parse_inventory(EXAMPLE.read_text())
     fake = FailingConnect(unreachable=["spark-b"], message="Connection refused")
-    session = run_mod.Session(inv, lambda i, name: fake(i.host(name), i.ssh))
+    session = run_mod.Session(inv, fake)
     fake_a = RecordingTransport("spark-a", {"sh -s": Result(0, PROBE_OK, "")})
-    session.connect = lambda i, name: fake_a if name == "spark-a" else fake(i.host(name), i.ssh)
+    session.connect = lambda host, settings: fake_a if host.name == "spark-a" else fake(host, settings)
     session.open(partial=True)
     assert list(session.facts) == ["spark-a"]
     assert "Connection refused" in session.unreachable["spark-b"][0].message
@@ -205,7 +205,7 @@ def test_partial_open_goes_on_without_the_unreachable_host(isolated_state: Path)
 def test_without_partial_one_unreachable_host_is_still_refused(isolated_state: Path) -> None:
     inv = parse_inventory(EXAMPLE.read_text())
     fake = FailingConnect(unreachable=["spark-b"], message="Connection refused")
-    session = run_mod.Session(inv, lambda i, name: fake(i.host(name), i.ssh))
+    session = run_mod.Session(inv, fake)
     with pytest.raises(run_mod.Unreachable) as info:
         session.open()
     assert "nothing was changed" in info.value.problems[-1].hint
@@ -228,7 +228,7 @@ def test_probe_failing_after_changes_never_says_nothing_was_changed(isolated_sta
 
 def test_reading_secrets_creates_nothing(isolated_state: Path) -> None:
     text = EXAMPLE.read_text()
-    session = run_mod.Session(parse_inventory(text), lambda i, n: RecordingTransport(n))
+    session = run_mod.Session(parse_inventory(text), lambda host, settings: RecordingTransport(host.name))
     assert session.secrets_for_plan() == {}
     assert not (isolated_state / "sparkctl").exists()
     made = session.secrets_for_plan(create=True)
@@ -237,7 +237,9 @@ def test_reading_secrets_creates_nothing(isolated_state: Path) -> None:
 
 
 def test_missing_token_plans_a_token_push_that_matches_no_host(isolated_state: Path) -> None:
-    session = run_mod.Session(parse_inventory(EXAMPLE.read_text()), lambda i, n: RecordingTransport(n))
+    session = run_mod.Session(
+        parse_inventory(EXAMPLE.read_text()), lambda host, settings: RecordingTransport(host.name)
+    )
     digest = session.digests({})["ray_token"]
     assert digest == run_mod.NO_TOKEN_YET and len(digest) != 64
 
