@@ -49,3 +49,7 @@ CHECKPOINT_FILE = "/run/sparkctl/nm-checkpoint"
 
 Under /run (tmpfs) on purpose: NetworkManager keeps checkpoints in memory only, so neither survives a reboot.
 """
+
+
+LOCK_DIR = "/run/lock/sparkctl"
+"""The cluster lock on a host: a directory holding the owner record (see sparkctl.runbook.lock)."""

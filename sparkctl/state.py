@@ -61,6 +61,14 @@ def _private_file(path: Path, make: str) -> str:
         return make
 
 
+def _existing(path: Path) -> str | None:
+    """A secret file's value, or None if there is none (creating nothing)."""
+    try:
+        return path.read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
 def refuse_exposed(path: str | Path, what: str) -> None:
     """Refuse a secret file (a key, a password) that others may read, as OpenSSH refuses such a private key.
 
@@ -85,16 +93,19 @@ def refuse_exposed(path: str | Path, what: str) -> None:
         )
 
 
-def ray_token(cluster: str) -> str:
-    """The cluster's Ray auth token, generated once."""
-    return _private_file(state_home() / cluster / "ray-token", secrets.token_hex(32))
+def ray_token(cluster: str, *, create: bool = True) -> str | None:
+    """The cluster's Ray auth token, generated once; with create=False None when there is none yet."""
+    path = state_home() / cluster / "ray-token"
+    return _private_file(path, secrets.token_hex(32)) if create else _existing(path)
 
 
-def api_key(cluster: str, workload: str, env_var: str | None) -> str:
-    """A workload's API key: from the named env var, else generated once and kept 0600."""
+def api_key(cluster: str, workload: str, env_var: str | None, *, create: bool = True) -> str | None:
+    """A workload's API key: from the named env var, else generated once and kept 0600 (None if absent and
+    create=False: read-only commands never make secrets)."""
     if env_var and os.environ.get(env_var):
         return os.environ[env_var]
-    return _private_file(state_home() / cluster / f"api-key-{workload}", "sk-" + secrets.token_urlsafe(24))
+    path = state_home() / cluster / f"api-key-{workload}"
+    return _private_file(path, "sk-" + secrets.token_urlsafe(24)) if create else _existing(path)
 
 
 def journal_path() -> Path:

@@ -44,4 +44,7 @@ def _root(
 
 def main() -> None:
     """Console entry point."""
+    from sparkctl.cli.interrupts import INTERRUPTS
+
+    INTERRUPTS.install()
     app()

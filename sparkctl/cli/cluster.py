@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Annotated
 
 import typer
 
+from sparkctl import state
 from sparkctl.cli import common as c
+from sparkctl.cli.interrupts import INTERRUPTS
 from sparkctl.cli.render import Progress, render_plan, render_report
 from sparkctl.doctor.evaluators import CheckContext
 from sparkctl.doctor.preflight import preflight
-from sparkctl.errors import EXIT_FAILED, EXIT_INTERRUPTED, InputError, Problem
+from sparkctl.errors import EXIT_FAILED, EXIT_INTERRUPTED, HostError, InputError, Problem
 from sparkctl.inventory.models import Inventory
 from sparkctl.plan.models import Plan
 from sparkctl.runbook.engine import Report, Secrets
 from sparkctl.runbook.load import load_runbook, resolve_params, step_index
+from sparkctl.runbook.lock import owner_here
 from sparkctl.runbook.models import Runbook
 from sparkctl.runbook.planner import offline_plan
+from sparkctl.runbook.session import Session, secrets_needed, ssh_connect
 
 OfflineOpt = Annotated[
     bool, typer.Option("--offline", help="Plan as if the hosts were fresh, without contacting them.")
@@ -76,12 +81,28 @@ def execute(
     only: str | None = None,
     checks: bool = False,
     force: bool = False,
+    command: str = "",
+    partial: bool = False,
 ) -> None:
-    """Connect, gather, plan, (confirm), apply, report. Shared by up, down, run and restore-network."""
-    session = c.open_session(inv, accept_new_host_keys, emit=Progress(quiet=False))
+    """Connect, lock, gather, plan, (confirm), apply, report. Shared by up, down, run and restore-network.
+
+    A run that may change hosts takes the cluster lock on every host before anything else (dry runs do not).
+    `partial` (teardown): go on with the hosts that answer, and fail at the end naming the others.
+    """
+    c.check_secret_files(inv)
+    session = Session(inv, ssh_connect(accept_new_host_keys), emit=Progress(quiet=False))
+    run_id = state.new_run_id()
+    owner = None if dry_run else owner_here(inv.cluster, run_id, command or f"sparkctl run {rb.name}")
+    INTERRUPTS.left_behind = lambda: _left_behind(session)
+    INTERRUPTS.before_exit.append(session.journal_unfinished)
     try:
+        session.open(lock=owner, partial=partial and not dry_run)
         secrets = session.secrets_for_plan()
         plan = session.plan(rb, params, secrets, start=start, only=only)
+        if not dry_run and secrets_needed(plan) - secrets.keys():
+            # Only a run that applies a step needing a secret creates it (then plans again with it).
+            secrets = session.secrets_for_plan(create=True)
+            plan = session.plan(rb, params, secrets, start=start, only=only)
         if checks and not dry_run:
             warnings, stop = preflight(CheckContext(session.inventory, session.facts), force)
             for f in warnings:
@@ -97,12 +118,81 @@ def execute(
         if plan.changes and not c.confirm(f"apply {plan.changes} change(s) to {inv.cluster}?", yes):
             raise typer.Exit(EXIT_FAILED)
         secrets = {**secrets, **session.check_sudo(plan, lambda: c.sudo_password(inv))}
-        report = session.apply(rb, plan, params, secrets, confirm=lambda m: c.confirm(m, yes), start=start)
+        report = session.apply(
+            rb, plan, params, secrets, confirm=lambda m: c.confirm(m, yes), start=start, run_id=run_id
+        )
         c.echo(show_report(report, as_json, Secrets({**secrets, **rb.secret_values(params)})))
         if report.interrupted:
             raise typer.Exit(EXIT_INTERRUPTED)
         if not report.ok:
             raise typer.Exit(EXIT_FAILED)
+    finally:
+        with INTERRUPTS.shielded("releasing the cluster lock"):
+            kept = session.release()
+            session.close()
+        if kept:
+            c.echo(
+                f"warning: the cluster lock stays on {', '.join(kept)} (unreachable); the next run from this laptop "
+                "takes it over, another laptop needs `sparkctl unlock`",
+                err=True,
+            )
+        with contextlib.suppress(ValueError):
+            INTERRUPTS.before_exit.remove(session.journal_unfinished)
+
+
+def _left_behind(session: Session) -> str:
+    """What a force quit leaves: for the warning printed before the process ends."""
+    hosts = ", ".join(sorted(session.transports)) or "the hosts"
+    return (
+        f"the cleanup did not finish: Ray and workloads may still run on {hosts}, and this run's lock stays "
+        "there (the next sparkctl run from this laptop takes it over); run `sparkctl down`"
+    )
+
+
+def unlock(inv: Inventory, *, yes: bool, accept_new_host_keys: bool) -> None:
+    """Show the lock on every reachable host, confirm, and remove it where it is still the one shown."""
+    import time
+
+    from sparkctl.runbook.lock import build_break, build_read, is_stale_here, parse_answer
+
+    session = Session(inv, ssh_connect(accept_new_host_keys))
+    try:
+        session.open(partial=True)
+        me = owner_here(inv.cluster, "-", "sparkctl unlock")
+        held = {}
+        for host in [h.name for h in inv.hosts if h.name in session.transports]:
+            status, holder = parse_answer(session.transports[host].run(build_read(), timeout=20).stdout)
+            if status == "held":
+                held[host] = holder
+                who = holder.describe(time.time()) if holder else "an unreadable lock record"
+                c.echo(f"{host}: locked by {who}")
+                if holder and holder.user == me.user and holder.laptop == me.laptop and not is_stale_here(holder, me):
+                    c.echo(f"warning: {host}: pid {holder.pid} still runs on this laptop: is that run alive?", err=True)
+            elif status == "free":
+                c.echo(f"{host}: not locked")
+            else:
+                raise HostError([Problem(host, "could not read the cluster lock", "check the host's /run/lock")])
+        if held and c.confirm(f"break the lock on {', '.join(held)}?", yes):
+            failed = []
+            for host, holder in held.items():
+                r = session.transports[host].run(build_break(holder.run_id if holder else None), timeout=20)
+                if not r.ok:
+                    failed.append(
+                        Problem(
+                            host,
+                            f"could not remove the lock: {r.stderr.strip()[-200:]}",
+                            "it belongs to another login user: remove it there with sudo rm -rf /run/lock/sparkctl",
+                        )
+                    )
+                else:
+                    c.echo(f"{host}: lock removed")
+            if failed:
+                raise HostError(failed)
+        if session.unreachable:
+            raise HostError(
+                [p for ps in session.unreachable.values() for p in ps],
+                hint="the lock there (if any) stays; run `sparkctl unlock` again once the host is reachable",
+            )
     finally:
         session.close()
 
@@ -152,6 +242,7 @@ def up_cmd(
         accept_new_host_keys=accept_new_host_keys,
         checks=True,
         force=force,
+        command="sparkctl up",
     )
 
 
@@ -162,7 +253,10 @@ def down_cmd(
     accept_new_host_keys: c.AcceptKeysOpt = False,
     debug: c.DebugOpt = False,
 ) -> None:
-    """Stop workloads and Ray on every host and check nothing is left. The network stays configured."""
+    """Stop workloads and Ray on every host and check nothing is left. The network stays configured.
+
+    Hosts that cannot be reached are named (exit 1); the others are stopped anyway.
+    """
     inv = c.start(debug, inventory)
     execute(
         inv,
@@ -172,7 +266,21 @@ def down_cmd(
         yes=True,
         as_json=as_json,
         accept_new_host_keys=accept_new_host_keys,
+        command="sparkctl down",
+        partial=True,
     )
+
+
+@c.guard
+def unlock_cmd(
+    inventory: c.InventoryOpt = None,
+    yes: c.YesOpt = False,
+    accept_new_host_keys: c.AcceptKeysOpt = False,
+    debug: c.DebugOpt = False,
+) -> None:
+    """Break a stale cluster lock: show who holds each host, then remove it. Only for a run that is dead."""
+    inv = c.start(debug, inventory)
+    unlock(inv, yes=yes, accept_new_host_keys=accept_new_host_keys)
 
 
 @c.guard
@@ -193,6 +301,7 @@ def restore_cmd(
         yes=yes,
         as_json=as_json,
         accept_new_host_keys=accept_new_host_keys,
+        command="sparkctl restore-network",
     )
 
 
@@ -244,6 +353,7 @@ def run_cmd(
         accept_new_host_keys=accept_new_host_keys,
         start=start,
         only=only,
+        command=f"sparkctl run {rb.name}",
     )
 
 
@@ -252,5 +362,6 @@ def register(app: typer.Typer) -> None:
     app.command("plan")(plan_cmd)
     app.command("up")(up_cmd)
     app.command("down")(down_cmd)
+    app.command("unlock")(unlock_cmd)
     app.command("restore-network")(restore_cmd)
     app.command("run")(run_cmd)

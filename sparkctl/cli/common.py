@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import logging
 import os
@@ -124,7 +125,8 @@ def confirm(message: str, yes: bool) -> bool:
 
 def echo(text: str = "", err: bool = False) -> None:
     """Print text that may hold values from inventories, runbooks or hosts: control characters escaped."""
-    typer.echo(escape_controls(text), err=err)
+    with contextlib.suppress(OSError):  # the terminal may be gone (SIGHUP): the cleanup must still run
+        typer.echo(escape_controls(text), err=err)
 
 
 def fail(exc: SparkctlError) -> None:

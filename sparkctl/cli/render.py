@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 from typing import Any, TextIO
@@ -10,7 +11,15 @@ from sparkctl.doctor.rules import Finding
 from sparkctl.plan.models import Plan
 from sparkctl.runbook.engine import Event, Report
 
-SYMBOL = {"ok": "ok", "changed": "changed", "failed": "FAILED", "skipped": "skipped"}
+SYMBOL = {
+    "ok": "ok",
+    "changed": "changed",
+    "failed": "FAILED",
+    "skipped": "skipped",
+    "interrupted": "interrupted",
+    "stopped": "stopped",
+    "unreachable": "UNREACHABLE",
+}
 
 # Characters that act on a terminal instead of showing: C0 controls but newline and tab (ESC starts ANSI
 # sequences, CR overwrites a line), DEL, C1 controls (U+0080-U+009F: CSI is U+009B), Unicode bidi controls
@@ -71,14 +80,15 @@ def render_report(report: Report) -> str:
         + ("done" if report.ok else "interrupted" if report.interrupted else "FAILED")
     ]
     for host, status in report.hosts.items():
-        n = sum(1 for r in report.results if r.host == host and r.status == "changed")
-        lines.append(f"  {host}: {SYMBOL.get(status, status)}" + (f" ({n} step(s) changed)" if n else ""))
+        lines.append(f"  {host}: {SYMBOL.get(status, status)}" + _applied(report, host))
     for r in report.results:
         if r.status == "failed":
             lines.append(f"error: {r.host} {r.stage}/{r.step}: {r.error}")
             if r.log_tail:
                 lines.append("  log tail:")
                 lines += [f"    {x}" for x in r.log_tail.splitlines()]
+        elif r.status == "interrupted":
+            lines.append(f"interrupted: {r.host} {r.stage}/{r.step}: {r.error}")
     for host, message in report.host_errors.items():
         lines.append(f"error: {host}: {message}")
     for host in report.rolled_back:
@@ -87,11 +97,36 @@ def render_report(report: Report) -> str:
             lines.append(f"  {host}: rolled back: the run's uncommitted changes were undone")
         else:
             lines.append(f"  {host}: NOT rolled back by sparkctl (see the error above)")
+    if report.error:
+        lines.append(f"error: the run ended early: {report.error}")
+    lost = [h for h, st in report.hosts.items() if st == "unreachable"]
+    if lost:
+        lines.append(
+            f"hint: {', '.join(lost)} could not be reached, so this run did not finish there; "
+            f"run `sparkctl {report.runbook}` again once reachable"
+        )
+    if report.runbook == "up" and not report.ok and any(r.status == "changed" for r in report.results):
+        lines.append(
+            "hint: the stages listed as applied were; nothing else was. `sparkctl up` again resumes and converges; "
+            "`sparkctl down` stops Ray and the workloads"
+        )
     for rev in report.revisions:
         lines.append(f"note: plan revised: {rev}")
     if report.run_id:
         lines.append(f"journal: sparkctl history show {report.run_id}")
     return "\n".join(lines)
+
+
+def _applied(report: Report, host: str) -> str:
+    """What a run applied on a host, by stage in order: "; applied: fabric (2 steps), env"."""
+    counts: dict[str, int] = {}
+    for r in report.results:
+        if r.host == host and r.status == "changed":
+            counts[r.stage] = counts.get(r.stage, 0) + 1
+    if not counts:
+        return "; nothing applied" if not report.ok else ""
+    parts = [f"{stage} ({n} steps)" if n > 1 else stage for stage, n in counts.items()]
+    return "; applied: " + ", ".join(parts)
 
 
 MARK = {"pass": "pass", "warn": "WARN", "fail": "FAIL"}
@@ -162,12 +197,12 @@ class Progress:
             text = f"   {e.host}: {e.step} ..."
         elif e.kind == "step_end":
             text = f"   {e.host}: {e.step} {SYMBOL.get(e.status, e.status)} ({e.elapsed:.1f}s)"
-            if e.status == "failed":
+            if e.status in ("failed", "interrupted", "stopped"):
                 text += f": {e.message}"
         elif e.kind == "phase":
             text = f"   {e.host}: {e.step} phase {e.status}" + (f": {e.message}" if e.message else "")
         else:
             text = f"   note: {e.message}"
-        with self._lock:
+        with self._lock, contextlib.suppress(OSError):  # a terminal gone (SIGHUP) must not stop the cleanup
             self.stream.write(escape_controls(text) + "\n")
             self.stream.flush()

@@ -164,7 +164,7 @@ def _type_hint(source: Source, loc: Loc, got: Any, kind: str) -> str:
         return ""
     read_as = _YAML_TYPES.get(type(got), f"a {type(got).__name__}")
     if kind == "string_type":
-        return f"YAML reads {raw or 'an empty value'} as {read_as}: quote it, e.g. {key}: \"{raw}\""
+        return f'YAML reads {raw or "an empty value"} as {read_as}: quote it, e.g. {key}: "{raw}"'
     wanted = {"int_type": "a whole number", "float_type": "a number", "bool_type": "true or false"}.get(kind, "")
     return f"YAML reads {raw or 'an empty value'} as {read_as}" + (f": write {wanted}" if wanted else "")
 

@@ -128,9 +128,7 @@ class _Frame:
 def read_yaml(text: str) -> Document:
     """Parse one YAML document within the limits above; ReadError (located) for anything else."""
     if len(text) > MAX_BYTES:
-        raise ReadError(
-            text.count("\n", 0, MAX_BYTES) + 1, (), f"larger than {MAX_BYTES // 1024} KiB", "keep it small"
-        )
+        raise ReadError(text.count("\n", 0, MAX_BYTES) + 1, (), f"larger than {MAX_BYTES // 1024} KiB", "keep it small")
     doc = Document(None)
     stack: list[_Frame] = []
     values = 0

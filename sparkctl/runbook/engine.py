@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, Field
 
 from sparkctl.errors import HostError
-from sparkctl.execute.base import Result, Transport
+from sparkctl.execute.base import Result, Transport, Unreachable
 from sparkctl.plan.models import Command, Plan, Stage, Step
 
 if TYPE_CHECKING:
@@ -51,12 +51,13 @@ class StepResult(BaseModel):
     step: str
     kind: str
     changes: bool
-    status: str  # ok | changed | failed | skipped
+    status: str  # ok | changed | failed | skipped | interrupted (Ctrl-C) | stopped (another host failed)
     started: float = 0.0
     ended: float = 0.0
     commands: list[CommandRecord] = Field(default_factory=list)
     error: str = ""
     log_tail: str = ""
+    lost: bool = Field(False, description="the step failed because the host could not be reached any more")
 
 
 class Report(BaseModel):
@@ -67,6 +68,7 @@ class Report(BaseModel):
     run_id: str = ""
     ok: bool = True
     interrupted: bool = False
+    error: str = Field("", description="what ended the run if it was not a step (a bug, a force quit)")
     hosts: dict[str, str] = Field(default_factory=dict)
     host_errors: dict[str, str] = Field(default_factory=dict)
     results: list[StepResult] = Field(default_factory=list)
@@ -124,6 +126,14 @@ def remote_line(cmd: Command, nopasswd: bool, secrets: Secrets, blobs: Mapping[s
     return line, data
 
 
+class _Stopped(Exception):
+    """A wait ended early because the run is interrupted or stopping (not a failure of this step)."""
+
+    def __init__(self, why: str, detail: str = "") -> None:
+        super().__init__(why)
+        self.why, self.detail = why, detail
+
+
 def probe_workload(url: str, model: str, api_key: str | None, engine: str) -> Probe:
     """The HTTP readiness probe, imported on first use: urllib's HTTP stack is not needed to plan."""
     from sparkctl.execute.http import probe_workload as probe
@@ -169,15 +179,24 @@ class Engine:
     _abort: threading.Event = field(default_factory=threading.Event)
     _open: dict[str, list[Step]] = field(default_factory=dict)
     """Per host, executed steps whose change awaits a commit (undone by their rollback if the run fails)."""
+    _interrupted: threading.Event = field(default_factory=threading.Event)
 
     def run(
         self,
         plan: Plan,
         replan: Callable[[frozenset[str], int], Plan | None] | None = None,
         cleanup: Callable[[list[str]], list[Stage]] | None = None,
+        report: Report | None = None,
     ) -> Report:
-        """Apply `plan`. `replan(done_kinds, next_index)` re-plans the remaining stages from fresh facts."""
-        report = Report(cluster=plan.cluster, runbook=plan.runbook, hosts={h: "ok" for h in plan.hosts})
+        """Apply `plan`. `replan(done_kinds, next_index)` re-plans the remaining stages from fresh facts.
+
+        `report` (if given) is filled in place, so a caller still holds what was done if this raises.
+        A host lost between stages (re-reading it fails) ends the run like a failed step, naming the host.
+        """
+        if report is None:
+            report = Report(cluster=plan.cluster, runbook=plan.runbook)
+        for h in plan.hosts:
+            report.hosts.setdefault(h, "ok")
         stages = list(plan.stages)
         done: set[str] = set()
         i = 0
@@ -195,35 +214,63 @@ class Engine:
                     else:
                         if stage.on_failure not in ("stop", "") and cleanup is not None:
                             self._abort.clear()
-                            for extra in cleanup(stage.on_failure.split(",")):
+                            try:
+                                extras = cleanup(stage.on_failure.split(","))
+                            except HostError as exc:
+                                self._lost(exc, report)
+                                extras = []
+                            for extra in extras:
                                 self._run_stage(extra, report, cleanup=True)
                         report.ok = False
                         break
                 if changed and replan is not None and i + 1 < len(stages):
                     try:
                         fresh = replan(frozenset(done), i + 1)
-                    except HostError as exc:  # a host stopped answering between stages: stop (and roll back)
-                        report.ok = False
-                        for p in exc.problems:
-                            report.host_errors[p.where or "?"] = p.message
-                            self.emit(Event("note", host=p.where, message=f"re-reading the hosts: {p.message}"))
+                    except HostError as exc:
+                        self._lost(exc, report)
                         break
                     if fresh is not None:
                         stages = self._revise(stages, i + 1, fresh, report)
                 i += 1
         except KeyboardInterrupt:
+            self._interrupted.set()
             self._abort.set()
             report.ok = False
             report.interrupted = True
-        if not report.ok and any(self._open.values()):
-            self._roll_back(report)
-        for r in report.results:
+        finally:
+            if not report.ok and any(self._open.values()):
+                self._roll_back(report)
+            self._summarise(report)
+        return report
+
+    def _lost(self, exc: HostError, report: Report) -> None:
+        """Re-reading the hosts failed between stages: the run stops there; name the hosts and why."""
+        report.ok = False
+        for p in exc.problems:
+            host = p.where if p.where in report.hosts else ""
+            if host:
+                report.hosts[host] = "unreachable"
+            key = host or p.where or "cluster"
+            report.host_errors[key] = self.secrets.redact(
+                "; ".join(x for x in (report.host_errors.get(key, ""), p.message) if x)
+            )
+        first = exc.problems[0] if exc.problems else None
+        where = f"{first.where}: " if first and first.where else ""
+        self.emit(Event("note", message=f"stopped: {where}{self.secrets.redact(first.message if first else '')}"))
+
+    @staticmethod
+    def _summarise(report: Report) -> None:
+        for r in list(report.results):
             if r.status == "failed":
                 report.ok = False  # `on_failure: continue` goes on, but the run still failed
-                report.hosts[r.host] = "failed"
+                if r.lost:
+                    report.hosts[r.host] = "unreachable"
+                elif report.hosts.get(r.host) != "unreachable":
+                    report.hosts[r.host] = "failed"
             elif r.status == "changed" and report.hosts.get(r.host) == "ok":
                 report.hosts[r.host] = "changed"
-        return report
+        if report.host_errors:
+            report.ok = False
 
     def _roll_back(self, report: Report) -> None:
         """Undo every uncommitted change, newest first per host, all hosts in parallel."""
@@ -307,14 +354,30 @@ class Engine:
                     results.extend(done)
                     report.results.extend(done)
 
+        started: set[str] = set()
+        finished = {h: threading.Event() for h in by_host}
+
+        def run_host(host: str, steps: list[Step]) -> None:
+            started.add(host)
+            try:
+                host_worker(host, steps)
+            finally:
+                finished[host].set()
+
         if by_host:
             with ThreadPoolExecutor(max_workers=len(by_host)) as pool:
-                futures = [pool.submit(host_worker, h, steps) for h, steps in by_host.items()]
                 try:
+                    futures = [pool.submit(run_host, h, steps) for h, steps in by_host.items()]
                     for f in futures:
                         f.result()
                 except KeyboardInterrupt:
+                    self._interrupted.set()
                     self._abort.set()  # waits end at their next poll; running commands finish, no new step starts
+                    # Wait for the commands under way before the run goes on to its cleanup. Joining the pool is not
+                    # enough: an interrupt landing inside submit() can leave a started thread the pool does not know.
+                    # A host whose work starts after this point finds the abort set and runs nothing.
+                    for host in list(started):
+                        finished[host].wait()
                     raise
         return results
 
@@ -352,10 +415,14 @@ class Engine:
             else:
                 self._wait_remote(stage, step, res, t0)
             res.status = "changed" if step.changes else "ok"
+        except _Stopped as exc:
+            res.status = "interrupted" if self._interrupted.is_set() else "stopped"
+            res.error = f"{exc.why} after {self.clock() - t0:.1f}s" + (f" ({exc.detail})" if exc.detail else "")
         except HostError as exc:
             res.status = "failed"
+            res.lost = isinstance(exc, Unreachable)
             res.error = self.secrets.redact("; ".join(p.message for p in exc.problems))
-            if step.wait and step.wait.log:
+            if step.wait and step.wait.log and not res.lost:
                 res.log_tail = self._log_tail(step.host, step.wait.log)
         res.ended = self.now()
         self.emit(
@@ -399,7 +466,8 @@ class Engine:
                 return
             except HostError as exc:
                 res.commands = attempt.commands
-                if self._abort.is_set() or self.clock() - t0 >= step.wait.deadline:
+                self._check_abort()
+                if self.clock() - t0 >= step.wait.deadline:
                     raise HostError(
                         f"not true after {step.wait.deadline:g}s: {step.description}; last: {exc}"
                     ) from None
@@ -438,9 +506,17 @@ class Engine:
                 line, data = remote_line(wait.alive, self.nopasswd.get(step.host, False), self.secrets, self.blobs)
                 if not self.transports[step.host].run(line, stdin=data, timeout=30).ok:
                     raise HostError(f"{wait.model} exited before it was ready (phase {phase}: {p.detail})")
-            if self._abort.is_set() or self.clock() - t0 >= wait.deadline:
+            self._check_abort(f"phase {phase}")
+            if self.clock() - t0 >= wait.deadline:
                 raise HostError(f"{wait.model} not ready after {wait.deadline:g}s (phase {phase}: {p.detail})")
             self.sleep(wait.interval)
+
+    def _check_abort(self, detail: str = "") -> None:
+        """End a wait at once when the run is interrupted or another host failed: say which, not a timeout."""
+        if self._interrupted.is_set():
+            raise _Stopped("interrupted", detail)
+        if self._abort.is_set():
+            raise _Stopped("stopped: a step failed on another host", detail)
 
     def _log_tail(self, host: str, path: str) -> str:
         try:

@@ -71,16 +71,20 @@ def when_holds(expr: str | None, params: dict[str, Any]) -> bool:
 
 
 def select_hosts(ctx: PlanContext, selector: str) -> list[Host]:
-    """The hosts a step runs on."""
+    """The hosts a step runs on (of those with facts: a teardown goes on without the hosts it cannot reach)."""
     inv = ctx.inventory
     if selector == "all":
-        return list(inv.hosts)
-    if selector == "head":
-        return [inv.head]
-    if selector == "workers":
-        return [h for h in inv.hosts if h.name != inv.head.name]
+        chosen = list(inv.hosts)
+    elif selector == "head":
+        chosen = [inv.head]
+    elif selector == "workers":
+        chosen = [h for h in inv.hosts if h.name != inv.head.name]
+    else:
+        chosen = []
+    if chosen or selector in ("all", "head", "workers"):
+        return [h for h in chosen if h.name in ctx.facts]
     try:
-        return [inv.host(selector)]
+        return [h for h in [inv.host(selector)] if h.name in ctx.facts]
     except KeyError:
         raise RunbookError(
             [
@@ -236,7 +240,7 @@ def build_runbook_plan(
     return Plan(
         cluster=ctx.inventory.cluster,
         runbook=rb.name,
-        hosts=[h.name for h in ctx.inventory.hosts],
+        hosts=[h.name for h in ctx.inventory.hosts if h.name in ctx.facts],
         stages=stages,
         notes=notes,
         offline=offline,

@@ -37,7 +37,7 @@ def cluster_status(session: Session, secrets: Mapping[str, str]) -> dict[str, An
         }
     workloads = {}
     for w in inv.workloads:
-        probe = session.probe(lc.endpoint(inv, w), w.name, secrets[f"api_key:{w.name}"], w.engine, timeout=5)
+        probe = session.probe(lc.endpoint(inv, w), w.name, secrets.get(f"api_key:{w.name}"), w.engine, timeout=5)
         workloads[w.name] = {
             "engine": w.engine,
             "endpoint": lc.endpoint(inv, w) + "/v1",

@@ -21,6 +21,9 @@ mount --make-rprivate /
 mount -t tmpfs -o mode=0755 tmpfs /run
 mkdir -p /run/dbus /run/sshd /run/udev /run/lock /run/NetworkManager /run/user "$TB_SIM_MOUNT"
 mount -t tmpfs -o mode=1777 tmpfs /dev/shm
+# /run/lock as on Debian and Ubuntu: its own world-writable sticky tmpfs (Debian's systemd patch
+# "Make /run/lock tmpfs an API fs", src/core/mount-setup.c: mode=1777, nosuid, nodev, noexec, 5M).
+mount -t tmpfs -o mode=1777,nosuid,nodev,noexec,size=5m tmpfs /run/lock
 mount --bind "$TB_HOSTDIR/tmp" /tmp
 
 # Writable per-host views of /etc, /home and /root; the host's own files (hostname, hosts, machine-id,

@@ -100,6 +100,25 @@ class FaultsMixin:
             ],
         )
 
+    def drop_ssh(self, host: str) -> None:
+        """sshd dies on the host: the listener and every sshd process under it (the open sessions) are killed,
+        found by pid from /run/sshd.pid down the process tree; commands the sessions started are left alone.
+        The laptop's connection breaks at once."""
+        self.exec(
+            host,
+            [
+                "/bin/sh",
+                "-c",
+                'p=$(cat /run/sshd.pid 2>/dev/null) || exit 0; '
+                "pids=$(ps -eo pid=,ppid=,comm= | awk -v root=\"$p\" "
+                "'{ parent[$1] = $2; name[$1] = $3 } END { for (q in parent) { r = q; "
+                "while (r != \"\" && r != root && r > 1) r = parent[r]; "
+                "if (r == root && name[q] ~ /^sshd/) print q } }'); "
+                'kill -KILL $pids 2>/dev/null; '
+                'while kill -0 "$p" 2>/dev/null; do sleep 0.05; done; rm -f /run/sshd.pid',
+            ],
+        )
+
     def start_sshd(self, host: str) -> None:
         """Start the sshd listener if it is not running; return once it accepts connections."""
         self.exec(

@@ -46,6 +46,7 @@ nft flush ruleset
 if command -v podman >/dev/null 2>&1; then podman rm -af -t 0 >/dev/null 2>&1 || true; fi
 
 rm -rf /etc/sparkctl /run/sudo/ts
+find /run/lock -mindepth 1 -maxdepth 1 -name '*sparkctl*' -exec rm -rf {} +
 find /tmp /dev/shm -mindepth 1 -maxdepth 1 -exec rm -rf {} +
 home=$(getent passwd "$TB_USER" | cut -d: -f6)
 find "$home" -mindepth 1 -maxdepth 1 ! -name .ssh ! -name .bashrc ! -name .profile \

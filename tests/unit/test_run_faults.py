@@ -1,0 +1,321 @@
+"""Faults during a run, at the engine and session level: a host lost between stages, interrupts, journaling,
+partial teardown, and read-only commands that must not create secrets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sparkctl import state
+from sparkctl.cli.render import render_report
+from sparkctl.errors import HostError, Problem
+from sparkctl.execute.base import Result
+from sparkctl.execute.fake import FailingConnect, RecordingTransport
+from sparkctl.execute.http import Probe
+from sparkctl.inventory import parse_inventory
+from sparkctl.plan.models import Command, Plan, Stage, Step, Wait
+from sparkctl.runbook import session as run_mod
+from sparkctl.runbook.engine import Engine, Event, Report
+from sparkctl.runbook.load import load_runbook
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "inventories" / "example-pair.yaml"
+HOSTS = ["spark-a", "spark-b"]
+
+
+def step(host: str, kind: str, argv: list[str], changes: bool = True, **kw: object) -> Step:
+    return Step(
+        host=host,
+        kind=kind,
+        description=f"{kind} on {host}",
+        commands=[Command(argv=argv)],
+        changes=changes,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def plan_of(*stages: Stage) -> Plan:
+    return Plan(cluster="c", runbook="up", hosts=HOSTS, stages=list(stages))
+
+
+def engine(**kw: object) -> Engine:
+    ts = kw.pop("transports", None) or {h: RecordingTransport(h) for h in HOSTS}
+    return Engine(transports=ts, nopasswd={h: True for h in HOSTS}, sleep=lambda s: None, **kw)  # type: ignore[arg-type]
+
+
+# --- a host lost between stages ---------------------------------------------------------------------------
+
+
+def test_host_lost_when_re_reading_ends_the_run_naming_it_and_keeping_what_was_applied() -> None:
+    p = plan_of(
+        Stage(name="fabric", action="fabric", steps=[step(h, "fabric", ["nmcli"]) for h in HOSTS]),
+        Stage(name="ray-head", action="ray_start", steps=[step("spark-a", "ray_head", ["ray"])]),
+        Stage(name="ray-workers", action="ray_start", steps=[step("spark-b", "ray_worker", ["ray"])]),
+    )
+    calls = []
+
+    def replan(done: frozenset[str], nxt: int) -> Plan | None:
+        calls.append(nxt)
+        if nxt == 2:
+            raise run_mod.Unreachable([Problem("spark-b", "connection lost while running `sh -s`: EOF")])
+        return None
+
+    events: list[Event] = []
+    report = engine(emit=events.append).run(p, replan=replan)
+    assert report.ok is False and not report.interrupted
+    assert report.hosts == {"spark-a": "changed", "spark-b": "unreachable"}
+    assert "connection lost" in report.host_errors["spark-b"]
+    assert sorted((r.host, r.stage) for r in report.results) == [
+        ("spark-a", "fabric"),
+        ("spark-a", "ray-head"),
+        ("spark-b", "fabric"),
+    ]
+    assert calls == [1, 2]
+    text = render_report(report)
+    assert "  spark-a: changed; applied: fabric, ray-head" in text
+    assert "  spark-b: UNREACHABLE; applied: fabric" in text
+    assert "error: spark-b: connection lost" in text
+    assert "nothing was changed" not in text
+    assert any(e.kind == "note" and "stopped" in e.message for e in events)
+
+
+def test_the_report_given_is_filled_even_when_the_run_raises() -> None:
+    p = plan_of(
+        Stage(name="s1", action="x", steps=[step("spark-a", "k", ["one"])]),
+        Stage(name="s2", action="x", steps=[step("spark-a", "k2", ["two"])]),
+    )
+
+    def replan(done: frozenset[str], nxt: int) -> Plan | None:
+        raise RuntimeError("a bug")
+
+    report = Report(cluster="c", runbook="up")
+    with pytest.raises(RuntimeError):
+        engine().run(p, replan=replan, report=report)
+    assert [(r.stage, r.status) for r in report.results] == [("s1", "changed")]
+    assert report.hosts["spark-a"] == "changed"
+
+
+# --- interrupts: honest statuses ---------------------------------------------------------------------------
+
+
+def test_interrupt_during_a_readiness_wait_says_interrupted_not_a_timeout() -> None:
+    clock = {"t": 0.0}
+    wait_step = Step(
+        host="spark-a",
+        kind="verify_workload",
+        target="embed",
+        description="embed answers",
+        changes=False,
+        notes=["embed"],
+        wait=Wait(kind="http", deadline=300, interval=1, url="http://x", model="embed"),
+    )
+    eng: Engine
+
+    def probe(url: str, model: str, key: str | None, kind: str) -> Probe:
+        clock["t"] += 1.1
+        if clock["t"] > 2:
+            raise KeyboardInterrupt  # Ctrl-C lands while the main thread waits on the host threads
+        return Probe("loading", "/health answered 503")
+
+    events: list[Event] = []
+    eng = engine(probe=probe, clock=lambda: clock["t"], emit=events.append)
+    report = eng.run(plan_of(Stage(name="ready", action="workload_ready", steps=[wait_step])))
+    assert report.interrupted and not report.ok
+    assert all("not ready after" not in r.error for r in report.results)
+    assert all(e.status != "failed" for e in events if e.kind == "step_end")
+    assert "FAILED" not in render_report(report)
+
+
+def test_abort_during_a_wait_because_another_host_failed_is_stopped_not_a_timeout() -> None:
+    failing = RecordingTransport("spark-b", {"boom": Result(1, "", "no such device")})
+    wait_step = Step(
+        host="spark-a",
+        kind="verify_clean",
+        description="nothing left",
+        commands=[Command(argv=["check"])],
+        changes=False,
+        wait=Wait(kind="remote", deadline=300, interval=1),
+    )
+    ts = {"spark-a": RecordingTransport("spark-a", {"check": Result(1, "", "")}), "spark-b": failing}
+    report = engine(transports=ts).run(
+        plan_of(Stage(name="s", action="x", steps=[wait_step, step("spark-b", "k", ["boom"])]))
+    )
+    by_host = {r.host: r for r in report.results}
+    assert by_host["spark-b"].status == "failed"
+    assert by_host["spark-a"].status == "stopped" and "another host" in by_host["spark-a"].error
+    assert "not true after" not in by_host["spark-a"].error
+
+
+# --- the session: journal however it ends, partial teardown ----------------------------------------------------
+
+
+PROBE_OK = "@@sparkctl identity\nspark\n/home/spark\nspark-x\n@@sparkctl end\n"
+
+
+def _session(transports: dict[str, RecordingTransport]) -> run_mod.Session:
+    inv = parse_inventory(EXAMPLE.read_text())
+    return run_mod.Session(inv, lambda host, settings: transports[host.name])
+
+
+def test_a_run_that_raises_is_journaled_with_what_it_did(isolated_state: Path) -> None:
+    ts = {h: RecordingTransport(h, {"sh -s": Result(0, PROBE_OK, "")}) for h in HOSTS}
+    session = _session(ts)
+    session.open()
+    rb = load_runbook("down")
+    p = plan_of(
+        Stage(name="workloads", action="x", steps=[step("spark-a", "k", ["one"]), step("spark-b", "k", ["one"])]),
+    )
+    ts["spark-a"].responses = {"sh -s": Result(0, PROBE_OK, ""), "one": RuntimeError("a bug")}
+    with pytest.raises(RuntimeError):
+        session.apply(rb, p, {}, {}, run_id="run-x")
+    runs = state.read_journal()
+    assert len(runs) == 1 and runs[0]["id"] == "run-x" and runs[0]["ok"] is False
+    assert "RuntimeError: a bug" in runs[0]["error"]
+    assert [(s["host"], s["status"]) for s in runs[0]["steps"]] == [("spark-b", "changed")]
+
+
+def test_force_quit_journals_the_unfinished_run(isolated_state: Path) -> None:
+    ts = {h: RecordingTransport(h, {"sh -s": Result(0, PROBE_OK, "")}) for h in HOSTS}
+    session = _session(ts)
+    session.open()
+    report = Report(cluster="c", runbook="down", run_id="run-y")
+    session.running = {"id": "run-y", "cluster": "c", "runbook": "down", "started": 1.0}
+    session.current = report
+    session.journal_unfinished()
+    session.journal_unfinished()  # once only
+    runs = state.read_journal()
+    assert [(r["id"], r["force_quit"]) for r in runs] == [("run-y", True)]
+
+
+def test_partial_open_goes_on_without_the_unreachable_host(isolated_state: Path) -> None:
+    inv = parse_inventory(EXAMPLE.read_text())
+    fake = FailingConnect(unreachable=["spark-b"], message="Connection refused")
+    session = run_mod.Session(inv, fake)
+    fake_a = RecordingTransport("spark-a", {"sh -s": Result(0, PROBE_OK, "")})
+    session.connect = lambda host, settings: fake_a if host.name == "spark-a" else fake(host, settings)
+    session.open(partial=True)
+    assert list(session.facts) == ["spark-a"]
+    assert "Connection refused" in session.unreachable["spark-b"][0].message
+    plan = session.plan(load_runbook("down"), {}, session.secrets_for_plan())
+    assert plan.hosts == ["spark-a"]
+    assert {s.host for st in plan.stages for s in st.steps} <= {"spark-a"}
+
+
+def test_without_partial_one_unreachable_host_is_still_refused(isolated_state: Path) -> None:
+    inv = parse_inventory(EXAMPLE.read_text())
+    fake = FailingConnect(unreachable=["spark-b"], message="Connection refused")
+    session = run_mod.Session(inv, fake)
+    with pytest.raises(run_mod.Unreachable) as info:
+        session.open()
+    assert "nothing was changed" in info.value.problems[-1].hint
+
+
+def test_probe_failing_after_changes_never_says_nothing_was_changed(isolated_state: Path) -> None:
+    ts = {h: RecordingTransport(h, {"sh -s": Result(0, PROBE_OK, "")}) for h in HOSTS}
+    session = _session(ts)
+    session.open()
+    session.applying = True
+    ts["spark-b"].responses = {"sh -s": HostError([Problem("spark-b", "connection lost")])}
+    with pytest.raises(run_mod.Unreachable) as info:
+        session.gather()
+    assert "nothing was changed" not in str(info.value)
+    assert "what was applied" in str(info.value)
+
+
+# --- secrets: only a run that needs them creates them ---------------------------------------------------------
+
+
+def test_reading_secrets_creates_nothing(isolated_state: Path) -> None:
+    text = EXAMPLE.read_text()
+    session = run_mod.Session(parse_inventory(text), lambda host, settings: RecordingTransport(host.name))
+    assert session.secrets_for_plan() == {}
+    assert not (isolated_state / "sparkctl").exists()
+    made = session.secrets_for_plan(create=True)
+    assert "ray_token" in made and all(k.startswith(("ray_token", "api_key:")) for k in made)
+    assert session.secrets_for_plan() == made  # read back, nothing new
+
+
+def test_missing_token_plans_a_token_push_that_matches_no_host(isolated_state: Path) -> None:
+    session = run_mod.Session(
+        parse_inventory(EXAMPLE.read_text()), lambda host, settings: RecordingTransport(host.name)
+    )
+    digest = session.digests({})["ray_token"]
+    assert digest == run_mod.NO_TOKEN_YET and len(digest) != 64
+
+
+def test_secrets_needed_names_stdin_secrets_and_probe_keys() -> None:
+    p = plan_of(
+        Stage(
+            name="s",
+            action="x",
+            steps=[
+                Step(
+                    host="spark-a",
+                    kind="ray_token",
+                    description="d",
+                    commands=[Command(argv=["install"], stdin_secret="ray_token")],
+                ),
+                Step(
+                    host="spark-a",
+                    kind="verify_workload",
+                    description="d",
+                    changes=False,
+                    wait=Wait(kind="http", deadline=1, interval=1, url="u", model="m", secret="api_key:m"),
+                ),
+            ],
+        )
+    )
+    assert run_mod.secrets_needed(p) == {"ray_token", "api_key:m"}
+    assert run_mod.secrets_needed(plan_of()) == set()
+
+
+def test_journal_record_is_json_lines(isolated_state: Path) -> None:
+    state.append_journal({"id": "a"})
+    assert json.loads((isolated_state / "sparkctl" / "journal.jsonl").read_text()) == {"id": "a"}
+
+
+def test_connection_lost_during_a_step_marks_the_host_unreachable() -> None:
+    from sparkctl.execute.base import Unreachable
+
+    lost = Unreachable([Problem("spark-b", "connection lost while running `ray start`: EOF")])
+    ts = {"spark-a": RecordingTransport("spark-a"), "spark-b": RecordingTransport("spark-b", {"ray": lost})}
+    p = plan_of(
+        Stage(name="ray-head", action="ray_start", steps=[step("spark-a", "ray_node", ["ray"])]),
+        Stage(name="ray-workers", action="ray_start", steps=[step("spark-b", "ray_node", ["ray"])]),
+    )
+    report = engine(transports=ts).run(p)
+    assert report.hosts == {"spark-a": "changed", "spark-b": "unreachable"}
+    assert "UNREACHABLE" in render_report(report) and "could not be reached" in render_report(report)
+
+
+def test_an_interrupt_waits_for_the_commands_under_way_before_the_run_goes_on() -> None:
+    import signal
+    import threading
+    import time
+
+    finished: list[str] = []
+
+    def slow(command: str) -> Result:
+        if command.startswith("ray"):
+            time.sleep(0.6)
+            finished.append(command)
+        return Result(0, "", "")
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    ts = {h: RecordingTransport(h, slow) for h in HOSTS}
+    p = plan_of(
+        Stage(name="ray-workers", action="ray_start", steps=[step("spark-b", "ray_node", ["ray", "start"])]),
+        Stage(name="after", action="x", steps=[step("spark-a", "k", ["after"])]),
+    )
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    try:
+        threading.Timer(0.2, lambda: signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGUSR1)).start()
+        report = engine(transports=ts).run(p)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert report.interrupted
+    assert finished == ["ray start"], "the run went on before the command under way on spark-b had finished"
+    assert "after" not in ts["spark-a"].commands
