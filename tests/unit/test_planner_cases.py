@@ -391,3 +391,48 @@ def test_files_sparkctl_writes_read_back_as_converged() -> None:
         case["facts"][host] |= {"env_file": read.env_file, "non_carry_over": read.non_carry_over}
     again = [s for st in plan_case(case).stages if st.name == "env" for s in st.steps]
     assert again == []
+
+
+def test_container_case_facts_read_back_from_probe_output() -> None:
+    """The converged container pair's facts are what the probe prints, as its parsers read it.
+
+    The head's sections as the tools print them: `docker ps --format '{{.Names}} {{.Image}}'`, the probe's
+    `docker exec sparkctl-ray` loop over the recorded pids, `sha256sum`/`grep -H ''` of the mounted state dir (the
+    spec file is the one line `printf '%s\\n'` wrote), `ps -eo pid=,user=,args=` and `ss -tnH state established`.
+    """
+    case = load_case(CASES / "container-up-converged-pair.yaml")
+    spec = (
+        "image=nvcr.io/nvidia/vllm:25.11-py3 RAY_ADDRESS=192.168.100.10:6379 vllm serve "
+        "Qwen/Qwen3-30B-A3B-Instruct-2507 --served-model-name chat --tensor-parallel-size 2 "
+        "--distributed-executor-backend ray --gpu-memory-utilization 0.85 --host 10.0.0.11 --port 8000 "
+        "--max-model-len 32768"
+    )
+    for host in ("spark-a", "spark-b"):
+        facts = HostFacts.model_validate({"host": host, **case["facts"][host]})
+        head = host == "spark-a"
+        state = "ray-token.sha256:5f2b6c1d0a9e8f7c\n" + (
+            f"workload-chat.pid:1466\nworkload-chat.spec:{spec}\n" if head else ""
+        )
+        ps = "".join(f"{p.pid:>7} {p.user:<8} {p.args}\n" for p in facts.processes)
+        ss = "".join(
+            f"0      0      {link.local}:{link.local_port}      {link.peer}:{link.peer_port}\n"
+            for link in facts.gcs_links
+        )
+        output = (
+            f"{MARK} state_files\n{state}"
+            f"{MARK} containers\nsparkctl-ray nvcr.io/nvidia/vllm:25.11-py3\n"
+            f"{MARK} container_workloads\n{'workload-chat' if head else ''}\n"
+            f"{MARK} processes\n{ps}"
+            f"{MARK} gcs_links\n{ss}"
+            f"{MARK} end\n"
+        )
+        read = parse_probe(host, output)
+        assert read.containers == facts.containers == {"sparkctl-ray": "nvcr.io/nvidia/vllm:25.11-py3"}
+        assert read.container_workloads == facts.container_workloads == (["chat"] if head else [])
+        assert read.processes == facts.processes
+        assert read.gcs_links == facts.gcs_links
+        files = {k: v for k, v in facts.files.items() if k != "firewall.nft"}  # firewall: its own section
+        assert read.files == files
+        if head:
+            inv = case_inventory(case)
+            assert read.files["workload-chat.spec"] == lc.workload_spec(inv, inv.workload("chat"), "/home/nvidia")
