@@ -379,7 +379,9 @@ def plan_verify_placement(ctx: PlanContext, host: Host) -> list[Step]:
     """On the head, after the endpoints answer: Ray's placement groups put each workload's ranks on distinct hosts."""
     if host.name != ctx.inventory.head.name:
         return []
-    multi = [w for w in _selected(ctx) if lc.workload_ranks(w) > 1]
+    # vLLM's multiprocessing executor makes no Ray placement group: sparkctl starts one rank per host itself
+    # (`rank_hosts`), so only Ray-placed workloads are read back from Ray.
+    multi = [w for w in _selected(ctx) if lc.workload_ranks(w) > 1 and not lc.rank_hosts(ctx.inventory, w)]
     if not multi:
         return []
     names = ",".join(w.name for w in multi)
