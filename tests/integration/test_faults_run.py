@@ -300,5 +300,5 @@ def test_a_duplicate_profile_for_a_twin_is_drift_that_up_repairs(
     )
     assert _sparkctl_profiles(tb, "spark-b").count(f"sparkctl-{twin}") == 2
     p = sparkctl("plan", "-i", str(inventory), env=env)
-    assert "delete duplicate profile" in p.stdout and "spark-b" in p.stdout, p.stdout
+    assert "delete the duplicate profile" in p.stdout and "spark-b" in p.stdout, p.stdout
     _converged(tb, inventory, env)
