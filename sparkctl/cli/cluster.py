@@ -10,7 +10,7 @@ import typer
 from sparkctl import state
 from sparkctl.cli import common as c
 from sparkctl.cli.interrupts import INTERRUPTS
-from sparkctl.cli.render import Progress, render_plan, render_report
+from sparkctl.cli.render import Progress, render_plan, render_report, render_report_details
 from sparkctl.doctor.evaluators import CheckContext
 from sparkctl.doctor.preflight import preflight
 from sparkctl.errors import EXIT_FAILED, EXIT_INTERRUPTED, HostError, InputError, Problem
@@ -83,14 +83,25 @@ def execute(
     force: bool = False,
     command: str = "",
     partial: bool = False,
+    plain: bool = False,
 ) -> None:
     """Connect, lock, gather, plan, (confirm), apply, report. Shared by up, down, run and restore-network.
 
     A run that may change hosts takes the cluster lock on every host before anything else (dry runs do not).
     `partial` (teardown): go on with the hosts that answer, and fail at the end naming the others.
+    On a terminal (both stdout and stderr, without --plain or --json) the run shows as a live view and ends with a
+    recap; otherwise the same events print as plain lines.
     """
     c.check_secret_files(inv)
-    session = Session(inv, ssh_connect(accept_new_host_keys), emit=Progress(quiet=False))
+    live = None
+    if not dry_run and c.live_wanted(plain, as_json):
+        import sys
+
+        from sparkctl.cli.live import LiveProgress
+
+        live = LiveProgress(stream=sys.stderr)
+    session = Session(inv, ssh_connect(accept_new_host_keys), emit=live or Progress(quiet=False))
+    session.follow_logs = live is not None
     run_id = state.new_run_id()
     owner = None if dry_run else owner_here(inv.cluster, run_id, command or f"sparkctl run {rb.name}")
     INTERRUPTS.left_behind = lambda: _left_behind(session)
@@ -118,10 +129,28 @@ def execute(
         if plan.changes and not c.confirm(f"apply {plan.changes} change(s) to {inv.cluster}?", yes):
             raise typer.Exit(EXIT_FAILED)
         secrets = {**secrets, **session.check_sudo(plan, lambda: c.sudo_password(inv))}
-        report = session.apply(
-            rb, plan, params, secrets, confirm=lambda m: c.confirm(m, yes), start=start, run_id=run_id
-        )
-        c.echo(show_report(report, as_json, Secrets({**secrets, **rb.secret_values(params)})))
+
+        def ask(message: str) -> bool:
+            if live is None:
+                return c.confirm(message, yes)
+            with live.paused():
+                return c.confirm(message, yes)
+
+        if live is not None:
+            live.start()
+        try:
+            report = session.apply(rb, plan, params, secrets, confirm=ask, start=start, run_id=run_id)
+        finally:
+            if live is not None:
+                live.stop()
+        hidden = Secrets({**secrets, **rb.secret_values(params)})
+        if live is not None:
+            from sparkctl.cli.live import print_report
+
+            shown = Report.model_validate(hidden.scrub(report.model_dump()))
+            print_report(shown, "\n".join(render_report_details(shown)), live)
+        else:
+            c.echo(show_report(report, as_json, hidden))
         if report.interrupted:
             raise typer.Exit(EXIT_INTERRUPTED)
         if not report.ok:
@@ -226,6 +255,7 @@ def up_cmd(
     as_json: c.JsonOpt = False,
     force: ForceOpt = False,
     accept_new_host_keys: c.AcceptKeysOpt = False,
+    plain: c.PlainOpt = False,
     debug: c.DebugOpt = False,
 ) -> None:
     """Configure the fabric and env, form Ray, start the workloads and wait until they answer."""
@@ -243,6 +273,7 @@ def up_cmd(
         checks=True,
         force=force,
         command="sparkctl up",
+        plain=plain,
     )
 
 
@@ -251,6 +282,7 @@ def down_cmd(
     inventory: c.InventoryOpt = None,
     as_json: c.JsonOpt = False,
     accept_new_host_keys: c.AcceptKeysOpt = False,
+    plain: c.PlainOpt = False,
     debug: c.DebugOpt = False,
 ) -> None:
     """Stop workloads and Ray on every host and check nothing is left. The network stays configured.
@@ -268,6 +300,7 @@ def down_cmd(
         accept_new_host_keys=accept_new_host_keys,
         command="sparkctl down",
         partial=True,
+        plain=plain,
     )
 
 
@@ -289,6 +322,7 @@ def restore_cmd(
     yes: c.YesOpt = False,
     as_json: c.JsonOpt = False,
     accept_new_host_keys: c.AcceptKeysOpt = False,
+    plain: c.PlainOpt = False,
     debug: c.DebugOpt = False,
 ) -> None:
     """Put the twins back as before sparkctl: delete its profiles, re-enable the ones it disabled."""
@@ -302,6 +336,7 @@ def restore_cmd(
         as_json=as_json,
         accept_new_host_keys=accept_new_host_keys,
         command="sparkctl restore-network",
+        plain=plain,
     )
 
 
@@ -317,6 +352,7 @@ def run_cmd(
     yes: c.YesOpt = False,
     as_json: c.JsonOpt = False,
     accept_new_host_keys: c.AcceptKeysOpt = False,
+    plain: c.PlainOpt = False,
     debug: c.DebugOpt = False,
 ) -> None:
     """Run a runbook (playbooks/*.yaml or a built-in) with the same engine as up and down."""
@@ -354,6 +390,7 @@ def run_cmd(
         start=start,
         only=only,
         command=f"sparkctl run {rb.name}",
+        plain=plain,
     )
 
 

@@ -42,6 +42,9 @@ AcceptKeysOpt = Annotated[
     ),
 ]
 
+PlainOpt = Annotated[
+    bool, typer.Option("--plain", help="Plain progress lines even on a terminal (no live view, no colours).")
+]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Only show the plan.")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Runbook parameter: --set name=value (repeatable).")]
 WorkloadOpt = Annotated[list[str] | None, typer.Option("--workload", "-w", help="Only this workload (repeatable).")]
@@ -121,6 +124,16 @@ def confirm(message: str, yes: bool) -> bool:
     if not sys.stdin.isatty():
         raise SparkctlError(f"{message} needs confirmation", "re-run with --yes (no terminal to ask on)")
     return typer.confirm(message, default=False)
+
+
+def live_wanted(plain: bool, as_json: bool) -> bool:
+    """The live view: only when both stdout and stderr are terminals that can draw it, and not asked off."""
+    if plain or as_json or os.environ.get("TERM", "") in ("", "dumb"):
+        return False
+    try:
+        return sys.stdout.isatty() and sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed streams
+        return False
 
 
 def echo(text: str = "", err: bool = False) -> None:

@@ -81,6 +81,12 @@ def render_report(report: Report) -> str:
     ]
     for host, status in report.hosts.items():
         lines.append(f"  {host}: {SYMBOL.get(status, status)}" + _applied(report, host))
+    return "\n".join(lines + render_report_details(report))
+
+
+def render_report_details(report: Report) -> list[str]:
+    """What follows the per-host lines: failures with their output, rollbacks, hints, the journal entry."""
+    lines: list[str] = []
     for r in report.results:
         if r.status == "failed":
             lines.append(f"error: {r.host} {r.stage}/{r.step}: {r.error}")
@@ -114,7 +120,7 @@ def render_report(report: Report) -> str:
         lines.append(f"note: plan revised: {rev}")
     if report.run_id:
         lines.append(f"journal: sparkctl history show {report.run_id}")
-    return "\n".join(lines)
+    return lines
 
 
 def _applied(report: Report, host: str) -> str:
@@ -189,7 +195,7 @@ class Progress:
         self._lock = threading.Lock()  # hosts report from their own threads
 
     def __call__(self, e: Event) -> None:
-        if self.quiet:
+        if self.quiet or e.kind == "progress":  # a workload log's progress: for the live view only
             return
         if e.kind == "stage":
             text = f"== {e.stage}"

@@ -7,7 +7,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 class Event:
     """Progress, for the CLI to render. The engine never prints."""
 
-    kind: str  # stage | step_start | step_end | phase | revised | note
+    kind: str  # stage | step_start | step_end | phase | progress | revised | note
     host: str = ""
     stage: str = ""
     step: str = ""
@@ -176,6 +176,8 @@ class Engine:
     """A failed step does not stop the other hosts' steps of its stage (read-only measurements)."""
     output_lines: int = 20
     """How many trailing lines of each command's output the report keeps."""
+    follow_logs: bool = False
+    """While a workload is not ready, read its log each round and emit `progress` events for what it names."""
     _abort: threading.Event = field(default_factory=threading.Event)
     _open: dict[str, list[Step]] = field(default_factory=dict)
     """Per host, executed steps whose change awaits a commit (undone by their rollback if the run fails)."""
@@ -480,8 +482,10 @@ class Engine:
         engine = step.notes[0] if step.notes else "vllm"
         phase = ""
         phase_t = t0
+        said: tuple[str, str] | None = None
         while True:
             p = self.probe(wait.url, wait.model, key, engine)
+            p = replace(p, detail=self.secrets.redact(p.detail))
             if p.phase != phase:
                 now = self.clock()
                 if phase:
@@ -500,6 +504,8 @@ class Engine:
                 self.emit(Event("phase", host=step.host, stage=stage, step=step.id, status=phase, message=p.detail))
             if p.ready:
                 return
+            if self.follow_logs and wait.log:
+                said = self._log_progress(stage, step, said)
             if p.phase == "broken":  # reported by the workload itself; it does not heal while waiting
                 raise HostError(f"{wait.model} is broken: {p.detail}")
             if wait.alive is not None and p.phase != "ready":
@@ -510,6 +516,31 @@ class Engine:
             if self.clock() - t0 >= wait.deadline:
                 raise HostError(f"{wait.model} not ready after {wait.deadline:g}s (phase {phase}: {p.detail})")
             self.sleep(wait.interval)
+
+    def _log_progress(self, stage: str, step: Step, said: tuple[str, str] | None) -> tuple[str, str] | None:
+        """Emit what the workload's log names now (phase, progress), when it differs from what was said."""
+        from sparkctl.runbook.logphase import parse_log_phase
+
+        assert step.wait is not None
+        try:
+            r = self.transports[step.host].run(f"tail -c 16384 -- {shlex.quote(step.wait.log)}", timeout=15)
+        except HostError:
+            return said
+        now = parse_log_phase(r.stdout) if r.ok else None
+        if now is not None and now != said:
+            label, detail = now
+            self.emit(
+                Event(
+                    "progress",
+                    host=step.host,
+                    stage=stage,
+                    step=step.id,
+                    status=label,
+                    message=self.secrets.redact(detail),
+                )
+            )
+            return now
+        return said
 
     def _check_abort(self, detail: str = "") -> None:
         """End a wait at once when the run is interrupted or another host failed: say which, not a timeout."""

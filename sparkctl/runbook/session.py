@@ -101,6 +101,8 @@ class Session:
     current: Report | None = None
     journal_secrets: Secrets = field(default_factory=Secrets)
     """The run's secret values, scrubbed from its journal record."""
+    follow_logs: bool = False
+    """Workload waits read the workload's log for progress (a live view shows it; plain output does not)."""
 
     def secrets_for_plan(self, *, create: bool = False) -> dict[str, str]:
         """Laptop-side secrets a run may need: the Ray token and the workloads' API keys.
@@ -250,6 +252,7 @@ class Session:
             emit=options.pop("emit", self.emit),
             command_timeout=self.inventory.ssh.command_timeout,
             probe=self.probe,
+            follow_logs=options.pop("follow_logs", self.follow_logs),
             **options,
         )
 
