@@ -16,7 +16,7 @@ from sparkctl.cli import bench, cluster, doctor, history, inspect, runbook
 app = typer.Typer(
     name="sparkctl",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish, PowerShell)
     pretty_exceptions_enable=False,
     help="Turn two or more DGX Sparks into one inference cluster: plan, up, down, status.",
     rich_markup_mode=None,

@@ -9,6 +9,7 @@ import typer
 
 from sparkctl import state
 from sparkctl.cli import common as c
+from sparkctl.cli.complete import complete_runbook
 from sparkctl.cli.interrupts import INTERRUPTS
 from sparkctl.cli.render import Progress, render_plan, render_report, render_report_details
 from sparkctl.doctor.evaluators import CheckContext
@@ -342,7 +343,7 @@ def restore_cmd(
 
 @c.guard
 def run_cmd(
-    runbook: Annotated[str, typer.Argument(help="Runbook file, or a built-in name.")],
+    runbook: Annotated[str, typer.Argument(help="Runbook file, or a built-in name.", autocompletion=complete_runbook)],
     inventory: c.InventoryOpt = None,
     dry_run: c.DryRunOpt = False,
     set_: c.SetOpt = None,

@@ -15,6 +15,7 @@ import typer
 from pydantic import ValidationError
 
 from sparkctl import state
+from sparkctl.cli.complete import complete_workload, complete_yaml_file
 from sparkctl.cli.render import escape_controls
 from sparkctl.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, InputError, Problem, SparkctlError
 from sparkctl.inventory import load_inventory, parse_inventory
@@ -30,6 +31,7 @@ InventoryOpt = Annotated[
         "-i",
         help="Inventory YAML (default: $SPARKCTL_INVENTORY, else the bundled example).",
         show_default=False,
+        autocompletion=complete_yaml_file,
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print data as JSON.")]
@@ -47,7 +49,10 @@ PlainOpt = Annotated[
 ]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Only show the plan.")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Runbook parameter: --set name=value (repeatable).")]
-WorkloadOpt = Annotated[list[str] | None, typer.Option("--workload", "-w", help="Only this workload (repeatable).")]
+WorkloadOpt = Annotated[
+    list[str] | None,
+    typer.Option("--workload", "-w", help="Only this workload (repeatable).", autocompletion=complete_workload),
+]
 
 _debug = False
 

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from sparkctl.cli import common as c
+from sparkctl.cli.complete import complete_host, complete_log_name
 from sparkctl.cli.render import render_status
 from sparkctl.errors import InputError, Problem
 from sparkctl.runbook.reads import read_log
@@ -34,9 +35,11 @@ def status_cmd(
 
 @c.guard
 def logs_cmd(
-    name: Annotated[str, typer.Argument(help="'ray' or a workload name.")],
+    name: Annotated[str, typer.Argument(help="'ray' or a workload name.", autocompletion=complete_log_name)],
     inventory: c.InventoryOpt = None,
-    host: Annotated[str | None, typer.Option("--host", help="Host (default: the head).")] = None,
+    host: Annotated[
+        str | None, typer.Option("--host", help="Host (default: the head).", autocompletion=complete_host)
+    ] = None,
     lines: Annotated[int, typer.Option("--lines", "-n")] = 100,
     follow: Annotated[bool, typer.Option("--follow", "-f")] = False,
     accept_new_host_keys: c.AcceptKeysOpt = False,

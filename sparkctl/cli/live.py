@@ -230,7 +230,7 @@ class LiveProgress:
         from rich.text import Text
 
         now = self.clock()
-        grid = Table.grid(padding=(0, 1))
+        grid = Table.grid(padding=(0, 1), expand=True)
         grid.add_column(width=1)
         grid.add_column(no_wrap=True)
         grid.add_column(ratio=1, overflow="ellipsis", no_wrap=True)
@@ -252,9 +252,11 @@ class LiveProgress:
             else:
                 status = row.status
                 mark = Text(_MARK.get(status, "·"), style=_STYLE.get(status, ""))
-                what.append(SYMBOL.get(status, status), style=_STYLE.get(status, ""))
-                counts = ", ".join(f"{n} {s}" for s, n in row.counts.items())
-                what.append(f" ({counts})" if counts else "")
+                for i, (s, n) in enumerate(
+                    sorted(row.counts.items(), key=lambda kv: _RANK.index(kv[0]) if kv[0] in _RANK else 0)
+                ):
+                    what.append(", " if i else "")
+                    what.append(f"{n} {SYMBOL.get(s, s)}", style=_STYLE.get(s, ""))
                 if row.detail:
                     what.append(": " + escape_controls(row.detail))
                 elapsed = (row.ended or now) - row.started
@@ -301,12 +303,14 @@ def render_recap(report: Report, live: LiveProgress | None = None) -> Renderable
         timing.add_column("stage / phase")
         timing.add_column("host")
         timing.add_column("time", justify="right")
-        ends = [t for _, t in live.stages[1:]]
-        last = max((r.ended for r in live.rows.values()), default=0.0)
-        for (stage, t0), t1 in zip(live.stages, [*ends, last], strict=True):
-            timing.add_row(Text(escape_controls(stage)), Text(""), Text(fmt_seconds(max(t1 - t0, 0.0))))
+        for stage in dict.fromkeys(name for name, _ in live.stages):
+            rows = [r for (st, _), r in live.rows.items() if st == stage]
+            if not rows:
+                continue
+            took = max(r.ended or r.started for r in rows) - min(r.started for r in rows)
+            timing.add_row(Text(escape_controls(stage)), Text(""), Text(fmt_seconds(took)))
             for t in live.timings:
-                if t.stage == stage:
+                if t.stage == stage and t.phase != PHASES["ready"]:
                     timing.add_row(
                         Text("  " + escape_controls(t.phase), style="dim"),
                         Text(escape_controls(t.host)),
