@@ -47,4 +47,4 @@ def main() -> None:
     from sparkctl.cli.interrupts import INTERRUPTS
 
     INTERRUPTS.install()
-    app()
+    app(prog_name="sparkctl")  # also under `python -m sparkctl`: completion scripts name the installed command

@@ -210,12 +210,11 @@ class LiveProgress:
 
     def _flush(self) -> None:
         """The finished stage, printed above the live region once (its hosts' final lines)."""
-        if not self._stage:
+        stage, self._stage = self._stage, ""
+        if not any(st == stage for st, _ in self.rows):  # a stage with nothing to do on any host
             return
-        lines = self.render_stage(self._stage, final=True)
-        self._stage = ""
         with contextlib.suppress(OSError):
-            self.console.print(lines)
+            self.console.print(self.render_stage(stage, final=True))
 
     def render_current(self) -> RenderableType:
         """The live region: the stage under way, one line per host."""
