@@ -102,43 +102,57 @@ class LiveProgress:
         """(host, step) -> (stage, phase or log label, since when) for the wait under way."""
         self._stage = ""
         self._lock = threading.RLock()
+        """Guards the state above; see __call__ for the order with rich's own locks."""
+        self._control = threading.Lock()
+        """Guards starting and stopping the live region."""
         self._live: Live | None = None
         self._spinners: dict[tuple[str, str], Any] = {}
 
     # -- events ---------------------------------------------------------------------------------------------------
+    # Lock order: the state lock (self._lock) is never held while calling into rich. rich's refresh thread holds
+    # Live's lock while it asks render_current() for the picture, which takes the state lock.
     def __call__(self, e: Event) -> None:
+        out: list[RenderableType] = []
         with self._lock:
-            now = self.clock()
-            if e.kind == "stage":
-                self._flush()
-                self._stage = e.stage
-                self.stages.append((e.stage, now))
-            elif e.kind == "step_start":
-                row = self._row(e.host, e.stage, now)
-                row.running[e.step] = e.message or e.step
-                row.phase = row.progress = row.detail = ""
-            elif e.kind == "step_end":
-                row = self._row(e.host, e.stage, now)
-                row.running.pop(e.step, None)
-                row.counts[e.status] = row.counts.get(e.status, 0) + 1
-                row.ended = now
-                if e.status in ("failed", "interrupted", "stopped"):
-                    row.detail = e.message
-                self._close_phase(e.host, e.step, now)
-                row.phase = row.progress = ""
-            elif e.kind == "phase":
-                row = self._row(e.host, e.stage, now)
-                if e.message == f"{e.status} took {e.elapsed:.1f}s":
-                    return  # the end of the previous phase: timed here, from the events' arrival
-                self._open_phase(row.stage, e.host, e.step, PHASES.get(e.status, e.status), now)
-                row.phase, row.progress = PHASES.get(e.status, e.status), ""
-            elif e.kind == "progress":
-                row = self._row(e.host, e.stage, now)
-                self._open_phase(row.stage, e.host, e.step, e.status, now)
-                row.phase, row.progress = e.status, e.message
-            else:  # note, revised: a line above the live view
-                self._print_line(f"note: {e.message}", "dim" if e.kind == "revised" else "")
-            self._refresh()
+            self._update(e, out)
+        for r in out:
+            self._print(r)
+        live = self._live
+        if live is not None:
+            with contextlib.suppress(OSError):
+                live.refresh()
+
+    def _update(self, e: Event, out: list[RenderableType]) -> None:
+        now = self.clock()
+        if e.kind == "stage":
+            out += self._flush()
+            self._stage = e.stage
+            self.stages.append((e.stage, now))
+        elif e.kind == "step_start":
+            row = self._row(e.host, e.stage, now)
+            row.running[e.step] = e.message or e.step
+            row.phase = row.progress = row.detail = ""
+        elif e.kind == "step_end":
+            row = self._row(e.host, e.stage, now)
+            row.running.pop(e.step, None)
+            row.counts[e.status] = row.counts.get(e.status, 0) + 1
+            row.ended = now
+            if e.status in ("failed", "interrupted", "stopped"):
+                row.detail = e.message
+            self._close_phase(e.host, e.step, now)
+            row.phase = row.progress = ""
+        elif e.kind == "phase":
+            row = self._row(e.host, e.stage, now)
+            if e.message == f"{e.status} took {e.elapsed:.1f}s":
+                return  # the end of the previous phase: timed here, from the events' arrival
+            self._open_phase(row.stage, e.host, e.step, PHASES.get(e.status, e.status), now)
+            row.phase, row.progress = PHASES.get(e.status, e.status), ""
+        elif e.kind == "progress":
+            row = self._row(e.host, e.stage, now)
+            self._open_phase(row.stage, e.host, e.step, e.status, now)
+            row.phase, row.progress = e.status, e.message
+        else:  # note, revised: a line above the live view
+            out.append(_line(f"note: {e.message}", "dim" if e.kind == "revised" else ""))
 
     def _row(self, host: str, stage: str, now: float) -> Row:
         key = (stage or self._stage, host)
@@ -164,9 +178,9 @@ class LiveProgress:
         """Begin redrawing (about 8 times a second) until stop()."""
         from rich.live import Live
 
-        with self._lock:
+        with self._control:
             if self._live is None:
-                self._live = Live(
+                live = Live(
                     get_renderable=self.render_current,
                     console=self.console,
                     refresh_per_second=8,
@@ -174,47 +188,46 @@ class LiveProgress:
                     redirect_stdout=False,
                     redirect_stderr=False,
                 )
-                self._live.start()
+                live.start()
+                self._live = live
 
     def stop(self) -> None:
         """Stop redrawing; the last stage stays on screen as plain lines."""
+        self._halt()
         with self._lock:
-            if self._live is not None:
-                self._live.stop()
-                self._live = None
-            self._flush()
+            out = self._flush()
+        for r in out:
+            self._print(r)
+
+    def _halt(self) -> bool:
+        with self._control:
+            live, self._live = self._live, None
+            if live is None:
+                return False
+            with contextlib.suppress(OSError):
+                live.stop()
+            return True
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
         """Stop the live region while the operator is asked something, then resume."""
-        with self._lock:
-            was = self._live is not None
-            if self._live is not None:
-                self._live.stop()
-                self._live = None
+        was = self._halt()
         try:
             yield
         finally:
             if was:
                 self.start()
 
-    def _refresh(self) -> None:
-        if self._live is not None:
-            self._live.refresh()
-
-    def _print_line(self, text: str, style: str = "") -> None:
-        from rich.text import Text
-
+    def _print(self, renderable: RenderableType) -> None:
         with contextlib.suppress(OSError):  # a terminal gone (SIGHUP) must not stop the cleanup
-            self.console.print(Text(escape_controls(text), style=style))
+            self.console.print(renderable)
 
-    def _flush(self) -> None:
-        """The finished stage, printed above the live region once (its hosts' final lines)."""
+    def _flush(self) -> list[RenderableType]:
+        """The finished stage's final lines (one per host), to print above the live region once."""
         stage, self._stage = self._stage, ""
         if not any(st == stage for st, _ in self.rows):  # a stage with nothing to do on any host
-            return
-        with contextlib.suppress(OSError):
-            self.console.print(self.render_stage(stage, final=True))
+            return []
+        return [self.render_stage(stage, final=True)]
 
     def render_current(self) -> RenderableType:
         """The live region: the stage under way, one line per host."""
@@ -229,11 +242,11 @@ class LiveProgress:
         from rich.text import Text
 
         now = self.clock()
-        grid = Table.grid(padding=(0, 1), expand=True)
+        grid = Table.grid(padding=(0, 1))
         grid.add_column(width=1)
         grid.add_column(no_wrap=True)
-        grid.add_column(ratio=1, overflow="ellipsis", no_wrap=True)
-        grid.add_column(justify="right", no_wrap=True)
+        grid.add_column(justify="right", no_wrap=True, min_width=6)
+        grid.add_column(overflow="ellipsis", no_wrap=True)
         for (st, host), row in self.rows.items():
             if st != stage:
                 continue
@@ -259,9 +272,15 @@ class LiveProgress:
                 if row.detail:
                     what.append(": " + escape_controls(row.detail))
                 elapsed = (row.ended or now) - row.started
-            grid.add_row(mark, Text(escape_controls(host), style="bold"), what, Text(fmt_seconds(elapsed), style="dim"))
+            grid.add_row(mark, Text(escape_controls(host), style="bold"), Text(fmt_seconds(elapsed), style="dim"), what)
         title = Text("== " + escape_controls(stage), style="bold blue")
         return Group(title, grid)
+
+
+def _line(text: str, style: str = "") -> RenderableType:
+    from rich.text import Text
+
+    return Text(escape_controls(text), style=style)
 
 
 def render_recap(report: Report, live: LiveProgress | None = None) -> RenderableType:
