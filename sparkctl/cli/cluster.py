@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -11,18 +11,16 @@ from sparkctl import state
 from sparkctl.cli import common as c
 from sparkctl.cli.complete import complete_runbook
 from sparkctl.cli.interrupts import INTERRUPTS
-from sparkctl.cli.render import Progress, render_plan, render_report, render_report_details
-from sparkctl.doctor.evaluators import CheckContext
-from sparkctl.doctor.preflight import preflight
 from sparkctl.errors import EXIT_FAILED, EXIT_INTERRUPTED, HostError, InputError, Problem
-from sparkctl.inventory.models import Inventory
-from sparkctl.plan.models import Plan
-from sparkctl.runbook.engine import Report, Secrets
-from sparkctl.runbook.load import load_runbook, resolve_params, step_index
-from sparkctl.runbook.lock import owner_here
-from sparkctl.runbook.models import Runbook
-from sparkctl.runbook.planner import offline_plan
-from sparkctl.runbook.session import Session, secrets_needed, ssh_connect
+
+# Loaded when a command runs (see common.py): the models and the planner to plan; the session, the engine and
+# the preflight rules only for commands that reach the hosts.
+if TYPE_CHECKING:
+    from sparkctl.inventory.models import Inventory
+    from sparkctl.plan.models import Plan
+    from sparkctl.runbook.engine import Report, Secrets
+    from sparkctl.runbook.models import Runbook
+    from sparkctl.runbook.session import Session
 
 OfflineOpt = Annotated[
     bool, typer.Option("--offline", help="Plan as if the hosts were fresh, without contacting them.")
@@ -59,12 +57,18 @@ def _workloads(inv: Inventory, chosen: list[str] | None) -> list[str] | None:
 
 def show_plan(plan: Plan, as_json: bool, secrets: Secrets) -> str:
     """The plan as printed (text or JSON), with every secret value redacted, `secret: true` parameters too."""
+    from sparkctl.cli.render import render_plan
+    from sparkctl.plan.models import Plan
+
     shown = Plan.model_validate(secrets.scrub(plan.model_dump()))
     return shown.model_dump_json(indent=2) if as_json else render_plan(shown)
 
 
 def show_report(report: Report, as_json: bool, secrets: Secrets) -> str:
     """The report as printed: the executed steps' commands may hold secret parameter values."""
+    from sparkctl.cli.render import render_report
+    from sparkctl.runbook.engine import Report
+
     shown = Report.model_validate(secrets.scrub(report.model_dump()))
     return shown.model_dump_json(indent=2) if as_json else render_report(shown)
 
@@ -93,6 +97,11 @@ def execute(
     On a terminal (both stdout and stderr, without --plain or --json) the run shows as a live view and ends with a
     recap; otherwise the same events print as plain lines.
     """
+    from sparkctl.cli.render import Progress
+    from sparkctl.runbook.engine import Secrets
+    from sparkctl.runbook.lock import owner_here
+    from sparkctl.runbook.session import Session, secrets_needed, ssh_connect
+
     c.check_secret_files(inv)
     live = None
     if not dry_run and c.live_wanted(plain, as_json):
@@ -116,6 +125,9 @@ def execute(
             secrets = session.secrets_for_plan(create=True)
             plan = session.plan(rb, params, secrets, start=start, only=only)
         if checks and not dry_run:
+            from sparkctl.doctor.evaluators import CheckContext
+            from sparkctl.doctor.preflight import preflight
+
             warnings, stop = preflight(CheckContext(session.inventory, session.facts), force)
             for f in warnings:
                 c.echo(f"warning: {f.rule} {f.subject}: {f.evidence}", err=True)
@@ -147,6 +159,8 @@ def execute(
         hidden = Secrets({**secrets, **rb.secret_values(params)})
         if live is not None:
             from sparkctl.cli.live import print_report
+            from sparkctl.cli.render import render_report_details
+            from sparkctl.runbook.engine import Report
 
             shown = Report.model_validate(hidden.scrub(report.model_dump()))
             print_report(shown, "\n".join(render_report_details(shown)), live)
@@ -183,7 +197,8 @@ def unlock(inv: Inventory, *, yes: bool, accept_new_host_keys: bool) -> None:
     """Show the lock on every reachable host, confirm, and remove it where it is still the one shown."""
     import time
 
-    from sparkctl.runbook.lock import build_break, build_read, is_stale_here, parse_answer
+    from sparkctl.runbook.lock import build_break, build_read, is_stale_here, owner_here, parse_answer
+    from sparkctl.runbook.session import Session, ssh_connect
 
     session = Session(inv, ssh_connect(accept_new_host_keys))
     try:
@@ -237,10 +252,15 @@ def plan_cmd(
     debug: c.DebugOpt = False,
 ) -> None:
     """Show what `up` would change on every host: steps, exact commands, diffs. Changes nothing."""
+    from sparkctl.runbook.load import load_runbook, resolve_params
+
     inv = c.start(debug, inventory)
     rb = load_runbook("up")
     params = resolve_params(rb, {}) | {"workloads": _workloads(inv, workload)}
     if offline:
+        from sparkctl.runbook.engine import Secrets
+        from sparkctl.runbook.planner import offline_plan
+
         plan = offline_plan(inv, rb, params)
         c.echo(show_plan(plan, as_json, Secrets(rb.secret_values(params))))
         return
@@ -260,6 +280,8 @@ def up_cmd(
     debug: c.DebugOpt = False,
 ) -> None:
     """Configure the fabric and env, form Ray, start the workloads and wait until they answer."""
+    from sparkctl.runbook.load import load_runbook, resolve_params
+
     inv = c.start(debug, inventory)
     rb = load_runbook("up")
     params = resolve_params(rb, {}) | {"workloads": _workloads(inv, workload)}
@@ -290,6 +312,8 @@ def down_cmd(
 
     Hosts that cannot be reached are named (exit 1); the others are stopped anyway.
     """
+    from sparkctl.runbook.load import load_runbook
+
     inv = c.start(debug, inventory)
     execute(
         inv,
@@ -327,6 +351,8 @@ def restore_cmd(
     debug: c.DebugOpt = False,
 ) -> None:
     """Put the twins back as before sparkctl: delete its profiles, re-enable the ones it disabled."""
+    from sparkctl.runbook.load import load_runbook
+
     inv = c.start(debug, inventory)
     execute(
         inv,
@@ -357,6 +383,8 @@ def run_cmd(
     debug: c.DebugOpt = False,
 ) -> None:
     """Run a runbook (playbooks/*.yaml or a built-in) with the same engine as up and down."""
+    from sparkctl.runbook.load import load_runbook, resolve_params, step_index
+
     c.set_debug(debug)
     rb = load_runbook(runbook)
     inv = c.inventory(inventory)
@@ -377,6 +405,9 @@ def run_cmd(
             ]
         )
     if dry_run and offline:
+        from sparkctl.runbook.engine import Secrets
+        from sparkctl.runbook.planner import offline_plan
+
         plan = offline_plan(inv, rb, params, start=start, only=only)
         c.echo(show_plan(plan, as_json, Secrets(rb.secret_values(params))))
         return
