@@ -290,7 +290,7 @@ def render_recap(report: Report, live: LiveProgress | None = None) -> Renderable
     from rich.table import Table
     from rich.text import Text
 
-    recap = Table(title="recap", title_justify="left", title_style="bold", show_edge=False, pad_edge=False)
+    recap = Table(show_edge=False, pad_edge=False)
     for col in ("host", "state", "ok", "changed", "failed", "unreachable", "skipped", "time"):
         recap.add_column(col, justify="left" if col in ("host", "state") else "right")
     for host, state in report.hosts.items():
@@ -315,9 +315,9 @@ def render_recap(report: Report, live: LiveProgress | None = None) -> Renderable
             cell(count["skipped"], "cyan"),
             Text(fmt_seconds(took), style="dim"),
         )
-    parts: list[Any] = [recap]
+    parts: list[Any] = [Text("recap", style="bold"), recap]
     if live is not None and live.stages:
-        timing = Table(title="timings", title_justify="left", title_style="bold", show_edge=False, pad_edge=False)
+        timing = Table(show_edge=False, pad_edge=False)
         timing.add_column("stage / phase")
         timing.add_column("host")
         timing.add_column("time", justify="right")
@@ -334,7 +334,7 @@ def render_recap(report: Report, live: LiveProgress | None = None) -> Renderable
                         Text(escape_controls(t.host)),
                         Text(fmt_seconds(t.seconds)),
                     )
-        parts += [Text(""), timing]
+        parts += [Text(""), Text("timings", style="bold"), timing]
     return Group(*parts)
 
 
@@ -349,5 +349,5 @@ def print_report(report: Report, details: str, live: LiveProgress, stream: TextI
     with contextlib.suppress(OSError):
         console.print(Text(escape_controls(f"{report.runbook} on {report.cluster}: ")) + Text(head, style=style))
         console.print(render_recap(report, live))
-        if details:
-            console.print(Text(escape_controls(details)))
+        if details:  # soft_wrap: long lines (hints, commands) are left to the terminal, not cut into pieces
+            console.print(Text(escape_controls(details)), soft_wrap=True)

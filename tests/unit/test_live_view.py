@@ -337,3 +337,42 @@ def test_events_while_the_live_region_redraws_never_deadlock() -> None:
     stopper.start()
     stopper.join(timeout=30)
     assert not any(t.is_alive() for t in [*threads, stopper]), "the live view deadlocked"
+
+
+PROBE_OK = "@@sparkctl identity\nspark\n/home/spark\nspark-x\n@@sparkctl end\n"
+EXAMPLE = Path(__file__).resolve().parents[2] / "inventories" / "example-pair.yaml"
+
+
+@pytest.mark.parametrize("plain", [False, True])
+def test_down_through_the_cli_ends_with_the_recap_or_the_plain_report(
+    isolated_state: Path, mocker: Any, plain: bool
+) -> None:
+    """The CLI wiring: live (as on a terminal) ends with the recap naming the lost host; --plain keeps the report."""
+    from typer.testing import CliRunner
+
+    from sparkctl.cli.app import app
+    from sparkctl.execute.fake import FailingConnect
+
+    lost = FailingConnect(unreachable=["spark-b"], message="Connection refused")
+    took_lock = Result(0, "@@sparkctl-lock taken\n", "")
+    spark_a = RecordingTransport("spark-a", {"sh -s": Result(0, PROBE_OK, ""), "t=$(mktemp": took_lock})
+
+    def ssh_connect(accept_new_host_keys: bool) -> Any:
+        return lambda host, settings: spark_a if host.name == "spark-a" else lost(host, settings)
+
+    mocker.patch("sparkctl.runbook.session.ssh_connect", side_effect=ssh_connect)
+    mocker.patch("sparkctl.cli.common.live_wanted", side_effect=lambda plain, as_json: not plain and not as_json)
+    args = ["down", "-i", str(EXAMPLE)] + (["--plain"] if plain else [])
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 1, r.output
+    assert len(spark_a.commands) > 3, spark_a.commands  # lock, facts, then down's steps ran on spark-a
+    if plain:
+        assert "recap" not in r.stdout and "  spark-b: UNREACHABLE" in r.stdout
+        assert "== check" in r.stderr and "   spark-a: verify_clean" in r.stderr
+    else:
+        out = r.stdout
+        assert "\ndown on spark-pair: FAILED\nrecap\n" in out
+        row = next(ln for ln in out.splitlines() if ln.startswith("spark-b"))
+        assert row.replace("│", " ").split()[1] == "UNREACHABLE" and row.replace("│", " ").split()[5] == "1"
+        assert "error: spark-b: " in out and "Connection refused" in out  # the details follow the recap
+        assert "== check\n✓ spark-a " in r.stderr and "   spark-a: " not in r.stderr
