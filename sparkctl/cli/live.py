@@ -269,8 +269,8 @@ class LiveProgress:
                 ):
                     what.append(", " if i else "")
                     what.append(f"{n} {SYMBOL.get(s, s)}", style=_STYLE.get(s, ""))
-                if row.detail:
-                    what.append(": " + escape_controls(row.detail))
+                if row.detail.strip():  # its first line: the whole message follows the recap
+                    what.append(": " + escape_controls(row.detail.strip().splitlines()[0]))
                 elapsed = (row.ended or now) - row.started
             grid.add_row(mark, Text(escape_controls(host), style="bold"), Text(fmt_seconds(elapsed), style="dim"), what)
         title = Text("== " + escape_controls(stage), style="bold blue")

@@ -167,9 +167,10 @@ def test_failure_line_and_details_after_the_recap() -> None:
     view(Event("stage", stage="fabric", message="fabric"))
     view(Event("step_start", host="spark-a", stage="fabric", step="fabric_profile:x", message="profile x"))
     clock.t = 2.5
-    view(Event("step_end", host="spark-a", stage="fabric", step="fabric_profile:x", status="failed", message="boom"))
+    message = "boom\nnmcli: Error: a second line"
+    view(Event("step_end", host="spark-a", stage="fabric", step="fabric_profile:x", status="failed", message=message))
     view.stop()
-    assert "✗ spark-a" in buf.getvalue() and "1 FAILED: boom" in buf.getvalue() and "2.5s" in buf.getvalue()
+    assert buf.getvalue() == "== fabric\n✗ spark-a   2.5s 1 FAILED: boom\n"
     report = Report(cluster="c", runbook="up", ok=False, hosts={"spark-a": "failed"})
     report.results.append(
         StepResult(
