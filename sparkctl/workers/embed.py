@@ -995,7 +995,7 @@ class EmbeddingService:
     def metrics(self) -> str:
         """The counters in the Prometheus text exposition format (version 0.0.4: `# HELP`, `# TYPE`, then
         `name{label="value"} value` lines; prometheus.io/docs/instrumenting/exposition_formats), as vLLM serves
-        its own on /metrics. Counter samples carry the `_total` suffix, as prometheus_client writes them."""
+        its own on /metrics."""
         with self._counts_lock:
             counts = dict(self.counts)
         # label values escape backslash, double quote and newline (the format's own escaping)
@@ -1009,7 +1009,10 @@ class EmbeddingService:
         ]
         lines = []
         for name, help_text, value in families:
-            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter", f"{name}_total{label} {float(value)}"]
+            # text format 0.0.4 has no `_total` convention of its own: TYPE and HELP name the sample itself,
+            # as prometheus_client's generate_latest writes a counter (`# TYPE x_total counter`, then `x_total`)
+            total = f"{name}_total"
+            lines += [f"# HELP {total} {help_text}", f"# TYPE {total} counter", f"{total}{label} {float(value)}"]
         return "\n".join(lines) + "\n"
 
     def record(self, status: str) -> None:
