@@ -24,7 +24,8 @@ KEY = "sk-test-'quoted' $value"
 @pytest.fixture
 def inv_file(tmp_path: Path, example: Any) -> Path:
     text = str(example).rstrip("\n") + (
-        "\n  - name: embed\n    engine: embed\n    model: all-MiniLM-L6-v2\n    tensor_parallel_size: 2\n    port: 8100\n"
+        "\n  - name: embed\n    engine: embed\n    model: all-MiniLM-L6-v2\n"
+        "    tensor_parallel_size: 2\n    port: 8100\n"
     )
     path = tmp_path / "inv.yaml"
     path.write_text(text)
