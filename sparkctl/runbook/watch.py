@@ -147,7 +147,7 @@ class Watch:
         }
         try:
             status, body = self.session.get_text(base + "/health", timeout=self.timeout)
-        except OSError:
+        except Exception:  # refused, timed out, cut off mid-answer: the view goes on, the workload shows down
             status, body = None, ""
         view["health"] = health_of(status, body)
         if status is None:
@@ -158,8 +158,8 @@ class Watch:
                 raise ValueError(f"/metrics answered {status}")
             names, gauges = (EMBED_COUNTERS, EMBED_GAUGES) if w.engine == "embed" else (VLLM_COUNTERS, VLLM_GAUGES)
             now, counters = self.clock(), parse_metrics(text, names, gauges)
-        except (OSError, ValueError) as exc:
-            view["metrics_error"] = str(exc)[:200]
+        except Exception as exc:  # not reachable, or not the Prometheus text format: said in the view
+            view["metrics_error"] = f"/metrics: {exc}"[:200]
             return view
         before = self.last.get(w.name)
         view["rates"] = counter_rates(before[1] if before else None, counters, now - before[0] if before else 0.0)
