@@ -20,7 +20,6 @@ def status_cmd(
         bool,
         typer.Option(
             "--watch",
-            "-w",
             help="Refresh until Ctrl-C: GPU, memory, fabric, Ray per host; health and rates per workload.",
         ),
     ] = False,
