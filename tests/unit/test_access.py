@@ -151,3 +151,11 @@ def test_a_refused_key_names_the_workload_and_the_fix(example: Any) -> None:
 def test_an_embedding_summary() -> None:
     e = summarize_embedding([0.6, -0.8, 0.0, 0.0, 0.0, 0.0, 1e-7])
     assert e == {"dimension": 7, "norm": pytest.approx(1.0), "first": [0.6, -0.8, 0.0, 0.0, 0.0]}
+
+
+def test_the_new_commands_help_loads_no_terminal_http_or_metrics_library() -> None:
+    from tests.unit.test_cli import _loaded_after
+
+    watched = ("rich", "prometheus_client", "openai", "httpx", "urllib.request", "sparkctl.runbook.session")
+    for argv in (["status", "--help"], ["endpoint", "--help"], ["ask", "--help"]):
+        assert _loaded_after(argv, watched) == [], argv
