@@ -198,7 +198,7 @@ def test_a_refresh_warns_by_doctors_rules_and_turns_counters_into_rates(example:
         "spark-a": _output({"gpu_use": "90, 97, [N/A], [N/A]", "meminfo": MEMINFO, "ip_addr": ip}),
         "spark-b": HostError("spark-b: connection lost"),
     }
-    page = "# TYPE vllm:request_success_total counter\nvllm:request_success_total{engine=\"0\"} %d\n"
+    page = '# TYPE vllm:request_success_total counter\nvllm:request_success_total{engine="0"} %d\n'
     base = "http://10.0.0.11:8000"
     session = RecordedSession(inv, outputs, {f"{base}/health": (200, ""), f"{base}/metrics": (200, page % 10)})
     times = iter([100.0, 104.0])
