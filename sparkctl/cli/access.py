@@ -8,8 +8,14 @@ from typing import Annotated
 import typer
 
 from sparkctl.cli import common as c
+from sparkctl.cli.complete import complete_workload
 
-WorkloadArg = Annotated[str | None, typer.Argument(help="Workload name (default: the only one).", show_default=False)]
+WorkloadArg = Annotated[
+    str | None,
+    typer.Argument(
+        help="Workload name (default: the only one).", show_default=False, autocompletion=complete_workload
+    ),
+]
 
 
 @c.guard
@@ -38,7 +44,7 @@ def endpoint_cmd(
 
 @c.guard
 def ask_cmd(
-    workload: Annotated[str, typer.Argument(help="Workload name.")],
+    workload: Annotated[str, typer.Argument(help="Workload name.", autocompletion=complete_workload)],
     text: Annotated[str, typer.Argument(help="The prompt (vLLM: one chat message) or the text to embed (embed).")],
     inventory: c.InventoryOpt = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="Chat completion length limit.")] = 128,

@@ -139,6 +139,8 @@ def test_typer_protocol_end_to_end(inv: Path, tmp_path: Path) -> None:
     assert _complete(f"sparkctl logs -i {inv} --host sp") == ["spark-a", "spark-b"]
     assert _complete(f"sparkctl logs -i {inv} e") == ["embed"]
     assert _complete(f"sparkctl up -i {tmp_path}/l") == [str(inv)]
+    assert _complete(f"sparkctl ask -i {inv} c") == ["chat"]
+    assert _complete(f"sparkctl endpoint -i {inv} ") == ["chat", "embed"]
     bad = tmp_path / "broken.yaml"
     bad.write_text("hosts: [")
     assert _complete(f"sparkctl up -i {bad} -w ") == []
