@@ -28,7 +28,7 @@ EMBED = {"name": "embed", "engine": "embed", "model": "all-MiniLM-L6-v2", "tenso
          "port": 8100, "ready_timeout": 300}
 SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"  # rich's "dots"
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
-PLAIN_STEP = re.compile(r"^   (spark-[ab]): (\S+) (\.\.\.|ok|changed) ?(\(\d+\.\ds\))?$")
+PLAIN_STEP = re.compile(r"^   (spark-[ab]): (.+?) (\.\.\.|ok \(\d+\.\ds\)|changed \(\d+\.\ds\))$")
 
 
 def on_terminal(args: list[str], env: dict[str, str], timeout: float = 600) -> tuple[int, str]:
