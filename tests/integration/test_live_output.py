@@ -24,8 +24,14 @@ from tests.testbed import Testbed
 
 pytestmark = pytest.mark.testbed
 
-EMBED = {"name": "embed", "engine": "embed", "model": "all-MiniLM-L6-v2", "tensor_parallel_size": 2,
-         "port": 8100, "ready_timeout": 300}
+EMBED = {
+    "name": "embed",
+    "engine": "embed",
+    "model": "all-MiniLM-L6-v2",
+    "tensor_parallel_size": 2,
+    "port": 8100,
+    "ready_timeout": 300,
+}
 SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"  # rich's "dots"
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
 PLAIN_STEP = re.compile(r"^   (spark-[ab]): (.+?) (\.\.\.|ok \(\d+\.\ds\)|changed \(\d+\.\ds\))$")
@@ -35,8 +41,15 @@ def on_terminal(args: list[str], env: dict[str, str], timeout: float = 600) -> t
     """Run sparkctl with stdin, stdout and stderr on a pseudo-terminal of 120x40; everything it wrote."""
     master, slave = os.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
-    proc = subprocess.Popen([sys.executable, "-m", "sparkctl", *args], stdin=slave, stdout=slave, stderr=slave,
-                            env={**env, "TERM": "xterm-256color"}, cwd=REPO, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sparkctl", *args],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env={**env, "TERM": "xterm-256color"},
+        cwd=REPO,
+        start_new_session=True,
+    )
     os.close(slave)
     out = bytearray()
     deadline = time.monotonic() + timeout
