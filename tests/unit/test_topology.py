@@ -7,16 +7,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
-from sparkctl.errors import Problem
-from sparkctl.inventory import load_inventory, parse_inventory
-from sparkctl.inventory.topology import End, check_pairs, links, neighbours, ring_routes
-
+from conftest import Text
 from typer.testing import CliRunner
 
 from sparkctl.cli.app import app
-
-from conftest import Text
+from sparkctl.errors import Problem
+from sparkctl.inventory import load_inventory, parse_inventory
+from sparkctl.inventory.topology import End, check_pairs, links, neighbours, ring_routes
 
 REPO = Path(__file__).resolve().parents[2]
 RING = REPO / "inventories" / "example-ring.yaml"
@@ -126,7 +123,8 @@ def test_switch_needs_two_hosts(problems: Callable[[str], list[Problem]]) -> Non
 def load_one_host_switch() -> str:
     text = SWITCH4.read_text()
     head, _, rest = text.partition("  - name: spark-2\n")
-    return head + "\nruntime:" + rest.split("\nruntime:", 1)[1].replace("tensor_parallel_size: 4", "tensor_parallel_size: 1")
+    tail = rest.split("\nruntime:", 1)[1].replace("tensor_parallel_size: 4", "tensor_parallel_size: 1")
+    return head + "\nruntime:" + tail
 
 
 def test_ring_host_lists_four_interfaces(problems: Callable[[str], list[Problem]]) -> None:
