@@ -190,3 +190,86 @@ def test_ring_allows_both_interfaces_of_a_port_on_the_cable_subnet() -> None:
     h = inv.hosts[0]
     assert h.fabric[0].address.network == h.fabric[1].address.network
     assert h.fabric[0].address.network != h.fabric[2].address.network
+
+
+# --- N hosts through the planners -----------------------------------------------------------------------
+
+
+def test_ring_profile_carries_its_route_and_the_env_its_nccl_variables(cli) -> None:
+    result = cli("plan", "--offline", "--json", "-i", str(RING))
+    assert result.exit_code == 0, result.output
+    steps = [s for stage in json.loads(result.stdout)["stages"] for s in stage["steps"]]
+    add = next(
+        s for s in steps if s["host"] == "spark-1" and s["kind"] == "fabric_profile" and s["target"] == "enp1s0f0np0"
+    )
+    argv = add["commands"][0]["argv"]
+    assert argv[argv.index("ipv4.routes") + 1] == "192.168.2.0/24 192.168.0.3"
+    other = next(
+        s for s in steps if s["host"] == "spark-1" and s["kind"] == "fabric_profile" and s["target"] == "enp1s0f1np1"
+    )
+    assert "ipv4.routes" not in other["commands"][0]["argv"]
+    env = next(s for s in steps if s["host"] == "spark-2" and s["kind"] == "worker_env")["commands"][0]["stdin"]
+    values = dict(line.split("=", 1) for line in env.splitlines() if "=" in line and not line.startswith("#"))
+    assert values["NCCL_IB_HCA"] == "rocep1s0f0,roceP2p1s0f0,rocep1s0f1,roceP2p1s0f1"
+    assert values["NCCL_SOCKET_IFNAME"] == "enp1s0f0np0" and values["VLLM_HOST_IP"] == "192.168.2.1"
+    assert (values["NCCL_IB_MERGE_NICS"], values["NCCL_IB_SUBNET_AWARE_ROUTING"], values["NCCL_NET_PLUGIN"]) == (
+        "0",
+        "1",
+        "none",
+    )
+    switch_env = cli("plan", "--offline", "--json", "-i", str(SWITCH4))
+    assert "NCCL_IB_MERGE_NICS" not in switch_env.stdout
+
+
+def test_nmcli_routes_are_read_in_both_forms() -> None:
+    from sparkctl.facts.parse import parse_nm_routes
+
+    assert parse_nm_routes("192.168.2.0/24 192.168.0.3") == ["192.168.2.0/24 192.168.0.3"]
+    assert parse_nm_routes("{ ip = 192.168.2.0/24, nh = 192.168.0.3 }") == ["192.168.2.0/24 192.168.0.3"]
+    assert parse_nm_routes("192.168.2.0/24 192.168.0.3 100, 10.1.0.0/16") == [
+        "192.168.2.0/24 192.168.0.3",
+        "10.1.0.0/16",
+    ]
+    assert parse_nm_routes("") == parse_nm_routes("--") == []
+
+
+def test_bench_pairs_follow_the_cables() -> None:
+    from sparkctl.plan.bench import bench_pairs
+
+    ring = load_inventory(RING)
+    pairs = bench_pairs(ring)
+    assert len(pairs) == 6  # 3 cables x 2 lanes, once each
+    for src, dst in pairs:
+        a, b = ring.hosts[src.host].fabric[src.twin], ring.hosts[dst.host].fabric[dst.twin]
+        assert a.address.network == b.address.network
+    assert len(bench_pairs(load_inventory(SWITCH4))) == 6  # the first host to 3 peers, 2 twins
+
+
+def test_discover_proposes_a_ring_for_three_hosts_with_four_interfaces_up() -> None:
+    from sparkctl.facts.discover import Discovered, guess_topology, propose_inventory
+
+    ports = [
+        ("enp1s0f1np1", "rocep1s0f1"),
+        ("enP2p1s0f0np0", "roceP2p1s0f0"),
+        ("enP2p1s0f1np1", "roceP2p1s0f1"),
+        ("enp1s0f0np0", "rocep1s0f0"),
+    ]
+    found = []
+    for i in range(3):
+        d = Discovered(address=f"10.0.0.{11 + i}", user="nvidia", hostname=f"spark-{i + 1}", twins=list(ports))
+        d.twins.sort(key=lambda t: (t[0][-1], t[0].lower()))
+        found.append(d)
+    assert guess_topology(found) == "ring"
+    text, problems = propose_inventory(found, cluster="lab")
+    assert problems == []
+    inv = parse_inventory(text, "proposed.yaml")  # valid as proposed: cables on their own subnets
+    assert inv.network.topology == "ring"
+    assert [t.interface for t in inv.hosts[0].fabric] == [
+        "enp1s0f0np0",
+        "enP2p1s0f0np0",
+        "enp1s0f1np1",
+        "enP2p1s0f1np1",
+    ]
+    two = [Discovered(address=f"10.0.0.{11 + i}", user="nvidia", twins=list(ports[:2])) for i in range(4)]
+    assert guess_topology(two) == "switch" and guess_topology(two[:2]) == "direct"
+    assert parse_inventory(propose_inventory(two, cluster="lab")[0], "p.yaml").network.topology == "switch"
