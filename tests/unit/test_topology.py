@@ -203,11 +203,14 @@ def test_ring_profile_carries_its_route_and_the_env_its_nccl_variables(cli) -> N
         s for s in steps if s["host"] == "spark-1" and s["kind"] == "fabric_profile" and s["target"] == "enp1s0f0np0"
     )
     argv = add["commands"][0]["argv"]
-    assert argv[argv.index("ipv4.routes") + 1] == "192.168.2.0/24 192.168.0.3"
+    assert argv[argv.index("ipv4.routes") + 1] == "192.168.0.0/24 table=5100, 192.168.2.0/24 192.168.0.3"
+    assert argv[argv.index("ipv4.routing-rules") + 1] == "priority 5100 from 192.168.0.1 table 5100"
     other = next(
         s for s in steps if s["host"] == "spark-1" and s["kind"] == "fabric_profile" and s["target"] == "enp1s0f1np1"
     )
-    assert "ipv4.routes" not in other["commands"][0]["argv"]
+    argv = other["commands"][0]["argv"]
+    assert argv[argv.index("ipv4.routes") + 1] == "192.168.1.0/24 table=5102"  # its own lane only
+    assert argv[argv.index("ipv4.routing-rules") + 1] == "priority 5102 from 192.168.1.1 table 5102"
     env = next(s for s in steps if s["host"] == "spark-2" and s["kind"] == "worker_env")["commands"][0]["stdin"]
     values = dict(line.split("=", 1) for line in env.splitlines() if "=" in line and not line.startswith("#"))
     assert values["NCCL_IB_HCA"] == "rocep1s0f0,roceP2p1s0f0,rocep1s0f1,roceP2p1s0f1"
@@ -221,11 +224,11 @@ def test_ring_profile_carries_its_route_and_the_env_its_nccl_variables(cli) -> N
     assert "NCCL_IB_MERGE_NICS" not in switch_env.stdout
 
 
-def test_nmcli_routes_are_read_in_both_forms() -> None:
+def test_nmcli_routes_are_read_without_metrics() -> None:
     from sparkctl.facts.parse import parse_nm_routes
 
     assert parse_nm_routes("192.168.2.0/24 192.168.0.3") == ["192.168.2.0/24 192.168.0.3"]
-    assert parse_nm_routes("{ ip = 192.168.2.0/24, nh = 192.168.0.3 }") == ["192.168.2.0/24 192.168.0.3"]
+    assert parse_nm_routes("192.168.0.0/24 table=5100") == ["192.168.0.0/24 table=5100"]
     assert parse_nm_routes("192.168.2.0/24 192.168.0.3 100, 10.1.0.0/16") == [
         "192.168.2.0/24 192.168.0.3",
         "10.1.0.0/16",
