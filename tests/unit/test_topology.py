@@ -276,3 +276,12 @@ def test_discover_proposes_a_ring_for_three_hosts_with_four_interfaces_up() -> N
     two = [Discovered(address=f"10.0.0.{11 + i}", user="nvidia", twins=list(ports[:2])) for i in range(4)]
     assert guess_topology(two) == "switch" and guess_topology(two[:2]) == "direct"
     assert parse_inventory(propose_inventory(two, cluster="lab")[0], "p.yaml").network.topology == "switch"
+
+
+@pytest.mark.parametrize("playbook", ["bringup", "fabric-check", "teardown"])
+@pytest.mark.parametrize("path", [RING, SWITCH8], ids=lambda p: p.name)
+def test_runbooks_dry_run_on_ring_and_switch(cli, playbook: str, path: Path) -> None:
+    result = cli("run", str(REPO / "playbooks" / f"{playbook}.yaml"), "--dry-run", "--offline", "-i", str(path))
+    assert result.exit_code == 0, result.output
+    hosts = [h.name for h in load_inventory(path).hosts]
+    assert all(h in result.output for h in hosts)
