@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from sparkctl.cli.app import app
 from sparkctl.errors import Problem
 from sparkctl.inventory import load_inventory, parse_inventory
-from sparkctl.inventory.topology import End, check_pairs, links, neighbours, ring_routes
+from sparkctl.inventory.topology import End, check_pairs, interface, links, neighbours, ring_routes
 
 REPO = Path(__file__).resolve().parents[2]
 RING = REPO / "inventories" / "example-ring.yaml"
@@ -285,3 +285,73 @@ def test_runbooks_dry_run_on_ring_and_switch(cli, playbook: str, path: Path) -> 
     assert result.exit_code == 0, result.output
     hosts = [h.name for h in load_inventory(path).hosts]
     assert all(h in result.output for h in hosts)
+
+
+# --- doctor names wrong cabling ---------------------------------------------------------------------------
+
+
+def _rule(rule_id: str):  # type: ignore[no-untyped-def]
+    from sparkctl.doctor.rules import load_rules
+
+    return next(r for r in load_rules().rules if r.id == rule_id)
+
+
+def test_doctor_names_the_switch_port_on_the_wrong_vlan() -> None:
+    from sparkctl.doctor.evaluators import EVALUATORS, CheckContext
+
+    inv = load_inventory(SWITCH4)
+    # spark-3's enP2p1s0f1np1 sits on another VLAN: the pings into it and out of it fail, the others cross
+    pings = {}
+    for src, dst in check_pairs(inv):
+        a, b = interface(inv, src), interface(inv, dst)
+        bad = src.twin == 1 and 2 in (src.host, dst.host)
+        key = (inv.hosts[src.host].name, a.interface, str(b.address.ip))
+        pings[key] = (not bad, "100% packet loss" if bad else "")
+    findings = EVALUATORS["jumbo_path"](CheckContext(inv, {}, pings), _rule("jumbo-path"))
+    failed = {f.subject: f for f in findings if f.level == "fail"}
+    assert set(failed) == {
+        "spark-2 enP2p1s0f1np1 -> spark-3 enP2p1s0f1np1 192.168.101.12",
+        "spark-3 enP2p1s0f1np1 -> spark-4 enP2p1s0f1np1 192.168.101.13",
+    }
+    f = failed["spark-2 enP2p1s0f1np1 -> spark-3 enP2p1s0f1np1 192.168.101.12"]
+    assert "expected spark-3 enP2p1s0f1np1 (192.168.101.12) at the other end of link 1" in f.evidence
+    assert "bridge/VLAN" in f.fix
+    assert sum(1 for f in findings if f.level == "pass") == 6
+
+
+def test_doctor_names_a_swapped_ring_cable() -> None:
+    from sparkctl.doctor.evaluators import EVALUATORS, CheckContext
+
+    inv = load_inventory(RING)
+    # cable 0's ends are swapped at spark-2 (Port0 where Port1 belongs): nothing crosses cable 0 nor cable 1
+    pings = {}
+    for src, dst in check_pairs(inv):
+        a, b = interface(inv, src), interface(inv, dst)
+        link = {src.host, dst.host}
+        ok = link == {0, 2}  # cable 2 (spark-3 Port0 - spark-1 Port1) is the only one cabled as listed
+        pings[(inv.hosts[src.host].name, a.interface, str(b.address.ip))] = (ok, "" if ok else "100% packet loss")
+    findings = EVALUATORS["jumbo_path"](CheckContext(inv, {}, pings), _rule("jumbo-path"))
+    failed = [f for f in findings if f.level == "fail"]
+    assert len(failed) == 8
+    first = next(f for f in failed if f.subject.startswith("spark-1 enp1s0f0np0 ->"))
+    assert first.subject == "spark-1 enp1s0f0np0 -> spark-2 enp1s0f1np1 192.168.0.3"
+    assert "cable 0 (spark-1 Port0 - spark-2 Port1)" in first.evidence
+    assert "Port0 is the CX-7 port next to the Ethernet port" in first.fix
+
+
+def test_doctor_accepts_both_interfaces_of_a_ring_port_on_one_subnet() -> None:
+    from sparkctl.doctor.evaluators import EVALUATORS, CheckContext
+    from sparkctl.facts.models import Interface
+    from sparkctl.plan.context import fresh_facts
+
+    inv = load_inventory(RING)
+    facts = {}
+    for h in inv.hosts:
+        f = fresh_facts(inv, h)
+        ifaces = {
+            t.interface: Interface(name=t.interface, mtu=9000, operstate="UP", up=True, ipv4=[str(t.address)])
+            for t in h.fabric
+        }
+        facts[h.name] = f.model_copy(update={"interfaces": ifaces})
+    findings = EVALUATORS["twin_subnets"](CheckContext(inv, facts), _rule("twin-subnets"))
+    assert [f.level for f in findings] == ["pass"] * 3, [f.evidence for f in findings]
