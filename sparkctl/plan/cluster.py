@@ -174,16 +174,18 @@ def plan_ray_node(ctx: PlanContext, host: Host) -> list[Step]:
 def ray_formed(ctx: PlanContext) -> bool:
     """The facts already show the cluster formed, and nothing earlier in this run changes anything: every host runs
     Ray as specified (fabric address, the cluster's token) and every host's raylet holds its connection to the head's
-    GCS from its fabric address. A raylet whose GCS drops it exits, so the connection is the node's membership."""
+    GCS from one of its fabric addresses. A raylet whose GCS drops it exits, so the connection is the node's
+    membership."""
     inv = ctx.inventory
     if ctx.changed:
         return False
     head_ip, port = lc.fabric_ip(inv.head), inv.ray.port
     for h in inv.hosts:
         links = ctx.facts[h.name].gcs_links
-        connected = any(
-            (link.local, link.peer, link.peer_port) == (lc.fabric_ip(h), head_ip, port) for link in links
-        )
+        # from one of its fabric addresses: the kernel picks the source by route (on a ring, the interface on the
+        # head's cable, which is not always fabric[0])
+        mine = {str(t.address.ip) for t in h.fabric}
+        connected = any(link.local in mine and (link.peer, link.peer_port) == (head_ip, port) for link in links)
         if not (ray_running_ok(ctx, h) and connected):
             return False
     return True
