@@ -75,12 +75,19 @@ def probe_sections(inventory: Inventory, host: Host) -> dict[str, str]:
         "ip_addr": "ip -j addr show",
         "nm_running": "nmcli -t -f RUNNING general 2>/dev/null || echo absent",
         "nm_connections": f"nmcli -t -f {NMCLI_CON_FIELDS} connection show 2>/dev/null || true",
-        # One query per profile, all at once; printed in the listing's order, a blank line after each.
+        # Every profile's settings in one nmcli call (`connection show [id|uuid|path|apath] ID...`, nmcli(1)):
+        # each nmcli start loads all of NetworkManager's objects over D-Bus, so one call per profile cost 0.3 s
+        # for five profiles where one call costs 0.07 s (nmcli 1.42). nmcli prints the profiles in the order
+        # given, a blank line between them, and leaves out the fields of a setting a profile does not have
+        # (802-3-ethernet.mtu of the loopback profile). Should that call fail (a profile deleted meanwhile), one
+        # query per profile, all at once, as before; the parser keys the blocks by connection.uuid either way.
         "nm_settings": (
-            'us=$(nmcli -t -f UUID connection show 2>/dev/null); for u in $us; do { '
+            'us=$(nmcli -t -f UUID connection show 2>/dev/null); set --; for u in $us; do set -- "$@" uuid "$u"; '
+            f'done; [ $# -eq 0 ] || nmcli -t -f {NMCLI_SETTINGS} connection show "$@" 2>/dev/null || {{ '
+            "for u in $us; do { "
             f'nmcli -t -f {NMCLI_SETTINGS} connection show uuid "$u" 2>/dev/null '
             f'|| nmcli -t -f {NMCLI_SETTINGS.removesuffix(",802-3-ethernet.mtu")} connection show uuid "$u"; '
-            '} >"$_sp/nm-$u" & done; wait; for u in $us; do cat "$_sp/nm-$u"; echo; done'
+            '} >"$_sp/nm-$u" & done; wait; for u in $us; do cat "$_sp/nm-$u"; echo; done; }'
         ),
         "nm_devices": "nmcli -t -f DEVICE,TYPE,STATE,CONNECTION device status 2>/dev/null || true",
         "nm_checkpoint": (
