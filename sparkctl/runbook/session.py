@@ -13,23 +13,25 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sparkctl import paths, state
 from sparkctl.errors import HostError, Problem, SecretError, Unreachable
 from sparkctl.execute.base import Connect, Endpoint, Transport
-from sparkctl.execute.http import Probe, probe_workload
 from sparkctl.facts.models import HostFacts
 from sparkctl.inventory.models import Inventory, SshSettings
 from sparkctl.plan.context import PlanContext
 from sparkctl.plan.models import Command, Plan, Stage, Step
 from sparkctl.runbook import lock
-from sparkctl.runbook.engine import Engine, Event, Report, Secrets
+from sparkctl.runbook.engine import Engine, Event, Report, Secrets, probe_workload
 from sparkctl.runbook.gather import gather_facts
 from sparkctl.runbook.load import load_runbook, resolve_params
 from sparkctl.runbook.lock import LockOwner
 from sparkctl.runbook.models import Runbook
 from sparkctl.runbook.planner import build_runbook_plan, plan_stage, sha256, worker_code
+
+if TYPE_CHECKING:  # urllib's HTTP stack loads when a workload is first probed (the engine's probe_workload)
+    from sparkctl.execute.http import Probe
 
 __all__ = ["Connect", "Session", "Unreachable", "open_session", "secrets_needed", "ssh_connect"]
 
