@@ -74,7 +74,12 @@ def probe_sections(inventory: Inventory, host: Host) -> dict[str, str]:
         "ssh": 'echo "$SSH_CONNECTION"; ip -j route get "${SSH_CONNECTION%% *}" 2>/dev/null || echo "[]"',
         "ip_addr": "ip -j addr show",
         "nm_running": "nmcli -t -f RUNNING general 2>/dev/null || echo absent",
-        "nm_connections": f"nmcli -t -f {NMCLI_CON_FIELDS} connection show 2>/dev/null || true",
+        # The listing is kept in the private directory: nm_settings (run after it, AFTER below) takes the UUIDs
+        # from it instead of starting nmcli once more. Terse mode escapes ':' and '\\' in values with a
+        # backslash (nmcli(1), --terse), so dropping every escaped character leaves UUID as the second field.
+        "nm_connections": (
+            f'nmcli -t -f {NMCLI_CON_FIELDS} connection show 2>/dev/null >"$_sp/nm-list"; cat "$_sp/nm-list"'
+        ),
         # Every profile's settings in one nmcli call (`connection show [id|uuid|path|apath] ID...`, nmcli(1)):
         # each nmcli start loads all of NetworkManager's objects over D-Bus, so one call per profile cost 0.3 s
         # for five profiles where one call costs 0.07 s (nmcli 1.42). nmcli prints the profiles in the order
@@ -82,7 +87,8 @@ def probe_sections(inventory: Inventory, host: Host) -> dict[str, str]:
         # (802-3-ethernet.mtu of the loopback profile). Should that call fail (a profile deleted meanwhile), one
         # query per profile, all at once, as before; the parser keys the blocks by connection.uuid either way.
         "nm_settings": (
-            'us=$(nmcli -t -f UUID connection show 2>/dev/null); set --; for u in $us; do set -- "$@" uuid "$u"; '
+            "us=$(sed 's/\\\\.//g' \"$_sp/nm-list\" | cut -d: -f2); "
+            'set --; for u in $us; do set -- "$@" uuid "$u"; '
             f'done; [ $# -eq 0 ] || nmcli -t -f {NMCLI_SETTINGS} connection show "$@" 2>/dev/null || {{ '
             "for u in $us; do { "
             f'nmcli -t -f {NMCLI_SETTINGS} connection show uuid "$u" 2>/dev/null '
@@ -140,6 +146,11 @@ def probe_sections(inventory: Inventory, host: Host) -> dict[str, str]:
     return sections
 
 
+AFTER = {"nm_settings": "nm_connections"}
+"""Sections that read what another one left in the private directory: each runs right after that one, in the
+same background job (the printed order stays the order of probe_sections)."""
+
+
 def build_probe(inventory: Inventory, host: Host) -> str:
     """The probe script for `host`. It only reads; every section is printed even when a tool is absent.
 
@@ -148,12 +159,20 @@ def build_probe(inventory: Inventory, host: Host) -> str:
     and it is removed on exit.
     """
     sections = probe_sections(inventory, host)
-    # The process list is taken first, alone, so it shows none of the probe's own commands.
+    # The process list is taken first, alone, so it shows none of the probe's own commands. Each section's file
+    # starts with its marker line, so one `cat` prints them all in order (not one process per section).
+    index = {name: i for i, name in enumerate(sections)}
+
+    def job(name: str) -> str:
+        line = f"{{ echo '{MARK} {name}'; {sections[name]}\n}} >\"$_sp/{index[name]}\""
+        after = [n for n, first in AFTER.items() if first == name]
+        return f"{{ {'; '.join([line, *(job(n) for n in after)])}; }}" if after else line
+
+    jobs = [n for n in sections if n not in AFTER]
     started = "\n".join(
-        f'{{ {cmd}\n}} >"$_sp/{i}"' + ("" if name == "processes" else " &")
-        for i, (name, cmd) in sorted(enumerate(sections.items()), key=lambda x: x[1][0] != "processes")
+        job(name) + ("" if name == "processes" else " &") for name in sorted(jobs, key=lambda n: n != "processes")
     )
-    printed = "\n".join(f"echo '{MARK} {name}'; cat \"$_sp/{i}\"" for i, name in enumerate(sections))
+    printed = "cat " + " ".join(f'"$_sp/{i}"' for i in range(len(sections)))
     return (
         'export LC_ALL=C PATH="$PATH:/usr/sbin:/sbin"\n'
         '_sp=$(mktemp -d 2>/dev/null || mktemp -d "$HOME/.sparkctl-probe.XXXXXX") || exit 1\n'
