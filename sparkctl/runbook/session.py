@@ -13,25 +13,23 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sparkctl import paths, state
 from sparkctl.errors import HostError, Problem, SecretError, Unreachable
 from sparkctl.execute.base import Connect, Endpoint, Transport
+from sparkctl.execute.http import Probe, get_text, post_json, probe_workload
 from sparkctl.facts.models import HostFacts
-from sparkctl.inventory.models import Inventory, SshSettings
+from sparkctl.inventory.models import Host, Inventory, SshSettings
 from sparkctl.plan.context import PlanContext
 from sparkctl.plan.models import Command, Plan, Stage, Step
 from sparkctl.runbook import lock
-from sparkctl.runbook.engine import Engine, Event, Report, Secrets, probe_workload
-from sparkctl.runbook.gather import gather_facts
+from sparkctl.runbook.engine import Engine, Event, Report, Secrets
+from sparkctl.runbook.gather import gather_facts, gather_outputs
 from sparkctl.runbook.load import load_runbook, resolve_params
 from sparkctl.runbook.lock import LockOwner
 from sparkctl.runbook.models import Runbook
 from sparkctl.runbook.planner import build_runbook_plan, plan_stage, sha256, worker_code
-
-if TYPE_CHECKING:  # urllib's HTTP stack loads when a workload is first probed (the engine's probe_workload)
-    from sparkctl.execute.http import Probe
 
 __all__ = ["Connect", "Session", "Unreachable", "open_session", "secrets_needed", "ssh_connect"]
 
@@ -90,6 +88,10 @@ class Session:
     emit: Callable[[Event], None] = lambda e: None
     probe: Callable[..., Probe] = probe_workload
     """The HTTP readiness probe of workload endpoints (the engine's waits and `status`)."""
+    get_text: Callable[..., tuple[int, str]] = get_text
+    """GET a workload page without a key (`/metrics`, `/health`): `status --watch`."""
+    post_json: Callable[..., tuple[int, Any]] = post_json
+    """POST to a workload's API with its key: `ask`."""
     transports: dict[str, Transport] = field(default_factory=dict)
     facts: dict[str, HostFacts] = field(default_factory=dict)
     unreachable: dict[str, list[Problem]] = field(default_factory=dict)
@@ -182,6 +184,11 @@ class Session:
                 else "nothing was changed on any host",
             )
         self.facts = {n: v for n, v in found.items() if isinstance(v, HostFacts)}
+
+    def sample(self, build: Callable[[Inventory, Host], str], timeout: float = 20) -> dict[str, str | HostError]:
+        """Run a read-only probe script on every connected host over its open connection, in parallel: the
+        output per host, or why there is none (the watch view's refresh)."""
+        return gather_outputs(self.inventory, self.transports, build, timeout)
 
     def context(self, secrets: Mapping[str, str], params: Mapping[str, Any]) -> PlanContext:
         return PlanContext(self.inventory, self.facts, params, self.digests(secrets))
