@@ -86,6 +86,24 @@ def parse_route_dev(text: str) -> str:
     return str(routes[0].get("dev", "")) if routes else ""
 
 
+def parse_nm_routes(value: str) -> list[str]:
+    """nmcli's ipv4.routes as `destination [next-hop] [attr=value...]` items, as `ipv4.routes` takes them.
+
+    nmcli's parsable (terse) form prints a route as `dest/prefix [next-hop] [metric] [attr=value...]`, items comma
+    separated (libnmc-setting/nm-meta-setting-desc.c, _get_fcn_ip_config_routes); the metric, which sparkctl
+    never sets, is left out.
+    """
+    value = value.strip()
+    if not value or value == "--":
+        return []
+    out = []
+    for item in value.split(","):
+        words = [w for w in item.split() if not w.isdigit()]
+        if words:
+            out.append(" ".join(words))
+    return out
+
+
 def parse_nm_connections(listing: str, settings: str) -> list[NmConnection]:
     """`nmcli -t -f NAME,UUID,TYPE,DEVICE,AUTOCONNECT,FILENAME connection show` + per-profile settings."""
     details: dict[str, dict[str, str]] = {}
@@ -107,6 +125,7 @@ def parse_nm_connections(listing: str, settings: str) -> list[NmConnection]:
         d = details.get(uuid, {})
         mtu = d.get("802-3-ethernet.mtu", "auto")
         addrs = [a.strip() for a in d.get("ipv4.addresses", "").split(",") if a.strip() and a.strip() != "--"]
+        routes = parse_nm_routes(d.get("ipv4.routes", ""))
         result.append(
             NmConnection(
                 uuid=uuid,
@@ -119,6 +138,12 @@ def parse_nm_connections(listing: str, settings: str) -> list[NmConnection]:
                 autoconnect=autoconnect == "yes",
                 ipv4_method=d.get("ipv4.method", ""),
                 ipv4_addresses=addrs,
+                ipv4_routes=routes,
+                ipv4_routing_rules=[
+                    " ".join(r.split())
+                    for r in d.get("ipv4.routing-rules", "").split(",")
+                    if r.strip() not in ("", "--")
+                ],
                 ipv6_method=d.get("ipv6.method", ""),
                 mtu=int(mtu) if mtu.isdigit() and int(mtu) > 0 else None,
                 filename=filename,

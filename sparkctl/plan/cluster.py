@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import shlex
+from collections.abc import Mapping
 
 from sparkctl import paths
 from sparkctl.facts.models import HostFacts
 from sparkctl.inventory.models import Host, Workload
+from sparkctl.inventory.topology import check_pairs, interface
 from sparkctl.plan import commands as lc
 from sparkctl.plan.context import PlanContext
 from sparkctl.plan.models import Command, Step, Wait
@@ -21,44 +23,59 @@ def _sh(line: str, *, stdin: str | None = None, stdin_secret: str | None = None)
 
 
 def plan_verify_fabric(ctx: PlanContext, host: Host) -> list[Step]:
-    """Jumbo frames, unfragmented, from this host to every peer's twin on the same link."""
-    mtu = ctx.inventory.network.mtu
+    """Jumbo frames, unfragmented, from this host's interfaces to the peers the topology pairs them with.
+
+    topology.check_pairs chooses the pairs: both ways on a cable, each host to the next on a switch lane (every
+    switch port sends and receives once). The target names the peer and the interface expected at the other end,
+    so a failed check says which cable or switch port is wrong.
+
+    The reference check is `ping -M do -s 8972 -c 3`. Its three echoes go 10 ms apart (`-i 0.01`), not at ping's
+    default of one second: iputils lets any user go down to 2 ms for a single host (`MIN_USER_INTERVAL_MS` in
+    iputils ping/ping.h; ping(8) of iputils 20221126: "Only super-user may set interval to values less than
+    2 ms"), so the check costs one round trip instead of 0.4 s.
+    """
+    inv = ctx.inventory
+    mtu = inv.network.mtu
+    me = next(i for i, h in enumerate(inv.hosts) if h.name == host.name)
     steps = []
-    for j, twin in enumerate(host.fabric):
-        for peer in ctx.inventory.hosts:
-            if peer.name == host.name or len(peer.fabric) <= j:
-                continue
-            dst = str(peer.fabric[j].address.ip)
-            steps.append(
-                Step(
-                    host=host.name,
-                    kind="verify_jumbo",
-                    target=f"{twin.interface}->{peer.name}",
-                    description=f"unfragmented {mtu}-byte frames: {host.name} {twin.interface} -> {peer.name} {dst}",
-                    commands=[
-                        Command(
-                            argv=[
-                                "ping",
-                                "-M",
-                                "do",
-                                "-s",
-                                str(mtu - 28),
-                                "-c",
-                                "3",
-                                "-i",
-                                "0.2",
-                                "-W",
-                                "2",
-                                "-I",
-                                twin.interface,
-                                dst,
-                            ]
-                        )
-                    ],
-                    changes=False,
-                    wait=Wait(kind="remote", deadline=20, interval=1),
-                )
+    for src, dst in check_pairs(inv):
+        if src.host != me:
+            continue
+        twin = interface(inv, src)
+        peer = inv.hosts[dst.host]
+        far = interface(inv, dst)
+        ip = str(far.address.ip)
+        steps.append(
+            Step(
+                host=host.name,
+                kind="verify_jumbo",
+                target=f"{twin.interface}->{peer.name}",
+                description=f"unfragmented {mtu}-byte frames: {host.name} {twin.interface} -> "
+                f"{peer.name} {far.interface} {ip}",
+                commands=[
+                    Command(
+                        argv=[
+                            "ping",
+                            "-M",
+                            "do",
+                            "-s",
+                            str(mtu - 28),
+                            "-c",
+                            "3",
+                            "-i",
+                            "0.01",
+                            "-W",
+                            "2",
+                            "-I",
+                            twin.interface,
+                            ip,
+                        ]
+                    )
+                ],
+                changes=False,
+                wait=Wait(kind="remote", deadline=20, interval=1),
             )
+        )
     return steps
 
 
@@ -163,17 +180,20 @@ def plan_ray_node(ctx: PlanContext, host: Host) -> list[Step]:
 def ray_formed(ctx: PlanContext) -> bool:
     """The facts already show the cluster formed, and nothing earlier in this run changes anything: every host runs
     Ray as specified (fabric address, the cluster's token) and every host's raylet holds its connection to the head's
-    GCS from its fabric address. A raylet whose GCS drops it exits, so the connection is the node's membership."""
+    GCS from one of its fabric addresses. A raylet whose GCS drops it exits, so the connection is the node's
+    membership."""
     if ctx.changed:
         return False
     return all(ray_running_ok(ctx, h) and _gcs_connected(ctx, h) for h in ctx.inventory.hosts)
 
 
 def _gcs_connected(ctx: PlanContext, host: Host) -> bool:
-    """The host's raylet holds its connection to the head's GCS from its own fabric address."""
+    """The host's raylet holds its connection to the head's GCS from one of its own fabric addresses (the kernel
+    picks the source by route: on a ring, the interface on the head's cable, which is not always fabric[0])."""
     inv = ctx.inventory
-    want = (lc.fabric_ip(host), lc.fabric_ip(inv.head), inv.ray.port)
-    return any((link.local, link.peer, link.peer_port) == want for link in ctx.facts[host.name].gcs_links)
+    mine = {str(t.address.ip) for t in host.fabric}
+    want = (lc.fabric_ip(inv.head), inv.ray.port)
+    return any(link.local in mine and (link.peer, link.peer_port) == want for link in ctx.facts[host.name].gcs_links)
 
 
 def ray_node_state(ctx: PlanContext, host: Host) -> str:
@@ -217,8 +237,33 @@ def _selected(ctx: PlanContext) -> list[Workload]:
 
 
 def workload_health(ctx: PlanContext, w: Workload, host: Host | None = None) -> str:
-    """What the workload recorded about itself on `host` (default the head; '' if nothing): e.g. 'failed <why>'."""
-    return ctx.facts[(host or ctx.inventory.head).name].files.get(f"workload-{w.name}.health", "").strip()
+    """What the workload recorded about itself on `host` (default the head; '' if nothing): e.g. 'failed <why>'.
+
+    A workload whose process exited by itself (venv mode: its pid is recorded, the process gone) is
+    'failed exited by itself: <why>', the why from its log (see facts.probe.EXITED_WORKLOADS)."""
+    files = ctx.facts[(host or ctx.inventory.head).name].files
+    exited = workload_exit(files, w.name)
+    if exited is not None:
+        return f"failed exited by itself: {exited}"
+    return files.get(f"workload-{w.name}.health", "").strip()
+
+
+def workload_exit(files: Mapping[str, str], name: str) -> str | None:
+    """Why the workload's recorded process exited without sparkctl stopping it; None while it runs (or no record)."""
+    if f"workload-{name}.exit" not in files:
+        return None
+    return files[f"workload-{name}.exit"].strip() or "its log shows no error"
+
+
+def _ray_container_replaced(ctx: PlanContext, host: Host) -> bool:
+    """Container mode: an earlier stage of this run replaces this host's Ray container (`docker rm -f` ends every
+    process in it, its workloads included, and forgets their pid records: commands.build_ray_stop)."""
+    facts = ctx.facts[host.name]
+    if not ctx.inventory.runtime.image or "ray_node" not in ctx.changed or lc.RAY_CONTAINER not in facts.containers:
+        return False
+    head = ctx.inventory.head
+    depends = bool(ctx.changed & {"ray_token", "worker_env", "fabric_active"})  # as plan_ray_node decides
+    return depends or not ray_running_ok(ctx, host) or not ray_running_ok(ctx, head)
 
 
 def workload_state(ctx: PlanContext, w: Workload, host: Host | None = None) -> str:
@@ -229,6 +274,8 @@ def workload_state(ctx: PlanContext, w: Workload, host: Host | None = None) -> s
     otherwise restarted everywhere (its ranks meet only at start).
     """
     if "workload_stopped" in ctx.changed:  # an earlier step of this run stops the selected workloads
+        return "stopped"
+    if host is not None and _ray_container_replaced(ctx, host):
         return "stopped"
     if host is None:
         ranks = lc.rank_hosts(ctx.inventory, w)
@@ -243,7 +290,9 @@ def workload_state(ctx: PlanContext, w: Workload, host: Host | None = None) -> s
     else:
         alive = pid.isdigit() and any(p.pid == int(pid) for p in facts.processes)
     if not alive:
-        return "stopped"
+        # venv mode: recorded but gone, and sparkctl never stopped it (e.g. vLLM's API server ends once a Ray
+        # worker of its engine died): broken, restarted like a group that lost a rank
+        return "broken" if workload_exit(facts.files, w.name) is not None else "stopped"
     if workload_health(ctx, w, host).startswith("failed"):  # e.g. a tensor-parallel rank died: restart the group
         return "broken"
     spec = facts.files.get(f"workload-{w.name}.spec", "")
@@ -274,6 +323,16 @@ def plan_drop_caches(ctx: PlanContext, host: Host) -> list[Step]:
     ]
 
 
+def _before_start(ctx: PlanContext, w: Workload, host: Host, state: str) -> list[Command]:
+    """What precedes a workload's start on `host`: nothing when it is not running, forgetting its records when its
+    process exited by itself (no signal to a pid that may name another process by now), else its stop."""
+    if state == "stopped":
+        return []
+    if workload_exit(ctx.facts[host.name].files, w.name) is not None:
+        return [_sh(lc.build_workload_forget(ctx.home(host), w.name))]
+    return [_sh(lc.build_workload_stop(ctx.inventory, w.name, ctx.home(host)))]
+
+
 def _plan_other_ranks(ctx: PlanContext, host: Host) -> list[Step]:
     """On a host other than the head: (re)start its rank of each multiprocessing-executor workload being started."""
     inv = ctx.inventory
@@ -284,7 +343,7 @@ def _plan_other_ranks(ctx: PlanContext, host: Host) -> list[Step]:
         if host.name not in ranks:
             continue
         state = workload_state(ctx, w, host)
-        cmds = [] if state == "stopped" else [_sh(lc.build_workload_stop(inv, w.name, home))]
+        cmds = _before_start(ctx, w, host, state)
         cmds.append(_sh(lc.build_workload_start(inv, w, home, host), stdin_secret=f"api_key:{w.name}"))
         steps.append(
             Step(
@@ -333,9 +392,7 @@ def plan_workloads(ctx: PlanContext, host: Host) -> list[Step]:
         if w not in starting:
             continue
         state = workload_state(ctx, w, host)
-        cmds = []
-        if state != "stopped":
-            cmds.append(_sh(lc.build_workload_stop(inv, w.name, home)))
+        cmds = _before_start(ctx, w, host, state)
         cmds.append(_sh(lc.build_workload_start(inv, w, home, host), stdin_secret=f"api_key:{w.name}"))
         steps.append(
             Step(
