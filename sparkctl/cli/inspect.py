@@ -36,7 +36,9 @@ def status_cmd(
 def logs_cmd(
     name: Annotated[str, typer.Argument(help="'ray' or a workload name.")],
     inventory: c.InventoryOpt = None,
-    host: Annotated[str | None, typer.Option("--host", help="Host (default: the head).")] = None,
+    host: Annotated[
+        str | None, typer.Option("--host", help="Host (default: the Ray head or the workload's head).")
+    ] = None,
     lines: Annotated[int, typer.Option("--lines", "-n")] = 100,
     follow: Annotated[bool, typer.Option("--follow", "-f")] = False,
     accept_new_host_keys: c.AcceptKeysOpt = False,
@@ -46,7 +48,7 @@ def logs_cmd(
     inv = c.start(debug, inventory)
     if name != "ray" and name not in {w.name for w in inv.workloads}:
         raise InputError([Problem(name, "not 'ray' nor a workload", "see the inventory's workloads")])
-    target = inv.host(host) if host else inv.head
+    target = inv.host(host) if host else inv.head if name == "ray" else inv.workload_head(inv.workload(name))
     session = c.open_session(inv, accept_new_host_keys)
     try:
         c.echo(read_log(session, target.name, name, lines=lines, follow=follow).rstrip())

@@ -158,7 +158,10 @@ def render_status(st: dict[str, Any]) -> str:
                 f"({'ok' if t['ok'] else 'want ' + t['want']})"
             )
     for name, w in st["workloads"].items():
-        lines.append(f"  workload {name} ({w['engine']}): {w['endpoint']} process {w['process']}, {w['health']}")
+        on = f" on {','.join(w['hosts'])}" if w.get("hosts") else ""
+        lines.append(
+            f"  workload {name} ({w['engine']}{on}): {w['endpoint']} process {w['process']}, {w['health']}"
+        )
         if "broken" in (w["process"], w["health"]):
             lines.append(f"    broken: {w['detail'] or w.get('recorded', '')}; hint: sparkctl up restarts it")
     return "\n".join(lines)
