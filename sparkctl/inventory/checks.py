@@ -194,7 +194,9 @@ def _check_ray_and_workloads(inv: Inventory) -> list[Found]:
                 (
                     ("workloads", k, "tensor_parallel_size"),
                     f"{w.tensor_parallel_size * w.pipeline_parallel_size} ranks but the cluster has {gpus} GPU(s)",
-                    f"use tensor_parallel_size x pipeline_parallel_size <= {gpus}",
+                    f"use tensor_parallel_size <= {gpus}"
+                    if w.pipeline_parallel_size == 1
+                    else f"use tensor_parallel_size x pipeline_parallel_size <= {gpus}",
                 )
             )
         if (
@@ -232,7 +234,9 @@ def _check_ray_and_workloads(inv: Inventory) -> list[Found]:
                     ("workloads", k, "tensor_parallel_size"),
                     f"executor mp runs one rank per host: {w.tensor_parallel_size * w.pipeline_parallel_size} ranks "
                     f"but {len(inv.hosts)} host(s)",
-                    f"use tensor_parallel_size x pipeline_parallel_size <= {len(inv.hosts)}",
+                    f"use tensor_parallel_size <= {len(inv.hosts)}"
+                    if w.pipeline_parallel_size == 1
+                    else f"use tensor_parallel_size x pipeline_parallel_size <= {len(inv.hosts)}",
                 )
             )
         elif w.executor == "mp" and inv.runtime.image:
@@ -317,7 +321,7 @@ def check_placement(inv: Inventory) -> list[Found]:
             if w.engine == "vllm" and w.executor == "ray" and ranks > 1 and len(group) < len(inv.hosts):
                 found.append(
                     (
-                        ("workloads", k, "executor"),
+                        ("workloads", k, "hosts"),
                         f"vLLM's Ray executor places its {ranks} ranks anywhere in the Ray cluster (one PACK "
                         "placement group over all nodes, vllm/v1/executor/ray_utils.py), not on the group "
                         f"{where}",
@@ -346,7 +350,10 @@ def check_placement(inv: Inventory) -> list[Found]:
                     )
                 else:
                     claimed[h.name] = w.name
-        head = inv.workload_head(w).name if (w.hosts is None or all(n in names for n in w.hosts)) else ""
+        if w.hosts is not None:
+            head = w.hosts[0] if w.hosts[0] in names else ""
+        else:
+            head = inv.ray.head if inv.ray.head in names else inv.hosts[0].name if inv.ray.head is None else ""
         if head and (head, w.port) in placed:
             found.append(
                 (
@@ -357,15 +364,19 @@ def check_placement(inv: Inventory) -> list[Found]:
                 )
             )
         placed.setdefault((head, w.port), w.name)
-    if explicit:
+    if explicit and not found:  # each group fits on its own: do they fit together?
         total = sum(h.gpus for h in inv.hosts)
-        need = sum(_ranks(w) for w in inv.workloads)
-        if need > total:
-            found.append(
-                (
-                    ("workloads",),
-                    f"the workloads need {need} rank(s) but the cluster has {total} GPU(s): over-committed",
-                    "give each workload its own hosts; a workload without `hosts` shares every host's GPUs",
+        need = 0
+        for k, w in enumerate(inv.workloads):
+            need += _ranks(w)
+            if need > total:
+                found.append(
+                    (
+                        ("workloads", k),
+                        f"with {w.name} the workloads need {need} rank(s) but the cluster has {total} GPU(s): "
+                        "over-committed",
+                        "give each workload its own hosts; a workload without `hosts` shares every host's GPUs",
+                    )
                 )
-            )
+                break
     return found
