@@ -9,6 +9,11 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "testbed: end-to-end tests against fake Sparks in network namespaces (root only)"
     )
+    config.addinivalue_line(
+        "markers",
+        "testbed_shape(hosts, topology): the test runs on a testbed of this shape (fixture shaped_testbed); "
+        "the session rebuilds the testbed once per shape",
+    )
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

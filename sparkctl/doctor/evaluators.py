@@ -12,6 +12,7 @@ from sparkctl import paths
 from sparkctl.doctor.rules import Finding, Level, Rule
 from sparkctl.facts.models import HostFacts
 from sparkctl.inventory.models import Host, Inventory, Workload
+from sparkctl.inventory.topology import check_pairs, interface, link_of
 from sparkctl.plan.cluster import RAY_MARKERS
 from sparkctl.plan.env import detect_gid_index
 
@@ -302,27 +303,62 @@ def workload_health(ctx: CheckContext, rule: Rule) -> list[Finding]:
 @evaluator("twin_subnets")
 def twin_subnets(ctx: CheckContext, rule: Rule) -> list[Finding]:
     out = []
+    inv = ctx.inventory
     for h, f in _probed(ctx):
-        nets = {t.address.network: t.interface for t in h.fabric}
+        # a subnet holds the host's interfaces of one link (both logical interfaces of a ring port share one)
+        me = inv.hosts.index(h)
+        nets: dict[ipaddress.IPv4Network, list[str]] = {}
+        link_nets: dict[int, ipaddress.IPv4Network] = {}
+        for j, t in enumerate(h.fabric):
+            nets.setdefault(t.address.network, []).append(t.interface)
+            link = link_of(inv, me, j)
+            link_nets.setdefault(link.index if link else -1 - j, t.address.network)
         intruders = []
         for iface in f.interfaces.values():
             for a in iface.ipv4:
                 net = ipaddress.ip_interface(a).network
-                for fnet, twin in nets.items():
-                    if net.overlaps(fnet) and iface.name != twin:  # a twin on its own subnet is the point
-                        intruders.append(f"{iface.name} {a} overlaps {twin}'s {fnet}")
-        distinct = len(nets) == len(h.fabric)
+                for fnet, twins in nets.items():
+                    if net.overlaps(fnet) and iface.name not in twins:  # a twin on its own subnet is the point
+                        intruders.append(f"{iface.name} {a} overlaps {twins[0]}'s {fnet}")
+        distinct = len(set(link_nets.values())) == len(link_nets)
         evidence = "; ".join(intruders) or ("each twin on its own subnet" if distinct else "twins share a subnet")
         out.append(_f(rule, distinct and not intruders, h.name, evidence))
     return out
 
 
+def _expected_peer(inv: Inventory, host: str, iface: str, address: str) -> tuple[str, str]:
+    """(the peer the topology puts at the far end, e.g. `spark-2 enp1s0f1np1`; the link's label) of one ping."""
+    for src, dst in check_pairs(inv):
+        a, b = interface(inv, src), interface(inv, dst)
+        if inv.hosts[src.host].name == host and a.interface == iface and str(b.address.ip) == address:
+            link = link_of(inv, src.host, src.twin)
+            return f"{inv.hosts[dst.host].name} {b.interface}", link.label if link else ""
+    return "", ""
+
+
 @evaluator("jumbo_path")
 def jumbo_path(ctx: CheckContext, rule: Rule) -> list[Finding]:
-    return [
-        _f(rule, ok, f"{host} {iface} -> {peer}", tail or ("crossed" if ok else "did not cross"))
-        for (host, iface, peer), (ok, tail) in sorted(ctx.pings.items())
-    ]
+    inv = ctx.inventory
+    out = []
+    for (host, iface, peer), (ok, tail) in sorted(ctx.pings.items()):
+        expected, label = _expected_peer(inv, host, iface, peer)
+        subject = f"{host} {iface} -> {expected} {peer}" if expected else f"{host} {iface} -> {peer}"
+        evidence = tail or ("crossed" if ok else "did not cross")
+        fix = None
+        if not ok and expected:
+            evidence += f"; expected {expected} ({peer}) at the other end of {label}"
+            if inv.network.topology == "ring":
+                fix = (
+                    f"check that {label} is cabled as the inventory says (Port0 is the CX-7 port next to the "
+                    f"Ethernet port) and that {expected.split()[0]} runs MTU {inv.network.mtu} (sparkctl up)"
+                )
+            elif inv.network.topology == "switch":
+                fix = (
+                    f"check that the switch ports of {host} {iface} and {expected} are in the same bridge/VLAN "
+                    f"with MTU {inv.network.mtu} or more, then run sparkctl up"
+                )
+        out.append(_f(rule, ok, subject, evidence, fix=fix))
+    return out
 
 
 @evaluator("rdma_device")

@@ -54,7 +54,8 @@ def parse_discovery(address: str, output: str) -> Discovered:
             and (ifaces[netdev].up or ifaces[netdev].operstate == "UP")
         ):
             d.twins.append((netdev, m.group(1)))
-    d.twins.sort(key=lambda t: t[0].lower())
+    # Port0's logical interfaces (…np0) before Port1's (…np1), each port's in name order: a ring's inventory order
+    d.twins.sort(key=lambda t: (_port(t[0]), t[0].lower()))
     if not d.twins:
         d.unknown.append("no up ConnectX-7 twin found (ibdev2netdev and sysfs show no RDMA netdev that is up)")
     gpus = parse_nvidia_smi(s.get("gpus", ""))
@@ -64,12 +65,29 @@ def parse_discovery(address: str, output: str) -> Discovered:
     return d
 
 
+def _port(netdev: str) -> int:
+    m = re.search(r"np(\d)$", netdev)
+    return int(m.group(1)) if m else 0
+
+
+def guess_topology(found: list[Discovered]) -> str:
+    """The topology what is up suggests: three hosts with four interfaces up each are NVIDIA's ring (both ports
+    cabled); two hosts with one port each, a direct cable; more hosts with one port each, a switch."""
+    counts = {len(d.twins) for d in found}
+    if len(found) == 3 and counts == {4}:
+        return "ring"
+    if len(found) == 2:
+        return "direct"
+    return "switch"
+
+
 def propose_inventory(
     found: list[Discovered], cluster: str = "spark-pair", ssh: Mapping[str, object] | None = None
 ) -> tuple[str, list[str]]:
     """A complete inventory as YAML, and what could not be determined."""
     used = {ipaddress.ip_network(n) for d in found for n in d.used_nets}
-    links = max((len(d.twins) for d in found), default=0)
+    topology = guess_topology(found)
+    links = len(found) if topology == "ring" else max((len(d.twins) for d in found), default=0)
     subnets: list[ipaddress.IPv4Network] = []
     third = 100
     while len(subnets) < links and third < 255:
@@ -90,7 +108,13 @@ def propose_inventory(
     if found and found[0].user:
         settings.setdefault("user", found[0].user)
     lines += [f"  {k}: {v}" for k, v in settings.items()]
-    lines += ["network:", "  mtu: 9000", "  topology: direct", "hosts:"]
+    lines += ["network:", "  mtu: 9000", f"  topology: {topology}"]
+    if topology == "ring":
+        lines.append(
+            "  # ring: each host's Port0 is cabled to the next host's Port1, the last host's Port0 to the first's "
+            "Port1; reorder the hosts if yours run the other way (sparkctl up's jumbo checks verify it)"
+        )
+    lines.append("hosts:")
     names = [
         re.sub(r"[^A-Za-z0-9_.-]", "-", d.hostname or f"spark-{i}").lstrip("-.") or f"spark-{i}"
         for i, d in enumerate(found)
@@ -102,9 +126,16 @@ def propose_inventory(
             lines.append(f"    # GPU: {d.gpu}")
         lines.append("    fabric:")
         for j, (netdev, rdma) in enumerate(d.twins):
-            if j >= len(subnets):
-                break
-            addr = f"{subnets[j].network_address + 10 + i}/{subnets[j].prefixlen}"
+            if topology == "ring":
+                # Port0 (j 0, 1) on cable i, Port1 (j 2, 3) on cable i-1: .11/.12 for the Port0 end, .13/.14 Port1's
+                cable = i if j < 2 else (i - 1) % len(found)
+                if cable >= len(subnets):
+                    break
+                addr = f"{subnets[cable].network_address + 11 + j}/{subnets[cable].prefixlen}"
+            else:
+                if j >= len(subnets):
+                    break
+                addr = f"{subnets[j].network_address + 10 + i}/{subnets[j].prefixlen}"
             lines += [f"      - interface: {netdev}", f"        address: {addr}", f"        rdma_device: {rdma}"]
         if not d.twins:
             lines.append("      []  # could not determine the twins: fill in by hand")

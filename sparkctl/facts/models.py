@@ -30,6 +30,9 @@ class NmConnection(_Fact):
     autoconnect: bool = True
     ipv4_method: str = ""
     ipv4_addresses: list[str] = Field(default_factory=list)
+    ipv4_routes: list[str] = Field(
+        default_factory=list, description="static routes as `destination next-hop` (nmcli's ipv4.routes)"
+    )
     ipv6_method: str = ""
     mtu: int | None = Field(None, description="802-3-ethernet.mtu; None means auto")
     filename: str = ""

@@ -86,6 +86,29 @@ def parse_route_dev(text: str) -> str:
     return str(routes[0].get("dev", "")) if routes else ""
 
 
+_ROUTE_PRETTY = re.compile(r"ip\s*=\s*([0-9./]+)(?:\s*,\s*nh\s*=\s*([0-9.]+))?")
+
+
+def parse_nm_routes(value: str) -> list[str]:
+    """nmcli's ipv4.routes as `destination next-hop` items.
+
+    nmcli prints a route as `dest/prefix next-hop [metric] [attr=value...]` in its parsable form and as
+    `{ ip = dest/prefix, nh = next-hop[, mt = metric] }` in its pretty form (libnmc-setting/nm-meta-setting-desc.c,
+    _get_fcn_ip_config_routes); both are read, items separated by commas (parsable) or braces (pretty).
+    """
+    value = value.strip()
+    if not value or value == "--":
+        return []
+    if "ip =" in value or "ip=" in value:
+        return [f"{m.group(1)} {m.group(2)}" if m.group(2) else m.group(1) for m in _ROUTE_PRETTY.finditer(value)]
+    out = []
+    for item in value.split(","):
+        words = item.split()
+        if words:
+            out.append(" ".join(words[:2]) if len(words) > 1 and not words[1].isdigit() else words[0])
+    return out
+
+
 def parse_nm_connections(listing: str, settings: str) -> list[NmConnection]:
     """`nmcli -t -f NAME,UUID,TYPE,DEVICE,AUTOCONNECT,FILENAME connection show` + per-profile settings."""
     details: dict[str, dict[str, str]] = {}
@@ -107,6 +130,7 @@ def parse_nm_connections(listing: str, settings: str) -> list[NmConnection]:
         d = details.get(uuid, {})
         mtu = d.get("802-3-ethernet.mtu", "auto")
         addrs = [a.strip() for a in d.get("ipv4.addresses", "").split(",") if a.strip() and a.strip() != "--"]
+        routes = parse_nm_routes(d.get("ipv4.routes", ""))
         result.append(
             NmConnection(
                 uuid=uuid,
@@ -119,6 +143,7 @@ def parse_nm_connections(listing: str, settings: str) -> list[NmConnection]:
                 autoconnect=autoconnect == "yes",
                 ipv4_method=d.get("ipv4.method", ""),
                 ipv4_addresses=addrs,
+                ipv4_routes=routes,
                 ipv6_method=d.get("ipv6.method", ""),
                 mtu=int(mtu) if mtu.isdigit() and int(mtu) > 0 else None,
                 filename=filename,

@@ -15,7 +15,9 @@ from sparkctl.inventory.models import Host, Inventory
 MARK = "@@sparkctl"
 
 NMCLI_CON_FIELDS = "NAME,UUID,TYPE,DEVICE,AUTOCONNECT,FILENAME"
-NMCLI_SETTINGS = "connection.uuid,connection.interface-name,ipv4.method,ipv4.addresses,ipv6.method,802-3-ethernet.mtu"
+NMCLI_SETTINGS = (
+    "connection.uuid,connection.interface-name,ipv4.method,ipv4.addresses,ipv4.routes,ipv6.method,802-3-ethernet.mtu"
+)
 NVIDIA_QUERY = "--query-gpu=name,compute_cap,driver_version,temperature.gpu"
 DIGESTED_FILES = ("ray-token", "embed_worker.py")
 CONTAINER_WORKLOADS_PROBE = (

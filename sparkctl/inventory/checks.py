@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections import defaultdict
 
 from sparkctl.inventory.models import Inventory, Workload
+from sparkctl.inventory.topology import RING_HOSTS, RING_TWINS, End, interface, links
 
 Found = tuple[tuple[str | int, ...], str, str]
 
@@ -41,13 +43,64 @@ def _check_hosts(inv: Inventory) -> list[Found]:
                     (("hosts", i, "fabric", j, "interface"), f"{twin.interface} is listed twice", "list each twin once")
                 )
             seen_if.add(twin.interface)
-    if inv.network.topology == "direct" and len(inv.hosts) != 2:
-        found.append(
-            (
-                ("network", "topology"),
-                f"'direct' joins exactly 2 hosts, found {len(inv.hosts)}",
-                "list exactly two hosts",
+    found += _check_topology(inv)
+    return found
+
+
+_PORT_SUFFIX = re.compile(r"np(\d)$")
+
+
+def _check_topology(inv: Inventory) -> list[Found]:
+    """Host and interface counts each topology needs (topology.py says how links are derived)."""
+    found: list[Found] = []
+    n = len(inv.hosts)
+    topo = inv.network.topology
+    if topo == "direct" and n != 2:
+        hint = "list exactly two hosts, or use topology: switch (2 or more hosts on a switch)"
+        if n == 3:
+            hint = "list exactly two hosts; three Sparks cabled in a ring are topology: ring"
+        found.append((("network", "topology"), f"'direct' joins exactly 2 hosts, found {n}", hint))
+    elif topo == "switch" and n < 2:
+        found.append((("network", "topology"), f"'switch' joins 2 or more hosts, found {n}", "list every Spark"))
+    elif topo == "ring":
+        if n != RING_HOSTS:
+            found.append(
+                (
+                    ("network", "topology"),
+                    f"'ring' joins exactly {RING_HOSTS} hosts (NVIDIA's three-Spark ring), found {n}",
+                    "two Sparks: topology: direct; four or more: topology: switch",
+                )
             )
+        for i, h in enumerate(inv.hosts):
+            if len(h.fabric) != RING_TWINS:
+                found.append(
+                    (
+                        ("hosts", i, "fabric"),
+                        f"a ring host lists its {RING_TWINS} logical interfaces (two per cable), found {len(h.fabric)}",
+                        "list Port0's two interfaces, then Port1's, e.g. enp1s0f0np0, enP2p1s0f0np0, "
+                        "enp1s0f1np1, enP2p1s0f1np1",
+                    )
+                )
+                continue
+            # Spark netdev names end in np<port> (ibdev2netdev: enp1s0f0np0 and enP2p1s0f0np0 are Port0).
+            ports = [_PORT_SUFFIX.search(t.interface) for t in h.fabric]
+            if all(ports):
+                want = ["0", "0", "1", "1"]
+                for j, (m, w) in enumerate(zip(ports, want, strict=True)):
+                    if m is not None and m.group(1) != w:
+                        found.append(
+                            (
+                                ("hosts", i, "fabric", j, "interface"),
+                                f"{h.fabric[j].interface} is a Port{m.group(1)} interface at fabric[{j}], "
+                                f"where the ring expects Port{w}",
+                                "list Port0's two interfaces (…np0) first, then Port1's (…np1): cable c joins "
+                                "hosts[c] Port0 to the next host's Port1",
+                            )
+                        )
+    counts = {len(h.fabric) for h in inv.hosts}
+    if len(counts) > 1 and topo != "ring":
+        found.append(
+            (("hosts",), "hosts list different numbers of fabric interfaces", "list the same twins on every host")
         )
     return found
 
@@ -55,10 +108,8 @@ def _check_hosts(inv: Inventory) -> list[Found]:
 def _check_fabric(inv: Inventory) -> list[Found]:
     found: list[Found] = []
     used: dict[ipaddress.IPv4Address, str] = {}
-    link_nets: dict[int, ipaddress.IPv4Network] = {}
-    net_owner: dict[ipaddress.IPv4Network, int] = {}
+    # Every twin's own address: a host address of a real subnet, used once, off the management network.
     for i, h in enumerate(inv.hosts):
-        host_nets: dict[ipaddress.IPv4Network, str] = {}
         for j, twin in enumerate(h.fabric):
             loc = ("hosts", i, "fabric", j, "address")
             addr, net = twin.address.ip, twin.address.network
@@ -85,31 +136,6 @@ def _check_fabric(inv: Inventory) -> list[Found]:
                     )
                 )
             used.setdefault(addr, f"{h.name} {twin.interface}")
-            if net in host_nets:
-                found.append(
-                    (
-                        loc,
-                        f"{twin.interface} shares subnet {net} with {host_nets[net]}",
-                        "each twin needs its own subnet, e.g. 192.168.100.0/24 and 192.168.101.0/24",
-                    )
-                )
-            host_nets.setdefault(net, twin.interface)
-            # Link j joins fabric[j] of every host: one subnet per link, links on distinct subnets.
-            if j not in link_nets:
-                link_nets[j] = net
-                if net in net_owner:
-                    found.append(
-                        (
-                            loc,
-                            f"link {j} reuses subnet {net} of link {net_owner[net]}",
-                            "give every link its own subnet",
-                        )
-                    )
-                net_owner.setdefault(net, j)
-            elif net != link_nets[j]:
-                found.append(
-                    (loc, f"{twin.address} is not in {link_nets[j]}, the subnet of link {j}", _link_hint(inv, j))
-                )
             try:
                 mgmt = ipaddress.ip_address(h.address)
             except ValueError:
@@ -122,23 +148,70 @@ def _check_fabric(inv: Inventory) -> list[Found]:
                         "fabric subnets must not overlap the management network",
                     )
                 )
-    counts = {len(h.fabric) for h in inv.hosts}
-    if len(counts) > 1:
-        found.append(
-            (("hosts",), "hosts list different numbers of fabric interfaces", "list the same twins on every host")
-        )
+    # Links (derived from the topology): the ends of one link in one subnet, every link its own subnet.
+    link_of_end: dict[End, int] = {}
+    net_owner: dict[ipaddress.IPv4Network, int] = {}
+    for link in links(inv):
+        ends = [e for e in link.ends if interface(inv, e).address.network.prefixlen != 32]
+        if not ends:
+            continue
+        first = interface(inv, ends[0]).address
+        for e in link.ends:
+            link_of_end[e] = link.index
+        if first.network in net_owner:
+            found.append(
+                (
+                    ("hosts", ends[0].host, "fabric", ends[0].twin, "address"),
+                    f"{_what(inv, link.index)} reuses subnet {first.network} of {_what(inv, net_owner[first.network])}",
+                    f"give every {_what(inv, 0).split()[0]} its own subnet",
+                )
+            )
+        net_owner.setdefault(first.network, link.index)
+        for e in ends[1:]:
+            twin = interface(inv, e)
+            if twin.address.network != first.network:
+                found.append(
+                    (
+                        ("hosts", e.host, "fabric", e.twin, "address"),
+                        f"{twin.address} is not in {first.network}, the subnet of {_what(inv, link.index)}",
+                        _link_hint(inv, link.index),
+                    )
+                )
+    # One host's interfaces on different links never share a subnet (the kernel could not tell them apart).
+    for i, h in enumerate(inv.hosts):
+        host_nets: dict[ipaddress.IPv4Network, tuple[str, int | None]] = {}
+        for j, twin in enumerate(h.fabric):
+            net = twin.address.network
+            mine = link_of_end.get(End(i, j))
+            if net in host_nets and host_nets[net][1] != mine and net.prefixlen != 32:
+                found.append(
+                    (
+                        ("hosts", i, "fabric", j, "address"),
+                        f"{twin.interface} shares subnet {net} with {host_nets[net][0]}",
+                        "each twin needs its own subnet, e.g. 192.168.100.0/24 and 192.168.101.0/24"
+                        if inv.network.topology != "ring"
+                        else "each cable needs its own subnet: Port0's interfaces on one, Port1's on another",
+                    )
+                )
+            host_nets.setdefault(net, (twin.interface, mine))
     return found
+
+
+def _what(inv: Inventory, index: int) -> str:
+    return f"cable {index}" if inv.network.topology == "ring" else f"link {index}"
 
 
 def _link_hint(inv: Inventory, j: int) -> str:
     """A fix that can work: a free address of link j's subnet, or a wider prefix when the subnet is full."""
-    first = inv.hosts[0].fabric[j].address
-    taken = {h.fabric[j].address.ip for h in inv.hosts if len(h.fabric) > j}
+    link = links(inv)[j]
+    first = interface(inv, link.ends[0]).address
+    taken = {h.fabric[k].address.ip for h in inv.hosts for k in range(len(h.fabric))}
     free = next((a for a in first.network.hosts() if a not in taken), None)  # hosts() is lazy: any prefix is cheap
+    what = _what(inv, j)
     if free is None:
-        return f"{first.network} has no free address: widen the prefix on every host of link {j}, e.g. {first.ip}/24"
+        return f"{first.network} has no free address: widen the prefix on every host of {what}, e.g. {first.ip}/24"
     net = first.network
-    return f"addresses of one link share a subnet: use an address in {net}, e.g. {free}/{net.prefixlen}"
+    return f"addresses of one {what.split()[0]} share a subnet: use an address in {net}, e.g. {free}/{net.prefixlen}"
 
 
 def _check_ray_ports(inv: Inventory) -> list[Found]:

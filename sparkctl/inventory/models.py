@@ -199,7 +199,11 @@ class Network(_Model):
     """Fabric link settings shared by all twins."""
 
     mtu: int = Field(9000, ge=1280, le=9216, description="MTU on every twin.")
-    topology: Literal["direct"] = Field("direct", description="'direct': two hosts joined by one cable.")
+    topology: Literal["direct", "ring", "switch"] = Field(
+        "direct",
+        description="'direct': two hosts joined by one cable; 'ring': three hosts, each cabled to the next "
+        "(Port0 to the next host's Port1); 'switch': two or more hosts, each cabled to one switch.",
+    )
     checkpoint_timeout: int = Field(
         120,
         ge=10,

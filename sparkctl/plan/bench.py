@@ -6,7 +6,8 @@ import re
 import shlex
 
 from sparkctl import paths
-from sparkctl.inventory.models import Host
+from sparkctl.inventory.models import Host, Inventory
+from sparkctl.inventory.topology import End, links
 from sparkctl.plan.commands import runtime_python
 from sparkctl.plan.context import PlanContext
 from sparkctl.plan.env import detect_gid_index
@@ -71,27 +72,40 @@ def parse_all_reduce_perf(text: str) -> dict[str, float | None]:
     return {"avg_busbw_gbytes": float(avg.group(1)) if avg else None, "peak_busbw_gbytes": peak}
 
 
-def _rdma_ready(ctx: PlanContext, a: Host, b: Host, j: int) -> bool:
+def _rdma_ready(ctx: PlanContext, a: Host, ja: int, b: Host, jb: int) -> bool:
     fa, fb = ctx.facts.get(a.name), ctx.facts.get(b.name)
     return bool(
         fa
         and fb
         and "ib_write_bw" in fa.tools
         and "ib_write_bw" in fb.tools
-        and a.fabric[j].rdma_device
-        and b.fabric[j].rdma_device
+        and a.fabric[ja].rdma_device
+        and b.fabric[jb].rdma_device
     )
 
 
-def _ib_write_bw(ctx: PlanContext, host: Host, j: int, server: str | None) -> list[str]:
+def _ib_write_bw(ctx: PlanContext, host: Host, j: int, server: str | None, port_j: int) -> list[str]:
     twin = host.fabric[j]
     facts = ctx.facts[host.name]
     argv = [facts.tools["ib_write_bw"], "-d", twin.rdma_device or "", "-q", str(RDMA_QPS), "-F", "--report_gbits"]
-    argv += ["-D", str(RDMA_SECONDS), "-p", str(RDMA_PORT + j)]
+    argv += ["-D", str(RDMA_SECONDS), "-p", str(RDMA_PORT + port_j)]
     gid, _ = detect_gid_index(facts, twin)
     if gid is not None:
         argv += ["-x", str(gid)]
     return [*argv, server] if server else argv
+
+
+def bench_pairs(inv: Inventory) -> list[tuple[End, End]]:
+    """(sender, receiver) of each measured link. A ring: every lane of every cable, from its Port0 end. Otherwise:
+    the first host to every other host, twin by twin (on a switch, each host's port once)."""
+    if inv.network.topology == "ring":
+        return [(lane[0], lane[1]) for link in links(inv) for lane in link.lanes if len(lane) == 2]
+    return [
+        (End(0, j), End(i, j))
+        for i in range(1, len(inv.hosts))
+        for j in range(len(inv.hosts[0].fabric))
+        if len(inv.hosts[i].fabric) > j
+    ]
 
 
 def _nccl_ready(ctx: PlanContext) -> bool:
@@ -112,61 +126,62 @@ def plan_bench_fabric(ctx: PlanContext, host: Host) -> list[Step]:
     inv = ctx.inventory
     mb, port = int(ctx.params["mb"]), int(ctx.params["port"])
     python = runtime_python(inv)
-    src = inv.hosts[0]
     steps = []
-    for peer in inv.hosts[1:]:
-        for j, twin in enumerate(src.fabric):
-            dst = str(peer.fabric[j].address.ip)
-            if _rdma_ready(ctx, src, peer, j):
-                if host.name == peer.name:
-                    argv = _ib_write_bw(ctx, peer, j, None)
-                    steps.append(
-                        Step(
-                            host=host.name,
-                            kind="bench_rdma_listen",
-                            target=peer.fabric[j].interface,
-                            description=f"ib_write_bw server on {peer.fabric[j].rdma_device} ({RDMA_QPS} QPs)",
-                            changes=False,
-                            commands=[Command(argv=argv, timeout=120)],
-                        )
-                    )
-                elif host.name == src.name:
-                    client = shlex.join(_ib_write_bw(ctx, src, j, dst))
-                    retry = f"for i in $(seq 50); do {client} && exit 0; sleep 0.2; done; exit 1"
-                    steps.append(
-                        Step(
-                            host=host.name,
-                            kind="bench_rdma_send",
-                            target=f"{twin.interface}->{peer.name}",
-                            description=f"ib_write_bw {twin.rdma_device} -> {peer.name} {dst}, {RDMA_QPS} QPs, "
-                            f"{RDMA_SECONDS} s",
-                            changes=False,
-                            commands=[Command(argv=["sh", "-c", retry], timeout=120)],
-                        )
-                    )
-                continue
+    for a, b in bench_pairs(inv):
+        src, peer, j, k = inv.hosts[a.host], inv.hosts[b.host], a.twin, b.twin
+        twin, far = src.fabric[j], peer.fabric[k]
+        dst = str(far.address.ip)
+        if _rdma_ready(ctx, src, j, peer, k):
             if host.name == peer.name:
+                argv = _ib_write_bw(ctx, peer, k, None, k)
                 steps.append(
                     Step(
                         host=host.name,
-                        kind="bench_listen",
-                        target=f"{peer.fabric[j].interface}",
-                        description=f"receive {mb} MB on {dst}:{port} (TCP fallback: no ib_write_bw on both ends)",
+                        kind="bench_rdma_listen",
+                        target=far.interface,
+                        description=f"ib_write_bw server on {far.rdma_device} ({RDMA_QPS} QPs)",
                         changes=False,
-                        commands=[Command(argv=[python, "-c", _SERVER, dst, str(port)], timeout=120)],
+                        commands=[Command(argv=argv, timeout=120)],
                     )
                 )
             elif host.name == src.name:
+                client = shlex.join(_ib_write_bw(ctx, src, j, dst, k))
+                retry = f"for i in $(seq 50); do {client} && exit 0; sleep 0.2; done; exit 1"
                 steps.append(
                     Step(
                         host=host.name,
-                        kind="bench_send",
+                        kind="bench_rdma_send",
                         target=f"{twin.interface}->{peer.name}",
-                        description=f"send {mb} MB over {twin.interface} to {peer.name} {dst} (TCP fallback)",
+                        description=f"ib_write_bw {twin.rdma_device} -> {peer.name} {dst}, {RDMA_QPS} QPs, "
+                        f"{RDMA_SECONDS} s",
                         changes=False,
-                        commands=[Command(argv=[python, "-c", _CLIENT, dst, str(port), str(mb)], timeout=120)],
+                        commands=[Command(argv=["sh", "-c", retry], timeout=120)],
                     )
                 )
+            continue
+        if host.name == peer.name:
+            steps.append(
+                Step(
+                    host=host.name,
+                    kind="bench_listen",
+                    target=f"{far.interface}",
+                    description=f"receive {mb} MB on {dst}:{port} (TCP fallback: no ib_write_bw on both ends)",
+                    changes=False,
+                    commands=[Command(argv=[python, "-c", _SERVER, dst, str(port)], timeout=120)],
+                )
+            )
+        elif host.name == src.name:
+            steps.append(
+                Step(
+                    host=host.name,
+                    kind="bench_send",
+                    target=f"{twin.interface}->{peer.name}",
+                    description=f"send {mb} MB over {twin.interface} to {peer.name} {dst} (TCP fallback)",
+                    changes=False,
+                    commands=[Command(argv=[python, "-c", _CLIENT, dst, str(port), str(mb)], timeout=120)],
+                )
+            )
+    src = inv.hosts[0]
     if host.name == src.name and len(inv.hosts) > 1 and _nccl_ready(ctx):
         facts = ctx.facts[src.name]
         hosts = ",".join(f"{h.fabric[0].address.ip}:1" for h in inv.hosts)

@@ -7,6 +7,7 @@ import shlex
 from sparkctl import paths
 from sparkctl.facts.models import HostFacts
 from sparkctl.inventory.models import Host, Workload
+from sparkctl.inventory.topology import check_pairs, interface
 from sparkctl.plan import commands as lc
 from sparkctl.plan.context import PlanContext
 from sparkctl.plan.models import Command, Step, Wait
@@ -21,44 +22,54 @@ def _sh(line: str, *, stdin: str | None = None, stdin_secret: str | None = None)
 
 
 def plan_verify_fabric(ctx: PlanContext, host: Host) -> list[Step]:
-    """Jumbo frames, unfragmented, from this host to every peer's twin on the same link."""
-    mtu = ctx.inventory.network.mtu
+    """Jumbo frames, unfragmented, from this host's interfaces to the peers the topology pairs them with.
+
+    topology.check_pairs chooses the pairs: both ways on a cable, each host to the next on a switch lane (every
+    switch port sends and receives once). The target names the peer and the interface expected at the other end,
+    so a failed check says which cable or switch port is wrong.
+    """
+    inv = ctx.inventory
+    mtu = inv.network.mtu
+    me = next(i for i, h in enumerate(inv.hosts) if h.name == host.name)
     steps = []
-    for j, twin in enumerate(host.fabric):
-        for peer in ctx.inventory.hosts:
-            if peer.name == host.name or len(peer.fabric) <= j:
-                continue
-            dst = str(peer.fabric[j].address.ip)
-            steps.append(
-                Step(
-                    host=host.name,
-                    kind="verify_jumbo",
-                    target=f"{twin.interface}->{peer.name}",
-                    description=f"unfragmented {mtu}-byte frames: {host.name} {twin.interface} -> {peer.name} {dst}",
-                    commands=[
-                        Command(
-                            argv=[
-                                "ping",
-                                "-M",
-                                "do",
-                                "-s",
-                                str(mtu - 28),
-                                "-c",
-                                "3",
-                                "-i",
-                                "0.2",
-                                "-W",
-                                "2",
-                                "-I",
-                                twin.interface,
-                                dst,
-                            ]
-                        )
-                    ],
-                    changes=False,
-                    wait=Wait(kind="remote", deadline=20, interval=1),
-                )
+    for src, dst in check_pairs(inv):
+        if src.host != me:
+            continue
+        twin = interface(inv, src)
+        peer = inv.hosts[dst.host]
+        far = interface(inv, dst)
+        ip = str(far.address.ip)
+        steps.append(
+            Step(
+                host=host.name,
+                kind="verify_jumbo",
+                target=f"{twin.interface}->{peer.name}",
+                description=f"unfragmented {mtu}-byte frames: {host.name} {twin.interface} -> "
+                f"{peer.name} {far.interface} {ip}",
+                commands=[
+                    Command(
+                        argv=[
+                            "ping",
+                            "-M",
+                            "do",
+                            "-s",
+                            str(mtu - 28),
+                            "-c",
+                            "3",
+                            "-i",
+                            "0.2",
+                            "-W",
+                            "2",
+                            "-I",
+                            twin.interface,
+                            ip,
+                        ]
+                    )
+                ],
+                changes=False,
+                wait=Wait(kind="remote", deadline=20, interval=1),
             )
+        )
     return steps
 
 

@@ -122,6 +122,13 @@ def render_env(inv: Inventory, host: Host, gid: int | None) -> str:
         "OMPI_MCA_btl_tcp_if_include",
     ):
         values[key] = primary.interface
+    if inv.network.topology == "ring":
+        # A ring port reaches one neighbour only: NCCL must not merge the ports of a host into one virtual NIC and
+        # must pick, per peer, the HCA on that peer's subnet. NVIDIA's cluster script passes these three for its
+        # three-Spark ring (dgx-spark-playbooks, nvidia/multi-sparks-through-switch/assets/spark_cluster_setup/
+        # spark_cluster_setup.py, run_nccl_test: NCCL_IB_SUBNET_AWARE_ROUTING=1 always, NCCL_IB_MERGE_NICS=0 and
+        # NCCL_NET_PLUGIN=none for the ring). NCCL reads only the variables it knows (src/misc/param.cc).
+        values |= {"NCCL_IB_SUBNET_AWARE_ROUTING": "1", "NCCL_IB_MERGE_NICS": "0", "NCCL_NET_PLUGIN": "none"}
     values |= {
         "VLLM_HOST_IP": ip,
         "RAY_memory_monitor_refresh_ms": "0",

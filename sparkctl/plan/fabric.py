@@ -9,6 +9,7 @@ from sparkctl.errors import PlanError, Problem
 from sparkctl.facts.models import HostFacts, NmConnection
 from sparkctl.facts.probe import NM_BUS
 from sparkctl.inventory.models import FabricInterface, Host, Inventory
+from sparkctl.inventory.topology import ring_routes
 from sparkctl.plan.context import PlanContext
 from sparkctl.plan.models import Command, Rollback, Step
 
@@ -34,9 +35,14 @@ def _busctl(method: str, signature: str, *args: str) -> str:
     return shlex.join(["busctl", "call", *NM_BUS, method, signature, *args])
 
 
-def desired_settings(twin: FabricInterface, mtu: int) -> dict[str, str]:
-    """The profile settings sparkctl ensures for a twin, in nmcli property names."""
-    return {
+def desired_settings(twin: FabricInterface, mtu: int, routes: list[tuple[str, str]] | None = None) -> dict[str, str]:
+    """The profile settings sparkctl ensures for a twin, in nmcli property names.
+
+    `routes` (a ring's interfaces only; None elsewhere, where sparkctl leaves ipv4.routes alone): the static routes
+    the profile carries, `destination next-hop` items as nmcli's ipv4.routes takes them (nmcli(1) settings:
+    "ipv4.routes ... ip[/prefix] [next-hop] [metric] [attribute=value]...", comma separated); "" clears them.
+    """
+    want = {
         "connection.interface-name": twin.interface,
         "ipv4.method": "manual",
         "ipv4.addresses": str(twin.address),
@@ -44,6 +50,9 @@ def desired_settings(twin: FabricInterface, mtu: int) -> dict[str, str]:
         "802-3-ethernet.mtu": str(mtu),
         "connection.autoconnect": "yes",
     }
+    if routes is not None:
+        want["ipv4.routes"] = ",".join(f"{dest} {hop}" for dest, hop in routes)
+    return want
 
 
 def current_settings(con: NmConnection) -> dict[str, str]:
@@ -52,6 +61,7 @@ def current_settings(con: NmConnection) -> dict[str, str]:
         "connection.interface-name": con.interface_name,
         "ipv4.method": con.ipv4_method,
         "ipv4.addresses": ",".join(con.ipv4_addresses),
+        "ipv4.routes": ",".join(con.ipv4_routes),
         "ipv6.method": con.ipv6_method,
         "802-3-ethernet.mtu": str(con.mtu) if con.mtu else "auto",
         "connection.autoconnect": "yes" if con.autoconnect else "no",
@@ -70,9 +80,20 @@ def pick_profile(
         return None, []
     keep = next(
         (c for c in found if c.device == interface),
-        next((c for c in found if current_settings(c) == want), found[0]),
+        next((c for c in found if _holds(current_settings(c), want)), found[0]),
     )
     return keep, [c for c in found if c.uuid != keep.uuid]
+
+
+def _holds(have: dict[str, str], want: dict[str, str]) -> bool:
+    return all(have.get(k) == v for k, v in want.items())
+
+
+def twin_routes(inv: Inventory, host: Host, position: int) -> list[tuple[str, str]] | None:
+    """The static routes of hosts[..].fabric[position]'s profile: a ring's (topology.ring_routes), else None."""
+    if inv.network.topology != "ring":
+        return None
+    return ring_routes(inv, host).get(position, [])
 
 
 def check_session_safety(host: Host, facts: HostFacts) -> list[Problem]:
@@ -117,8 +138,8 @@ def _plan_fabric(inv: Inventory, host: Host, facts: HostFacts) -> list[Step]:
     if problems:
         raise PlanError(problems)
     steps: list[Step] = []
-    for twin in host.fabric:
-        steps += _plan_twin(host.name, twin, inv.network.mtu, facts)
+    for j, twin in enumerate(host.fabric):
+        steps += _plan_twin(host.name, twin, inv.network.mtu, facts, twin_routes(inv, host, j))
     if steps or facts.nm_checkpoints.pending:  # another run's pending checkpoint fails the step (its verdict)
         steps.insert(0, _checkpoint_step(inv, host, facts, steps))
     return steps
@@ -276,9 +297,11 @@ def plan_fabric_commit(inv: Inventory, host: Host, facts: HostFacts, run_opens: 
     ]
 
 
-def _plan_twin(hostname: str, twin: FabricInterface, mtu: int, facts: HostFacts) -> list[Step]:
+def _plan_twin(
+    hostname: str, twin: FabricInterface, mtu: int, facts: HostFacts, routes: list[tuple[str, str]] | None = None
+) -> list[Step]:
     name = paths.connection_name(twin.interface)
-    want = desired_settings(twin, mtu)
+    want = desired_settings(twin, mtu, routes)
     ours, extra = pick_profile(facts, name, twin.interface, want)
     steps: list[Step] = []
 
@@ -301,16 +324,17 @@ def _plan_twin(hostname: str, twin: FabricInterface, mtu: int, facts: HostFacts)
     if ours is None:
         argv = ["nmcli", "connection", "add", "type", "ethernet", "con-name", name, "ifname", twin.interface]
         for key, value in want.items():
-            if key != "connection.interface-name":
+            if key != "connection.interface-name" and not (key == "ipv4.routes" and not value):
                 argv += [key, value]
         steps.append(
             Step(
                 host=hostname,
                 kind="fabric_profile",
                 target=twin.interface,
-                description=f"create profile {name}: {twin.address}, MTU {mtu}, IPv6 off",
+                description=f"create profile {name}: {twin.address}, MTU {mtu}, IPv6 off"
+                + (f", route {want['ipv4.routes']}" if want.get("ipv4.routes") else ""),
                 commands=[Command(argv=argv, sudo=True)],
-                diff=[f"+ {name}: {k} {v}" for k, v in want.items()],
+                diff=[f"+ {name}: {k} {v}" for k, v in want.items() if v],
             )
         )
         changed_profile = True

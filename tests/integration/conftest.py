@@ -28,26 +28,65 @@ NOT_ROOT_REASON = (
 )
 
 
+Shape = tuple[int, str | None]
+"""(hosts, topology) of a testbed; topology None: the default for that many hosts."""
+
+
+class _Shaper:
+    """The session's one testbed, rebuilt when a test needs another shape (a ring, a 4-host switch).
+
+    Tests are ordered so that each shape is built once (pytest_collection_modifyitems): the default shape's tests
+    first, then those of each `testbed_shape` marker, grouped.
+    """
+
+    def __init__(self, request: pytest.FixtureRequest) -> None:
+        self.request = request
+        self.tb = Testbed()
+        self.shape: Shape | None = None
+        self.default: Shape = (int(request.config.getoption("--testbed-hosts")), None)
+
+    def ensure(self, shape: Shape) -> Testbed:
+        if shape == self.shape:
+            return self.tb
+        gid = parse_gid_option(self.request.config.getoption("--testbed-gid-index")) if shape == self.default else {}
+        self.tb.down()  # leftovers of a previous run that crashed or was killed, or the previous shape
+        start = time.monotonic()
+        self.tb.up(hosts=shape[0], gid_index=gid, topology=shape[1])
+        label = f"{shape[0]} hosts{' ' + shape[1] if shape[1] else ''}"
+        _TIMINGS[f"up ({label})"] = time.monotonic() - start
+        if shape == self.default:
+            _TIMINGS.update({f"up: {k}": v for k, v in self.tb.timings.items()})
+        self.shape = shape
+        return self.tb
+
+
 @pytest.fixture(scope="session")
-def testbed(request: pytest.FixtureRequest) -> Testbed:
-    """The session's fake Sparks, up; removed at the end (also cleans a crashed earlier run)."""
+def _shaper(request: pytest.FixtureRequest) -> _Shaper:
     if os.geteuid() != 0:
         pytest.skip(NOT_ROOT_REASON)
     # One testbed per machine (fixed namespace and bridge names): concurrent test sessions take turns.
     lock = open("/var/tmp/sparkctl-testbed.lock", "w")  # noqa: SIM115 - held for the whole session
     fcntl.flock(lock, fcntl.LOCK_EX)
     request.addfinalizer(lock.close)
-    tb = Testbed()
-    tb.down()  # leftovers of a previous run that crashed or was killed
+    shaper = _Shaper(request)
     if not request.config.getoption("--testbed-keep"):
-        request.addfinalizer(tb.down)
-    start = time.monotonic()
-    tb.up(
-        hosts=request.config.getoption("--testbed-hosts"),
-        gid_index=parse_gid_option(request.config.getoption("--testbed-gid-index")),
-    )
-    _TIMINGS["up (fixture)"] = time.monotonic() - start
-    _TIMINGS.update({f"up: {k}": v for k, v in tb.timings.items()})
+        request.addfinalizer(shaper.tb.down)
+    return shaper
+
+
+@pytest.fixture(scope="session")
+def testbed(_shaper: _Shaper) -> Testbed:
+    """The session's fake Sparks, up; removed at the end (also cleans a crashed earlier run)."""
+    return _shaper.ensure(_shaper.default)
+
+
+@pytest.fixture
+def shaped_testbed(request: pytest.FixtureRequest, _shaper: _Shaper) -> Testbed:
+    """The testbed in the shape of the test's `testbed_shape(hosts=..., topology=...)` marker, hosts fresh."""
+    marker = request.node.get_closest_marker("testbed_shape")
+    assert marker is not None, "shaped_testbed needs @pytest.mark.testbed_shape(hosts=..., topology=...)"
+    tb = _shaper.ensure((int(marker.kwargs["hosts"]), marker.kwargs.get("topology")))
+    tb.reset_hosts()
     return tb
 
 
@@ -59,8 +98,9 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 
 
 @pytest.fixture
-def fresh_testbed(testbed: Testbed) -> Testbed:
+def fresh_testbed(testbed: Testbed, _shaper: _Shaper) -> Testbed:
     """The shared testbed with every host reset to a fresh install before the test."""
+    _shaper.ensure(_shaper.default)  # back to the session's shape if a shaped test ran before
     start = time.monotonic()
     testbed.reset_hosts()
     _TIMINGS["reset_hosts (last)"] = time.monotonic() - start
@@ -87,6 +127,14 @@ def sudo_env(testbed: Testbed) -> dict[str, str]:
     return {**os.environ, "SPARKCTL_SUDO_PASSWORD": testbed.sudo_password}
 
 
+def _shape_key(item: pytest.Item) -> tuple[bool, int, str]:
+    marker = item.get_closest_marker("testbed_shape")
+    if marker is None:
+        return (False, 0, "")
+    return (True, int(marker.kwargs["hosts"]), str(marker.kwargs.get("topology") or ""))
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests that need no testbed run first, so the machine-wide testbed lock is held only while testbed tests run."""
-    items.sort(key=lambda item: item.get_closest_marker("testbed") is not None)
+    """Tests that need no testbed run first, so the machine-wide testbed lock is held only while testbed tests run;
+    tests of another testbed shape run last, grouped by shape, so each shape is built once."""
+    items.sort(key=lambda item: (item.get_closest_marker("testbed") is not None, _shape_key(item)))

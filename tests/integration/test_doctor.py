@@ -65,8 +65,8 @@ def test_one_twin_at_mtu_1500_is_named(configured: tuple[Testbed, Path, dict[str
     assert code == 1
     assert levels(findings, "twin-address")["spark-b enp1s0f1np1"] == "fail"
     assert levels(findings, "twin-address")["spark-a enp1s0f1np1"] == "pass"
-    assert levels(findings, "jumbo-path")["spark-a enp1s0f1np1 -> 192.168.100.11"] == "fail"
-    assert levels(findings, "jumbo-path")["spark-a enP2p1s0f1np1 -> 192.168.101.11"] == "pass"
+    assert levels(findings, "jumbo-path")["spark-a enp1s0f1np1 -> spark-b enp1s0f1np1 192.168.100.11"] == "fail"
+    assert levels(findings, "jumbo-path")["spark-a enP2p1s0f1np1 -> spark-b enP2p1s0f1np1 192.168.101.11"] == "pass"
 
 
 def test_a_removed_address_is_named(configured: tuple[Testbed, Path, dict[str, str]]) -> None:

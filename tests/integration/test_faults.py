@@ -86,8 +86,8 @@ def test_peer_twin_at_mtu_1500_fails_the_jumbo_check_naming_the_link(fresh_testb
     d = sparkctl("doctor", "--json", "-i", str(inventory), env=env)
     assert d.returncode == 1
     jumbo = {f["subject"]: f["level"] for f in json.loads(d.stdout) if f["rule"] == "jumbo-path"}
-    assert jumbo["spark-a enp1s0f1np1 -> 192.168.100.11"] == "fail"
-    assert jumbo["spark-a enP2p1s0f1np1 -> 192.168.101.11"] == "pass"
+    assert jumbo["spark-a enp1s0f1np1 -> spark-b enp1s0f1np1 192.168.100.11"] == "fail"
+    assert jumbo["spark-a enP2p1s0f1np1 -> spark-b enP2p1s0f1np1 192.168.101.11"] == "pass"
 
 
 def test_wrong_sudo_password_fails_fast_and_is_never_shown(fresh_testbed: Testbed, inventory: Path,

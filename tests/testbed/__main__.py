@@ -21,6 +21,12 @@ def _parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="create the hosts and print the inventory path")
     up.add_argument("--hosts", type=int, default=2, help="number of hosts (default 2)")
     up.add_argument(
+        "--topology",
+        choices=["direct", "switch", "ring"],
+        default=None,
+        help="direct (2 hosts; the default for 2), switch (the default for more), ring (3 hosts, 4 interfaces each)",
+    )
+    up.add_argument(
         "--gid-index",
         action="append",
         default=[],
@@ -44,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     tb = Testbed()
     try:
         if args.command == "up":
-            tb.up(hosts=args.hosts, gid_index=parse_gid_option(args.gid_index))
+            tb.up(hosts=args.hosts, gid_index=parse_gid_option(args.gid_index), topology=args.topology)
             print(tb.inventory_path())
             asking = [h for h in tb.hosts if tb.sudo_password_for(h)]
             print(f"up in {tb.timings['total']:.1f}s", file=sys.stderr)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import network
 from ._proc import TestbedError, clean_env, run
-from .layout import TWINS, validate_gid_index
+from .layout import validate_gid_index
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -232,7 +232,7 @@ class FaultsMixin:
         for name in names:
             spec = self.spec(name)
             run(["ip", "link", "set", spec.mgmt_peer, "up"])
-            for twin in TWINS:
+            for twin in spec.twins:
                 with contextlib.suppress(TestbedError):
                     self._far_end(name, twin.interface, "up")
 

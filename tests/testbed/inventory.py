@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from .layout import LOGIN_USER, RAY_PORT, RUNTIME_VENV, TWINS, HostSpec
+from .layout import LOGIN_USER, RAY_PORT, RUNTIME_VENV, HostSpec
 
 HEADER = (
     "# Written by the sparkctl testbed (tests/testbed) for its fake Sparks in network namespaces.\n"
@@ -46,7 +46,7 @@ def build_inventory(
                         "address": spec.fabric_cidr(twin),
                         "rdma_device": twin.rdma_device,
                     }
-                    for twin in TWINS
+                    for twin in spec.twins
                 ],
             }
             for spec in specs

@@ -54,6 +54,22 @@ TWINS: tuple[Twin, ...] = (
     Twin("enP2p1s0f1np1", "roceP2p1s0f1", "192.168.101"),
 )
 
+RING_TWINS: tuple[Twin, ...] = (
+    Twin("enp1s0f0np0", "rocep1s0f0", ""),
+    Twin("enP2p1s0f0np0", "roceP2p1s0f0", ""),
+    Twin("enp1s0f1np1", "rocep1s0f1", ""),
+    Twin("enP2p1s0f1np1", "roceP2p1s0f1", ""),
+)
+"""A ring host's four logical interfaces, as NVIDIA's three-Spark ring addresses them (connect-three-sparks
+README, step 3): Port0's two (…f0np0), then Port1's (…f1np1). A ring subnet belongs to a cable, not to a twin."""
+
+RING_HOSTS = 3
+RING_SUBNET = "192.168.{}"
+RING_FIRST_CABLE = 110
+"""Cable c of the ring is 192.168.(110 + c).0/24."""
+
+TOPOLOGIES = ("direct", "switch", "ring")
+
 
 @dataclass(frozen=True)
 class HostSpec:
@@ -62,6 +78,12 @@ class HostSpec:
     name: str
     index: int
     gid_index: int
+    topology: str = "direct"
+
+    @property
+    def twins(self) -> tuple[Twin, ...]:
+        """The fabric interfaces this host has: four on a ring, the two twins of one port otherwise."""
+        return RING_TWINS if self.topology == "ring" else TWINS
 
     @property
     def netns(self) -> str:
@@ -81,6 +103,11 @@ class HostSpec:
         return self.index == 0
 
     def fabric_ip(self, twin: Twin) -> str:
+        if self.topology == "ring":
+            # cable c joins host c's Port0 (.11, .12) to host c+1's Port1 (.13, .14)
+            pos = RING_TWINS.index(twin)
+            cable = self.index if pos < 2 else (self.index - 1) % RING_HOSTS
+            return f"{RING_SUBNET.format(RING_FIRST_CABLE + cable)}.{11 + pos}"
         return f"{twin.subnet}.{10 + self.index}"
 
     def fabric_cidr(self, twin: Twin) -> str:
@@ -89,7 +116,8 @@ class HostSpec:
 
 @dataclass(frozen=True)
 class FabricWiring:
-    """How the twins are cabled: direct veth pairs (2 hosts) or one bridge per twin (more)."""
+    """How the twins are cabled: direct veth pairs (2 hosts), one bridge per twin (a switch), or a veth pair per
+    lane of each ring cable (hosts[c] Port0's interfaces to hosts[c+1] Port1's, in order)."""
 
     topology: str
     bridges: tuple[str, ...]
@@ -108,10 +136,23 @@ def default_root() -> Path:
     return Path(os.environ.get(ROOT_ENV, str(DEFAULT_ROOT)))
 
 
-def build_host_specs(count: int, gid_index: Mapping[str, int] | None = None) -> list[HostSpec]:
+def default_topology(count: int) -> str:
+    return "direct" if count <= 2 else "switch"
+
+
+def build_host_specs(
+    count: int, gid_index: Mapping[str, int] | None = None, topology: str | None = None
+) -> list[HostSpec]:
     """Specs of `count` hosts; `gid_index` maps host name -> RoCE v2 IPv4 GID index."""
     if not 1 <= count <= MAX_HOSTS:
         raise ValueError(f"hosts must be between 1 and {MAX_HOSTS}, got {count}")
+    topology = topology or default_topology(count)
+    if topology not in TOPOLOGIES:
+        raise ValueError(f"topology must be one of {', '.join(TOPOLOGIES)}, got {topology!r}")
+    if topology == "ring" and count != RING_HOSTS:
+        raise ValueError(f"a ring has {RING_HOSTS} hosts, got {count}")
+    if topology == "direct" and count > 2:
+        raise ValueError(f"direct wiring joins at most 2 hosts, got {count}")
     names = [host_name(i) for i in range(count)]
     overrides = dict(gid_index or {})
     unknown = sorted(set(overrides) - set(names))
@@ -121,7 +162,7 @@ def build_host_specs(count: int, gid_index: Mapping[str, int] | None = None) -> 
     for i, name in enumerate(names):
         idx = overrides.get(name, DEFAULT_GID_INDEX)
         validate_gid_index(idx)
-        specs.append(HostSpec(name=name, index=i, gid_index=idx))
+        specs.append(HostSpec(name=name, index=i, gid_index=idx, topology=topology))
     return specs
 
 
@@ -131,11 +172,23 @@ def validate_gid_index(idx: int) -> None:
         raise ValueError(f"gid index must be in 3..{GID_TABLE_SIZE - 1}, got {idx}")
 
 
-def build_wiring(count: int) -> FabricWiring:
-    """Two hosts: a veth pair per twin between them. More: a root-namespace bridge per twin."""
-    if count <= 2:
+def build_wiring(count: int, topology: str | None = None) -> FabricWiring:
+    """Two hosts: a veth pair per twin between them. A switch: a root-namespace bridge per twin. A ring: a veth
+    pair per lane of each cable."""
+    topology = topology or default_topology(count)
+    if topology == "direct":
         return FabricWiring(topology="direct", bridges=())
+    if topology == "ring":
+        return FabricWiring(topology="ring", bridges=())
     return FabricWiring(topology="switch", bridges=tuple(f"{LINK_PREFIX}f{i}" for i in range(len(TWINS))))
+
+
+def ring_far_end(host: HostSpec, pos: int) -> tuple[int, int]:
+    """(host index, twin position) at the other end of a ring host's interface: Port0 (0, 1) goes to the next
+    host's Port1 (2, 3), Port1 to the previous host's Port0."""
+    if pos < 2:
+        return (host.index + 1) % RING_HOSTS, pos + 2
+    return (host.index - 1) % RING_HOSTS, pos - 2
 
 
 def parse_gid_option(values: list[str]) -> dict[str, int]:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ._proc import TestbedError, children_of, clean_env, pid_alive
-from .layout import LAPTOP_IP, MGMT_IFNAME, MGMT_PREFIX_LEN, SIM_MOUNTPOINT, TWINS, HostSpec
+from .layout import LAPTOP_IP, MGMT_IFNAME, MGMT_PREFIX_LEN, SIM_MOUNTPOINT, TWINS, HostSpec, Twin
 
 Exec = Callable[..., "subprocess.CompletedProcess[str]"]
 
@@ -99,9 +99,11 @@ def wait_booted(records: Sequence[dict[str, Any]], timeout: float) -> None:
         time.sleep(0.05)
 
 
-def settle_host(exec_in: Exec, host: str, hostdir: Path, timeout: float) -> None:
+def settle_host(
+    exec_in: Exec, host: str, hostdir: Path, timeout: float, host_twins: Sequence[Twin] = TWINS
+) -> None:
     """Mark the twins managed; wait for NM's "Wired connection" profiles and the GID tables."""
-    twins = [t.interface for t in TWINS]
+    twins = [t.interface for t in host_twins]
     deadline = time.monotonic() + timeout
     managed: set[str] = set()
     while True:
@@ -115,7 +117,7 @@ def settle_host(exec_in: Exec, host: str, hostdir: Path, timeout: float) -> None
         states = dict(line.split(":", 1) for line in devices.splitlines() if ":" in line)
         profiles = exec_in(host, ["nmcli", "-t", "-f", "NAME,TYPE", "connection", "show"], check=False).stdout
         wired = [p for p in profiles.splitlines() if p.startswith("Wired connection")]
-        gids = all((hostdir / "sim" / "ib" / t.rdma_device / "ports/1/gids/0").exists() for t in TWINS)
+        gids = all((hostdir / "sim" / "ib" / t.rdma_device / "ports/1/gids/0").exists() for t in host_twins)
         if (
             len(managed) == len(twins)
             and all(states.get(t, "unmanaged") not in ("unmanaged", "unavailable") for t in twins)

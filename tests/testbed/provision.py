@@ -22,10 +22,12 @@ from .layout import (
     GID_TABLE_SIZE,
     LOGIN_USER,
     MGMT_IFNAME,
+    RING_TWINS,
     SIM_MOUNTPOINT,
     SUDO_PASSWORD,
     TWINS,
     HostSpec,
+    Twin,
 )
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -97,7 +99,7 @@ def render_networkmanager_conf() -> str:
 def render_udev_twin_rule() -> str:
     # 85-nm-unmanaged.rules marks every veth unmanaged; the twins stand in for ConnectX ports, which
     # NetworkManager manages, also after a restart of NetworkManager.
-    names = "|".join(t.interface for t in TWINS)
+    names = "|".join(dict.fromkeys(t.interface for t in (*TWINS, *RING_TWINS)))
     return (
         "# sparkctl testbed: the fabric twins are real NICs on a DGX Spark, so NM manages them.\n"
         f'SUBSYSTEM=="net", ACTION!="remove", KERNEL=="{names}", ENV{{NM_UNMANAGED}}="0"\n'
@@ -164,8 +166,8 @@ def render_storage_conf(hostdir: Path) -> str:
     )
 
 
-def render_devices_json() -> str:
-    devices = [{"rdma_device": t.rdma_device, "netdev": t.interface} for t in TWINS]
+def render_devices_json(twins: tuple[Twin, ...] = TWINS) -> str:
+    devices = [{"rdma_device": t.rdma_device, "netdev": t.interface} for t in twins]
     return json.dumps({"devices": devices, "table_size": GID_TABLE_SIZE}, indent=2) + "\n"
 
 
@@ -276,13 +278,13 @@ def _seed_sim(spec: HostSpec, hostdir: Path) -> None:
     sim = hostdir / "sim"
     sim.mkdir(mode=0o755)
     _write(sim / "README.SIMULATED", SIM_HEADER)
-    _write(sim / "devices.json", render_devices_json())
+    _write(sim / "devices.json", render_devices_json(spec.twins))
     _write(sim / "gid_index", f"{spec.gid_index}\n")
     _write(sim / "driver_version", f"{DEFAULT_DRIVER_VERSION}\n")
     _write(sim / "temperature", f"{DEFAULT_GPU_TEMPERATURE}\n")
     classdir = hostdir / "sysclass" / "infiniband"
     classdir.mkdir(parents=True)
-    for twin in TWINS:
+    for twin in spec.twins:
         port = sim / "ib" / twin.rdma_device / "ports" / "1"
         for sub in ("gids", "gid_attrs/types", "gid_attrs/ndevs"):
             (port / sub).mkdir(parents=True)

@@ -34,7 +34,6 @@ from .layout import (
     MGMT_PREFIX_LEN,
     RUNTIME_VENV,
     SUDO_PASSWORD,
-    TWINS,
     HostSpec,
     build_host_specs,
     build_wiring,
@@ -90,7 +89,10 @@ class Testbed(FaultsMixin):
 
     def spec(self, host: str) -> HostSpec:
         rec = self._host(host)
-        return HostSpec(name=str(rec["name"]), index=int(rec["index"]), gid_index=int(rec["gid_index"]))
+        topology = str(self._state().get("topology", "direct"))
+        return HostSpec(
+            name=str(rec["name"]), index=int(rec["index"]), gid_index=int(rec["gid_index"]), topology=topology
+        )
 
     def _host(self, host: str, state: dict[str, Any] | None = None) -> dict[str, Any]:
         state = state or self._state()
@@ -133,10 +135,11 @@ class Testbed(FaultsMixin):
 
     # --- up -------------------------------------------------------------------------------------
 
-    def up(self, hosts: int = 2, gid_index: Mapping[str, int] | None = None) -> None:
-        """Create `hosts` fresh Sparks; gid_index maps host name -> RoCE v2 IPv4 GID index."""
+    def up(self, hosts: int = 2, gid_index: Mapping[str, int] | None = None, topology: str | None = None) -> None:
+        """Create `hosts` fresh Sparks; gid_index maps host name -> RoCE v2 IPv4 GID index; topology: direct
+        (2 hosts, the default for 2), switch (the default for more) or ring (3 hosts, four interfaces each)."""
         require_root()
-        specs = build_host_specs(hosts, gid_index)
+        specs = build_host_specs(hosts, gid_index, topology)
         if self.is_up():
             raise TestbedError(
                 f"a testbed is already up ({self.state_file})\n"
@@ -150,7 +153,7 @@ class Testbed(FaultsMixin):
         t0 = time.monotonic()
         self.root.mkdir(mode=0o755, parents=True, exist_ok=True)
         self.root.chmod(0o755)
-        wiring = build_wiring(len(specs))
+        wiring = build_wiring(len(specs), specs[0].topology)
         state: dict[str, Any] = {
             "version": STATE_VERSION,
             "root": str(self.root),
@@ -244,7 +247,7 @@ class Testbed(FaultsMixin):
         lifecycle.wait_booted(state["hosts"], BOOT_TIMEOUT)
 
     def _settle_host(self, host: str) -> None:
-        lifecycle.settle_host(self.exec, host, self.hostdir(host), SETTLE_TIMEOUT)
+        lifecycle.settle_host(self.exec, host, self.hostdir(host), SETTLE_TIMEOUT, self.spec(host).twins)
 
     @staticmethod
     def _parallel(fn: Callable[[str], None], hosts: Sequence[str]) -> None:
@@ -415,7 +418,7 @@ class Testbed(FaultsMixin):
             host,
             ["/bin/bash", str(self.root / "libexec" / "reset_host.sh")],
             env={
-                "TB_TWINS": " ".join(t.interface for t in TWINS),
+                "TB_TWINS": " ".join(t.interface for t in self.spec(host).twins),
                 "TB_USER": LOGIN_USER,
                 "TB_RUNTIME": RUNTIME_VENV,
                 "TB_HOSTDIR": str(hostdir),
