@@ -6,8 +6,10 @@ exit 2 with `file:line key.path`, what is wrong, and a hint.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -247,3 +249,80 @@ def test_a_workload_without_hosts_next_to_listed_groups_must_fit_too(tmp_path: P
     assert error.startswith(f"{path}:{line_of(text, '# everywhere')} workloads[1]: "), error
     assert "with embed the workloads need 3 rank(s) but the cluster has 2 GPU(s): over-committed" in error
     assert "give each workload its own hosts" in hint
+
+
+SWITCH4 = (REPO / "inventories" / "example-switch-4.yaml").read_text()
+
+
+def offline_steps(tmp_path: Path, text: str) -> list[dict[str, Any]]:
+    path = tmp_path / "inv.yaml"
+    path.write_text(text)
+    result = CliRunner().invoke(app, ["plan", "--offline", "--json", "-i", str(path)])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.output)
+    return [s for st in plan["stages"] for s in st["steps"]]
+
+
+def _lines(step: dict[str, Any]) -> str:
+    return "\n".join(" ".join(c["argv"]) for c in step["commands"])
+
+
+def test_two_groups_of_a_switched_four_plan_on_their_own_hosts(tmp_path: Path) -> None:
+    text = with_workloads(
+        "  - name: chat\n    engine: vllm\n    model: Qwen/Qwen3-8B\n    hosts: [spark-1, spark-2]\n"
+        "    executor: mp\n    tensor_parallel_size: 2\n"
+        "  - name: embed\n    engine: embed\n    hosts: [spark-3, spark-4]\n    tensor_parallel_size: 2\n",
+        text=SWITCH4,
+    )
+    steps = offline_steps(tmp_path, text)
+    by = {(s["host"], s["kind"], s["target"]): s for s in steps}
+    work = sorted((h, k, t) for h, k, t in by if k in ("workload", "worker_code", "verify_workload"))
+    assert work == [
+        ("spark-1", "verify_workload", "chat"),
+        ("spark-1", "workload", "chat"),
+        ("spark-2", "workload", "chat"),
+        ("spark-3", "verify_workload", "embed"),
+        ("spark-3", "worker_code", "/home/nvidia/.local/state/sparkctl/embed_worker.py"),
+        ("spark-3", "workload", "embed"),
+    ]
+    rank0, rank1 = _lines(by["spark-1", "workload", "chat"]), _lines(by["spark-2", "workload", "chat"])
+    assert "--nnodes 2 --node-rank 0 --master-addr 192.168.100.10" in rank0 and "--host 10.0.0.11 --port 8000" in rank0
+    assert "--nnodes 2 --node-rank 1 --master-addr 192.168.100.10" in rank1 and "--headless" in rank1
+    embed_line = _lines(by["spark-3", "workload", "embed"])
+    assert "--host 10.0.0.13 --port 8000" in embed_line
+    assert "--nodes 192.168.100.12,192.168.100.13" in embed_line
+    assert "--ray-address 192.168.100.10:6379" in embed_line  # one Ray cluster, its head on spark-1
+    # the embed worker's ranks are Ray-placed: the placement check wants them on spark-3 and spark-4 exactly
+    placement = by["spark-1", "verify_placement", "embed"]
+    assert '"192.168.100.12", "192.168.100.13"' in placement["commands"][0]["stdin"]
+
+
+def test_tp2_x_pp2_over_four_hosts_numbers_the_nodes_in_listed_order(tmp_path: Path) -> None:
+    text = with_workloads(
+        "  - name: chat\n    engine: vllm\n    model: Qwen/Qwen3-8B\n"
+        "    hosts: [spark-4, spark-3, spark-2, spark-1]\n    executor: mp\n"
+        "    tensor_parallel_size: 2\n    pipeline_parallel_size: 2\n",
+        text=SWITCH4,
+    )
+    steps = offline_steps(tmp_path, text)
+    lines = {s["host"]: _lines(s) for s in steps if s["kind"] == "workload"}
+    for rank, host in enumerate(["spark-4", "spark-3", "spark-2", "spark-1"]):
+        assert (
+            "--tensor-parallel-size 2 --pipeline-parallel-size 2 --distributed-executor-backend mp --nnodes 4 "
+            f"--node-rank {rank} --master-addr 192.168.100.13 "
+        ) in lines[host], host
+    assert "--host 10.0.0.14 --port 8000" in lines["spark-4"]
+    assert [s["host"] for s in steps if s["kind"] == "verify_workload"] == ["spark-4"]
+
+
+def test_tp_x_pp_hint_lists_what_fits_four_gpus(tmp_path: Path) -> None:
+    text = with_workloads(
+        "  - name: chat\n    engine: vllm\n    hosts: [spark-1, spark-2, spark-3, spark-4]\n    executor: mp\n"
+        "    tensor_parallel_size: 4\n    pipeline_parallel_size: 2\n",
+        text=SWITCH4,
+    )
+    code, output, _ = plan_offline(tmp_path, text)
+    assert code == EXIT_BAD_INPUT, output
+    (error, hint), *_ = _errors(output)
+    assert "4 x 2 = 8 rank(s), but the group spark-1, spark-2, spark-3, spark-4 has 4 GPU(s)" in error
+    assert "4 x 1, 2 x 2, 1 x 4" in hint
