@@ -152,3 +152,46 @@ def test_embed_worker_tp4_over_four_hosts_matches_the_reference(four_wide: Clust
     r = c.run("plan", "--json")
     assert r.returncode == 0, r.stderr
     assert changing(plan_steps(r.stdout)) == []
+
+
+@pytest.fixture
+def vllm_and_embed(shaped_testbed: Testbed, tmp_path: Path) -> Iterator[Cluster]:
+    from tests.integration.test_vllm_real import MINI  # vLLM's CPU build serving the MiniLM weights
+
+    shaped_testbed.use_vllm("real")
+    chat = {**MINI, "name": "mini", "hosts": ["spark-c", "spark-d"], "tensor_parallel_size": 2, "executor": "mp",
+            "port": 8000, "ready_timeout": 900}
+    yield from _cluster(shaped_testbed, tmp_path, [embed("embed-ab", ["spark-a", "spark-b"], 2, 8100), chat])
+
+
+@pytest.mark.testbed_shape(hosts=4, topology="switch")
+def test_real_vllm_on_one_pair_next_to_embed_on_the_other(vllm_and_embed: Cluster, reference: Any) -> None:
+    """vLLM itself (CPU build, multiprocessing executor) TP=2 on (spark-c, spark-d), its endpoint on spark-c; the
+    embed worker TP=2 on (spark-a, spark-b). Both answer, each on its own head."""
+    c, tb = vllm_and_embed, vllm_and_embed.tb
+    ip = {h.name: str(h.fabric[0].address.ip) for h in c.inv.hosts}
+    mgmt = {h.name: h.address for h in c.inv.hosts}
+    r = c.run("up", "--yes", timeout=1800)
+    log = "/home/spark/.local/state/sparkctl/logs/mini.log"
+    tail_d = tb.exec("spark-d", ["tail", "-n", "40", log], check=False).stdout
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:] + f"\n--- spark-d {log}\n{tail_d}"
+
+    serve = {h: [p for p in spark_processes(tb, h, "vllm serve") if "sh -c" not in p] for h in tb.hosts}
+    assert serve["spark-a"] == [] and serve["spark-b"] == [], serve
+    (head,), (other,) = serve["spark-c"], serve["spark-d"]
+    assert f"--node-rank 0 --master-addr {ip['spark-c']}" in head and f"--host {mgmt['spark-c']}" in head
+    assert f"--node-rank 1 --master-addr {ip['spark-c']}" in other and "--headless" in other
+    assert "TP rank 1" in tb.exec("spark-d", ["cat", log]).stdout  # the second rank runs on spark-d
+    assert sorted(c.rank_ips("embed-ab")) == sorted([ip["spark-a"], ip["spark-b"]])
+
+    # vLLM refuses an empty string; these have none
+    assert_matches_reference(f"http://{mgmt['spark-c']}:8000/v1", c.key("mini"), "mini", reference)
+    assert_matches_reference(f"http://{mgmt['spark-a']}:8100/v1", c.key("embed-ab"), "embed-ab", reference)
+
+    r = c.run("plan", "--json")
+    assert r.returncode == 0, r.stderr
+    assert changing(plan_steps(r.stdout)) == []
+    r = c.run("down")
+    assert r.returncode == 0, r.stderr
+    for h in tb.hosts:
+        assert spark_processes(tb, h, "vllm serve") == [] and spark_processes(tb, h, "embed_worker") == [], h
