@@ -8,10 +8,7 @@ from typing import Annotated
 import typer
 
 from sparkctl.cli import common as c
-from sparkctl.cli.render import render_bench
 from sparkctl.errors import EXIT_FAILED
-from sparkctl.runbook.load import load_runbook, resolve_params
-from sparkctl.runbook.reports import summarise_bench
 
 app = typer.Typer(help="Measure the cluster.", no_args_is_help=True, rich_markup_mode=None)
 
@@ -26,6 +23,10 @@ def bench_fabric(
     debug: c.DebugOpt = False,
 ) -> None:
     """Measure the link without RDMA tools: jumbo frames per twin, one TCP stream per link (said so)."""
+    from sparkctl.cli.render import render_bench
+    from sparkctl.runbook.load import load_runbook, resolve_params
+    from sparkctl.runbook.reports import summarise_bench
+
     inv = c.start(debug, inventory)
     rb = load_runbook("bench-fabric")
     params = resolve_params(rb, {"mb": str(mb)})

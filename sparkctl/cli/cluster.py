@@ -3,25 +3,23 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from sparkctl import state
 from sparkctl.cli import common as c
 from sparkctl.cli.interrupts import INTERRUPTS
-from sparkctl.cli.render import Progress, render_plan, render_report
-from sparkctl.doctor.evaluators import CheckContext
-from sparkctl.doctor.preflight import preflight
 from sparkctl.errors import EXIT_FAILED, EXIT_INTERRUPTED, HostError, InputError, Problem
-from sparkctl.inventory.models import Inventory
-from sparkctl.plan.models import Plan
-from sparkctl.runbook.engine import Report, Secrets
-from sparkctl.runbook.load import load_runbook, resolve_params, step_index
-from sparkctl.runbook.lock import owner_here
-from sparkctl.runbook.models import Runbook
-from sparkctl.runbook.planner import offline_plan
-from sparkctl.runbook.session import Session, secrets_needed, ssh_connect
+
+# Loaded when a command runs (see common.py): the models and the planner to plan; the session, the engine and
+# the preflight rules only for commands that reach the hosts.
+if TYPE_CHECKING:
+    from sparkctl.inventory.models import Inventory
+    from sparkctl.plan.models import Plan
+    from sparkctl.runbook.engine import Report, Secrets
+    from sparkctl.runbook.models import Runbook
+    from sparkctl.runbook.session import Session
 
 OfflineOpt = Annotated[
     bool, typer.Option("--offline", help="Plan as if the hosts were fresh, without contacting them.")
@@ -58,12 +56,18 @@ def _workloads(inv: Inventory, chosen: list[str] | None) -> list[str] | None:
 
 def show_plan(plan: Plan, as_json: bool, secrets: Secrets) -> str:
     """The plan as printed (text or JSON), with every secret value redacted, `secret: true` parameters too."""
+    from sparkctl.cli.render import render_plan
+    from sparkctl.plan.models import Plan
+
     shown = Plan.model_validate(secrets.scrub(plan.model_dump()))
     return shown.model_dump_json(indent=2) if as_json else render_plan(shown)
 
 
 def show_report(report: Report, as_json: bool, secrets: Secrets) -> str:
     """The report as printed: the executed steps' commands may hold secret parameter values."""
+    from sparkctl.cli.render import render_report
+    from sparkctl.runbook.engine import Report
+
     shown = Report.model_validate(secrets.scrub(report.model_dump()))
     return shown.model_dump_json(indent=2) if as_json else render_report(shown)
 
@@ -89,6 +93,11 @@ def execute(
     A run that may change hosts takes the cluster lock on every host before anything else (dry runs do not).
     `partial` (teardown): go on with the hosts that answer, and fail at the end naming the others.
     """
+    from sparkctl.cli.render import Progress
+    from sparkctl.runbook.engine import Secrets
+    from sparkctl.runbook.lock import owner_here
+    from sparkctl.runbook.session import Session, secrets_needed, ssh_connect
+
     c.check_secret_files(inv)
     session = Session(inv, ssh_connect(accept_new_host_keys), emit=Progress(quiet=False))
     run_id = state.new_run_id()
@@ -104,6 +113,9 @@ def execute(
             secrets = session.secrets_for_plan(create=True)
             plan = session.plan(rb, params, secrets, start=start, only=only)
         if checks and not dry_run:
+            from sparkctl.doctor.evaluators import CheckContext
+            from sparkctl.doctor.preflight import preflight
+
             warnings, stop = preflight(CheckContext(session.inventory, session.facts), force)
             for f in warnings:
                 c.echo(f"warning: {f.rule} {f.subject}: {f.evidence}", err=True)
@@ -153,7 +165,8 @@ def unlock(inv: Inventory, *, yes: bool, accept_new_host_keys: bool) -> None:
     """Show the lock on every reachable host, confirm, and remove it where it is still the one shown."""
     import time
 
-    from sparkctl.runbook.lock import build_break, build_read, is_stale_here, parse_answer
+    from sparkctl.runbook.lock import build_break, build_read, is_stale_here, owner_here, parse_answer
+    from sparkctl.runbook.session import Session, ssh_connect
 
     session = Session(inv, ssh_connect(accept_new_host_keys))
     try:
@@ -207,10 +220,15 @@ def plan_cmd(
     debug: c.DebugOpt = False,
 ) -> None:
     """Show what `up` would change on every host: steps, exact commands, diffs. Changes nothing."""
+    from sparkctl.runbook.load import load_runbook, resolve_params
+
     inv = c.start(debug, inventory)
     rb = load_runbook("up")
     params = resolve_params(rb, {}) | {"workloads": _workloads(inv, workload)}
     if offline:
+        from sparkctl.runbook.engine import Secrets
+        from sparkctl.runbook.planner import offline_plan
+
         plan = offline_plan(inv, rb, params)
         c.echo(show_plan(plan, as_json, Secrets(rb.secret_values(params))))
         return
@@ -229,6 +247,8 @@ def up_cmd(
     debug: c.DebugOpt = False,
 ) -> None:
     """Configure the fabric and env, form Ray, start the workloads and wait until they answer."""
+    from sparkctl.runbook.load import load_runbook, resolve_params
+
     inv = c.start(debug, inventory)
     rb = load_runbook("up")
     params = resolve_params(rb, {}) | {"workloads": _workloads(inv, workload)}
@@ -257,6 +277,8 @@ def down_cmd(
 
     Hosts that cannot be reached are named (exit 1); the others are stopped anyway.
     """
+    from sparkctl.runbook.load import load_runbook
+
     inv = c.start(debug, inventory)
     execute(
         inv,
@@ -292,6 +314,8 @@ def restore_cmd(
     debug: c.DebugOpt = False,
 ) -> None:
     """Put the twins back as before sparkctl: delete its profiles, re-enable the ones it disabled."""
+    from sparkctl.runbook.load import load_runbook
+
     inv = c.start(debug, inventory)
     execute(
         inv,
@@ -320,6 +344,8 @@ def run_cmd(
     debug: c.DebugOpt = False,
 ) -> None:
     """Run a runbook (playbooks/*.yaml or a built-in) with the same engine as up and down."""
+    from sparkctl.runbook.load import load_runbook, resolve_params, step_index
+
     c.set_debug(debug)
     rb = load_runbook(runbook)
     inv = c.inventory(inventory)
@@ -340,6 +366,9 @@ def run_cmd(
             ]
         )
     if dry_run and offline:
+        from sparkctl.runbook.engine import Secrets
+        from sparkctl.runbook.planner import offline_plan
+
         plan = offline_plan(inv, rb, params, start=start, only=only)
         c.echo(show_plan(plan, as_json, Secrets(rb.secret_values(params))))
         return

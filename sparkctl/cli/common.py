@@ -9,19 +9,19 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
-from pydantic import ValidationError
 
 from sparkctl import state
-from sparkctl.cli.render import escape_controls
 from sparkctl.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, InputError, Problem, SparkctlError
-from sparkctl.inventory import load_inventory, parse_inventory
-from sparkctl.inventory.models import Inventory
-from sparkctl.runbook import session as sessions
-from sparkctl.runbook.engine import Event
-from sparkctl.runbook.session import Session
+
+# Commands import what they need when they run: `--help` loads Typer and these signatures only (no pydantic,
+# models, YAML, SSH or engine), and offline planning loads neither SSH nor the engine.
+if TYPE_CHECKING:
+    from sparkctl.inventory.models import Inventory
+    from sparkctl.runbook.engine import Event
+    from sparkctl.runbook.session import Session
 
 InventoryOpt = Annotated[
     Path | None,
@@ -58,11 +58,11 @@ def set_debug(on: bool) -> None:
 
 def inventory(path: Path | None) -> Inventory:
     """Load the inventory named by -i, $SPARKCTL_INVENTORY, or the bundled example."""
+    from sparkctl.inventory import example_inventory_text, load_inventory, parse_inventory
+
     chosen = path or (Path(os.environ["SPARKCTL_INVENTORY"]) if os.environ.get("SPARKCTL_INVENTORY") else None)
     if chosen is not None:
         return load_inventory(chosen)
-    from sparkctl.inventory import example_inventory_text
-
     return parse_inventory(example_inventory_text(), "<bundled example-pair.yaml>")
 
 
@@ -94,6 +94,8 @@ def check_secret_files(inv: Inventory) -> None:
 
 def open_session(inv: Inventory, accept_new_host_keys: bool, emit: Callable[[Event], None] | None = None) -> Session:
     """Refuse exposed key files, then connect to and probe every host (one SSH connection each, in parallel)."""
+    from sparkctl.runbook import session as sessions
+
     check_secret_files(inv)
     return sessions.open_session(inv, accept_new_host_keys, emit)
 
@@ -125,6 +127,8 @@ def confirm(message: str, yes: bool) -> bool:
 
 def echo(text: str = "", err: bool = False) -> None:
     """Print text that may hold values from inventories, runbooks or hosts: control characters escaped."""
+    from sparkctl.cli.render import escape_controls
+
     with contextlib.suppress(OSError):  # the terminal may be gone (SIGHUP): the cleanup must still run
         typer.echo(escape_controls(text), err=err)
 
@@ -150,21 +154,29 @@ def guard(fn: Any) -> Any:
             raise typer.Exit(EXIT_INTERRUPTED) from None
         except typer.Exit:
             raise
-        except ValidationError as exc:  # a value from the command line that a model refuses: bad input
-            if _debug:
-                raise
-            for err in exc.errors():
-                where = ".".join(map(str, err["loc"]))
-                ctx = err.get("ctx") or {}
-                msg = str(ctx["message"]) if err["type"] == "sparkctl" else err["msg"]
-                echo(f"error: {where}: {msg}" if where else f"error: {msg}", err=True)
-                echo(f"hint: {ctx.get('hint') or 'check the value given on the command line'}", err=True)
-            raise typer.Exit(EXIT_BAD_INPUT) from None
         except Exception as exc:
             if _debug:
                 raise
+            if _is_validation_error(exc):  # a value from the command line that a model refuses: bad input
+                _bad_input(exc)
             echo(f"error: unexpected {type(exc).__name__}: {exc}", err=True)
             typer.echo("hint: re-run with --debug for the traceback", err=True)
             raise typer.Exit(EXIT_FAILED) from None
 
     return wrapper
+
+
+def _is_validation_error(exc: Exception) -> bool:
+    """pydantic's ValidationError, without importing pydantic: a command that raised one has loaded it."""
+    core = sys.modules.get("pydantic_core")
+    return core is not None and isinstance(exc, core.ValidationError)
+
+
+def _bad_input(exc: Any) -> NoReturn:
+    for err in exc.errors():
+        where = ".".join(map(str, err["loc"]))
+        ctx = err.get("ctx") or {}
+        msg = str(ctx["message"]) if err["type"] == "sparkctl" else err["msg"]
+        echo(f"error: {where}: {msg}" if where else f"error: {msg}", err=True)
+        echo(f"hint: {ctx.get('hint') or 'check the value given on the command line'}", err=True)
+    raise typer.Exit(EXIT_BAD_INPUT) from None

@@ -10,14 +10,7 @@ import typer
 
 from sparkctl import state
 from sparkctl.cli import common as c
-from sparkctl.cli.render import render_findings
-from sparkctl.doctor.evaluate import evaluate
-from sparkctl.doctor.evaluators import CheckContext
 from sparkctl.errors import EXIT_FAILED
-from sparkctl.facts.discover import DISCOVER_PROBE, parse_discovery, propose_inventory
-from sparkctl.inventory.models import SshSettings
-from sparkctl.runbook.discovery import open_discovery
-from sparkctl.runbook.reads import measure_jumbo
 
 
 @c.guard
@@ -29,6 +22,11 @@ def doctor_cmd(
     debug: c.DebugOpt = False,
 ) -> None:
     """Read-only checks on every host and across the pair: pass / warn / fail, evidence and fix."""
+    from sparkctl.cli.render import render_findings
+    from sparkctl.doctor.evaluate import evaluate
+    from sparkctl.doctor.evaluators import CheckContext
+    from sparkctl.runbook.reads import measure_jumbo
+
     inv = c.start(debug, inventory)
     session = c.open_session(inv, accept_new_host_keys)
     try:
@@ -56,6 +54,10 @@ def discover_cmd(
     debug: c.DebugOpt = False,
 ) -> None:
     """Connect to the given hosts and write a complete inventory for them."""
+    from sparkctl.facts.discover import DISCOVER_PROBE, parse_discovery, propose_inventory
+    from sparkctl.inventory.models import SshSettings
+    from sparkctl.runbook.discovery import open_discovery
+
     c.set_debug(debug)
     settings = SshSettings(user=user, port=port, identity_file=identity, known_hosts=known_hosts)
     if identity:

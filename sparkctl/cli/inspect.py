@@ -9,10 +9,7 @@ from typing import Annotated
 import typer
 
 from sparkctl.cli import common as c
-from sparkctl.cli.render import render_status
 from sparkctl.errors import InputError, Problem
-from sparkctl.runbook.reads import read_log
-from sparkctl.runbook.status import cluster_status
 
 
 @c.guard
@@ -23,6 +20,9 @@ def status_cmd(
     debug: c.DebugOpt = False,
 ) -> None:
     """Per host the fabric and Ray state; each workload's endpoint and health."""
+    from sparkctl.cli.render import render_status
+    from sparkctl.runbook.status import cluster_status
+
     inv = c.start(debug, inventory)
     session = c.open_session(inv, accept_new_host_keys)
     try:
@@ -45,6 +45,8 @@ def logs_cmd(
     debug: c.DebugOpt = False,
 ) -> None:
     """Show the log of Ray or a workload on a host."""
+    from sparkctl.runbook.reads import read_log
+
     inv = c.start(debug, inventory)
     if name != "ray" and name not in {w.name for w in inv.workloads}:
         raise InputError([Problem(name, "not 'ray' nor a workload", "see the inventory's workloads")])

@@ -5,11 +5,12 @@ from __future__ import annotations
 import contextlib
 import sys
 import threading
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from sparkctl.doctor.rules import Finding
-from sparkctl.plan.models import Plan
-from sparkctl.runbook.engine import Event, Report
+if TYPE_CHECKING:  # annotations only: printing a plan loads neither the rules nor the engine
+    from sparkctl.doctor.rules import Finding
+    from sparkctl.plan.models import Plan
+    from sparkctl.runbook.engine import Event, Report
 
 SYMBOL = {
     "ok": "ok",

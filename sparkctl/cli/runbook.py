@@ -6,8 +6,6 @@ import typer
 
 from sparkctl.cli import common as c
 from sparkctl.errors import InputError
-from sparkctl.runbook.actions import ACTIONS
-from sparkctl.runbook.load import builtin_names, builtin_text, load_runbook
 
 app = typer.Typer(
     help="Built-in runbooks and validation of runbook files.", no_args_is_help=True, rich_markup_mode=None
@@ -18,6 +16,9 @@ app = typer.Typer(
 @c.guard
 def runbook_list() -> None:
     """Built-in runbooks and the actions runbooks can use."""
+    from sparkctl.runbook.actions import ACTIONS
+    from sparkctl.runbook.load import builtin_names, load_runbook
+
     for name in builtin_names():
         c.echo(f"{name}: {load_runbook(name).description}")
     c.echo("\nactions:")
@@ -29,6 +30,8 @@ def runbook_list() -> None:
 @c.guard
 def runbook_show(name: str) -> None:
     """Print a built-in runbook as YAML, to copy and adapt."""
+    from sparkctl.runbook.load import builtin_text
+
     c.echo(builtin_text(name).rstrip())
 
 
@@ -36,6 +39,8 @@ def runbook_show(name: str) -> None:
 @c.guard
 def runbook_validate(files: list[str]) -> None:
     """Validate runbook files (exit 2 with file:line problems)."""
+    from sparkctl.runbook.load import load_runbook
+
     problems = []
     for f in files:
         try:

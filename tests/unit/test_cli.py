@@ -97,6 +97,40 @@ def test_help_and_offline_plan_load_neither_ssh_nor_ray_nor_rich() -> None:
     assert _loaded_after(["plan", "--offline", "-i", str(EXAMPLE)], watched) == []
 
 
+def test_help_loads_typer_and_the_command_signatures_only() -> None:
+    watched = (
+        "pydantic",
+        "pydantic_core",
+        "yaml",
+        "sparkctl.inventory",
+        "sparkctl.inventory.models",
+        "sparkctl.plan.models",
+        "sparkctl.runbook.load",
+        "sparkctl.runbook.engine",
+        "sparkctl.runbook.session",
+        "sparkctl.doctor.rules",
+        "sparkctl.cli.render",
+        "urllib.request",
+    )
+    assert _loaded_after(["--help"], watched) == []
+    # Below the top level, Typer coerces the root's options first, and that loads pydantic (typer/_adapters.py).
+    ours = tuple(m for m in watched if not m.startswith("pydantic"))
+    assert _loaded_after(["plan", "--help"], ours) == []
+    assert _loaded_after(["runbook", "--help"], ours) == []
+
+
+def test_offline_plan_loads_neither_the_session_nor_the_rules_nor_http() -> None:
+    watched = (
+        "sparkctl.runbook.session",
+        "sparkctl.doctor.rules",
+        "sparkctl.doctor.preflight",
+        "sparkctl.execute.http",
+        "urllib.request",
+        "http.client",
+    )
+    assert _loaded_after(["plan", "--offline", "-i", str(EXAMPLE)], watched) == []
+
+
 # --- plan --offline --------------------------------------------------------------------------------------
 
 

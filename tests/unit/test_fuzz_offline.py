@@ -235,6 +235,7 @@ def memory_budget():
     example = str(REPO / "inventories" / "example-pair.yaml")
     runner.invoke(app, ["plan", "--offline", "-i", example])
     runner.invoke(app, ["runbook", "validate", str(PLAYBOOKS[0])])
+    runner.invoke(app, ["run", str(PLAYBOOKS[0]), "--dry-run", "--offline", "-i", example, "--set", "model=m"])
     tracemalloc.start()
     try:
         yield
