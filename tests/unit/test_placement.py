@@ -326,3 +326,10 @@ def test_tp_x_pp_hint_lists_what_fits_four_gpus(tmp_path: Path) -> None:
     (error, hint), *_ = _errors(output)
     assert "4 x 2 = 8 rank(s), but the group spark-1, spark-2, spark-3, spark-4 has 4 GPU(s)" in error
     assert "4 x 1, 2 x 2, 1 x 4" in hint
+
+
+def test_the_groups_example_plans_offline(tmp_path: Path) -> None:
+    text = (REPO / "inventories" / "example-switch-4-groups.yaml").read_text()
+    steps = offline_steps(tmp_path, text)
+    heads = sorted((s["host"], s["target"]) for s in steps if s["kind"] == "verify_workload")
+    assert heads == [("spark-1", "chat"), ("spark-3", "embed")]
