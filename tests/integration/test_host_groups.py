@@ -79,6 +79,7 @@ def assert_matches_reference(base_url: str, key: str, model: str, reference: Any
     got = openai.OpenAI(base_url=base_url, api_key=key).embeddings.create(model=model, input=SENTENCES)
     vectors = np.array([d.embedding for d in got.data])
     cos = (vectors * reference).sum(1) / (np.linalg.norm(vectors, axis=1) * np.linalg.norm(reference, axis=1))
+    print(f"{model}: worst cosine {cos.min():.8f}, max abs diff {np.abs(vectors - reference).max():.2e}")
     assert cos.min() >= COS_MIN, (model, cos.tolist())
     assert np.abs(vectors - reference).max() <= MAX_ABS, model
 
