@@ -8,7 +8,7 @@ from __future__ import annotations
 import typer
 
 from sparkctl import __version__
-from sparkctl.cli import bench, cluster, doctor, history, inspect, runbook
+from sparkctl.cli import access, bench, cluster, doctor, history, inspect, runbook
 
 # rich_markup_mode=None: plain help and error text (click's formatter). rich's renderer costs more to import
 # than the rest of `--help`.
@@ -23,6 +23,7 @@ app = typer.Typer(
 )
 cluster.register(app)
 inspect.register(app)
+access.register(app)
 doctor.register(app)
 app.add_typer(runbook.app, name="runbook")
 app.add_typer(history.app, name="history")

@@ -16,6 +16,14 @@ from sparkctl.errors import InputError, Problem
 def status_cmd(
     inventory: c.InventoryOpt = None,
     as_json: c.JsonOpt = False,
+    watch: Annotated[
+        bool,
+        typer.Option(
+            "--watch",
+            help="Refresh until Ctrl-C: GPU, memory, fabric, Ray per host; health and rates per workload.",
+        ),
+    ] = False,
+    interval: Annotated[float, typer.Option("--interval", min=0.5, help="Seconds between refreshes (--watch).")] = 3.0,
     accept_new_host_keys: c.AcceptKeysOpt = False,
     debug: c.DebugOpt = False,
 ) -> None:
@@ -24,6 +32,13 @@ def status_cmd(
     from sparkctl.runbook.status import cluster_status
 
     inv = c.start(debug, inventory)
+    if watch:
+        if as_json:
+            raise InputError([Problem("--watch/--json", "use one of them", "--json prints one reading")])
+        from sparkctl.cli.watch import watch as watch_view
+
+        watch_view(inv, interval=interval, accept_new_host_keys=accept_new_host_keys)
+        return
     session = c.open_session(inv, accept_new_host_keys)
     try:
         st = cluster_status(session, session.secrets_for_plan())

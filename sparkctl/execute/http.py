@@ -82,3 +82,17 @@ def probe_workload(base: str, model: str, key: str | None, engine: str, timeout:
         return Probe("ready", "health, models and a minimal request all answered")
     except (OSError, urllib.error.URLError) as exc:
         return Probe("down", str(getattr(exc, "reason", exc)))
+
+
+def get_text(url: str, timeout: float = 5) -> tuple[int, str]:
+    """GET a page without a key (e.g. /metrics, which vLLM and the embed worker serve without one)."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url), timeout=timeout) as resp:
+            return resp.status, resp.read(4 * 1024 * 1024).decode(errors="replace")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read(2000).decode(errors="replace")
+
+
+def post_json(url: str, key: str | None, body: dict[str, Any], timeout: float = 60) -> tuple[int, Any]:
+    """POST a JSON body with the workload's key (Authorization: Bearer); (status, decoded JSON or text)."""
+    return _call(url, key, body, timeout=timeout)

@@ -142,7 +142,33 @@ def build_probe(inventory: Inventory, host: Host) -> str:
     Shell Command Language 2.9.3 "Asynchronous Lists"). Only the private directory made by `mktemp -d` is written,
     and it is removed on exit.
     """
-    sections = probe_sections(inventory, host)
+    return _script(probe_sections(inventory, host))
+
+
+WATCH_SECTIONS = ("processes", "ip_addr", "meminfo", "gcs_links", "state_files", "containers", "container_workloads")
+"""The fact-probe sections `status --watch` re-reads on every refresh (what moves while a cluster runs)."""
+GPU_USE_QUERY = "--query-gpu=temperature.gpu,utilization.gpu,memory.used,memory.total"
+"""nvidia-smi(1) query fields for the watch view. On GB10 (unified memory) nvidia-smi reports the memory fields
+as "[N/A]" (the summary table's Memory-Usage column says "Not Supported", e.g. driver 580.95.05 in
+NVIDIA/k8s-device-plugin#1482): the view then shows the host's MemTotal/MemAvailable instead."""
+
+
+def build_watch_probe(inventory: Inventory, host: Host) -> str:
+    """The light probe `status --watch` runs on every refresh: a few fact sections plus the GPU's load."""
+    every = probe_sections(inventory, host)
+    sections = {name: every[name] for name in WATCH_SECTIONS}
+    sections["gpu_use"] = (
+        f"command -v nvidia-smi >/dev/null && nvidia-smi {GPU_USE_QUERY} --format=csv,noheader,nounits 2>&1 || true"
+    )
+    # A simulated nvidia-smi (the testbed's) says so in its `--version` lines; the real one prints only versions.
+    sections["gpu_tool"] = (
+        "command -v nvidia-smi >/dev/null && nvidia-smi --version 2>/dev/null | grep -i simulated; true"
+    )
+    return _script(sections)
+
+
+def _script(sections: dict[str, str]) -> str:
+    """The sections run at the same time into a private directory, then printed in order between marks."""
     # The process list is taken first, alone, so it shows none of the probe's own commands.
     started = "\n".join(
         f'{{ {cmd}\n}} >"$_sp/{i}"' + ("" if name == "processes" else " &")

@@ -175,16 +175,27 @@ def ray_formed(ctx: PlanContext) -> bool:
     """The facts already show the cluster formed, and nothing earlier in this run changes anything: every host runs
     Ray as specified (fabric address, the cluster's token) and every host's raylet holds its connection to the head's
     GCS from its fabric address. A raylet whose GCS drops it exits, so the connection is the node's membership."""
-    inv = ctx.inventory
     if ctx.changed:
         return False
-    head_ip, port = lc.fabric_ip(inv.head), inv.ray.port
-    for h in inv.hosts:
-        links = ctx.facts[h.name].gcs_links
-        connected = any((link.local, link.peer, link.peer_port) == (lc.fabric_ip(h), head_ip, port) for link in links)
-        if not (ray_running_ok(ctx, h) and connected):
-            return False
-    return True
+    return all(ray_running_ok(ctx, h) and _gcs_connected(ctx, h) for h in ctx.inventory.hosts)
+
+
+def _gcs_connected(ctx: PlanContext, host: Host) -> bool:
+    """The host's raylet holds its connection to the head's GCS from its own fabric address."""
+    inv = ctx.inventory
+    want = (lc.fabric_ip(host), lc.fabric_ip(inv.head), inv.ray.port)
+    return any((link.local, link.peer, link.peer_port) == want for link in ctx.facts[host.name].gcs_links)
+
+
+def ray_node_state(ctx: PlanContext, host: Host) -> str:
+    """One host's Ray node as the facts show it: 'alive' (running as specified and connected to the head's GCS),
+    'not connected' (running, but no GCS connection), 'not as specified' (another address or token), or
+    'not running'."""
+    facts = ctx.facts[host.name]
+    if ray_running_ok(ctx, host):
+        return "alive" if _gcs_connected(ctx, host) else "not connected"
+    running = any(m in p.args for p in facts.processes for m in RAY_MARKERS[:2]) or lc.RAY_CONTAINER in facts.containers
+    return "not as specified" if running else "not running"
 
 
 def plan_ray_ready(ctx: PlanContext, host: Host) -> list[Step]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 from sparkctl.errors import HostError
@@ -10,7 +10,7 @@ from sparkctl.execute.base import Transport
 from sparkctl.facts.models import HostFacts
 from sparkctl.facts.parse import parse_probe
 from sparkctl.facts.probe import MARK, build_probe
-from sparkctl.inventory.models import Inventory
+from sparkctl.inventory.models import Host, Inventory
 
 PROBE_TIMEOUT = 60
 
@@ -32,6 +32,25 @@ def gather_facts(inv: Inventory, transports: Mapping[str, Transport]) -> dict[st
             return gather_host(inv, name, transports[name])
         except HostError as exc:
             return exc
+
+    with ThreadPoolExecutor(max_workers=max(1, len(transports))) as pool:
+        return dict(zip(transports, pool.map(one, transports), strict=True))
+
+
+def gather_outputs(
+    inv: Inventory, transports: Mapping[str, Transport], build: Callable[[Inventory, Host], str], timeout: float
+) -> dict[str, str | HostError]:
+    """A read-only probe script (built per host, printing MARK sections) on every host in parallel: its output,
+    or the error that kept us from it."""
+
+    def one(name: str) -> str | HostError:
+        try:
+            result = transports[name].run("sh -s", stdin=build(inv, inv.host(name)), timeout=timeout)
+        except HostError as exc:
+            return exc
+        if f"{MARK} end" not in result.stdout:
+            return HostError(f"{name}: the probe did not complete (exit {result.exit_code}): {result.stderr[-300:]}")
+        return result.stdout
 
     with ThreadPoolExecutor(max_workers=max(1, len(transports))) as pool:
         return dict(zip(transports, pool.map(one, transports), strict=True))

@@ -18,14 +18,14 @@ from typing import Any
 from sparkctl import paths, state
 from sparkctl.errors import HostError, Problem, SecretError, Unreachable
 from sparkctl.execute.base import Connect, Endpoint, Transport
-from sparkctl.execute.http import Probe, probe_workload
+from sparkctl.execute.http import Probe, get_text, post_json, probe_workload
 from sparkctl.facts.models import HostFacts
-from sparkctl.inventory.models import Inventory, SshSettings
+from sparkctl.inventory.models import Host, Inventory, SshSettings
 from sparkctl.plan.context import PlanContext
 from sparkctl.plan.models import Command, Plan, Stage, Step
 from sparkctl.runbook import lock
 from sparkctl.runbook.engine import Engine, Event, Report, Secrets
-from sparkctl.runbook.gather import gather_facts
+from sparkctl.runbook.gather import gather_facts, gather_outputs
 from sparkctl.runbook.load import load_runbook, resolve_params
 from sparkctl.runbook.lock import LockOwner
 from sparkctl.runbook.models import Runbook
@@ -88,6 +88,10 @@ class Session:
     emit: Callable[[Event], None] = lambda e: None
     probe: Callable[..., Probe] = probe_workload
     """The HTTP readiness probe of workload endpoints (the engine's waits and `status`)."""
+    get_text: Callable[..., tuple[int, str]] = get_text
+    """GET a workload page without a key (`/metrics`, `/health`): `status --watch`."""
+    post_json: Callable[..., tuple[int, Any]] = post_json
+    """POST to a workload's API with its key: `ask`."""
     transports: dict[str, Transport] = field(default_factory=dict)
     facts: dict[str, HostFacts] = field(default_factory=dict)
     unreachable: dict[str, list[Problem]] = field(default_factory=dict)
@@ -180,6 +184,11 @@ class Session:
                 else "nothing was changed on any host",
             )
         self.facts = {n: v for n, v in found.items() if isinstance(v, HostFacts)}
+
+    def sample(self, build: Callable[[Inventory, Host], str], timeout: float = 20) -> dict[str, str | HostError]:
+        """Run a read-only probe script on every connected host over its open connection, in parallel: the
+        output per host, or why there is none (the watch view's refresh)."""
+        return gather_outputs(self.inventory, self.transports, build, timeout)
 
     def context(self, secrets: Mapping[str, str], params: Mapping[str, Any]) -> PlanContext:
         return PlanContext(self.inventory, self.facts, params, self.digests(secrets))

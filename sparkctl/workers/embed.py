@@ -988,6 +988,38 @@ class EmbeddingService:
         self.failure: str | None = None
         self.created = int(time.time())
         self.health_file: Path | None = None
+        self._counts_lock = threading.Lock()
+        self.counts = {"success": 0, "failure": 0, "prompt_tokens": 0}
+        """Embedding requests answered (200) and refused or failed (4xx/5xx), and the tokens embedded."""
+
+    def count(self, ok: bool, prompt_tokens: int = 0) -> None:
+        """Count one /v1/embeddings request (the handlers run on several threads)."""
+        with self._counts_lock:
+            self.counts["success" if ok else "failure"] += 1
+            self.counts["prompt_tokens"] += prompt_tokens
+
+    def metrics(self) -> str:
+        """The counters in the Prometheus text exposition format (version 0.0.4: `# HELP`, `# TYPE`, then
+        `name{label="value"} value` lines; prometheus.io/docs/instrumenting/exposition_formats), as vLLM serves
+        its own on /metrics."""
+        with self._counts_lock:
+            counts = dict(self.counts)
+        # label values escape backslash, double quote and newline (the format's own escaping)
+        escaped = self.served_name.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        label = f'{{model_name="{escaped}"}}'
+        families = [
+            ("sparkctl_embed_request_success", "Embedding requests answered.", counts["success"]),
+            ("sparkctl_embed_request_failure", "Embedding requests refused or failed.", counts["failure"]),
+            ("sparkctl_embed_prompt_tokens", "Tokens embedded (prompt tokens of answered requests).",
+             counts["prompt_tokens"]),
+        ]
+        lines = []
+        for name, help_text, value in families:
+            # text format 0.0.4 has no `_total` convention of its own: TYPE and HELP name the sample itself,
+            # as prometheus_client's generate_latest writes a counter (`# TYPE x_total counter`, then `x_total`)
+            total = f"{name}_total"
+            lines += [f"# HELP {total} {help_text}", f"# TYPE {total} counter", f"{total}{label} {float(value)}"]
+        return "\n".join(lines) + "\n"
 
     def record(self, status: str) -> None:
         """Write the health sparkctl reads on the host (`loading`, `ok`, or `failed <why>`), atomically."""
@@ -1088,6 +1120,15 @@ class _Handler(BaseHTTPRequestHandler):
         service = self.server.service
         if path == "/health":
             self._send(*service.health())
+        elif path == "/metrics":
+            # Without the API key, as vLLM 0.32 serves its /metrics: its AuthenticationMiddleware guards only
+            # the prefixes /v1, /v2, /inference and /cohere (vllm/entrypoints/serve/middleware/authenticate.py).
+            data = service.metrics().encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
         elif path == "/v1/models":
             if self._check_auth():
                 self._send(200, service.models())
@@ -1106,23 +1147,29 @@ class _Handler(BaseHTTPRequestHandler):
         if path != "/v1/embeddings":
             self._fail(RequestError(404, f"no route POST {path}", code="not_found"))
             return
+        service = self.server.service
         if not self._check_auth():
+            service.count(ok=False)
             return
         try:
             payload = json.loads(body or b"null")
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            service.count(ok=False)
             self._fail(RequestError(400, f"the request body is not valid JSON: {exc}"))
             return
         try:
             with self.server.model_lock:
-                response = self.server.service.create_embeddings(payload)
+                response = service.create_embeddings(payload)
         except RequestError as exc:
+            service.count(ok=False)
             self._fail(exc)
             return
         except Exception as exc:  # the client gets a 500, the log the traceback
+            service.count(ok=False)
             log.exception("embedding request failed")
             self._fail(RequestError(500, f"internal error: {exc}", kind="server_error"))
             return
+        service.count(ok=True, prompt_tokens=int(response["usage"]["prompt_tokens"]))
         self._send(200, response)
 
 
