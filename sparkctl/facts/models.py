@@ -31,8 +31,9 @@ class NmConnection(_Fact):
     ipv4_method: str = ""
     ipv4_addresses: list[str] = Field(default_factory=list)
     ipv4_routes: list[str] = Field(
-        default_factory=list, description="static routes as `destination next-hop` (nmcli's ipv4.routes)"
+        default_factory=list, description="static routes as `destination [next-hop] [attr=value]` (ipv4.routes)"
     )
+    ipv4_routing_rules: list[str] = Field(default_factory=list, description="nmcli's ipv4.routing-rules")
     ipv6_method: str = ""
     mtu: int | None = Field(None, description="802-3-ethernet.mtu; None means auto")
     filename: str = ""

@@ -86,26 +86,21 @@ def parse_route_dev(text: str) -> str:
     return str(routes[0].get("dev", "")) if routes else ""
 
 
-_ROUTE_PRETTY = re.compile(r"ip\s*=\s*([0-9./]+)(?:\s*,\s*nh\s*=\s*([0-9.]+))?")
-
-
 def parse_nm_routes(value: str) -> list[str]:
-    """nmcli's ipv4.routes as `destination next-hop` items.
+    """nmcli's ipv4.routes as `destination [next-hop] [attr=value...]` items, as `ipv4.routes` takes them.
 
-    nmcli prints a route as `dest/prefix next-hop [metric] [attr=value...]` in its parsable form and as
-    `{ ip = dest/prefix, nh = next-hop[, mt = metric] }` in its pretty form (libnmc-setting/nm-meta-setting-desc.c,
-    _get_fcn_ip_config_routes); both are read, items separated by commas (parsable) or braces (pretty).
+    nmcli's parsable (terse) form prints a route as `dest/prefix [next-hop] [metric] [attr=value...]`, items comma
+    separated (libnmc-setting/nm-meta-setting-desc.c, _get_fcn_ip_config_routes); the metric, which sparkctl
+    never sets, is left out.
     """
     value = value.strip()
     if not value or value == "--":
         return []
-    if "ip =" in value or "ip=" in value:
-        return [f"{m.group(1)} {m.group(2)}" if m.group(2) else m.group(1) for m in _ROUTE_PRETTY.finditer(value)]
     out = []
     for item in value.split(","):
-        words = item.split()
+        words = [w for w in item.split() if not w.isdigit()]
         if words:
-            out.append(" ".join(words[:2]) if len(words) > 1 and not words[1].isdigit() else words[0])
+            out.append(" ".join(words))
     return out
 
 
@@ -144,6 +139,11 @@ def parse_nm_connections(listing: str, settings: str) -> list[NmConnection]:
                 ipv4_method=d.get("ipv4.method", ""),
                 ipv4_addresses=addrs,
                 ipv4_routes=routes,
+                ipv4_routing_rules=[
+                    " ".join(r.split())
+                    for r in d.get("ipv4.routing-rules", "").split(",")
+                    if r.strip() not in ("", "--")
+                ],
                 ipv6_method=d.get("ipv6.method", ""),
                 mtu=int(mtu) if mtu.isdigit() and int(mtu) > 0 else None,
                 filename=filename,

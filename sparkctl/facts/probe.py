@@ -16,7 +16,8 @@ MARK = "@@sparkctl"
 
 NMCLI_CON_FIELDS = "NAME,UUID,TYPE,DEVICE,AUTOCONNECT,FILENAME"
 NMCLI_SETTINGS = (
-    "connection.uuid,connection.interface-name,ipv4.method,ipv4.addresses,ipv4.routes,ipv6.method,802-3-ethernet.mtu"
+    "connection.uuid,connection.interface-name,ipv4.method,ipv4.addresses,ipv4.routes,ipv4.routing-rules,ipv6.method,"
+    "802-3-ethernet.mtu"
 )
 NVIDIA_QUERY = "--query-gpu=name,compute_cap,driver_version,temperature.gpu"
 DIGESTED_FILES = ("ray-token", "embed_worker.py")

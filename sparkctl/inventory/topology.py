@@ -137,3 +137,24 @@ def ring_routes(inv: Inventory, host: Host) -> dict[int, list[tuple[str, str]]]:
         return {}
     far = nxt.fabric[0].address.network  # cable h+1
     return {0: [(str(far), str(nxt.fabric[2].address.ip))]}
+
+
+RING_TABLE = 5100
+"""Ring: routing table (and rule priority) of fabric[j] is RING_TABLE + j."""
+
+
+def ring_source_policy(inv: Inventory, host: Host, position: int) -> tuple[str, str] | None:
+    """Ring only: (route, rule) that send what hosts[..].fabric[position] answers out of fabric[position] itself.
+
+    Both logical interfaces of a ring port hold addresses of one /24 (NVIDIA's addressing), so the main table
+    reaches that subnet through one of them only; a reply to a ping bound to the other one (the jumbo check of the
+    second lane) would leave through the first and never reach the bound socket. A table per interface holding
+    the cable's subnet on that interface, looked up for traffic from the interface's address, keeps each lane's
+    traffic on its lane: `ip rule` "from ADDR lookup TABLE" (ip-rule(8)); a lookup that finds no route in the table
+    goes on to the next rule, so everything else still uses the main table.
+    """
+    if inv.network.topology != "ring" or position >= len(host.fabric):
+        return None
+    twin = host.fabric[position]
+    table = RING_TABLE + position
+    return f"{twin.address.network} table={table}", f"priority {table} from {twin.address.ip} table {table}"

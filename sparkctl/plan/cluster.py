@@ -174,17 +174,20 @@ def plan_ray_node(ctx: PlanContext, host: Host) -> list[Step]:
 def ray_formed(ctx: PlanContext) -> bool:
     """The facts already show the cluster formed, and nothing earlier in this run changes anything: every host runs
     Ray as specified (fabric address, the cluster's token) and every host's raylet holds its connection to the head's
-    GCS from its fabric address. A raylet whose GCS drops it exits, so the connection is the node's membership."""
+    GCS from one of its fabric addresses. A raylet whose GCS drops it exits, so the connection is the node's
+    membership."""
     if ctx.changed:
         return False
     return all(ray_running_ok(ctx, h) and _gcs_connected(ctx, h) for h in ctx.inventory.hosts)
 
 
 def _gcs_connected(ctx: PlanContext, host: Host) -> bool:
-    """The host's raylet holds its connection to the head's GCS from its own fabric address."""
+    """The host's raylet holds its connection to the head's GCS from one of its fabric addresses: the kernel picks
+    the source by route (on a ring, the interface on the head's cable, which is not always fabric[0])."""
     inv = ctx.inventory
-    want = (lc.fabric_ip(host), lc.fabric_ip(inv.head), inv.ray.port)
-    return any((link.local, link.peer, link.peer_port) == want for link in ctx.facts[host.name].gcs_links)
+    mine = {str(t.address.ip) for t in host.fabric}
+    head = (lc.fabric_ip(inv.head), inv.ray.port)
+    return any(link.local in mine and (link.peer, link.peer_port) == head for link in ctx.facts[host.name].gcs_links)
 
 
 def ray_node_state(ctx: PlanContext, host: Host) -> str:

@@ -9,7 +9,7 @@ from sparkctl.errors import PlanError, Problem
 from sparkctl.facts.models import HostFacts, NmConnection
 from sparkctl.facts.probe import NM_BUS
 from sparkctl.inventory.models import FabricInterface, Host, Inventory
-from sparkctl.inventory.topology import ring_routes
+from sparkctl.inventory.topology import ring_routes, ring_source_policy
 from sparkctl.plan.context import PlanContext
 from sparkctl.plan.models import Command, Rollback, Step
 
@@ -35,12 +35,15 @@ def _busctl(method: str, signature: str, *args: str) -> str:
     return shlex.join(["busctl", "call", *NM_BUS, method, signature, *args])
 
 
-def desired_settings(twin: FabricInterface, mtu: int, routes: list[tuple[str, str]] | None = None) -> dict[str, str]:
+def desired_settings(
+    twin: FabricInterface, mtu: int, routes: tuple[list[str], list[str]] | None = None
+) -> dict[str, str]:
     """The profile settings sparkctl ensures for a twin, in nmcli property names.
 
-    `routes` (a ring's interfaces only; None elsewhere, where sparkctl leaves ipv4.routes alone): the static routes
-    the profile carries, `destination next-hop` items as nmcli's ipv4.routes takes them (nmcli(1) settings:
-    "ipv4.routes ... ip[/prefix] [next-hop] [metric] [attribute=value]...", comma separated); "" clears them.
+    `routes` (a ring's interfaces only; None elsewhere, where sparkctl leaves routes and rules alone): the static
+    routes and routing rules the profile carries, as nmcli's ipv4.routes and ipv4.routing-rules take them
+    (nm-settings-nmcli(5): ipv4.routes "ip[/prefix] [next-hop] [metric] [attribute=value]...", attributes such as
+    table=N; ipv4.routing-rules "priority N from ADDR table N"; items comma separated; "" clears them).
     """
     want = {
         "connection.interface-name": twin.interface,
@@ -51,7 +54,8 @@ def desired_settings(twin: FabricInterface, mtu: int, routes: list[tuple[str, st
         "connection.autoconnect": "yes",
     }
     if routes is not None:
-        want["ipv4.routes"] = ",".join(f"{dest} {hop}" for dest, hop in routes)
+        want["ipv4.routes"] = ", ".join(routes[0])
+        want["ipv4.routing-rules"] = ", ".join(routes[1])
     return want
 
 
@@ -61,7 +65,8 @@ def current_settings(con: NmConnection) -> dict[str, str]:
         "connection.interface-name": con.interface_name,
         "ipv4.method": con.ipv4_method,
         "ipv4.addresses": ",".join(con.ipv4_addresses),
-        "ipv4.routes": ",".join(con.ipv4_routes),
+        "ipv4.routes": ", ".join(con.ipv4_routes),
+        "ipv4.routing-rules": ", ".join(con.ipv4_routing_rules),
         "ipv6.method": con.ipv6_method,
         "802-3-ethernet.mtu": str(con.mtu) if con.mtu else "auto",
         "connection.autoconnect": "yes" if con.autoconnect else "no",
@@ -89,11 +94,14 @@ def _holds(have: dict[str, str], want: dict[str, str]) -> bool:
     return all(have.get(k) == v for k, v in want.items())
 
 
-def twin_routes(inv: Inventory, host: Host, position: int) -> list[tuple[str, str]] | None:
-    """The static routes of hosts[..].fabric[position]'s profile: a ring's (topology.ring_routes), else None."""
-    if inv.network.topology != "ring":
+def twin_routes(inv: Inventory, host: Host, position: int) -> tuple[list[str], list[str]] | None:
+    """(routes, routing rules) of hosts[..].fabric[position]'s profile on a ring (topology.ring_routes,
+    topology.ring_source_policy); None for other topologies."""
+    policy = ring_source_policy(inv, host, position)
+    if policy is None:
         return None
-    return ring_routes(inv, host).get(position, [])
+    route, rule = policy
+    return [route, *(f"{dest} {hop}" for dest, hop in ring_routes(inv, host).get(position, []))], [rule]
 
 
 def check_session_safety(host: Host, facts: HostFacts) -> list[Problem]:
@@ -298,7 +306,7 @@ def plan_fabric_commit(inv: Inventory, host: Host, facts: HostFacts, run_opens: 
 
 
 def _plan_twin(
-    hostname: str, twin: FabricInterface, mtu: int, facts: HostFacts, routes: list[tuple[str, str]] | None = None
+    hostname: str, twin: FabricInterface, mtu: int, facts: HostFacts, routes: tuple[list[str], list[str]] | None = None
 ) -> list[Step]:
     name = paths.connection_name(twin.interface)
     want = desired_settings(twin, mtu, routes)
@@ -324,7 +332,7 @@ def _plan_twin(
     if ours is None:
         argv = ["nmcli", "connection", "add", "type", "ethernet", "con-name", name, "ifname", twin.interface]
         for key, value in want.items():
-            if key != "connection.interface-name" and not (key == "ipv4.routes" and not value):
+            if key != "connection.interface-name" and value:
                 argv += [key, value]
         steps.append(
             Step(
@@ -332,7 +340,7 @@ def _plan_twin(
                 kind="fabric_profile",
                 target=twin.interface,
                 description=f"create profile {name}: {twin.address}, MTU {mtu}, IPv6 off"
-                + (f", route {want['ipv4.routes']}" if want.get("ipv4.routes") else ""),
+                + (f", routes {want['ipv4.routes']}" if want.get("ipv4.routes") else ""),
                 commands=[Command(argv=argv, sudo=True)],
                 diff=[f"+ {name}: {k} {v}" for k, v in want.items() if v],
             )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from sparkctl.inventory.topology import neighbours
 from sparkctl.plan import commands as lc
 from sparkctl.plan.cluster import ray_running_ok, workload_health, workload_state
 from sparkctl.runbook.session import Session
@@ -32,6 +33,7 @@ def cluster_status(session: Session, secrets: Mapping[str, str]) -> dict[str, An
             )
         hosts[h.name] = {
             "fabric": fabric,
+            "neighbours": [n.name for n in neighbours(inv, h)],
             "ray": "running" if ray_running_ok(ctx, h) else "not running",
             "env_file": f.env_file is not None,
         }
@@ -48,4 +50,4 @@ def cluster_status(session: Session, secrets: Mapping[str, str]) -> dict[str, An
             "detail": probe.detail,
             "recorded": workload_health(ctx, w),
         }
-    return {"cluster": inv.cluster, "hosts": hosts, "workloads": workloads}
+    return {"cluster": inv.cluster, "topology": inv.network.topology, "hosts": hosts, "workloads": workloads}

@@ -93,6 +93,9 @@ def _lifecycle(c: Cluster) -> None:
     assert set(st["hosts"]) == {h.name for h in inv.hosts}
     assert {x["ray"] for x in st["hosts"].values()} == {"running"}
     assert all(f["ok"] for x in st["hosts"].values() for f in x["fabric"])
+    assert st["topology"] == inv.network.topology
+    # a ring joins each host to both others; a switch, to every other host
+    assert all(sorted(x["neighbours"]) == sorted(set(st["hosts"]) - {h}) for h, x in st["hosts"].items())
 
     r = c.run("down")
     assert r.returncode == 0, r.stderr

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from sparkctl.cli.app import app
 from sparkctl.errors import Problem
 from sparkctl.inventory import load_inventory, parse_inventory
-from sparkctl.inventory.topology import End, check_pairs, links, neighbours, ring_routes
+from sparkctl.inventory.topology import End, check_pairs, interface, links, neighbours, ring_routes
 
 REPO = Path(__file__).resolve().parents[2]
 RING = REPO / "inventories" / "example-ring.yaml"
@@ -203,11 +203,14 @@ def test_ring_profile_carries_its_route_and_the_env_its_nccl_variables(cli) -> N
         s for s in steps if s["host"] == "spark-1" and s["kind"] == "fabric_profile" and s["target"] == "enp1s0f0np0"
     )
     argv = add["commands"][0]["argv"]
-    assert argv[argv.index("ipv4.routes") + 1] == "192.168.2.0/24 192.168.0.3"
+    assert argv[argv.index("ipv4.routes") + 1] == "192.168.0.0/24 table=5100, 192.168.2.0/24 192.168.0.3"
+    assert argv[argv.index("ipv4.routing-rules") + 1] == "priority 5100 from 192.168.0.1 table 5100"
     other = next(
         s for s in steps if s["host"] == "spark-1" and s["kind"] == "fabric_profile" and s["target"] == "enp1s0f1np1"
     )
-    assert "ipv4.routes" not in other["commands"][0]["argv"]
+    argv = other["commands"][0]["argv"]
+    assert argv[argv.index("ipv4.routes") + 1] == "192.168.1.0/24 table=5102"  # its own lane only
+    assert argv[argv.index("ipv4.routing-rules") + 1] == "priority 5102 from 192.168.1.1 table 5102"
     env = next(s for s in steps if s["host"] == "spark-2" and s["kind"] == "worker_env")["commands"][0]["stdin"]
     values = dict(line.split("=", 1) for line in env.splitlines() if "=" in line and not line.startswith("#"))
     assert values["NCCL_IB_HCA"] == "rocep1s0f0,roceP2p1s0f0,rocep1s0f1,roceP2p1s0f1"
@@ -221,11 +224,11 @@ def test_ring_profile_carries_its_route_and_the_env_its_nccl_variables(cli) -> N
     assert "NCCL_IB_MERGE_NICS" not in switch_env.stdout
 
 
-def test_nmcli_routes_are_read_in_both_forms() -> None:
+def test_nmcli_routes_are_read_without_metrics() -> None:
     from sparkctl.facts.parse import parse_nm_routes
 
     assert parse_nm_routes("192.168.2.0/24 192.168.0.3") == ["192.168.2.0/24 192.168.0.3"]
-    assert parse_nm_routes("{ ip = 192.168.2.0/24, nh = 192.168.0.3 }") == ["192.168.2.0/24 192.168.0.3"]
+    assert parse_nm_routes("192.168.0.0/24 table=5100") == ["192.168.0.0/24 table=5100"]
     assert parse_nm_routes("192.168.2.0/24 192.168.0.3 100, 10.1.0.0/16") == [
         "192.168.2.0/24 192.168.0.3",
         "10.1.0.0/16",
@@ -273,3 +276,82 @@ def test_discover_proposes_a_ring_for_three_hosts_with_four_interfaces_up() -> N
     two = [Discovered(address=f"10.0.0.{11 + i}", user="nvidia", twins=list(ports[:2])) for i in range(4)]
     assert guess_topology(two) == "switch" and guess_topology(two[:2]) == "direct"
     assert parse_inventory(propose_inventory(two, cluster="lab")[0], "p.yaml").network.topology == "switch"
+
+
+@pytest.mark.parametrize("playbook", ["bringup", "fabric-check", "teardown"])
+@pytest.mark.parametrize("path", [RING, SWITCH8], ids=lambda p: p.name)
+def test_runbooks_dry_run_on_ring_and_switch(cli, playbook: str, path: Path) -> None:
+    result = cli("run", str(REPO / "playbooks" / f"{playbook}.yaml"), "--dry-run", "--offline", "-i", str(path))
+    assert result.exit_code == 0, result.output
+    hosts = [h.name for h in load_inventory(path).hosts]
+    assert all(h in result.output for h in hosts)
+
+
+# --- doctor names wrong cabling ---------------------------------------------------------------------------
+
+
+def _rule(rule_id: str):  # type: ignore[no-untyped-def]
+    from sparkctl.doctor.rules import load_rules
+
+    return next(r for r in load_rules().rules if r.id == rule_id)
+
+
+def test_doctor_names_the_switch_port_on_the_wrong_vlan() -> None:
+    from sparkctl.doctor.evaluators import EVALUATORS, CheckContext
+
+    inv = load_inventory(SWITCH4)
+    # spark-3's enP2p1s0f1np1 sits on another VLAN: the pings into it and out of it fail, the others cross
+    pings = {}
+    for src, dst in check_pairs(inv):
+        a, b = interface(inv, src), interface(inv, dst)
+        bad = src.twin == 1 and 2 in (src.host, dst.host)
+        key = (inv.hosts[src.host].name, a.interface, str(b.address.ip))
+        pings[key] = (not bad, "100% packet loss" if bad else "")
+    findings = EVALUATORS["jumbo_path"](CheckContext(inv, {}, pings), _rule("jumbo-path"))
+    failed = {f.subject: f for f in findings if f.level == "fail"}
+    assert set(failed) == {
+        "spark-2 enP2p1s0f1np1 -> spark-3 enP2p1s0f1np1 192.168.101.12",
+        "spark-3 enP2p1s0f1np1 -> spark-4 enP2p1s0f1np1 192.168.101.13",
+    }
+    f = failed["spark-2 enP2p1s0f1np1 -> spark-3 enP2p1s0f1np1 192.168.101.12"]
+    assert "expected spark-3 enP2p1s0f1np1 (192.168.101.12) at the other end of link 1" in f.evidence
+    assert "bridge/VLAN" in f.fix
+    assert sum(1 for f in findings if f.level == "pass") == 6
+
+
+def test_doctor_names_a_swapped_ring_cable() -> None:
+    from sparkctl.doctor.evaluators import EVALUATORS, CheckContext
+
+    inv = load_inventory(RING)
+    # cable 0's ends are swapped at spark-2 (Port0 where Port1 belongs): nothing crosses cable 0 nor cable 1
+    pings = {}
+    for src, dst in check_pairs(inv):
+        a, b = interface(inv, src), interface(inv, dst)
+        link = {src.host, dst.host}
+        ok = link == {0, 2}  # cable 2 (spark-3 Port0 - spark-1 Port1) is the only one cabled as listed
+        pings[(inv.hosts[src.host].name, a.interface, str(b.address.ip))] = (ok, "" if ok else "100% packet loss")
+    findings = EVALUATORS["jumbo_path"](CheckContext(inv, {}, pings), _rule("jumbo-path"))
+    failed = [f for f in findings if f.level == "fail"]
+    assert len(failed) == 8
+    first = next(f for f in failed if f.subject.startswith("spark-1 enp1s0f0np0 ->"))
+    assert first.subject == "spark-1 enp1s0f0np0 -> spark-2 enp1s0f1np1 192.168.0.3"
+    assert "cable 0 (spark-1 Port0 - spark-2 Port1)" in first.evidence
+    assert "Port0 is the CX-7 port next to the Ethernet port" in first.fix
+
+
+def test_doctor_accepts_both_interfaces_of_a_ring_port_on_one_subnet() -> None:
+    from sparkctl.doctor.evaluators import EVALUATORS, CheckContext
+    from sparkctl.facts.models import Interface
+    from sparkctl.plan.context import fresh_facts
+
+    inv = load_inventory(RING)
+    facts = {}
+    for h in inv.hosts:
+        f = fresh_facts(inv, h)
+        ifaces = {
+            t.interface: Interface(name=t.interface, mtu=9000, operstate="UP", up=True, ipv4=[str(t.address)])
+            for t in h.fabric
+        }
+        facts[h.name] = f.model_copy(update={"interfaces": ifaces})
+    findings = EVALUATORS["twin_subnets"](CheckContext(inv, facts), _rule("twin-subnets"))
+    assert [f.level for f in findings] == ["pass"] * 3, [f.evidence for f in findings]
