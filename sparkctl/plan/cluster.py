@@ -182,12 +182,12 @@ def ray_formed(ctx: PlanContext) -> bool:
 
 
 def _gcs_connected(ctx: PlanContext, host: Host) -> bool:
-    """The host's raylet holds its connection to the head's GCS from one of its fabric addresses: the kernel picks
-    the source by route (on a ring, the interface on the head's cable, which is not always fabric[0])."""
+    """The host's raylet holds its connection to the head's GCS from one of its own fabric addresses (the kernel
+    picks the source by route: on a ring, the interface on the head's cable, which is not always fabric[0])."""
     inv = ctx.inventory
     mine = {str(t.address.ip) for t in host.fabric}
-    head = (lc.fabric_ip(inv.head), inv.ray.port)
-    return any(link.local in mine and (link.peer, link.peer_port) == head for link in ctx.facts[host.name].gcs_links)
+    want = (lc.fabric_ip(inv.head), inv.ray.port)
+    return any(link.local in mine and (link.peer, link.peer_port) == want for link in ctx.facts[host.name].gcs_links)
 
 
 def ray_node_state(ctx: PlanContext, host: Host) -> str:
