@@ -160,9 +160,7 @@ def render_status(st: dict[str, Any]) -> str:
             )
     for name, w in st["workloads"].items():
         on = f" on {','.join(w['hosts'])}" if w.get("hosts") else ""
-        lines.append(
-            f"  workload {name} ({w['engine']}{on}): {w['endpoint']} process {w['process']}, {w['health']}"
-        )
+        lines.append(f"  workload {name} ({w['engine']}{on}): {w['endpoint']} process {w['process']}, {w['health']}")
         if "broken" in (w["process"], w["health"]):
             lines.append(f"    broken: {w['detail'] or w.get('recorded', '')}; hint: sparkctl up restarts it")
     return "\n".join(lines)
