@@ -162,7 +162,9 @@ def render_status(st: dict[str, Any]) -> str:
         on = f" on {','.join(w['hosts'])}" if w.get("hosts") else ""
         lines.append(f"  workload {name} ({w['engine']}{on}): {w['endpoint']} process {w['process']}, {w['health']}")
         if "broken" in (w["process"], w["health"]):
-            lines.append(f"    broken: {w['detail'] or w.get('recorded', '')}; hint: sparkctl up restarts it")
+            # what the workload recorded (a rank lost, or why it exited by itself), else what its endpoint says
+            why = str(w.get("recorded") or "").removeprefix("failed ").strip() or w["detail"]
+            lines.append(f"    broken: {why}; hint: sparkctl up restarts it")
     return "\n".join(lines)
 
 

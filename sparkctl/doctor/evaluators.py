@@ -13,7 +13,7 @@ from sparkctl.doctor.rules import Finding, Level, Rule
 from sparkctl.facts.models import HostFacts
 from sparkctl.inventory.models import Host, Inventory, Workload
 from sparkctl.inventory.topology import check_pairs, interface, link_of
-from sparkctl.plan.cluster import RAY_MARKERS
+from sparkctl.plan.cluster import RAY_MARKERS, workload_exit
 from sparkctl.plan.env import detect_gid_index
 
 
@@ -293,7 +293,9 @@ def workload_health(ctx: CheckContext, rule: Rule) -> list[Finding]:
         f = ctx.facts.get(head.name)
         if f is None or f"workload-{w.name}.pid" not in f.files:
             continue  # not running: nothing to judge
-        health = f.files.get(f"workload-{w.name}.health", "").strip()
+        exited = workload_exit(f.files, w.name)
+        health = f"failed exited by itself: {exited}" if exited is not None else None
+        health = health or f.files.get(f"workload-{w.name}.health", "").strip()
         out.append(
             _f(rule, not health.startswith("failed"), f"{head.name} workload {w.name}", health or "no health recorded")
         )

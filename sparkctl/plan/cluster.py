@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+from collections.abc import Mapping
 
 from sparkctl import paths
 from sparkctl.facts.models import HostFacts
@@ -27,6 +28,11 @@ def plan_verify_fabric(ctx: PlanContext, host: Host) -> list[Step]:
     topology.check_pairs chooses the pairs: both ways on a cable, each host to the next on a switch lane (every
     switch port sends and receives once). The target names the peer and the interface expected at the other end,
     so a failed check says which cable or switch port is wrong.
+
+    The reference check is `ping -M do -s 8972 -c 3`. Its three echoes go 10 ms apart (`-i 0.01`), not at ping's
+    default of one second: iputils lets any user go down to 2 ms for a single host (`MIN_USER_INTERVAL_MS` in
+    iputils ping/ping.h; ping(8) of iputils 20221126: "Only super-user may set interval to values less than
+    2 ms"), so the check costs one round trip instead of 0.4 s.
     """
     inv = ctx.inventory
     mtu = inv.network.mtu
@@ -57,7 +63,7 @@ def plan_verify_fabric(ctx: PlanContext, host: Host) -> list[Step]:
                             "-c",
                             "3",
                             "-i",
-                            "0.2",
+                            "0.01",
                             "-W",
                             "2",
                             "-I",
@@ -231,8 +237,33 @@ def _selected(ctx: PlanContext) -> list[Workload]:
 
 
 def workload_health(ctx: PlanContext, w: Workload, host: Host | None = None) -> str:
-    """What the workload recorded about itself on `host` (default its head; '' if nothing): e.g. 'failed <why>'."""
-    return ctx.facts[(host or ctx.inventory.workload_head(w)).name].files.get(f"workload-{w.name}.health", "").strip()
+    """What the workload recorded about itself on `host` (default its head; '' if nothing): e.g. 'failed <why>'.
+
+    A workload whose process exited by itself (venv mode: its pid is recorded, the process gone) is
+    'failed exited by itself: <why>', the why from its log (see facts.probe.EXITED_WORKLOADS)."""
+    files = ctx.facts[(host or ctx.inventory.workload_head(w)).name].files
+    exited = workload_exit(files, w.name)
+    if exited is not None:
+        return f"failed exited by itself: {exited}"
+    return files.get(f"workload-{w.name}.health", "").strip()
+
+
+def workload_exit(files: Mapping[str, str], name: str) -> str | None:
+    """Why the workload's recorded process exited without sparkctl stopping it; None while it runs (or no record)."""
+    if f"workload-{name}.exit" not in files:
+        return None
+    return files[f"workload-{name}.exit"].strip() or "its log shows no error"
+
+
+def _ray_container_replaced(ctx: PlanContext, host: Host) -> bool:
+    """Container mode: an earlier stage of this run replaces this host's Ray container (`docker rm -f` ends every
+    process in it, its workloads included, and forgets their pid records: commands.build_ray_stop)."""
+    facts = ctx.facts[host.name]
+    if not ctx.inventory.runtime.image or "ray_node" not in ctx.changed or lc.RAY_CONTAINER not in facts.containers:
+        return False
+    head = ctx.inventory.head
+    depends = bool(ctx.changed & {"ray_token", "worker_env", "fabric_active"})  # as plan_ray_node decides
+    return depends or not ray_running_ok(ctx, host) or not ray_running_ok(ctx, head)
 
 
 def workload_state(ctx: PlanContext, w: Workload, host: Host | None = None) -> str:
@@ -243,6 +274,8 @@ def workload_state(ctx: PlanContext, w: Workload, host: Host | None = None) -> s
     otherwise restarted everywhere (its ranks meet only at start).
     """
     if "workload_stopped" in ctx.changed:  # an earlier step of this run stops the selected workloads
+        return "stopped"
+    if host is not None and _ray_container_replaced(ctx, host):
         return "stopped"
     if host is None:
         ranks = lc.rank_hosts(ctx.inventory, w)
@@ -257,7 +290,9 @@ def workload_state(ctx: PlanContext, w: Workload, host: Host | None = None) -> s
     else:
         alive = pid.isdigit() and any(p.pid == int(pid) for p in facts.processes)
     if not alive:
-        return "stopped"
+        # venv mode: recorded but gone, and sparkctl never stopped it (e.g. vLLM's API server ends once a Ray
+        # worker of its engine died): broken, restarted like a group that lost a rank
+        return "broken" if workload_exit(facts.files, w.name) is not None else "stopped"
     if workload_health(ctx, w, host).startswith("failed"):  # e.g. a tensor-parallel rank died: restart the group
         return "broken"
     spec = facts.files.get(f"workload-{w.name}.spec", "")
@@ -288,6 +323,16 @@ def plan_drop_caches(ctx: PlanContext, host: Host) -> list[Step]:
     ]
 
 
+def _before_start(ctx: PlanContext, w: Workload, host: Host, state: str) -> list[Command]:
+    """What precedes a workload's start on `host`: nothing when it is not running, forgetting its records when its
+    process exited by itself (no signal to a pid that may name another process by now), else its stop."""
+    if state == "stopped":
+        return []
+    if workload_exit(ctx.facts[host.name].files, w.name) is not None:
+        return [_sh(lc.build_workload_forget(ctx.home(host), w.name))]
+    return [_sh(lc.build_workload_stop(ctx.inventory, w.name, ctx.home(host)))]
+
+
 def _plan_other_ranks(ctx: PlanContext, host: Host) -> list[Step]:
     """On a host other than a workload's head: (re)start its rank of each multiprocessing-executor workload being
     started."""
@@ -299,7 +344,7 @@ def _plan_other_ranks(ctx: PlanContext, host: Host) -> list[Step]:
         if host.name not in ranks or host.name == ranks[0]:
             continue
         state = workload_state(ctx, w, host)
-        cmds = [] if state == "stopped" else [_sh(lc.build_workload_stop(inv, w.name, home))]
+        cmds = _before_start(ctx, w, host, state)
         cmds.append(_sh(lc.build_workload_start(inv, w, home, host), stdin_secret=f"api_key:{w.name}"))
         steps.append(
             Step(
@@ -355,9 +400,7 @@ def plan_workloads(ctx: PlanContext, host: Host) -> list[Step]:
         if w not in starting:
             continue
         state = workload_state(ctx, w, host)
-        cmds = []
-        if state != "stopped":
-            cmds.append(_sh(lc.build_workload_stop(inv, w.name, home)))
+        cmds = _before_start(ctx, w, host, state)
         cmds.append(_sh(lc.build_workload_start(inv, w, home, host), stdin_secret=f"api_key:{w.name}"))
         steps.append(
             Step(

@@ -144,7 +144,11 @@ def build_ray_stop(inv: Inventory, home: str) -> str:
     """Shell line stopping Ray on a host (safe when nothing runs)."""
     if inv.runtime.venv:
         return f"{q(inv.runtime.venv)}/bin/ray stop --force >/dev/null 2>&1; true"
-    return f"docker rm -f {RAY_CONTAINER} >/dev/null 2>&1; true"
+    # Removing the container ends every process in it, the workloads started in it with `docker exec` included: their
+    # pid records (pids of that container's namespace) go with it, so no later stop signals a process of its
+    # successor by a stale pid.
+    records = " ".join(f"{q(paths.state_dir(home))}/workload-*.{ext}" for ext in ("pid", "spec", "health"))
+    return f"docker rm -f {RAY_CONTAINER} >/dev/null 2>&1; rm -f {records}; true"
 
 
 def ray_check_script(expected_ips: list[str]) -> str:
@@ -415,6 +419,12 @@ def build_workload_alive(inv: Inventory, name: str, home: str) -> str:
         inner = f'kill -0 "$(cat {q(f"{CONTAINER_STATE}/workload-{name}.pid")})" 2>/dev/null'
         return shlex.join(["docker", "exec", RAY_CONTAINER, "sh", "-c", inner])
     return f'kill -0 "$(cat {q(pid_file(home, name))})" 2>/dev/null'
+
+
+def build_workload_forget(home: str, name: str) -> str:
+    """Forget a workload whose process is gone (it exited by itself): its pid, spec and health records, and nothing
+    signalled, since a pid of a process that is gone may name another one by now."""
+    return f"rm -f {q(pid_file(home, name))} {q(spec_file(home, name))} {q(health_file(home, name))}"
 
 
 def build_workload_stop(inv: Inventory, name: str, home: str, grace: int = 30) -> str:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sparkctl.inventory.models import Host
 from sparkctl.plan import bench, cluster, env, fabric
@@ -35,11 +36,38 @@ class BenchArgs(NoArgs):
     port: int = Field(5201, ge=1024, le=65535)
 
 
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
 class ShellArgs(NoArgs):
     argv: list[str] = Field(min_length=1, description="program and arguments, run verbatim (no shell)")
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="variables for the command, e.g. {TOKEN: \"${token}\"}: their values reach the host on stdin, "
+        "never in a command line (the way for `secret: true` parameters)",
+    )
     sudo: bool = False
     changes: bool = True
     description: str = ""
+
+    @field_validator("env", mode="before")
+    @classmethod
+    def _env_text(cls, value: Any) -> Any:
+        """A parameter without a value (null) is an empty line; numbers and booleans are their text."""
+        if isinstance(value, dict):
+            scalar = int | float | bool
+            return {k: "" if v is None else str(v) if isinstance(v, scalar) else v for k, v in value.items()}
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, value: dict[str, str]) -> dict[str, str]:
+        for k, v in value.items():
+            if not ENV_NAME.fullmatch(k):
+                raise ValueError(f"'{k}' is not a variable name (letters, digits and _, not starting with a digit)")
+            if any(c in v for c in "\n\r\0"):
+                raise ValueError(f"the value of {k} must be one line")
+        return value
 
 
 class PauseArgs(NoArgs):
@@ -91,12 +119,22 @@ class Shell(Action):
 
     def plan(self, ctx: PlanContext, host: Host, args: ShellArgs) -> list[Step]:
         cmd = Command(argv=list(args.argv), sudo=args.sudo)
+        shown = cmd.render() + (f" (env {', '.join(args.env)} on stdin)" if args.env else "")
+        if args.env:
+            # One line of stdin per variable, read by the shell into its environment, then the program in its place
+            # (`exec "$@"`): the values never enter any process's argv. stdin is redacted like any secret output.
+            reads = " && ".join(f"IFS= read -r {k} && export {k}" for k in args.env)
+            cmd = Command(
+                argv=["sh", "-c", f'{reads} && exec "$@"', "sh", *args.argv],
+                sudo=args.sudo,
+                stdin="".join(f"{v}\n" for v in args.env.values()),
+            )
         return [
             Step(
                 host=host.name,
                 kind="shell",
                 target=args.argv[0],
-                description=args.description or f"run {cmd.render()}",
+                description=args.description or f"run {shown}",
                 commands=[cmd],
                 changes=args.changes,
             )

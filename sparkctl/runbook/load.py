@@ -259,7 +259,7 @@ def resolve_params(rb: Runbook, overrides: dict[str, str]) -> dict[str, Any]:
 
 def check_params(rb: Runbook, params: dict[str, Any], overridden: Collection[str] = ()) -> None:
     """Every step's arguments validated with these parameter values: RunbookError at the step's file:line."""
-    found: Found = []
+    found: Found = _secrets_on_command_lines(rb)
     for group in ("steps", "cleanup"):
         for i, step in enumerate(getattr(rb, group)):
             action = ACTIONS.get(step.action)
@@ -274,6 +274,38 @@ def check_params(rb: Runbook, params: dict[str, Any], overridden: Collection[str
                 found += _args_problems(action.Args, exc, (group, i, "args"), note, hide)
     if found:
         raise RunbookError([Problem(rb.where(loc), msg, hint) for loc, msg, hint in found])
+
+
+def _secrets_on_command_lines(rb: Runbook) -> Found:
+    """`secret: true` parameters where the host would run them on a command line, which other users of the host can
+    read in its process list: a `shell` step's argv, a workload override (`set:`, whose fields become the workload's
+    command line and environment assignments)."""
+    secret = {k for k, p in rb.parameters.items() if p.secret}
+    found: Found = []
+    if not secret:
+        return found
+    for group in ("steps", "cleanup"):
+        for i, step in enumerate(getattr(rb, group)):
+            places: list[tuple[tuple[str | int, ...], Any]] = []
+            if step.action == "shell" and isinstance(step.args.get("argv"), list):
+                places = [(("argv", j), v) for j, v in enumerate(step.args["argv"])]
+            elif "set" in step.args:
+                places = [(("set",), step.args["set"])]
+            for sub, value in places:
+                used = sorted({m.group(1) for m in PARAM.finditer(str(value))} & secret)
+                if not used:
+                    continue
+                hint = (
+                    f"pass it in the step's env: (e.g. env: {{TOKEN: \"${{{used[0]}}}\"}}), which reaches the host on "
+                    "stdin, and let the program read the variable"
+                    if step.action == "shell"
+                    else "a workload's fields reach the host's command line: keep secrets out of `set:`"
+                )
+                names = ", ".join(f"'{u}'" for u in used)
+                found.append(
+                    ((group, i, "args", *sub), f"secret parameter {names} would be on the host's command line", hint)
+                )
+    return found
 
 
 def step_index(rb: Runbook, name: str, option: str = "--from") -> int:

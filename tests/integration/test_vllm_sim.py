@@ -3,7 +3,7 @@
 The hosts have no GPU and vLLM's CPU build has no Ray executor, so for ranks on two Sparks this module lays the
 testbed's stand-in over /opt/sparkctl-runtime/bin/vllm (Testbed.use_vllm("simulated")): it parses argv with the
 installed vLLM's own parser, runs vLLM's own Ray placement (initialize_ray_cluster) as on a node with one GPU,
-places one task per rank that applies the driver's environment as vLLM's executor does, serves the OpenAI API,
+places one Ray actor per rank that applies the driver's environment as vLLM's executor does, serves the OpenAI API,
 and records all of it in ~/.local/state/sparkctl/vllm-sim/<served name>.json on the head. What vLLM does at one
 rank is tested against vLLM itself in test_vllm_real.py.
 """

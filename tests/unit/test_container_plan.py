@@ -403,16 +403,25 @@ CHAT_STOP = (
 )
 
 
+RAY_RM = (
+    "docker rm -f sparkctl-ray >/dev/null 2>&1; "
+    f"rm -f {STATE}/workload-*.pid {STATE}/workload-*.spec {STATE}/workload-*.health; true"
+)
+"""Removing the Ray container ends the workloads inside and forgets their pid records with them."""
+
+
 def test_rotated_token_restarts_ray_by_removing_its_container() -> None:
     plan = plan_of(container_inventory(), converged_facts(), digests=DIGESTS | {"ray_token": "99aa88bb77cc"})
     for host in ("spark-a", "spark-b"):
         stop, start = one(plan, host, "ray_node").commands
-        assert sh_line(stop) == "docker rm -f sparkctl-ray >/dev/null 2>&1; true"
+        assert sh_line(stop) == RAY_RM
         assert docker_run(sh_line(start))[0][:3] == ["-d", "--name", "sparkctl-ray"]
-    # chat is stopped inside (a no-op once its Ray container was replaced) and started in the new container
-    stop, start = one(plan, "spark-a", "workload", "chat").commands
-    assert sh_line(stop) == CHAT_STOP
+    # chat ended with its Ray container and its pid record went too: no stop runs inside the new container (where
+    # the old pid may name another process group), chat is only started there
+    chat = one(plan, "spark-a", "workload", "chat")
+    (start,) = chat.commands
     assert docker_exec(sh_line(start))[1] == "sparkctl-ray"
+    assert chat.diff[0] == "- chat: stopped"
 
 
 def test_a_leftover_container_is_removed_before_docker_run() -> None:
@@ -450,7 +459,7 @@ def test_a_new_image_restarts_ray_and_the_workloads() -> None:
     assert {s.id for s in steps(plan) if s.changes} >= {"ray_node:head", "ray_node:worker", "workload:chat"}
     for host in ("spark-a", "spark-b"):
         stop, start = one(plan, host, "ray_node").commands
-        assert sh_line(stop) == "docker rm -f sparkctl-ray >/dev/null 2>&1; true"
+        assert sh_line(stop) == RAY_RM
         assert f" {new} sh -c " in sh_line(start)
     chat = one(plan, "spark-a", "workload", "chat")
     assert chat.diff[-1] == f"+ chat: {CHAT_SPEC.replace(IMAGE, new)}"
@@ -465,7 +474,7 @@ def test_ray_converges_on_the_container_docker_lists() -> None:
     plan = plan_of(container_inventory(), facts)
     assert {s.id for s in steps(plan) if s.changes and s.kind == "ray_node"} == {"ray_node:worker"}
     stop, _ = one(plan, "spark-b", "ray_node").commands
-    assert sh_line(stop) == "docker rm -f sparkctl-ray >/dev/null 2>&1; true"
+    assert sh_line(stop) == RAY_RM
 
 
 # --- down --------------------------------------------------------------------------------------------------------
@@ -478,7 +487,7 @@ def test_down_stops_the_workload_inside_then_removes_the_containers() -> None:
     assert sh_line(stop) == CHAT_STOP
     for host in ("spark-a", "spark-b"):
         (cmd,) = one(plan, host, "ray_stopped").commands
-        assert sh_line(cmd) == "docker rm -f sparkctl-ray >/dev/null 2>&1; true"
+        assert sh_line(cmd) == RAY_RM
 
 
 def test_down_removes_ray_containers_running_as_root() -> None:
@@ -487,7 +496,7 @@ def test_down_removes_ray_containers_running_as_root() -> None:
     for host in ("spark-a", "spark-b"):
         step = one(plan, host, "ray_stopped")
         (cmd,) = step.commands
-        assert sh_line(cmd) == "docker rm -f sparkctl-ray >/dev/null 2>&1; true"
+        assert sh_line(cmd) == RAY_RM
         assert step.diff == ["- ray: container sparkctl-ray", "+ ray: stopped"]
     (stop,) = one(plan, "spark-a", "workload_stopped", "chat").commands
     assert sh_line(stop) == CHAT_STOP

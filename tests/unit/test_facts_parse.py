@@ -490,9 +490,16 @@ esac""",
   "-t -f UUID connection show") cat "$FX/nmcli-uuids.txt" ;;
   "-t -f DEVICE,TYPE,STATE,CONNECTION device status") cat "$FX/nmcli-device-status.txt" ;;
   "-t -f connection.uuid,"*" connection show uuid "*)
-     u="${*##* }"
-     f="$FX/nmcli-connection-settings.txt"
-     awk -v u="connection.uuid:$u" 'BEGIN{RS="";ORS="\\n"} index($0,u)==1' "$f" ;;
+     # like nmcli: the profiles in the order given, a blank line between them
+     [ -n "$NMCLI_ONE_ID" ] && [ $# -gt 7 ] && exit 2
+     first=1
+     while [ $# -gt 0 ]; do
+       if [ "$1" = uuid ]; then
+         shift; [ $first = 1 ] || echo; first=0
+         awk -v u="connection.uuid:$1" 'BEGIN{RS="";ORS="\\n"} index($0,u)==1' "$FX/nmcli-connection-settings.txt"
+       fi
+       shift
+     done ;;
   *) exit 1 ;;
 esac""",
     "ps": 'cat "$FX/ps-eo-pid-user-args.txt"',
@@ -514,8 +521,12 @@ esac""",
 @pytest.mark.skipif(
     not Path("/proc/meminfo").exists() or shutil.which("sh") is None, reason="needs Linux and sh"
 )
-def test_probe_script_output_parses_back(tmp_path: Path) -> None:
-    """Run the real probe with `sh -s` against stub tools printing the fixtures; parse what it printed."""
+@pytest.mark.parametrize("one_id", [False, True], ids=["nmcli-many-ids", "nmcli-one-id"])
+def test_probe_script_output_parses_back(tmp_path: Path, one_id: bool) -> None:
+    """Run the real probe with `sh -s` against stub tools printing the fixtures; parse what it printed.
+
+    `one_id`: an nmcli that refuses several profiles in one call; the probe falls back to one call per profile.
+    """
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for name, body in STUBS.items():
@@ -555,6 +566,8 @@ def test_probe_script_output_parses_back(tmp_path: Path) -> None:
         "SSH_CONNECTION": "10.0.0.2 53422 10.0.0.11 22",
         "TMPDIR": str(tmp_path / "tmp"),
     }
+    if one_id:
+        env["NMCLI_ONE_ID"] = "1"
     (tmp_path / "tmp").mkdir()
     r = subprocess.run(
         ["sh", "-s"],
@@ -572,6 +585,9 @@ def test_probe_script_output_parses_back(tmp_path: Path) -> None:
     assert facts.nm_running is True
     assert facts.connection("sparkctl-enp1s0f1np1").mtu == 9000
     assert facts.connection("lab: uplink \\ old").ipv4_addresses == ["192.168.101.50/24", "10.9.9.9/16"]
+    # every listed profile got its settings (the one without an ethernet setting reads as mtu "auto")
+    blocks = fx("nmcli-connection-settings.txt").strip().split("\n\n")
+    assert {c.uuid for c in facts.nm_connections if c.ipv4_method} == {b.split("\n")[0].split(":")[1] for b in blocks}
     assert facts.non_carry_over == '[\n  "NCCL_IB_GID_INDEX"\n]\n'
     assert facts.files["ray-token.sha256"] == hashlib.sha256(b"tok-0123456789\n").hexdigest()
     assert facts.files["workload-chat.pid"] == "472"

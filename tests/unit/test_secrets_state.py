@@ -39,8 +39,12 @@ steps:
     action: shell
     shell: true
     hosts: head
-    args: {argv: [register, "--token=${token}"], changes: true}
+    args: {argv: [register, --token-from-env], env: {TOKEN: "${token}"}, changes: true}
 """
+ARGV_RUNBOOK = SECRET_RUNBOOK.replace(
+    '[register, --token-from-env], env: {TOKEN: "${token}"}', '[register, "--token=${token}"]'
+)
+"""The parameter on the command line (refused while it is secret)."""
 
 
 @pytest.fixture
@@ -69,10 +73,12 @@ def test_a_secret_parameter_is_redacted_in_the_plan(cli, tmp_path: Path, as_json
     assert result.exit_code == 0, result.output
     assert SECRET not in result.output
     if as_json:
-        argv = json.loads(result.stdout)["stages"][0]["steps"][0]["commands"][0]["argv"]
-        assert argv == ["register", "--token=<redacted>"]
+        cmd = json.loads(result.stdout)["stages"][0]["steps"][0]["commands"][0]
+        assert cmd["argv"] == ["sh", "-c", SHELL_READS, "sh", "register", "--token-from-env"]
+        assert cmd["stdin"] == "<redacted>\n"
     else:
-        assert "register --token=<redacted>" in result.output
+        assert "run register --token-from-env (env TOKEN on stdin)" in result.output
+        assert "sh register --token-from-env  < stdin" in result.output
 
 
 def test_a_secret_parameter_with_a_wrong_value_is_not_echoed(cli, tmp_path: Path) -> None:
@@ -95,19 +101,73 @@ def test_the_journal_keeps_no_secret_but_the_host_gets_the_value(isolated_state:
     plan = session.plan(rb, params, secrets)
     report = session.apply(rb, plan, params, secrets)
     assert report.ok, report
-    # plan equals apply: the host ran the real value
-    assert any(SECRET in c for c in transports["spark-a"].commands)
+    # plan equals apply: the host got the real value, on stdin, never on a command line
+    (call,) = [c for c in transports["spark-a"].calls if "register" in c.command]
+    assert call.stdin == f"{SECRET}\n" and SECRET not in call.command
     journal = state.journal_path()
     text = journal.read_text()
     assert SECRET not in text
     record = json.loads(text)
     assert record["params"]["token"] == "<redacted>"
-    assert record["executed"][0]["commands"][0]["argv"] == ["register", "--token=<redacted>"]
-    assert record["steps"][0]["commands"][0]["command"] == "register --token=<redacted>"
+    assert record["executed"][0]["commands"][0]["argv"][-2:] == ["register", "--token-from-env"]
+    assert record["steps"][0]["commands"][0]["command"].endswith("sh register --token-from-env  < stdin")
     assert mode(journal) == 0o600
     # ... nor the progress lines (the step's description is its command line)
     assert events and not any(SECRET in f"{e.step} {e.message}" for e in events)
-    assert any("<redacted>" in e.message for e in events)
+    assert any("env TOKEN on stdin" in e.message for e in events)
+
+
+SHELL_READS = 'IFS= read -r TOKEN && export TOKEN && exec "$@"'
+
+
+def test_a_secret_parameter_in_a_shell_argv_or_a_workload_override_is_refused(cli, tmp_path: Path) -> None:
+    """On a command line any user of the host could read it in the process list: exit 2 at the step's file:line."""
+    rb = tmp_path / "rb.yaml"
+    rb.write_text(ARGV_RUNBOOK)
+    result = cli("run", str(rb), "--dry-run", "--offline", "-i", str(EXAMPLE), "--set", f"token={SECRET}")
+    assert result.exit_code == EXIT_BAD_INPUT, result.output
+    located = f"{rb}:12 steps[0].args.argv[1]: secret parameter 'token' would be on the host's command line"
+    assert located in result.output
+    assert "hint: pass it in the step's env:" in result.output and SECRET not in result.output
+    rb.write_text(
+        SECRET_RUNBOOK.replace(
+            "    action: shell\n    shell: true\n    hosts: head\n"
+            '    args: {argv: [register, --token-from-env], env: {TOKEN: "${token}"}, changes: true}',
+            '    action: workload_start\n    args: {set: {env: {HF_TOKEN: "${token}"}}}',
+        )
+    )
+    result = cli("run", str(rb), "--dry-run", "--offline", "-i", str(EXAMPLE), "--set", f"token={SECRET}")
+    assert result.exit_code == EXIT_BAD_INPUT, result.output
+    assert "steps[0].args.set: secret parameter 'token' would be on the host's command line" in result.output
+    assert SECRET not in result.output
+
+
+def test_a_shell_steps_env_reaches_the_program_but_no_command_line(tmp_path: Path) -> None:
+    """The planned command, run by a real sh: the program sees the variable, no process's argv holds its value."""
+    import subprocess
+    import sys
+
+    from sparkctl.plan.context import PlanContext
+    from sparkctl.runbook.actions import ACTIONS, ShellArgs
+
+    inv = parse_inventory(EXAMPLE.read_text())
+    ctx = PlanContext(inv, {h.name: fresh_facts(inv, h) for h in inv.hosts})
+    probe = (
+        "import os; print(os.environ['TOKEN']); print(os.environ['OTHER']); "
+        "print(open('/proc/self/cmdline').read())"
+    )
+    args = ShellArgs(argv=[sys.executable, "-c", probe], env={"TOKEN": SECRET, "OTHER": "two words"})
+    (step,) = ACTIONS["shell"].plan(ctx, inv.head, args)
+    (cmd,) = step.commands
+    assert SECRET not in " ".join(cmd.argv)
+    out = subprocess.run(cmd.argv, input=cmd.stdin, capture_output=True, text=True, check=True, timeout=30).stdout
+    token, other, cmdline = out.splitlines()[:3]
+    assert (token, other) == (SECRET, "two words")
+    assert SECRET not in cmdline
+    with pytest.raises(ValueError, match="not a variable name"):
+        ShellArgs(argv=["x"], env={"1BAD": "v"})
+    with pytest.raises(ValueError, match="one line"):
+        ShellArgs(argv=["x"], env={"TOKEN": "a\nb"})
 
 
 # --- laptop state: every directory 0700, every file 0600 ---------------------------------------------------
@@ -215,7 +275,7 @@ def test_an_inventory_value_with_escapes_is_printed_escaped(cli, tmp_path: Path)
 
 def test_a_runbook_value_with_escapes_is_escaped_in_the_plan_and_valid_json(cli, tmp_path: Path) -> None:
     rb = tmp_path / "rb.yaml"
-    rb.write_text(SECRET_RUNBOOK.replace("secret: true", "secret: false"))
+    rb.write_text(ARGV_RUNBOOK.replace("secret: true", "secret: false"))
     args = ["run", str(rb), "--dry-run", "--offline", "-i", str(EXAMPLE), "--set", 'token="x\\e[2J\\u202e\\x85"']
     text = cli(*args)
     assert text.exit_code == 0, text.output

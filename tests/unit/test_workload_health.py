@@ -4,6 +4,7 @@ readiness wait ends at once, and the embed worker records its health where the f
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -229,3 +230,94 @@ def test_a_request_meeting_a_dead_rank_names_it(monkeypatch: pytest.MonkeyPatch)
     assert backend.dead_ranks() == ["group 0 rank 1 on spark-b (192.168.100.11) died (The actor died unexpectedly)"]
     backend.groups = [[Actor(0, False), Actor(1, False)]]
     assert backend.dead_ranks() == []
+
+
+# --- a vLLM workload whose Ray worker died ------------------------------------------------------------------------
+
+DIED = "ERROR 11-30 13:05:01 [ray_executor_v2.py:522] RayWorkerProc rank=[1] died unexpectedly, shutting down executor."
+
+
+def _vllm_facts(inv: Any, *, running: bool, exit_line: str | None) -> dict[str, Any]:
+    """Facts of a pair whose head recorded the chat workload (pid 4242), its process running or gone."""
+    w = inv.workloads[0]
+    home = "/home/nvidia"
+    files = {"workload-chat.pid": "4242", "workload-chat.spec": lc.workload_spec(inv, w, home)}
+    if exit_line is not None:
+        files["workload-chat.exit"] = exit_line
+    procs = " 4242 nvidia /opt/venv/bin/vllm serve\n" if running else " 17 nvidia bash\n"
+    out = (
+        f"{MARK} identity\nnvidia\n{home}\nspark-a\n{MARK} processes\n{procs}"
+        f"{MARK} state_files\n" + "".join(f"{k}:{v}\n" for k, v in files.items())
+    )
+    head = parse_probe("spark-a", out)
+    return {h.name: head.model_copy(update={"host": h.name}) for h in inv.hosts}
+
+
+def test_the_probe_names_a_workload_whose_process_is_gone_with_the_why_from_its_log(tmp_path: Path) -> None:
+    """The probe's loop, run by sh in a state dir: a dead recorded pid gives `workload-<name>.exit:<why>` (vLLM's
+    'died unexpectedly' line first, else the last error); a live one gives nothing."""
+    import subprocess
+
+    from sparkctl.facts.probe import EXITED_WORKLOADS
+
+    (tmp_path / "logs").mkdir()
+    child = subprocess.Popen(["true"])  # a pid that is gone: a finished (and reaped) child's
+    child.wait()
+    (tmp_path / "workload-chat.pid").write_text(f"{child.pid}\n")
+    (tmp_path / "logs" / "chat.log").write_text(f"INFO loading\n{DIED}\nERROR EngineCore encountered a fatal error.\n")
+    (tmp_path / "workload-embed.pid").write_text(f"{child.pid}\n")
+    (tmp_path / "logs" / "embed.log").write_text("ERROR first\nRuntimeError: last\n")
+    (tmp_path / "workload-live.pid").write_text(f"{os.getpid()}\n")
+    r = subprocess.run(["sh", "-c", EXITED_WORKLOADS], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert sorted(r.stdout.splitlines()) == sorted(
+        [f"workload-chat.exit:{DIED}", "workload-embed.exit:RuntimeError: last"]
+    )
+
+
+def test_a_vllm_workload_that_exited_by_itself_is_broken_and_restarted_without_a_signal() -> None:
+    inv = parse_inventory(EXAMPLE.read_text(), "inv.yaml")
+    w = inv.workloads[0]
+    running = PlanContext(inv, _vllm_facts(inv, running=True, exit_line=None), {}, {})
+    assert cluster.workload_state(running, w) == "ok"
+    gone = PlanContext(inv, _vllm_facts(inv, running=False, exit_line=DIED), {}, {})
+    assert cluster.workload_state(gone, w) == "broken"
+    assert cluster.workload_health(gone, w) == f"failed exited by itself: {DIED}"
+    (restart,) = [s for s in cluster.plan_workloads(gone, inv.head) if s.kind == "workload"]
+    forget, start = restart.commands
+    # the pid of a process that is gone is never signalled: its records are removed, then it starts again
+    assert "kill" not in forget.argv[2] and forget.argv[2] == lc.build_workload_forget("/home/nvidia", "chat")
+    assert "setsid" in start.argv[2]
+    assert restart.diff[0] == f"- chat: broken (failed exited by itself: {DIED})"
+    # without an exit record (an older probe) the same facts read as stopped, and it is only started
+    old = PlanContext(inv, _vllm_facts(inv, running=False, exit_line=None), {}, {})
+    assert cluster.workload_state(old, w) == "stopped"
+
+
+def test_doctor_and_status_name_a_vllm_workload_that_exited_by_itself() -> None:
+    from sparkctl.cli.render import render_status
+    from sparkctl.doctor.evaluate import evaluate
+    from sparkctl.doctor.evaluators import CheckContext
+
+    inv = parse_inventory(EXAMPLE.read_text(), "inv.yaml")
+    facts = _vllm_facts(inv, running=False, exit_line=DIED)
+    (finding,) = [f for f in evaluate(CheckContext(inv, facts)) if f.rule == "workload-health"]
+    assert finding.level == "fail" and "died unexpectedly" in finding.evidence
+    ok = _vllm_facts(inv, running=True, exit_line=None)
+    assert [f.level for f in evaluate(CheckContext(inv, ok)) if f.rule == "workload-health"] == ["pass"]
+    text = render_status(
+        {
+            "cluster": "c",
+            "hosts": {},
+            "workloads": {
+                "chat": {
+                    "engine": "vllm",
+                    "endpoint": "http://x/v1",
+                    "process": "broken",
+                    "health": "down",
+                    "detail": "[Errno 111] Connection refused",
+                    "recorded": f"failed exited by itself: {DIED}",
+                }
+            },
+        }
+    )
+    assert f"broken: exited by itself: {DIED}; hint: sparkctl up restarts it" in text
