@@ -53,7 +53,10 @@ def logs_cmd(
     name: Annotated[str, typer.Argument(help="'ray' or a workload name.", autocompletion=complete_log_name)],
     inventory: c.InventoryOpt = None,
     host: Annotated[
-        str | None, typer.Option("--host", help="Host (default: the head).", autocompletion=complete_host)
+        str | None,
+        typer.Option(
+            "--host", help="Host (default: the Ray head or the workload's head).", autocompletion=complete_host
+        ),
     ] = None,
     lines: Annotated[int, typer.Option("--lines", "-n")] = 100,
     follow: Annotated[bool, typer.Option("--follow", "-f")] = False,
@@ -66,7 +69,7 @@ def logs_cmd(
     inv = c.start(debug, inventory)
     if name != "ray" and name not in {w.name for w in inv.workloads}:
         raise InputError([Problem(name, "not 'ray' nor a workload", "see the inventory's workloads")])
-    target = inv.host(host) if host else inv.head
+    target = inv.host(host) if host else inv.head if name == "ray" else inv.workload_head(inv.workload(name))
     session = c.open_session(inv, accept_new_host_keys)
     try:
         c.echo(read_log(session, target.name, name, lines=lines, follow=follow).rstrip())

@@ -165,7 +165,8 @@ def render_status(st: dict[str, Any]) -> str:
                 f"({'ok' if t['ok'] else 'want ' + t['want']})"
             )
     for name, w in st["workloads"].items():
-        lines.append(f"  workload {name} ({w['engine']}): {w['endpoint']} process {w['process']}, {w['health']}")
+        on = f" on {','.join(w['hosts'])}" if w.get("hosts") else ""
+        lines.append(f"  workload {name} ({w['engine']}{on}): {w['endpoint']} process {w['process']}, {w['health']}")
         if "broken" in (w["process"], w["health"]):
             # what the workload recorded (a rank lost, or why it exited by itself), else what its endpoint says
             why = str(w.get("recorded") or "").removeprefix("failed ").strip() or w["detail"]

@@ -288,12 +288,10 @@ def duplicate_profiles(ctx: CheckContext, rule: Rule) -> list[Finding]:
 @evaluator("workload_health")
 def workload_health(ctx: CheckContext, rule: Rule) -> list[Finding]:
     out: list[Finding] = []
-    head = ctx.inventory.head
-    f = ctx.facts.get(head.name)
-    if f is None:
-        return out
     for w in ctx.inventory.workloads:
-        if f"workload-{w.name}.pid" not in f.files:
+        head = ctx.inventory.workload_head(w)
+        f = ctx.facts.get(head.name)
+        if f is None or f"workload-{w.name}.pid" not in f.files:
             continue  # not running: nothing to judge
         exited = workload_exit(f.files, w.name)
         health = f"failed exited by itself: {exited}" if exited is not None else None
@@ -603,7 +601,8 @@ def _needed_ports(inv: Inventory, host: str) -> dict[int, str]:
     ports.pop(inv.ray.ports.max_worker, None)
     if host == inv.head.name:
         ports[inv.ray.port] = "ray"
-        for w in inv.workloads:
+    for w in inv.workloads:  # the API listens on the workload's head (the first host of its group)
+        if inv.workload_head(w).name == host:
             ports[w.port] = f"workload {w.name}"
     return ports
 

@@ -6,7 +6,7 @@ import ipaddress
 import re
 from collections import defaultdict
 
-from sparkctl.inventory.models import Inventory
+from sparkctl.inventory.models import Inventory, Workload
 from sparkctl.inventory.topology import RING_HOSTS, RING_TWINS, End, interface, links
 
 Found = tuple[tuple[str | int, ...], str, str]
@@ -252,7 +252,6 @@ def _check_ray_and_workloads(inv: Inventory) -> list[Found]:
     ray_ports = {inv.ray.port, *inv.ray.ports.model_dump().values()}
     gpus = sum(h.gpus for h in inv.hosts)
     seen_names: set[str] = set()
-    seen_ports: dict[int, str] = {}
     by_name: defaultdict[str, int] = defaultdict(int)
     for k, w in enumerate(inv.workloads):
         by_name[w.name] += 1
@@ -261,26 +260,24 @@ def _check_ray_and_workloads(inv: Inventory) -> list[Found]:
                 (("workloads", k, "name"), f"duplicate workload name '{w.name}'", "give every workload its own name")
             )
         seen_names.add(w.name)
-        if w.port in seen_ports:
-            found.append(
-                (
-                    ("workloads", k, "port"),
-                    f"port {w.port} is already used by {seen_ports[w.port]}",
-                    "give every workload its own port",
-                )
-            )
-        seen_ports.setdefault(w.port, w.name)
         if w.port in ray_ports or inv.ray.ports.min_worker <= w.port <= inv.ray.ports.max_worker:
             found.append((("workloads", k, "port"), f"port {w.port} is one of Ray's ports", "pick another port"))
-        if w.engine == "vllm" and w.tensor_parallel_size > gpus:
+        if w.engine == "vllm" and w.hosts is None and w.tensor_parallel_size * w.pipeline_parallel_size > gpus:
             found.append(
                 (
                     ("workloads", k, "tensor_parallel_size"),
-                    f"{w.tensor_parallel_size} ranks but the cluster has {gpus} GPU(s)",
-                    f"use tensor_parallel_size <= {gpus}",
+                    f"{w.tensor_parallel_size * w.pipeline_parallel_size} ranks but the cluster has {gpus} GPU(s)",
+                    f"use tensor_parallel_size <= {gpus}"
+                    if w.pipeline_parallel_size == 1
+                    else f"use tensor_parallel_size x pipeline_parallel_size <= {gpus}",
                 )
             )
-        if w.engine == "embed" and w.tensor_parallel_size * w.replicas > len(inv.hosts) and w.replicas > 1:
+        if (
+            w.engine == "embed"
+            and w.hosts is None
+            and w.tensor_parallel_size * w.replicas > len(inv.hosts)
+            and w.replicas > 1
+        ):
             found.append(
                 (
                     ("workloads", k, "replicas"),
@@ -288,7 +285,7 @@ def _check_ray_and_workloads(inv: Inventory) -> list[Found]:
                     f"use replicas <= {len(inv.hosts)}",
                 )
             )
-        if w.engine == "embed" and w.tensor_parallel_size > len(inv.hosts):
+        if w.engine == "embed" and w.hosts is None and w.tensor_parallel_size > len(inv.hosts):
             found.append(
                 (
                     ("workloads", k, "tensor_parallel_size"),
@@ -300,12 +297,19 @@ def _check_ray_and_workloads(inv: Inventory) -> list[Found]:
             found.append((("workloads", k, "replicas"), "replicas is for engine 'embed'", "remove it"))
         if w.executor == "mp" and w.engine != "vllm":
             found.append((("workloads", k, "executor"), "executor is for engine 'vllm'", "remove it"))
-        elif w.executor == "mp" and w.tensor_parallel_size > len(inv.hosts):
+        elif (
+            w.executor == "mp"
+            and w.hosts is None
+            and w.tensor_parallel_size * w.pipeline_parallel_size > len(inv.hosts)
+        ):
             found.append(
                 (
                     ("workloads", k, "tensor_parallel_size"),
-                    f"executor mp runs one rank per host: {w.tensor_parallel_size} ranks but {len(inv.hosts)} host(s)",
-                    f"use tensor_parallel_size <= {len(inv.hosts)}",
+                    f"executor mp runs one rank per host: {w.tensor_parallel_size * w.pipeline_parallel_size} ranks "
+                    f"but {len(inv.hosts)} host(s)",
+                    f"use tensor_parallel_size <= {len(inv.hosts)}"
+                    if w.pipeline_parallel_size == 1
+                    else f"use tensor_parallel_size x pipeline_parallel_size <= {len(inv.hosts)}",
                 )
             )
         elif w.executor == "mp" and inv.runtime.image:
@@ -316,4 +320,136 @@ def _check_ray_and_workloads(inv: Inventory) -> list[Found]:
                     "use executor: ray with runtime.image, or runtime.venv",
                 )
             )
+        if w.engine == "embed" and w.pipeline_parallel_size != 1:
+            found.append(
+                (("workloads", k, "pipeline_parallel_size"), "pipeline stages are for engine 'vllm'", "remove it")
+            )
+    found += check_placement(inv)
+    return found
+
+
+def _ranks(w: Workload) -> int:
+    return w.tensor_parallel_size * (w.replicas if w.engine == "embed" else w.pipeline_parallel_size)
+
+
+def _split_hint(gpus: int) -> str:
+    """Valid TP x PP pairs for `gpus` ranks, e.g. 'tensor_parallel_size: 4 (pipeline_parallel_size: 1), or 2 x 2'."""
+    pairs = [(t, gpus // t) for t in range(gpus, 0, -1) if gpus % t == 0]
+    return ", ".join(f"{t} x {pp}" for t, pp in pairs)
+
+
+def check_placement(inv: Inventory) -> list[Found]:
+    """Workloads on host groups (`workloads[].hosts`): known hosts, a rank per GPU of the group, groups that fit
+    next to each other, and one port per workload head."""
+    found: list[Found] = []
+    names = [h.name for h in inv.hosts]
+    claimed: dict[str, str] = {}  # host -> the workload whose listed group took its GPUs
+    placed: dict[tuple[str, int], str] = {}  # (head, port) -> workload
+    explicit = False
+    for k, w in enumerate(inv.workloads):
+        if w.hosts is not None:
+            explicit = True
+            bad = False
+            seen: set[str] = set()
+            for i, name in enumerate(w.hosts):
+                if name not in names:
+                    bad = True
+                    found.append(
+                        (("workloads", k, "hosts", i), f"'{name}' is not a host", f"use one of: {', '.join(names)}")
+                    )
+                elif name in seen:
+                    bad = True
+                    found.append((("workloads", k, "hosts", i), f"'{name}' is listed twice", "list each host once"))
+                seen.add(name)
+            if bad:
+                continue
+            group = inv.group(w)
+            gpus = sum(h.gpus for h in group)
+            ranks = _ranks(w)
+            where = f"{', '.join(w.hosts)}"
+            if w.engine == "vllm" and ranks != gpus:
+                found.append(
+                    (
+                        (
+                            "workloads",
+                            k,
+                            "pipeline_parallel_size" if w.pipeline_parallel_size > 1 else "tensor_parallel_size",
+                        ),
+                        f"tensor_parallel_size x pipeline_parallel_size = {w.tensor_parallel_size} x "
+                        f"{w.pipeline_parallel_size} = {ranks} rank(s), but the group {where} has {gpus} GPU(s)",
+                        f"one rank per GPU of the group: use TP x PP of {_split_hint(gpus)}"
+                        if gpus
+                        else "list hosts that have GPUs",
+                    )
+                )
+            if w.engine == "embed" and ranks != len(group):
+                found.append(
+                    (
+                        ("workloads", k, "replicas" if w.replicas > 1 else "tensor_parallel_size"),
+                        f"tensor_parallel_size x replicas = {ranks} rank(s), but the group {where} has "
+                        f"{len(group)} host(s): the embed worker runs one rank per host",
+                        f"use tensor_parallel_size x replicas = {len(group)}, or list {ranks} host(s)",
+                    )
+                )
+            if w.engine == "vllm" and w.executor == "ray" and ranks > 1 and len(group) < len(inv.hosts):
+                found.append(
+                    (
+                        ("workloads", k, "hosts"),
+                        f"vLLM's Ray executor places its {ranks} ranks anywhere in the Ray cluster (one PACK "
+                        "placement group over all nodes, vllm/v1/executor/ray_utils.py), not on the group "
+                        f"{where}",
+                        "use executor: mp (one `vllm serve` per host of the group), or list every host",
+                    )
+                )
+            if w.engine == "vllm" and w.executor == "mp" and len({h.gpus for h in group}) > 1:
+                found.append(
+                    (
+                        ("workloads", k, "hosts"),
+                        f"the hosts of {where} have different GPU counts "
+                        f"({', '.join(f'{h.name}: {h.gpus}' for h in group)})",
+                        "vLLM's multiprocessing executor runs the same number of ranks on every node: "
+                        "group hosts with equal gpus",
+                    )
+                )
+            for i, h in enumerate(group):
+                if h.name in claimed:
+                    found.append(
+                        (
+                            ("workloads", k, "hosts", i),
+                            f"{h.name}'s GPU(s) are already taken by workload {claimed[h.name]}: the groups overlap "
+                            "and would not fit",
+                            "give each workload its own hosts (disjoint groups)",
+                        )
+                    )
+                else:
+                    claimed[h.name] = w.name
+        if w.hosts is not None:
+            head = w.hosts[0] if w.hosts[0] in names else ""
+        else:
+            head = inv.ray.head if inv.ray.head in names else inv.hosts[0].name if inv.ray.head is None else ""
+        if head and (head, w.port) in placed:
+            found.append(
+                (
+                    ("workloads", k, "port"),
+                    f"port {w.port} on {head} is already used by workload {placed[head, w.port]} "
+                    "(both are headed there)",
+                    "give workloads with the same head host their own ports",
+                )
+            )
+        placed.setdefault((head, w.port), w.name)
+    if explicit and not found:  # each group fits on its own: do they fit together?
+        total = sum(h.gpus for h in inv.hosts)
+        need = 0
+        for k, w in enumerate(inv.workloads):
+            need += _ranks(w)
+            if need > total:
+                found.append(
+                    (
+                        ("workloads", k),
+                        f"with {w.name} the workloads need {need} rank(s) but the cluster has {total} GPU(s): "
+                        "over-committed",
+                        "give each workload its own hosts; a workload without `hosts` shares every host's GPUs",
+                    )
+                )
+                break
     return found

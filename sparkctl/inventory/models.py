@@ -272,7 +272,15 @@ class Workload(_Model):
     name: PlainName = Field(description="Workload name (used in commands, logs, status).")
     engine: Literal["vllm", "embed"] = Field(description="'vllm', or 'embed' (sparkctl's built-in TP embedder).")
     model: ModelName = Field("all-MiniLM-L6-v2", description="Model id or a model directory on the hosts.")
+    hosts: Annotated[list[PlainName], Field(min_length=1)] | None = Field(
+        None,
+        description="Hosts the workload runs on, its head first (the endpoint is there); default every host, the "
+        "Ray head first.",
+    )
     tensor_parallel_size: int = Field(2, ge=1, description="Ranks the model is split across.")
+    pipeline_parallel_size: int = Field(
+        1, ge=1, description="vllm only: pipeline stages (vLLM's --pipeline-parallel-size); TP x PP ranks in all."
+    )
     replicas: int = Field(1, ge=1, description="embed only: independent full copies, one per host.")
     executor: Literal["ray", "mp"] = Field(
         "ray",
@@ -321,6 +329,16 @@ class Inventory(_Model):
     def head(self) -> Host:
         """The host running the Ray head."""
         return self.host(self.ray.head) if self.ray.head else self.hosts[0]
+
+    def group(self, w: Workload) -> list[Host]:
+        """The hosts `w` runs on, its head first: `w.hosts` as listed, else every host with the Ray head first."""
+        if w.hosts is not None:
+            return [self.host(n) for n in w.hosts]
+        return [self.head, *(h for h in self.hosts if h.name != self.head.name)]
+
+    def workload_head(self, w: Workload) -> Host:
+        """The host where `w`'s driver and endpoint run: the first host of its group."""
+        return self.group(w)[0]
 
     def workload(self, name: str) -> Workload:
         """The workload called `name`."""

@@ -237,11 +237,11 @@ def _selected(ctx: PlanContext) -> list[Workload]:
 
 
 def workload_health(ctx: PlanContext, w: Workload, host: Host | None = None) -> str:
-    """What the workload recorded about itself on `host` (default the head; '' if nothing): e.g. 'failed <why>'.
+    """What the workload recorded about itself on `host` (default its head; '' if nothing): e.g. 'failed <why>'.
 
     A workload whose process exited by itself (venv mode: its pid is recorded, the process gone) is
     'failed exited by itself: <why>', the why from its log (see facts.probe.EXITED_WORKLOADS)."""
-    files = ctx.facts[(host or ctx.inventory.head).name].files
+    files = ctx.facts[(host or ctx.inventory.workload_head(w)).name].files
     exited = workload_exit(files, w.name)
     if exited is not None:
         return f"failed exited by itself: {exited}"
@@ -281,7 +281,7 @@ def workload_state(ctx: PlanContext, w: Workload, host: Host | None = None) -> s
         ranks = lc.rank_hosts(ctx.inventory, w)
         states = [workload_state(ctx, w, h) for h in ranks] if ranks else []
         if not states:
-            return workload_state(ctx, w, ctx.inventory.head)
+            return workload_state(ctx, w, ctx.inventory.workload_head(w))
         return "ok" if set(states) == {"ok"} else (states[0] if states[0] != "ok" else "changed")
     facts = ctx.facts[host.name]
     pid = facts.files.get(f"workload-{w.name}.pid", "").strip()
@@ -334,13 +334,14 @@ def _before_start(ctx: PlanContext, w: Workload, host: Host, state: str) -> list
 
 
 def _plan_other_ranks(ctx: PlanContext, host: Host) -> list[Step]:
-    """On a host other than the head: (re)start its rank of each multiprocessing-executor workload being started."""
+    """On a host other than a workload's head: (re)start its rank of each multiprocessing-executor workload being
+    started."""
     inv = ctx.inventory
     home = ctx.home(host)
     steps = []
     for w in workloads_to_start(ctx):
         ranks = [h.name for h in lc.rank_hosts(inv, w)]
-        if host.name not in ranks:
+        if host.name not in ranks or host.name == ranks[0]:
             continue
         state = workload_state(ctx, w, host)
         cmds = _before_start(ctx, w, host, state)
@@ -360,17 +361,24 @@ def _plan_other_ranks(ctx: PlanContext, host: Host) -> list[Step]:
     return steps
 
 
+def _headed(ctx: PlanContext, host: Host) -> list[Workload]:
+    """The selected workloads whose head (first host of the group) is `host`."""
+    return [w for w in _selected(ctx) if ctx.inventory.workload_head(w).name == host.name]
+
+
 def plan_workloads(ctx: PlanContext, host: Host) -> list[Step]:
-    """On the head: ship the embed worker if needed, then (re)start each workload not running as specified; on the
-    other hosts, their ranks of multiprocessing-executor workloads."""
-    if host.name != ctx.inventory.head.name:
-        return _plan_other_ranks(ctx, host)
+    """On a workload's head: ship the embed worker if needed, then (re)start each workload headed here that is not
+    running as specified; on the other hosts of a multiprocessing-executor workload, their ranks."""
+    others = _plan_other_ranks(ctx, host)
+    headed = _headed(ctx, host)
+    if not headed:
+        return others
     inv = ctx.inventory
     home = ctx.home(host)
     facts = ctx.facts[host.name]
     steps: list[Step] = []
-    starting = workloads_to_start(ctx)
-    if any(w.engine == "embed" for w in _selected(ctx)):  # the state dir is mounted into containers too
+    starting = [w for w in workloads_to_start(ctx) if w in headed]
+    if any(w.engine == "embed" for w in headed):  # the state dir is mounted into containers too
         have = facts.files.get(f"{lc.WORKER_FILE}.sha256")
         want = ctx.digests.get("worker_code", "")
         if have != want:
@@ -387,8 +395,8 @@ def plan_workloads(ctx: PlanContext, host: Host) -> list[Step]:
                     diff=[f"- sha256 {have or '(absent)'}", f"+ sha256 {want}"],
                 )
             )
-            starting = [w for w in _selected(ctx) if w.engine == "embed" and w not in starting] + starting
-    for w in _selected(ctx):
+            starting = [w for w in headed if w.engine == "embed" and w not in starting] + starting
+    for w in headed:
         if w not in starting:
             continue
         state = workload_state(ctx, w, host)
@@ -400,7 +408,9 @@ def plan_workloads(ctx: PlanContext, host: Host) -> list[Step]:
                 kind="workload",
                 target=w.name,
                 description=f"start {w.name}: {w.engine} {w.model}, TP={w.tensor_parallel_size}"
+                + (f", PP={w.pipeline_parallel_size}" if w.pipeline_parallel_size > 1 else "")
                 + (f", replicas={w.replicas}" if w.replicas > 1 else "")
+                + (f", on {','.join(w.hosts)}" if w.hosts is not None else "")
                 + f", {lc.endpoint(inv, w)}",
                 commands=cmds,
                 diff=[
@@ -410,13 +420,12 @@ def plan_workloads(ctx: PlanContext, host: Host) -> list[Step]:
                 depends_on_earlier="ray_node" in ctx.changed,
             )
         )
-    return steps
+    return steps + others
 
 
 def plan_workload_ready(ctx: PlanContext, host: Host) -> list[Step]:
-    """From the laptop: /health 200, the model listed, one minimal request answered."""
-    if host.name != ctx.inventory.head.name:
-        return []
+    """From the laptop, for each workload headed by `host`: /health 200, the model listed, one minimal request
+    answered."""
     home = ctx.home(host)
     return [
         Step(
@@ -437,7 +446,7 @@ def plan_workload_ready(ctx: PlanContext, host: Host) -> list[Step]:
             ),
             notes=[w.engine],
         )
-        for w in _selected(ctx)
+        for w in _headed(ctx, host)
     ]
 
 
@@ -451,6 +460,8 @@ def plan_verify_placement(ctx: PlanContext, host: Host) -> list[Step]:
     if not multi:
         return []
     names = ",".join(w.name for w in multi)
+    # a workload that lists its hosts must be placed on exactly those (the embed worker pins its bundles there)
+    expected = [[lc.fabric_ip(h) for h in ctx.inventory.group(w)] for w in multi if w.hosts is not None]
     return [
         Step(
             host=host.name,
@@ -458,7 +469,10 @@ def plan_verify_placement(ctx: PlanContext, host: Host) -> list[Step]:
             target=names,
             description=f"Ray places the ranks of {names} one per host (placement groups read from Ray)",
             commands=[
-                _sh(lc.build_ray_python(ctx.inventory, ctx.home(host)), stdin=lc.placement_check_script(len(multi)))
+                _sh(
+                    lc.build_ray_python(ctx.inventory, ctx.home(host)),
+                    stdin=lc.placement_check_script(len(multi), expected),
+                )
             ],
             changes=False,
             wait=Wait(kind="remote", deadline=60, interval=2),

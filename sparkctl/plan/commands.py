@@ -179,12 +179,14 @@ def build_ray_check(inv: Inventory, home: str) -> str:
     return build_ray_python(inv, home)
 
 
-def placement_check_script(min_groups: int) -> str:
-    """Python run on the head: exit 0 when every live placement group has its bundles on distinct hosts and at least
-    `min_groups` groups of two or more bundles exist (one per multi-rank workload).
+def placement_check_script(min_groups: int, expected: list[list[str]] | None = None) -> str:
+    """Python run on the head: exit 0 when every live placement group has its bundles on distinct hosts, at least
+    `min_groups` groups of two or more bundles exist (one per multi-rank workload), and each host set in `expected`
+    (the fabric addresses of a workload's group, when it lists `hosts`) is exactly the hosts of its own group.
 
     Reads Ray's own record: `ray.util.placement_group_table()` (bundles_to_node_id per group) and `ray.nodes()`
     (NodeID -> NodeManagerAddress)."""
+    want = json.dumps([sorted(e) for e in expected or []])
     return (
         "import json, sys, ray\n"
         'ray.init(address="auto", logging_level="ERROR", log_to_driver=False)\n'
@@ -197,38 +199,51 @@ def placement_check_script(min_groups: int) -> str:
         '    groups.append({"group": gid[:12], "strategy": pg.get("strategy"), "hosts": hosts})\n'
         'crowded = [g for g in groups if len(set(g["hosts"])) < len(g["hosts"])]\n'
         'multi = [g for g in groups if len(g["hosts"]) > 1]\n'
-        'print(json.dumps({"groups": groups, "crowded": crowded}))\n'
-        f"sys.exit(1 if crowded or len(multi) < {int(min_groups)} else 0)\n"
+        f"want = {want}\n"
+        "left = [sorted(g['hosts']) for g in groups]\n"
+        "misplaced = []\n"
+        "for hosts in want:\n"
+        "    if hosts in left:\n"
+        "        left.remove(hosts)\n"
+        "    else:\n"
+        "        misplaced.append(hosts)\n"
+        'print(json.dumps({"groups": groups, "crowded": crowded, "not_placed_on": misplaced}))\n'
+        f"sys.exit(1 if crowded or misplaced or len(multi) < {int(min_groups)} else 0)\n"
     )
 
 
 def workload_ranks(w: Workload) -> int:
-    """Ray bundles a workload reserves: one per rank (vLLM: tensor x pipeline parallel; embed: tp x replicas)."""
+    """Ranks of a workload, one device each (vLLM: tensor x pipeline parallel; embed: tp x replicas)."""
     if w.engine == "embed":
         return w.tensor_parallel_size * w.replicas
-    return w.tensor_parallel_size
+    return w.tensor_parallel_size * w.pipeline_parallel_size
 
 
 def bind_address(inv: Inventory, w: Workload) -> str:
-    """Where a workload's API listens on the head."""
-    return {"fabric": fabric_ip(inv.head), "management": inv.head.address, "loopback": "127.0.0.1"}[w.bind]
+    """Where a workload's API listens on its head (the first host of its group)."""
+    head = inv.workload_head(w)
+    return {"fabric": fabric_ip(head), "management": head.address, "loopback": "127.0.0.1"}[w.bind]
 
 
 def endpoint(inv: Inventory, w: Workload) -> str:
-    """Base URL of a workload's API as the laptop reaches it."""
-    host = inv.head.address if w.bind != "fabric" else fabric_ip(inv.head)
+    """Base URL of a workload's API as the laptop reaches it (on the workload's head)."""
+    head = inv.workload_head(w)
+    host = head.address if w.bind != "fabric" else fabric_ip(head)
     return f"http://{host}:{w.port}"
 
 
 def rank_hosts(inv: Inventory, w: Workload) -> list[Host]:
     """Hosts running a `vllm serve` of `w` under vLLM's multiprocessing executor, head first (index = node rank).
 
-    Empty for every other workload: those run one process, on the head.
+    With `hosts` listed: every host of the group (TP x PP equals the group's GPUs, checked when the inventory is
+    read). Without: the Ray head, then the other hosts, one per rank. Empty for every other workload: those run
+    one process, on the workload's head.
     """
-    if w.engine != "vllm" or w.executor != "mp" or w.tensor_parallel_size < 2:
+    ranks = workload_ranks(w)
+    if w.engine != "vllm" or w.executor != "mp" or ranks < 2:
         return []
-    others = [h for h in inv.hosts if h.name != inv.head.name]
-    return [inv.head, *others][: w.tensor_parallel_size]
+    group = inv.group(w)
+    return group if w.hosts is not None else group[:ranks]
 
 
 def workload_argv(inv: Inventory, w: Workload, home: str, host: Host | None = None) -> list[str]:
@@ -236,7 +251,10 @@ def workload_argv(inv: Inventory, w: Workload, home: str, host: Host | None = No
     if w.engine == "embed":
         py = runtime_python(inv)
         worker = f"{paths.state_dir(home)}/{WORKER_FILE}" if inv.runtime.venv else f"{CONTAINER_STATE}/{WORKER_FILE}"
-        bundle = embed_bundle(inv)
+        bundle = embed_bundle(inv, w)
+        # With `hosts` listed, rank i's bundle is pinned to the i-th host of the group (`--nodes`): Ray gives
+        # every node a `node:<ip>` resource, the same pin vLLM's Ray executor uses for its first bundle.
+        nodes = ["--nodes", ",".join(fabric_ip(h) for h in inv.group(w))] if w.hosts is not None else []
         return [
             py,
             worker,
@@ -256,6 +274,7 @@ def workload_argv(inv: Inventory, w: Workload, home: str, host: Host | None = No
             f"{fabric_ip(inv.head)}:{inv.ray.port}",
             "--bundle-resources",
             json.dumps(bundle, separators=(",", ":")),
+            *nodes,
             "--health-file",
             health_file(home, w.name) if inv.runtime.venv else f"/sparkctl/workload-{w.name}.health",
             *w.extra_args,
@@ -266,7 +285,13 @@ def workload_argv(inv: Inventory, w: Workload, home: str, host: Host | None = No
     # set '--distributed-executor-backend ray'"). One rank needs no executor backend: vLLM picks "uni" and never
     # touches Ray (vllm/config/parallel.py, ParallelConfig.__post_init__, vLLM 0.32.0), which is also what runs
     # on a platform without a Ray device key (vLLM's CPU build: vllm/platforms/cpu.py).
-    executor = ["--distributed-executor-backend", "ray"] if w.tensor_parallel_size > 1 else []
+    executor = ["--distributed-executor-backend", "ray"] if workload_ranks(w) > 1 else []
+    # Pipeline stages: `--pipeline-parallel-size` (vllm/engine/arg_utils.py, vLLM 0.32.0); vLLM lays the ranks
+    # out PP-major, TP-minor (vllm/distributed/parallel_state.py, initialize_model_parallel: "ExternalDP x DP x PP
+    # x PCP x TP"), and the multiprocessing executor numbers them node by node (global rank = node_rank x
+    # local_world_size + local rank, vllm/v1/executor/multiproc_executor.py): with one GPU per Spark, the group's
+    # first TP hosts are stage 0, the next TP hosts stage 1, and so on.
+    pipeline = ["--pipeline-parallel-size", str(w.pipeline_parallel_size)] if w.pipeline_parallel_size > 1 else []
     api = ["--host", bind_address(inv, w), "--port", str(w.port)]
     ranks = [h.name for h in rank_hosts(inv, w)]
     if ranks:
@@ -276,7 +301,7 @@ def workload_argv(inv: Inventory, w: Workload, home: str, host: Host | None = No
         # --headless, no API server (vllm/entrypoints/cli/serve.py, run_headless). vLLM 0.32.0.
         rank = ranks.index(host.name) if host is not None and host.name in ranks else 0
         executor = ["--distributed-executor-backend", "mp", "--nnodes", str(len(ranks)), "--node-rank", str(rank)]
-        executor += ["--master-addr", fabric_ip(inv.head)]
+        executor += ["--master-addr", fabric_ip(inv.workload_head(w))]
         if rank:
             api = ["--headless"]
     return [
@@ -287,6 +312,7 @@ def workload_argv(inv: Inventory, w: Workload, home: str, host: Host | None = No
         w.name,
         "--tensor-parallel-size",
         str(w.tensor_parallel_size),
+        *pipeline,
         *executor,
         "--gpu-memory-utilization",
         f"{w.gpu_memory_utilization:g}",
@@ -295,8 +321,8 @@ def workload_argv(inv: Inventory, w: Workload, home: str, host: Host | None = No
     ]
 
 
-def embed_bundle(inv: Inventory) -> dict[str, int]:
-    """Resources of one embed-worker rank: a GPU when every host gives Ray one, else a CPU.
+def embed_bundle(inv: Inventory, w: Workload | None = None) -> dict[str, int]:
+    """Resources of one embed-worker rank: a GPU when every host of its group gives Ray one, else a CPU.
 
     A CPU bundle does not reserve the Spark's GPU for the rank, and how Ray treats CUDA_VISIBLE_DEVICES for an actor
     granted no GPU depends on the version (`set_visible_accelerator_ids` in `ray/_private/utils.py`: with
@@ -304,7 +330,8 @@ def embed_bundle(inv: Inventory) -> dict[str, int]:
     no GPU and the rank silently runs on the CPU; Ray 2.60 leaves the variable alone by default). A `{GPU: 1}`
     bundle gets the GPU on every version.
     """
-    return {"GPU": 1} if all(h.gpus >= 1 for h in inv.hosts) else {"CPU": 1}
+    hosts = inv.group(w) if w is not None else inv.hosts
+    return {"GPU": 1} if all(h.gpus >= 1 for h in hosts) else {"CPU": 1}
 
 
 def workload_env(inv: Inventory, w: Workload) -> dict[str, str]:

@@ -43,6 +43,8 @@ def cluster_status(session: Session, secrets: Mapping[str, str]) -> dict[str, An
         workloads[w.name] = {
             "engine": w.engine,
             "endpoint": lc.endpoint(inv, w) + "/v1",
+            "hosts": [h.name for h in inv.group(w)] if w.hosts is not None else None,
+            "head": inv.workload_head(w).name,
             "process": workload_state(ctx, w),
             "health": probe.phase,
             "detail": probe.detail,

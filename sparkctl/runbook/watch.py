@@ -111,7 +111,7 @@ class Watch:
         for finding in self._findings(inv, facts):
             if finding["subject"] in hosts and finding["level"] != "pass":
                 hosts[finding["subject"]]["warnings"].append(finding)
-        workloads = {w.name: self._workload(ctx, w, inv.head.name in facts) for w in inv.workloads}
+        workloads = {w.name: self._workload(ctx, w, inv.workload_head(w).name in facts) for w in inv.workloads}
         return {"cluster": inv.cluster, "time": time.strftime("%H:%M:%S"), "hosts": hosts, "workloads": workloads}
 
     def _merged(self, name: str, sample: WatchSample) -> HostFacts:

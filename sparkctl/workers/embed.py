@@ -18,6 +18,7 @@ import array
 import base64
 import hmac
 import importlib
+import ipaddress
 import itertools
 import json
 import logging
@@ -666,6 +667,8 @@ class RayOptions:
     replicas: int = 1
     bundle: dict[str, float] | None = None
     strategy: str = "STRICT_SPREAD"
+    nodes: tuple[str, ...] = ()
+    """Node IPs, one per bundle (rank i of replica g on nodes[g * tp + i]); empty: Ray chooses."""
     ifname: str | None = None
     device: str = "auto"
     address: str = "auto"
@@ -704,7 +707,7 @@ class RayBackend:
         else:
             ray.init(address=opts.address)
         log.info("reserving %d bundles %s with strategy %s", count, json.dumps(bundle), opts.strategy)
-        self._pg = ray.util.placement_group([bundle] * count, strategy=opts.strategy)
+        self._pg = ray.util.placement_group(pinned_bundles(bundle, count, opts.nodes), strategy=opts.strategy)
         ready, _ = ray.wait([self._pg.ready()], timeout=opts.timeout_s)
         if not ready:
             nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
@@ -712,7 +715,10 @@ class RayBackend:
             raise WorkerError(
                 f"placement group of {count} x {json.dumps(bundle)} ({opts.strategy}) not placed "
                 f"within {opts.timeout_s:.0f}s; the cluster has {nodes} node(s) with {json.dumps(have)}",
-                hint="STRICT_SPREAD needs one node per rank: check `ray status` shows every host, "
+                hint=f"pinned to {', '.join(opts.nodes)}: check `ray status` shows each of them with that resource "
+                "free (no other workload holds it)"
+                if opts.nodes
+                else "STRICT_SPREAD needs one node per rank: check `ray status` shows every host, "
                 "or lower --tp/--replicas",
             )
         log.info("placement group ready")
@@ -1222,6 +1228,32 @@ def _bundle(text: str) -> dict[str, float]:
     return {k: float(v) for k, v in value.items()}
 
 
+def _node_list(text: str) -> list[str]:
+    nodes = [n.strip() for n in text.split(",") if n.strip()]
+    for node in nodes:
+        try:
+            ipaddress.ip_address(node)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{node!r} is not an IP address") from exc
+    if len(set(nodes)) != len(nodes):
+        raise argparse.ArgumentTypeError("a node is named twice: one rank per node")
+    return nodes
+
+
+def pinned_bundles(bundle: dict[str, float], count: int, nodes: Sequence[str] = ()) -> list[dict[str, float]]:
+    """`count` copies of `bundle`, the i-th pinned to nodes[i] when nodes are given.
+
+    Ray gives every node a resource `node:<its IP>` of 1.0 (ray/_private/resource_and_label_spec.py, Ray 2.60);
+    a bundle asking for a sliver of it can only be placed on that node. vLLM's Ray executor pins its first bundle
+    the same way (`placement_group_specs[0][f"node:{current_ip}"] = 0.001`, vllm/v1/executor/ray_utils.py, vLLM 0.32.0).
+    """
+    if not nodes:
+        return [dict(bundle) for _ in range(count)]
+    if len(nodes) != count:
+        raise WorkerError(f"{len(nodes)} node(s) named for {count} bundle(s)", hint="name one node per rank")
+    return [{**bundle, f"node:{ip}": 0.001} for ip in nodes]
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The worker's command line; the API key comes from the environment only."""
     parser = argparse.ArgumentParser(
@@ -1249,6 +1281,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=_bundle,
         default={"CPU": 1.0},
         help="resources per rank, e.g. '{\"GPU\": 1}'",
+    )
+    add(
+        "--nodes",
+        type=_node_list,
+        default=[],
+        help="comma-separated node IPs, one per rank in rank order: each rank's bundle is pinned to its node "
+        "(Ray's node:<ip> resource); default: the placement strategy chooses",
     )
     add(
         "--gloo-ifname",
@@ -1307,6 +1346,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         if args.tp < 1 or args.replicas < 1 or args.max_batch_size < 1:
             raise WorkerError("--tp, --replicas and --max-batch-size must be at least 1")
+        if args.nodes and len(args.nodes) != args.tp * args.replicas:
+            raise WorkerError(
+                f"--nodes names {len(args.nodes)} node(s) for {args.tp * args.replicas} rank(s)",
+                hint="name one node per rank: --tp x --replicas addresses",
+            )
         if args.backend == "local" and (args.tp, args.replicas) != (1, 1):
             raise WorkerError("--backend local runs one TP=1 copy", hint="drop --tp/--replicas or use --backend ray")
         spec = load_model_spec(resolve_model_dir(args.model), args.max_seq_length)
@@ -1339,6 +1383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     replicas=args.replicas,
                     bundle=args.bundle_resources,
                     strategy=args.placement_strategy,
+                    nodes=tuple(args.nodes),
                     ifname=args.gloo_ifname,
                     device=args.device,
                     address=args.ray_address,

@@ -155,7 +155,7 @@ def _tp_rank(rank: int, world: int, port: int, model_dir: str, ids: Any, mask: A
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", [2, 3, 4])
 def test_tp_over_gloo_processes_matches_sentence_transformers(
     world: int, model_dir: Path, batch: tuple[Any, Any], reference: Any, tmp_path: Path
 ) -> None:
@@ -164,6 +164,8 @@ def test_tp_over_gloo_processes_matches_sentence_transformers(
     ids, mask = batch
     spawn(_tp_rank, args=(world, _free_port(), str(model_dir), ids, mask, str(tmp_path)), nprocs=world)
     outputs = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    cos = torch.nn.functional.cosine_similarity(outputs[0], reference, dim=1).min().item()
+    print(f"TP={world} worst cosine {cos:.8f}, max abs diff {(outputs[0] - reference).abs().max().item():.2e}")
     assert_matches(outputs[0], reference)
     for other in outputs[1:]:
         assert torch.equal(other, outputs[0]), "every rank must end with the same replicated result"
@@ -203,6 +205,52 @@ def test_each_rank_holds_exactly_its_slice(model_dir: Path) -> None:
             assert torch.equal(shard[replicated], state[replicated])
     rebuilt = torch.cat([s[f"{p}output.dense.weight"] for s in shards], dim=1)
     assert torch.equal(rebuilt, state[f"{p}output.dense.weight"])
+
+
+@pytest.mark.parametrize(("world", "heads_per_rank"), [(3, 4), (4, 3)])
+def test_three_and_four_ranks_split_minilm_on_whole_heads(model_dir: Path, world: int, heads_per_rank: int) -> None:
+    """MiniLM: 384 hidden, 12 heads of 32, MLP 1536. TP=3 and TP=4 divide both evenly, no uneven split needed:
+    each rank holds whole heads (384/3 = 128 = 4 x 32, 384/4 = 96 = 3 x 32) and 1536/T MLP columns, and the
+    slices put back together are the checkpoint."""
+    config, state = embed.load_bert(model_dir)
+    assert (config.hidden_size, config.num_attention_heads, config.intermediate_size) == (384, 12, 1536)
+    embed.check_tp(config, world)
+    p = "encoder.layer.5."
+    shards = [embed.shard_state_dict(state, config, r, world) for r in range(world)]
+    width, inter = heads_per_rank * config.head_dim, 1536 // world
+    for shard in shards:
+        assert shard[f"{p}attention.self.query.weight"].shape == (width, 384)
+        assert shard[f"{p}attention.output.dense.weight"].shape == (384, width)
+        assert shard[f"{p}intermediate.dense.weight"].shape == (inter, 384)
+        assert shard[f"{p}output.dense.weight"].shape == (384, inter)
+    for key, dim in (
+        (f"{p}attention.self.key.weight", 0),
+        (f"{p}attention.self.value.bias", 0),
+        (f"{p}attention.output.dense.weight", 1),
+        (f"{p}intermediate.dense.weight", 0),
+        (f"{p}output.dense.weight", 1),
+    ):
+        assert torch.equal(torch.cat([s[key] for s in shards], dim=dim), state[key]), key
+
+
+def test_ranks_are_pinned_to_the_named_nodes_in_order() -> None:
+    bundles = embed.pinned_bundles({"GPU": 1.0}, 3, ["192.168.100.12", "192.168.100.10", "192.168.100.11"])
+    assert bundles == [
+        {"GPU": 1.0, "node:192.168.100.12": 0.001},
+        {"GPU": 1.0, "node:192.168.100.10": 0.001},
+        {"GPU": 1.0, "node:192.168.100.11": 0.001},
+    ]
+    assert embed.pinned_bundles({"CPU": 1.0}, 2) == [{"CPU": 1.0}, {"CPU": 1.0}]
+    with pytest.raises(embed.WorkerError):
+        embed.pinned_bundles({"GPU": 1.0}, 2, ["192.168.100.10"])
+
+
+def test_cli_refuses_nodes_that_do_not_match_the_ranks(monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
+    monkeypatch.setenv("SPARKCTL_API_KEY", API_KEY)
+    assert embed.main(["--tp", "2", "--port", "0", "--nodes", "192.168.100.10"]) == 2
+    assert "--nodes names 1 node(s) for 2 rank(s)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        embed.build_parser().parse_args(["--nodes", "192.168.100.10,spark-b"])
 
 
 def test_world_that_does_not_divide_heads_is_refused(model_dir: Path) -> None:

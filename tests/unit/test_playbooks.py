@@ -319,7 +319,7 @@ BAD = [
     ),
     (
         "recover-oom",
-        "  - name: stop\n    action: workload_stop\n    hosts: head\n",
+        "  - name: stop\n    action: workload_stop\n",
         "  - name: stop\n    action: workload_stop\n    host: head\n",
         "host: head",
         "did you mean 'hosts'?",
