@@ -337,28 +337,41 @@ def _plan_other_ranks(ctx: PlanContext, host: Host) -> list[Step]:
     """On a host other than a workload's head: (re)start its rank of each multiprocessing-executor workload being
     started."""
     inv = ctx.inventory
-    home = ctx.home(host)
     steps = []
     for w in workloads_to_start(ctx):
         ranks = [h.name for h in lc.rank_hosts(inv, w)]
         if host.name not in ranks or host.name == ranks[0]:
             continue
-        state = workload_state(ctx, w, host)
-        cmds = _before_start(ctx, w, host, state)
-        cmds.append(_sh(lc.build_workload_start(inv, w, home, host), stdin_secret=f"api_key:{w.name}"))
         steps.append(
-            Step(
-                host=host.name,
-                kind="workload",
-                target=w.name,
-                description=f"start {w.name}: node rank {ranks.index(host.name)} of {len(ranks)} (headless), "
-                f"vllm {w.model}",
-                commands=cmds,
-                diff=[f"- {w.name}: {state}", f"+ {w.name}: {lc.workload_spec(inv, w, home, host)}"],
-                depends_on_earlier="ray_node" in ctx.changed,
+            _start_step(
+                ctx,
+                w,
+                host,
+                f"start {w.name}: node rank {ranks.index(host.name)} of {len(ranks)} (headless), vllm {w.model}",
             )
         )
     return steps
+
+
+def _start_step(ctx: PlanContext, w: Workload, host: Host, description: str) -> Step:
+    """(Re)start workload `w`'s process on `host`: whatever must go first (`_before_start`), then the start."""
+    inv = ctx.inventory
+    home = ctx.home(host)
+    state = workload_state(ctx, w, host)
+    cmds = _before_start(ctx, w, host, state)
+    cmds.append(_sh(lc.build_workload_start(inv, w, home, host), stdin_secret=f"api_key:{w.name}"))
+    return Step(
+        host=host.name,
+        kind="workload",
+        target=w.name,
+        description=description,
+        commands=cmds,
+        diff=[
+            f"- {w.name}: {state}" + (f" ({workload_health(ctx, w, host)})" if state == "broken" else ""),
+            f"+ {w.name}: {lc.workload_spec(inv, w, home, host)}",
+        ],
+        depends_on_earlier="ray_node" in ctx.changed,
+    )
 
 
 def _headed(ctx: PlanContext, host: Host) -> list[Workload]:
@@ -399,27 +412,14 @@ def plan_workloads(ctx: PlanContext, host: Host) -> list[Step]:
     for w in headed:
         if w not in starting:
             continue
-        state = workload_state(ctx, w, host)
-        cmds = _before_start(ctx, w, host, state)
-        cmds.append(_sh(lc.build_workload_start(inv, w, home, host), stdin_secret=f"api_key:{w.name}"))
-        steps.append(
-            Step(
-                host=host.name,
-                kind="workload",
-                target=w.name,
-                description=f"start {w.name}: {w.engine} {w.model}, TP={w.tensor_parallel_size}"
-                + (f", PP={w.pipeline_parallel_size}" if w.pipeline_parallel_size > 1 else "")
-                + (f", replicas={w.replicas}" if w.replicas > 1 else "")
-                + (f", on {','.join(w.hosts)}" if w.hosts is not None else "")
-                + f", {lc.endpoint(inv, w)}",
-                commands=cmds,
-                diff=[
-                    f"- {w.name}: {state}" + (f" ({workload_health(ctx, w, host)})" if state == "broken" else ""),
-                    f"+ {w.name}: {lc.workload_spec(inv, w, home, host)}",
-                ],
-                depends_on_earlier="ray_node" in ctx.changed,
-            )
+        description = (
+            f"start {w.name}: {w.engine} {w.model}, TP={w.tensor_parallel_size}"
+            + (f", PP={w.pipeline_parallel_size}" if w.pipeline_parallel_size > 1 else "")
+            + (f", replicas={w.replicas}" if w.replicas > 1 else "")
+            + (f", on {','.join(w.hosts)}" if w.hosts is not None else "")
+            + f", {lc.endpoint(inv, w)}"
         )
+        steps.append(_start_step(ctx, w, host, description))
     return steps + others
 
 
