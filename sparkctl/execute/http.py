@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from typing import Any
+
+# urllib.request (with http.client, ssl and email) is imported by the calls below, not here: the session imports
+# this module for every connected command, and most of them (`plan`, a converged `up`) never talk HTTP.
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,9 @@ class Probe:
 
 
 def _call(url: str, key: str | None, body: dict[str, Any] | None = None, timeout: float = 10) -> tuple[int, Any]:
+    import urllib.error
+    import urllib.request
+
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, method="POST" if body is not None else "GET")
     req.add_header("Content-Type", "application/json")
@@ -80,12 +84,15 @@ def probe_workload(base: str, model: str, key: str | None, engine: str, timeout:
         if not ok:
             return Probe("listed", f"minimal request answered {status}: {str(body)[:200]}")
         return Probe("ready", "health, models and a minimal request all answered")
-    except (OSError, urllib.error.URLError) as exc:
+    except OSError as exc:  # urllib.error.URLError is an OSError
         return Probe("down", str(getattr(exc, "reason", exc)))
 
 
 def get_text(url: str, timeout: float = 5) -> tuple[int, str]:
     """GET a page without a key (e.g. /metrics, which vLLM and the embed worker serve without one)."""
+    import urllib.error
+    import urllib.request
+
     try:
         with urllib.request.urlopen(urllib.request.Request(url), timeout=timeout) as resp:
             return resp.status, resp.read(4 * 1024 * 1024).decode(errors="replace")

@@ -415,3 +415,35 @@ def test_bundled_example_is_the_default_inventory(cli) -> None:
     result = cli("plan", "--offline", "--json")
     assert result.exit_code == 0
     assert Plan.model_validate_json(result.stdout).cluster == yaml.safe_load(EXAMPLE.read_text())["cluster"]
+
+
+def _leave(code: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """A real process that ends through sparkctl's exit (`leave`), after an atexit handler and much output."""
+    script = (
+        "import atexit, sys, threading, time\n"
+        "from sparkctl.cli.app import leave\n"
+        "atexit.register(lambda: print('atexit handler ran', file=sys.stderr))\n"
+        "sys.stdout.write('x' * 200000)\n"
+        "def late():\n"
+        "    time.sleep(0.3)\n"
+        "    print('thread finished', file=sys.stderr)\n"
+        f"{code}\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+
+
+def test_the_fast_exit_keeps_what_an_exit_promises(tmp_path: Path) -> None:
+    r = _leave("leave(3)", tmp_path)
+    assert r.returncode == 3
+    assert len(r.stdout) == 200000  # buffered output is flushed, not lost with the skipped teardown
+    assert "atexit handler ran" in r.stderr
+    r = _leave("leave(None)", tmp_path)
+    assert r.returncode == 0 and "atexit handler ran" in r.stderr
+    r = _leave("leave('error: gone')", tmp_path)
+    assert r.returncode == 1 and "error: gone" in r.stderr
+    # a thread the interpreter would wait for: the normal exit, which waits for it
+    r = _leave("threading.Thread(target=late).start()\nleave(4)", tmp_path)
+    assert r.returncode == 4 and "thread finished" in r.stderr and len(r.stdout) == 200000
