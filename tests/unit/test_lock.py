@@ -169,3 +169,59 @@ def test_same_run_taking_again_is_not_blocked(lock_dir: Path) -> None:
     me = owner("run-1")
     assert take_locks({"spark-a": t}, ["spark-a"], me) == ["spark-a"]
     assert take_locks({"spark-a": t}, ["spark-a"], me) == ["spark-a"]
+
+
+def _taken() -> Result:
+    return Result(0, lock.TAKEN + "\n", "")
+
+
+def _held_by(run_id: str) -> Result:
+    return Result(0, lock.HELD + "\n" + owner(run_id, laptop="laptop-2").to_text(), "")
+
+
+def test_a_run_that_loses_the_first_host_tries_no_other() -> None:
+    ts = {h: RecordingTransport(h, {"t=$(mktemp": _taken()}) for h in ("spark-a", "spark-b", "spark-c")}
+    ts["spark-a"].responses = {"t=$(mktemp": _held_by("their-run")}
+    with pytest.raises(LockHeld) as info:
+        take_locks(ts, ["spark-a", "spark-b", "spark-c"], owner("my-run"), alive=lambda pid: True)
+    assert [p.where for p in info.value.problems] == ["spark-a"]
+    assert ts["spark-b"].commands == [] and ts["spark-c"].commands == []  # the race is decided on the first host
+
+
+def test_after_the_first_host_the_others_are_taken_side_by_side() -> None:
+    both = threading.Barrier(2, timeout=5)  # breaks (and the take fails) unless spark-b and spark-c ask at once
+
+    def answer(command: str) -> Result:
+        both.wait()
+        return _taken()
+
+    ts = {"spark-a": RecordingTransport("spark-a", {"t=$(mktemp": _taken()})}
+    ts |= {h: RecordingTransport(h, answer) for h in ("spark-b", "spark-c")}
+    assert take_locks(ts, ["spark-a", "spark-b", "spark-c"], owner("my-run")) == ["spark-a", "spark-b", "spark-c"]
+
+
+def test_every_holder_among_the_others_is_named_and_every_lock_taken_is_released() -> None:
+    ts = {
+        "spark-a": RecordingTransport("spark-a", {"t=$(mktemp": _taken()}),
+        "spark-b": RecordingTransport("spark-b", {"t=$(mktemp": _held_by("run-b")}),
+        "spark-c": RecordingTransport("spark-c", {"t=$(mktemp": _taken()}),
+        "spark-d": RecordingTransport("spark-d", {"t=$(mktemp": _held_by("run-d")}),
+    }
+    with pytest.raises(LockHeld) as info:
+        take_locks(ts, list(ts), owner("my-run"), alive=lambda pid: True)
+    assert sorted(p.where for p in info.value.problems) == ["spark-b", "spark-d"]
+    for h in ("spark-a", "spark-c"):  # taken, then given back
+        assert any("grep -qxF -- run_id=my-run" in c for c in ts[h].commands), h
+    for h in ("spark-b", "spark-d"):  # held by others: only the try to take it
+        assert len(ts[h].commands) == 1
+
+
+def test_a_host_that_cannot_be_locked_fails_the_run_and_releases_the_rest() -> None:
+    ts = {
+        "spark-a": RecordingTransport("spark-a", {"t=$(mktemp": _taken()}),
+        "spark-b": RecordingTransport("spark-b", {"t=$(mktemp": Result(3, "", "cannot write in /run/lock")}),
+    }
+    with pytest.raises(HostError) as info:
+        take_locks(ts, list(ts), owner("my-run"))
+    assert not isinstance(info.value, LockHeld) and info.value.problems[0].where == "spark-b"
+    assert any("grep -qxF -- run_id=my-run" in c for c in ts["spark-a"].commands)
