@@ -1,14 +1,15 @@
 """Benchmark (not a test): a converged `plan` and a converged `up` (no workloads) on 2, 4 and 8 fake Sparks.
 
 Run as root after tests/prepare.sh:
-    python3 -m benchmarks.bench_scaling [--runs 5] [--sizes 2,4,8]
+    python3 -m benchmarks.bench_scaling [--runs 5] [--sizes 2,4,8] [--baseline DIR]
 
 For each size it waits for the machine-wide testbed lock, brings up that many fake Sparks (2: a direct pair,
 more: a switch), converges them with `sparkctl up --yes` (fabric, env, firewall, token, Ray with every node), checks
 that a plan then changes nothing, and measures, round by round: the floor (one plain `ssh host true` per host, all
 in parallel), `sparkctl plan` and `sparkctl up --yes` with nothing to change (wall time, and the CPU this process's
-children spent: sparkctl itself, not the hosts' sshd). It takes each testbed down before the next size, prints a
-Markdown table (each size against 2 hosts) and JSON.
+children spent: sparkctl itself, not the hosts' sshd). `--baseline DIR` runs `plan` and `up` from another source tree
+too (e.g. `git archive <rev> sparkctl | tar -x -C DIR`), in the same rounds, so before and after share the load.
+It takes each testbed down before the next size, prints a Markdown table (each size against 2 hosts) and JSON.
 
 The hosts are network namespaces on this machine: their sshd, NetworkManager and Ray share its cores with
 sparkctl, so the figures include the hosts' own work, serialised on few cores (see docs/benchmarks.md).
@@ -36,7 +37,7 @@ from benchmarks.bench_converged import Sample, measured, median, parallel_ssh, r
 from tests.testbed import Testbed  # noqa: E402
 
 
-def measure_size(hosts: int, runs: int) -> dict[str, Any]:
+def measure_size(hosts: int, runs: int, baseline: Path | None = None) -> dict[str, Any]:
     py = sys.executable
     tb = Testbed()
     tb.down()
@@ -60,10 +61,15 @@ def measure_size(hosts: int, runs: int) -> dict[str, Any]:
         changes = sum(1 for st in json.loads(out)["stages"] for s in st["steps"] if s["changes"])
         if changes:
             raise SystemExit(f"{hosts} hosts: not converged after up ({changes} planned changes)")
+        trees = {"": REPO} | ({"baseline: ": baseline} if baseline else {})
         for _ in range(runs):
             samples.setdefault("floor: ssh host true", []).append(measured(lambda: parallel_ssh(tb, "true")))
-            samples.setdefault("sparkctl plan", []).append(sparkctl(py, ["plan", "-i", str(inv)], env))
-            samples.setdefault("sparkctl up (converged)", []).append(sparkctl(py, ["up", "--yes", "-i", str(inv)], env))
+            for label, tree in trees.items():
+                tree_env = {**env, "PYTHONPATH": str(tree)}
+                samples.setdefault(f"{label}sparkctl plan", []).append(sparkctl(py, ["plan", "-i", str(inv)], tree_env))
+                samples.setdefault(f"{label}sparkctl up (converged)", []).append(
+                    sparkctl(py, ["up", "--yes", "-i", str(inv)], tree_env)
+                )
     finally:
         with_down = time.monotonic()
         tb.down()
@@ -82,16 +88,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--sizes", default="2,4,8", help="comma-separated host counts (default 2,4,8)")
+    ap.add_argument("--baseline", type=Path, help="another sparkctl source tree, measured in the same rounds")
     args = ap.parse_args()
     sizes = [int(x) for x in args.sizes.split(",")]
-    compileall.compile_dir(str(REPO / "sparkctl"), quiet=1)
+    baseline = args.baseline.resolve() if args.baseline else None
+    for tree in [REPO, *([baseline] if baseline else [])]:
+        compileall.compile_dir(str(tree / "sparkctl"), quiet=1)
     lock = open("/var/tmp/sparkctl-testbed.lock", "w")  # noqa: SIM115
     t_wait = time.monotonic()
     fcntl.flock(lock, fcntl.LOCK_EX)
     waited = time.monotonic() - t_wait
     t_hold = time.monotonic()
     try:
-        results = [measure_size(n, args.runs) for n in sizes]
+        results = [measure_size(n, args.runs, baseline) for n in sizes]
     finally:
         lock.close()
     held = time.monotonic() - t_hold
