@@ -6,7 +6,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 from sparkctl.errors import HostError
-from sparkctl.execute.base import Transport
+from sparkctl.execute.base import Result, Transport
 from sparkctl.facts.models import HostFacts
 from sparkctl.facts.parse import parse_probe
 from sparkctl.facts.probe import MARK, build_probe
@@ -17,19 +17,27 @@ PROBE_TIMEOUT = 60
 
 def gather_host(inv: Inventory, name: str, transport: Transport) -> HostFacts:
     """Run the probe on one host and parse it."""
-    script = build_probe(inv, inv.host(name))
-    result = transport.run("sh -s", stdin=script, timeout=PROBE_TIMEOUT)
+    result = transport.run("sh -s", stdin=build_probe(inv, inv.host(name)), timeout=PROBE_TIMEOUT)
+    return facts_from(name, result)
+
+
+def facts_from(name: str, result: Result) -> HostFacts:
+    """The facts in a probe's output (run alone, or right after taking the cluster lock)."""
     if f"{MARK} end" not in result.stdout:
         raise HostError(f"{name}: the fact probe did not complete (exit {result.exit_code}): {result.stderr[-300:]}")
     return parse_probe(name, result.stdout)
 
 
-def gather_facts(inv: Inventory, transports: Mapping[str, Transport]) -> dict[str, HostFacts | HostError]:
-    """Facts per host, or the error that kept us from them."""
+def gather_facts(
+    inv: Inventory, transports: Mapping[str, Transport], probed: Mapping[str, Result] | None = None
+) -> dict[str, HostFacts | HostError]:
+    """Facts per host, or the error that kept us from them. A host in `probed` already ran the probe (its output
+    is parsed, not asked for again)."""
+    given = probed or {}
 
     def one(name: str) -> HostFacts | HostError:
         try:
-            return gather_host(inv, name, transports[name])
+            return facts_from(name, given[name]) if name in given else gather_host(inv, name, transports[name])
         except HostError as exc:
             return exc
 

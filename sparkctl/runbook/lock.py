@@ -100,8 +100,10 @@ def owner_here(cluster: str, run_id: str, command: str) -> LockOwner:
     return LockOwner(cluster, user, os.uname().nodename, os.getpid(), run_id, round(time.time(), 3), command)
 
 
-def build_take(owner: LockOwner) -> str:
-    """Shell: take the lock (print TAKEN) or print HELD and the holder's record. Changes nothing if held."""
+def build_take(owner: LockOwner, then: str = "exit 0") -> str:
+    """Shell: take the lock (print TAKEN, then run `then`) or print HELD and the holder's record. Changes nothing if
+    held. `then="exec sh -s"` runs the script sent on stdin right after the lock is taken, in the same round trip
+    (the fact probe: read under the lock)."""
     d = shlex.quote(paths.LOCK_DIR)
     parent = shlex.quote(os.path.dirname(paths.LOCK_DIR))
     template = shlex.quote(os.path.dirname(paths.LOCK_DIR) + "/.sparkctl-lock.XXXXXX")
@@ -110,7 +112,7 @@ def build_take(owner: LockOwner) -> str:
         f'printf \'%s\' {shlex.quote(owner.to_text())} > "$t/owner" && chmod 0755 "$t" && chmod 0644 "$t/owner" '
         f'|| {{ rm -rf -- "$t"; exit 3; }}; '
         # rename(2) onto a non-empty directory fails: the one atomic step that decides who holds the cluster.
-        f'if mv -T -- "$t" {d} 2>/dev/null; then echo {shlex.quote(TAKEN)}; exit 0; fi; '
+        f'if mv -T -- "$t" {d} 2>/dev/null; then echo {shlex.quote(TAKEN)}; {then}; fi; '
         f'rm -rf -- "$t"; echo {shlex.quote(HELD)}; cat -- {d}/owner 2>/dev/null; exit 0'
     )
 

@@ -17,15 +17,16 @@ from typing import Any
 
 from sparkctl import paths, state
 from sparkctl.errors import HostError, Problem, SecretError, Unreachable
-from sparkctl.execute.base import Connect, Endpoint, Transport
+from sparkctl.execute.base import Connect, Endpoint, Result, Transport
 from sparkctl.execute.http import Probe, get_text, post_json, probe_workload
 from sparkctl.facts.models import HostFacts
+from sparkctl.facts.probe import build_probe
 from sparkctl.inventory.models import Host, Inventory, SshSettings
 from sparkctl.plan.context import PlanContext
 from sparkctl.plan.models import Command, Plan, Stage, Step
 from sparkctl.runbook import lock
 from sparkctl.runbook.engine import Engine, Event, Report, Secrets
-from sparkctl.runbook.gather import gather_facts, gather_outputs
+from sparkctl.runbook.gather import PROBE_TIMEOUT, gather_facts, gather_outputs
 from sparkctl.runbook.load import load_runbook, resolve_params
 from sparkctl.runbook.lock import LockOwner
 from sparkctl.runbook.models import Runbook
@@ -155,21 +156,29 @@ class Session:
                 [p for n in names if n in errors for p in errors[n]], hint="nothing was changed on any host"
             )
         self.unreachable.update(errors)
+        probed: dict[str, Result] = {}
         try:
             if lock is not None:
                 self.lock_owner = lock
                 order = [n for n in names if n in self.transports]
+                inv = self.inventory
                 self.locked = take_locks(
-                    self.transports, order, lock, note=lambda m: self.emit(Event("note", message=m))
+                    self.transports,
+                    order,
+                    lock,
+                    note=lambda m: self.emit(Event("note", message=m)),
+                    probe=lambda h: build_probe(inv, inv.host(h)),
+                    probed=probed,
                 )
-            self.gather(partial=partial)
+            self.gather(partial=partial, probed=probed)
         except BaseException:
             self.close()
             raise
 
-    def gather(self, *, partial: bool = False) -> None:
-        """(Re-)probe every connected host; with `partial`, a host that fails joins `unreachable`."""
-        found = gather_facts(self.inventory, self.transports)
+    def gather(self, *, partial: bool = False, probed: Mapping[str, Result] | None = None) -> None:
+        """(Re-)probe every connected host; with `partial`, a host that fails joins `unreachable`. Hosts in
+        `probed` ran the probe already (right after their lock was taken)."""
+        found = gather_facts(self.inventory, self.transports, probed)
         bad = {n: v for n, v in found.items() if isinstance(v, HostError)}
         if bad and partial:
             for n, e in bad.items():
@@ -411,6 +420,8 @@ def take_locks(
     me: lock.LockOwner,
     note: Callable[[str], None] = lambda m: None,
     alive: Callable[[int], bool] = lock.pid_alive,
+    probe: Callable[[str], str] | None = None,
+    probed: dict[str, Result] | None = None,
 ) -> list[str]:
     """Take the lock on every host in `order`: the first host alone, then all the others at once.
 
@@ -420,6 +431,10 @@ def take_locks(
     If a host is held by another run (say, one of another inventory that shares it), the locks taken so far are
     released and LockHeld names every holder. A lock left by a dead run of this user on this laptop is taken over
     (said so).
+
+    With `probe` (host -> the fact probe script), each host's facts are read as soon as its lock is held, into
+    `probed`: the first host's beside the others' locks, and on every other host in the same round trip as taking
+    its lock. A host missing from `probed` (its probe failed, or a dead run's lock was taken over) is probed later.
     """
     taken: list[str] = []
     try:
@@ -428,19 +443,29 @@ def take_locks(
         _take_host(transports[order[0]], order[0], me, note, alive)
         taken.append(order[0])
         rest = list(order[1:])
-        if not rest:
+        if not rest and probe is None:
             return taken
+
+        def first_facts() -> None:
+            assert probe is not None and probed is not None
+            with contextlib.suppress(HostError):  # read again (and reported) by the gather that follows
+                probed[order[0]] = transports[order[0]].run("sh -s", stdin=probe(order[0]), timeout=PROBE_TIMEOUT)
 
         def one(host: str) -> Exception | None:
             try:
-                _take_host(transports[host], host, me, note, alive)
+                got = _take_host(transports[host], host, me, note, alive, probe(host) if probe else None)
             except Exception as exc:  # handed back, raised below once every lock taken is released
                 return exc
             taken.append(host)  # at once, so that an interrupt meanwhile still releases it
+            if got is not None and probed is not None:
+                probed[host] = got
             return None
 
-        with ThreadPoolExecutor(max_workers=len(rest)) as pool:
+        with ThreadPoolExecutor(max_workers=len(rest) + 1) as pool:
+            reading = pool.submit(first_facts) if probe is not None and probed is not None else None
             errors = [e for e in pool.map(one, rest) if e is not None]
+            if reading is not None:
+                reading.result()
         for e in errors:
             if not isinstance(e, HostError):
                 raise e
@@ -454,14 +479,22 @@ def take_locks(
 
 
 def _take_host(
-    t: Transport, host: str, me: lock.LockOwner, note: Callable[[str], None], alive: Callable[[int], bool]
-) -> None:
-    """Take the lock on one host, taking over a dead run's of this laptop; raise LockHeld if another run holds it."""
-    holder = _take_one(t, host, me)
+    t: Transport,
+    host: str,
+    me: lock.LockOwner,
+    note: Callable[[str], None],
+    alive: Callable[[int], bool],
+    script: str | None = None,
+) -> Result | None:
+    """Take the lock on one host, taking over a dead run's of this laptop; raise LockHeld if another run holds it.
+
+    With `script`, it runs on the host right after the lock is taken, in the same command: its result is returned
+    (None when it did not run: the lock was taken over, or no script)."""
+    holder, result = _take_one(t, host, me, script)
     if holder is not None and lock.is_stale_here(holder, me, alive):
         t.run(lock.build_break(holder.run_id), timeout=lock.TIMEOUT)
         note(f"{host}: took over the lock left by run {holder.run_id} (pid {holder.pid} no longer runs here)")
-        holder = _take_one(t, host, me)
+        holder, result = _take_one(t, host, me)
     if holder is not None:
         raise lock.LockHeld(
             [
@@ -473,14 +506,21 @@ def _take_host(
                 )
             ]
         )
+    return result
 
 
-def _take_one(t: Transport, host: str, me: lock.LockOwner) -> lock.LockOwner | None:
-    """None when taken by `me`; else the holder (a placeholder record if it cannot be read)."""
-    r = t.run(lock.build_take(me), timeout=lock.TIMEOUT)
+def _take_one(
+    t: Transport, host: str, me: lock.LockOwner, script: str | None = None
+) -> tuple[lock.LockOwner | None, Result | None]:
+    """(None, the script's result if one ran) when taken by `me`; else (the holder, None); a placeholder record if
+    the holder's cannot be read."""
+    if script is None:
+        r = t.run(lock.build_take(me), timeout=lock.TIMEOUT)
+    else:
+        r = t.run(lock.build_take(me, then="exec sh -s"), stdin=script, timeout=max(lock.TIMEOUT, PROBE_TIMEOUT))
     status, holder = lock.parse_answer(r.stdout)
     if status == "taken":
-        return None
+        return None, r if script is not None else None
     if status != "held":
         raise HostError(
             [
@@ -492,10 +532,10 @@ def _take_one(t: Transport, host: str, me: lock.LockOwner) -> lock.LockOwner | N
             ]
         )
     if holder is None:
-        return lock.LockOwner("?", "?", "an unknown laptop", 0, "?", 0.0, "unreadable lock record")
+        return lock.LockOwner("?", "?", "an unknown laptop", 0, "?", 0.0, "unreadable lock record"), None
     if holder.run_id == me.run_id:
-        return None  # this run already holds it
-    return holder
+        return None, None  # this run already holds it
+    return holder, None
 
 
 def release_locks(transports: Mapping[str, Transport], hosts: Sequence[str], run_id: str) -> list[str]:

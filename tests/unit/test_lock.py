@@ -225,3 +225,48 @@ def test_a_host_that_cannot_be_locked_fails_the_run_and_releases_the_rest() -> N
         take_locks(ts, list(ts), owner("my-run"))
     assert not isinstance(info.value, LockHeld) and info.value.problems[0].where == "spark-b"
     assert any("grep -qxF -- run_id=my-run" in c for c in ts["spark-a"].commands)
+
+
+def test_taking_then_running_a_script_runs_it_only_once_the_lock_is_held(lock_dir: Path, tmp_path: Path) -> None:
+    t = LocalTransport("spark-a")
+    ran = tmp_path / "ran"
+    script = f"echo '@@sparkctl identity'; touch {ran}; echo '@@sparkctl end'\n"
+    taken = t.run(lock.build_take(owner("run-1"), then="exec sh -s"), stdin=script, timeout=10)
+    assert lock.parse_answer(taken.stdout) == ("taken", None)
+    assert taken.stdout.splitlines()[1:] == ["@@sparkctl identity", "@@sparkctl end"] and ran.exists()
+    ran.unlink()
+    held = t.run(lock.build_take(owner("run-2"), then="exec sh -s"), stdin=script, timeout=10)
+    status, holder = lock.parse_answer(held.stdout)
+    assert status == "held" and holder is not None and holder.run_id == "run-1"
+    assert not ran.exists() and "@@sparkctl end" not in held.stdout  # held: the script never ran
+
+
+def test_with_a_probe_each_host_is_read_under_its_lock_in_one_round_trip_after_the_first() -> None:
+    probe_out = "@@sparkctl identity\nspark\n@@sparkctl end\n"
+    ts = {
+        h: RecordingTransport(
+            h, {"t=$(mktemp": Result(0, lock.TAKEN + "\n" + probe_out, ""), "sh -s": Result(0, probe_out, "")}
+        )
+        for h in ("spark-a", "spark-b", "spark-c")
+    }
+    probed: dict[str, Result] = {}
+    taken = take_locks(ts, list(ts), owner("my-run"), probe=lambda h: f"# probe of {h}\n", probed=probed)
+    assert taken == ["spark-a", "spark-b", "spark-c"] and sorted(probed) == ["spark-a", "spark-b", "spark-c"]
+    first = ts["spark-a"].calls
+    assert [c.command.split()[0] for c in first] == ["t=$(mktemp", "sh"] and first[0].stdin is None
+    assert first[1].stdin == "# probe of spark-a\n"  # the first host: read once its lock is held
+    for h in ("spark-b", "spark-c"):  # the others: one command, the probe running after the lock in it
+        (call,) = ts[h].calls
+        assert call.command.startswith("t=$(mktemp") and "exec sh -s" in call.command
+        assert call.stdin == f"# probe of {h}\n"
+
+
+def test_a_run_that_does_not_get_the_first_host_reads_no_host(lock_dir: Path) -> None:
+    a, b = LocalTransport("spark-a"), LocalTransport("spark-b")
+    me = owner("new-run", pid=1000)
+    probed: dict[str, Result] = {}
+    a.run(lock.build_take(owner("old-run", pid=999)), timeout=10)  # a live run holds spark-a
+    with pytest.raises(LockHeld):
+        take_locks({"spark-a": a, "spark-b": b}, ["spark-a", "spark-b"], me, alive=lambda pid: True,
+                   probe=lambda h: "echo '@@sparkctl end'\n", probed=probed)  # fmt: skip
+    assert probed == {}  # nothing read on a host this run never locked
