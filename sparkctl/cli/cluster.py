@@ -18,8 +18,9 @@ from sparkctl.errors import EXIT_FAILED, EXIT_INTERRUPTED, HostError, InputError
 if TYPE_CHECKING:
     from sparkctl.inventory.models import Inventory
     from sparkctl.plan.models import Plan
-    from sparkctl.runbook.engine import Report, Secrets
+    from sparkctl.runbook.engine import Report
     from sparkctl.runbook.models import Runbook
+    from sparkctl.runbook.secrets import Secrets
     from sparkctl.runbook.session import Session
 
 OfflineOpt = Annotated[
@@ -98,8 +99,8 @@ def execute(
     recap; otherwise the same events print as plain lines.
     """
     from sparkctl.cli.render import Progress
-    from sparkctl.runbook.engine import Secrets
     from sparkctl.runbook.lock import owner_here
+    from sparkctl.runbook.secrets import Secrets
     from sparkctl.runbook.session import Session, secrets_needed, ssh_connect
 
     c.check_secret_files(inv)
@@ -258,8 +259,8 @@ def plan_cmd(
     rb = load_runbook("up")
     params = resolve_params(rb, {}) | {"workloads": _workloads(inv, workload)}
     if offline:
-        from sparkctl.runbook.engine import Secrets
         from sparkctl.runbook.planner import offline_plan
+        from sparkctl.runbook.secrets import Secrets
 
         plan = offline_plan(inv, rb, params)
         c.echo(show_plan(plan, as_json, Secrets(rb.secret_values(params))))
@@ -405,8 +406,8 @@ def run_cmd(
             ]
         )
     if dry_run and offline:
-        from sparkctl.runbook.engine import Secrets
         from sparkctl.runbook.planner import offline_plan
+        from sparkctl.runbook.secrets import Secrets
 
         plan = offline_plan(inv, rb, params, start=start, only=only)
         c.echo(show_plan(plan, as_json, Secrets(rb.secret_values(params))))

@@ -8,13 +8,14 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, Field
 
 from sparkctl.errors import HostError
 from sparkctl.execute.base import Result, Transport, Unreachable
 from sparkctl.plan.models import Command, Plan, Stage, Step
+from sparkctl.runbook.secrets import Secrets
 
 if TYPE_CHECKING:
     from sparkctl.execute.http import Probe
@@ -75,38 +76,6 @@ class Report(BaseModel):
     revisions: list[str] = Field(default_factory=list)
     rolled_back: list[str] = Field(default_factory=list, description="hosts whose uncommitted changes were undone")
     executed: list[Step] = Field(default_factory=list, description="the steps as they were run, in order")
-
-
-class Secrets:
-    """Secret values by name; knows how to scrub them from any text."""
-
-    def __init__(self, values: Mapping[str, str] | None = None) -> None:
-        self._values = dict(values or {})
-
-    def get(self, name: str) -> str:
-        if name not in self._values:
-            raise HostError(f"secret '{name}' is needed but was not provided")
-        return self._values[name]
-
-    def has(self, name: str) -> bool:
-        return name in self._values
-
-    def redact(self, text: str) -> str:
-        # Longest first, so a secret containing another is replaced whole.
-        for value in sorted(self._values.values(), key=len, reverse=True):
-            if value and len(value) >= 4:
-                text = text.replace(value, "<redacted>")
-        return text
-
-    def scrub(self, data: Any) -> Any:
-        """`data` (JSON-like: dicts, lists, strings) with every secret value redacted in every string."""
-        if isinstance(data, str):
-            return self.redact(data)
-        if isinstance(data, list | tuple):
-            return [self.scrub(v) for v in data]
-        if isinstance(data, dict):
-            return {k: self.scrub(v) for k, v in data.items()}
-        return data
 
 
 def remote_line(cmd: Command, nopasswd: bool, secrets: Secrets, blobs: Mapping[str, str]) -> tuple[str, str | None]:

@@ -25,12 +25,13 @@ from sparkctl.inventory.models import Host, Inventory, SshSettings
 from sparkctl.plan.context import PlanContext
 from sparkctl.plan.models import Command, Plan, Stage, Step
 from sparkctl.runbook import lock
-from sparkctl.runbook.engine import Engine, Event, Report, Secrets
+from sparkctl.runbook.engine import Engine, Event, Report
 from sparkctl.runbook.gather import PROBE_TIMEOUT, gather_facts, gather_outputs
 from sparkctl.runbook.load import load_runbook, resolve_params
 from sparkctl.runbook.lock import LockOwner
 from sparkctl.runbook.models import Runbook
 from sparkctl.runbook.planner import build_runbook_plan, plan_stage, sha256, worker_code
+from sparkctl.runbook.secrets import Secrets
 
 __all__ = ["Connect", "Session", "Unreachable", "open_session", "secrets_needed", "ssh_connect"]
 

@@ -122,6 +122,7 @@ def test_help_loads_typer_and_the_command_signatures_only() -> None:
 def test_offline_plan_loads_neither_the_session_nor_the_rules_nor_http() -> None:
     watched = (
         "sparkctl.runbook.session",
+        "sparkctl.runbook.engine",
         "sparkctl.doctor.rules",
         "sparkctl.doctor.preflight",
         "sparkctl.execute.http",
@@ -129,6 +130,20 @@ def test_offline_plan_loads_neither_the_session_nor_the_rules_nor_http() -> None
         "http.client",
     )
     assert _loaded_after(["plan", "--offline", "-i", str(EXAMPLE)], watched) == []
+
+
+def test_the_session_loads_urllib_only_when_a_command_talks_http() -> None:
+    code = (
+        "import sys\n"
+        "import sparkctl.runbook.session\n"
+        "print('urllib.request' in sys.modules, 'http.client' in sys.modules)\n"
+        "from sparkctl.execute.http import probe_workload\n"
+        "print(probe_workload('http://127.0.0.1:9', 'm', None, 'embed', timeout=1).phase)\n"
+        "print('urllib.request' in sys.modules)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
+    # port 9 (discard) on loopback: nothing listens, the probe answers "down" after loading urllib
+    assert r.stdout.split() == ["False", "False", "down", "True"], r.stdout + r.stderr
 
 
 # --- plan --offline --------------------------------------------------------------------------------------

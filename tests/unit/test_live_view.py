@@ -17,8 +17,9 @@ from sparkctl.execute.base import Result
 from sparkctl.execute.fake import RecordingTransport
 from sparkctl.execute.http import Probe
 from sparkctl.plan.models import Plan, Stage, Step, Wait
-from sparkctl.runbook.engine import Engine, Event, Report, Secrets, StepResult
+from sparkctl.runbook.engine import Engine, Event, Report, StepResult
 from sparkctl.runbook.logphase import parse_log_phase
+from sparkctl.runbook.secrets import Secrets
 
 EVENTS = Path(__file__).parent / "fixtures" / "events"
 
