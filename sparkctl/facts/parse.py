@@ -320,6 +320,13 @@ def _file_section(text: str) -> str | None:
     return "\n".join(body) + "\n" if body else ""
 
 
+def parse_cuda_version(text: str) -> str:
+    """The CUDA version in nvidia-smi's summary line: `CUDA Version: 13.0` (drivers up to 590) or
+    `CUDA UMD Version: 13.3` (R610 drivers on); empty when neither is there."""
+    m = re.search(r"CUDA (?:UMD )?Version:\s*([0-9][0-9.]*)", text)
+    return m.group(1) if m else ""
+
+
 def parse_probe(host: str, output: str) -> HostFacts:
     """Whole probe output -> HostFacts."""
     s = parse_sections(output)
@@ -363,7 +370,7 @@ def parse_probe(host: str, output: str) -> HostFacts:
         meminfo_kb=parse_meminfo(s.get("meminfo", "")),
         gids=parse_gids(s.get("gids", "")),
         gpus=parse_nvidia_smi(s.get("gpus", "")),
-        cuda_version=s.get("cuda", "").strip().removeprefix("CUDA Version:").strip(),
+        cuda_version=parse_cuda_version(s.get("cuda", "")),
         netplan=parse_netplan(s.get("netplan", "")),
         runtime=parse_runtime(s.get("runtime", "")),
         files=state_files,

@@ -143,7 +143,14 @@ def probe_sections(inventory: Inventory, host: Host) -> dict[str, str]:
             'grep -H \'\' "$p"/gids/* "$p"/gid_attrs/types/* "$p"/gid_attrs/ndevs/* 2>/dev/null; done; true'
         ),
         "gpus": f"command -v nvidia-smi >/dev/null && nvidia-smi {NVIDIA_QUERY} --format=csv,noheader 2>&1 || true",
-        "cuda": "command -v nvidia-smi >/dev/null && nvidia-smi 2>/dev/null | grep -o 'CUDA Version: [0-9.]*' || true",
+        # The summary's first line names the newest CUDA the driver supports: "CUDA Version: 13.0" up to the 590
+        # drivers, "CUDA UMD Version: 13.3" (next to "KMD Version:") from the R610 drivers on, which renamed both
+        # (nvidia-smi documentation, docs.nvidia.com/deploy/nvidia-smi; 610.43.02 output quoted in
+        # sgl-project/sglang#27487).
+        "cuda": (
+            "command -v nvidia-smi >/dev/null && nvidia-smi 2>/dev/null | grep -oE 'CUDA (UMD )?Version: [0-9.]+' "
+            "|| true"
+        ),
         # every netplan file (small; root-only files are read when sudo needs no password): which renderer
         # applies to a twin depends on the global `network.renderer` of any file, in netplan's order.
         "netplan": (

@@ -518,9 +518,7 @@ esac""",
 }
 
 
-@pytest.mark.skipif(
-    not Path("/proc/meminfo").exists() or shutil.which("sh") is None, reason="needs Linux and sh"
-)
+@pytest.mark.skipif(not Path("/proc/meminfo").exists() or shutil.which("sh") is None, reason="needs Linux and sh")
 @pytest.mark.parametrize("one_id", [False, True], ids=["nmcli-many-ids", "nmcli-one-id"])
 def test_probe_script_output_parses_back(tmp_path: Path, one_id: bool) -> None:
     """Run the real probe with `sh -s` against stub tools printing the fixtures; parse what it printed.
@@ -535,9 +533,7 @@ def test_probe_script_output_parses_back(tmp_path: Path, one_id: bool) -> None:
         tool.chmod(tool.stat().st_mode | stat.S_IXUSR)
     fixtures = tmp_path / "fx"
     shutil.copytree(FIXTURES, fixtures)
-    uuids = re.findall(
-        r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", fx("nmcli-connection-show.txt")
-    )
+    uuids = re.findall(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", fx("nmcli-connection-show.txt"))
     (fixtures / "nmcli-uuids.txt").write_text("".join(u + "\n" for u in uuids))
     # a venv with a python and dist-info folders; the sparkctl state under $HOME
     venv = tmp_path / "venv"
@@ -603,9 +599,11 @@ def test_probe_script_output_parses_back(tmp_path: Path, one_id: bool) -> None:
     # The sections run side by side, yet print exactly what they print one after the other; nothing is left behind.
     assert list((tmp_path / "tmp").iterdir()) == []
     sections = probe_sections(inv, inv.host("spark-a"))
-    one_by_one = 'export LC_ALL=C; _sp=$(mktemp -d)\n' + "".join(
-        f"echo '{MARK} {name}'\n{cmd}\n" for name, cmd in sections.items()
-    ) + f"echo '{MARK} end'\n"
+    one_by_one = (
+        "export LC_ALL=C; _sp=$(mktemp -d)\n"
+        + "".join(f"echo '{MARK} {name}'\n{cmd}\n" for name, cmd in sections.items())
+        + f"echo '{MARK} end'\n"
+    )
     seq = subprocess.run(["sh", "-s"], input=one_by_one, capture_output=True, text=True, env=env, timeout=30)
     assert seq.returncode == 0, seq.stderr
     live = "meminfo"  # read from this machine's /proc, changing between the two runs
@@ -628,3 +626,29 @@ def test_gcs_links_from_ss_with_and_without_the_state_column() -> None:
         ("192.168.100.11", 51234, "192.168.100.10", 6379),
         ("192.168.100.10", 6379, "192.168.100.11", 51234),
     ]
+
+
+# nvidia-smi's first summary line before and from the R610 drivers (580.142 as the testbed's GB10 prints it;
+# 610.43.02 as quoted in sgl-project/sglang#27487).
+SUMMARY_580 = "| NVIDIA-SMI 580.142              Driver Version: 580.142        CUDA Version: 13.0     |"
+SUMMARY_610 = "| NVIDIA-SMI 610.43.02              KMD Version: 610.43.02     CUDA UMD Version: 13.3     |"
+
+
+@pytest.mark.skipif(shutil.which("sh") is None, reason="needs sh")
+@pytest.mark.parametrize(
+    ("line", "version"), [(SUMMARY_580, "13.0"), (SUMMARY_610, "13.3"), ("No devices were found", "")]
+)
+def test_the_cuda_version_is_read_from_either_summary_spelling(tmp_path: Path, line: str, version: str) -> None:
+    """The probe's own `cuda` section, run by sh against an nvidia-smi printing that line, then parsed."""
+    from sparkctl.facts.parse import parse_cuda_version
+    from sparkctl.facts.probe import probe_sections
+    from sparkctl.inventory import example_inventory_text, parse_inventory
+
+    inv = parse_inventory(example_inventory_text(), "example")
+    tool = tmp_path / "nvidia-smi"
+    tool.write_text(f"#!/bin/sh\necho '+------+'\necho '{line}'\n")
+    tool.chmod(0o755)
+    cmd = probe_sections(inv, inv.hosts[0])["cuda"]
+    out = subprocess.run(["sh", "-c", cmd], capture_output=True, text=True, check=True,
+                         env={"PATH": f"{tmp_path}:/usr/bin:/bin"}).stdout  # fmt: skip
+    assert parse_cuda_version(out) == version
