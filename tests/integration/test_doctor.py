@@ -109,6 +109,20 @@ def test_a_590_driver_is_named_with_the_pin_fix(configured: tuple[Testbed, Path,
     assert drv["spark-b"]["level"] == "pass"
 
 
+def test_the_cuda_version_of_an_r610_driver_is_read(configured: tuple[Testbed, Path, dict[str, str]]) -> None:
+    """R610 drivers print "CUDA UMD Version" where older ones printed "CUDA Version" (the simulated nvidia-smi
+    follows the driver version it is given)."""
+    tb, inv, env = configured
+    tb.set_driver_version("spark-a", "610.43.02")
+    try:
+        _, findings = doctor(inv, env)
+    finally:
+        tb.set_driver_version("spark-a", "580.142")
+    cuda = {f["subject"]: f for f in findings if f["rule"] == "cuda-13"}
+    assert cuda["spark-a"]["level"] == "pass" and cuda["spark-a"]["evidence"] == "CUDA 13.3"
+    assert cuda["spark-b"]["level"] == "pass" and cuda["spark-b"]["evidence"] == "CUDA 13.0"
+
+
 def test_discover_writes_an_inventory_that_up_uses(fresh_testbed: Testbed, tmp_path: Path,
                                                    sudo_env: dict[str, str]) -> None:
     tb = fresh_testbed
