@@ -438,6 +438,7 @@ def take_locks(
     its lock. A host missing from `probed` (its probe failed, or a dead run's lock was taken over) is probed later.
     """
     taken: list[str] = []
+    probed = {} if probed is None else probed
     try:
         if not order:
             return taken
@@ -447,10 +448,9 @@ def take_locks(
         if not rest and probe is None:
             return taken
 
-        def first_facts() -> None:
-            assert probe is not None and probed is not None
+        def first_facts(script: str) -> None:
             with contextlib.suppress(HostError):  # read again (and reported) by the gather that follows
-                probed[order[0]] = transports[order[0]].run("sh -s", stdin=probe(order[0]), timeout=PROBE_TIMEOUT)
+                probed[order[0]] = transports[order[0]].run("sh -s", stdin=script, timeout=PROBE_TIMEOUT)
 
         def one(host: str) -> Exception | None:
             try:
@@ -458,12 +458,12 @@ def take_locks(
             except Exception as exc:  # handed back, raised below once every lock taken is released
                 return exc
             taken.append(host)  # at once, so that an interrupt meanwhile still releases it
-            if got is not None and probed is not None:
+            if got is not None:
                 probed[host] = got
             return None
 
         with ThreadPoolExecutor(max_workers=len(rest) + 1) as pool:
-            reading = pool.submit(first_facts) if probe is not None and probed is not None else None
+            reading = pool.submit(first_facts, probe(order[0])) if probe is not None else None
             errors = [e for e in pool.map(one, rest) if e is not None]
             if reading is not None:
                 reading.result()
