@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterator
@@ -96,13 +97,20 @@ def test_hosts_with_different_gid_indices_are_named(configured: tuple[Testbed, P
     assert gid["spark-b rocep1s0f1"]["level"] == "warn" and "env file says 3" in gid["spark-b rocep1s0f1"]["evidence"]
 
 
-def test_a_590_driver_is_named_with_the_pin_fix(configured: tuple[Testbed, Path, dict[str, str]]) -> None:
-    tb, inv, env = configured
-    tb.set_driver_version("spark-a", "590.44.01")
+@contextlib.contextmanager
+def driver_on_spark_a(tb: Testbed, version: str) -> Iterator[None]:
+    """spark-a's simulated nvidia-smi reports `version` meanwhile, then the testbed's 580.142 again."""
+    tb.set_driver_version("spark-a", version)
     try:
-        _, findings = doctor(inv, env)
+        yield
     finally:
         tb.set_driver_version("spark-a", "580.142")
+
+
+def test_a_590_driver_is_named_with_the_pin_fix(configured: tuple[Testbed, Path, dict[str, str]]) -> None:
+    tb, inv, env = configured
+    with driver_on_spark_a(tb, "590.44.01"):
+        _, findings = doctor(inv, env)
     drv = {f["subject"]: f for f in findings if f["rule"] == "gpu-driver-580"}
     assert drv["spark-a"]["level"] == "warn" and "590.44.01" in drv["spark-a"]["evidence"]
     assert "apt-mark hold nvidia-driver-580" in drv["spark-a"]["fix"]
@@ -113,11 +121,8 @@ def test_the_cuda_version_of_an_r610_driver_is_read(configured: tuple[Testbed, P
     """R610 drivers print "CUDA UMD Version" where older ones printed "CUDA Version" (the simulated nvidia-smi
     follows the driver version it is given)."""
     tb, inv, env = configured
-    tb.set_driver_version("spark-a", "610.43.02")
-    try:
+    with driver_on_spark_a(tb, "610.43.02"):
         _, findings = doctor(inv, env)
-    finally:
-        tb.set_driver_version("spark-a", "580.142")
     cuda = {f["subject"]: f for f in findings if f["rule"] == "cuda-13"}
     assert cuda["spark-a"]["level"] == "pass" and cuda["spark-a"]["evidence"] == "CUDA 13.3"
     assert cuda["spark-b"]["level"] == "pass" and cuda["spark-b"]["evidence"] == "CUDA 13.0"
