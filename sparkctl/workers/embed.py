@@ -1107,9 +1107,11 @@ class _Handler(BaseHTTPRequestHandler):
     def _fail(self, error: RequestError) -> None:
         self._send(error.status, error.body())
 
-    def _check_auth(self) -> bool:
+    def _check_auth(self, counted: bool = False) -> bool:
         if self.server.service.authorized(self.headers.get("Authorization")):
             return True
+        if counted:
+            self.server.service.count(ok=False)
         self._fail(
             RequestError(401, "missing or invalid API key (Authorization: Bearer <key>)", code="invalid_api_key")
         )
@@ -1147,9 +1149,10 @@ class _Handler(BaseHTTPRequestHandler):
         if path != "/v1/embeddings":
             self._fail(RequestError(404, f"no route POST {path}", code="not_found"))
             return
+        # Each request is counted before its reply is written: a scrape of /metrics that follows a reply
+        # already sees it.
         service = self.server.service
-        if not self._check_auth():
-            service.count(ok=False)
+        if not self._check_auth(counted=True):
             return
         try:
             payload = json.loads(body or b"null")

@@ -4,6 +4,7 @@ from a recorded session, and the rendered view."""
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 from typing import Any
 
@@ -91,6 +92,13 @@ def test_the_embed_workers_metrics_page_counts_requests_and_tokens() -> None:
     )
     service = embed.EmbeddingService('em"bed', "key", Tok(), config)
     service.attach(Backend())
+    counted = service.count
+
+    def late_count(ok: bool, prompt_tokens: int = 0) -> None:
+        time.sleep(0.1)  # a handler thread the scheduler runs late: the count must still precede the reply
+        counted(ok, prompt_tokens)
+
+    service.count = late_count
     server, thread = embed.start_http_server(service, "127.0.0.1", 0)
     base = f"http://127.0.0.1:{server.server_address[1]}"
 
