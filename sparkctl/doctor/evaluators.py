@@ -120,11 +120,22 @@ def _version_tuple(v: str) -> tuple[int, ...]:
 
 @evaluator("nccl_version")
 def nccl_version(ctx: CheckContext, rule: Rule) -> list[Finding]:
-    return [
-        _f(rule, _version_tuple(f.runtime.nccl) >= _version_tuple(rule.args["minimum"]), name, f"NCCL {f.runtime.nccl}")
-        for name, f in _hosts(ctx)
-        if f.runtime.nccl
-    ]
+    """The runtime's NCCL against `minimum`; in a ring also against `ring_minimum`, the first NCCL that reads the
+    NCCL_IB_SUBNET_AWARE_ROUTING sparkctl writes there (an older one ignores it silently)."""
+    ring = ctx.inventory.network.topology == "ring"
+    out = []
+    for name, f in _hosts(ctx):
+        if not f.runtime.nccl:
+            continue
+        have = _version_tuple(f.runtime.nccl)
+        if have < _version_tuple(rule.args["minimum"]):
+            out.append(_f(rule, False, name, f"NCCL {f.runtime.nccl}"))
+        elif ring and have < _version_tuple(rule.args["ring_minimum"]):
+            ignored = f"ignores NCCL_IB_SUBNET_AWARE_ROUTING (read from {rule.args['ring_minimum']})"
+            out.append(_f(rule, False, name, f"NCCL {f.runtime.nccl} {ignored}"))
+        else:
+            out.append(_f(rule, True, name, f"NCCL {f.runtime.nccl}"))
+    return out
 
 
 @evaluator("gpu_temperature")

@@ -127,7 +127,10 @@ def render_env(inv: Inventory, host: Host, gid: int | None) -> str:
         # must pick, per peer, the HCA on that peer's subnet. NVIDIA's cluster script passes these three for its
         # three-Spark ring (dgx-spark-playbooks, nvidia/multi-sparks-through-switch/assets/spark_cluster_setup/
         # spark_cluster_setup.py, run_nccl_test: NCCL_IB_SUBNET_AWARE_ROUTING=1 always, NCCL_IB_MERGE_NICS=0 and
-        # NCCL_NET_PLUGIN=none for the ring). NCCL reads only the variables it knows (src/misc/param.cc).
+        # NCCL_NET_PLUGIN=none for the ring). NCCL reads only the variables it knows (src/misc/param.cc): stock
+        # NCCL from v2.30.7-1 on (src/transport/net_ib/connect.cc, NCCL_PARAM(IbSubnetAwareRouting, ...); doctor's
+        # nccl-version rule warns in a ring below that), NCCL_IB_MERGE_NICS in src/transport/net_ib/init.cc, "none"
+        # as no external plugin in src/plugin/net.cc.
         values |= {"NCCL_IB_SUBNET_AWARE_ROUTING": "1", "NCCL_IB_MERGE_NICS": "0", "NCCL_NET_PLUGIN": "none"}
     values |= {
         "VLLM_HOST_IP": ip,

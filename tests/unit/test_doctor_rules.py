@@ -386,3 +386,18 @@ def test_hosts_without_facts_are_skipped() -> None:
     """An unreachable host has no facts; rules judge the hosts they have facts for and do not crash."""
     findings = evaluate(CheckContext(inventory(), {A: HEALTHY[A]}, {}))
     assert findings and all(f.subject.split(" ")[0] != B for f in findings)
+
+
+def test_a_ring_needs_the_nccl_that_reads_subnet_aware_routing() -> None:
+    """In a ring sparkctl writes NCCL_IB_SUBNET_AWARE_ROUTING=1; NCCL reads it from 2.30.7 on (its source), so an
+    older runtime is a warning there, while the same NCCL passes in a pair."""
+    ring = parse_inventory((HERE.parents[1] / "inventories" / "example-ring.yaml").read_text(), "example-ring.yaml")
+    versions = {"spark-1": "2.30.7", "spark-2": "2.28.9", "spark-3": "2.31.1"}
+    facts = {h: HostFacts(host=h, runtime=Runtime(nccl=v)) for h, v in versions.items()}
+    rule = RULE["nccl-version"]
+    found = {f.subject: f for f in EVALUATORS[rule.check](CheckContext(ring, facts), rule)}
+    assert {h: f.level for h, f in found.items()} == {"spark-1": "pass", "spark-2": "warn", "spark-3": "pass"}
+    assert found["spark-2"].evidence == "NCCL 2.28.9 ignores NCCL_IB_SUBNET_AWARE_ROUTING (read from 2.30.7)"
+    assert found["spark-2"].fix == rule.fix
+    pair = [f for f in evaluate(healthy_context()) if f.rule == "nccl-version"]
+    assert [f.evidence for f in pair] == ["NCCL 2.28.9", "NCCL 2.28.9"] and {f.level for f in pair} == {"pass"}
