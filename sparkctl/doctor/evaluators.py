@@ -14,7 +14,7 @@ from sparkctl.facts.models import HostFacts
 from sparkctl.inventory.models import Host, Inventory, Workload
 from sparkctl.inventory.topology import check_pairs, interface, link_of
 from sparkctl.plan.cluster import RAY_MARKERS, workload_exit
-from sparkctl.plan.env import detect_gid_index
+from sparkctl.plan.env import detect_gid_index, version_tuple
 
 
 @dataclass(frozen=True)
@@ -114,10 +114,6 @@ def cuda_major(ctx: CheckContext, rule: Rule) -> list[Finding]:
     return out
 
 
-def _version_tuple(v: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in re.findall(r"\d+", v)[:3])
-
-
 @evaluator("nccl_version")
 def nccl_version(ctx: CheckContext, rule: Rule) -> list[Finding]:
     """The runtime's NCCL against `minimum`; in a ring also against `ring_minimum`, the first NCCL that reads the
@@ -127,10 +123,10 @@ def nccl_version(ctx: CheckContext, rule: Rule) -> list[Finding]:
     for name, f in _hosts(ctx):
         if not f.runtime.nccl:
             continue
-        have = _version_tuple(f.runtime.nccl)
-        if have < _version_tuple(rule.args["minimum"]):
+        have = version_tuple(f.runtime.nccl)
+        if have < version_tuple(rule.args["minimum"]):
             out.append(_f(rule, False, name, f"NCCL {f.runtime.nccl}"))
-        elif ring and have < _version_tuple(rule.args["ring_minimum"]):
+        elif ring and have < version_tuple(rule.args["ring_minimum"]):
             ignored = f"ignores NCCL_IB_SUBNET_AWARE_ROUTING (read from {rule.args['ring_minimum']})"
             out.append(_f(rule, False, name, f"NCCL {f.runtime.nccl} {ignored}"))
         else:
@@ -567,7 +563,7 @@ def versioned_fix(rule: Rule, vllm: str) -> str | None:
     if not vllm:
         return "; ".join(f"{'vLLM < ' + v['before'] if 'before' in v else 'newer vLLM'}: {v['fix']}" for v in variants)
     for v in variants:
-        if "before" not in v or _version_tuple(vllm) < _version_tuple(str(v["before"])):
+        if "before" not in v or version_tuple(vllm) < version_tuple(str(v["before"])):
             return str(v["fix"])
     return None
 
@@ -715,7 +711,7 @@ def runtime_support(ctx: CheckContext, rule: Rule) -> list[Finding]:
                 else f"use an image that ships Ray >= {minimum} on {name}, or build one FROM {inv.runtime.image} "
                 f"adding 'ray[default]>={minimum}'"
             )
-        elif _version_tuple(rt.ray) < _version_tuple(minimum):
+        elif version_tuple(rt.ray) < version_tuple(minimum):
             problems.append(f"Ray {rt.ray} in the {where} is older than {minimum} (no token authentication)")
             fixes.append(f"upgrade Ray on {name} to >= {minimum} ({rule.args['install']})")
         if needs_vllm and rt.python and not rt.vllm and not image_missing:

@@ -59,7 +59,8 @@ def detect_gid_index(facts: HostFacts, twin: FabricInterface) -> tuple[int | Non
     return (free[1], True) if len(free) >= 2 else (None, False)
 
 
-def _version(v: str) -> tuple[int, ...]:
+def version_tuple(v: str) -> tuple[int, ...]:
+    """The first three numbers of a version string, to compare: "2.28.9+cuda13.0" -> (2, 28, 9)."""
     return tuple(int(x) for x in re.findall(r"\d+", v)[:3])
 
 
@@ -87,7 +88,7 @@ def gid_index(facts: HostFacts, host: Host) -> tuple[int | None, list[str], bool
     if len(values) > 1:
         shown = ", ".join(f"{dev}={i}" for dev, (i, _) in found.items())
         nccl = facts.runtime.nccl
-        if nccl and _version(nccl) < NCCL_PER_HCA_GID:
+        if nccl and version_tuple(nccl) < NCCL_PER_HCA_GID:
             first = next(iter(found.values()))[0]
             notes.append(
                 f"RDMA devices disagree on the RoCE v2 GID index ({shown}) and NCCL {nccl} cannot pick per HCA: "
