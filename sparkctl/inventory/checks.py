@@ -260,6 +260,8 @@ def _check_ray_and_workloads(inv: Inventory) -> list[Found]:
                 (("workloads", k, "name"), f"duplicate workload name '{w.name}'", "give every workload its own name")
             )
         seen_names.add(w.name)
+        if w.name == "ray":  # Ray's own log (logs/ray.log) and container (sparkctl-ray) carry that name
+            found.append((("workloads", k, "name"), "'ray' is reserved for Ray's log and container", "rename it"))
         if w.port in ray_ports or inv.ray.ports.min_worker <= w.port <= inv.ray.ports.max_worker:
             found.append((("workloads", k, "port"), f"port {w.port} is one of Ray's ports", "pick another port"))
         if w.engine == "vllm" and w.hosts is None and w.tensor_parallel_size * w.pipeline_parallel_size > gpus:
@@ -295,12 +297,12 @@ def _check_ray_and_workloads(inv: Inventory) -> list[Found]:
             )
         if w.engine == "vllm" and w.replicas != 1:
             found.append((("workloads", k, "replicas"), "replicas is for engine 'embed'", "remove it"))
-        if w.executor == "mp" and w.engine != "vllm":
+        if w.executor == "ray" and w.engine != "vllm":  # the default, mp, is the absence of vLLM's Ray executor
             found.append((("workloads", k, "executor"), "executor is for engine 'vllm'", "remove it"))
         elif (
             w.executor == "mp"
             and w.hosts is None
-            and w.tensor_parallel_size * w.pipeline_parallel_size > len(inv.hosts)
+            and len(inv.hosts) < w.tensor_parallel_size * w.pipeline_parallel_size <= gpus
         ):
             found.append(
                 (
@@ -310,14 +312,6 @@ def _check_ray_and_workloads(inv: Inventory) -> list[Found]:
                     f"use tensor_parallel_size <= {len(inv.hosts)}"
                     if w.pipeline_parallel_size == 1
                     else f"use tensor_parallel_size x pipeline_parallel_size <= {len(inv.hosts)}",
-                )
-            )
-        elif w.executor == "mp" and inv.runtime.image:
-            found.append(
-                (
-                    ("workloads", k, "executor"),
-                    "executor mp is supported with a venv runtime only",
-                    "use executor: ray with runtime.image, or runtime.venv",
                 )
             )
         if w.engine == "embed" and w.pipeline_parallel_size != 1:

@@ -283,10 +283,10 @@ class Workload(_Model):
     )
     replicas: int = Field(1, ge=1, description="embed only: independent full copies, one per host.")
     executor: Literal["ray", "mp"] = Field(
-        "ray",
-        description="vllm with ranks on several Sparks: 'ray' (vLLM's Ray executor over sparkctl's Ray cluster) or "
-        "'mp' (vLLM's multiprocessing executor: one `vllm serve` per Spark with --nnodes/--node-rank/--master-addr, "
-        "--headless on all but the head).",
+        "mp",
+        description="vllm with ranks on several Sparks: 'mp' (the default: vLLM's multiprocessing executor, one "
+        "`vllm serve` per Spark with --nnodes/--node-rank/--master-addr, --headless on all but the head; no Ray "
+        "needed) or 'ray' (vLLM's Ray executor over sparkctl's Ray cluster). docs/workers.md says why.",
     )
     gpu_memory_utilization: float = Field(
         0.85, gt=0, le=0.90, description="Share of unified memory vLLM may take (SM121: 0.90 at most)."

@@ -103,7 +103,7 @@ def plan_ray_firewall(ctx: PlanContext, host: Host) -> list[Step]:
     facts = ctx.facts[host.name]
     rules = lc.render_firewall(ctx.inventory, host, facts.ssh_server_port)
     have = facts.files.get("firewall.nft")
-    if have == rules and ray_running_ok(ctx, host):
+    if have == rules and (ray_running_ok(ctx, host) or not lc.ray_wanted(ctx.inventory)):
         return []
     return [
         Step(
@@ -128,7 +128,7 @@ def plan_ray_token(ctx: PlanContext, host: Host) -> list[Step]:
     facts = ctx.facts[host.name]
     have = facts.files.get("ray-token.sha256")
     want = ctx.digests.get("ray_token", "")
-    if have == want:
+    if have == want or not lc.ray_wanted(ctx.inventory):
         return []
     target = paths.token_path(ctx.home(host))
     return [
@@ -146,6 +146,8 @@ def plan_ray_token(ctx: PlanContext, host: Host) -> list[Step]:
 def plan_ray_node(ctx: PlanContext, host: Host) -> list[Step]:
     """Ray on this host: the head on the head host, a worker elsewhere; restarted when wrong."""
     facts = ctx.facts[host.name]
+    if not lc.ray_wanted(ctx.inventory):
+        return _ray_not_wanted(ctx, host)
     is_head = host.name == ctx.inventory.head.name
     role = "head" if is_head else "worker"
     depends = bool(ctx.changed & {"ray_token", "worker_env", "fabric_active"})
@@ -173,6 +175,35 @@ def plan_ray_node(ctx: PlanContext, host: Host) -> list[Step]:
                 f"+ ray {role}: {lc.fabric_ip(host)}",
             ],
             depends_on_earlier=depends,
+        )
+    ]
+
+
+RAY_NOT_WANTED = "no workload needs Ray (vLLM's multiprocessing executor and single-rank vLLM run without it)"
+
+
+def _ray_not_wanted(ctx: PlanContext, host: Host) -> list[Step]:
+    """Container mode with no workload needing Ray: Ray is not started (the image may have none), and a Ray
+    container left from an earlier layout is removed; the plan says so either way."""
+    facts = ctx.facts[host.name]
+    if lc.RAY_CONTAINER in facts.containers:
+        return [
+            Step(
+                host=host.name,
+                kind="ray_node",
+                target="stopped",
+                description=f"remove the Ray container: {RAY_NOT_WANTED}",
+                commands=[_sh(lc.build_ray_stop(ctx.inventory, ctx.home(host)))],
+                diff=[f"- ray: container {lc.RAY_CONTAINER}", "+ ray: not started"],
+            )
+        ]
+    return [
+        Step(
+            host=host.name,
+            kind="ray_node",
+            target="not started",
+            description=f"Ray is not started: {RAY_NOT_WANTED}",
+            changes=False,
         )
     ]
 
@@ -211,7 +242,7 @@ def plan_ray_ready(ctx: PlanContext, host: Host) -> list[Step]:
     """Wait until Ray shows this host's node alive (on the head: every node), so a timeout names the missing host
     and shows that host's own Ray log. Nothing to wait for when the facts show the cluster already formed."""
     inv = ctx.inventory
-    if ray_formed(ctx):
+    if ray_formed(ctx) or not lc.ray_wanted(inv):
         return []
     is_head = host.name == inv.head.name
     expected = [lc.fabric_ip(h) for h in inv.hosts] if is_head else [lc.fabric_ip(host)]
@@ -268,24 +299,29 @@ def _ray_container_replaced(ctx: PlanContext, host: Host) -> bool:
 
 def workload_state(ctx: PlanContext, w: Workload, host: Host | None = None) -> str:
     """'ok', 'stopped', 'broken' (running, but it reports a failed backend) or 'changed' for a workload on `host`;
-    without one, on every host running it.
+    without one, on every host running it ('unknown' when one of those was not read).
 
     A workload of vLLM's multiprocessing executor runs on several hosts: it is 'ok' only when all are, and is
     otherwise restarted everywhere (its ranks meet only at start).
     """
     if "workload_stopped" in ctx.changed:  # an earlier step of this run stops the selected workloads
         return "stopped"
-    if host is not None and _ray_container_replaced(ctx, host):
+    own = lc.own_container(ctx.inventory, w)
+    if host is not None and not own and _ray_container_replaced(ctx, host):
         return "stopped"
     if host is None:
         ranks = lc.rank_hosts(ctx.inventory, w)
+        if any(h.name not in ctx.facts for h in ranks):  # a rank's host was not read (unreachable)
+            return "unknown"
         states = [workload_state(ctx, w, h) for h in ranks] if ranks else []
         if not states:
             return workload_state(ctx, w, ctx.inventory.workload_head(w))
         return "ok" if set(states) == {"ok"} else (states[0] if states[0] != "ok" else "changed")
     facts = ctx.facts[host.name]
     pid = facts.files.get(f"workload-{w.name}.pid", "").strip()
-    if ctx.inventory.runtime.image:  # a process in the head's Ray container (`docker exec`)
+    if own:  # a container of its own on each of its hosts
+        alive = lc.workload_container(w.name) in facts.containers
+    elif ctx.inventory.runtime.image:  # a process in the head's Ray container (`docker exec`)
         alive = lc.RAY_CONTAINER in facts.containers and w.name in facts.container_workloads
     else:
         alive = pid.isdigit() and any(p.pid == int(pid) for p in facts.processes)
@@ -328,9 +364,10 @@ def _before_start(ctx: PlanContext, w: Workload, host: Host, state: str) -> list
     process exited by itself (no signal to a pid that may name another process by now), else its stop."""
     if state == "stopped":
         return []
+    own = lc.own_container(ctx.inventory, w)
     if workload_exit(ctx.facts[host.name].files, w.name) is not None:
-        return [_sh(lc.build_workload_forget(ctx.home(host), w.name))]
-    return [_sh(lc.build_workload_stop(ctx.inventory, w.name, ctx.home(host)))]
+        return [_sh(lc.build_workload_forget(ctx.home(host), w.name, container=own))]
+    return [_sh(lc.build_workload_stop(ctx.inventory, w.name, ctx.home(host), own=own))]
 
 
 def _plan_other_ranks(ctx: PlanContext, host: Host) -> list[Step]:
@@ -498,19 +535,30 @@ def plan_workload_stop(ctx: PlanContext, host: Host) -> list[Step]:
     facts = ctx.facts[host.name]
     home = ctx.home(host)
     steps = []
-    names = sorted({k.removeprefix("workload-").removesuffix(".pid") for k in facts.files if k.endswith(".pid")})
+    with_pid = {k.removeprefix("workload-").removesuffix(".pid") for k in facts.files if k.endswith(".pid")}
+    # container mode: workloads in containers of their own, recorded by a spec alone, or found running
+    own: set[str] = set()
+    if ctx.inventory.runtime.image:
+        specs = {k.removeprefix("workload-").removesuffix(".spec") for k in facts.files if k.endswith(".spec")}
+        running = {c.removeprefix("sparkctl-") for c in facts.containers if c != lc.RAY_CONTAINER}
+        own = (specs | running) - with_pid
     wanted = ctx.params.get("workloads")
-    for name in names:
+    for name in sorted(with_pid | own):
         if wanted and name not in wanted:
             continue
+        was = (
+            f"container {lc.workload_container(name)}"
+            if name in own
+            else f"pid {facts.files[f'workload-{name}.pid'].strip()}"
+        )
         steps.append(
             Step(
                 host=host.name,
                 kind="workload_stopped",
                 target=name,
                 description=f"stop workload {name}",
-                commands=[_sh(lc.build_workload_stop(ctx.inventory, name, home))],
-                diff=[f"- {name}: pid {facts.files[f'workload-{name}.pid'].strip()}", f"+ {name}: stopped"],
+                commands=[_sh(lc.build_workload_stop(ctx.inventory, name, home, own=name in own))],
+                diff=[f"- {name}: {was}", f"+ {name}: stopped"],
             )
         )
     strays = _stray_workload_pids(facts)

@@ -79,14 +79,23 @@ def build_ray_start(inv: Inventory, host: Host, home: str) -> str:
         "--name",
         RAY_CONTAINER,
         *container_flags(inv, home),
-        rt.image or "",
+        # The entrypoint is named, never inherited: the vllm-openai images' ENTRYPOINT is `vllm serve`, which would
+        # turn the command into `vllm serve sh -c ...` (vLLM's examples/online_serving/run_cluster.sh, since moved
+        # to examples/ray_serving/, passes `--entrypoint /bin/bash` for the same reason).
+        "--entrypoint",
         "sh",
+        rt.image or "",
         "-c",
         shlex.join(argv),
     ]
-    hf = inv.runtime.hf_cache.replace("~", home, 1)
-    mounts = " ".join(q(d) for d in (f"{paths.state_dir(home)}/logs", hf, f"{home}/{VLLM_CONFIG_DIR}"))
+    mounts = " ".join(q(d) for d in _mounted_dirs(inv, home))
     return f"mkdir -p {mounts} && {_docker_run(RAY_CONTAINER, docker, log)}"
+
+
+def _mounted_dirs(inv: Inventory, home: str) -> list[str]:
+    """Host directories a container of the image mounts (made first, so that docker does not make them root's)."""
+    hf = inv.runtime.hf_cache.replace("~", home, 1)
+    return [f"{paths.state_dir(home)}/logs", hf, f"{home}/{VLLM_CONFIG_DIR}"]
 
 
 def _docker_run(name: str, docker: list[str], log: str) -> str:
@@ -147,8 +156,13 @@ def build_ray_stop(inv: Inventory, home: str) -> str:
     # Removing the container ends every process in it, the workloads started in it with `docker exec` included: their
     # pid records (pids of that container's namespace) go with it, so no later stop signals a process of its
     # successor by a stale pid.
-    records = " ".join(f"{q(paths.state_dir(home))}/workload-*.{ext}" for ext in ("pid", "spec", "health"))
-    return f"docker rm -f {RAY_CONTAINER} >/dev/null 2>&1; rm -f {records}; true"
+    # Workloads in containers of their own (`own_container`) keep no pid file and are not touched.
+    state = q(paths.state_dir(home))
+    records = (
+        f'for f in {state}/workload-*.pid; do [ -f "$f" ] || continue; n=${{f%.pid}}; '
+        'rm -f "$n.pid" "$n.spec" "$n.health"; done'
+    )
+    return f"docker rm -f {RAY_CONTAINER} >/dev/null 2>&1; {records}; true"
 
 
 def ray_check_script(expected_ips: list[str]) -> str:
@@ -244,6 +258,38 @@ def rank_hosts(inv: Inventory, w: Workload) -> list[Host]:
         return []
     group = inv.group(w)
     return group if w.hosts is not None else group[:ranks]
+
+
+def needs_ray(w: Workload) -> bool:
+    """The workload runs on sparkctl's Ray cluster: the embed worker (Ray actors), or vLLM's Ray executor across
+    ranks. vLLM with one rank ("uni") or with its multiprocessing executor never touches Ray."""
+    return w.engine == "embed" or (w.executor == "ray" and workload_ranks(w) > 1)
+
+
+def ray_wanted(inv: Inventory) -> bool:
+    """Whether sparkctl forms Ray on this cluster.
+
+    A venv runtime always (it carries Ray, which the runtime check requires); an image only when a workload needs
+    Ray, or when there is no workload at all (the cluster is then a Ray cluster for the user's own jobs): NVIDIA's
+    current vLLM image and the vllm-openai images ship without Ray (docs/compatibility.md)."""
+    return inv.runtime.venv is not None or not inv.workloads or any(needs_ray(w) for w in inv.workloads)
+
+
+def own_container(inv: Inventory, w: Workload) -> bool:
+    """Container mode, a workload that needs no Ray: it runs in a container of its own on each of its hosts
+    (`sparkctl-<name>`), not inside the Ray container."""
+    return bool(inv.runtime.image) and not needs_ray(w)
+
+
+def workload_container(name: str) -> str:
+    """The container of a workload that runs in one of its own."""
+    return f"sparkctl-{name}"
+
+
+def workload_hosts(inv: Inventory, w: Workload) -> list[Host]:
+    """Hosts that run a process (or container) of `w`, its head first: the multiprocessing executor's ranks, else
+    the workload's head alone."""
+    return rank_hosts(inv, w) or [inv.workload_head(w)]
 
 
 def workload_argv(inv: Inventory, w: Workload, home: str, host: Host | None = None) -> list[str]:
@@ -342,8 +388,8 @@ def workload_env(inv: Inventory, w: Workload) -> dict[str, str]:
     bundle to `node:$VLLM_HOST_IP`; with one GPU per Ray node (`ray start --num-gpus=1`) PACK cannot fit two ranks
     on one Spark, so rank 0 lands on the head and rank 1 on the other host. `verify_placement` checks it.
     """
-    # vLLM's multiprocessing executor never joins Ray.
-    env = {} if rank_hosts(inv, w) else {"RAY_ADDRESS": f"{fabric_ip(inv.head)}:{inv.ray.port}"}
+    # vLLM's multiprocessing executor and a single rank never join Ray.
+    env = {"RAY_ADDRESS": f"{fabric_ip(inv.head)}:{inv.ray.port}"} if needs_ray(w) else {}
     return env | dict(w.env)
 
 
@@ -398,6 +444,15 @@ def build_workload_start(inv: Inventory, w: Workload, home: str, host: Host | No
         prefix = f"{env} " if env else ""
         launch = f"{{ {prefix}setsid {shlex.join(argv)} > {q(log)} 2>&1 < /dev/null & }} && echo $! > {pidf}"
         prelude = _env_prelude(home)
+    elif own_container(inv, w):
+        # `docker run` of the user's image with its entrypoint named (vLLM's CLI, whatever the image's ENTRYPOINT)
+        # and the key handed over by name; `docker logs -f` fills the log, the container is the process record.
+        name = workload_container(w.name)
+        envs = [x for k, v in workload_env(inv, w).items() for x in ("-e", f"{k}={v}")]
+        docker = ["docker", "run", "-d", "--name", name, *container_flags(inv, home), "-e", key_var, *envs]
+        docker += ["--entrypoint", argv[0], inv.runtime.image or "", *argv[1:]]
+        launch = _docker_run(name, docker, log)
+        prelude = ""
     else:
         inner = (
             f"{{ setsid {shlex.join(argv)} > {q(f'{CONTAINER_STATE}/logs/{w.name}.log')} 2>&1 < /dev/null & }} "
@@ -406,8 +461,11 @@ def build_workload_start(inv: Inventory, w: Workload, home: str, host: Host | No
         envs = [x for k, v in workload_env(inv, w).items() for x in ("-e", f"{k}={v}")]
         launch = shlex.join(["docker", "exec", "-e", key_var, *envs, RAY_CONTAINER, "sh", "-c", inner])
         prelude = ""  # the container has the env file and the token settings from `docker run`
+    mkdir = f"mkdir -p {q(paths.state_dir(home))}/logs"
+    if own_container(inv, w):
+        mkdir = "mkdir -p " + " ".join(q(d) for d in _mounted_dirs(inv, home))
     return (
-        f"mkdir -p {q(paths.state_dir(home))}/logs && "
+        f"{mkdir} && "
         f"IFS= read -r {key_var} && export {key_var} && {prelude}"
         f"{launch} && printf '%s\\n' {q(workload_spec(inv, w, home, host))} > {q(spec_file(home, w.name))}"
     )
@@ -415,20 +473,37 @@ def build_workload_start(inv: Inventory, w: Workload, home: str, host: Host | No
 
 def build_workload_alive(inv: Inventory, name: str, home: str) -> str:
     """Shell line that succeeds while a workload's process is running (in the head's Ray container, if any)."""
+    w = next((w for w in inv.workloads if w.name == name), None)
+    if w is not None and own_container(inv, w):
+        return f"[ \"$(docker inspect -f '{{{{.State.Running}}}}' {q(workload_container(name))} 2>/dev/null)\" = true ]"
     if inv.runtime.image:
         inner = f'kill -0 "$(cat {q(f"{CONTAINER_STATE}/workload-{name}.pid")})" 2>/dev/null'
         return shlex.join(["docker", "exec", RAY_CONTAINER, "sh", "-c", inner])
     return f'kill -0 "$(cat {q(pid_file(home, name))})" 2>/dev/null'
 
 
-def build_workload_forget(home: str, name: str) -> str:
+def build_workload_forget(home: str, name: str, container: bool = False) -> str:
     """Forget a workload whose process is gone (it exited by itself): its pid, spec and health records, and nothing
-    signalled, since a pid of a process that is gone may name another one by now."""
-    return f"rm -f {q(pid_file(home, name))} {q(spec_file(home, name))} {q(health_file(home, name))}"
+    signalled, since a pid of a process that is gone may name another one by now; in a container of its own, the
+    exited container too."""
+    records = f"rm -f {q(pid_file(home, name))} {q(spec_file(home, name))} {q(health_file(home, name))}"
+    if container:
+        return f"docker rm -f {q(workload_container(name))} >/dev/null 2>&1; {records}"
+    return records
 
 
-def build_workload_stop(inv: Inventory, name: str, home: str, grace: int = 30) -> str:
-    """Stop a workload: TERM its process group, wait up to `grace` s, then KILL; forget its pid."""
+def build_workload_stop(inv: Inventory, name: str, home: str, grace: int = 30, *, own: bool = False) -> str:
+    """Stop a workload: TERM its process group, wait up to `grace` s, then KILL; forget its pid. `own`: it runs in a
+    container of its own (`own_container`)."""
+    if own:
+        # its own container: `docker stop` sends SIGTERM to its init, which hands it to vLLM, and waits `grace` s
+        # before SIGKILL (docker stop --time); then the container and the records go
+        container = q(workload_container(name))
+        records = f"{q(pid_file(home, name))} {q(spec_file(home, name))} {q(health_file(home, name))}"
+        return (
+            f"docker stop -t {int(grace)} {container} >/dev/null 2>&1; docker rm -f {container} >/dev/null 2>&1; "
+            f"rm -f {records}; true"
+        )
     if inv.runtime.image:  # inside the Ray container (its processes are the container's), then the host's records
         inner = _stop_script(
             q(f"{CONTAINER_STATE}/workload-{name}.pid"), q(f"{CONTAINER_STATE}/workload-{name}.spec"), grace

@@ -66,6 +66,9 @@ def edit(text: str, old: str, new: str) -> str:
 
 def container_inventory(*edits: tuple[str, str]) -> Inventory:
     text = edit(EXAMPLE.read_text(), "  venv: /opt/sparkctl-runtime\n", f"  image: {IMAGE}\n")
+    # these cases run chat under vLLM's Ray executor, inside the Ray container (the default, mp, runs it in
+    # containers of its own: tests/unit/test_container_mp.py)
+    text = edit(text, "    tensor_parallel_size: 2\n", "    tensor_parallel_size: 2\n    executor: ray\n")
     for old, new in edits:
         text = edit(text, old, new)
     return parse_inventory(text, "container-pair.yaml")
@@ -178,7 +181,10 @@ def docker_run(line: str) -> tuple[list[str], list[str]]:
     run = tokens[start + 2 : end]
     assert IMAGE in run, f"image {IMAGE} not in {run}"
     at = run.index(IMAGE)
-    return run[:at], run[at + 1 :]
+    options = run[:at]
+    # the entrypoint is always named (never the image's own): the command is that program and the arguments
+    assert options.count("--entrypoint") == 1, options
+    return options, [options[options.index("--entrypoint") + 1], *run[at + 1 :]]
 
 
 def docker_exec(line: str) -> tuple[list[str], str, list[str]]:
@@ -405,7 +411,8 @@ CHAT_STOP = (
 
 RAY_RM = (
     "docker rm -f sparkctl-ray >/dev/null 2>&1; "
-    f"rm -f {STATE}/workload-*.pid {STATE}/workload-*.spec {STATE}/workload-*.health; true"
+    f'for f in {STATE}/workload-*.pid; do [ -f "$f" ] || continue; n=${{f%.pid}}; '
+    'rm -f "$n.pid" "$n.spec" "$n.health"; done; true'
 )
 """Removing the Ray container ends the workloads inside and forgets their pid records with them."""
 
@@ -460,7 +467,7 @@ def test_a_new_image_restarts_ray_and_the_workloads() -> None:
     for host in ("spark-a", "spark-b"):
         stop, start = one(plan, host, "ray_node").commands
         assert sh_line(stop) == RAY_RM
-        assert f" {new} sh -c " in sh_line(start)
+        assert f" --entrypoint sh {new} -c " in sh_line(start)
     chat = one(plan, "spark-a", "workload", "chat")
     assert chat.diff[-1] == f"+ chat: {CHAT_SPEC.replace(IMAGE, new)}"
     assert inside(sh_line(chat.commands[-1]))[:2] == ["vllm", "serve"]
@@ -667,7 +674,7 @@ def test_ray_line_survives_both_levels_of_quoting(stubs: tuple[dict[str, str], P
     assert _calls(tmp)[:2] == ["rm -f sparkctl-ray", "run -d --name"]
     assert sorted(_calls(tmp)) == ["logs -f sparkctl-ray", "rm -f sparkctl-ray", "run -d --name"]
     argv = (tmp / "run.argv").read_text().splitlines()
-    command = argv[argv.index(IMAGE) + 1 :]
+    command = [argv[argv.index("--entrypoint") + 1], *argv[argv.index(IMAGE) + 1 :]]
     assert command[:2] == ["sh", "-c"]
     # what the container's sh runs, here with the stub ray
     r = subprocess.run([shell, "-c", command[2]], env=env, capture_output=True, text=True, timeout=20)

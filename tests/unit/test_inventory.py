@@ -216,7 +216,7 @@ def test_tensor_parallel_larger_than_the_gpus(problems, example) -> None:
 
 
 def test_tensor_parallel_counts_gpus_of_every_host(example) -> None:
-    text = example.edit("tensor_parallel_size: 2", "tensor_parallel_size: 3").edit(
+    text = example.edit("tensor_parallel_size: 2", "tensor_parallel_size: 3\n    executor: ray").edit(
         "  - name: spark-b\n", "  - name: spark-b\n    gpus: 2\n"
     )
     assert parse_inventory(text).workloads[0].tensor_parallel_size == 3

@@ -112,7 +112,10 @@ CASES = [
         "ray-executor-on-part-of-the-cluster",
         edit(
             GPUS_2_ON_A,
-            ("    tensor_parallel_size: 2\n", "    hosts: [spark-a] # two GPUs\n    tensor_parallel_size: 2\n"),
+            (
+                "    tensor_parallel_size: 2\n",
+                "    hosts: [spark-a] # two GPUs\n    tensor_parallel_size: 2\n    executor: ray\n",
+            ),
         ),
         "# two GPUs",
         "workloads[0].hosts",

@@ -329,7 +329,9 @@ def test_workload_start_line_reads_the_key_from_stdin_and_records_the_pid(sandbo
     assert rec["argv"].startswith("serve Qwen/Qwen3-30B-A3B-Instruct-2507 ")
     # not a vLLM variable (absent from vllm/envs.py): placement comes from vLLM's own PACK group and one GPU per node
     assert rec["VLLM_DISTRIBUTED_EXECUTOR_CONFIG"] == "unset"
-    assert rec["RAY_ADDRESS"] == "192.168.100.10:6379"  # the head's fabric address and Ray port
+    # the default executor, vLLM's multiprocessing one, never joins Ray: node rank 0 of 2, meeting at the head
+    assert rec["RAY_ADDRESS"] == ""
+    assert "--nnodes 2 --node-rank 0 --master-addr 192.168.100.10" in rec["argv"]
     assert rec["NCCL_IB_GID_INDEX"] == "5"
     assert pid_file.read_text().strip() == rec["pid"]
     assert Path(lc.spec_file(home, "chat")).read_text() == lc.workload_spec(inv, w, home) + "\n"

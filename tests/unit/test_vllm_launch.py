@@ -24,8 +24,9 @@ PAIR: dict[str, Any] = {
 }
 
 
-def _inventory(tp: int) -> Inventory:
-    workload = {"name": "chat", "engine": "vllm", "model": "Qwen/Qwen3-0.6B", "tensor_parallel_size": tp}
+def _inventory(tp: int, executor: str = "ray") -> Inventory:
+    workload = {"name": "chat", "engine": "vllm", "model": "Qwen/Qwen3-0.6B", "tensor_parallel_size": tp,
+                "executor": executor}
     return Inventory.model_validate({**PAIR, "workloads": [workload]})
 
 
@@ -35,6 +36,18 @@ def test_ranks_on_several_sparks_ask_for_the_ray_executor() -> None:
     i = argv.index("--distributed-executor-backend")
     assert argv[i + 1] == "ray"
     assert argv[argv.index("--tensor-parallel-size") + 1] == "2"
+
+
+def test_ranks_on_several_sparks_use_the_multiprocessing_executor_by_default() -> None:
+    inv = Inventory.model_validate(
+        {**PAIR, "workloads": [{"name": "chat", "engine": "vllm", "model": "Qwen/Qwen3-0.6B"}]}
+    )
+    w = inv.workloads[0]
+    assert w.executor == "mp"
+    argv = workload_argv(inv, w, "/home/spark", inv.hosts[1])
+    assert argv[argv.index("--distributed-executor-backend") + 1] == "mp"
+    assert argv[argv.index("--node-rank") + 1] == "1" and "--headless" in argv
+    assert "RAY_ADDRESS" not in workload_env(inv, w)
 
 
 def test_one_rank_leaves_the_executor_to_vllm() -> None:
@@ -148,7 +161,7 @@ def test_mp_with_one_rank_is_a_plain_single_process() -> None:
     ("extra", "wanted"),
     [
         ({"tensor_parallel_size": 3}, "executor mp runs one rank per host: 3 ranks but 2 host(s)"),
-        ({"engine": "embed"}, "executor is for engine 'vllm'"),
+        ({"engine": "embed", "executor": "ray"}, "executor is for engine 'vllm'"),
     ],
 )
 def test_mp_inventory_mistakes_are_refused(extra: dict[str, Any], wanted: str) -> None:

@@ -28,6 +28,11 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "inventories" / "example-pair.ya
 WHY = "tensor-parallel rank lost: group 0 rank 1 on spark-b (192.168.100.11) died (ActorDiedError)"
 
 
+# chat under vLLM's Ray executor (the default is mp): a dead Ray worker ends its API server
+RAY_EXECUTOR = EXAMPLE.read_text().replace(
+    "    tensor_parallel_size: 2\n", "    tensor_parallel_size: 2\n    executor: ray\n"
+)
+
 def _server(status: int, body: dict[str, Any]) -> Iterator[str]:
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args: Any) -> None:
@@ -275,7 +280,7 @@ def test_the_probe_names_a_workload_whose_process_is_gone_with_the_why_from_its_
 
 
 def test_a_vllm_workload_that_exited_by_itself_is_broken_and_restarted_without_a_signal() -> None:
-    inv = parse_inventory(EXAMPLE.read_text(), "inv.yaml")
+    inv = parse_inventory(RAY_EXECUTOR, "inv.yaml")
     w = inv.workloads[0]
     running = PlanContext(inv, _vllm_facts(inv, running=True, exit_line=None), {}, {})
     assert cluster.workload_state(running, w) == "ok"
@@ -298,7 +303,7 @@ def test_doctor_and_status_name_a_vllm_workload_that_exited_by_itself() -> None:
     from sparkctl.doctor.evaluate import evaluate
     from sparkctl.doctor.evaluators import CheckContext
 
-    inv = parse_inventory(EXAMPLE.read_text(), "inv.yaml")
+    inv = parse_inventory(RAY_EXECUTOR, "inv.yaml")
     facts = _vllm_facts(inv, running=False, exit_line=DIED)
     (finding,) = [f for f in evaluate(CheckContext(inv, facts)) if f.rule == "workload-health"]
     assert finding.level == "fail" and "died unexpectedly" in finding.evidence
