@@ -14,6 +14,7 @@ from sparkctl.facts.models import HostFacts
 from sparkctl.inventory.models import Host, Inventory, Workload
 from sparkctl.inventory.topology import check_pairs, interface, link_of
 from sparkctl.plan.cluster import RAY_MARKERS, workload_exit
+from sparkctl.plan.commands import needs_ray, ray_wanted
 from sparkctl.plan.env import detect_gid_index, version_tuple
 
 
@@ -685,6 +686,12 @@ def runtime_versions(ctx: CheckContext, rule: Rule) -> list[Finding]:
     return [_f(rule, len(distinct) == 1, "cluster", text)]
 
 
+def _ray_users(inv: Inventory) -> str:
+    """Who needs Ray: the workloads that use it, named, else sparkctl's Ray cluster itself (`ray_wanted`)."""
+    users = [w.name for w in inv.workloads if needs_ray(w)]
+    return f"workload {', '.join(users)}" if users else "sparkctl's Ray cluster"
+
+
 @evaluator("runtime_support")
 def runtime_support(ctx: CheckContext, rule: Rule) -> list[Finding]:
     """Each host's runtime holds what sparkctl relies on: Ray >= the minimum (token auth), vLLM for vLLM workloads."""
@@ -703,21 +710,23 @@ def runtime_support(ctx: CheckContext, rule: Rule) -> list[Finding]:
         elif not rt.python:
             problems.append(f"no Python found in the {where}")
             fixes.append(f"create the runtime on {name} ({rule.args['install']})")
-        elif not rt.ray:
-            problems.append(f"no Ray in the {where}")
+        elif not rt.ray and ray_wanted(inv):
+            problems.append(f"no Ray in the {where}, which {_ray_users(inv)} needs")
             fixes.append(
                 f"install Ray >= {minimum} into the runtime on {name} ({rule.args['install']})"
                 if inv.runtime.venv
                 else f"use an image that ships Ray >= {minimum} on {name}, or build one FROM {inv.runtime.image} "
                 f"adding 'ray[default]>={minimum}'"
             )
-        elif version_tuple(rt.ray) < version_tuple(minimum):
+        elif rt.ray and version_tuple(rt.ray) < version_tuple(minimum):
             problems.append(f"Ray {rt.ray} in the {where} is older than {minimum} (no token authentication)")
             fixes.append(f"upgrade Ray on {name} to >= {minimum} ({rule.args['install']})")
         if needs_vllm and rt.python and not rt.vllm and not image_missing:
             problems.append(f"no vLLM in the {where}, but the inventory has a vllm workload")
             fixes.append(f"install vLLM into the runtime on {name}, or use an NGC vLLM image")
         found = f"Python {rt.python or '?'}, Ray {rt.ray or 'absent'}, vLLM {rt.vllm or 'absent'}"
+        if not ray_wanted(inv):
+            found += " (Ray not needed: no workload uses it)"
         evidence = "; ".join(problems) + f" (found: {found})" if problems else f"{where}: {found}"
         out.append(_f(rule, not problems, name, evidence, fix="; ".join(fixes) or None))
     return out

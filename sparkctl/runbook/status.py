@@ -34,7 +34,11 @@ def cluster_status(session: Session, secrets: Mapping[str, str]) -> dict[str, An
         hosts[h.name] = {
             "fabric": fabric,
             "neighbours": [n.name for n in neighbours(inv, h)],
-            "ray": "running" if ray_running_ok(ctx, h) else "not running",
+            "ray": "running"
+            if ray_running_ok(ctx, h)
+            else "not running"
+            if lc.ray_wanted(inv)
+            else "not started (no workload needs it)",
             "env_file": f.env_file is not None,
         }
     workloads = {}
