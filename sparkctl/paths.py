@@ -53,3 +53,13 @@ Under /run (tmpfs) on purpose: NetworkManager keeps checkpoints in memory only, 
 
 LOCK_DIR = "/run/lock/sparkctl"
 """The cluster lock on a host: a directory holding the owner record (see sparkctl.runbook.lock)."""
+
+
+def peer_comment(cluster: str) -> str:
+    """The comment that names the cluster's peer key (a Spark copying to another) in authorized_keys."""
+    return f"sparkctl-peer-{cluster}"
+
+
+def peer_file(home: str, name: str) -> str:
+    """The peer key's files in the state dir: `peer-key` (0600), `peer-known-hosts`, `peer-receive`."""
+    return f"{state_dir(home)}/{name}"

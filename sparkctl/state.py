@@ -99,6 +99,28 @@ def ray_token(cluster: str, *, create: bool = True) -> str | None:
     return _private_file(path, secrets.token_hex(32)) if create else _existing(path)
 
 
+def peer_key(cluster: str, *, create: bool = True) -> tuple[str, str] | None:
+    """The cluster's peer key (one Spark copying an image to another): (private key in OpenSSH format, public key
+    line `ssh-ed25519 <base64> sparkctl-peer-<cluster>`), made once and kept 0600; None if absent and not created."""
+    private, public = state_home() / cluster / "peer-key", state_home() / cluster / "peer-key.pub"
+    have = _existing(private), _existing(public)
+    if have[0] is not None and have[1] is not None:
+        return have[0], have[1]
+    if not create:
+        return None
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    ).decode()
+    line = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+    for path in (private, public):
+        path.unlink(missing_ok=True)  # a half pair (one file lost) is made anew, both files together
+    return _private_file(private, pem.strip()), _private_file(public, f"{line} sparkctl-peer-{cluster}")
+
+
 def api_key(cluster: str, workload: str, env_var: str | None, *, create: bool = True) -> str | None:
     """A workload's API key: from the named env var, else generated once and kept 0600 (None if absent and
     create=False: read-only commands never make secrets)."""

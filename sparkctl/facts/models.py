@@ -124,6 +124,12 @@ class Runtime(_Fact):
     nccl: str = ""
     fastsafetensors: str = Field("", description="the optional loader `--load-format fastsafetensors` imports")
     image_id: str = ""
+    image_size: int = Field(0, description="bytes, as `docker image inspect` gives .Size")
+    image_cuda: str = Field(
+        "",
+        description="the CUDA the image requires of the driver (its NVIDIA_REQUIRE_CUDA `cuda>=` term, else its "
+        "CUDA_VERSION's major.minor); empty when it states none or sets NVIDIA_DISABLE_REQUIRE",
+    )
 
 
 class HostFacts(_Fact):
@@ -162,6 +168,10 @@ class HostFacts(_Fact):
     runtime: Runtime = Field(default_factory=Runtime)
     tools: dict[str, str] = Field(default_factory=dict, description="ib_write_bw, all_reduce_perf, mpirun -> path")
     files: dict[str, str] = Field(default_factory=dict, description="sparkctl-owned state files on the host")
+    ssh_host_key: str = Field("", description="the host's ed25519 SSH host key: '<type> <base64>'")
+    peer_authorized: str = Field(
+        "", description="the login user's authorized_keys line for the cluster's peer key (sparkctl-peer-<cluster>)"
+    )
 
     def connection(self, name: str) -> NmConnection | None:
         """The NetworkManager profile called `name`, if any."""

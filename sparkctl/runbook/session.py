@@ -22,6 +22,7 @@ from sparkctl.execute.http import Probe, get_text, post_json, probe_workload
 from sparkctl.facts.models import HostFacts
 from sparkctl.facts.probe import build_probe
 from sparkctl.inventory.models import Host, Inventory, SshSettings
+from sparkctl.plan import images
 from sparkctl.plan.context import PlanContext
 from sparkctl.plan.models import Command, Plan, Stage, Step
 from sparkctl.runbook import lock
@@ -121,6 +122,9 @@ class Session:
         token = state.ray_token(inv.cluster, create=create)
         if token is not None:
             values["ray_token"] = token
+        peer = state.peer_key(inv.cluster, create=create) if inv.runtime.image else None
+        if peer is not None:
+            values[images.PEER_KEY_SECRET], values[images.PEER_PUB_SECRET] = peer
         for w in inv.workloads:
             key = state.api_key(inv.cluster, w.name, w.api_key_env, create=create)
             if key is not None:
@@ -132,7 +136,14 @@ class Session:
         return {
             "ray_token": sha256(token + "\n") if token is not None else NO_TOKEN_YET,
             "worker_code": sha256(worker_code()),
-        }
+        } | (
+            {
+                images.PEER_KEY_SECRET: sha256(secrets[images.PEER_KEY_SECRET] + "\n"),
+                images.PEER_PUB_SECRET: secrets[images.PEER_PUB_SECRET],
+            }
+            if images.PEER_KEY_SECRET in secrets
+            else {}
+        )
 
     def open(self, *, lock: LockOwner | None = None, partial: bool = False) -> None:
         """Connect to every host in parallel, take the cluster lock if asked (before anything changes), probe.

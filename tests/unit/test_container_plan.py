@@ -687,9 +687,10 @@ def test_ray_line_survives_both_levels_of_quoting(stubs: tuple[dict[str, str], P
 # --- doctor: the same image on every host ----------------------------------------------------------------------
 
 
-def test_probe_asks_docker_for_the_image_id() -> None:
+def test_probe_asks_docker_for_the_image_id_size_and_environment() -> None:
     inv = container_inventory()
-    assert f"docker image inspect --format 'image_id={{{{.Id}}}}' {IMAGE}" in build_probe(inv, inv.hosts[0])
+    want = "docker image inspect --format 'image_id={{.Id}} image_size={{.Size}} image_env={{json .Config.Env}}'"
+    assert f"{want} {IMAGE}" in build_probe(inv, inv.hosts[0])
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,280 @@
+"""Planners for the image on every Spark (container mode): the scoped access one Spark uses to copy to another, the
+copy itself (`docker save | ssh | docker load`, host to host over the fabric), and its check.
+
+The image is read where it already is: the Ray head if it has it, else the first host that does (in inventory
+order); if no host has it, the Ray head pulls it first. Every host without it, or with another image under the
+same name, gets the source's copy. Nothing passes through the laptop and nothing goes over the management network:
+the copy addresses the target's fabric address (the one Ray and the collectives use).
+
+Access between Spark is sparkctl's own, and scoped to this job. The laptop keeps one ed25519 key pair per cluster
+(0600, like the Ray token); the private key goes to the copying host only (`peer-key`, 0600, with a known_hosts
+file naming each target's fabric addresses and the host key the laptop read from that target over its verified
+SSH session). The target's authorized_keys line (sshd(8), "AUTHORIZED_KEYS FILE FORMAT", OpenSSH) carries
+`restrict` (no forwarding, no pty, no ~/.ssh/rc), `from="<the other hosts' fabric addresses>"` and
+`command="<state>/peer-receive"`: whatever the client asks, sshd runs that script, which runs `docker load` and
+nothing else (sshd puts the requested command in SSH_ORIGINAL_COMMAND).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shlex
+
+from sparkctl import paths
+from sparkctl.inventory.models import Host, Inventory
+from sparkctl.plan import commands as lc
+from sparkctl.plan.context import PlanContext
+from sparkctl.plan.models import Command, Step, Wait
+
+q = shlex.quote
+
+PEER_KEY_SECRET = "peer_key"
+PEER_PUB_SECRET = "peer_key_pub"
+
+
+def render_peer_receive(cluster: str) -> str:
+    """The forced command of the peer key on a target: `docker load` of what arrives on stdin, nothing else."""
+    return (
+        "#!/bin/sh\n"
+        f"# Managed by sparkctl: what another Spark of cluster {cluster} may run here with its peer key\n"
+        "# (authorized_keys command=; sshd puts the command the client asked for in SSH_ORIGINAL_COMMAND).\n"
+        'case "$SSH_ORIGINAL_COMMAND" in\n'
+        '  "docker load") exec docker load ;;\n'
+        '  *) echo "sparkctl peer key: only docker load is allowed here" >&2; exit 1 ;;\n'
+        "esac\n"
+    )
+
+
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def image_source(inv: Inventory, facts: dict[str, str]) -> Host | None:
+    """The host the image is read from: the Ray head if it holds the image, else the first host that does.
+
+    `facts` maps host name -> the image ID that host holds ('' when it has none)."""
+    for h in [inv.head, *(h for h in inv.hosts if h.name != inv.head.name)]:
+        if facts.get(h.name):
+            return h
+    return None
+
+
+def _image_ids(ctx: PlanContext) -> dict[str, str]:
+    return {name: f.runtime.image_id for name, f in ctx.facts.items()}
+
+
+def transfers(ctx: PlanContext) -> tuple[Host, list[Host], bool] | None:
+    """(the source, the hosts it copies to, whether it pulls first), or None when every host has the same image."""
+    inv = ctx.inventory
+    if not inv.runtime.image:
+        return None
+    ids = _image_ids(ctx)
+    source = image_source(inv, ids)
+    if source is None:
+        return inv.head, [h for h in inv.hosts if h.name != inv.head.name], True
+    targets = [h for h in inv.hosts if ids.get(h.name) != ids[source.name]]
+    return (source, targets, False) if targets else None
+
+
+def peer_options(inv: Inventory, target: Host, home: str) -> str:
+    """The authorized_keys options of the peer key on `target`: restricted, from the other hosts' fabric addresses,
+    forced to `peer-receive`."""
+    sources = ",".join(str(t.address.ip) for h in inv.hosts if h.name != target.name for t in h.fabric)
+    return f'restrict,from="{sources}",command="{paths.peer_file(home, "peer-receive")}"'
+
+
+def render_peer_known_hosts(ctx: PlanContext, targets: list[Host]) -> str:
+    """known_hosts of the copying host: each target's fabric addresses with the host key the laptop read from it."""
+    lines = []
+    for h in targets:
+        key = ctx.facts[h.name].ssh_host_key or "(host key not readable)"
+        lines.append(f"{','.join(str(t.address.ip) for t in h.fabric)} {key}\n")
+    return "".join(lines)
+
+
+def plan_peer_access(ctx: PlanContext, host: Host) -> list[Step]:
+    """Only when an image copy is due: the peer key and known_hosts on the copying host, the restricted
+    authorized_keys line and its forced command on each target."""
+    found = transfers(ctx)
+    if found is None:
+        return []
+    source, targets, _ = found
+    inv = ctx.inventory
+    facts = ctx.facts[host.name]
+    home = ctx.home(host)
+    steps = []
+    if host.name == source.name:
+        key = paths.peer_file(home, "peer-key")
+        known = render_peer_known_hosts(ctx, targets)
+        if facts.files.get("peer-key.sha256") != ctx.digests.get(PEER_KEY_SECRET):
+            steps.append(
+                Step(
+                    host=host.name,
+                    kind="peer_key",
+                    target=key,
+                    description="install the cluster's peer key (0600): this host copies the image to "
+                    + ", ".join(t.name for t in targets),
+                    commands=[
+                        Command(argv=["install", "-D", "-m", "0600", "/dev/stdin", key], stdin_secret=PEER_KEY_SECRET)
+                    ],
+                    diff=[f"- {key}: {'other key' if facts.files.get('peer-key.sha256') else 'absent'}", f"+ {key}"],
+                )
+            )
+        if facts.files.get("peer-known-hosts.sha256") != sha256(known):
+            target = paths.peer_file(home, "peer-known-hosts")
+            steps.append(
+                Step(
+                    host=host.name,
+                    kind="peer_key",
+                    target=target,
+                    description="record the targets' host keys for their fabric addresses",
+                    commands=[Command(argv=["install", "-D", "-m", "0644", "/dev/stdin", target], stdin=known)],
+                    diff=[f"+ {line}" for line in known.splitlines()],
+                )
+            )
+    if host in targets:
+        script = render_peer_receive(inv.cluster)
+        receive = paths.peer_file(home, "peer-receive")
+        if facts.files.get("peer-receive.sha256") != sha256(script):
+            steps.append(
+                Step(
+                    host=host.name,
+                    kind="peer_access",
+                    target=receive,
+                    description="install the peer key's forced command (docker load, nothing else)",
+                    commands=[Command(argv=["install", "-D", "-m", "0755", "/dev/stdin", receive], stdin=script)],
+                    diff=[f"- {receive}: {'other' if facts.files.get('peer-receive.sha256') else 'absent'}",
+                          f"+ {receive}: docker load only"],
+                )
+            )
+        options = peer_options(inv, host, home)
+        want = f"{options} {ctx.digests.get(PEER_PUB_SECRET, '')}"
+        if facts.peer_authorized != want:
+            steps.append(
+                Step(
+                    host=host.name,
+                    kind="peer_access",
+                    target="~/.ssh/authorized_keys",
+                    description=f"let {source.name} load images here over the fabric (key restricted: {options})",
+                    commands=[
+                        Command(
+                            argv=["sh", "-c", build_authorize(inv.cluster, options)], stdin_secret=PEER_PUB_SECRET
+                        )
+                    ],
+                    diff=[f"- {facts.peer_authorized or '(no peer key)'}", f"+ {options} <peer key of {inv.cluster}>"],
+                )
+            )
+    return steps
+
+
+def build_authorize(cluster: str, options: str) -> str:
+    """Replace the cluster's peer-key line of ~/.ssh/authorized_keys (public key on stdin), keeping every other line;
+    the file is written beside and renamed over, 0600 in a 0700 ~/.ssh as sshd's StrictModes wants."""
+    comment = paths.peer_comment(cluster)
+    ak = '"$HOME/.ssh/authorized_keys"'
+    return (
+        'IFS= read -r key && mkdir -p "$HOME/.ssh" && chmod 700 "$HOME/.ssh" && touch ' + ak + " && "
+        f"{{ grep -vF {q(' ' + comment)} {ak} || true; printf '%s %s\\n' {q(options)} \"$key\"; }} "
+        f'> "$HOME/.ssh/authorized_keys.sparkctl" && chmod 600 "$HOME/.ssh/authorized_keys.sparkctl" && '
+        f'mv "$HOME/.ssh/authorized_keys.sparkctl" {ak}'
+    )
+
+
+def build_image_copy(inv: Inventory, source_home: str, target: Host, user: str) -> str:
+    """Stream the image from this host to `target`'s fabric address: `docker save` into the peer key's ssh, whose
+    forced command on the target runs `docker load`. Host keys are checked against peer-known-hosts only."""
+    key = paths.peer_file(source_home, "peer-key")
+    known = paths.peer_file(source_home, "peer-known-hosts")
+    ssh = [
+        "ssh",
+        "-i",
+        key,
+        "-o",
+        "IdentitiesOnly=yes",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "StrictHostKeyChecking=yes",
+        "-o",
+        f"UserKnownHostsFile={known}",
+        "-o",
+        "GlobalKnownHostsFile=/dev/null",
+        "-o",
+        "ConnectTimeout=10",
+        f"{user}@{lc.fabric_ip(target)}",
+        "docker load",
+    ]
+    return f"docker save {q(inv.runtime.image or '')} | {shlex.join(ssh)}"
+
+
+def _gb(size: int) -> str:
+    return f"{size / 1e9:.1f} GB" if size else "size known after the pull"
+
+
+def plan_image_copy(ctx: PlanContext, host: Host) -> list[Step]:
+    """On the source host: pull the image when no host has it, then copy it to every host that lacks it."""
+    found = transfers(ctx)
+    if found is None or host.name != found[0].name:
+        return []
+    source, targets, pull = found
+    inv = ctx.inventory
+    image = inv.runtime.image or ""
+    rt = ctx.facts[host.name].runtime
+    steps = []
+    if pull:
+        steps.append(
+            Step(
+                host=host.name,
+                kind="image_pull",
+                target=image,
+                description=f"pull {image}: no host has it",
+                commands=[Command(argv=["docker", "pull", image])],
+                diff=[f"- {host.name}: {image} absent", f"+ {host.name}: {image}"],
+            )
+        )
+    for t in targets:
+        have = ctx.facts[t.name].runtime.image_id
+        steps.append(
+            Step(
+                host=host.name,
+                kind="image_copy",
+                target=t.name,
+                description=f"copy {image} to {t.name} over the fabric "
+                f"({lc.fabric_ip(source)} -> {lc.fabric_ip(t)}, {_gb(rt.image_size)})",
+                commands=[
+                    Command(
+                        argv=["sh", "-c", build_image_copy(inv, ctx.home(host), t, ctx.facts[t.name].user or "root")]
+                    )
+                ],
+                diff=[
+                    f"- {t.name}: {'image ' + have[:19] if have else 'no image'}",
+                    f"+ {t.name}: image {rt.image_id[:19] or image} ({_gb(rt.image_size)} to move)",
+                ],
+                depends_on_earlier=pull,
+            )
+        )
+    return steps
+
+
+def plan_image_check(ctx: PlanContext, host: Host) -> list[Step]:
+    """On a host the image is copied to: the image under its name has the source's ID."""
+    found = transfers(ctx)
+    if found is None or host not in found[1]:
+        return []
+    source = found[0]
+    want = ctx.facts[source.name].runtime.image_id
+    if not want:  # pulled in this run: the re-plan after the pull knows the ID
+        return []
+    image = ctx.inventory.runtime.image or ""
+    line = f"test \"$(docker image inspect --format '{{{{.Id}}}}' {q(image)})\" = {q(want)}"
+    return [
+        Step(
+            host=host.name,
+            kind="verify_image",
+            target=image,
+            description=f"{image} on {host.name} is {source.name}'s ({want[:19]})",
+            commands=[Command(argv=["sh", "-c", line])],
+            changes=False,
+            wait=Wait(kind="remote", deadline=10, interval=1),
+        )
+    ]
