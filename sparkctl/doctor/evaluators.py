@@ -16,6 +16,7 @@ from sparkctl.inventory.topology import check_pairs, interface, link_of
 from sparkctl.plan.cluster import RAY_MARKERS, workload_exit
 from sparkctl.plan.commands import needs_ray, ray_wanted
 from sparkctl.plan.env import detect_gid_index, version_tuple
+from sparkctl.plan.images import image_source
 
 
 @dataclass(frozen=True)
@@ -668,9 +669,25 @@ def ray_exposure(ctx: CheckContext, rule: Rule) -> list[Finding]:
     return out
 
 
+def _image_source(ctx: CheckContext) -> str | None:
+    """Container mode: the host whose image `up` copies to the others (plan/images.py), None if none has it."""
+    host = image_source(ctx.inventory, {n: f.runtime.image_id for n, f in _hosts(ctx)})
+    return host.name if host else None
+
+
 @evaluator("runtime_versions")
 def runtime_versions(ctx: CheckContext, rule: Rule) -> list[Finding]:
-    seen = {name: (f.runtime.python, f.runtime.ray, f.runtime.vllm, f.runtime.image_id) for name, f in _hosts(ctx)}
+    hosts = _hosts(ctx)
+    if ctx.inventory.runtime.image:  # `up` copies the source's image to every other host: only it is judged
+        source = _image_source(ctx)
+        ids = {n: f.runtime.image_id for n, f in hosts}
+        others = [n for n, _ in hosts if source is not None and ids[n] != ids[source]]
+        hosts = [(n, f) for n, f in hosts if n == source]
+        if others and source is not None:
+            lacking = ", ".join(f"{n} ({'image ' + ids[n][:19] if ids[n] else 'no image'})" for n in others)
+            evidence = f"{source}: image {ids[source][:19]}; {lacking}: up copies {source}'s image there"
+            return [_f(rule, False, "cluster", evidence, level="warn")]
+    seen = {name: (f.runtime.python, f.runtime.ray, f.runtime.vllm, f.runtime.image_id) for name, f in hosts}
     if not seen:
         return []
     distinct = set(seen.values())
@@ -700,18 +717,25 @@ def runtime_support(ctx: CheckContext, rule: Rule) -> list[Finding]:
     minimum = str(rule.args["ray_minimum"])
     needs_vllm = any(w.engine == "vllm" for w in inv.workloads)
     out = []
+    source = _image_source(ctx) if inv.runtime.image else None
     for name, f in _hosts(ctx):
         rt = f.runtime
+        here = where
         problems, fixes = [], []
         image_missing = bool(inv.runtime.image) and not rt.image_id
-        if image_missing:
-            problems.append(f"image {inv.runtime.image} is not on the host")
-            fixes.append(f"docker pull {inv.runtime.image} on {name} (or build it there)")
-        elif not rt.python:
-            problems.append(f"no Python found in the {where}")
+        if image_missing and source is None:
+            out.append(_f(rule, True, name, f"image {inv.runtime.image} is on no host yet: up pulls it on "
+                          f"{inv.head.name}, then copies it (judged once it is there)"))
+            continue
+        if inv.runtime.image and source is not None and rt.image_id != ctx.facts[source].runtime.image_id:
+            # up copies the source's image here before anything runs: what counts is what that image holds
+            rt = ctx.facts[source].runtime
+            here = f"image {inv.runtime.image} (as {source} holds it: up copies it here)"
+        if not rt.python:
+            problems.append(f"no Python found in the {here}")
             fixes.append(f"create the runtime on {name} ({rule.args['install']})")
         elif not rt.ray and ray_wanted(inv):
-            problems.append(f"no Ray in the {where}, which {_ray_users(inv)} needs")
+            problems.append(f"no Ray in the {here}, which {_ray_users(inv)} needs")
             fixes.append(
                 f"install Ray >= {minimum} into the runtime on {name} ({rule.args['install']})"
                 if inv.runtime.venv
@@ -719,16 +743,44 @@ def runtime_support(ctx: CheckContext, rule: Rule) -> list[Finding]:
                 f"adding 'ray[default]>={minimum}'"
             )
         elif rt.ray and version_tuple(rt.ray) < version_tuple(minimum):
-            problems.append(f"Ray {rt.ray} in the {where} is older than {minimum} (no token authentication)")
+            problems.append(f"Ray {rt.ray} in the {here} is older than {minimum} (no token authentication)")
             fixes.append(f"upgrade Ray on {name} to >= {minimum} ({rule.args['install']})")
-        if needs_vllm and rt.python and not rt.vllm and not image_missing:
-            problems.append(f"no vLLM in the {where}, but the inventory has a vllm workload")
+        if needs_vllm and rt.python and not rt.vllm:
+            problems.append(f"no vLLM in the {here}, but the inventory has a vllm workload")
             fixes.append(f"install vLLM into the runtime on {name}, or use an NGC vLLM image")
         found = f"Python {rt.python or '?'}, Ray {rt.ray or 'absent'}, vLLM {rt.vllm or 'absent'}"
         if not ray_wanted(inv):
             found += " (Ray not needed: no workload uses it)"
-        evidence = "; ".join(problems) + f" (found: {found})" if problems else f"{where}: {found}"
+        evidence = "; ".join(problems) + f" (found: {found})" if problems else f"{here}: {found}"
         out.append(_f(rule, not problems, name, evidence, fix="; ".join(fixes) or None))
+    return out
+
+
+@evaluator("image_driver")
+def image_driver(ctx: CheckContext, rule: Rule) -> list[Finding]:
+    """Container mode: each host's driver supports the CUDA the image requires (its NVIDIA_REQUIRE_CUDA, else its
+    CUDA_VERSION: facts.parse.image_cuda_requirement), the image judged being the one `up` runs there (the source's,
+    copied). The NVIDIA Container Toolkit refuses such a container anyway ("unsatisfied condition: cuda>=..."), after
+    sparkctl had changed the hosts; this says it before."""
+    inv = ctx.inventory
+    if not inv.runtime.image:
+        return [_f(rule, True, name, f"venv {inv.runtime.venv}: no image") for name, _ in _hosts(ctx)]
+    source = _image_source(ctx)
+    if source is None:
+        return [_f(rule, True, name, "not judged: the image is on no host yet") for name, _ in _hosts(ctx)]
+    need = ctx.facts[source].runtime.image_cuda
+    out = []
+    for name, f in _hosts(ctx):
+        driver = f.gpus[0].driver if f.gpus else "?"
+        if not need or not f.cuda_version:
+            what = "the image states no CUDA requirement" if not need else "the driver's CUDA version is unknown"
+            out.append(_f(rule, True, name, f"not judged: {what}"))
+            continue
+        ok = version_tuple(f.cuda_version) >= version_tuple(need)
+        evidence = (
+            f"image {inv.runtime.image} requires CUDA >= {need}; driver {driver} supports CUDA {f.cuda_version}"
+        )
+        out.append(_f(rule, ok, name, evidence))
     return out
 
 

@@ -243,7 +243,7 @@ def plan_image_copy(ctx: PlanContext, host: Host) -> list[Step]:
                 f"({lc.fabric_ip(source)} -> {lc.fabric_ip(t)}, {_gb(rt.image_size)})",
                 commands=[
                     Command(
-                        argv=["sh", "-c", build_image_copy(inv, ctx.home(host), t, ctx.facts[t.name].user or "root")]
+                        argv=["sh", "-c", build_image_copy(inv, ctx.home(host), t, ctx.facts[t.name].user)]
                     )
                 ],
                 diff=[

@@ -703,10 +703,10 @@ def test_probe_asks_docker_for_the_image_id_size_and_environment() -> None:
         ),
         (
             {"spark-a": f"image_id={IMAGE_ID}\n", "spark-b": "image_id=sha256:9e8d7c6b5a4f3e2d1c0b9a8f7e6d5c4b\n"},
-            "fail",
-            "spark-b: python ? ray ? image sha256:9e8d7c6b5a4f",
+            "warn",  # up copies the Ray head's image to spark-b (plan/images.py)
+            "spark-b (image sha256:9e8d7c6b5a4f): up copies spark-a's image there",
         ),
-        ({"spark-a": f"image_id={IMAGE_ID}\n", "spark-b": ""}, "fail", "no runtime found on spark-b"),
+        ({"spark-a": f"image_id={IMAGE_ID}\n", "spark-b": ""}, "warn", "spark-b (no image): up copies spark-a's"),
     ],
     ids=["same-image", "images-differ", "image-missing"],
 )
