@@ -55,12 +55,25 @@ WorkloadOpt = Annotated[
 ]
 
 _debug = False
+_silent = logging.NullHandler()
+
+
+def quiet_logs() -> None:
+    """Keep every logger (paramiko's, fabric's, sparkctl's) off the terminal until --debug asks for them.
+
+    A record that finds no handler goes to logging's "last resort" handler, which prints WARNING and above to
+    stderr: paramiko's transport thread logs a traceback there when a host drops the connection before the SSH
+    banner, ahead of sparkctl's own error. A silent handler on the root logger leaves the last resort unused,
+    and the records still propagate to the root, where --debug prints them.
+    """
+    logging.getLogger().addHandler(_silent)
 
 
 def set_debug(on: bool) -> None:
     global _debug
     _debug = _debug or on
     if on:
+        logging.getLogger().removeHandler(_silent)
         logging.basicConfig(level=logging.DEBUG, format="%(asctime)s %(name)s %(message)s")
 
 
