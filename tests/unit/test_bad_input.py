@@ -307,6 +307,22 @@ INVENTORY_CASES = [
         "e.g. 192.168.100.1/24",
     ),
     Case("key-not-plain", "? [a, b]\n: c\n", 1, "", "keys must be plain text", "plain key"),
+    Case(
+        "cluster-name-too-long",
+        edit("cluster: spark-pair", "cluster: " + "c" * 300),
+        "cluster:",
+        "cluster",
+        "is 300 characters long; a plain name has at most 63",
+        "shorten it",
+    ),
+    Case(
+        "workload-name-too-long",
+        edit("  - name: chat", "  - name: " + "w" * 64),
+        "- name: www",
+        "workloads[0].name",
+        "is 64 characters long",
+        "shorten it",
+    ),
 ]
 
 
