@@ -7,6 +7,7 @@ import io
 import json
 import os
 import stat
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -247,6 +248,33 @@ def test_control_characters_are_escaped(text: str) -> None:
     shown = escape_controls(text)
     assert shown.isprintable(), repr(shown)
     assert "\\u" in shown
+
+
+def test_every_invisible_format_and_separator_character_is_escaped() -> None:
+    hidden = [chr(c) for c in range(0x110000) if unicodedata.category(chr(c)) in ("Cc", "Cf", "Zl", "Zp")]
+    assert "\u200b" in hidden and "\U000e0041" in hidden  # zero width space; a tag character (outside the BMP)
+    for ch in hidden:
+        if ch in "\t\n":
+            continue
+        shown = escape_controls(f"a{ch}b")
+        assert shown.isascii() and shown.isprintable(), repr(shown)
+        assert json.loads(f'"{shown}"') == f"a{ch}b", "the escape is a JSON escape of the same character"
+    assert escape_controls("caf\u00e9 \u4e2d\u6587 \U0001f600 ok") == "caf\u00e9 \u4e2d\u6587 \U0001f600 ok"
+
+
+def test_invisible_characters_from_the_inventory_are_escaped_in_the_plan(cli, tmp_path: Path) -> None:
+    inv = tmp_path / "inv.yaml"
+    hidden = "\u200b\u2060\u00ad\ufeff\U000e0041\u202e"
+    inv.write_text(
+        EXAMPLE.read_text().replace('"32768"]', f'"32768", "--x=a{hidden}b"]\n    env:\n      FOO: "v{hidden}w"')
+    )
+    text = cli("plan", "--offline", "-i", str(inv))
+    assert text.exit_code == 0, text.output
+    assert not any(ch in text.output for ch in hidden)
+    assert "FOO=v\\u200b\\u2060\\u00ad\\ufeff\\udb40\\udc41\\u202ew" in text.output
+    as_json = cli("plan", "--offline", "--json", "-i", str(inv))
+    assert not any(ch in as_json.stdout for ch in hidden)
+    assert f"--x=a{hidden}b" in json.dumps(json.loads(as_json.stdout), ensure_ascii=False)
 
 
 def test_newlines_and_tabs_are_kept() -> None:
