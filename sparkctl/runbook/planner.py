@@ -148,22 +148,66 @@ def _workload_overrides(
             for w in inv.workloads
         ]
     except ValidationError as exc:
-        found: Found = []
-        for e in exc.errors():
-            loc = tuple(e["loc"])
-            field = Workload.model_fields.get(str(loc[0])) if loc else None
-            ctx = dict(e.get("ctx") or {})
-            msg = str(ctx["message"]) if e["type"] == "sparkctl" else e["msg"]
-            if e["type"] == "extra_forbidden":
-                close = difflib.get_close_matches(str(loc[0]), list(Workload.model_fields), n=1)
-                hint = f"did you mean '{close[0]}'?" if close else "set: takes the fields of an inventory workload"
-                msg = f"unknown workload field '{loc[0]}'"
-            else:
-                hint = str(ctx.get("hint") or (field.description if field else "") or "")
-            found.append((("set", *loc), msg, hint or "see docs/inventory.md for the workload's fields"))
-        return inv, found
+        return inv, _override_errors(exc)
     new = inv.model_copy(update={"workloads": workloads})
     return new, [(("set", *loc[2:]), msg, hint) for loc, msg, hint in check_inventory(new) if loc[:1] == ("workloads",)]
+
+
+def check_overrides(changes: dict[str, Any] | None) -> Found:
+    """The `set:` fields no workload could take, whatever the inventory: unknown fields, values out of range
+    (what `runbook validate` can tell without an inventory; the inventory's own checks come at plan time)."""
+    from sparkctl.inventory.models import Workload
+
+    # null keeps the inventory's value; a field holding a parameter without a value yet is checked at plan time
+    changes = {k: v for k, v in (changes or {}).items() if _known(v)}
+    if not changes:
+        return []
+    try:
+        # the fields `set:` does not name are a valid workload's: every problem is one of `set:`
+        Workload.model_validate({"name": "w", "engine": "vllm", **changes})
+    except ValidationError as exc:
+        return _override_errors(exc)
+    return []
+
+
+def _known(value: Any) -> bool:
+    """No null anywhere in `value`."""
+    if isinstance(value, dict):
+        return all(_known(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_known(v) for v in value)
+    return value is not None
+
+
+def _override_errors(exc: ValidationError) -> Found:
+    """A workload's validation errors, located under the step's `set:`, each with the field's fix."""
+    from sparkctl.inventory.models import Workload
+
+    found: Found = []
+    for e in exc.errors():
+        loc = tuple(e["loc"])
+        field = Workload.model_fields.get(str(loc[0])) if loc else None
+        ctx = dict(e.get("ctx") or {})
+        msg = str(ctx["message"]) if e["type"] == "sparkctl" else e["msg"]
+        if e["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(str(loc[0]), list(Workload.model_fields), n=1)
+            hint = f"did you mean '{close[0]}'?" if close else "set: takes the fields of an inventory workload"
+            msg = f"unknown workload field '{loc[0]}'"
+        else:
+            hint = str(ctx.get("hint") or (field.description if field else "") or "")
+        found.append((("set", *loc), msg, hint or "see docs/inventory.md for the workload's fields"))
+    return found
+
+
+def once(found: Found) -> Found:
+    """One value used by several steps (a `--set`, a parameter's default) is one problem: the first is kept."""
+    seen: set[tuple[str, str]] = set()
+    unique: Found = []
+    for loc, msg, hint in found:
+        if (msg, hint) not in seen:
+            seen.add((msg, hint))
+            unique.append((loc, msg, hint))
+    return unique
 
 
 def check_against(rb: Runbook, inv: Inventory, params: dict[str, Any]) -> None:
@@ -194,14 +238,7 @@ def check_against(rb: Runbook, inv: Inventory, params: dict[str, Any]) -> None:
             _, bad = _workload_overrides(inv, getattr(args, "workloads", None), getattr(args, "set", None))
             found += [((group, i, "args", *loc), msg, hint) for loc, msg, hint in bad]
     if found:
-        # One value used by several steps (a `--set`, a parameter's default) is one problem: shown once.
-        seen: set[tuple[str, str]] = set()
-        unique: Found = []
-        for loc, msg, hint in found:
-            if (msg, hint) not in seen:
-                seen.add((msg, hint))
-                unique.append((loc, msg, hint))
-        raise RunbookError([Problem(rb.where(loc), msg, hint) for loc, msg, hint in unique])
+        raise RunbookError([Problem(rb.where(loc), msg, hint) for loc, msg, hint in once(found)])
 
 
 def _commits(action: str, other: str) -> bool:

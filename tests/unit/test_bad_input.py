@@ -599,3 +599,22 @@ def test_an_unknown_workload_option_is_blamed_on_the_option(cli) -> None:
         "--workload chta: spark-pair has no workload named chta",
         "did you mean 'chat'?",
     )
+
+
+def test_runbook_validate_holds_workload_overrides_to_the_defaults(cli, tmp_path: Path) -> None:
+    text = (REPO / "playbooks" / "recover-oom.yaml").read_text()
+    rb = tmp_path / "rb.yaml"
+    rb.write_text(edit("    default: 0.75\n", "    default: 0.95\n", text))
+    result = cli("runbook", "validate", str(rb))
+    assert result.exit_code == EXIT_BAD_INPUT, result.output
+    error, hint = _only_error(result.output)  # three steps use the default: one problem
+    first = text.splitlines().index('      set: {gpu_memory_utilization: "${gpu_memory_utilization}"}') + 1
+    assert error.startswith(f"{rb}:{first} steps[2].args.set.gpu_memory_utilization: "), error
+    assert "less than or equal to 0.9" in error and "SM121: 0.90 at most" in hint
+    rb.write_text(edit("set: {gpu_memory_utilization:", "set: {gpu_memory_utilisation:", text.replace(
+        '      set: {gpu_memory_utilization: "${gpu_memory_utilization}"}\n    on_failure', "    on_failure"
+    )))  # fmt: skip
+    error, hint = _only_error(cli("runbook", "validate", str(rb)).output)
+    assert "unknown workload field 'gpu_memory_utilisation'" in error and "gpu_memory_utilization" in hint
+    # a parameter without a default (null, or required) leaves the inventory's value: nothing to check yet
+    assert cli("runbook", "validate", str(REPO / "playbooks" / "swap-model.yaml")).exit_code == 0
