@@ -15,7 +15,7 @@ from sparkctl.inventory.load import Source, read_text, validate_source
 from sparkctl.inventory.reader import ReadError, read_yaml
 from sparkctl.runbook.actions import ACTIONS
 from sparkctl.runbook.models import Runbook, RunbookError, parse_when
-from sparkctl.runbook.planner import PARAM, Found, check_overrides, once, substitute
+from sparkctl.runbook.planner import PARAM, Found, check_overrides, once, step_args
 
 
 def builtin_names() -> list[str]:
@@ -58,9 +58,8 @@ def _check(rb: Runbook) -> list[tuple[tuple[str | int, ...], str, str]]:
                 )
             found += _unknown_params(rb, step.args, (group, i, "args"))
             try:
-                args = action.Args.model_validate(
-                    substitute(step.args, {k: p.default for k, p in rb.parameters.items()}, strict=False)
-                )
+                defaults = {k: p.default for k, p in rb.parameters.items()}
+                args = action.Args.model_validate(step_args(step, defaults, rb.raw_params(), strict=False))
             except ValidationError as exc:
                 found += _args_problems(action.Args, exc, (group, i, "args"))
             else:
@@ -272,7 +271,7 @@ def check_params(rb: Runbook, params: dict[str, Any], overridden: Collection[str
             if action is None:
                 continue
             try:
-                action.Args.model_validate(substitute(step.args, params))
+                action.Args.model_validate(step_args(step, params, rb.raw_params()))
             except ValidationError as exc:
                 refs = {m.group(1) for m in PARAM.finditer(str(step.args))}
                 note = ", ".join(f"from --set {u}" for u in sorted(refs & set(overridden)))

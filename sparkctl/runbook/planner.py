@@ -5,6 +5,8 @@ from __future__ import annotations
 import difflib
 import hashlib
 import re
+import shlex
+from collections.abc import Collection
 from importlib import resources
 from typing import Any
 
@@ -32,9 +34,10 @@ def sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def substitute(value: Any, params: dict[str, Any], strict: bool = True) -> Any:
+def substitute(value: Any, params: dict[str, Any], strict: bool = True, quoted: Collection[str] = ()) -> Any:
     """`${name}` -> the parameter's value (a whole-value reference keeps its type). Unknown names are errors
-    (found at load time; `strict=False` leaves them as they are for that check)."""
+    (found at load time; `strict=False` leaves them as they are for that check). Inside a longer string, the
+    values of the `quoted` parameters are inserted shell-quoted."""
 
     def get(name: str, whole: str) -> Any:
         if name in params:
@@ -43,16 +46,33 @@ def substitute(value: Any, params: dict[str, Any], strict: bool = True) -> Any:
             raise RunbookError([Problem(whole, f"unknown parameter '{whole}'", "declare it under parameters:")])
         return whole
 
+    def text(m: re.Match[str]) -> str:
+        value = str(get(m.group(1), m.group(0)))
+        return shlex.quote(value) if m.group(1) in quoted and m.group(1) in params else value
+
     if isinstance(value, str):
         whole = PARAM.fullmatch(value)
         if whole:
             return get(whole.group(1), value)
-        return PARAM.sub(lambda m: str(get(m.group(1), m.group(0))), value)
+        return PARAM.sub(text, value)
     if isinstance(value, list):
-        return [substitute(v, params, strict) for v in value]
+        return [substitute(v, params, strict, quoted) for v in value]
     if isinstance(value, dict):
-        return {k: substitute(v, params, strict) for k, v in value.items()}
+        return {k: substitute(v, params, strict, quoted) for k, v in value.items()}
     return value
+
+
+def step_args(step: RunbookStep, params: dict[str, Any], raw: Collection[str] = (), strict: bool = True) -> Any:
+    """A step's `args` with the parameters substituted.
+
+    A `shell: true` step's argv strings are often shell code (`sh -c "..."`): a value inside a longer one is
+    shell-quoted, so the shell reads it as one word and never runs it, unless its parameter is marked `raw`. A
+    whole-string reference is one argument of its own, passed as it is; `env:` values go on stdin, unquoted.
+    """
+    args = substitute(step.args, params, strict)
+    if step.shell and isinstance(step.args.get("argv"), list):
+        args["argv"] = substitute(step.args["argv"], params, strict, quoted=set(params) - set(raw))
+    return args
 
 
 def when_holds(expr: str | None, params: dict[str, Any]) -> bool:
@@ -97,10 +117,10 @@ def select_hosts(ctx: PlanContext, selector: str) -> list[Host]:
         ) from None
 
 
-def plan_stage(step: RunbookStep, ctx: PlanContext, params: dict[str, Any]) -> Stage:
-    """One runbook step -> one Stage of per-host Steps."""
+def plan_stage(step: RunbookStep, ctx: PlanContext, params: dict[str, Any], raw: Collection[str] = ()) -> Stage:
+    """One runbook step -> one Stage of per-host Steps (`raw`: the runbook's `raw: true` parameters)."""
     action = ACTIONS[step.action]
-    args = action.Args.model_validate(substitute(step.args, params))
+    args = action.Args.model_validate(step_args(step, params, raw))
     step_ctx = ctx
     if hasattr(args, "workloads"):
         inv = _override_workloads(ctx, step.name, args.workloads, getattr(args, "set", None))
@@ -232,7 +252,7 @@ def check_against(rb: Runbook, inv: Inventory, params: dict[str, Any]) -> None:
             if action is None or "workloads" not in action.Args.model_fields:
                 continue
             try:
-                args = action.Args.model_validate(substitute(step.args, params))
+                args = action.Args.model_validate(step_args(step, params, rb.raw_params()))
             except (ValidationError, RunbookError):
                 continue  # reported by check_params
             _, bad = _workload_overrides(inv, getattr(args, "workloads", None), getattr(args, "set", None))
@@ -267,7 +287,7 @@ def build_runbook_plan(
         if not when_holds(step.when, params):
             notes.append(f"step '{step.name}' skipped: when: {step.when}")
             continue
-        stage = plan_stage(step, ctx, params)
+        stage = plan_stage(step, ctx, params, rb.raw_params())
         stages.append(stage)
         ctx = ctx.after({s.kind for s in stage.steps if s.changes})
     for stage in stages:
