@@ -228,6 +228,29 @@ def test_an_exposed_secret_file_is_refused_before_connecting(cli, tmp_path: Path
     state.refuse_exposed(secret, key)  # 0600 passes
 
 
+OFFLINE_PLANS = [("plan", "--offline"), ("run", "up", "--dry-run", "--offline")]
+
+
+@pytest.mark.parametrize("command", OFFLINE_PLANS, ids=["plan", "run"])
+def test_an_offline_plan_refuses_the_laptop_files_an_online_run_refuses(cli, tmp_path: Path, command) -> None:
+    key = tmp_path / "id_missing"
+    inv = tmp_path / "inv.yaml"
+    inv.write_text(EXAMPLE.read_text().replace("  user: nvidia\n", f"  user: nvidia\n  identity_file: {key}\n"))
+    result = cli(*command, "-i", str(inv))
+    assert result.exit_code == EXIT_BAD_INPUT, result.output
+    assert f"error: ssh.identity_file {key}: no such file" in result.output
+    assert "hint: " in result.output and "identity_file" in result.output.split("hint: ")[1]
+    key.write_text("x\n")
+    key.chmod(0o644)  # exposed: refused offline as online
+    assert "permissions 0644 are too open" in cli(*command, "-i", str(inv)).output
+    key.chmod(0o600)
+    assert cli(*command, "-i", str(inv)).exit_code == 0
+    inv.write_text(inv.read_text().replace("known_hosts: ~/.ssh/known_hosts", f"known_hosts: {tmp_path}"))
+    result = cli(*command, "-i", str(inv))
+    assert result.exit_code == EXIT_BAD_INPUT, result.output
+    assert f"error: ssh.known_hosts {tmp_path}: is a directory" in result.output
+
+
 def test_an_exposed_file_of_another_owner_is_left_to_the_os(tmp_path: Path, mocker) -> None:
     secret = tmp_path / "secret"
     secret.write_text("x\n")
