@@ -251,6 +251,19 @@ def test_an_offline_plan_refuses_the_laptop_files_an_online_run_refuses(cli, tmp
     assert f"error: ssh.known_hosts {tmp_path}: is a directory" in result.output
 
 
+@pytest.mark.parametrize("command", [("plan",), ("status",), ("doctor",), ("up", "--yes")])
+def test_a_missing_key_file_is_named_before_connecting(cli, tmp_path: Path, command) -> None:
+    key = tmp_path / "id_missing"
+    inv = tmp_path / "inv.yaml"
+    host_b = "    address: 10.0.0.12\n"
+    inv.write_text(EXAMPLE.read_text().replace(host_b, f"{host_b}    ssh: {{identity_file: {key}}}\n"))
+    result = cli(*command, "-i", str(inv))  # the connector fails the test if it is reached
+    assert result.exit_code == EXIT_BAD_INPUT, result.output
+    assert f"error: ssh.identity_file {key}: no such file" in result.output
+    assert "hint: set ssh.identity_file in the inventory to your private key" in result.output
+    assert "cannot connect" not in result.output and "network" not in result.output
+
+
 def test_an_exposed_file_of_another_owner_is_left_to_the_os(tmp_path: Path, mocker) -> None:
     secret = tmp_path / "secret"
     secret.write_text("x\n")
