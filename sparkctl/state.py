@@ -93,6 +93,16 @@ def refuse_exposed(path: str | Path, what: str) -> None:
         )
 
 
+def check_private_key(path: str | Path, what: str, fix: str) -> None:
+    """A private key file sparkctl hands to SSH: a file that exists (`fix` says how to name another), not readable
+    by others (refuse_exposed)."""
+    full = Path(path).expanduser()
+    if not full.is_file():
+        found = "is a directory, not a private key" if full.is_dir() else "no such file"
+        raise SecretError([Problem(f"{what} {path}", found, fix)])
+    refuse_exposed(path, what)
+
+
 def ray_token(cluster: str, *, create: bool = True) -> str | None:
     """The cluster's Ray auth token, generated once; with create=False None when there is none yet."""
     path = state_home() / cluster / "ray-token"

@@ -48,8 +48,10 @@ def _root(
 
 def main() -> None:
     """Console entry point."""
+    from sparkctl.cli.common import quiet_logs
     from sparkctl.cli.interrupts import INTERRUPTS
 
+    quiet_logs()
     INTERRUPTS.install()
     # pydantic looks for plugins in every installed distribution's entry points when it builds the first model
     # (pydantic/plugin/_loader.py, pydantic 2.13): 7 ms with 180 packages, more in a larger environment.

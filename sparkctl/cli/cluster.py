@@ -103,7 +103,7 @@ def execute(
     from sparkctl.runbook.secrets import Secrets
     from sparkctl.runbook.session import Session, secrets_needed, ssh_connect
 
-    c.check_secret_files(inv)
+    c.check_laptop_files(inv)
     live = None
     if not dry_run and c.live_wanted(plain, as_json):
         import sys
@@ -262,6 +262,7 @@ def plan_cmd(
         from sparkctl.runbook.planner import offline_plan
         from sparkctl.runbook.secrets import Secrets
 
+        c.check_laptop_files(inv)
         plan = offline_plan(inv, rb, params)
         c.echo(show_plan(plan, as_json, Secrets(rb.secret_values(params))))
         return
@@ -409,6 +410,7 @@ def run_cmd(
         from sparkctl.runbook.planner import offline_plan
         from sparkctl.runbook.secrets import Secrets
 
+        c.check_laptop_files(inv)
         plan = offline_plan(inv, rb, params, start=start, only=only)
         c.echo(show_plan(plan, as_json, Secrets(rb.secret_values(params))))
         return

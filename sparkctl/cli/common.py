@@ -7,7 +7,7 @@ import getpass
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
@@ -55,12 +55,25 @@ WorkloadOpt = Annotated[
 ]
 
 _debug = False
+_silent = logging.NullHandler()
+
+
+def quiet_logs() -> None:
+    """Keep every logger (paramiko's, fabric's, sparkctl's) off the terminal until --debug asks for them.
+
+    A record that finds no handler goes to logging's "last resort" handler, which prints WARNING and above to
+    stderr: paramiko's transport thread logs a traceback there when a host drops the connection before the SSH
+    banner, ahead of sparkctl's own error. A silent handler on the root logger leaves the last resort unused,
+    and the records still propagate to the root, where --debug prints them.
+    """
+    logging.getLogger().addHandler(_silent)
 
 
 def set_debug(on: bool) -> None:
     global _debug
     _debug = _debug or on
     if on:
+        logging.getLogger().removeHandler(_silent)
         logging.basicConfig(level=logging.DEBUG, format="%(asctime)s %(name)s %(message)s")
 
 
@@ -91,20 +104,43 @@ def parse_sets(sets: list[str] | None) -> dict[str, str]:
     return out
 
 
-def check_secret_files(inv: Inventory) -> None:
-    """Refuse key and password files others can read, before any connection (as ssh refuses such a key)."""
+def check_laptop_files(inv: Inventory) -> None:
+    """The laptop's files a run uses, before any connection (and in offline plans, which would run the same):
+    key files exist and others cannot read them (as ssh refuses such a key), nor the sudo password file;
+    known_hosts, if it exists, is a file."""
+    problems: list[Problem] = []
     keys = {inv.ssh.identity_file, *(h.ssh.identity_file for h in inv.hosts)} - {None}
+    fix = (
+        "set ssh.identity_file in the inventory to your private key (e.g. ~/.ssh/id_ed25519), "
+        "or remove it to log in with ssh-agent and ~/.ssh/config"
+    )
     for key in sorted(k for k in keys if k):
-        state.refuse_exposed(key, "ssh.identity_file")
+        with _collect(problems):
+            state.check_private_key(key, "ssh.identity_file", fix)
     if inv.sudo.password_file:
-        state.refuse_exposed(inv.sudo.password_file, "sudo.password_file")
+        with _collect(problems):
+            state.refuse_exposed(inv.sudo.password_file, "sudo.password_file")
+    known = inv.ssh.known_hosts
+    if Path(known).expanduser().is_dir():
+        fix_known = "set ssh.known_hosts to a file, e.g. ~/.ssh/known_hosts"
+        problems.append(Problem(f"ssh.known_hosts {known}", "is a directory", fix_known))
+    if problems:
+        raise InputError(problems)
+
+
+@contextlib.contextmanager
+def _collect(problems: list[Problem]) -> Iterator[None]:
+    try:
+        yield
+    except SparkctlError as exc:
+        problems += exc.problems
 
 
 def open_session(inv: Inventory, accept_new_host_keys: bool, emit: Callable[[Event], None] | None = None) -> Session:
-    """Refuse exposed key files, then connect to and probe every host (one SSH connection each, in parallel)."""
+    """Check the laptop's files, then connect to and probe every host (one SSH connection each, in parallel)."""
     from sparkctl.runbook import session as sessions
 
-    check_secret_files(inv)
+    check_laptop_files(inv)
     return sessions.open_session(inv, accept_new_host_keys, emit)
 
 

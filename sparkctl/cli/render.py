@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import threading
+import unicodedata
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:  # annotations only: printing a plan loads neither the rules nor the engine
@@ -22,18 +23,41 @@ SYMBOL = {
     "unreachable": "UNREACHABLE",
 }
 
-# Characters that act on a terminal instead of showing: C0 controls but newline and tab (ESC starts ANSI
-# sequences, CR overwrites a line), DEL, C1 controls (U+0080-U+009F: CSI is U+009B), Unicode bidi controls
-# (U+061C, U+200E/F, U+202A-U+202E, U+2066-U+2069: "Trojan Source", CVE-2021-42574) and the Unicode line and
-# paragraph separators. Text from inventories, runbooks and hosts shows them as \uXXXX, which is also a valid
-# JSON escape, so the same table serves --json output.
-_CONTROLS = [*range(0x00, 0x09), *range(0x0B, 0x20), 0x7F, *range(0x80, 0xA0), 0x061C, 0x200E, 0x200F]
-_CONTROLS += [*range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x2028, 0x2029]
-_ESCAPES = {c: f"\\u{c:04x}" for c in _CONTROLS}
+# Characters that act on a terminal or hide instead of showing: the controls (Unicode category Cc: C0 but
+# newline and tab, ESC starts ANSI sequences and CR overwrites a line; DEL; C1, where U+009B is CSI), the format
+# characters (Cf: the bidi controls U+061C, U+200E/F, U+202A-U+202E, U+2066-U+2069 of "Trojan Source",
+# CVE-2021-42574, the zero-width U+200B-U+200D, U+2060 and U+FEFF, the soft hyphen, the tag characters) and
+# the line and paragraph separators (Zl, Zp). Text from inventories, runbooks and hosts shows them as \uXXXX
+# (a surrogate pair beyond U+FFFF), which is also a valid JSON escape, so the same table serves --json output.
+_HIDDEN = frozenset({"Cc", "Cf", "Zl", "Zp"})
+_KEPT = frozenset({ord("\t"), ord("\n")})
+_BMP = 0x10000
+
+
+class _Escapes(dict[int, "int | str"]):
+    """str.translate's table: each character looked up once, by its category in Python's Unicode database."""
+
+    def __missing__(self, code: int) -> int | str:
+        value: int | str = code
+        if code not in _KEPT and unicodedata.category(chr(code)) in _HIDDEN:
+            value = _escape(code)
+        if code < _BMP:  # remembered: at most 65,536 entries, whatever the text
+            self[code] = value
+        return value
+
+
+def _escape(code: int) -> str:
+    if code < _BMP:
+        return f"\\u{code:04x}"
+    high, low = divmod(code - _BMP, 0x400)
+    return f"\\u{0xD800 + high:04x}\\u{0xDC00 + low:04x}"
+
+
+_ESCAPES = _Escapes()
 
 
 def escape_controls(text: str) -> str:
-    """`text` safe to print: terminal control characters shown as \\uXXXX (newlines and tabs kept)."""
+    """`text` safe to print: control, format and separator characters shown as \\uXXXX (newlines, tabs kept)."""
     return text.translate(_ESCAPES)
 
 

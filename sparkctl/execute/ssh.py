@@ -413,6 +413,14 @@ def _describe_connect_failure(exc: BaseException, conn: Connection, settings: Ss
                 "(ssh.port in the inventory, or Port in ~/.ssh/config)",
             )
         return (f"no route to {target}{via}", "check the address and this machine's network")
+    if isinstance(exc, OSError) and exc.filename is not None and exc.filename in _key_files(conn):
+        # paramiko opens the key only after the handshake: its OSError is about the file, not the network
+        problem = "does not exist" if isinstance(exc, FileNotFoundError) else f"cannot be read: {exc.strerror or exc}"
+        return (
+            f"identity file {exc.filename} {problem} (ssh.identity_file)",
+            "set ssh.identity_file in the inventory to your private key's path (e.g. ~/.ssh/id_ed25519), "
+            "or remove it to log in with ssh-agent and ~/.ssh/config",
+        )
     if isinstance(exc, socket.gaierror):
         return (
             f"cannot resolve {conn.host!r}{via}: {exc.strerror or exc}",
@@ -429,6 +437,11 @@ def _describe_connect_failure(exc: BaseException, conn: Connection, settings: Ss
         f"SSH session with {target}{via} failed: {exc or type(exc).__name__}",
         f"run `ssh -v {ssh_port}{login} true` to see why",
     )
+
+
+def _key_files(conn: Connection) -> list[str]:
+    """The private key files given to the connection (ssh.identity_file, expanded)."""
+    return list(conn.connect_kwargs.get("key_filename") or [])
 
 
 def _fingerprint(key: paramiko.PKey | None) -> str:

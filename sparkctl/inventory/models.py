@@ -11,6 +11,9 @@ from pydantic_core import PydanticCustomError
 
 # Plain names only: no whitespace, no shell metacharacters, no leading '-' (it would read as an option).
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# A plain name becomes part of file names (the laptop's <cluster>/api-key-<workload>, the hosts'
+# workload-<name>.health and logs/<name>.log: 255 bytes each) and may be a host's DNS label (63 at most).
+MAX_NAME = 63
 _IFNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$")
 _MODEL = re.compile(r"^[A-Za-z0-9_./~][A-Za-z0-9_./:@+~-]*$")
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -23,6 +26,11 @@ def invalid(message: str, hint: str) -> PydanticCustomError:
 
 
 def _plain_name(value: str) -> str:
+    if len(value) > MAX_NAME:
+        raise invalid(
+            f"{value[:20]!r}... is {len(value)} characters long; a plain name has at most {MAX_NAME}",
+            f"shorten it to {MAX_NAME} characters or fewer",
+        )
     if not _NAME.match(value):
         raise invalid(
             f"{value!r} is not a plain name",

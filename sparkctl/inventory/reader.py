@@ -4,8 +4,10 @@ Inventories and runbooks are a few kilobytes of plain YAML. The reader enforces 
 bomb, a huge or endless file, binary data, deep nesting) can cost more than a bounded time and memory:
 
 - input: at most MAX_BYTES, UTF-8, no NUL bytes; one document;
-- no aliases (`*name`): no sparkctl schema needs them, and they are how a nine-line file expands to 10**9 values;
-- at most MAX_VALUES values and MAX_DEPTH levels of nesting; built without recursion;
+- anchors, aliases (`&name`, `*name`) and merge keys (`<<: *name`) as `yaml.safe_load` reads them, each alias
+  counted as the values it expands to: a nine-line "billion laughs" would expand to 10**9 values, and is refused
+  at the alias that crosses MAX_VALUES;
+- at most MAX_VALUES values and MAX_DEPTH levels of nesting, aliases expanded; built without recursion;
 - no tags other than the core schema's (`!!python/...` and friends are refused, not constructed);
 - keys are plain text and unique (YAML's "the last one wins" hides mistakes).
 
@@ -16,6 +18,7 @@ value means what `yaml.safe_load` makes of it.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,14 +118,28 @@ def _short(tag: str) -> str:
     return "!!" + tag.removeprefix(_CORE) if tag.startswith(_CORE) else tag
 
 
-class _Frame:
-    __slots__ = ("container", "key", "keys", "loc")
+_MERGE = "<<"  # YAML 1.1's merge key, when plain: its value's keys join the mapping (explicit keys win)
 
-    def __init__(self, container: dict[str, Any] | list[Any], loc: Loc) -> None:
+
+class _Frame:
+    __slots__ = ("anchor", "container", "height", "key", "keys", "loc", "merges", "start")
+
+    def __init__(self, container: dict[str, Any] | list[Any], loc: Loc, anchor: str | None, start: int) -> None:
         self.container = container
         self.loc = loc
         self.key: str | None = None
         self.keys: dict[str, int] = {}
+        self.anchor = anchor
+        self.start = start  # values counted before this one: its size is what is counted until it ends
+        self.height = 1  # levels of nesting, this one included
+        self.merges: list[tuple[Any, int]] = []  # values of merge keys, with their lines
+
+
+@dataclass(frozen=True)
+class _Anchored:
+    value: Any
+    size: int  # values, aliases expanded
+    height: int  # levels of nesting (0 for a scalar)
 
 
 def read_yaml(text: str) -> Document:
@@ -131,6 +148,8 @@ def read_yaml(text: str) -> Document:
         raise ReadError(text.count("\n", 0, MAX_BYTES) + 1, (), f"larger than {MAX_BYTES // 1024} KiB", "keep it small")
     doc = Document(None)
     stack: list[_Frame] = []
+    anchors: dict[str, _Anchored] = {}
+    anchored_on: dict[str, int] = {}  # the line of each anchor (&name) so far
     values = 0
     documents = 0
     try:
@@ -174,7 +193,13 @@ def read_yaml(text: str) -> Document:
             line = line_of(event)
             if isinstance(event, yaml.MappingEndEvent | yaml.SequenceEndEvent):
                 frame = stack.pop()
-                if not stack:
+                if frame.merges:
+                    _merge(frame)
+                if frame.anchor is not None:
+                    anchors[frame.anchor] = _Anchored(frame.container, values - frame.start, frame.height)
+                if stack:
+                    stack[-1].height = max(stack[-1].height, frame.height + 1)
+                else:
                     doc.data = frame.container
                 continue
             top = stack[-1] if stack else None
@@ -187,12 +212,53 @@ def read_yaml(text: str) -> Document:
             else:
                 loc = (*top.loc, top.key if top.key is not None else "")
             if isinstance(event, yaml.AliasEvent):
-                raise ReadError(
-                    line,
-                    top.loc if is_key and top else loc,
-                    f"YAML alias '*{event.anchor}' is not supported",
-                    "write the value out in full: sparkctl files use no anchors or aliases",
-                )
+                name = str(event.anchor)
+                if is_key and top is not None:
+                    raise ReadError(
+                        line, top.loc, "keys must be plain text, not an alias", f"write the key out, not *{name}"
+                    )
+                target = anchors.get(name)
+                if target is None:
+                    if any(f.anchor == name for f in stack):
+                        raise ReadError(
+                            line, loc, f"alias '*{name}' is inside the value it names", "a value cannot contain itself"
+                        )
+                    raise ReadError(
+                        line,
+                        loc,
+                        f"alias '*{name}' names no anchor before it",
+                        f"define the anchor (&{name}) on the value before using it, or write the value out",
+                    )
+                if values + target.size > MAX_VALUES:
+                    raise ReadError(
+                        line,
+                        loc,
+                        f"alias '*{name}' expands to {target.size} values: more than {MAX_VALUES} in all",
+                        "share smaller blocks, or write the values out: an inventory holds ~50 values",
+                    )
+                if len(stack) + target.height > MAX_DEPTH:
+                    raise ReadError(
+                        line, loc, f"alias '*{name}' nests more than {MAX_DEPTH} levels deep", "flatten the structure"
+                    )
+                values += target.size
+                value = copy.deepcopy(target.value)  # at most MAX_VALUES values in all, counted above
+                doc.lines.setdefault(loc, line)
+                if top is None:
+                    doc.data = value
+                    continue
+                top.height = max(top.height, target.height + 1)
+                _store(top, value, line)
+                continue
+            anchor = getattr(event, "anchor", None)
+            if anchor is not None:
+                if anchor in anchored_on:
+                    raise ReadError(
+                        line,
+                        top.loc if is_key and top else loc,
+                        f"anchor '&{anchor}' is defined twice (first on line {anchored_on[anchor]})",
+                        "give each anchor its own name",
+                    )
+                anchored_on[anchor] = line
             values += 1
             if values > MAX_VALUES:
                 raise ReadError(
@@ -220,6 +286,10 @@ def read_yaml(text: str) -> Document:
                     top.keys[key] = line
                     top.key = key
                     doc.lines[(*top.loc, key)] = line
+                    if key == _MERGE and not explicit and not event.style:
+                        top.key = _MERGE_KEY
+                    if anchor is not None:
+                        anchors[anchor] = _Anchored(key, 1, 0)
                     continue
                 plain = not event.style and event.implicit[0]
                 resolved = tag if explicit and tag else (_resolve(event.value) if plain else f"{_CORE}str")
@@ -232,10 +302,12 @@ def read_yaml(text: str) -> Document:
                 if resolved != f"{_CORE}str":
                     doc.raw[loc] = event.value
                 doc.lines.setdefault(loc, line)
+                if anchor is not None:
+                    anchors[anchor] = _Anchored(value, 1, 0)
                 if top is None:
                     doc.data = value
                     continue
-                _store(top, value)
+                _store(top, value, line)
                 continue
             # A mapping or a sequence starts.
             if tag not in (None, "!") and tag not in _COLLECTION_TAGS:
@@ -250,8 +322,8 @@ def read_yaml(text: str) -> Document:
             container: dict[str, Any] | list[Any] = {} if isinstance(event, yaml.MappingStartEvent) else []
             doc.lines.setdefault(loc, line)
             if top is not None:
-                _store(top, container)
-            stack.append(_Frame(container, loc))
+                _store(top, container, line)
+            stack.append(_Frame(container, loc, anchor, values - 1))
     finally:
         loader.dispose()
     return doc
@@ -278,10 +350,44 @@ def line_of(event: Any) -> int:
     return int(mark.line) + 1 if mark is not None else 1
 
 
-def _store(frame: _Frame, value: Any) -> None:
+class _MergeKey(str):
+    """The plain `<<` key of a mapping: its value is merged, not stored."""
+
+    __slots__ = ()
+
+
+_MERGE_KEY = _MergeKey(_MERGE)
+
+
+def _store(frame: _Frame, value: Any, line: int) -> None:
     if isinstance(frame.container, list):
         frame.container.append(value)
     else:
         assert frame.key is not None
-        frame.container[frame.key] = value
+        if isinstance(frame.key, _MergeKey):
+            frame.merges.append((value, line))  # complete only at the end of this mapping
+        else:
+            frame.container[frame.key] = value
         frame.key = None
+
+
+def _merge(frame: _Frame) -> None:
+    """Apply the mapping's merge keys as `yaml.safe_load` does: the merged keys first, its own keys win, and of
+    several merged mappings (`<<: [*a, *b]`) the first that has a key gives its value."""
+    assert isinstance(frame.container, dict)
+    merged: dict[str, Any] = {}
+    for value, line in frame.merges:
+        sources = value if isinstance(value, list) else [value]
+        if not all(isinstance(m, dict) for m in sources):
+            raise ReadError(
+                line,
+                (*frame.loc, _MERGE),
+                "'<<' merges mappings only",
+                "give '<<' a mapping, an alias of one (<<: *name), or a list of those",
+            )
+        for source in reversed(sources):
+            merged.update(source)
+    own = dict(frame.container)
+    frame.container.clear()
+    frame.container.update({k: v for k, v in merged.items() if k not in own})
+    frame.container.update(own)

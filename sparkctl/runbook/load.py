@@ -15,7 +15,7 @@ from sparkctl.inventory.load import Source, read_text, validate_source
 from sparkctl.inventory.reader import ReadError, read_yaml
 from sparkctl.runbook.actions import ACTIONS
 from sparkctl.runbook.models import Runbook, RunbookError, parse_when
-from sparkctl.runbook.planner import PARAM, Found, substitute
+from sparkctl.runbook.planner import PARAM, Found, check_overrides, once, step_args
 
 
 def builtin_names() -> list[str]:
@@ -33,6 +33,7 @@ def builtin_text(name: str) -> str:
 
 def _check(rb: Runbook) -> list[tuple[tuple[str | int, ...], str, str]]:
     found: list[tuple[tuple[str | int, ...], str, str]] = []
+    overrides: Found = []
     names = [s.name for s in rb.steps] + [s.name for s in rb.cleanup]
     for group in ("steps", "cleanup"):
         for i, step in enumerate(getattr(rb, group)):
@@ -57,11 +58,15 @@ def _check(rb: Runbook) -> list[tuple[tuple[str | int, ...], str, str]]:
                 )
             found += _unknown_params(rb, step.args, (group, i, "args"))
             try:
-                action.Args.model_validate(
-                    substitute(step.args, {k: p.default for k, p in rb.parameters.items()}, strict=False)
-                )
+                defaults = {k: p.default for k, p in rb.parameters.items()}
+                args = action.Args.model_validate(step_args(step, defaults, rb.raw_params(), strict=False))
             except ValidationError as exc:
                 found += _args_problems(action.Args, exc, (group, i, "args"))
+            else:
+                # `set:` with the defaults, as a run without --set would use them (a default used by several steps:
+                # one problem)
+                bad = check_overrides(getattr(args, "set", None))
+                overrides += [((group, i, "args", *loc), msg, hint) for loc, msg, hint in bad]
             if isinstance(step.on_failure, list):
                 cleanup = {s.name for s in rb.cleanup}
                 for ref in step.on_failure:
@@ -109,7 +114,7 @@ def _check(rb: Runbook) -> list[tuple[tuple[str | int, ...], str, str]]:
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:
         found.append((("steps",), f"duplicate step names: {', '.join(sorted(dupes))}", "name every step once"))
-    return found
+    return found + once(overrides)
 
 
 def _params_hint(rb: Runbook, name: str = "") -> str:
@@ -266,7 +271,7 @@ def check_params(rb: Runbook, params: dict[str, Any], overridden: Collection[str
             if action is None:
                 continue
             try:
-                action.Args.model_validate(substitute(step.args, params))
+                action.Args.model_validate(step_args(step, params, rb.raw_params()))
             except ValidationError as exc:
                 refs = {m.group(1) for m in PARAM.finditer(str(step.args))}
                 note = ", ".join(f"from --set {u}" for u in sorted(refs & set(overridden)))

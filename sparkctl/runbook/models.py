@@ -39,6 +39,11 @@ class Parameter(_Model):
     description: str = ""
     secret: bool = Field(False, description="redacted in the journal and in output")
     required: bool = Field(False, description="the run needs a value (`--set name=value`)")
+    raw: bool = Field(
+        False,
+        description="inside a longer string of a `shell: true` step's argv, inserted as text, not shell-quoted: "
+        "whoever sets it may run any shell code on the hosts",
+    )
 
 
 class RunbookStep(_Model):
@@ -79,6 +84,10 @@ class Runbook(_Model):
         if self._where is not None:
             return str(self._where(loc))
         return f"<runbook {self.name}> " + ".".join(map(str, loc))
+
+    def raw_params(self) -> frozenset[str]:
+        """The parameters marked `raw: true`."""
+        return frozenset(k for k, p in self.parameters.items() if p.raw)
 
     def secret_values(self, params: dict[str, Any]) -> dict[str, str]:
         """The values of the parameters marked `secret: true`, by name (`param:<name>`), for redaction."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import difflib
 import hashlib
 import re
+import shlex
+from collections.abc import Collection
 from importlib import resources
 from typing import Any
 
@@ -32,9 +34,10 @@ def sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def substitute(value: Any, params: dict[str, Any], strict: bool = True) -> Any:
+def substitute(value: Any, params: dict[str, Any], strict: bool = True, quoted: Collection[str] = ()) -> Any:
     """`${name}` -> the parameter's value (a whole-value reference keeps its type). Unknown names are errors
-    (found at load time; `strict=False` leaves them as they are for that check)."""
+    (found at load time; `strict=False` leaves them as they are for that check). Inside a longer string, the
+    values of the `quoted` parameters are inserted shell-quoted."""
 
     def get(name: str, whole: str) -> Any:
         if name in params:
@@ -43,16 +46,33 @@ def substitute(value: Any, params: dict[str, Any], strict: bool = True) -> Any:
             raise RunbookError([Problem(whole, f"unknown parameter '{whole}'", "declare it under parameters:")])
         return whole
 
+    def text(m: re.Match[str]) -> str:
+        value = str(get(m.group(1), m.group(0)))
+        return shlex.quote(value) if m.group(1) in quoted and m.group(1) in params else value
+
     if isinstance(value, str):
         whole = PARAM.fullmatch(value)
         if whole:
             return get(whole.group(1), value)
-        return PARAM.sub(lambda m: str(get(m.group(1), m.group(0))), value)
+        return PARAM.sub(text, value)
     if isinstance(value, list):
-        return [substitute(v, params, strict) for v in value]
+        return [substitute(v, params, strict, quoted) for v in value]
     if isinstance(value, dict):
-        return {k: substitute(v, params, strict) for k, v in value.items()}
+        return {k: substitute(v, params, strict, quoted) for k, v in value.items()}
     return value
+
+
+def step_args(step: RunbookStep, params: dict[str, Any], raw: Collection[str] = (), strict: bool = True) -> Any:
+    """A step's `args` with the parameters substituted.
+
+    A `shell: true` step's argv strings are often shell code (`sh -c "..."`): a value inside a longer one is
+    shell-quoted, so the shell reads it as one word and never runs it, unless its parameter is marked `raw`. A
+    whole-string reference is one argument of its own, passed as it is; `env:` values go on stdin, unquoted.
+    """
+    args = substitute(step.args, params, strict)
+    if step.shell and isinstance(step.args.get("argv"), list):
+        args["argv"] = substitute(step.args["argv"], params, strict, quoted=set(params) - set(raw))
+    return args
 
 
 def when_holds(expr: str | None, params: dict[str, Any]) -> bool:
@@ -97,10 +117,10 @@ def select_hosts(ctx: PlanContext, selector: str) -> list[Host]:
         ) from None
 
 
-def plan_stage(step: RunbookStep, ctx: PlanContext, params: dict[str, Any]) -> Stage:
-    """One runbook step -> one Stage of per-host Steps."""
+def plan_stage(step: RunbookStep, ctx: PlanContext, params: dict[str, Any], raw: Collection[str] = ()) -> Stage:
+    """One runbook step -> one Stage of per-host Steps (`raw`: the runbook's `raw: true` parameters)."""
     action = ACTIONS[step.action]
-    args = action.Args.model_validate(substitute(step.args, params))
+    args = action.Args.model_validate(step_args(step, params, raw))
     step_ctx = ctx
     if hasattr(args, "workloads"):
         inv = _override_workloads(ctx, step.name, args.workloads, getattr(args, "set", None))
@@ -148,22 +168,66 @@ def _workload_overrides(
             for w in inv.workloads
         ]
     except ValidationError as exc:
-        found: Found = []
-        for e in exc.errors():
-            loc = tuple(e["loc"])
-            field = Workload.model_fields.get(str(loc[0])) if loc else None
-            ctx = dict(e.get("ctx") or {})
-            msg = str(ctx["message"]) if e["type"] == "sparkctl" else e["msg"]
-            if e["type"] == "extra_forbidden":
-                close = difflib.get_close_matches(str(loc[0]), list(Workload.model_fields), n=1)
-                hint = f"did you mean '{close[0]}'?" if close else "set: takes the fields of an inventory workload"
-                msg = f"unknown workload field '{loc[0]}'"
-            else:
-                hint = str(ctx.get("hint") or (field.description if field else "") or "")
-            found.append((("set", *loc), msg, hint or "see docs/inventory.md for the workload's fields"))
-        return inv, found
+        return inv, _override_errors(exc)
     new = inv.model_copy(update={"workloads": workloads})
     return new, [(("set", *loc[2:]), msg, hint) for loc, msg, hint in check_inventory(new) if loc[:1] == ("workloads",)]
+
+
+def check_overrides(changes: dict[str, Any] | None) -> Found:
+    """The `set:` fields no workload could take, whatever the inventory: unknown fields, values out of range
+    (what `runbook validate` can tell without an inventory; the inventory's own checks come at plan time)."""
+    from sparkctl.inventory.models import Workload
+
+    # null keeps the inventory's value; a field holding a parameter without a value yet is checked at plan time
+    changes = {k: v for k, v in (changes or {}).items() if _known(v)}
+    if not changes:
+        return []
+    try:
+        # the fields `set:` does not name are a valid workload's: every problem is one of `set:`
+        Workload.model_validate({"name": "w", "engine": "vllm", **changes})
+    except ValidationError as exc:
+        return _override_errors(exc)
+    return []
+
+
+def _known(value: Any) -> bool:
+    """No null anywhere in `value`."""
+    if isinstance(value, dict):
+        return all(_known(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_known(v) for v in value)
+    return value is not None
+
+
+def _override_errors(exc: ValidationError) -> Found:
+    """A workload's validation errors, located under the step's `set:`, each with the field's fix."""
+    from sparkctl.inventory.models import Workload
+
+    found: Found = []
+    for e in exc.errors():
+        loc = tuple(e["loc"])
+        field = Workload.model_fields.get(str(loc[0])) if loc else None
+        ctx = dict(e.get("ctx") or {})
+        msg = str(ctx["message"]) if e["type"] == "sparkctl" else e["msg"]
+        if e["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(str(loc[0]), list(Workload.model_fields), n=1)
+            hint = f"did you mean '{close[0]}'?" if close else "set: takes the fields of an inventory workload"
+            msg = f"unknown workload field '{loc[0]}'"
+        else:
+            hint = str(ctx.get("hint") or (field.description if field else "") or "")
+        found.append((("set", *loc), msg, hint or "see docs/inventory.md for the workload's fields"))
+    return found
+
+
+def once(found: Found) -> Found:
+    """One value used by several steps (a `--set`, a parameter's default) is one problem: the first is kept."""
+    seen: set[tuple[str, str]] = set()
+    unique: Found = []
+    for loc, msg, hint in found:
+        if (msg, hint) not in seen:
+            seen.add((msg, hint))
+            unique.append((loc, msg, hint))
+    return unique
 
 
 def check_against(rb: Runbook, inv: Inventory, params: dict[str, Any]) -> None:
@@ -188,20 +252,13 @@ def check_against(rb: Runbook, inv: Inventory, params: dict[str, Any]) -> None:
             if action is None or "workloads" not in action.Args.model_fields:
                 continue
             try:
-                args = action.Args.model_validate(substitute(step.args, params))
+                args = action.Args.model_validate(step_args(step, params, rb.raw_params()))
             except (ValidationError, RunbookError):
                 continue  # reported by check_params
             _, bad = _workload_overrides(inv, getattr(args, "workloads", None), getattr(args, "set", None))
             found += [((group, i, "args", *loc), msg, hint) for loc, msg, hint in bad]
     if found:
-        # One value used by several steps (a `--set`, a parameter's default) is one problem: shown once.
-        seen: set[tuple[str, str]] = set()
-        unique: Found = []
-        for loc, msg, hint in found:
-            if (msg, hint) not in seen:
-                seen.add((msg, hint))
-                unique.append((loc, msg, hint))
-        raise RunbookError([Problem(rb.where(loc), msg, hint) for loc, msg, hint in unique])
+        raise RunbookError([Problem(rb.where(loc), msg, hint) for loc, msg, hint in once(found)])
 
 
 def _commits(action: str, other: str) -> bool:
@@ -230,7 +287,7 @@ def build_runbook_plan(
         if not when_holds(step.when, params):
             notes.append(f"step '{step.name}' skipped: when: {step.when}")
             continue
-        stage = plan_stage(step, ctx, params)
+        stage = plan_stage(step, ctx, params, rb.raw_params())
         stages.append(stage)
         ctx = ctx.after({s.kind for s in stage.steps if s.changes})
     for stage in stages:

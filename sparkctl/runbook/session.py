@@ -323,7 +323,7 @@ class Session:
         def cleanup(names: list[str]) -> list[Stage]:
             self.gather()
             ctx = self.context(secrets, params)
-            return [plan_stage(s, ctx, params) for s in rb.cleanup if s.name in names]
+            return [plan_stage(s, ctx, params, rb.raw_params()) for s in rb.cleanup if s.name in names]
 
         report = Report(
             cluster=plan.cluster,
@@ -394,7 +394,7 @@ class Session:
         for ref in rb.on_interrupt:
             self.gather(partial=True)  # a host lost meanwhile is named, the others are cleaned
             if ref in cleanup:
-                stage = plan_stage(cleanup[ref], self.context(secrets, params), params)
+                stage = plan_stage(cleanup[ref], self.context(secrets, params), params, rb.raw_params())
                 plan = Plan(
                     cluster=self.inventory.cluster, runbook=rb.name, hosts=list(self.transports), stages=[stage]
                 )

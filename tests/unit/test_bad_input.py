@@ -60,14 +60,45 @@ _HEAD = EXAMPLE.split("workloads:")[0]
 HUGE = _HEAD + "workloads:\n" + "  - x\n" * (5 * 1024 * 1024 // 6)
 
 INVENTORY_CASES = [
-    Case("alias-bomb", alias_bomb(), 2, "b[0]", "alias '*a' is not supported", "write the value out in full"),
     Case(
-        "alias-in-a-valid-inventory",
-        edit("  port: 6379\n", "  port: &p 6379\nextra: *p\n"),
-        "extra: *p",
-        "extra",
-        "alias '*p'",
-        "no anchors or aliases",
+        "alias-bomb",
+        alias_bomb(),
+        "e: &e",
+        "e[0]",
+        f"alias '*d' expands to 7381 values: more than {reader.MAX_VALUES} in all",
+        "share smaller blocks",
+    ),
+    Case(
+        "alias-without-anchor",
+        edit("  port: 6379\n", "  port: *p\n"),
+        "port: *p",
+        "ray.port",
+        "alias '*p' names no anchor before it",
+        "define the anchor (&p) on the value before using it",
+    ),
+    Case(
+        "alias-inside-its-anchor",
+        edit("  port: 6379\n", "  port: 6379\n  ports: &p {node_manager: *p}\n"),
+        "ports: &p",
+        "ray.ports.node_manager",
+        "alias '*p' is inside the value it names",
+        "a value cannot contain itself",
+    ),
+    Case(
+        "alias-as-a-key",
+        edit("  port: 6379\n", "  port: &p 6379\n  *p : 1\n"),
+        "*p : 1",
+        "ray",
+        "keys must be plain text, not an alias",
+        "write the key out",
+    ),
+    Case(
+        "alias-deeper-than-the-limit",
+        "a: &a " + "[" * 20 + "]" * 20 + "\nb: " + "[" * 15 + "*a" + "]" * 15 + "\n",
+        "b: ",
+        "b" + "[0]" * 15,
+        f"alias '*a' nests more than {reader.MAX_DEPTH} levels deep",
+        "flatten",
     ),
     Case(
         "huge-file-5MB",
@@ -307,6 +338,22 @@ INVENTORY_CASES = [
         "e.g. 192.168.100.1/24",
     ),
     Case("key-not-plain", "? [a, b]\n: c\n", 1, "", "keys must be plain text", "plain key"),
+    Case(
+        "cluster-name-too-long",
+        edit("cluster: spark-pair", "cluster: " + "c" * 300),
+        "cluster:",
+        "cluster",
+        "is 300 characters long; a plain name has at most 63",
+        "shorten it",
+    ),
+    Case(
+        "workload-name-too-long",
+        edit("  - name: chat", "  - name: " + "w" * 64),
+        "- name: www",
+        "workloads[0].name",
+        "is 64 characters long",
+        "shorten it",
+    ),
 ]
 
 
@@ -583,3 +630,72 @@ def test_an_unknown_workload_option_is_blamed_on_the_option(cli) -> None:
         "--workload chta: spark-pair has no workload named chta",
         "did you mean 'chat'?",
     )
+
+
+def test_runbook_validate_holds_workload_overrides_to_the_defaults(cli, tmp_path: Path) -> None:
+    text = (REPO / "playbooks" / "recover-oom.yaml").read_text()
+    rb = tmp_path / "rb.yaml"
+    rb.write_text(edit("    default: 0.75\n", "    default: 0.95\n", text))
+    result = cli("runbook", "validate", str(rb))
+    assert result.exit_code == EXIT_BAD_INPUT, result.output
+    error, hint = _only_error(result.output)  # three steps use the default: one problem
+    first = text.splitlines().index('      set: {gpu_memory_utilization: "${gpu_memory_utilization}"}') + 1
+    assert error.startswith(f"{rb}:{first} steps[2].args.set.gpu_memory_utilization: "), error
+    assert "less than or equal to 0.9" in error and "SM121: 0.90 at most" in hint
+    rb.write_text(edit("set: {gpu_memory_utilization:", "set: {gpu_memory_utilisation:", text.replace(
+        '      set: {gpu_memory_utilization: "${gpu_memory_utilization}"}\n    on_failure', "    on_failure"
+    )))  # fmt: skip
+    error, hint = _only_error(cli("runbook", "validate", str(rb)).output)
+    assert "unknown workload field 'gpu_memory_utilisation'" in error and "gpu_memory_utilization" in hint
+    # a parameter without a default (null, or required) leaves the inventory's value: nothing to check yet
+    assert cli("runbook", "validate", str(REPO / "playbooks" / "swap-model.yaml")).exit_code == 0
+
+
+SHARED = edit(
+    "    address: 10.0.0.12\n",
+    "    address: 10.0.0.12\n    ssh: {user: *user}\n",
+    edit(
+        "  - name: chat\n    engine: vllm\n",
+        "  - &chat\n    name: chat\n    engine: vllm\n",
+        edit("  user: nvidia\n", "  user: &user nvidia\n"),
+    ),
+) + "  - <<: *chat\n    name: chat-small\n    port: 8001\n    gpu_memory_utilization: 0.05\n"
+
+
+def test_an_inventory_sharing_blocks_with_anchors_loads(cli, tmp_path: Path) -> None:
+    from sparkctl.inventory import parse_inventory
+
+    inv = parse_inventory(SHARED, "shared.yaml")
+    assert inv.hosts[1].ssh.user == "nvidia"
+    chat, small = inv.workloads
+    assert small.name == "chat-small" and small.port == 8001 and small.gpu_memory_utilization == 0.05
+    assert (small.model, small.extra_args, small.tensor_parallel_size) == (chat.model, chat.extra_args, 2)
+    # what yaml.safe_load makes of the same text, merge key included
+    import yaml
+
+    assert reader.read_yaml(SHARED).data == yaml.safe_load(SHARED)
+    path = tmp_path / "shared.yaml"
+    path.write_text(SHARED)
+    assert cli("plan", "--offline", "-i", str(path)).exit_code == 0
+
+
+def test_an_error_inside_an_aliased_block_is_located_where_it_is_used(cli, tmp_path: Path) -> None:
+    text = edit("network:\n", "network: &bad\n", edit("    ssh: {user: *user}\n", "    ssh: {user: *bad}\n", SHARED))
+    path = tmp_path / "inv.yaml"
+    path.write_text(text)
+    result = cli("plan", "--offline", "-i", str(path))
+    assert result.exit_code == EXIT_BAD_INPUT, result.output
+    error, _ = _only_error(result.output)  # the mapping behind *bad is not a user name
+    assert error.startswith(f"{path}:{line_number(text, 'user: *bad')} hosts[1].ssh.user: "), error
+    assert "valid string" in error
+
+
+def test_merge_keys_take_mappings_only(cli, tmp_path: Path) -> None:
+    path = tmp_path / "inv.yaml"
+    text = SHARED.replace("  - <<: *chat\n", "  - <<: *user\n")
+    path.write_text(text)
+    result = cli("plan", "--offline", "-i", str(path))
+    assert result.exit_code == EXIT_BAD_INPUT, result.output
+    error, hint = _only_error(result.output)
+    assert error.startswith(f"{path}:{line_number(text, '<<: *user')} workloads[1].<<: "), error
+    assert "merges mappings" in error and "a mapping" in hint

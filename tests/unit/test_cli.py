@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ from typer.testing import CliRunner
 
 from sparkctl import state
 from sparkctl.cli.app import app
-from sparkctl.errors import EXIT_BAD_INPUT
+from sparkctl.errors import EXIT_BAD_INPUT, EXIT_FAILED
 from sparkctl.plan.models import Plan
 from sparkctl.runbook.load import parse_runbook
 
@@ -462,3 +464,43 @@ def test_the_fast_exit_keeps_what_an_exit_promises(tmp_path: Path) -> None:
     # a thread the interpreter would wait for: the normal exit, which waits for it
     r = _leave("threading.Thread(target=late).start()\nleave(4)", tmp_path)
     assert r.returncode == 4 and "thread finished" in r.stderr and len(r.stdout) == 200000
+
+
+class _Hangup:
+    """A loopback TCP port that accepts every connection and closes it at once (no SSH banner)."""
+
+    def __init__(self, address: str) -> None:
+        self.sock = socket.create_server((address, 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:  # closed by the test
+                return
+            conn.close()
+
+
+@pytest.mark.parametrize("command", [["plan"], ["status"], ["doctor"], ["up", "--yes"]])
+def test_ssh_library_logs_stay_off_the_terminal(command: list[str], tmp_path: Path) -> None:
+    ports = {name: _Hangup(addr) for name, addr in (("spark-a", "127.0.0.1"), ("spark-b", "127.0.0.2"))}
+    inv = tmp_path / "inv.yaml"
+    text = EXAMPLE.read_text().replace("  port: 22\n", "").replace("~/.ssh/known_hosts", str(tmp_path / "kh"))
+    for name, old in (("spark-a", "10.0.0.11"), ("spark-b", "10.0.0.12")):
+        new = f"{ports[name].sock.getsockname()[0]}\n    ssh: {{port: {ports[name].port}}}"
+        text = text.replace(f"address: {old}", f"address: {new}")
+    inv.write_text(text)
+    try:
+        r = _sparkctl(*command, "-i", str(inv), tmp_path=tmp_path)
+    finally:
+        for p in ports.values():
+            p.sock.close()
+    assert r.returncode == EXIT_FAILED, r.stderr
+    assert "error: spark-a: SSH session with 127.0.0.1:" in r.stderr
+    assert "Error reading SSH protocol banner" in r.stderr
+    for noise in ("Traceback", "Exception (client)", "paramiko", "EOFError"):
+        assert noise not in r.stderr, r.stderr
+    debug = _sparkctl(*command, "-i", str(inv), "--debug", tmp_path=tmp_path)
+    assert "paramiko.transport" in debug.stderr  # the library's own log lines are there on request

@@ -122,6 +122,15 @@ def test_host_names_with_shell_characters_are_rejected(problems, example, bad: s
     assert p.hint
 
 
+def test_a_cluster_name_of_63_characters_is_the_longest(problems, example) -> None:
+    name = "c" * 63
+    assert parse_inventory(example.edit("cluster: spark-pair", f"cluster: {name}")).cluster == name
+    p = only(problems(example.edit("cluster: spark-pair", f"cluster: {name}x")))
+    assert p.where == "inv.yaml:3 cluster"
+    assert "64 characters long" in p.message and "at most 63" in p.message
+    assert name not in p.message, "the message shows the start of the name, not all of it"
+
+
 @pytest.mark.parametrize(
     "bad", ["eth0;rm -rf /", "-x", "a b", "$(id)", "enp1s0f1np1&&x", "averyveryverylongname0"]
 )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -248,6 +250,55 @@ def test_a_whole_value_parameter_keeps_its_type(ctx: PlanContext) -> None:
         assert started == expected, chosen
     with pytest.raises(RunbookError, match="no workload named other"):  # a typo is an error, not a no-op
         build_runbook_plan(up, ctx, resolve_params(up, {}) | {"workloads": ["other"]})
+
+
+SHELL_STRING = """\
+name: say
+parameters:
+  msg:
+    default: hello
+  script:
+    default: "echo from the author"
+    raw: true
+steps:
+  - name: say
+    action: shell
+    shell: true
+    hosts: head
+    args:
+      argv: [sh, -c, "echo ${msg} > said; ${script} >> said", sh, "${msg}"]
+      env: {MSG: "<${msg}>"}
+      description: "say ${msg}"
+"""
+
+
+def _said(ctx: PlanContext, sets: dict[str, str]) -> tuple[list[str], str | None, str]:
+    """The step's own argv (after the shell that reads `env:` from stdin), its stdin and description."""
+    rb = parse_runbook(SHELL_STRING, "rb.yaml")
+    step = build_runbook_plan(rb, ctx, resolve_params(rb, sets)).stages[0].steps[0]
+    argv = step.commands[0].argv
+    return argv[argv.index("sh", 1) + 1 :], step.commands[0].stdin, step.description
+
+
+@pytest.mark.skipif(shutil.which("sh") is None, reason="needs a POSIX sh")
+def test_a_value_inside_a_shell_string_is_quoted_not_run(ctx: PlanContext, tmp_path: Path) -> None:
+    argv, stdin, description = _said(ctx, {"msg": "$(touch pwned); touch pwned2"})
+    script = argv[argv.index("-c") + 1]
+    assert script.startswith("echo '$(touch pwned); touch pwned2' > said; "), script
+    assert argv[-1] == "$(touch pwned); touch pwned2", "a whole argument is that argument, as given"
+    assert stdin == "<$(touch pwned); touch pwned2>\n", "env values reach the program on stdin, unquoted"
+    assert description == "say $(touch pwned); touch pwned2"
+    subprocess.run(["sh", "-c", script], cwd=tmp_path, check=True, timeout=10)  # what the host's sh does with it
+    assert (tmp_path / "said").read_text() == "$(touch pwned); touch pwned2\nfrom the author\n"
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "pwned2").exists()
+
+
+def test_a_raw_parameter_is_inserted_as_shell_code(ctx: PlanContext) -> None:
+    argv, _, _ = _said(ctx, {"msg": "hi", "script": "uname -r | tr a-z A-Z"})
+    assert argv[argv.index("-c") + 1] == "echo hi > said; uname -r | tr a-z A-Z >> said"
+    with pytest.raises(RunbookError) as info:  # `raw` is a yes or no, like `secret`
+        parse_runbook(SHELL_STRING.replace("raw: true", "raw: sometimes"), "rb.yaml")
+    assert "parameters.script.raw" in info.value.problems[0].where
 
 
 @pytest.mark.parametrize(

@@ -541,3 +541,13 @@ def test_a_dropped_connection_is_reported_as_unreachable(network, trusted):
         transport.run("reboot", timeout=10)
 
     assert "connection lost while running `reboot`" in caught.value.problems[0].message
+
+
+def test_a_missing_key_file_is_named_not_taken_for_the_network(trusted, tmp_path):
+    missing = tmp_path / "id_gone"
+    with pytest.raises(Unreachable) as caught:
+        trusted(identity_file=str(missing))
+    (problem,) = caught.value.problems
+    assert problem.where == "spark-a"
+    assert problem.message == f"identity file {missing} does not exist (ssh.identity_file)"
+    assert "ssh.identity_file" in problem.hint and "network" not in problem.hint
