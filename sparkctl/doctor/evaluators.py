@@ -734,13 +734,18 @@ def runtime_support(ctx: CheckContext, rule: Rule) -> list[Finding]:
         if not rt.python:
             problems.append(f"no Python found in the {here}")
             fixes.append(f"create the runtime on {name} ({rule.args['install']})")
+        elif not rt.ray and ray_wanted(inv) and inv.runtime.add_ray:
+            here += f" (Ray {inv.runtime.add_ray} added by sparkctl: {inv.runtime.ray_image})"
+            if version_tuple(inv.runtime.add_ray) < version_tuple(minimum):
+                problems.append(f"runtime.add_ray {inv.runtime.add_ray} is older than {minimum} (no token auth)")
+                fixes.append(f"set runtime.add_ray to a Ray version >= {minimum}")
         elif not rt.ray and ray_wanted(inv):
             problems.append(f"no Ray in the {here}, which {_ray_users(inv)} needs")
             fixes.append(
                 f"install Ray >= {minimum} into the runtime on {name} ({rule.args['install']})"
                 if inv.runtime.venv
-                else f"use an image that ships Ray >= {minimum} on {name}, or build one FROM {inv.runtime.image} "
-                f"adding 'ray[default]>={minimum}'"
+                else f"set runtime.add_ray: <Ray version>, e.g. {minimum}.0 or newer (sparkctl builds an image FROM "
+                f"{inv.runtime.image} with Ray added, on each host), or use an image that ships Ray >= {minimum}"
             )
         elif rt.ray and version_tuple(rt.ray) < version_tuple(minimum):
             problems.append(f"Ray {rt.ray} in the {here} is older than {minimum} (no token authentication)")

@@ -125,6 +125,8 @@ class Runtime(_Fact):
     fastsafetensors: str = Field("", description="the optional loader `--load-format fastsafetensors` imports")
     image_id: str = ""
     image_size: int = Field(0, description="bytes, as `docker image inspect` gives .Size")
+    ray_image_id: str = Field("", description="runtime.add_ray: the ID of the image derived with Ray, if built")
+    ray_image_base: str = Field("", description="runtime.add_ray: the base image ID the derived image is labelled with")
     image_cuda: str = Field(
         "",
         description="the CUDA the image requires of the driver (its NVIDIA_REQUIRE_CUDA `cuda>=` term, else its "

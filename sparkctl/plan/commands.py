@@ -32,6 +32,11 @@ def _env_prelude(home: str) -> str:
     )
 
 
+def ray_image(inv: Inventory) -> str:
+    """The image the Ray container runs (and the workloads `docker exec`ed into it): Runtime.ray_image."""
+    return inv.runtime.ray_image
+
+
 def ray_start_argv(inv: Inventory, host: Host) -> list[str]:
     """`ray start` for a host: head or worker, every port pinned, bound to the fabric address."""
     ports = inv.ray.ports
@@ -84,7 +89,7 @@ def build_ray_start(inv: Inventory, host: Host, home: str) -> str:
         # to examples/ray_serving/, passes `--entrypoint /bin/bash` for the same reason).
         "--entrypoint",
         "sh",
-        rt.image or "",
+        ray_image(inv),
         "-c",
         shlex.join(argv),
     ]
@@ -396,7 +401,7 @@ def workload_env(inv: Inventory, w: Workload) -> dict[str, str]:
 def workload_spec(inv: Inventory, w: Workload, home: str, host: Host | None = None) -> str:
     """One line identifying what a workload runs on `host` (and in which image); a change of it means a restart."""
     env = " ".join(f"{k}={v}" for k, v in sorted(workload_env(inv, w).items()))
-    image = f"image={inv.runtime.image} " if inv.runtime.image else ""
+    image = f"image={ray_image(inv) if needs_ray(w) else inv.runtime.image} " if inv.runtime.image else ""
     return f"{image}{env} {shlex.join(workload_argv(inv, w, home, host))}".strip()
 
 

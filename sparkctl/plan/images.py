@@ -278,3 +278,65 @@ def plan_image_check(ctx: PlanContext, host: Host) -> list[Step]:
             wait=Wait(kind="remote", deadline=10, interval=1),
         )
     ]
+
+
+RAY_WHEELS_IN_BUILD = "/tmp/sparkctl-ray-wheels"
+
+
+def render_ray_containerfile(inv: Inventory) -> str:
+    """The Dockerfile of the image derived with Ray: FROM the user's image, `pip install 'ray[default]==<v>'` with the
+    image's own Python, as NVIDIA's vLLM playbook adds Ray to nvcr.io/nvidia/vllm:26.05-py3 before `ray start`
+    (dgx-spark-playbooks nvidia/vllm/README.md; vLLM's examples/ray_serving/run_cluster.sh patched with
+    `pip install ray`); from `ray_wheels` (copied in as the build context) when the hosts reach no package index."""
+    rt = inv.runtime
+    want = f"ray[default]=={rt.add_ray}"
+    if rt.ray_wheels:
+        return (
+            f"FROM {rt.image}\n"
+            f"COPY . {RAY_WHEELS_IN_BUILD}\n"
+            f"RUN python3 -m pip install --no-cache-dir --no-index --find-links {RAY_WHEELS_IN_BUILD} {q(want)} "
+            f"&& rm -rf {RAY_WHEELS_IN_BUILD}\n"
+        )
+    return f"FROM {rt.image}\nRUN python3 -m pip install --no-cache-dir {q(want)}\n"
+
+
+def build_ray_image(inv: Inventory, base_id: str) -> str:
+    """`docker build` of the derived image, the Dockerfile on stdin (`-f -`, Docker's and podman's build), the wheel
+    directory (or an empty directory) as the context, labelled with the ID of the image it is built from."""
+    tag = q(inv.runtime.ray_image)
+    label = q(f"sparkctl.base={base_id}")
+    if inv.runtime.ray_wheels:
+        return f"docker build -q -t {tag} --label {label} -f - {q(inv.runtime.ray_wheels)}"
+    return (
+        f'ctx=$(mktemp -d) && docker build -q -t {tag} --label {label} -f - "$ctx"; rc=$?; rmdir "$ctx"; exit $rc'
+    )
+
+
+def plan_ray_image(ctx: PlanContext, host: Host) -> list[Step]:
+    """runtime.add_ray, when a workload needs Ray: the derived image on this host, built from the image this host
+    holds (after the copy, the source's) unless already built from that very image."""
+    inv = ctx.inventory
+    if not inv.runtime.add_ray or not lc.ray_wanted(inv):
+        return []
+    rt = ctx.facts[host.name].runtime
+    found = transfers(ctx)
+    base = rt.image_id
+    if found is not None and host in found[1]:  # the copy brings the source's image here first
+        base = ctx.facts[found[0].name].runtime.image_id
+    if rt.ray_image_id and rt.ray_image_base == base and base:
+        return []
+    containerfile = render_ray_containerfile(inv)
+    source = f"from {inv.runtime.ray_wheels} (no index)" if inv.runtime.ray_wheels else "from the package index"
+    return [
+        Step(
+            host=host.name,
+            kind="ray_image",
+            target=inv.runtime.ray_image,
+            description=f"build {inv.runtime.ray_image}: {inv.runtime.image} with Ray {inv.runtime.add_ray} added "
+            f"{source}",
+            commands=[Command(argv=["sh", "-c", build_ray_image(inv, base)], stdin=containerfile)],
+            diff=[f"- {inv.runtime.ray_image}: {'built from another image' if rt.ray_image_id else 'absent'}"]
+            + [f"+ {line}" for line in containerfile.splitlines()],
+            depends_on_earlier=found is not None,
+        )
+    ]

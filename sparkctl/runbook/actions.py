@@ -228,6 +228,11 @@ _ACTIONS: list[type[Action]] = [
         images.plan_image_copy,
     ),
     _simple("verify_image", "container mode: every host holds the image with the same ID", images.plan_image_check),
+    _simple(
+        "ray_image",
+        "container mode with runtime.add_ray: the image derived with Ray on every host, when a workload needs Ray",
+        images.plan_ray_image,
+    ),
     _simple("ray_firewall", "nftables: Ray reachable only over the fabric and loopback", cluster.plan_ray_firewall),
     _simple("ray_token", "the cluster's Ray auth token on every host", cluster.plan_ray_token),
     _simple("ray_start", "Ray head / workers on the fabric addresses", cluster.plan_ray_node),

@@ -108,8 +108,7 @@ def render_udev_twin_rule() -> str:
 
 def render_sshd_config(spec: HostSpec) -> str:
     return (
-        "# sparkctl testbed host: management address only, public keys only.\n"
-        f"ListenAddress {spec.mgmt_ip}\n"
+        "# sparkctl testbed host: every address (no ListenAddress, as DGX OS's stock sshd_config), public keys only.\n"
         "Port 22\n"
         f"HostKey /etc/ssh/{HOST_KEY}\n"
         "PubkeyAuthentication yes\n"

@@ -338,3 +338,74 @@ def test_venv_mode_has_no_image_steps() -> None:
     plan = plan_of(inv, fresh(inv))
     assert not [s for s in steps(plan) if s.kind in ("peer_key", "peer_access", "image_copy", "verify_image")]
     assert paths.peer_comment("x") == "sparkctl-peer-x"
+
+
+# --- Ray for images that lack it (runtime.add_ray) -----------------------------------------------------------------
+
+EMB = ('extra_args: ["--max-model-len", "32768"]\n',
+       'extra_args: ["--max-model-len", "32768"]\n  - {name: emb, engine: embed, port: 8001}\n')
+WITH_RAY = ("  image: nvcr.io/nvidia/vllm:25.11-py3\n",
+            "  image: nvcr.io/nvidia/vllm:25.11-py3\n  add_ray: 2.60.0\n  ray_wheels: /opt/wheels\n")
+
+
+def test_add_ray_derives_an_image_on_each_host_and_runs_ray_from_it() -> None:
+    inv = parse_inventory(
+        edit(edit(edit(EXAMPLE.read_text(), "  venv: /opt/sparkctl-runtime\n", f"  image: {IMAGE}\n"), *EMB),
+             *WITH_RAY), "x.yaml")
+    derived = "localhost/sparkctl/vllm:25.11-py3-ray2.60.0"
+    assert inv.runtime.ray_image == derived
+    plan = mp_plan(inv, with_images(inv, {"spark-a": ID_A}))
+    for host in ("spark-a", "spark-b"):
+        step = one(plan, host, "ray_image")
+        line = sh_line(step.commands[0])
+        # built from the image the host holds once the copy ran: spark-a's (spark-b's comes over the fabric first)
+        assert line == f"docker build -q -t {derived} --label sparkctl.base={ID_A} -f - /opt/wheels"
+        assert step.commands[0].stdin == (
+            f"FROM {IMAGE}\nCOPY . /tmp/sparkctl-ray-wheels\nRUN python3 -m pip install --no-cache-dir --no-index "
+            "--find-links /tmp/sparkctl-ray-wheels 'ray[default]==2.60.0' && rm -rf /tmp/sparkctl-ray-wheels\n"
+        )
+        _, command = docker_run(sh_line(one(plan, host, "ray_node").commands[-1]).replace(derived, IMAGE))
+        assert command[:2] == ["sh", "-c"]
+    stages = [st.name for st in plan.stages]
+    assert stages.index("image") < stages.index("ray-image") < stages.index("ray-head")
+    # built from that base already: nothing to do; a new base image: built again
+    built = with_images(inv, {"spark-a": ID_A, "spark-b": ID_A})
+    done = {h: f.model_copy(update={"runtime": f.runtime.model_copy(
+        update={"ray_image_id": "c3" * 32, "ray_image_base": ID_A})}) for h, f in built.items()}
+    assert not steps(mp_plan(inv, done), kind="ray_image")
+    stale = {h: f.model_copy(update={"runtime": f.runtime.model_copy(update={"image_id": ID_B})})
+             for h, f in done.items()}
+    assert len(steps(mp_plan(inv, stale), kind="ray_image")) == 2
+
+
+def test_add_ray_builds_nothing_when_no_workload_needs_ray() -> None:
+    inv = parse_inventory(edit(edit(EXAMPLE.read_text(), "  venv: /opt/sparkctl-runtime\n", f"  image: {IMAGE}\n"),
+                               *WITH_RAY), "x.yaml")
+    assert not steps(mp_plan(inv, with_images(inv, {"spark-a": ID_A, "spark-b": ID_A})), kind="ray_image")
+
+
+def test_without_wheels_the_build_installs_from_the_index_in_an_empty_context() -> None:
+    inv = parse_inventory(
+        edit(edit(edit(EXAMPLE.read_text(), "  venv: /opt/sparkctl-runtime\n", f"  image: {IMAGE}\n"), *EMB),
+             "  image: nvcr.io/nvidia/vllm:25.11-py3\n", "  image: nvcr.io/nvidia/vllm@sha256:" + "9f" * 32
+             + "\n  add_ray: 2.60.0\n"), "x.yaml")
+    assert inv.runtime.ray_image == "localhost/sparkctl/vllm:digest-9f9f9f9f9f9f-ray2.60.0"
+    step = one(mp_plan(inv, with_images(inv, {"spark-a": ID_A, "spark-b": ID_A})), "spark-b", "ray_image")
+    assert step.commands[0].stdin.endswith("RUN python3 -m pip install --no-cache-dir 'ray[default]==2.60.0'\n")
+    assert sh_line(step.commands[0]).startswith('ctx=$(mktemp -d) && docker build -q -t ')
+
+
+@pytest.mark.parametrize(
+    ("runtime", "message"),
+    [
+        ("  venv: /opt/x\n  add_ray: 2.60.0\n", "add_ray and ray_wheels are for an image"),
+        ("  image: a/b:c\n  ray_wheels: /w\n", "ray_wheels is read only with add_ray"),
+        ("  image: a/b:c\n  add_ray: latest\n", "add_ray"),
+    ],
+)
+def test_add_ray_mistakes_are_refused(runtime: str, message: str) -> None:
+    from sparkctl.errors import InventoryError
+
+    text = edit(EXAMPLE.read_text(), "  venv: /opt/sparkctl-runtime\n", runtime)
+    with pytest.raises(InventoryError, match=message):
+        parse_inventory(text, "x.yaml")

@@ -398,6 +398,7 @@ def test_up_runs_in_the_documented_order() -> None:
         "peer_access",
         "image_sync",
         "verify_image",
+        "ray_image",
         "ray_firewall",
         "ray_token",
         "ray_start",
