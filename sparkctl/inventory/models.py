@@ -90,7 +90,7 @@ def _single_line(value: str) -> str:
 
 def _image_name(value: str) -> str:
     if not _IMAGE.match(value):
-        raise invalid(f"{value!r} is not a container image reference", "e.g. nvcr.io/nvidia/vllm:25.11-py3")
+        raise invalid(f"{value!r} is not a container image reference", "e.g. nvcr.io/nvidia/vllm:26.05-py3")
     return value
 
 
@@ -250,7 +250,9 @@ class Runtime(_Model):
 
     venv: AbsPath | None = Field(None, description="Python venv present on every host (holds ray, vllm, torch).")
     image: Annotated[str, AfterValidator(_image_name)] | None = Field(
-        None, description="Container image (e.g. nvcr.io/nvidia/vllm:25.11-py3) run with docker on every host."
+        None,
+        description="Container image (e.g. nvcr.io/nvidia/vllm:26.05-py3) run with docker on every host; needed on "
+        "one host only: `up` copies it to the others over the fabric.",
     )
     hf_cache: FilePath = Field(
         "~/.cache/huggingface", description="Hugging Face cache on the hosts (mounted in containers)."

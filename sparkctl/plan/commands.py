@@ -85,8 +85,8 @@ def build_ray_start(inv: Inventory, host: Host, home: str) -> str:
         RAY_CONTAINER,
         *container_flags(inv, home),
         # The entrypoint is named, never inherited: the vllm-openai images' ENTRYPOINT is `vllm serve`, which would
-        # turn the command into `vllm serve sh -c ...` (vLLM's examples/online_serving/run_cluster.sh, since moved
-        # to examples/ray_serving/, passes `--entrypoint /bin/bash` for the same reason).
+        # turn the command into `vllm serve sh -c ...` (vLLM's examples/ray_serving/run_cluster.sh passes
+        # `--entrypoint /bin/bash` for the same reason).
         "--entrypoint",
         "sh",
         ray_image(inv),
@@ -120,7 +120,7 @@ CONTAINER_VLLM_CONFIG = "/sparkctl-config/vllm"
 def container_flags(inv: Inventory, home: str) -> list[str]:
     """docker run flags of the Ray container on a Spark (the one container per host; workloads run in the head's).
 
-    As NVIDIA's multi-Spark flow (dgx-spark-playbooks nvidia/vllm, vLLM's examples/online_serving/run_cluster.sh):
+    As NVIDIA's multi-Spark flow (dgx-spark-playbooks nvidia/vllm, vLLM's examples/ray_serving/run_cluster.sh):
     GPUs, host network, shared memory, the HF cache; RDMA devices and ulimits from the inventory; the worker env
     file, Ray token auth from the mounted state dir, `--init` (a PID 1 that reaps the workloads started with
     `docker exec`), and VLLM_CONFIG_ROOT pointing at the host's ~/.config/vllm, where vLLM reads the non-carry-over

@@ -57,6 +57,11 @@ def rx_bytes(tb: Testbed, host: str, ifname: str) -> int:
     return int(tb.exec(host, ["cat", f"/sys/class/net/{ifname}/statistics/rx_bytes"]).stdout)
 
 
+def log_tail(tb: Testbed, host: str, name: str, lines: int = 60) -> str:
+    return tb.exec(host, ["tail", "-n", str(lines), f"/home/spark/.local/state/sparkctl/logs/{name}.log"],
+                   check=False).stdout
+
+
 def write_inventory(tb: Testbed, path: Path, workloads: list[dict[str, Any]], **runtime: Any) -> Path:
     data = yaml.safe_load(tb.inventory_path(workloads=workloads).read_text())
     # the testbed's podman needs --ulimit host and has no /dev/infiniband (as in test_container_mode.py)
@@ -131,7 +136,7 @@ def test_up_copies_the_image_over_the_fabric_and_serves_tp2_with_the_mp_executor
     cluster.up = r = cluster.run(cluster.mp, "up", "--yes")
     after = {(h, i): rx_bytes(tb, h, i) for h in tb.hosts for i in (TWIN, MGMT_IFNAME)}
     cluster.moved = {f"{h}:{i}": after[h, i] - before[h, i] for h, i in before}
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-6000:]
+    assert r.returncode == 0, r.stderr[-3000:] + "".join(f"\n--- {h} mini.log\n{log_tail(tb, h, 'mini')}" for h in tb.hosts)
     size = int(podman(tb, "spark-a", "image", "inspect", "--format", "{{.Size}}", IMAGE))
     # the image crossed the twin into spark-b, and not the management network
     assert cluster.moved[f"spark-b:{TWIN}"] > 0.9 * size, cluster.moved

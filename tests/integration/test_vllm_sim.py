@@ -39,6 +39,7 @@ CHAT: dict[str, Any] = {
     "engine": "vllm",
     "model": "Qwen/Qwen3-0.6B",
     "tensor_parallel_size": 2,
+    "executor": "ray",  # vLLM's Ray executor (the default is mp), simulated
     "port": 8000,
     "ready_timeout": 300,  # the simulation imports vLLM's parser: about 10 s of CPU, more on a busy machine
 }
