@@ -745,7 +745,8 @@ def runtime_support(ctx: CheckContext, rule: Rule) -> list[Finding]:
                 f"install Ray >= {minimum} into the runtime on {name} ({rule.args['install']})"
                 if inv.runtime.venv
                 else f"set runtime.add_ray: <Ray version>, e.g. {minimum}.0 or newer (sparkctl builds an image FROM "
-                f"{inv.runtime.image} with Ray added, on each host), or use an image that ships Ray >= {minimum}"
+                f"{inv.runtime.image} with Ray added, on each host), or use an image that ships Ray >= {minimum} "
+                f"on {name}"
             )
         elif rt.ray and version_tuple(rt.ray) < version_tuple(minimum):
             problems.append(f"Ray {rt.ray} in the {here} is older than {minimum} (no token authentication)")

@@ -520,6 +520,9 @@ def build_workload_stop(inv: Inventory, name: str, home: str, grace: int = 30, *
 
 
 EPHEMERAL = "32768-60999"
+VLLM_MASTER_PORT = 29501
+"""Where vLLM's multiprocessing executor's ranks meet (torch.distributed's TCPStore on the head): `--master-port`,
+default 29501 (ParallelConfig.master_port, vllm/config/parallel.py, vLLM 0.32.0)."""
 
 
 def render_firewall(inv: Inventory, host: Host, ssh_port: int = 22) -> str:
@@ -544,6 +547,8 @@ def render_firewall(inv: Inventory, host: Host, ssh_port: int = 22) -> str:
             p.metrics_export,
             p.client_server,
         }
+        # the multiprocessing executor's rendezvous, when a workload runs it across Sparks
+        | ({VLLM_MASTER_PORT} if any(rank_hosts(inv, w) for w in inv.workloads) else set())
     )
     drop = ", ".join([*map(str, ports), f"{p.min_worker}-{p.max_worker}", EPHEMERAL])
     ifaces = ", ".join(f'"{i}"' for i in ["lo", *(t.interface for t in host.fabric)])

@@ -29,7 +29,7 @@ import pytest
 import yaml
 
 from tests.integration.helpers import cli_env, plan_steps, sparkctl
-from tests.integration.test_vllm_real import MINI, MODEL, SENTENCES
+from tests.integration.test_vllm_real import MINI, reference_cosines
 from tests.testbed import TWINS, Testbed
 from tests.testbed.layout import MGMT_IFNAME
 
@@ -136,7 +136,8 @@ def test_up_copies_the_image_over_the_fabric_and_serves_tp2_with_the_mp_executor
     cluster.up = r = cluster.run(cluster.mp, "up", "--yes")
     after = {(h, i): rx_bytes(tb, h, i) for h in tb.hosts for i in (TWIN, MGMT_IFNAME)}
     cluster.moved = {f"{h}:{i}": after[h, i] - before[h, i] for h, i in before}
-    assert r.returncode == 0, r.stderr[-3000:] + "".join(f"\n--- {h} mini.log\n{log_tail(tb, h, 'mini')}" for h in tb.hosts)
+    logs = "".join(f"\n--- {h} mini.log\n{log_tail(tb, h, 'mini')}" for h in tb.hosts)
+    assert r.returncode == 0, r.stderr[-3000:] + logs
     size = int(podman(tb, "spark-a", "image", "inspect", "--format", "{{.Size}}", IMAGE))
     # the image crossed the twin into spark-b, and not the management network
     assert cluster.moved[f"spark-b:{TWIN}"] > 0.9 * size, cluster.moved
@@ -152,16 +153,11 @@ def test_up_copies_the_image_over_the_fabric_and_serves_tp2_with_the_mp_executor
 
 
 def test_the_endpoint_matches_sentence_transformers_and_a_second_plan_is_empty(cluster: Cluster) -> None:
-    np = pytest.importorskip("numpy")
-    st = pytest.importorskip("sentence_transformers")
     assert cluster.up is not None and cluster.up.returncode == 0
     tb = cluster.tb
     key = (cluster.tmp / "state" / "sparkctl" / "testbed" / "api-key-mini").read_text().strip()
     client = openai.OpenAI(base_url=f"http://{tb.mgmt_ip('spark-a')}:{MINI['port']}/v1", api_key=key, timeout=120)
-    inputs = [s or " " for s in SENTENCES]
-    vectors = np.array([d.embedding for d in client.embeddings.create(model="mini", input=inputs).data])
-    reference = np.asarray(st.SentenceTransformer(MODEL, device="cpu").encode(inputs))
-    cos = (vectors * reference).sum(1) / (np.linalg.norm(vectors, axis=1) * np.linalg.norm(reference, axis=1))
+    cos = reference_cosines(client, "mini")
     print(f"container TP=2 (mp) worst cosine {cos.min():.7f}")
     assert cos.min() >= 0.9999, cos
     r = cluster.run(cluster.mp, "plan", "--json", timeout=300)

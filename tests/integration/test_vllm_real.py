@@ -70,6 +70,16 @@ SENTENCES = [
 ]
 
 
+def reference_cosines(client: openai.OpenAI, served: str) -> Any:
+    """Cosine of each SENTENCES embedding from the endpoint with sentence-transformers' own (numpy array)."""
+    np = pytest.importorskip("numpy")
+    st = pytest.importorskip("sentence_transformers")
+    inputs = [s or " " for s in SENTENCES]  # vLLM refuses an empty string; a space is the same empty sentence
+    vectors = np.array([d.embedding for d in client.embeddings.create(model=served, input=inputs).data])
+    reference = np.asarray(st.SentenceTransformer(MODEL, device="cpu").encode(inputs))
+    return (vectors * reference).sum(1) / (np.linalg.norm(vectors, axis=1) * np.linalg.norm(reference, axis=1))
+
+
 def _pids(tb: Testbed, host: str) -> list[int]:
     """PIDs of the login user's `vllm serve` processes on a host (the API server; its engine is a child)."""
     return [int(p.split()[0]) for p in spark_processes(tb, host, f"{RUNTIME_VENV}/bin/vllm serve")]
@@ -268,8 +278,6 @@ def test_tp2_across_both_sparks_with_vllms_multiprocessing_executor(fresh_testbe
     # vLLM's CPU build has no Ray executor, but its multiprocessing executor spans nodes: one `vllm serve` per
     # Spark (--nnodes 2 --node-rank r --master-addr <head fabric address>, --headless on spark-b), torch.distributed
     # over gloo on the twin (GLOO_SOCKET_IFNAME from the env file), each host with its own /dev/shm.
-    np = pytest.importorskip("numpy")
-    st = pytest.importorskip("sentence_transformers")
     tb = fresh_testbed
     tb.use_vllm("real")
     env = {**os.environ, "SPARKCTL_SUDO_PASSWORD": tb.sudo_password, "XDG_STATE_HOME": str(tmp_path)}
@@ -293,10 +301,7 @@ def test_tp2_across_both_sparks_with_vllms_multiprocessing_executor(fresh_testbe
 
         key = (tmp_path / "sparkctl" / "testbed" / "api-key-mini").read_text().strip()
         client = openai.OpenAI(base_url=f"http://{tb.mgmt_ip(HEAD)}:{MINI['port']}/v1", api_key=key, timeout=120)
-        inputs = [s or " " for s in SENTENCES]
-        vectors = np.array([d.embedding for d in client.embeddings.create(model="mini", input=inputs).data])
-        reference = np.asarray(st.SentenceTransformer(MODEL, device="cpu").encode(inputs))
-        cos = (vectors * reference).sum(1) / (np.linalg.norm(vectors, axis=1) * np.linalg.norm(reference, axis=1))
+        cos = reference_cosines(client, "mini")
         print(f"TP=2 (mp) worst cosine {cos.min():.7f}")
         assert cos.min() >= 0.9999, cos
 

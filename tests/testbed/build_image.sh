@@ -10,14 +10,17 @@ STORE=/var/lib/sparkctl-testbed-images
 IMAGE=localhost/sparkctl-runtime:test
 podman_store() { podman --root "$STORE" --runroot /run/sparkctl-testbed-images "$@"; }
 
-stamp=$( { /usr/bin/python3 -V; ls "$RUNTIME"/lib/python3*/site-packages | grep -E '\.dist-info$' | sort; } \
+# Debian packages of the image: python3; procps (ps, for the hosts' probe inside a container); libnuma1, which
+# vLLM's CPU build links (vllm/_C*.so: libnuma.so.1), as the vLLM CPU images install it (vLLM docker/Dockerfile.cpu).
+PACKAGES=python3,procps,libnuma1
+stamp=$( { /usr/bin/python3 -V; echo "$PACKAGES"; ls "$RUNTIME"/lib/python3*/site-packages | grep -E '\.dist-info$' | sort; } \
          | sha256sum | cut -c1-16)
 mkdir -p "$STORE"
 have=$(podman_store image inspect --format '{{index .Labels "sparkctl.runtime"}}' "$IMAGE" 2>/dev/null || true)
 build_runtime_image() {
     work=$(mktemp -d /var/tmp/sparkctl-image.XXXXXX)
     trap 'rm -rf "$work"' EXIT
-    mmdebstrap --quiet --variant=minbase --include=python3,procps --mode=root bookworm "$work/base.tar" \
+    mmdebstrap --quiet --variant=minbase --include="$PACKAGES" --mode=root bookworm "$work/base.tar" \
         http://deb.debian.org/debian
     mkdir "$work/rootfs"
     tar -C "$work/rootfs" -xf "$work/base.tar"

@@ -409,3 +409,12 @@ def test_add_ray_mistakes_are_refused(runtime: str, message: str) -> None:
     text = edit(EXAMPLE.read_text(), "  venv: /opt/sparkctl-runtime\n", runtime)
     with pytest.raises(InventoryError, match=message):
         parse_inventory(text, "x.yaml")
+
+
+def test_the_firewall_keeps_the_mp_rendezvous_off_the_management_network() -> None:
+    # vLLM's multiprocessing executor meets at <master-addr>:29501 (torch's TCPStore, vllm/config/parallel.py)
+    inv = mp_inventory()
+    drop = next(line for line in lc.render_firewall(inv, inv.hosts[0]).splitlines() if line.endswith("drop"))
+    assert "29501" in drop
+    ray = mp_inventory(("    tensor_parallel_size: 2\n", "    tensor_parallel_size: 2\n    executor: ray\n"))
+    assert "29501" not in lc.render_firewall(ray, ray.hosts[0])
