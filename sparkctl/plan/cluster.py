@@ -190,8 +190,8 @@ def _ray_not_wanted(ctx: PlanContext, host: Host) -> list[Step]:
         return [
             Step(
                 host=host.name,
-                kind="ray_node",
-                target="stopped",
+                kind="ray_stopped",  # not ray_node: nothing that runs without Ray restarts for it
+                target="ray",
                 description=f"remove the Ray container: {RAY_NOT_WANTED}",
                 commands=[_sh(lc.build_ray_stop(ctx.inventory, ctx.home(host)))],
                 diff=[f"- ray: container {lc.RAY_CONTAINER}", "+ ray: not started"],
@@ -338,7 +338,11 @@ def workload_state(ctx: PlanContext, w: Workload, host: Host | None = None) -> s
 def workloads_to_start(ctx: PlanContext) -> list[Workload]:
     """Workloads that the workload stage would (re)start."""
     ray_restarts = "ray_node" in ctx.changed
-    return [w for w in _selected(ctx) if ray_restarts or workload_state(ctx, w) != "ok"]
+    return [
+        w
+        for w in _selected(ctx)
+        if (ray_restarts and not lc.own_container(ctx.inventory, w)) or workload_state(ctx, w) != "ok"
+    ]
 
 
 def plan_drop_caches(ctx: PlanContext, host: Host) -> list[Step]:

@@ -114,8 +114,10 @@ def test_no_ray_when_no_workload_needs_it_and_the_plan_says_why() -> None:
 def test_a_leftover_ray_container_is_removed_when_nothing_needs_ray() -> None:
     inv = mp_inventory()
     facts = with_images(inv, {"spark-a": ID_A, "spark-b": ID_A}, containers={"sparkctl-ray": IMAGE})
-    step = one(mp_plan(inv, facts), "spark-b", "ray_node")
+    plan = mp_plan(inv, facts)
+    step = one(plan, "spark-b", "ray_stopped")
     assert step.changes and sh_line(step.commands[0]).startswith("docker rm -f sparkctl-ray")
+    assert not steps(plan, kind="ray_node")
 
 
 def test_an_embed_workload_still_forms_ray_and_runs_in_the_ray_container() -> None:
@@ -418,3 +420,12 @@ def test_the_firewall_keeps_the_mp_rendezvous_off_the_management_network() -> No
     assert "29501" in drop
     ray = mp_inventory(("    tensor_parallel_size: 2\n", "    tensor_parallel_size: 2\n    executor: ray\n"))
     assert "29501" not in lc.render_firewall(ray, ray.hosts[0])
+
+
+def test_starting_ray_for_the_embed_worker_leaves_the_running_mp_containers_alone() -> None:
+    inv = mp_inventory(EMB)
+    facts = converged(inv)
+    plan = mp_plan(inv, facts)
+    assert one(plan, "spark-a", "ray_node", "head").changes  # Ray starts for emb ...
+    assert one(plan, "spark-a", "workload", "emb").changes
+    assert not [s for s in steps(plan, kind="workload") if s.target == "chat"]  # ... chat keeps running
