@@ -10,9 +10,11 @@ STORE=/var/lib/sparkctl-testbed-images
 IMAGE=localhost/sparkctl-runtime:test
 podman_store() { podman --root "$STORE" --runroot /run/sparkctl-testbed-images "$@"; }
 
-# Debian packages of the image: python3; procps (ps, for the hosts' probe inside a container); libnuma1, which
-# vLLM's CPU build links (vllm/_C*.so: libnuma.so.1), as the vLLM CPU images install it (vLLM docker/Dockerfile.cpu).
-PACKAGES=python3,procps,libnuma1
+# Debian packages of the image: python3; procps (ps, for the hosts' probe inside a container); what vLLM's CPU build
+# needs at run time, as vLLM's own CPU image installs it (vLLM docker/Dockerfile.cpu: gcc-12 g++-12 libnuma-dev):
+# libnuma1 (vllm/_C*.so links libnuma.so.1) and g++ with the Python headers (torch.compile's inductor builds its CPU
+# kernels with the C++ compiler: "InvalidCxxCompiler" without one).
+PACKAGES=python3,python3-dev,procps,libnuma1,g++
 stamp=$( { /usr/bin/python3 -V; echo "$PACKAGES"; ls "$RUNTIME"/lib/python3*/site-packages | grep -E '\.dist-info$' | sort; } \
          | sha256sum | cut -c1-16)
 mkdir -p "$STORE"
