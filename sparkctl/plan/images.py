@@ -106,7 +106,8 @@ def plan_peer_access(ctx: PlanContext, host: Host) -> list[Step]:
     if host.name == source.name:
         key = paths.peer_file(home, "peer-key")
         known = render_peer_known_hosts(ctx, targets)
-        if facts.files.get("peer-key.sha256") != ctx.digests.get(PEER_KEY_SECRET):
+        # no key on the laptop yet (a plan before the first copy): the run that applies this step makes one
+        if facts.files.get("peer-key.sha256") != ctx.digests.get(PEER_KEY_SECRET, "(made by the run)"):
             steps.append(
                 Step(
                     host=host.name,
@@ -207,8 +208,8 @@ def build_image_copy(inv: Inventory, source_home: str, target: Host, user: str) 
     return f"docker save {q(inv.runtime.image or '')} | {shlex.join(ssh)}"
 
 
-def _gb(size: int) -> str:
-    return f"{size / 1e9:.1f} GB" if size else "size known after the pull"
+def _gb(size: int, what: str = "") -> str:
+    return f"{size / 1e9:.1f} GB{what}" if size else "size known after the pull"
 
 
 def plan_image_copy(ctx: PlanContext, host: Host) -> list[Step]:
@@ -248,7 +249,7 @@ def plan_image_copy(ctx: PlanContext, host: Host) -> list[Step]:
                 ],
                 diff=[
                     f"- {t.name}: {'image ' + have[:19] if have else 'no image'}",
-                    f"+ {t.name}: image {rt.image_id[:19] or image} ({_gb(rt.image_size)} to move)",
+                    f"+ {t.name}: image {rt.image_id[:19] or image} ({_gb(rt.image_size, ' to move')})",
                 ],
                 depends_on_earlier=pull,
             )

@@ -429,3 +429,11 @@ def test_starting_ray_for_the_embed_worker_leaves_the_running_mp_containers_alon
     assert one(plan, "spark-a", "ray_node", "head").changes  # Ray starts for emb ...
     assert one(plan, "spark-a", "workload", "emb").changes
     assert not [s for s in steps(plan, kind="workload") if s.target == "chat"]  # ... chat keeps running
+
+
+def test_a_plan_before_the_first_copy_installs_a_key_the_run_makes() -> None:
+    inv = mp_inventory()
+    no_key = {k: v for k, v in DIGESTS.items() if not k.startswith("peer_key")}
+    plan = plan_of(inv, with_images(inv, {"spark-a": ID_A}), "up", no_key)
+    key, _ = steps(plan, "spark-a", "peer_key")
+    assert key.commands[0].stdin_secret == "peer_key"  # the run that applies it makes the key first
