@@ -13,8 +13,9 @@ podman_store() { podman --root "$STORE" --runroot /run/sparkctl-testbed-images "
 # Debian packages of the image: python3; procps (ps, for the hosts' probe inside a container); what vLLM's CPU build
 # needs at run time, as vLLM's own CPU image installs it (vLLM docker/Dockerfile.cpu: gcc-12 g++-12 libnuma-dev):
 # libnuma1 (vllm/_C*.so links libnuma.so.1) and g++ with the Python headers (torch.compile's inductor builds its CPU
-# kernels with the C++ compiler: "InvalidCxxCompiler" without one).
-PACKAGES=python3,python3-dev,procps,libnuma1,g++
+# kernels with the C++ compiler: "InvalidCxxCompiler" without one), and openssl, which inductor runs to checksum its
+# precompiled header (torch/_inductor/codecache.py, _get_file_checksum: `openssl sha512`).
+PACKAGES=python3,python3-dev,procps,libnuma1,g++,openssl
 stamp=$( { /usr/bin/python3 -V; echo "$PACKAGES"; ls "$RUNTIME"/lib/python3*/site-packages | grep -E '\.dist-info$' | sort; } \
          | sha256sum | cut -c1-16)
 mkdir -p "$STORE"
