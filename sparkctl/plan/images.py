@@ -183,7 +183,12 @@ def build_authorize(cluster: str, options: str) -> str:
 
 def build_image_copy(inv: Inventory, source_home: str, target: Host, user: str) -> str:
     """Stream the image from this host to `target`'s fabric address: `docker save` into the peer key's ssh, whose
-    forced command on the target runs `docker load`. Host keys are checked against peer-known-hosts only."""
+    forced command on the target runs `docker load`. Host keys are checked against peer-known-hosts only.
+
+    ssh options (ssh_config(5), OpenSSH): IdentitiesOnly (the peer key alone, no agent keys), BatchMode (never a
+    prompt), StrictHostKeyChecking=yes with UserKnownHostsFile/GlobalKnownHostsFile (only the keys sparkctl wrote),
+    ConnectTimeout. `docker save` writes the image as a tar stream to stdout, `docker load` reads one from stdin
+    (Docker CLI reference)."""
     key = paths.peer_file(source_home, "peer-key")
     known = paths.peer_file(source_home, "peer-known-hosts")
     ssh = [
