@@ -79,10 +79,21 @@ def gid_index(facts: HostFacts, host: Host) -> tuple[int | None, list[str], bool
         if idx is not None:
             found[twin.rdma_device or twin.interface] = (idx, pred)
     if not found:
+        # Nothing read is nothing to write: NCCL >= 2.21 picks the RoCE v2 IPv4 GID per HCA by itself (its default
+        # -1, NCCL_PER_HCA_GID), as NVIDIA's Spark playbooks rely on (they never set the variable). Only a runtime
+        # known to hold an older NCCL, whose default is index 0, gets the usual value, said as a guess.
+        nccl = facts.runtime.nccl
+        if nccl and version_tuple(nccl) < NCCL_PER_HCA_GID:
+            notes.append(
+                f"RoCE GID table not readable on {host.name} and NCCL {nccl} cannot pick per HCA: "
+                f"NCCL_IB_GID_INDEX={DEFAULT_GID_INDEX}, a guess (the usual index of the RoCE v2 IPv4 entry)"
+            )
+            return DEFAULT_GID_INDEX, notes, False
         notes.append(
-            f"RoCE GID table not readable on {host.name}: NCCL_IB_GID_INDEX={DEFAULT_GID_INDEX} (the usual value)"
+            f"RoCE GID table not readable on {host.name}: NCCL_IB_GID_INDEX left unset, "
+            "so NCCL (>= 2.21) selects the RoCE v2 IPv4 GID of each HCA itself"
         )
-        return DEFAULT_GID_INDEX, notes, False
+        return None, notes, False
     predicted = any(p for _, p in found.values())
     values = sorted({i for i, _ in found.values()})
     if len(values) > 1:

@@ -114,6 +114,21 @@ def test_twins_at_different_indices_with_an_old_nccl_keep_the_first_twins() -> N
     assert any("NCCL 2.19.3 cannot pick per HCA" in n for n in notes), notes
 
 
+@pytest.mark.parametrize(("nccl", "written"), [("", None), ("2.28.9", None), ("2.19.3", "3")])
+def test_an_unreadable_gid_table_invents_no_index(nccl: str, written: str | None) -> None:
+    """No table read: NCCL >= 2.21 (or an NCCL not read) picks per HCA itself, as NVIDIA's playbooks leave it; only
+    an NCCL known to be older, whose default is index 0, gets the usual 3, said as a guess."""
+    inv = inventory()
+    facts = fresh_facts(inv, inv.host("spark-a")).model_copy(update={"gids": [], "runtime": Runtime(nccl=nccl)})
+    text, notes = _env_step(facts)
+    if written is None:
+        assert "NCCL_IB_GID_INDEX" not in text
+        assert any("not readable" in n and "left unset" in n for n in notes), notes
+    else:
+        assert f"NCCL_IB_GID_INDEX={written}\n" in text
+        assert any("NCCL 2.19.3 cannot pick per HCA" in n and "a guess" in n for n in notes), notes
+
+
 @pytest.mark.parametrize("image", [False, True], ids=["venv", "container"])
 def test_embed_ranks_ask_ray_for_the_gpu_on_gpu_hosts(image: bool) -> None:
     """Both runtimes: a rank bundle without a GPU would leave the Spark's GPU unreserved (and, with Ray 2.5x's
