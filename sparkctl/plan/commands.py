@@ -291,12 +291,6 @@ def workload_container(name: str) -> str:
     return f"sparkctl-{name}"
 
 
-def workload_hosts(inv: Inventory, w: Workload) -> list[Host]:
-    """Hosts that run a process (or container) of `w`, its head first: the multiprocessing executor's ranks, else
-    the workload's head alone."""
-    return rank_hosts(inv, w) or [inv.workload_head(w)]
-
-
 def workload_argv(inv: Inventory, w: Workload, home: str, host: Host | None = None) -> list[str]:
     """The program and arguments a workload runs on `host` (default: the head)."""
     if w.engine == "embed":
