@@ -92,6 +92,26 @@ def render_peer_known_hosts(ctx: PlanContext, targets: list[Host]) -> str:
     return "".join(lines)
 
 
+def _state_file(
+    host: Host, kind: str, path: str, mode: str, have: str | None, want: str, description: str, **stdin: str
+) -> list[Step]:
+    """Install one file of the state dir (content on stdin: `stdin=` text or `stdin_secret=` a secret's name) unless
+    the probe's sha256 of it (`have`) is already `want`; plain text content is shown in the diff, line by line."""
+    if have == want:
+        return []
+    return [
+        Step(
+            host=host.name,
+            kind=kind,
+            target=path,
+            description=description,
+            commands=[Command(argv=["install", "-D", "-m", mode, "/dev/stdin", path], **stdin)],
+            diff=[f"- {path}: {'another version' if have else 'absent'}"]
+            + ([f"+ {line}" for line in stdin["stdin"].splitlines()] if "stdin" in stdin else [f"+ {path}"]),
+        )
+    ]
+
+
 def plan_peer_access(ctx: PlanContext, host: Host) -> list[Step]:
     """Only when an image copy is due: the peer key and known_hosts on the copying host, the restricted
     authorized_keys line and its forced command on each target."""
@@ -104,50 +124,26 @@ def plan_peer_access(ctx: PlanContext, host: Host) -> list[Step]:
     home = ctx.home(host)
     steps = []
     if host.name == source.name:
-        key = paths.peer_file(home, "peer-key")
         known = render_peer_known_hosts(ctx, targets)
+        copies_to = ", ".join(t.name for t in targets)
         # no key on the laptop yet (a plan before the first copy): the run that applies this step makes one
-        if facts.files.get("peer-key.sha256") != ctx.digests.get(PEER_KEY_SECRET, "(made by the run)"):
-            steps.append(
-                Step(
-                    host=host.name,
-                    kind="peer_key",
-                    target=key,
-                    description="install the cluster's peer key (0600): this host copies the image to "
-                    + ", ".join(t.name for t in targets),
-                    commands=[
-                        Command(argv=["install", "-D", "-m", "0600", "/dev/stdin", key], stdin_secret=PEER_KEY_SECRET)
-                    ],
-                    diff=[f"- {key}: {'other key' if facts.files.get('peer-key.sha256') else 'absent'}", f"+ {key}"],
-                )
-            )
-        if facts.files.get("peer-known-hosts.sha256") != sha256(known):
-            target = paths.peer_file(home, "peer-known-hosts")
-            steps.append(
-                Step(
-                    host=host.name,
-                    kind="peer_key",
-                    target=target,
-                    description="record the targets' host keys for their fabric addresses",
-                    commands=[Command(argv=["install", "-D", "-m", "0644", "/dev/stdin", target], stdin=known)],
-                    diff=[f"+ {line}" for line in known.splitlines()],
-                )
-            )
+        steps += _state_file(
+            host, "peer_key", paths.peer_file(home, "peer-key"), "0600", facts.files.get("peer-key.sha256"),
+            ctx.digests.get(PEER_KEY_SECRET, "(made by the run)"),
+            f"install the cluster's peer key (0600): this host copies the image to {copies_to}",
+            stdin_secret=PEER_KEY_SECRET,
+        )
+        steps += _state_file(
+            host, "peer_key", paths.peer_file(home, "peer-known-hosts"), "0644",
+            facts.files.get("peer-known-hosts.sha256"), sha256(known),
+            "record the targets' host keys for their fabric addresses", stdin=known,
+        )
     if host in targets:
         script = render_peer_receive(inv.cluster)
-        receive = paths.peer_file(home, "peer-receive")
-        if facts.files.get("peer-receive.sha256") != sha256(script):
-            steps.append(
-                Step(
-                    host=host.name,
-                    kind="peer_access",
-                    target=receive,
-                    description="install the peer key's forced command (docker load, nothing else)",
-                    commands=[Command(argv=["install", "-D", "-m", "0755", "/dev/stdin", receive], stdin=script)],
-                    diff=[f"- {receive}: {'other' if facts.files.get('peer-receive.sha256') else 'absent'}",
-                          f"+ {receive}: docker load only"],
-                )
-            )
+        steps += _state_file(
+            host, "peer_access", paths.peer_file(home, "peer-receive"), "0755", facts.files.get("peer-receive.sha256"),
+            sha256(script), "install the peer key's forced command (docker load, nothing else)", stdin=script,
+        )
         options = peer_options(inv, host, home)
         want = f"{options} {ctx.digests.get(PEER_PUB_SECRET, '')}"
         if facts.peer_authorized != want:
