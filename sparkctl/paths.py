@@ -63,3 +63,18 @@ def peer_comment(cluster: str) -> str:
 def peer_file(home: str, name: str) -> str:
     """The peer key's files in the state dir: `peer-key` (0600), `peer-known-hosts`, `peer-receive`."""
     return f"{state_dir(home)}/{name}"
+
+
+WEIGHTS_SCRIPT = "weights.py"
+"""The host-side weights helper (sparkctl/workers/weights.py) in the state dir."""
+
+
+def hub_folder(repo: str) -> str:
+    """A model repository's folder in the Hugging Face cache's hub/ (huggingface_hub file_download.py,
+    repo_folder_name: "models--" and the id with "/" as "--")."""
+    return "models--" + repo.replace("/", "--")
+
+
+def weights_manifest(repo: str, revision: str) -> str:
+    """What a host verified of `repo` at `revision` (relative to the state dir)."""
+    return f"weights/{hub_folder(repo)}@{revision.replace('/', '--')}.json"

@@ -35,8 +35,16 @@ class Transport(Protocol):
 
     host: str
 
-    def run(self, command: str, *, stdin: str | None = None, timeout: float) -> Result:
-        """Run a shell command line (already quoted) on the host; feed `stdin`, then close it."""
+    def run(
+        self,
+        command: str,
+        *,
+        stdin: str | None = None,
+        timeout: float,
+        on_output: Callable[[str], None] | None = None,
+    ) -> Result:
+        """Run a shell command line (already quoted) on the host; feed `stdin`, then close it. `on_output`, when
+        given, sees the command's stdout as it arrives (a long copy's progress), besides the Result."""
         ...
 
     def close(self) -> None:

@@ -39,7 +39,14 @@ class RecordingTransport:
         """The command lines run so far, in order."""
         return [c.command for c in self.calls]
 
-    def run(self, command: str, *, stdin: str | None = None, timeout: float) -> Result:
+    def run(
+        self,
+        command: str,
+        *,
+        stdin: str | None = None,
+        timeout: float,
+        on_output: Callable[[str], None] | None = None,
+    ) -> Result:
         """Record the call and answer it."""
         self.calls.append(Call(command, stdin, timeout))
         if self.responses is None:
@@ -52,6 +59,8 @@ class RecordingTransport:
         answer = self.responses[max(matches, key=len)]
         if isinstance(answer, BaseException):
             raise answer
+        if on_output is not None and answer.stdout:  # the whole output at once, as a fast command gives it
+            on_output(answer.stdout)
         return answer
 
     def close(self) -> None:

@@ -9,6 +9,7 @@ import shlex
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 
 from sparkctl.errors import Problem
 from sparkctl.execute.base import CommandTimeout, Result
@@ -22,8 +23,16 @@ class LocalTransport:
     def __init__(self, host: str = "localhost") -> None:
         self.host = host
 
-    def run(self, command: str, *, stdin: str | None = None, timeout: float) -> Result:
-        """Run a shell command line here, feed `stdin` then EOF, and wait at most `timeout` seconds."""
+    def run(
+        self,
+        command: str,
+        *,
+        stdin: str | None = None,
+        timeout: float,
+        on_output: Callable[[str], None] | None = None,
+    ) -> Result:
+        """Run a shell command line here, feed `stdin` then EOF, and wait at most `timeout` seconds (`on_output` is
+        not called: local commands are short)."""
         return _run(["sh", "-c", command], label=command, host=self.host, stdin=stdin, timeout=timeout)
 
     def close(self) -> None:

@@ -11,6 +11,7 @@ import shlex
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +73,14 @@ class SshTransport:
             raise Unreachable([Problem(self.host, message, hint)]) from exc
         log.debug("%s: connected", self.host)
 
-    def run(self, command: str, *, stdin: str | None = None, timeout: float) -> Result:
+    def run(
+        self,
+        command: str,
+        *,
+        stdin: str | None = None,
+        timeout: float,
+        on_output: Callable[[str], None] | None = None,
+    ) -> Result:
         """Run a shell command line on the host, feed `stdin` then EOF, and wait at most `timeout` seconds."""
         self.open()
         started = time.monotonic()
@@ -84,7 +92,7 @@ class SshTransport:
             if transport is None:
                 raise EOFError("connection closed")
             chan = transport.open_session(timeout=timeout)
-            out, err, code = _exchange(chan, bounded(command, timeout), stdin, deadline)
+            out, err, code = _exchange(chan, bounded(command, timeout), stdin, deadline, on_output)
         except _Expired:
             raise CommandTimeout(
                 [
@@ -155,7 +163,13 @@ class _Expired(Exception):
     """The command's deadline passed."""
 
 
-def _exchange(chan: paramiko.Channel, command: str, stdin: str | None, deadline: float) -> tuple[bytes, bytes, int]:
+def _exchange(
+    chan: paramiko.Channel,
+    command: str,
+    stdin: str | None,
+    deadline: float,
+    on_output: Callable[[str], None] | None = None,
+) -> tuple[bytes, bytes, int]:
     """Drive one session channel: exec, feed stdin then EOF, drain both streams, return the exit status."""
     chan.settimeout(0.0)
     chan.exec_command(command)
@@ -168,7 +182,10 @@ def _exchange(chan: paramiko.Channel, command: str, stdin: str | None, deadline:
             raise _Expired
         busy = False
         if chan.recv_ready():
-            out += chan.recv(_CHUNK)
+            chunk = chan.recv(_CHUNK)
+            out += chunk
+            if on_output is not None:
+                on_output(chunk.decode("utf-8", errors="replace"))
             busy = True
         if chan.recv_stderr_ready():
             err += chan.recv_stderr(_CHUNK)

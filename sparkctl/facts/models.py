@@ -134,6 +134,15 @@ class Runtime(_Fact):
     )
 
 
+class WeightsCopy(_Fact):
+    """A model repository in this host's Hugging Face cache, as the probe lists it."""
+
+    files: dict[str, int] = Field(default_factory=dict, description="path in the repo folder -> bytes (regular files)")
+    links: dict[str, str] = Field(default_factory=dict, description="path in the repo folder -> symlink target")
+    refs: dict[str, str] = Field(default_factory=dict, description="refs/<name> -> commit")
+    manifest: str | None = Field(None, description="what sparkctl verified here (JSON), None if nothing")
+
+
 class HostFacts(_Fact):
     """Everything planning and checks need to know about one host."""
 
@@ -171,6 +180,10 @@ class HostFacts(_Fact):
     tools: dict[str, str] = Field(default_factory=dict, description="ib_write_bw, all_reduce_perf, mpirun -> path")
     files: dict[str, str] = Field(default_factory=dict, description="sparkctl-owned state files on the host")
     ssh_host_key: str = Field("", description="the host's ed25519 SSH host key: '<type> <base64>'")
+    weights: dict[str, WeightsCopy] = Field(
+        default_factory=dict, description="synced model repositories: '<repo>@<revision>' -> what this host holds"
+    )
+    hf_free: int = Field(-1, description="bytes free for the Hugging Face cache (-1: not read)")
     peer_authorized: str = Field(
         "", description="the login user's authorized_keys line for the cluster's peer key (sparkctl-peer-<cluster>)"
     )

@@ -18,6 +18,7 @@ from sparkctl.facts.models import (
     Process,
     Runtime,
     TcpLink,
+    WeightsCopy,
 )
 from sparkctl.facts.probe import MARK
 
@@ -359,6 +360,42 @@ def parse_cuda_version(text: str) -> str:
     return m.group(1) if m else ""
 
 
+def parse_weights(text: str) -> dict[str, WeightsCopy]:
+    """The `weights` section: per `== <repo>@<revision>`, find's `%y\t%s\t%P\t%l` lines, `refs/<name>:<commit>`
+    lines, then after `-- manifest` the manifest sparkctl wrote (JSON, possibly absent)."""
+    out: dict[str, WeightsCopy] = {}
+    key = ""
+    files: dict[str, int] = {}
+    links: dict[str, str] = {}
+    refs: dict[str, str] = {}
+    manifest: list[str] | None = None
+
+    def close() -> None:
+        if key:
+            text = "\n".join(manifest or []).strip()
+            out[key] = WeightsCopy(files=files, links=links, refs=refs, manifest=text or None)
+
+    for line in text.splitlines():
+        if line.startswith("== "):
+            close()
+            key, files, links, refs, manifest = line[3:].strip(), {}, {}, {}, None
+        elif manifest is not None:
+            manifest.append(line)
+        elif line == "-- manifest":
+            manifest = []
+        elif "\t" in line:
+            kind, size, path, target = [*line.split("\t"), "", ""][:4]
+            if kind == "f" and size.isdigit():
+                files[path] = int(size)
+            elif kind == "l":
+                links[path] = target
+        elif line.startswith("refs/") and ":" in line:
+            name, _, commit = line.partition(":")
+            refs[name.removeprefix("refs/")] = commit.strip()
+    close()
+    return out
+
+
 def parse_probe(host: str, output: str) -> HostFacts:
     """Whole probe output -> HostFacts."""
     s = parse_sections(output)
@@ -412,4 +449,6 @@ def parse_probe(host: str, output: str) -> HostFacts:
         files=state_files,
         ssh_host_key=s.get("host_key", "").strip(),
         peer_authorized=s.get("peer_authorized", "").strip(),
+        weights=parse_weights(s.get("weights", "")),
+        hf_free=int(s["hf_free"].strip()) if s.get("hf_free", "").strip().isdigit() else -1,
     )

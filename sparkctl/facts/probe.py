@@ -21,7 +21,7 @@ NMCLI_SETTINGS = (
     "802-3-ethernet.mtu"
 )
 NVIDIA_QUERY = "--query-gpu=name,compute_cap,driver_version,temperature.gpu"
-DIGESTED_FILES = ("ray-token", "embed_worker.py", "peer-key", "peer-known-hosts", "peer-receive")
+DIGESTED_FILES = ("ray-token", "embed_worker.py", "peer-key", "peer-known-hosts", "peer-receive", paths.WEIGHTS_SCRIPT)
 CONTAINER_WORKLOADS_PROBE = (
     f"docker exec {paths.RAY_CONTAINER} sh -c "
     + shlex.quote(
@@ -179,7 +179,7 @@ def probe_sections(inventory: Inventory, host: Host) -> dict[str, str]:
         ),
         # measurement tools `bench fabric` uses when present (perftest, nccl-tests as NVIDIA's playbook builds it)
         "tools": (
-            "for t in ib_write_bw all_reduce_perf mpirun; do "
+            "for t in ib_write_bw all_reduce_perf mpirun rsync rrsync; do "
             'p=$(command -v "$t" 2>/dev/null || ls "$HOME/nccl-tests/build/$t" 2>/dev/null); '
             '[ -n "$p" ] && echo "$t $p"; done; true'
         ),
@@ -191,7 +191,44 @@ def probe_sections(inventory: Inventory, host: Host) -> dict[str, str]:
             else "true"
         ),
     }
+    if inventory.synced_weights():
+        sections["weights"] = weights_section(inventory)
+        hub = host_path(rt.hf_cache) + "/hub"
+        # bytes free where the cache is (or would be made): df(1) -P columns, -B1 in bytes
+        sections["hf_free"] = (
+            f'd={hub}; while [ ! -d "$d" ]; do d=$(dirname "$d"); done; df -P -B1 "$d" | awk \'NR==2 {{print $4}}\''
+        )
     return sections
+
+
+def host_path(path: str) -> str:
+    """A path of the inventory for the host's shell: `~` is the login user's home."""
+    if path == "~" or path.startswith("~/"):
+        return '"$HOME"' + (("/" + shlex.quote(path[2:])) if path[2:] else "")
+    return shlex.quote(path)
+
+
+def weights_section(inventory: Inventory) -> str:
+    """Per synced model repository (`== <repo>@<revision>`): its files, symlinks and refs in the hub cache, then
+    (`-- manifest`) what sparkctl verified here. One `find` per repository, no file is read but the refs."""
+    q = shlex.quote
+    hub = host_path(inventory.runtime.hf_cache) + "/hub"
+    parts = []
+    seen = set()
+    for w in inventory.synced_weights():
+        key = f"{w.model}@{w.revision or 'main'}"
+        if key in seen:
+            continue
+        seen.add(key)
+        repo_dir = f"{hub}/{q(paths.hub_folder(w.model))}"
+        manifest = f'"$HOME"/{q(paths.STATE)}/{q(paths.weights_manifest(w.model, w.revision or "main"))}'
+        parts.append(
+            f"echo {q('== ' + key)}; "
+            f"( cd {repo_dir} 2>/dev/null && find . \\( -type f -o -type l \\) -printf '%y\\t%s\\t%P\\t%l\\n' && "
+            "find refs -type f -exec grep -H '' {} + 2>/dev/null ); "
+            f"echo '-- manifest'; cat {manifest} 2>/dev/null; "
+        )
+    return "".join(parts) + "true"
 
 
 AFTER = {"nm_settings": "nm_connections"}

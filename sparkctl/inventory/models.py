@@ -16,6 +16,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 MAX_NAME = 63
 _IFNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$")
 _MODEL = re.compile(r"^[A-Za-z0-9_./~][A-Za-z0-9_./:@+~-]*$")
+_REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,199}$")
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _IMAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./:@-]*$")
 
@@ -73,6 +74,16 @@ def _host_address(value: str) -> str:
     return value
 
 
+def _git_revision(value: str) -> str:
+    # git-check-ref-format(1): no "..", no component starting with "." or ending with ".lock"; a commit is 40 hex
+    if not _REVISION.match(value) or ".." in value or "/." in value or value.endswith((".lock", "/")):
+        raise invalid(
+            f"{value!r} is not a branch, tag or commit",
+            "use a name like main, v1.0 or refs/pr/1, or a 40-hex commit: letters, digits, . _ - /",
+        )
+    return value
+
+
 def _model_name(value: str) -> str:
     if not _MODEL.match(value):
         raise invalid(
@@ -126,6 +137,7 @@ PlainName = Annotated[str, AfterValidator(_plain_name)]
 InterfaceName = Annotated[str, AfterValidator(_interface_name)]
 HostAddress = Annotated[str, AfterValidator(_host_address)]
 ModelName = Annotated[str, AfterValidator(_model_name)]
+GitRevision = Annotated[str, AfterValidator(_git_revision)]
 SingleLine = Annotated[str, AfterValidator(_single_line)]
 AbsPath = Annotated[str, AfterValidator(_abs_path)]
 EnvName = Annotated[str, AfterValidator(_env_name)]
@@ -343,6 +355,20 @@ class Workload(_Model):
     )
     extra_args: list[SingleLine] = Field(default_factory=list, description="Extra engine arguments, verbatim.")
     env: dict[EnvKey, SingleLine] = Field(default_factory=dict, description="Extra environment for the workers.")
+    revision: GitRevision | None = Field(
+        None,
+        description="vllm with a Hugging Face id: the branch, tag or commit to serve (vLLM's --revision); default "
+        "the repository's main branch.",
+    )
+    sync_weights: bool = Field(
+        True,
+        description="vllm with a Hugging Face id: `up` downloads the model once, on one host of the group, and "
+        "copies it to the others over the fabric (docs/workers.md); the workload then runs with HF_HUB_OFFLINE=1. "
+        "false leaves the weights to each host.",
+    )
+    hf_token_env: EnvName | None = Field(
+        None, description="Laptop env var holding a Hugging Face token (gated models); reaches the host on stdin."
+    )
     ready_timeout: float = Field(1800, gt=0, le=86400, description="Seconds to wait for the endpoint to answer.")
 
 
@@ -378,6 +404,15 @@ class Inventory(_Model):
         if w.hosts is not None:
             return [self.host(n) for n in w.hosts]
         return [self.head, *(h for h in self.hosts if h.name != self.head.name)]
+
+    def synced_weights(self) -> list[Workload]:
+        """The vllm workloads whose weights `up` fetches once and copies over the fabric: a Hugging Face id (not a
+        path on the hosts) with sync_weights on."""
+        return [
+            w
+            for w in self.workloads
+            if w.engine == "vllm" and w.sync_weights and not w.model.startswith(("/", "~", "."))
+        ]
 
     def workload_head(self, w: Workload) -> Host:
         """The host where `w`'s driver and endpoint run: the first host of its group."""

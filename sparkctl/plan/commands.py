@@ -24,6 +24,32 @@ def fabric_ip(host: Host) -> str:
     return str(host.fabric[0].address.ip)
 
 
+def peer_ssh(source_home: str) -> list[str]:
+    """ssh from a Spark to another with the cluster's peer key (plan/images.py), without the destination: host keys
+    are checked against peer-known-hosts only.
+
+    ssh options (ssh_config(5), OpenSSH): IdentitiesOnly (the peer key alone, no agent keys), BatchMode (never a
+    prompt), StrictHostKeyChecking=yes with UserKnownHostsFile/GlobalKnownHostsFile (only the keys sparkctl wrote),
+    ConnectTimeout."""
+    return [
+        "ssh",
+        "-i",
+        paths.peer_file(source_home, "peer-key"),
+        "-o",
+        "IdentitiesOnly=yes",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "StrictHostKeyChecking=yes",
+        "-o",
+        f"UserKnownHostsFile={paths.peer_file(source_home, 'peer-known-hosts')}",
+        "-o",
+        "GlobalKnownHostsFile=/dev/null",
+        "-o",
+        "ConnectTimeout=10",
+    ]
+
+
 def _env_prelude(home: str) -> str:
     """Load the env file and turn on Ray token auth (the token is a file, never a value on a command line)."""
     return (
@@ -357,6 +383,7 @@ def workload_argv(inv: Inventory, w: Workload, home: str, host: Host | None = No
         w.name,
         "--tensor-parallel-size",
         str(w.tensor_parallel_size),
+        *(["--revision", w.revision] if w.revision else []),
         *pipeline,
         *executor,
         "--gpu-memory-utilization",
@@ -389,6 +416,10 @@ def workload_env(inv: Inventory, w: Workload) -> dict[str, str]:
     """
     # vLLM's multiprocessing executor and a single rank never join Ray.
     env = {"RAY_ADDRESS": f"{fabric_ip(inv.head)}:{inv.ray.port}"} if needs_ray(w) else {}
+    if w in inv.synced_weights():
+        # `up` put the weights on every host (plan/weights.py): vLLM reads the cache only and never downloads
+        # on its own (HF_HUB_OFFLINE, huggingface_hub constants.py); the inventory's env may say otherwise.
+        env["HF_HUB_OFFLINE"] = "1"
     return env | dict(w.env)
 
 

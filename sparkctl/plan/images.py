@@ -23,6 +23,7 @@ import shlex
 from sparkctl import paths
 from sparkctl.inventory.models import Host, Inventory
 from sparkctl.plan import commands as lc
+from sparkctl.plan import weights
 from sparkctl.plan.context import PlanContext
 from sparkctl.plan.models import Command, Step, Wait
 
@@ -32,15 +33,19 @@ PEER_KEY_SECRET = "peer_key"
 PEER_PUB_SECRET = "peer_key_pub"
 
 
-def render_peer_receive(cluster: str) -> str:
-    """The forced command of the peer key on a target: `docker load` of what arrives on stdin, nothing else."""
+def render_peer_receive(cluster: str, hub: str) -> str:
+    """The forced command of the peer key on a target: `docker load` of what arrives on stdin, or an rsync
+    receiving model weights into this host's hub cache, confined there by rrsync (rrsync(1), shipped with rsync
+    since 3.2.4: `-wo` write-only, `-no-del` no deletion; it reads the client's request from SSH_ORIGINAL_COMMAND
+    and refuses paths outside its directory); nothing else."""
     return (
         "#!/bin/sh\n"
         f"# Managed by sparkctl: what another Spark of cluster {cluster} may run here with its peer key\n"
         "# (authorized_keys command=; sshd puts the command the client asked for in SSH_ORIGINAL_COMMAND).\n"
         'case "$SSH_ORIGINAL_COMMAND" in\n'
         '  "docker load") exec docker load ;;\n'
-        '  *) echo "sparkctl peer key: only docker load is allowed here" >&2; exit 1 ;;\n'
+        f'  "rsync --server "*) mkdir -p {q(hub)} && exec rrsync -wo -no-del {q(hub)} ;;\n'
+        '  *) echo "sparkctl peer key: only docker load and rsync into the hub cache are allowed here" >&2; exit 1 ;;\n'
         "esac\n"
     )
 
@@ -112,25 +117,36 @@ def _state_file(
     ]
 
 
-def plan_peer_access(ctx: PlanContext, host: Host) -> list[Step]:
-    """Only when an image copy is due: the peer key and known_hosts on the copying host, the restricted
-    authorized_keys line and its forced command on each target."""
+def copy_routes(ctx: PlanContext) -> dict[str, list[Host]]:
+    """Every host that copies to another this run (the image, model weights) -> the hosts it copies to."""
+    out: dict[str, list[Host]] = {}
     found = transfers(ctx)
-    if found is None:
+    pairs = [(found[0], t) for t in found[1]] if found is not None else []
+    for source, target in pairs + weights.copy_pairs(ctx):
+        if target not in out.setdefault(source.name, []):
+            out[source.name].append(target)
+    return out
+
+
+def plan_peer_access(ctx: PlanContext, host: Host) -> list[Step]:
+    """Only when a copy is due (the image, model weights): the peer key and known_hosts on each copying host, the
+    restricted authorized_keys line and its forced command on each target."""
+    copies = copy_routes(ctx)
+    if not copies:
         return []
-    source, targets, _ = found
     inv = ctx.inventory
     facts = ctx.facts[host.name]
     home = ctx.home(host)
     steps = []
-    if host.name == source.name:
+    if host.name in copies:
+        targets = copies[host.name]
         known = render_peer_known_hosts(ctx, targets)
         copies_to = ", ".join(t.name for t in targets)
         # no key on the laptop yet (a plan before the first copy): the run that applies this step makes one
         steps += _state_file(
             host, "peer_key", paths.peer_file(home, "peer-key"), "0600", facts.files.get("peer-key.sha256"),
             ctx.digests.get(PEER_KEY_SECRET, "(made by the run)"),
-            f"install the cluster's peer key (0600): this host copies the image to {copies_to}",
+            f"install the cluster's peer key (0600): this host copies to {copies_to}",
             stdin_secret=PEER_KEY_SECRET,
         )
         steps += _state_file(
@@ -138,11 +154,13 @@ def plan_peer_access(ctx: PlanContext, host: Host) -> list[Step]:
             facts.files.get("peer-known-hosts.sha256"), sha256(known),
             "record the targets' host keys for their fabric addresses", stdin=known,
         )
-    if host in targets:
-        script = render_peer_receive(inv.cluster)
+    sources = [name for name, targets in copies.items() if host in targets]
+    if sources:
+        script = render_peer_receive(inv.cluster, weights.hub_dir(inv, home))
         steps += _state_file(
             host, "peer_access", paths.peer_file(home, "peer-receive"), "0755", facts.files.get("peer-receive.sha256"),
-            sha256(script), "install the peer key's forced command (docker load, nothing else)", stdin=script,
+            sha256(script), "install the peer key's forced command (docker load, or rsync into the hub cache)",
+            stdin=script,
         )
         options = peer_options(inv, host, home)
         want = f"{options} {ctx.digests.get(PEER_PUB_SECRET, '')}"
@@ -152,7 +170,7 @@ def plan_peer_access(ctx: PlanContext, host: Host) -> list[Step]:
                     host=host.name,
                     kind="peer_access",
                     target="~/.ssh/authorized_keys",
-                    description=f"let {source.name} load images here over the fabric (key restricted: {options})",
+                    description=f"let {', '.join(sources)} copy here over the fabric (key restricted: {options})",
                     commands=[
                         Command(
                             argv=["sh", "-c", build_authorize(inv.cluster, options)], stdin_secret=PEER_PUB_SECRET
@@ -179,33 +197,9 @@ def build_authorize(cluster: str, options: str) -> str:
 
 def build_image_copy(inv: Inventory, source_home: str, target: Host, user: str) -> str:
     """Stream the image from this host to `target`'s fabric address: `docker save` into the peer key's ssh, whose
-    forced command on the target runs `docker load`. Host keys are checked against peer-known-hosts only.
-
-    ssh options (ssh_config(5), OpenSSH): IdentitiesOnly (the peer key alone, no agent keys), BatchMode (never a
-    prompt), StrictHostKeyChecking=yes with UserKnownHostsFile/GlobalKnownHostsFile (only the keys sparkctl wrote),
-    ConnectTimeout. `docker save` writes the image as a tar stream to stdout, `docker load` reads one from stdin
-    (Docker CLI reference)."""
-    key = paths.peer_file(source_home, "peer-key")
-    known = paths.peer_file(source_home, "peer-known-hosts")
-    ssh = [
-        "ssh",
-        "-i",
-        key,
-        "-o",
-        "IdentitiesOnly=yes",
-        "-o",
-        "BatchMode=yes",
-        "-o",
-        "StrictHostKeyChecking=yes",
-        "-o",
-        f"UserKnownHostsFile={known}",
-        "-o",
-        "GlobalKnownHostsFile=/dev/null",
-        "-o",
-        "ConnectTimeout=10",
-        f"{user}@{lc.fabric_ip(target)}",
-        "docker load",
-    ]
+    forced command on the target runs `docker load`. `docker save` writes the image as a tar stream to stdout,
+    `docker load` reads one from stdin (Docker CLI reference)."""
+    ssh = [*lc.peer_ssh(source_home), f"{user}@{lc.fabric_ip(target)}", "docker load"]
     return f"docker save {q(inv.runtime.image or '')} | {shlex.join(ssh)}"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -22,6 +23,11 @@ class Command(_Data):
         None, description="name of a large non-secret file fed on stdin (digest in the diff)"
     )
     timeout: float | None = None
+    progress: Literal["", "rsync", "bytes"] = Field(
+        "",
+        description="its output shows progress the live view follows: rsync's --info=progress2 lines, or "
+        "`progress <done> <total>` lines (sparkctl's weights helper)",
+    )
 
     def render(self) -> str:
         """The command as a person reads it (and as it is sent, before sudo/stdin handling)."""

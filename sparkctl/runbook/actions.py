@@ -10,7 +10,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sparkctl.inventory.models import Host
-from sparkctl.plan import bench, cluster, env, fabric, images
+from sparkctl.plan import bench, cluster, env, fabric, images, weights
 from sparkctl.plan.context import PlanContext
 from sparkctl.plan.models import Command, Step
 
@@ -232,6 +232,21 @@ _ACTIONS: list[type[Action]] = [
         "ray_image",
         "container mode with runtime.add_ray: the image derived with Ray on every host, when a workload needs Ray",
         images.plan_ray_image,
+    ),
+    _simple(
+        "weights_fetch",
+        "vllm with a Hugging Face id: the weights downloaded once, on one host of the group, verified",
+        weights.plan_weights_fetch,
+    ),
+    _simple(
+        "weights_copy",
+        "the weights copied host to host over the fabric (rsync, resumable) to the group's other hosts",
+        weights.plan_weights_copy,
+    ),
+    _simple(
+        "weights_verify",
+        "each copy checked against the source's file list, sizes and LFS sha256, and recorded",
+        weights.plan_weights_verify,
     ),
     _simple("ray_firewall", "nftables: Ray reachable only over the fabric and loopback", cluster.plan_ray_firewall),
     _simple("ray_token", "the cluster's Ray auth token on every host", cluster.plan_ray_token),

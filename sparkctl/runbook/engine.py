@@ -78,6 +78,10 @@ class Report(BaseModel):
     executed: list[Step] = Field(default_factory=list, description="the steps as they were run, in order")
 
 
+PROGRESS_LABELS = {"weights_fetch": "downloading", "weights_copy": "copying", "weights_verify": "checking"}
+"""What a step whose command reports progress is doing, as the live view names it."""
+
+
 def remote_line(cmd: Command, nopasswd: bool, secrets: Secrets, blobs: Mapping[str, str]) -> tuple[str, str | None]:
     """The exact line sent to the host and its stdin: sudo password and secrets go on stdin, never in argv."""
     line = shlex.join(cmd.argv)
@@ -411,7 +415,13 @@ class Engine:
 
     def _run_command(self, host: str, cmd: Command, res: StepResult, check: bool) -> Result:
         line, data = remote_line(cmd, self.nopasswd.get(host, False), self.secrets, self.blobs)
-        result = self.transports[host].run(line, stdin=data, timeout=cmd.timeout or self.command_timeout)
+        timeout = cmd.timeout or self.command_timeout
+        if cmd.progress:
+            result = self.transports[host].run(
+                line, stdin=data, timeout=timeout, on_output=self._progress_reader(host, res, cmd.progress)
+            )
+        else:
+            result = self.transports[host].run(line, stdin=data, timeout=timeout)
         res.commands.append(
             CommandRecord(
                 command=self.secrets.redact(cmd.render()),
@@ -425,6 +435,21 @@ class Engine:
             detail = _tail(result.stderr or result.stdout, 5)
             raise HostError(self.secrets.redact(f"`{cmd.render()}` exited {result.exit_code}: {detail}"))
         return result
+
+    def _progress_reader(self, host: str, res: StepResult, kind: str) -> Callable[[str], None]:
+        """Emit `progress` events (at most one a second) from a long command's output as it arrives."""
+        from sparkctl.runbook.logphase import CopyProgress
+
+        reader = CopyProgress(kind, self.clock)
+        label = PROGRESS_LABELS.get(res.kind, "working")
+
+        def feed(text: str) -> None:
+            said = reader.feed(text)
+            if said is not None:
+                message = self.secrets.redact(said)
+                self.emit(Event("progress", host=host, stage=res.stage, step=res.step, status=label, message=message))
+
+        return feed
 
     def _wait_remote(self, stage: str, step: Step, res: StepResult, t0: float) -> None:
         assert step.wait is not None

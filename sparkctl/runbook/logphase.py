@@ -1,4 +1,5 @@
-"""What a workload's own log says it is doing while its endpoint does not answer yet (pure).
+"""What a workload's own log says it is doing while its endpoint does not answer yet, and how far a long copy got
+(pure).
 
 vLLM binds its HTTP port only once the engine is up, so its /health cannot tell Ray placement from loading weights
 or graph capture: the log can. Each marker below is a line the named upstream file prints (vLLM 0.32.0), or one the
@@ -9,6 +10,8 @@ so the text is split on both CR and LF and the last marker found wins.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 
 # (label, pattern); a bar's "NN% Completed | a/b" (vLLM's _BAR_FORMAT in model_executor/model_loader/weight_utils.py)
 # or tqdm's default "NN%|...| a/b" is shown as the label's progress.
@@ -44,3 +47,53 @@ def parse_log_phase(text: str) -> tuple[str, str] | None:
                 bar = _BAR.search(line)
                 return label, (f"{bar.group(2)}/{bar.group(3)} ({int(bar.group(1))}%)" if bar else "")
     return None
+
+
+# rsync --info=progress2 (rsync(1); progress.c, rprint_progress in rsync 3.2): "<bytes>  <pct>%  <rate>  <h:mm:ss>",
+# bytes with thousands separators, e.g. "  1,048,576,000  42%  110.53MB/s    0:00:14 (xfr#3, to-chk=5/12)".
+_RSYNC = re.compile(r"^\s*([\d,.]+)\s+(\d+)%\s+(\S+/s)\s+(\d+:\d\d:\d\d)")
+# sparkctl/workers/weights.py: "progress <done bytes> <total bytes>" once a second
+_BYTES = re.compile(r"^progress (\d+) (\d+)$")
+
+
+@dataclass
+class CopyProgress:
+    """Reads a long command's stdout as it arrives and says, at most once a second, how far it got."""
+
+    kind: str
+    """'rsync' or 'bytes' (the command's `progress`)."""
+    clock: Callable[[], float]
+    _buffer: str = ""
+    _said: float = -1.0
+    _last: tuple[float, int] | None = None
+
+    def feed(self, text: str) -> str | None:
+        """New output -> a line for the live view (e.g. "1.2 GB of 4.4 GB (27%) at 110 MB/s"), or None."""
+        *lines, self._buffer = re.split(r"[\r\n]", self._buffer + text)
+        said = None
+        for line in lines:
+            said = self._parse(line.strip()) or said
+        now = self.clock()
+        if said is None or now - self._said < 1.0:
+            return None
+        self._said = now
+        return said
+
+    def _parse(self, line: str) -> str | None:
+        if self.kind == "rsync":
+            m = _RSYNC.match(line)
+            if m is None:
+                return None
+            done = int(m.group(1).replace(",", "").replace(".", ""))
+            return f"{done / 1e9:.2f} GB ({m.group(2)}%) at {m.group(3)}"
+        m = _BYTES.match(line)
+        if m is None:
+            return None
+        done, total = int(m.group(1)), int(m.group(2))
+        now = self.clock()
+        rate = ""
+        if self._last is not None and now > self._last[0]:
+            rate = f" at {(done - self._last[1]) / (now - self._last[0]) / 1e6:.0f} MB/s"
+        self._last = (now, done)
+        of = f" of {total / 1e9:.2f} GB ({100 * done // total}%)" if total else ""
+        return f"{done / 1e9:.2f} GB{of}{rate}"

@@ -30,6 +30,11 @@ def worker_code() -> str:
     return resources.files("sparkctl").joinpath("workers/embed.py").read_text()
 
 
+def weights_code() -> str:
+    """The weights helper shipped to the hosts that fetch or verify model weights."""
+    return resources.files("sparkctl").joinpath("workers/weights.py").read_text()
+
+
 def sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 

@@ -9,6 +9,7 @@ Tests replace the network once: `ssh_connect` below, or a `connect` given to the
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +23,7 @@ from sparkctl.execute.http import Probe, get_text, post_json, probe_workload
 from sparkctl.facts.models import HostFacts
 from sparkctl.facts.probe import build_probe
 from sparkctl.inventory.models import Host, Inventory, SshSettings
-from sparkctl.plan import images
+from sparkctl.plan import images, weights
 from sparkctl.plan.context import PlanContext
 from sparkctl.plan.models import Command, Plan, Stage, Step
 from sparkctl.runbook import lock
@@ -31,7 +32,7 @@ from sparkctl.runbook.gather import PROBE_TIMEOUT, gather_facts, gather_outputs
 from sparkctl.runbook.load import load_runbook, resolve_params
 from sparkctl.runbook.lock import LockOwner
 from sparkctl.runbook.models import Runbook
-from sparkctl.runbook.planner import build_runbook_plan, plan_stage, sha256, worker_code
+from sparkctl.runbook.planner import build_runbook_plan, plan_stage, sha256, weights_code, worker_code
 from sparkctl.runbook.secrets import Secrets
 
 __all__ = ["Connect", "Session", "Unreachable", "open_session", "secrets_needed", "ssh_connect"]
@@ -122,13 +123,16 @@ class Session:
         token = state.ray_token(inv.cluster, create=create)
         if token is not None:
             values["ray_token"] = token
-        peer = state.peer_key(inv.cluster, create=create) if inv.runtime.image else None
+        copies = inv.runtime.image or any(len(inv.group(w)) > 1 for w in inv.synced_weights())
+        peer = state.peer_key(inv.cluster, create=create) if copies else None
         if peer is not None:
             values[images.PEER_KEY_SECRET], values[images.PEER_PUB_SECRET] = peer
         for w in inv.workloads:
             key = state.api_key(inv.cluster, w.name, w.api_key_env, create=create)
             if key is not None:
                 values[f"api_key:{w.name}"] = key
+            if w.hf_token_env and os.environ.get(w.hf_token_env):  # the laptop's; never stored by sparkctl
+                values[weights.token_secret(w)] = os.environ[w.hf_token_env]
         return values
 
     def digests(self, secrets: Mapping[str, str]) -> dict[str, str]:
@@ -136,6 +140,7 @@ class Session:
         return {
             "ray_token": sha256(token + "\n") if token is not None else NO_TOKEN_YET,
             "worker_code": sha256(worker_code()),
+            weights.CODE_BLOB: sha256(weights_code()),
         } | (
             {
                 images.PEER_KEY_SECRET: sha256(secrets[images.PEER_KEY_SECRET] + "\n"),
@@ -278,7 +283,7 @@ class Session:
             transports=self.transports,
             nopasswd={n: f.sudo_nopasswd for n, f in self.facts.items()},
             secrets=Secrets(secrets),
-            blobs={"worker_code": worker_code()},
+            blobs={"worker_code": worker_code(), weights.CODE_BLOB: weights_code()},
             emit=options.pop("emit", self.emit),
             command_timeout=self.inventory.ssh.command_timeout,
             probe=self.probe,

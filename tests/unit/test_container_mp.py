@@ -29,6 +29,8 @@ from tests.unit.test_container_plan import (
     EXAMPLE,
     HOME,
     IMAGE,
+    MODEL_LINE,
+    NO_SYNC,
     STATE,
     assert_spark_container,
     docker_run,
@@ -46,12 +48,15 @@ ID_B = "sha256:" + "b2" * 32
 PUB = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOv3fY0b1vqf2kz4pNq3mVJm4u2mYl0xD3Hh8y9r2Q7s sparkctl-peer-spark-pair"
 DIGESTS = {"ray_token": "5f2b6c1d0a9e8f7c", "worker_code": "0e1d2c3b4a59", "peer_key": "d1g3st", "peer_key_pub": PUB}
 HOST_KEYS = {"spark-a": "ssh-ed25519 AAAAhostkeyA", "spark-b": "ssh-ed25519 AAAAhostkeyB"}
+HUB = f"{HOME}/.cache/huggingface/hub"
 SHELLS = [s for s in ("dash", "bash") if shutil.which(s)]
 
 
 def mp_inventory(*edits: tuple[str, str]) -> Inventory:
     """The example pair in container mode; chat keeps the default executor (mp)."""
     text = edit(EXAMPLE.read_text(), "  venv: /opt/sparkctl-runtime\n", f"  image: {IMAGE}\n")
+    # the weights are taken as present on both hosts (their copy: tests/unit/test_weights.py)
+    text = edit(text, MODEL_LINE, MODEL_LINE + NO_SYNC)
     for old, new in edits:
         text = edit(text, old, new)
     return parse_inventory(text, "container-mp.yaml")
@@ -202,7 +207,7 @@ def test_an_image_only_on_the_head_is_copied_over_the_fabric_with_scoped_access(
     assert key.commands[0].stdin_secret == "peer_key"
     assert known.commands[0].stdin == "192.168.100.11,192.168.101.11 ssh-ed25519 AAAAhostkeyB\n"
     receive, authorize = steps(plan, "spark-b", "peer_access")
-    assert receive.commands[0].stdin == images.render_peer_receive("spark-pair")
+    assert receive.commands[0].stdin == images.render_peer_receive("spark-pair", HUB)
     assert authorize.commands[0].stdin_secret == "peer_key_pub"  # the key line arrives on stdin
     want = f'restrict,from="192.168.100.10,192.168.101.10",command="{STATE}/peer-receive"'
     assert want in sh_line(authorize.commands[0])
@@ -255,7 +260,7 @@ def test_peer_access_already_in_place_is_not_planned_again() -> None:
                                                       "peer-known-hosts.sha256": images.sha256(known)}})
     options = images.peer_options(inv, inv.host("spark-b"), HOME)
     facts["spark-b"] = b.model_copy(update={
-        "files": {"peer-receive.sha256": images.sha256(images.render_peer_receive("spark-pair"))},
+        "files": {"peer-receive.sha256": images.sha256(images.render_peer_receive("spark-pair", HUB))},
         "peer_authorized": f"{options} {PUB}",
     })
     plan = mp_plan(inv, facts)
@@ -272,20 +277,28 @@ def _ctx(inv: Inventory, facts: dict[str, HostFacts]):  # type: ignore[no-untype
 @pytest.mark.parametrize("shell", SHELLS)
 def test_the_forced_command_runs_docker_load_and_nothing_else(tmp_path: Path, shell: str) -> None:
     script = tmp_path / "peer-receive"
-    script.write_text(images.render_peer_receive("spark-pair"))
+    hub = tmp_path / "hf" / "hub"
+    script.write_text(images.render_peer_receive("spark-pair", str(hub)))
     script.chmod(0o755)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "docker").write_text('#!/bin/sh\necho "docker $*"; cat > /dev/null\n')
     (bin_dir / "docker").chmod(0o755)
+    # rrsync reads the request from SSH_ORIGINAL_COMMAND itself: the stub shows its arguments and that request
+    (bin_dir / "rrsync").write_text('#!/bin/sh\necho "rrsync $* <$SSH_ORIGINAL_COMMAND>"\n')
+    (bin_dir / "rrsync").chmod(0o755)
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin"}
     ok = subprocess.run([shell, str(script)], input="tar bytes", env={**env, "SSH_ORIGINAL_COMMAND": "docker load"},
                         capture_output=True, text=True, timeout=10)
     assert (ok.returncode, ok.stdout) == (0, "docker load\n")
-    for asked in ("docker load; rm -rf ~", "sh", "docker run --privileged x", ""):
+    asked = "rsync --server -logDtpre.iLsfxCIvu --partial-dir=.rsync-partial . models--a--b/"
+    r = subprocess.run([shell, str(script)], env={**env, "SSH_ORIGINAL_COMMAND": asked}, capture_output=True,
+                       text=True, timeout=10)
+    assert (r.returncode, r.stdout) == (0, f"rrsync -wo -no-del {hub} <{asked}>\n") and hub.is_dir()
+    for asked in ("docker load; rm -rf ~", "sh", "docker run --privileged x", "", "rsync --sender x", "rrsync /"):
         r = subprocess.run([shell, str(script)], env={**env, "SSH_ORIGINAL_COMMAND": asked}, capture_output=True,
                            text=True, timeout=10)
-        assert r.returncode == 1 and r.stdout == "" and "only docker load" in r.stderr, asked
+        assert r.returncode == 1 and r.stdout == "" and "only docker load and rsync" in r.stderr, asked
 
 
 @pytest.mark.parametrize("shell", SHELLS)
@@ -336,7 +349,7 @@ def test_the_laptop_makes_one_peer_key_pair_per_cluster(tmp_path: Path, monkeypa
 
 
 def test_venv_mode_has_no_image_steps() -> None:
-    inv = parse_inventory(EXAMPLE.read_text(), "pair.yaml")
+    inv = parse_inventory(edit(EXAMPLE.read_text(), MODEL_LINE, MODEL_LINE + NO_SYNC), "pair.yaml")
     plan = plan_of(inv, fresh(inv))
     assert not [s for s in steps(plan) if s.kind in ("peer_key", "peer_access", "image_copy", "verify_image")]
     assert paths.peer_comment("x") == "sparkctl-peer-x"

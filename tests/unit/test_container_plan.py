@@ -59,6 +59,10 @@ CHAT_SPEC = (
 SHELL_OPERATORS = {"&&", "||", ";", "|", ">", ">>", "<", "2>&1"}
 
 
+MODEL_LINE = "    model: Qwen/Qwen3-30B-A3B-Instruct-2507\n"
+NO_SYNC = "    sync_weights: false\n"
+
+
 def edit(text: str, old: str, new: str) -> str:
     assert text.count(old) == 1, f"expected exactly one {old!r}"
     return text.replace(old, new)
@@ -69,6 +73,8 @@ def container_inventory(*edits: tuple[str, str]) -> Inventory:
     # these cases run chat under vLLM's Ray executor, inside the Ray container (the default, mp, runs it in
     # containers of its own: tests/unit/test_container_mp.py)
     text = edit(text, "    tensor_parallel_size: 2\n", "    tensor_parallel_size: 2\n    executor: ray\n")
+    # the weights are taken as present on both hosts (their copy: tests/unit/test_weights.py)
+    text = edit(text, MODEL_LINE, MODEL_LINE + NO_SYNC)
     for old, new in edits:
         text = edit(text, old, new)
     return parse_inventory(text, "container-pair.yaml")

@@ -552,6 +552,17 @@ def test_probe_script_output_parses_back(tmp_path: Path, one_id: bool) -> None:
     nco = home / ".config" / "vllm"
     nco.mkdir(parents=True)
     (nco / "ray_non_carry_over_env_vars.json").write_text('[\n  "NCCL_IB_GID_INDEX"\n]\n')
+    # the example's model in the hub cache: one blob, the snapshot's link to it, refs/main; and sparkctl's record
+    repo = home / ".cache" / "huggingface" / "hub" / "models--Qwen--Qwen3-30B-A3B-Instruct-2507"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "blobs" / ("ab" * 32)).write_bytes(b"x" * 1234)
+    (repo / "blobs" / "cd.incomplete").write_bytes(b"y" * 10)
+    (repo / "snapshots" / "c0ffee").mkdir(parents=True)
+    (repo / "snapshots" / "c0ffee" / "model.safetensors").symlink_to(f"../../blobs/{'ab' * 32}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("c0ffee")
+    (state / "weights").mkdir()
+    (state / "weights" / "models--Qwen--Qwen3-30B-A3B-Instruct-2507@main.json").write_text('{"commit": "c0ffee"}\n')
 
     text = EXAMPLE.read_text().replace("  venv: /opt/sparkctl-runtime", f"  venv: {venv}")
     inv = parse_inventory(text)
@@ -595,6 +606,11 @@ def test_probe_script_output_parses_back(tmp_path: Path, one_id: bool) -> None:
     assert facts.meminfo_kb["MemTotal"] > 0
     assert set(facts.meminfo_kb) <= {"MemTotal", "MemFree", "MemAvailable", "Cached", "Buffers"}
     assert os.environ.get("FX") is None  # the stub environment did not leak into the test process
+    held = facts.weights["Qwen/Qwen3-30B-A3B-Instruct-2507@main"]
+    assert held.files == {f"blobs/{'ab' * 32}": 1234, "blobs/cd.incomplete": 10, "refs/main": 6}
+    assert held.links == {"snapshots/c0ffee/model.safetensors": f"../../blobs/{'ab' * 32}"}
+    assert held.refs == {"main": "c0ffee"} and held.manifest == '{"commit": "c0ffee"}'
+    assert facts.hf_free > 0
 
     # The sections run side by side, yet print exactly what they print one after the other; nothing is left behind.
     assert list((tmp_path / "tmp").iterdir()) == []
@@ -606,10 +622,10 @@ def test_probe_script_output_parses_back(tmp_path: Path, one_id: bool) -> None:
     )
     seq = subprocess.run(["sh", "-s"], input=one_by_one, capture_output=True, text=True, env=env, timeout=30)
     assert seq.returncode == 0, seq.stderr
-    live = "meminfo"  # read from this machine's /proc, changing between the two runs
+    live = ("meminfo", "hf_free")  # this machine's /proc and free disk, changing between the two runs
     assert [k for k in parse_sections(r.stdout)] == [*sections, "end"]
-    assert {k: v for k, v in parse_sections(r.stdout).items() if k != live} == {
-        k: v for k, v in parse_sections(seq.stdout).items() if k != live
+    assert {k: v for k, v in parse_sections(r.stdout).items() if k not in live} == {
+        k: v for k, v in parse_sections(seq.stdout).items() if k not in live
     }
 
 

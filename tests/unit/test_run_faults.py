@@ -232,7 +232,8 @@ def test_reading_secrets_creates_nothing(isolated_state: Path) -> None:
     assert session.secrets_for_plan() == {}
     assert not (isolated_state / "sparkctl").exists()
     made = session.secrets_for_plan(create=True)
-    assert "ray_token" in made and all(k.startswith(("ray_token", "api_key:")) for k in made)
+    # the example's pair copies its model's weights host to host: the cluster's peer key pair is made too
+    assert "ray_token" in made and all(k.startswith(("ray_token", "api_key:", "peer_key")) for k in made)
     assert session.secrets_for_plan() == made  # read back, nothing new
 
 
