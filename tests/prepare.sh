@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install what the test suite needs on a Debian machine (run as root; idempotent):
-# - the Debian packages the testbed's fake Sparks run (sshd, NetworkManager, dbus, udev, sudo, nftables),
+# - the Debian packages the testbed's fake Sparks run (sshd, NetworkManager, dbus, udev, sudo, nftables, rsync with
+#   rrsync for the weights copy),
 # - sparkctl with its dev (tests, ruff, mypy) and worker extras for the test runner's python3,
 # - the hosts' runtime venv (/opt/sparkctl-runtime: Ray, torch CPU, sentence-transformers, the MiniLM weights,
 #   and vLLM itself in its CPU build), built from Debian's /usr/bin/python3 so the hosts' login user can run it.
@@ -22,10 +23,10 @@ LOCK=/var/tmp/sparkctl-testbed.lock
 export DEBIAN_FRONTEND=noninteractive
 # systemd: for busctl, which sparkctl uses to reach NetworkManager's checkpoints over D-Bus (not PID 1 here)
 if ! dpkg -s network-manager openssh-server dbus-daemon udev sudo nftables python3-venv podman runc catatonit \
-    mmdebstrap systemd >/dev/null 2>&1; then
+    mmdebstrap systemd rsync >/dev/null 2>&1; then
   apt-get update -q
   apt-get install -y -q openssh-server openssh-client network-manager dbus udev sudo iproute2 \
-    iputils-ping nftables python3-venv procps util-linux podman runc catatonit mmdebstrap systemd
+    iputils-ping nftables python3-venv procps util-linux podman runc catatonit mmdebstrap systemd rsync
 fi
 
 python3 -m pip install -q "$TORCH"

@@ -11,7 +11,7 @@ from typing import NoReturn
 import typer
 
 from sparkctl import __version__
-from sparkctl.cli import access, bench, cluster, doctor, history, inspect, runbook
+from sparkctl.cli import access, bench, cluster, doctor, history, inspect, models, runbook
 
 # rich_markup_mode=None: plain help and error text (click's formatter). rich's renderer costs more to import
 # than the rest of `--help`.
@@ -31,6 +31,7 @@ doctor.register(app)
 app.add_typer(runbook.app, name="runbook")
 app.add_typer(history.app, name="history")
 app.add_typer(bench.app, name="bench")
+app.add_typer(models.app, name="models")
 
 
 def _version(value: bool) -> None:

@@ -210,7 +210,7 @@ def build_verify(inv: Inventory, home: str, w: Workload) -> str:
 
 
 def _gb(n: int) -> str:
-    return f"{n / 1e9:.1f} GB"
+    return f"{n / 1e9:.2f} GB"
 
 
 def _size(manifest: dict[str, Any]) -> int:

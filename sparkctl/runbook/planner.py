@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from sparkctl.errors import Problem
 from sparkctl.inventory.load import render_loc
 from sparkctl.inventory.models import Host, Inventory
+from sparkctl.plan import weights
 from sparkctl.plan.context import PlanContext, fresh_facts
 from sparkctl.plan.models import Plan, Stage
 from sparkctl.runbook.actions import ACTIONS
@@ -315,6 +316,14 @@ def offline_plan(
     """A plan against fresh hosts, contacting nobody and reading no secrets (digests are placeholders)."""
     facts = {h.name: fresh_facts(inv, h) for h in inv.hosts}
     ctx = PlanContext(
-        inv, facts, params, {"ray_token": "(generated on first up)", "worker_code": sha256(worker_code())}, offline=True
+        inv,
+        facts,
+        params,
+        {
+            "ray_token": "(generated on first up)",
+            "worker_code": sha256(worker_code()),
+            weights.CODE_BLOB: sha256(weights_code()),
+        },
+        offline=True,
     )
     return build_runbook_plan(rb, ctx, params, start=start, only=only, offline=True)

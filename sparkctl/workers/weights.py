@@ -76,7 +76,7 @@ def _sha256(path: Path, counter: list[int]) -> str:
 
 
 def _gb(n: int) -> str:
-    return f"{n / 1e9:.1f} GB"
+    return f"{n / 1e9:.2f} GB"
 
 
 def _check_space(where: str, path: Path, need: int) -> None:
