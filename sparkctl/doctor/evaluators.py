@@ -535,7 +535,15 @@ def workload_flag(ctx: CheckContext, rule: Rule) -> list[Finding]:
         if w.engine != "vllm":
             continue
         value = _arg_value(w, flag)
-        flag_hit = value is not None and (want is None or want.lower() in value.lower())
+        # args.exact: the value is the named choice itself (`--moe-backend cutlass`, not `flashinfer_cutlass`, a
+        # different choice of the same flag); otherwise a substring (`--attention-backend FLASHINFER...`).
+        if value is None or want is None:
+            flag_hit = value is not None
+        elif rule.args.get("exact"):
+            flag_hit = value.lower() == want.lower()
+        else:
+            flag_hit = want.lower() in value.lower()
+        value_hit = flag_hit
         if flag_hit and rule.args.get("contains"):
             flag_hit = rule.args["contains"] in " ".join([w.model, *w.extra_args]).lower()
         env_hits = [k for k, v in (rule.args.get("env") or {}).items() if w.env.get(k, "").upper() == v]
@@ -544,6 +552,10 @@ def workload_flag(ctx: CheckContext, rule: Rule) -> list[Finding]:
             evidence = f"{flag}{'=' + value if value else ''} in extra_args"
         elif env_hits:
             evidence = f"set through the environment ({', '.join(env_hits)})"
+        elif value_hit:
+            evidence = f"{flag} {value}, but no {rule.args['contains']} in the model or its flags"
+        elif value:
+            evidence = f"{flag} {value} (not {want})"
         else:
             evidence = f"no {flag}"
         out.append(_f(rule, not hit, f"workload {w.name}", evidence, fix=versioned_fix(rule, _vllm_version(ctx))))
