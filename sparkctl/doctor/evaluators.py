@@ -92,16 +92,20 @@ def compute_cap(ctx: CheckContext, rule: Rule) -> list[Finding]:
 
 @evaluator("driver")
 def driver(ctx: CheckContext, rule: Rule) -> list[Finding]:
+    """Each GPU's driver at least `args.minimum` (a version, any branch); `args.notes` add a branch's known reports to
+    the evidence without changing the level."""
     out = []
+    minimum = str(rule.args["minimum"])
     for name, f in _hosts(ctx):
         drivers = [g.driver for g in f.gpus]
         if not drivers:
             out.append(_f(rule, False, name, "driver unknown (no nvidia-smi)"))
             continue
-        bad = [d for d in drivers if d.startswith(rule.args["bad"])]
-        good = all(d.startswith(rule.args["good"]) for d in drivers)
-        evidence = f"driver {', '.join(drivers)}" + (" (590.x: CUDAGraph deadlock on GB10)" if bad else "")
-        out.append(_f(rule, good, name, evidence, rule.args.get("bad_level") if bad else None))
+        old = [d for d in drivers if version_tuple(d) < version_tuple(minimum)]
+        evidence = f"driver {', '.join(drivers)}" + (f" (older than {minimum})" if old else f" (>= {minimum})")
+        notes = [str(n["note"]) for n in rule.args.get("notes", []) if any(d.startswith(n["branch"]) for d in drivers)]
+        evidence += "".join(f"; note: {n}" for n in notes)
+        out.append(_f(rule, not old, name, evidence))
     return out
 
 
