@@ -612,11 +612,29 @@ def load_format_package(ctx: CheckContext, rule: Rule) -> list[Finding]:
 
 @evaluator("mxfp4")
 def mxfp4(ctx: CheckContext, rule: Rule) -> list[Finding]:
+    """`--quantization mxfp4`: fine on vLLM >= `args.online_from` (online MXFP4 for an unquantized checkpoint, the
+    checkpoint's own MXFP4 otherwise); on an older or unknown vLLM it needs an MXFP4 checkpoint, which only a model
+    name naming gpt-oss (all of whose checkpoints are MXFP4) shows; any other name cannot be judged from here."""
     out = []
+    vllm = _vllm_version(ctx)
+    online = bool(vllm) and version_tuple(vllm) >= version_tuple(str(rule.args["online_from"]))
     for w in ctx.inventory.workloads:
         q = _arg_value(w, "--quantization")
-        bad = q is not None and q.lower() == "mxfp4" and "gpt-oss" not in w.model.lower()
-        out.append(_f(rule, not bad, f"workload {w.name}", f"--quantization {q} with {w.model}" if bad else "ok"))
+        if q is None or q.lower() != "mxfp4":
+            out.append(_f(rule, True, f"workload {w.name}", f"no --quantization mxfp4 ({q or 'none'})"))
+            continue
+        if online:
+            evidence = f"--quantization mxfp4 on vLLM {vllm}: online MXFP4 unless {w.model} is already MXFP4"
+            out.append(_f(rule, True, f"workload {w.name}", evidence))
+        elif "gpt-oss" in w.model.lower():
+            out.append(_f(rule, True, f"workload {w.name}", f"--quantization mxfp4 with {w.model} (MXFP4 weights)"))
+        else:
+            where = f"vLLM {vllm}" if vllm else "an unknown vLLM"
+            evidence = (
+                f"--quantization mxfp4 with {w.model} on {where} (no online MXFP4 before {rule.args['online_from']}): "
+                "loads only if the checkpoint is MXFP4"
+            )
+            out.append(_f(rule, False, f"workload {w.name}", evidence))
     return out
 
 
