@@ -19,7 +19,7 @@ from sparkctl.facts.models import (
     Runtime,
     TcpLink,
 )
-from sparkctl.facts.probe import MARK
+from sparkctl.facts.probe import MARK, NO_DRIVER_FIELD
 
 FILE_MARKS = ("present", "absent")
 
@@ -212,16 +212,22 @@ def parse_gids(text: str) -> list[GidEntry]:
     return entries
 
 
-def parse_nvidia_smi(text: str) -> list[Gpu]:
-    """`nvidia-smi --query-gpu=name,compute_cap,driver_version,temperature.gpu --format=csv,noheader`."""
+def parse_nvidia_smi(text: str, summary_driver: str = "") -> list[Gpu]:
+    """`nvidia-smi --query-gpu=name,compute_cap,driver_version,temperature.gpu --format=csv,noheader`, or, after the
+    probe's NO_DRIVER_FIELD line, the same query without driver_version. A driver the query does not give ("[N/A]",
+    or no field) is the summary line's (`summary_driver`)."""
     gpus = []
+    no_driver = NO_DRIVER_FIELD in text
     for line in text.splitlines():
         parts = [p.strip() for p in line.split(",")]
         if len(parts) < 3 or not re.match(r"^\d+\.\d+$", parts[1]):
             continue
+        if no_driver:
+            parts.insert(2, "")
+        driver = parts[2] if re.match(r"^\d", parts[2]) else summary_driver
         temp = parts[3] if len(parts) > 3 else ""
         gpus.append(
-            Gpu(name=parts[0], compute_cap=parts[1], driver=parts[2], temperature=int(temp) if temp.isdigit() else None)
+            Gpu(name=parts[0], compute_cap=parts[1], driver=driver, temperature=int(temp) if temp.isdigit() else None)
         )
     return gpus
 
@@ -359,6 +365,13 @@ def parse_cuda_version(text: str) -> str:
     return m.group(1) if m else ""
 
 
+def parse_summary_driver(text: str) -> str:
+    """The driver version in nvidia-smi's summary line: `Driver Version: 580.142` (drivers up to 590) or
+    `KMD Version: 610.43.02` (R610 drivers on); empty when neither is there."""
+    m = re.search(r"(?:Driver|KMD) Version:\s*([0-9][0-9.]*)", text)
+    return m.group(1) if m else ""
+
+
 def parse_probe(host: str, output: str) -> HostFacts:
     """Whole probe output -> HostFacts."""
     s = parse_sections(output)
@@ -405,7 +418,7 @@ def parse_probe(host: str, output: str) -> HostFacts:
         gcs_links=parse_tcp_links(s.get("gcs_links", "")),
         meminfo_kb=parse_meminfo(s.get("meminfo", "")),
         gids=parse_gids(s.get("gids", "")),
-        gpus=parse_nvidia_smi(s.get("gpus", "")),
+        gpus=parse_nvidia_smi(s.get("gpus", ""), parse_summary_driver(s.get("cuda", ""))),
         cuda_version=parse_cuda_version(s.get("cuda", "")),
         netplan=parse_netplan(s.get("netplan", "")),
         runtime=runtime,
