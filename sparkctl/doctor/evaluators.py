@@ -483,6 +483,29 @@ def estimate_weights_gb(model: str) -> float | None:
     return params * per
 
 
+@evaluator("kho_cma")
+def kho_cma(ctx: CheckContext, rule: Rule) -> list[Finding]:
+    """CmaFree above CmaTotal in /proc/meminfo: the kexec-handover scratch of the 7.0 nvidia kernels, with which RDMA
+    memory registration fails (rules.yaml kernel-kho-cma). Judged on the signature, not on the version string, so a
+    kernel booted with kho=off passes."""
+    out = []
+    for name, f in _hosts(ctx):
+        if not f.kernel:
+            continue
+        total, free = f.meminfo_kb.get("CmaTotal"), f.meminfo_kb.get("CmaFree")
+        kho_off = "kho=off" in f.kernel_cmdline.split()
+        if total is None or free is None:
+            out.append(_f(rule, True, name, f"kernel {f.kernel}: no CMA in /proc/meminfo"))
+            continue
+        evidence = f"kernel {f.kernel}: CmaTotal {total} kB, CmaFree {free} kB"
+        if free > total:
+            evidence += " (CmaFree above CmaTotal: the KHO scratch area)"
+        elif kho_off:
+            evidence += " (booted with kho=off)"
+        out.append(_f(rule, free <= total, name, evidence))
+    return out
+
+
 @evaluator("memory_fit")
 def memory_fit(ctx: CheckContext, rule: Rule) -> list[Finding]:
     out = []

@@ -163,6 +163,8 @@ class HostFacts(_Fact):
         default_factory=list, description="established TCP connections to or from Ray's GCS port (ray.port)"
     )
     meminfo_kb: dict[str, int] = Field(default_factory=dict)
+    kernel: str = Field("", description="the running kernel's release (uname -r), e.g. 6.17.0-1032-nvidia")
+    kernel_cmdline: str = Field("", description="the kernel command line it was booted with (/proc/cmdline)")
     gids: list[GidEntry] = Field(default_factory=list)
     gpus: list[Gpu] = Field(default_factory=list)
     cuda_version: str = ""

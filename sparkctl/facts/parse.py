@@ -386,6 +386,7 @@ def parse_probe(host: str, output: str) -> HostFacts:
     if firewall is not None:
         state_files["firewall.nft"] = firewall
     ray_image = s.get("ray_image", "").split()
+    kernel = [*s.get("kernel", "").splitlines(), "", ""]
     runtime = parse_runtime(s.get("runtime", "")).model_copy(
         update={"ray_image_id": ray_image[0] if ray_image else "", "ray_image_base": " ".join(ray_image[1:2])}
     )
@@ -417,6 +418,8 @@ def parse_probe(host: str, output: str) -> HostFacts:
         listeners=parse_listeners(s.get("listeners", "")),
         gcs_links=parse_tcp_links(s.get("gcs_links", "")),
         meminfo_kb=parse_meminfo(s.get("meminfo", "")),
+        kernel=kernel[0].strip(),
+        kernel_cmdline=kernel[1].strip(),
         gids=parse_gids(s.get("gids", "")),
         gpus=parse_nvidia_smi(s.get("gpus", ""), parse_summary_driver(s.get("cuda", ""))),
         cuda_version=parse_cuda_version(s.get("cuda", "")),

@@ -164,7 +164,10 @@ def probe_sections(inventory: Inventory, host: Host) -> dict[str, str]:
         "listeners": "ss -ltnH 2>/dev/null || true",
         # A raylet keeps a connection to the head's GCS while it is part of the cluster (filter syntax: ss(8)).
         "gcs_links": f"ss -tnH state established '( dport = :{gcs} or sport = :{gcs} )' 2>/dev/null || true",
-        "meminfo": "grep -E '^(MemTotal|MemFree|MemAvailable|Cached|Buffers):' /proc/meminfo",
+        # CmaTotal/CmaFree: the signature of the kexec-handover scratch area of the 7.0 nvidia kernels (doctor's
+        # kernel-kho-cma); absent from kernels built without CMA.
+        "meminfo": "grep -E '^(MemTotal|MemFree|MemAvailable|Cached|Buffers|CmaTotal|CmaFree):' /proc/meminfo",
+        "kernel": "uname -r; cat /proc/cmdline 2>/dev/null; true",
         "gids": (
             'for p in /sys/class/infiniband/*/ports/*; do [ -d "$p/gids" ] || continue; '
             'grep -H \'\' "$p"/gids/* "$p"/gid_attrs/types/* "$p"/gid_attrs/ndevs/* 2>/dev/null; done; true'

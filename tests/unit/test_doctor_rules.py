@@ -122,7 +122,13 @@ FABRIC_LISTENERS = {
 }
 HEALTHY: dict[str, HostFacts] = {
     name: patched(
-        f, gpus=GB10, cuda_version="13.0", runtime=RUNTIME, meminfo_kb=SPARK_MEMINFO, listeners=FABRIC_LISTENERS[name]
+        f,
+        gpus=GB10,
+        cuda_version="13.0",
+        runtime=RUNTIME,
+        meminfo_kb=SPARK_MEMINFO,
+        listeners=FABRIC_LISTENERS[name],
+        kernel="6.17.0-1032-nvidia",
     )
     for name, f in _converged().items()
 }

@@ -701,3 +701,19 @@ def test_the_driver_is_read_from_the_query_or_else_the_summary(
         out += f"{MARK} {name}\n" + run.stdout
     facts = parse_probe("spark-a", out)
     assert facts.gpus == [Gpu(name="NVIDIA GB10", compute_cap="12.1", driver=driver, temperature=temperature)]
+
+
+def test_the_kernel_and_its_cma_lines_are_read() -> None:
+    """`uname -r`, /proc/cmdline and the CMA lines of /proc/meminfo as a 7.0 nvidia kernel prints them (values quoted
+    in MiaAI-Lab/DeepSeek-v4-Flash-DSpark-2x-DGX-Spark#259)."""
+    from sparkctl.facts.parse import parse_probe
+
+    out = (
+        f"{MARK} meminfo\nMemTotal:       127535216 kB\nMemFree:        92274688 kB\nCmaTotal:              0 kB\n"
+        "CmaFree:          940604 kB\n"
+        f"{MARK} kernel\n7.0.0-1019-nvidia\nBOOT_IMAGE=/boot/vmlinuz-7.0.0-1019-nvidia root=UUID=0b7e ro quiet splash\n"
+        f"{MARK} end\n"
+    )
+    facts = parse_probe("spark-a", out)
+    assert facts.kernel == "7.0.0-1019-nvidia" and facts.kernel_cmdline.endswith("quiet splash")
+    assert (facts.meminfo_kb["CmaTotal"], facts.meminfo_kb["CmaFree"]) == (0, 940604)
