@@ -281,6 +281,44 @@ def twin_address(ctx: CheckContext, rule: Rule) -> list[Finding]:
     return out
 
 
+def _gts(text: str) -> float | None:
+    """`32.0 GT/s PCIe` (sysfs current_link_speed / max_link_speed) -> 32.0."""
+    m = re.match(r"\s*(\d+(?:\.\d+)?)\s*GT/s", text)
+    return float(m.group(1)) if m else None
+
+
+@evaluator("twin_link")
+def twin_link(ctx: CheckContext, rule: Rule) -> list[Finding]:
+    """Each twin's negotiated speed and its function's PCIe link against the Spark's (200 Gb/s, Gen5 x4)."""
+    out = []
+    a = rule.args
+    for h, f in _probed(ctx):
+        for t in h.fabric:
+            link = f.links.get(t.interface)
+            if link is None:
+                continue
+            subject = f"{h.name} {t.interface}"
+            if link.pcie_width is None:
+                speed = f"{link.speed_mbps} Mb/s" if link.speed_mbps is not None else "speed unreadable"
+                out.append(_f(rule, True, subject, f"not judged: no PCI device (a virtual interface; {speed})"))
+                continue
+            pcie = f"PCIe x{link.pcie_width} {link.pcie_speed or '?'}"
+            pcie += f" (max x{link.pcie_max_width or '?'} {link.pcie_max_speed or '?'})"
+            problems = []
+            if link.speed_mbps is None:
+                speed = "speed unreadable (link down?)"
+            else:
+                speed = f"{link.speed_mbps // 1000} Gb/s"
+                if link.speed_mbps < a["min_speed_mbps"]:
+                    problems.append(f"negotiated {speed}, below {a['min_speed_mbps'] // 1000} Gb/s")
+            gts = _gts(link.pcie_speed)
+            if link.pcie_width < a["min_pcie_width"] or (gts is not None and gts < a["min_pcie_gts"]):
+                problems.append(f"{pcie}, below x{a['min_pcie_width']} {a['min_pcie_gts']:g} GT/s (Gen5 x4)")
+            evidence = "; ".join(problems) if problems else f"{speed}, {pcie}"
+            out.append(_f(rule, not problems, subject, evidence))
+    return out
+
+
 @evaluator("duplicate_profiles")
 def duplicate_profiles(ctx: CheckContext, rule: Rule) -> list[Finding]:
     out = []

@@ -81,6 +81,17 @@ class NmCheckpoints(_Fact):
         return self.recorded if self.recorded and self.recorded in self.listed else ""
 
 
+class TwinLink(_Fact):
+    """A twin's negotiated Ethernet speed and the PCIe link of its function, as sysfs shows them."""
+
+    interface: str
+    speed_mbps: int | None = Field(None, description="/sys/class/net/<if>/speed; None when unreadable or -1")
+    pcie_width: int | None = Field(None, description="device/current_link_width; None without a PCI device")
+    pcie_speed: str = Field("", description="device/current_link_speed, e.g. '32.0 GT/s PCIe'")
+    pcie_max_width: int | None = None
+    pcie_max_speed: str = ""
+
+
 class Gpu(_Fact):
     """One GPU as nvidia-smi reports it."""
 
@@ -163,6 +174,7 @@ class HostFacts(_Fact):
         default_factory=list, description="established TCP connections to or from Ray's GCS port (ray.port)"
     )
     meminfo_kb: dict[str, int] = Field(default_factory=dict)
+    links: dict[str, TwinLink] = Field(default_factory=dict, description="twin interface -> its link state")
     kernel: str = Field("", description="the running kernel's release (uname -r), e.g. 6.17.0-1032-nvidia")
     kernel_cmdline: str = Field("", description="the kernel command line it was booted with (/proc/cmdline)")
     gids: list[GidEntry] = Field(default_factory=list)

@@ -18,6 +18,7 @@ from sparkctl.facts.models import (
     Process,
     Runtime,
     TcpLink,
+    TwinLink,
 )
 from sparkctl.facts.probe import MARK, NO_DRIVER_FIELD
 
@@ -365,6 +366,30 @@ def parse_cuda_version(text: str) -> str:
     return m.group(1) if m else ""
 
 
+def _int(text: str) -> int | None:
+    text = text.strip()
+    return int(text) if text.isdigit() else None
+
+
+def parse_links(text: str) -> dict[str, TwinLink]:
+    """The probe's `links` section: `<if>|<speed>|<width>|<speed>|<max width>|<max speed>` per twin. A speed of -1
+    (link down, or a driver that does not report it) is None."""
+    out: dict[str, TwinLink] = {}
+    for line in text.splitlines():
+        f = line.split("|")
+        if len(f) != 6 or not f[0]:
+            continue
+        out[f[0]] = TwinLink(
+            interface=f[0],
+            speed_mbps=_int(f[1]),
+            pcie_width=_int(f[2]),
+            pcie_speed=f[3].strip(),
+            pcie_max_width=_int(f[4]),
+            pcie_max_speed=f[5].strip(),
+        )
+    return out
+
+
 def parse_summary_driver(text: str) -> str:
     """The driver version in nvidia-smi's summary line: `Driver Version: 580.142` (drivers up to 590) or
     `KMD Version: 610.43.02` (R610 drivers on); empty when neither is there."""
@@ -418,6 +443,7 @@ def parse_probe(host: str, output: str) -> HostFacts:
         listeners=parse_listeners(s.get("listeners", "")),
         gcs_links=parse_tcp_links(s.get("gcs_links", "")),
         meminfo_kb=parse_meminfo(s.get("meminfo", "")),
+        links=parse_links(s.get("links", "")),
         kernel=kernel[0].strip(),
         kernel_cmdline=kernel[1].strip(),
         gids=parse_gids(s.get("gids", "")),

@@ -168,6 +168,15 @@ def probe_sections(inventory: Inventory, host: Host) -> dict[str, str]:
         # kernel-kho-cma); absent from kernels built without CMA.
         "meminfo": "grep -E '^(MemTotal|MemFree|MemAvailable|Cached|Buffers|CmaTotal|CmaFree):' /proc/meminfo",
         "kernel": "uname -r; cat /proc/cmdline 2>/dev/null; true",
+        # Per twin: the Ethernet speed it negotiated (Mb/s; -1 or unreadable when down) and the PCIe link of its
+        # function, current and max (Linux Documentation/ABI/testing/sysfs-class-net `speed`, sysfs-bus-pci
+        # `current_link_width`, `current_link_speed`, `max_link_width`, `max_link_speed`). A virtual interface has
+        # no `device`, so its PCIe fields are empty.
+        "links": (
+            f'for i in {twins}; do d="/sys/class/net/$i"; l="$i"; '
+            "for a in speed device/current_link_width device/current_link_speed device/max_link_width "
+            'device/max_link_speed; do l="$l|$(cat "$d/$a" 2>/dev/null)"; done; echo "$l"; done; true'
+        ),
         "gids": (
             'for p in /sys/class/infiniband/*/ports/*; do [ -d "$p/gids" ] || continue; '
             'grep -H \'\' "$p"/gids/* "$p"/gid_attrs/types/* "$p"/gid_attrs/ndevs/* 2>/dev/null; done; true'

@@ -120,6 +120,12 @@ FABRIC_LISTENERS = {
     ],
     B: [Listener(address="192.168.100.11", port=p) for p in (6381, 6382, 52365, 52366, 52367, 52368)],
 }
+# A Spark's twins as sysfs shows them: 200 Gb/s each, each function on PCIe Gen5 x4 (NVIDIA/dgx-spark-playbooks#108).
+SPARK_LINKS = {
+    t: {"interface": t, "speed_mbps": 200000, "pcie_width": 4, "pcie_speed": "32.0 GT/s PCIe", "pcie_max_width": 4,
+        "pcie_max_speed": "32.0 GT/s PCIe"}
+    for t in ("enp1s0f1np1", "enP2p1s0f1np1")
+}  # fmt: skip
 HEALTHY: dict[str, HostFacts] = {
     name: patched(
         f,
@@ -129,6 +135,7 @@ HEALTHY: dict[str, HostFacts] = {
         meminfo_kb=SPARK_MEMINFO,
         listeners=FABRIC_LISTENERS[name],
         kernel="6.17.0-1032-nvidia",
+        links=SPARK_LINKS,
     )
     for name, f in _converged().items()
 }

@@ -717,3 +717,18 @@ def test_the_kernel_and_its_cma_lines_are_read() -> None:
     facts = parse_probe("spark-a", out)
     assert facts.kernel == "7.0.0-1019-nvidia" and facts.kernel_cmdline.endswith("quiet splash")
     assert (facts.meminfo_kb["CmaTotal"], facts.meminfo_kb["CmaFree"]) == (0, 940604)
+
+
+def test_twin_links_from_sysfs() -> None:
+    """The `links` section: a ConnectX-7 function (speed in Mb/s, PCIe "32.0 GT/s PCIe" x4 as sysfs prints them) and a
+    veth (speed -1 or 10000, no PCI device: empty fields)."""
+    from sparkctl.facts.parse import parse_links
+
+    text = "enp1s0f1np1|200000|4|32.0 GT/s PCIe|4|32.0 GT/s PCIe\nenP2p1s0f1np1|-1||||\nveth0|10000||||\n"
+    links = parse_links(text)
+    assert links["enp1s0f1np1"].model_dump() == {
+        "interface": "enp1s0f1np1", "speed_mbps": 200000, "pcie_width": 4, "pcie_speed": "32.0 GT/s PCIe",
+        "pcie_max_width": 4, "pcie_max_speed": "32.0 GT/s PCIe",
+    }  # fmt: skip
+    assert links["enP2p1s0f1np1"].speed_mbps is None and links["enP2p1s0f1np1"].pcie_width is None
+    assert links["veth0"].speed_mbps == 10000 and links["veth0"].pcie_width is None
