@@ -14,7 +14,7 @@ from sparkctl.facts.models import HostFacts
 from sparkctl.inventory.models import Host, Inventory, Workload
 from sparkctl.inventory.topology import check_pairs, interface, link_of
 from sparkctl.plan.cluster import RAY_MARKERS, workload_exit
-from sparkctl.plan.commands import needs_ray, ray_wanted
+from sparkctl.plan.commands import needs_ray, ray_wanted, workload_ranks
 from sparkctl.plan.env import detect_gid_index, version_tuple
 from sparkctl.plan.images import image_source
 
@@ -137,6 +137,33 @@ def nccl_version(ctx: CheckContext, rule: Rule) -> list[Finding]:
             out.append(_f(rule, False, name, f"NCCL {f.runtime.nccl} {ignored}"))
         else:
             out.append(_f(rule, True, name, f"NCCL {f.runtime.nccl}"))
+    return out
+
+
+@evaluator("nccl_known_hang")
+def nccl_known_hang(ctx: CheckContext, rule: Rule) -> list[Finding]:
+    """A vLLM workload spanning `min_ranks` Sparks or more whose hosts' runtime holds NCCL `version`, without the
+    workaround `env` in the workload's environment (rules.yaml nccl-2304-nvls)."""
+    out = []
+    bad = str(rule.args["version"])
+    workaround = {str(k): str(v) for k, v in rule.args["env"].items()}
+    for w in ctx.inventory.workloads:
+        if w.engine != "vllm":
+            continue
+        ranks = workload_ranks(w)
+        hosts = [h.name for h in ctx.inventory.group(w)[:ranks] if h.name in ctx.facts]
+        versions = sorted({ctx.facts[n].runtime.nccl for n in hosts} - {""})
+        if not versions:
+            continue
+        subject = f"workload {w.name}"
+        have = f"NCCL {', '.join(versions)}, {ranks} rank(s)"
+        if bad not in versions or ranks < rule.args["min_ranks"]:
+            out.append(_f(rule, True, subject, have))
+        elif all(w.env.get(k) == v for k, v in workaround.items()):
+            set_ = ", ".join(f"{k}={v}" for k, v in workaround.items())
+            out.append(_f(rule, True, subject, f"{have}; {set_} set (the reported workaround)"))
+        else:
+            out.append(_f(rule, False, subject, f"{have} across Sparks: the NVLS hang of NCCL {bad} at 8 ranks"))
     return out
 
 

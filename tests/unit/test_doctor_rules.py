@@ -22,6 +22,7 @@ The cases are data: tests/unit/doctor_cases/<rule id>.yaml, one file per rule. A
       evidence: no GPU found         # optional fragment of that finding's evidence; not_evidence: must not appear
       fix: nvidia-smi                # optional fragment of the fix
       xfail: reason                  # optional: a known bug; the case must fail until it is fixed
+      inventory: example-switch-8.yaml   # optional: that inventory instead of the pair (hosts start as spark-a)
 """
 
 from __future__ import annotations
@@ -179,10 +180,13 @@ class Case:
     fix: str = ""
     xfail: str = ""
     """A known bug: the case must fail until it is fixed."""
+    inventory: str = ""
+    """An inventory of inventories/ instead of the pair (its workloads unless the case gives some); every host
+    starts from the healthy spark-a's facts."""
 
 
 CASE_KEYS = {"name", "level", "facts", "workloads", "runtime", "pings", "subject", "evidence", "not_evidence", "fix"}
-CASE_KEYS |= {"xfail"}
+CASE_KEYS |= {"xfail", "inventory"}
 
 
 def load_cases(path: Path) -> list[Case]:
@@ -204,10 +208,10 @@ def load_cases(path: Path) -> list[Case]:
                 name=raw["name"],
                 level=raw["level"],
                 facts=raw.get("facts", {}),
-                workloads=tuple(raw.get("workloads", [CHAT])),
+                workloads=tuple(raw.get("workloads", [] if "inventory" in raw else [CHAT])),
                 runtime=yaml.safe_dump(runtime, default_flow_style=True).strip() if runtime else VENV,
                 pings=pings,
-                **{k: raw[k] for k in ("subject", "evidence", "not_evidence", "fix", "xfail") if k in raw},
+                **{k: raw[k] for k in ("subject", "evidence", "not_evidence", "fix", "xfail", "inventory") if k in raw},
             )
         )
     return cases
@@ -217,6 +221,14 @@ CASES: list[Case] = [c for path in sorted(CASES_DIR.glob("*.yaml")) for c in loa
 
 
 def context(case: Case) -> CheckContext:
+    if case.inventory:
+        raw = yaml.safe_load((HERE.parents[1] / "inventories" / case.inventory).read_text())
+        if case.workloads:
+            raw["workloads"] = list(case.workloads)
+        inv = parse_inventory(yaml.safe_dump(raw, sort_keys=False), case.inventory)
+        base = {h.name: patched(HEALTHY[A], host=h.name) for h in inv.hosts}
+        facts = {name: patched(f, **case.facts.get(name, {})) for name, f in base.items()}
+        return CheckContext(inv, facts, case.pings)
     facts = {name: patched(f, **case.facts.get(name, {})) for name, f in HEALTHY.items()}
     return CheckContext(inventory(case.workloads, case.runtime), facts, case.pings)
 
