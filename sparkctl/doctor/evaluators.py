@@ -363,6 +363,39 @@ def duplicate_profiles(ctx: CheckContext, rule: Rule) -> list[Finding]:
     return out
 
 
+def host_key_fingerprint(key: str) -> str:
+    """`ssh-ed25519 <base64>` -> `SHA256:<unpadded base64 of the blob's sha256>`, as ssh-keygen -l prints it."""
+    import base64
+    import binascii
+    import hashlib
+
+    try:
+        blob = base64.b64decode(key.split()[1], validate=True)
+    except (IndexError, binascii.Error):
+        return key[:40]
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+
+
+@evaluator("unique_identity")
+def unique_identity(ctx: CheckContext, rule: Rule) -> list[Finding]:
+    """Hosts sharing /etc/machine-id or an SSH host key (cloned from one image): one finding for the cluster."""
+    hosts = _hosts(ctx)
+    problems = []
+    for what, attr in (("/etc/machine-id", "machine_id"), ("SSH host key", "ssh_host_key")):
+        by_value: dict[str, list[str]] = {}
+        for name, f in hosts:
+            if getattr(f, attr):
+                by_value.setdefault(str(getattr(f, attr)), []).append(name)
+        for v, names in by_value.items():
+            if len(names) > 1:
+                shown = host_key_fingerprint(v) if attr == "ssh_host_key" else v
+                problems.append(f"{', '.join(names)} share the {what} {shown}")
+    if not any(f.machine_id or f.ssh_host_key for _, f in hosts):
+        return []
+    evidence = "; ".join(problems) or f"{len(hosts)} hosts, each with its own machine ID and SSH host key"
+    return [_f(rule, not problems, "cluster", evidence)]
+
+
 @evaluator("workload_health")
 def workload_health(ctx: CheckContext, rule: Rule) -> list[Finding]:
     out: list[Finding] = []

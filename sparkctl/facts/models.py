@@ -185,6 +185,7 @@ class HostFacts(_Fact):
     tools: dict[str, str] = Field(default_factory=dict, description="ib_write_bw, all_reduce_perf, mpirun -> path")
     files: dict[str, str] = Field(default_factory=dict, description="sparkctl-owned state files on the host")
     ssh_host_key: str = Field("", description="the host's ed25519 SSH host key: '<type> <base64>'")
+    machine_id: str = Field("", description="/etc/machine-id: 32 hex digits, unique per installed system")
     peer_authorized: str = Field(
         "", description="the login user's authorized_keys line for the cluster's peer key (sparkctl-peer-<cluster>)"
     )

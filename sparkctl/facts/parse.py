@@ -453,5 +453,6 @@ def parse_probe(host: str, output: str) -> HostFacts:
         runtime=runtime,
         files=state_files,
         ssh_host_key=s.get("host_key", "").strip(),
+        machine_id=s.get("machine_id", "").strip(),
         peer_authorized=s.get("peer_authorized", "").strip(),
     )

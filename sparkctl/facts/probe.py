@@ -157,6 +157,8 @@ def probe_sections(inventory: Inventory, host: Host) -> dict[str, str]:
         "processes": "ps -eo pid=,user=,args=",
         # what another Spark checks this host's identity by when it copies an image here (plan/images.py)
         "host_key": "cut -d' ' -f1,2 /etc/ssh/ssh_host_ed25519_key.pub 2>/dev/null; true",
+        # what tells hosts cloned from one disk apart (machine-id(5)); doctor's host-identity-unique compares them
+        "machine_id": "cat /etc/machine-id 2>/dev/null; true",
         "peer_authorized": (
             f"grep -F {q(' ' + peer_comment(inventory.cluster))} \"$HOME/.ssh/authorized_keys\" 2>/dev/null "
             "| head -n 1; true"

@@ -127,6 +127,12 @@ SPARK_LINKS = {
         "pcie_max_speed": "32.0 GT/s PCIe"}
     for t in ("enp1s0f1np1", "enP2p1s0f1np1")
 }  # fmt: skip
+# /etc/machine-id and ed25519 host keys (`cut -d' ' -f1,2 ssh_host_ed25519_key.pub`) of two separately installed hosts
+MACHINE_IDS = {A: "4c6f9d3e2b1a48f0a7c5e9d2b3f1a6c8", B: "9e2d7c1b5a3f4e6d8c0b2a4f6e8d1c3b"}
+HOST_KEYS = {
+    A: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHq7cZk0bLx3wR2vTn8mYpQeD4sJ6uGfK1aHiNoVt9Wz",
+    B: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFm2dXr8sLq5nV7cTb3wKyPzE0jH4gR6uA9oBiM1Ne2Y",
+}
 HEALTHY: dict[str, HostFacts] = {
     name: patched(
         f,
@@ -137,6 +143,8 @@ HEALTHY: dict[str, HostFacts] = {
         listeners=FABRIC_LISTENERS[name],
         kernel="6.17.0-1032-nvidia",
         links=SPARK_LINKS,
+        machine_id=MACHINE_IDS[name],
+        ssh_host_key=HOST_KEYS[name],
     )
     for name, f in _converged().items()
 }
