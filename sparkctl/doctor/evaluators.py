@@ -14,7 +14,7 @@ from sparkctl.facts.models import HostFacts
 from sparkctl.inventory.models import Host, Inventory, Workload
 from sparkctl.inventory.topology import check_pairs, interface, link_of
 from sparkctl.plan.cluster import RAY_MARKERS, workload_exit
-from sparkctl.plan.commands import needs_ray, ray_wanted
+from sparkctl.plan.commands import needs_ray, ray_wanted, workload_ranks
 from sparkctl.plan.env import detect_gid_index, version_tuple
 from sparkctl.plan.images import image_source
 
@@ -92,16 +92,20 @@ def compute_cap(ctx: CheckContext, rule: Rule) -> list[Finding]:
 
 @evaluator("driver")
 def driver(ctx: CheckContext, rule: Rule) -> list[Finding]:
+    """Each GPU's driver at least `args.minimum` (a version, any branch); `args.notes` add a branch's known reports to
+    the evidence without changing the level."""
     out = []
+    minimum = str(rule.args["minimum"])
     for name, f in _hosts(ctx):
         drivers = [g.driver for g in f.gpus]
         if not drivers:
             out.append(_f(rule, False, name, "driver unknown (no nvidia-smi)"))
             continue
-        bad = [d for d in drivers if d.startswith(rule.args["bad"])]
-        good = all(d.startswith(rule.args["good"]) for d in drivers)
-        evidence = f"driver {', '.join(drivers)}" + (" (590.x: CUDAGraph deadlock on GB10)" if bad else "")
-        out.append(_f(rule, good, name, evidence, rule.args.get("bad_level") if bad else None))
+        old = [d for d in drivers if version_tuple(d) < version_tuple(minimum)]
+        evidence = f"driver {', '.join(drivers)}" + (f" (older than {minimum})" if old else f" (>= {minimum})")
+        notes = [str(n["note"]) for n in rule.args.get("notes", []) if any(d.startswith(n["branch"]) for d in drivers)]
+        evidence += "".join(f"; note: {n}" for n in notes)
+        out.append(_f(rule, not old, name, evidence))
     return out
 
 
@@ -133,6 +137,33 @@ def nccl_version(ctx: CheckContext, rule: Rule) -> list[Finding]:
             out.append(_f(rule, False, name, f"NCCL {f.runtime.nccl} {ignored}"))
         else:
             out.append(_f(rule, True, name, f"NCCL {f.runtime.nccl}"))
+    return out
+
+
+@evaluator("nccl_known_hang")
+def nccl_known_hang(ctx: CheckContext, rule: Rule) -> list[Finding]:
+    """A vLLM workload spanning `min_ranks` Sparks or more whose hosts' runtime holds NCCL `version`, without the
+    workaround `env` in the workload's environment (rules.yaml nccl-2304-nvls)."""
+    out = []
+    bad = str(rule.args["version"])
+    workaround = {str(k): str(v) for k, v in rule.args["env"].items()}
+    for w in ctx.inventory.workloads:
+        if w.engine != "vllm":
+            continue
+        ranks = workload_ranks(w)
+        hosts = [h.name for h in ctx.inventory.group(w)[:ranks] if h.name in ctx.facts]
+        versions = sorted({ctx.facts[n].runtime.nccl for n in hosts} - {""})
+        if not versions:
+            continue
+        subject = f"workload {w.name}"
+        have = f"NCCL {', '.join(versions)}, {ranks} rank(s)"
+        if bad not in versions or ranks < rule.args["min_ranks"]:
+            out.append(_f(rule, True, subject, have))
+        elif all(w.env.get(k) == v for k, v in workaround.items()):
+            set_ = ", ".join(f"{k}={v}" for k, v in workaround.items())
+            out.append(_f(rule, True, subject, f"{have}; {set_} set (the reported workaround)"))
+        else:
+            out.append(_f(rule, False, subject, f"{have} across Sparks: the NVLS hang of NCCL {bad} at 8 ranks"))
     return out
 
 
@@ -277,6 +308,44 @@ def twin_address(ctx: CheckContext, rule: Rule) -> list[Finding]:
     return out
 
 
+def _gts(text: str) -> float | None:
+    """`32.0 GT/s PCIe` (sysfs current_link_speed / max_link_speed) -> 32.0."""
+    m = re.match(r"\s*(\d+(?:\.\d+)?)\s*GT/s", text)
+    return float(m.group(1)) if m else None
+
+
+@evaluator("twin_link")
+def twin_link(ctx: CheckContext, rule: Rule) -> list[Finding]:
+    """Each twin's negotiated speed and its function's PCIe link against the Spark's (200 Gb/s, Gen5 x4)."""
+    out = []
+    a = rule.args
+    for h, f in _probed(ctx):
+        for t in h.fabric:
+            link = f.links.get(t.interface)
+            if link is None:
+                continue
+            subject = f"{h.name} {t.interface}"
+            if link.pcie_width is None:
+                speed = f"{link.speed_mbps} Mb/s" if link.speed_mbps is not None else "speed unreadable"
+                out.append(_f(rule, True, subject, f"not judged: no PCI device (a virtual interface; {speed})"))
+                continue
+            pcie = f"PCIe x{link.pcie_width} {link.pcie_speed or '?'}"
+            pcie += f" (max x{link.pcie_max_width or '?'} {link.pcie_max_speed or '?'})"
+            problems = []
+            if link.speed_mbps is None:
+                speed = "speed unreadable (link down?)"
+            else:
+                speed = f"{link.speed_mbps // 1000} Gb/s"
+                if link.speed_mbps < a["min_speed_mbps"]:
+                    problems.append(f"negotiated {speed}, below {a['min_speed_mbps'] // 1000} Gb/s")
+            gts = _gts(link.pcie_speed)
+            if link.pcie_width < a["min_pcie_width"] or (gts is not None and gts < a["min_pcie_gts"]):
+                problems.append(f"{pcie}, below x{a['min_pcie_width']} {a['min_pcie_gts']:g} GT/s (Gen5 x4)")
+            evidence = "; ".join(problems) if problems else f"{speed}, {pcie}"
+            out.append(_f(rule, not problems, subject, evidence))
+    return out
+
+
 @evaluator("duplicate_profiles")
 def duplicate_profiles(ctx: CheckContext, rule: Rule) -> list[Finding]:
     out = []
@@ -292,6 +361,39 @@ def duplicate_profiles(ctx: CheckContext, rule: Rule) -> list[Finding]:
             )
             out.append(_f(rule, len(found) <= 1, f"{h.name} {t.interface}", evidence))
     return out
+
+
+def host_key_fingerprint(key: str) -> str:
+    """`ssh-ed25519 <base64>` -> `SHA256:<unpadded base64 of the blob's sha256>`, as ssh-keygen -l prints it."""
+    import base64
+    import binascii
+    import hashlib
+
+    try:
+        blob = base64.b64decode(key.split()[1], validate=True)
+    except (IndexError, binascii.Error):
+        return key[:40]
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+
+
+@evaluator("unique_identity")
+def unique_identity(ctx: CheckContext, rule: Rule) -> list[Finding]:
+    """Hosts sharing /etc/machine-id or an SSH host key (cloned from one image): one finding for the cluster."""
+    hosts = _hosts(ctx)
+    problems = []
+    for what, attr in (("/etc/machine-id", "machine_id"), ("SSH host key", "ssh_host_key")):
+        by_value: dict[str, list[str]] = {}
+        for name, f in hosts:
+            if getattr(f, attr):
+                by_value.setdefault(str(getattr(f, attr)), []).append(name)
+        for v, names in by_value.items():
+            if len(names) > 1:
+                shown = host_key_fingerprint(v) if attr == "ssh_host_key" else v
+                problems.append(f"{', '.join(names)} share the {what} {shown}")
+    if not any(f.machine_id or f.ssh_host_key for _, f in hosts):
+        return []
+    evidence = "; ".join(problems) or f"{len(hosts)} hosts, each with its own machine ID and SSH host key"
+    return [_f(rule, not problems, "cluster", evidence)]
 
 
 @evaluator("workload_health")
@@ -479,6 +581,29 @@ def estimate_weights_gb(model: str) -> float | None:
     return params * per
 
 
+@evaluator("kho_cma")
+def kho_cma(ctx: CheckContext, rule: Rule) -> list[Finding]:
+    """CmaFree above CmaTotal in /proc/meminfo: the kexec-handover scratch of the 7.0 nvidia kernels, with which RDMA
+    memory registration fails (rules.yaml kernel-kho-cma). Judged on the signature, not on the version string, so a
+    kernel booted with kho=off passes."""
+    out = []
+    for name, f in _hosts(ctx):
+        if not f.kernel:
+            continue
+        total, free = f.meminfo_kb.get("CmaTotal"), f.meminfo_kb.get("CmaFree")
+        kho_off = "kho=off" in f.kernel_cmdline.split()
+        if total is None or free is None:
+            out.append(_f(rule, True, name, f"kernel {f.kernel}: no CMA in /proc/meminfo"))
+            continue
+        evidence = f"kernel {f.kernel}: CmaTotal {total} kB, CmaFree {free} kB"
+        if free > total:
+            evidence += " (CmaFree above CmaTotal: the KHO scratch area)"
+        elif kho_off:
+            evidence += " (booted with kho=off)"
+        out.append(_f(rule, free <= total, name, evidence))
+    return out
+
+
 @evaluator("memory_fit")
 def memory_fit(ctx: CheckContext, rule: Rule) -> list[Finding]:
     out = []
@@ -535,7 +660,15 @@ def workload_flag(ctx: CheckContext, rule: Rule) -> list[Finding]:
         if w.engine != "vllm":
             continue
         value = _arg_value(w, flag)
-        flag_hit = value is not None and (want is None or want.lower() in value.lower())
+        # args.exact: the value is the named choice itself (`--moe-backend cutlass`, not `flashinfer_cutlass`, a
+        # different choice of the same flag); otherwise a substring (`--attention-backend FLASHINFER...`).
+        if value is None or want is None:
+            flag_hit = value is not None
+        elif rule.args.get("exact"):
+            flag_hit = value.lower() == want.lower()
+        else:
+            flag_hit = want.lower() in value.lower()
+        value_hit = flag_hit
         if flag_hit and rule.args.get("contains"):
             flag_hit = rule.args["contains"] in " ".join([w.model, *w.extra_args]).lower()
         env_hits = [k for k, v in (rule.args.get("env") or {}).items() if w.env.get(k, "").upper() == v]
@@ -544,6 +677,10 @@ def workload_flag(ctx: CheckContext, rule: Rule) -> list[Finding]:
             evidence = f"{flag}{'=' + value if value else ''} in extra_args"
         elif env_hits:
             evidence = f"set through the environment ({', '.join(env_hits)})"
+        elif value_hit:
+            evidence = f"{flag} {value}, but no {rule.args['contains']} in the model or its flags"
+        elif value:
+            evidence = f"{flag} {value} (not {want})"
         else:
             evidence = f"no {flag}"
         out.append(_f(rule, not hit, f"workload {w.name}", evidence, fix=versioned_fix(rule, _vllm_version(ctx))))
@@ -596,11 +733,29 @@ def load_format_package(ctx: CheckContext, rule: Rule) -> list[Finding]:
 
 @evaluator("mxfp4")
 def mxfp4(ctx: CheckContext, rule: Rule) -> list[Finding]:
+    """`--quantization mxfp4`: fine on vLLM >= `args.online_from` (online MXFP4 for an unquantized checkpoint, the
+    checkpoint's own MXFP4 otherwise); on an older or unknown vLLM it needs an MXFP4 checkpoint, which only a model
+    name naming gpt-oss (all of whose checkpoints are MXFP4) shows; any other name cannot be judged from here."""
     out = []
+    vllm = _vllm_version(ctx)
+    online = bool(vllm) and version_tuple(vllm) >= version_tuple(str(rule.args["online_from"]))
     for w in ctx.inventory.workloads:
         q = _arg_value(w, "--quantization")
-        bad = q is not None and q.lower() == "mxfp4" and "gpt-oss" not in w.model.lower()
-        out.append(_f(rule, not bad, f"workload {w.name}", f"--quantization {q} with {w.model}" if bad else "ok"))
+        if q is None or q.lower() != "mxfp4":
+            out.append(_f(rule, True, f"workload {w.name}", f"no --quantization mxfp4 ({q or 'none'})"))
+            continue
+        if online:
+            evidence = f"--quantization mxfp4 on vLLM {vllm}: online MXFP4 unless {w.model} is already MXFP4"
+            out.append(_f(rule, True, f"workload {w.name}", evidence))
+        elif "gpt-oss" in w.model.lower():
+            out.append(_f(rule, True, f"workload {w.name}", f"--quantization mxfp4 with {w.model} (MXFP4 weights)"))
+        else:
+            where = f"vLLM {vllm}" if vllm else "an unknown vLLM"
+            evidence = (
+                f"--quantization mxfp4 with {w.model} on {where} (no online MXFP4 before {rule.args['online_from']}): "
+                "loads only if the checkpoint is MXFP4"
+            )
+            out.append(_f(rule, False, f"workload {w.name}", evidence))
     return out
 
 

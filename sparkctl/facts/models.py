@@ -81,6 +81,17 @@ class NmCheckpoints(_Fact):
         return self.recorded if self.recorded and self.recorded in self.listed else ""
 
 
+class TwinLink(_Fact):
+    """A twin's negotiated Ethernet speed and the PCIe link of its function, as sysfs shows them."""
+
+    interface: str
+    speed_mbps: int | None = Field(None, description="/sys/class/net/<if>/speed; None when unreadable or -1")
+    pcie_width: int | None = Field(None, description="device/current_link_width; None without a PCI device")
+    pcie_speed: str = Field("", description="device/current_link_speed, e.g. '32.0 GT/s PCIe'")
+    pcie_max_width: int | None = None
+    pcie_max_speed: str = ""
+
+
 class Gpu(_Fact):
     """One GPU as nvidia-smi reports it."""
 
@@ -172,6 +183,9 @@ class HostFacts(_Fact):
         default_factory=list, description="established TCP connections to or from Ray's GCS port (ray.port)"
     )
     meminfo_kb: dict[str, int] = Field(default_factory=dict)
+    links: dict[str, TwinLink] = Field(default_factory=dict, description="twin interface -> its link state")
+    kernel: str = Field("", description="the running kernel's release (uname -r), e.g. 6.17.0-1032-nvidia")
+    kernel_cmdline: str = Field("", description="the kernel command line it was booted with (/proc/cmdline)")
     gids: list[GidEntry] = Field(default_factory=list)
     gpus: list[Gpu] = Field(default_factory=list)
     cuda_version: str = ""
@@ -184,6 +198,7 @@ class HostFacts(_Fact):
         default_factory=dict, description="synced model repositories: '<repo>@<revision>' -> what this host holds"
     )
     hf_free: int = Field(-1, description="bytes free for the Hugging Face cache (-1: not read)")
+    machine_id: str = Field("", description="/etc/machine-id: 32 hex digits, unique per installed system")
     peer_authorized: str = Field(
         "", description="the login user's authorized_keys line for the cluster's peer key (sparkctl-peer-<cluster>)"
     )

@@ -18,9 +18,10 @@ from sparkctl.facts.models import (
     Process,
     Runtime,
     TcpLink,
+    TwinLink,
     WeightsCopy,
 )
-from sparkctl.facts.probe import MARK
+from sparkctl.facts.probe import MARK, NO_DRIVER_FIELD
 
 FILE_MARKS = ("present", "absent")
 
@@ -213,16 +214,22 @@ def parse_gids(text: str) -> list[GidEntry]:
     return entries
 
 
-def parse_nvidia_smi(text: str) -> list[Gpu]:
-    """`nvidia-smi --query-gpu=name,compute_cap,driver_version,temperature.gpu --format=csv,noheader`."""
+def parse_nvidia_smi(text: str, summary_driver: str = "") -> list[Gpu]:
+    """`nvidia-smi --query-gpu=name,compute_cap,driver_version,temperature.gpu --format=csv,noheader`, or, after the
+    probe's NO_DRIVER_FIELD line, the same query without driver_version. A driver the query does not give ("[N/A]",
+    or no field) is the summary line's (`summary_driver`)."""
     gpus = []
+    no_driver = NO_DRIVER_FIELD in text
     for line in text.splitlines():
         parts = [p.strip() for p in line.split(",")]
         if len(parts) < 3 or not re.match(r"^\d+\.\d+$", parts[1]):
             continue
+        if no_driver:
+            parts.insert(2, "")
+        driver = parts[2] if re.match(r"^\d", parts[2]) else summary_driver
         temp = parts[3] if len(parts) > 3 else ""
         gpus.append(
-            Gpu(name=parts[0], compute_cap=parts[1], driver=parts[2], temperature=int(temp) if temp.isdigit() else None)
+            Gpu(name=parts[0], compute_cap=parts[1], driver=driver, temperature=int(temp) if temp.isdigit() else None)
         )
     return gpus
 
@@ -396,6 +403,37 @@ def parse_weights(text: str) -> dict[str, WeightsCopy]:
     return out
 
 
+def _int(text: str) -> int | None:
+    text = text.strip()
+    return int(text) if text.isdigit() else None
+
+
+def parse_links(text: str) -> dict[str, TwinLink]:
+    """The probe's `links` section: `<if>|<speed>|<width>|<speed>|<max width>|<max speed>` per twin. A speed of -1
+    (link down, or a driver that does not report it) is None."""
+    out: dict[str, TwinLink] = {}
+    for line in text.splitlines():
+        f = line.split("|")
+        if len(f) != 6 or not f[0]:
+            continue
+        out[f[0]] = TwinLink(
+            interface=f[0],
+            speed_mbps=_int(f[1]),
+            pcie_width=_int(f[2]),
+            pcie_speed=f[3].strip(),
+            pcie_max_width=_int(f[4]),
+            pcie_max_speed=f[5].strip(),
+        )
+    return out
+
+
+def parse_summary_driver(text: str) -> str:
+    """The driver version in nvidia-smi's summary line: `Driver Version: 580.142` (drivers up to 590) or
+    `KMD Version: 610.43.02` (R610 drivers on); empty when neither is there."""
+    m = re.search(r"(?:Driver|KMD) Version:\s*([0-9][0-9.]*)", text)
+    return m.group(1) if m else ""
+
+
 def parse_probe(host: str, output: str) -> HostFacts:
     """Whole probe output -> HostFacts."""
     s = parse_sections(output)
@@ -410,6 +448,7 @@ def parse_probe(host: str, output: str) -> HostFacts:
     if firewall is not None:
         state_files["firewall.nft"] = firewall
     ray_image = s.get("ray_image", "").split()
+    kernel = [*s.get("kernel", "").splitlines(), "", ""]
     runtime = parse_runtime(s.get("runtime", "")).model_copy(
         update={"ray_image_id": ray_image[0] if ray_image else "", "ray_image_base": " ".join(ray_image[1:2])}
     )
@@ -441,13 +480,17 @@ def parse_probe(host: str, output: str) -> HostFacts:
         listeners=parse_listeners(s.get("listeners", "")),
         gcs_links=parse_tcp_links(s.get("gcs_links", "")),
         meminfo_kb=parse_meminfo(s.get("meminfo", "")),
+        links=parse_links(s.get("links", "")),
+        kernel=kernel[0].strip(),
+        kernel_cmdline=kernel[1].strip(),
         gids=parse_gids(s.get("gids", "")),
-        gpus=parse_nvidia_smi(s.get("gpus", "")),
+        gpus=parse_nvidia_smi(s.get("gpus", ""), parse_summary_driver(s.get("cuda", ""))),
         cuda_version=parse_cuda_version(s.get("cuda", "")),
         netplan=parse_netplan(s.get("netplan", "")),
         runtime=runtime,
         files=state_files,
         ssh_host_key=s.get("host_key", "").strip(),
+        machine_id=s.get("machine_id", "").strip(),
         peer_authorized=s.get("peer_authorized", "").strip(),
         weights=parse_weights(s.get("weights", "")),
         hf_free=int(s["hf_free"].strip()) if s.get("hf_free", "").strip().isdigit() else -1,

@@ -21,6 +21,13 @@ NMCLI_SETTINGS = (
     "802-3-ethernet.mtu"
 )
 NVIDIA_QUERY = "--query-gpu=name,compute_cap,driver_version,temperature.gpu"
+NVIDIA_QUERY_NO_DRIVER = "--query-gpu=name,compute_cap,temperature.gpu"
+NO_DRIVER_FIELD = "# driver_version refused"
+"""Printed before the second query when nvidia-smi refuses the first (a field it does not know makes it print `Field
+"<f>" is not a valid field to query.` and fail): the GPU is still read, its driver then comes from the summary line.
+The R610 drivers renamed the summary's "Driver Version" to "KMD Version" (nvidia-smi documentation,
+docs.nvidia.com/deploy/nvidia-smi; 610.43.02 output quoted in sgl-project/sglang#27487); no source says whether the
+`driver_version` query field was renamed too, so the probe reads both."""
 DIGESTED_FILES = ("ray-token", "embed_worker.py", "peer-key", "peer-known-hosts", "peer-receive", paths.WEIGHTS_SCRIPT)
 CONTAINER_WORKLOADS_PROBE = (
     f"docker exec {paths.RAY_CONTAINER} sh -c "
@@ -150,6 +157,8 @@ def probe_sections(inventory: Inventory, host: Host) -> dict[str, str]:
         "processes": "ps -eo pid=,user=,args=",
         # what another Spark checks this host's identity by when it copies an image here (plan/images.py)
         "host_key": "cut -d' ' -f1,2 /etc/ssh/ssh_host_ed25519_key.pub 2>/dev/null; true",
+        # what tells hosts cloned from one disk apart (machine-id(5)); doctor's host-identity-unique compares them
+        "machine_id": "cat /etc/machine-id 2>/dev/null; true",
         "peer_authorized": (
             f"grep -F {q(' ' + peer_comment(inventory.cluster))} \"$HOME/.ssh/authorized_keys\" 2>/dev/null "
             "| head -n 1; true"
@@ -157,19 +166,35 @@ def probe_sections(inventory: Inventory, host: Host) -> dict[str, str]:
         "listeners": "ss -ltnH 2>/dev/null || true",
         # A raylet keeps a connection to the head's GCS while it is part of the cluster (filter syntax: ss(8)).
         "gcs_links": f"ss -tnH state established '( dport = :{gcs} or sport = :{gcs} )' 2>/dev/null || true",
-        "meminfo": "grep -E '^(MemTotal|MemFree|MemAvailable|Cached|Buffers):' /proc/meminfo",
+        # CmaTotal/CmaFree: the signature of the kexec-handover scratch area of the 7.0 nvidia kernels (doctor's
+        # kernel-kho-cma); absent from kernels built without CMA.
+        "meminfo": "grep -E '^(MemTotal|MemFree|MemAvailable|Cached|Buffers|CmaTotal|CmaFree):' /proc/meminfo",
+        "kernel": "uname -r; cat /proc/cmdline 2>/dev/null; true",
+        # Per twin: the Ethernet speed it negotiated (Mb/s; -1 or unreadable when down) and the PCIe link of its
+        # function, current and max (Linux Documentation/ABI/testing/sysfs-class-net `speed`, sysfs-bus-pci
+        # `current_link_width`, `current_link_speed`, `max_link_width`, `max_link_speed`). A virtual interface has
+        # no `device`, so its PCIe fields are empty.
+        "links": (
+            f'for i in {twins}; do d="/sys/class/net/$i"; l="$i"; '
+            "for a in speed device/current_link_width device/current_link_speed device/max_link_width "
+            'device/max_link_speed; do l="$l|$(cat "$d/$a" 2>/dev/null)"; done; echo "$l"; done; true'
+        ),
         "gids": (
             'for p in /sys/class/infiniband/*/ports/*; do [ -d "$p/gids" ] || continue; '
             'grep -H \'\' "$p"/gids/* "$p"/gid_attrs/types/* "$p"/gid_attrs/ndevs/* 2>/dev/null; done; true'
         ),
-        "gpus": f"command -v nvidia-smi >/dev/null && nvidia-smi {NVIDIA_QUERY} --format=csv,noheader 2>&1 || true",
-        # The summary's first line names the newest CUDA the driver supports: "CUDA Version: 13.0" up to the 590
-        # drivers, "CUDA UMD Version: 13.3" (next to "KMD Version:") from the R610 drivers on, which renamed both
-        # (nvidia-smi documentation, docs.nvidia.com/deploy/nvidia-smi; 610.43.02 output quoted in
-        # sgl-project/sglang#27487).
+        "gpus": (
+            f"command -v nvidia-smi >/dev/null && {{ nvidia-smi {NVIDIA_QUERY} --format=csv,noheader 2>/dev/null || "
+            f"{{ echo {q(NO_DRIVER_FIELD)}; nvidia-smi {NVIDIA_QUERY_NO_DRIVER} --format=csv,noheader 2>&1; }}; }}"
+            " || true"
+        ),
+        # The summary's first line names the driver and the newest CUDA it supports: "Driver Version: 580.142 ...
+        # CUDA Version: 13.0" up to the 590 drivers, "KMD Version: 610.43.02 ... CUDA UMD Version: 13.3" from the
+        # R610 drivers on, which renamed both (nvidia-smi documentation, docs.nvidia.com/deploy/nvidia-smi;
+        # 610.43.02 output quoted in sgl-project/sglang#27487). Both spellings of both are read.
         "cuda": (
-            "command -v nvidia-smi >/dev/null && nvidia-smi 2>/dev/null | grep -oE 'CUDA (UMD )?Version: [0-9.]+' "
-            "|| true"
+            "command -v nvidia-smi >/dev/null && nvidia-smi 2>/dev/null | "
+            "grep -oE '(CUDA (UMD )?|Driver |KMD )Version: [0-9.]+' || true"
         ),
         # every netplan file (small; root-only files are read when sudo needs no password): which renderer
         # applies to a twin depends on the global `network.renderer` of any file, in netplan's order.

@@ -97,6 +97,18 @@ def _check_topology(inv: Inventory) -> list[Found]:
                                 "hosts[c] Port0 to the next host's Port1",
                             )
                         )
+        # NCCL matches a peer's subnet with one prefix length for every HCA (NCCL_IB_SUBNET_PREFIX_LEN, which
+        # sparkctl writes in a ring: plan/env.py), so every fabric address of a ring carries the same one.
+        prefixes = sorted({t.address.network.prefixlen for h in inv.hosts for t in h.fabric})
+        if len(prefixes) > 1:
+            found.append(
+                (
+                    ("hosts",),
+                    f"a ring's fabric addresses mix prefix lengths ({', '.join(f'/{p}' for p in prefixes)})",
+                    "give every fabric address of the ring the same prefix length, e.g. /24: NCCL matches subnets "
+                    "with one length (NCCL_IB_SUBNET_PREFIX_LEN)",
+                )
+            )
     counts = {len(h.fabric) for h in inv.hosts}
     if len(counts) > 1 and topo != "ring":
         found.append(

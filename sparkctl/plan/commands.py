@@ -397,10 +397,12 @@ def embed_bundle(inv: Inventory, w: Workload | None = None) -> dict[str, int]:
     """Resources of one embed-worker rank: a GPU when every host of its group gives Ray one, else a CPU.
 
     A CPU bundle does not reserve the Spark's GPU for the rank, and how Ray treats CUDA_VISIBLE_DEVICES for an actor
-    granted no GPU depends on the version (`set_visible_accelerator_ids` in `ray/_private/utils.py`: with
-    RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO on, the default of the Ray 2.5x releases, it is set to "", so torch sees
-    no GPU and the rank silently runs on the CPU; Ray 2.60 leaves the variable alone by default). A `{GPU: 1}`
-    bundle gets the GPU on every version.
+    granted no GPU depends on the version and on RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO (`set_visible_accelerator_ids`
+    in `python/ray/_private/utils.py`). When it is on, the variable is set to "" and torch in the rank sees no GPU
+    and silently runs on the CPU. Its default was on from its introduction (ray-project/ray#54928, 2025) until
+    ray-project/ray#62492 (merged 2026-04) turned it off; Ray 2.60.0 reads it with `env_bool(..., False)`, so there
+    the variable is left alone unless RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=1 is set, while Ray 2.52 (the minimum)
+    still blanks it. A `{GPU: 1}` bundle gets the GPU on every version.
     """
     hosts = inv.group(w) if w is not None else inv.hosts
     return {"GPU": 1} if all(h.gpus >= 1 for h in hosts) else {"CPU": 1}

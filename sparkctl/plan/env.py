@@ -144,6 +144,11 @@ def render_env(inv: Inventory, host: Host, gid: int | None) -> str:
         # nccl-version rule warns in a ring below that), NCCL_IB_MERGE_NICS in src/transport/net_ib/init.cc, "none"
         # as no external plugin in src/plugin/net.cc.
         values |= {"NCCL_IB_SUBNET_AWARE_ROUTING": "1", "NCCL_IB_MERGE_NICS": "0", "NCCL_NET_PLUGIN": "none"}
+        # Subnet-aware routing compares the IPv4 addresses of the local and remote GIDs under one prefix length,
+        # NCCL_IB_SUBNET_PREFIX_LEN (default 24, 1..32; v2.30.7-1 src/transport/net_ib/connect.cc,
+        # ncclIbFindDevBySubnet): the ring's own length is written, so a ring on /25 or /16 links routes right too.
+        # inventory/checks.py refuses a ring whose addresses mix lengths.
+        values["NCCL_IB_SUBNET_PREFIX_LEN"] = str(primary.address.network.prefixlen)
     values |= {
         "VLLM_HOST_IP": ip,
         "RAY_memory_monitor_refresh_ms": "0",

@@ -107,14 +107,22 @@ def driver_on_spark_a(tb: Testbed, version: str) -> Iterator[None]:
         tb.set_driver_version("spark-a", "580.142")
 
 
-def test_a_590_driver_is_named_with_the_pin_fix(configured: tuple[Testbed, Path, dict[str, str]]) -> None:
+def test_a_driver_older_than_nvidias_minimum_is_named(configured: tuple[Testbed, Path, dict[str, str]]) -> None:
+    tb, inv, env = configured
+    with driver_on_spark_a(tb, "580.65.06"):
+        _, findings = doctor(inv, env)
+    drv = {f["subject"]: f for f in findings if f["rule"] == "gpu-driver-580"}
+    assert drv["spark-a"]["level"] == "warn" and "580.65.06 (older than 580.95.05)" in drv["spark-a"]["evidence"]
+    assert "580.95.05 or newer" in drv["spark-a"]["fix"]
+    assert drv["spark-b"]["level"] == "pass"
+
+
+def test_a_590_driver_passes_with_the_community_note(configured: tuple[Testbed, Path, dict[str, str]]) -> None:
     tb, inv, env = configured
     with driver_on_spark_a(tb, "590.44.01"):
         _, findings = doctor(inv, env)
     drv = {f["subject"]: f for f in findings if f["rule"] == "gpu-driver-580"}
-    assert drv["spark-a"]["level"] == "warn" and "590.44.01" in drv["spark-a"]["evidence"]
-    assert "apt-mark hold nvidia-driver-580" in drv["spark-a"]["fix"]
-    assert drv["spark-b"]["level"] == "pass"
+    assert drv["spark-a"]["level"] == "pass" and "note: community reports" in drv["spark-a"]["evidence"]
 
 
 def test_the_cuda_version_of_an_r610_driver_is_read(configured: tuple[Testbed, Path, dict[str, str]]) -> None:

@@ -1,8 +1,7 @@
 """The doctor's rule table, case by case: host facts in, the finding each rule gives out.
 
 Every rule id in sparkctl/data/rules.yaml needs cases here: at least one where it passes and one where it is
-violated at its level (plus the alternative level a rule may give, such as the driver's `bad_level`). A rule added
-to the table without cases fails `test_every_rule_has_cases`.
+violated at its level. A rule added to the table without cases fails `test_every_rule_has_cases`.
 
 A case starts from a healthy converged pair (the facts of tests/unit/cases/up-converged-pair.yaml plus a GB10,
 CUDA 13, the same runtime on both hosts, a Spark's /proc/meminfo and Ray listening on the fabric only), replaces
@@ -23,6 +22,7 @@ The cases are data: tests/unit/doctor_cases/<rule id>.yaml, one file per rule. A
       evidence: no GPU found         # optional fragment of that finding's evidence; not_evidence: must not appear
       fix: nvidia-smi                # optional fragment of the fix
       xfail: reason                  # optional: a known bug; the case must fail until it is fixed
+      inventory: example-switch-8.yaml   # optional: that inventory instead of the pair (hosts start as spark-a)
 """
 
 from __future__ import annotations
@@ -121,9 +121,30 @@ FABRIC_LISTENERS = {
     ],
     B: [Listener(address="192.168.100.11", port=p) for p in (6381, 6382, 52365, 52366, 52367, 52368)],
 }
+# A Spark's twins as sysfs shows them: 200 Gb/s each, each function on PCIe Gen5 x4 (NVIDIA/dgx-spark-playbooks#108).
+SPARK_LINKS = {
+    t: {"interface": t, "speed_mbps": 200000, "pcie_width": 4, "pcie_speed": "32.0 GT/s PCIe", "pcie_max_width": 4,
+        "pcie_max_speed": "32.0 GT/s PCIe"}
+    for t in ("enp1s0f1np1", "enP2p1s0f1np1")
+}  # fmt: skip
+# /etc/machine-id and ed25519 host keys (`cut -d' ' -f1,2 ssh_host_ed25519_key.pub`) of two separately installed hosts
+MACHINE_IDS = {A: "4c6f9d3e2b1a48f0a7c5e9d2b3f1a6c8", B: "9e2d7c1b5a3f4e6d8c0b2a4f6e8d1c3b"}
+HOST_KEYS = {
+    A: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHq7cZk0bLx3wR2vTn8mYpQeD4sJ6uGfK1aHiNoVt9Wz",
+    B: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFm2dXr8sLq5nV7cTb3wKyPzE0jH4gR6uA9oBiM1Ne2Y",
+}
 HEALTHY: dict[str, HostFacts] = {
     name: patched(
-        f, gpus=GB10, cuda_version="13.0", runtime=RUNTIME, meminfo_kb=SPARK_MEMINFO, listeners=FABRIC_LISTENERS[name]
+        f,
+        gpus=GB10,
+        cuda_version="13.0",
+        runtime=RUNTIME,
+        meminfo_kb=SPARK_MEMINFO,
+        listeners=FABRIC_LISTENERS[name],
+        kernel="6.17.0-1032-nvidia",
+        links=SPARK_LINKS,
+        machine_id=MACHINE_IDS[name],
+        ssh_host_key=HOST_KEYS[name],
     )
     for name, f in _converged().items()
 }
@@ -167,10 +188,13 @@ class Case:
     fix: str = ""
     xfail: str = ""
     """A known bug: the case must fail until it is fixed."""
+    inventory: str = ""
+    """An inventory of inventories/ instead of the pair (its workloads unless the case gives some); every host
+    starts from the healthy spark-a's facts."""
 
 
 CASE_KEYS = {"name", "level", "facts", "workloads", "runtime", "pings", "subject", "evidence", "not_evidence", "fix"}
-CASE_KEYS |= {"xfail"}
+CASE_KEYS |= {"xfail", "inventory"}
 
 
 def load_cases(path: Path) -> list[Case]:
@@ -192,10 +216,10 @@ def load_cases(path: Path) -> list[Case]:
                 name=raw["name"],
                 level=raw["level"],
                 facts=raw.get("facts", {}),
-                workloads=tuple(raw.get("workloads", [CHAT])),
+                workloads=tuple(raw.get("workloads", [] if "inventory" in raw else [CHAT])),
                 runtime=yaml.safe_dump(runtime, default_flow_style=True).strip() if runtime else VENV,
                 pings=pings,
-                **{k: raw[k] for k in ("subject", "evidence", "not_evidence", "fix", "xfail") if k in raw},
+                **{k: raw[k] for k in ("subject", "evidence", "not_evidence", "fix", "xfail", "inventory") if k in raw},
             )
         )
     return cases
@@ -205,6 +229,14 @@ CASES: list[Case] = [c for path in sorted(CASES_DIR.glob("*.yaml")) for c in loa
 
 
 def context(case: Case) -> CheckContext:
+    if case.inventory:
+        raw = yaml.safe_load((HERE.parents[1] / "inventories" / case.inventory).read_text())
+        if case.workloads:
+            raw["workloads"] = list(case.workloads)
+        inv = parse_inventory(yaml.safe_dump(raw, sort_keys=False), case.inventory)
+        base = {h.name: patched(HEALTHY[A], host=h.name) for h in inv.hosts}
+        facts = {name: patched(f, **case.facts.get(name, {})) for name, f in base.items()}
+        return CheckContext(inv, facts, case.pings)
     facts = {name: patched(f, **case.facts.get(name, {})) for name, f in HEALTHY.items()}
     return CheckContext(inventory(case.workloads, case.runtime), facts, case.pings)
 
@@ -256,7 +288,7 @@ def test_rule_case(case: Case) -> None:
 
 
 def _levels_needed(rule: Rule) -> set[str]:
-    return {"pass", rule.level} | ({rule.args["bad_level"]} if "bad_level" in rule.args else set())
+    return {"pass", rule.level}
 
 
 @pytest.mark.parametrize("rule", RULES, ids=lambda r: r.id)
@@ -344,7 +376,7 @@ def test_blocking_with_and_without_force() -> None:
         A: patched(
             HEALTHY[A],
             **RAY_OFF | {"listeners": [Listener(address="0.0.0.0", port=8000)]},
-            gpus=gb10(driver="590.44.01"),
+            gpus=gb10(driver="580.65.06"),
         ),
         B: patched(HEALTHY[B], **RAY_OFF, gpus=[]),
     }
@@ -357,7 +389,7 @@ def test_blocking_with_and_without_force() -> None:
         ("flag-fastsafetensors", "workload chat"),
         ("ports-free", A),
     }
-    assert any(f.level == "warn" for f in findings)  # 590 driver, unknown driver: warnings never block
+    assert any(f.level == "warn" for f in findings)  # an old driver, an unknown one: warnings never block
     assert {(f.rule, f.subject) for f in blocking(findings, force=False)} == fails
     forced = blocking(findings, force=True)
     assert [(f.rule, f.subject) for f in forced] == [("ports-free", A)]

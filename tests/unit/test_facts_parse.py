@@ -668,3 +668,83 @@ def test_the_cuda_version_is_read_from_either_summary_spelling(tmp_path: Path, l
     out = subprocess.run(["sh", "-c", cmd], capture_output=True, text=True, check=True,
                          env={"PATH": f"{tmp_path}:/usr/bin:/bin"}).stdout  # fmt: skip
     assert parse_cuda_version(out) == version
+
+
+R610_SMI = f"""#!/bin/sh
+case "$*" in
+  *driver_version*) echo 'Field "driver_version" is not a valid field to query.' >&2; exit 2 ;;
+  --query-gpu=*) echo 'NVIDIA GB10, 12.1, 44' ;;
+  *) echo '+------+'; echo '{SUMMARY_610}' ;;
+esac
+"""
+NA_SMI = f"""#!/bin/sh
+case "$*" in
+  --query-gpu=*) echo 'NVIDIA GB10, 12.1, [N/A], 44' ;;
+  *) echo '+------+'; echo '{SUMMARY_610}' ;;
+esac
+"""
+OLD_SMI = f"""#!/bin/sh
+case "$*" in
+  --query-gpu=*) echo 'NVIDIA GB10, 12.1, 580.142, 41' ;;
+  *) echo '+------+'; echo '{SUMMARY_580}' ;;
+esac
+"""
+
+
+@pytest.mark.skipif(shutil.which("sh") is None, reason="needs sh")
+@pytest.mark.parametrize(
+    ("tool", "driver", "temperature"),
+    [(OLD_SMI, "580.142", 41), (R610_SMI, "610.43.02", 44), (NA_SMI, "610.43.02", 44)],
+    ids=["580-query", "query-refuses-driver_version", "query-gives-no-driver"],
+)
+def test_the_driver_is_read_from_the_query_or_else_the_summary(
+    tmp_path: Path, tool: str, driver: str, temperature: int
+) -> None:
+    """The probe's `gpus` and `cuda` sections, run by sh against an nvidia-smi whose query answers the driver, refuses
+    the driver_version field, or prints [N/A] for it; the summary's "Driver Version" / "KMD Version" fills in."""
+    from sparkctl.facts.parse import parse_probe
+    from sparkctl.facts.probe import MARK, probe_sections
+    from sparkctl.inventory import example_inventory_text, parse_inventory
+
+    inv = parse_inventory(example_inventory_text(), "example")
+    (tmp_path / "nvidia-smi").write_text(tool)
+    (tmp_path / "nvidia-smi").chmod(0o755)
+    sections = probe_sections(inv, inv.hosts[0])
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin"}
+    out = ""
+    for name in ("gpus", "cuda"):
+        run = subprocess.run(["sh", "-c", sections[name]], capture_output=True, text=True, check=True, env=env)
+        out += f"{MARK} {name}\n" + run.stdout
+    facts = parse_probe("spark-a", out)
+    assert facts.gpus == [Gpu(name="NVIDIA GB10", compute_cap="12.1", driver=driver, temperature=temperature)]
+
+
+def test_the_kernel_and_its_cma_lines_are_read() -> None:
+    """`uname -r`, /proc/cmdline and the CMA lines of /proc/meminfo as a 7.0 nvidia kernel prints them (values quoted
+    in MiaAI-Lab/DeepSeek-v4-Flash-DSpark-2x-DGX-Spark#259)."""
+    from sparkctl.facts.parse import parse_probe
+
+    out = (
+        f"{MARK} meminfo\nMemTotal:       127535216 kB\nMemFree:        92274688 kB\nCmaTotal:              0 kB\n"
+        "CmaFree:          940604 kB\n"
+        f"{MARK} kernel\n7.0.0-1019-nvidia\nBOOT_IMAGE=/boot/vmlinuz-7.0.0-1019-nvidia root=UUID=0b7e ro quiet splash\n"
+        f"{MARK} end\n"
+    )
+    facts = parse_probe("spark-a", out)
+    assert facts.kernel == "7.0.0-1019-nvidia" and facts.kernel_cmdline.endswith("quiet splash")
+    assert (facts.meminfo_kb["CmaTotal"], facts.meminfo_kb["CmaFree"]) == (0, 940604)
+
+
+def test_twin_links_from_sysfs() -> None:
+    """The `links` section: a ConnectX-7 function (speed in Mb/s, PCIe "32.0 GT/s PCIe" x4 as sysfs prints them) and a
+    veth (speed -1 or 10000, no PCI device: empty fields)."""
+    from sparkctl.facts.parse import parse_links
+
+    text = "enp1s0f1np1|200000|4|32.0 GT/s PCIe|4|32.0 GT/s PCIe\nenP2p1s0f1np1|-1||||\nveth0|10000||||\n"
+    links = parse_links(text)
+    assert links["enp1s0f1np1"].model_dump() == {
+        "interface": "enp1s0f1np1", "speed_mbps": 200000, "pcie_width": 4, "pcie_speed": "32.0 GT/s PCIe",
+        "pcie_max_width": 4, "pcie_max_speed": "32.0 GT/s PCIe",
+    }  # fmt: skip
+    assert links["enP2p1s0f1np1"].speed_mbps is None and links["enP2p1s0f1np1"].pcie_width is None
+    assert links["veth0"].speed_mbps == 10000 and links["veth0"].pcie_width is None

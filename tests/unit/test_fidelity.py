@@ -131,8 +131,9 @@ def test_an_unreadable_gid_table_invents_no_index(nccl: str, written: str | None
 
 @pytest.mark.parametrize("image", [False, True], ids=["venv", "container"])
 def test_embed_ranks_ask_ray_for_the_gpu_on_gpu_hosts(image: bool) -> None:
-    """Both runtimes: a rank bundle without a GPU would leave the Spark's GPU unreserved (and, with Ray 2.5x's
-    RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO default, CUDA_VISIBLE_DEVICES="" in the actor)."""
+    """Both runtimes: a rank bundle without a GPU would leave the Spark's GPU unreserved (and, where
+    RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO is on, the default before ray-project/ray#62492, CUDA_VISIBLE_DEVICES="" in the
+    actor)."""
     inv = inventory(image=image, embed=True)
     argv = lc.workload_argv(inv, inv.workload("emb"), "/home/nvidia")
     assert argv[argv.index("--bundle-resources") + 1] == '{"GPU":1}'

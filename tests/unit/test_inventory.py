@@ -458,3 +458,18 @@ def test_cli_good_inventory_plans_offline_without_connecting(
 def _yaml_str(value: str) -> str:
     """A YAML double-quoted scalar for `value`."""
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\t", "\\t") + '"'
+
+
+def test_a_ring_refuses_mixed_prefix_lengths() -> None:
+    """NCCL matches subnets with one prefix length (NCCL_IB_SUBNET_PREFIX_LEN), so a ring's addresses share theirs."""
+    from pathlib import Path
+
+    import pytest
+
+    from sparkctl.errors import InventoryError
+    from sparkctl.inventory import parse_inventory
+
+    text = (Path(__file__).resolve().parents[2] / "inventories" / "example-ring.yaml").read_text()
+    first = next(line for line in text.splitlines() if "address: 192.168." in line and "/24" in line)
+    with pytest.raises(InventoryError, match="mix prefix lengths"):
+        parse_inventory(text.replace(first, first.replace("/24", "/25"), 1), "ring.yaml")

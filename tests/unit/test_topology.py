@@ -220,6 +220,7 @@ def test_ring_profile_carries_its_route_and_the_env_its_nccl_variables(cli) -> N
         "1",
         "none",
     )
+    assert values["NCCL_IB_SUBNET_PREFIX_LEN"] == "24"  # the ring's /24 links, NCCL's match length
     switch_env = cli("plan", "--offline", "--json", "-i", str(SWITCH4))
     assert "NCCL_IB_MERGE_NICS" not in switch_env.stdout
 
