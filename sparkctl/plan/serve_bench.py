@@ -140,19 +140,22 @@ def _tokenizer(w: Workload, python: str) -> str:
     return f"TOK={q(w.model)}"
 
 
-def _run_script(missing_hint: str) -> str:
-    """The script run as `sh -c SCRIPT sh TOKENIZER-LINE VLLM-ARGV...` where the load generator runs: the bench into
-    a private temporary directory, its output kept in a log there; on success the JSON result on stdout, else the
-    log's tail on stderr; the directory removed either way."""
-    return (
-        'eval "$1"; shift; '
-        f'command -v "$1" >/dev/null 2>&1 || {{ echo "$1: not found; "{q(missing_hint)} >&2; exit 127; }}; '
-        'd=$(mktemp -d) || exit 1; '
-        f'"$@" --tokenizer "$TOK" --result-dir "$d" --result-filename {RESULT_FILE} > "$d/bench.log" 2>&1; rc=$?; '
-        f'if [ "$rc" -eq 0 ] && [ -s "$d/{RESULT_FILE}" ]; then cat "$d/{RESULT_FILE}"; echo; '
-        'else tail -n 25 "$d/bench.log" >&2; [ "$rc" -eq 0 ] && rc=1; fi; '
-        'rm -rf "$d"; exit "$rc"'
-    )
+_RUN = (
+    'h=$1; eval "$2"; shift 2; '
+    'command -v "$1" >/dev/null 2>&1 || { echo "$1: not found; $h" >&2; exit 127; }; '
+    'd=$(mktemp -d) || exit 1; '
+    f'"$@" --tokenizer "$TOK" --result-dir "$d" --result-filename {RESULT_FILE} > "$d/bench.log" 2>&1; rc=$?; '
+    f'if [ "$rc" -eq 0 ] && [ -s "$d/{RESULT_FILE}" ]; then cat "$d/{RESULT_FILE}"; echo; '
+    'else tail -n 25 "$d/bench.log" >&2; [ "$rc" -eq 0 ] && rc=1; fi; '
+    'rm -rf "$d"; exit "$rc"'
+)
+"""The script run as `sh -c _RUN sh HINT TOKENIZER-LINE VLLM-ARGV...` where the load generator runs: the bench into
+a private temporary directory, its own output kept in a log there; on success the JSON result on stdout, else the
+log's tail on stderr (HINT when there is no vllm at all); the directory removed either way."""
+
+
+def _run(hint: str, tok: str, argv: list[str]) -> str:
+    return f"sh -c {q(_RUN)} sh {q(hint)} {q(tok)} {shlex.join(argv)}"
 
 
 def build_bench_serve(inv: Inventory, w: Workload, source: str, home: str, argv: list[str]) -> str:
@@ -166,21 +169,21 @@ def build_bench_serve(inv: Inventory, w: Workload, source: str, home: str, argv:
     """
     key = "IFS= read -r OPENAI_API_KEY && export OPENAI_API_KEY"
     if source == LAPTOP:
-        script = _run_script("install vLLM on this laptop (pip install vllm) or run the bench from a host: --from head")
-        return f"{key} && exec sh -c {q(script)} sh {q(_tokenizer(w, 'python3'))} {shlex.join(argv)}"
+        hint = "install vLLM on this laptop (pip install vllm) or run the bench from a host: --from head"
+        return f"{key} && exec {_run(hint, _tokenizer(w, 'python3'), argv)}"
     env = dict(w.env)
     if inv.runtime.venv:
-        script = _run_script(f"the runtime venv {inv.runtime.venv} has no vLLM (vllm bench serve comes with vLLM)")
+        hint = f"the runtime venv {inv.runtime.venv} has no vLLM (vllm bench serve comes with vLLM)"
         prefix = shlex.join(["env", *(f"{k}={v}" for k, v in env.items())]) + " " if env else ""
-        tok = _tokenizer(w, lc.runtime_python(inv))
-        return f"{key} && exec {prefix}sh -c {q(script)} sh {q(tok)} {shlex.join(argv)}"
+        return f"{key} && exec {prefix}{_run(hint, _tokenizer(w, lc.runtime_python(inv)), argv)}"
     hf = inv.runtime.hf_cache.replace("~", home, 1)
     envs = [x for k, v in env.items() for x in ("-e", f"{k}={v}")]
     # The entrypoint is named (`sh`), never inherited: the vllm-openai images' ENTRYPOINT is `vllm serve`.
     docker = ["docker", "run", "--rm", "--network", "host", "-e", "OPENAI_API_KEY", *envs]
     docker += ["-v", f"{hf}:/root/.cache/huggingface", "--entrypoint", "sh", inv.runtime.image or ""]
-    script = _run_script(f"the image {inv.runtime.image} has no vLLM (vllm bench serve comes with vLLM)")
-    return f"{key} && exec {shlex.join(docker)} -c {q(script)} sh {q(_tokenizer(w, 'python3'))} {shlex.join(argv)}"
+    hint = f"the image {inv.runtime.image} has no vLLM (vllm bench serve comes with vLLM)"
+    run = _run(hint, _tokenizer(w, "python3"), argv).removeprefix("sh ")  # the image's entrypoint is `sh`
+    return f"{key} && exec {shlex.join(docker)} {run}"
 
 
 def _bench_settings(ctx: PlanContext) -> dict[str, Any]:

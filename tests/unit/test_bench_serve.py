@@ -347,3 +347,16 @@ def test_a_failed_bench_is_a_row_with_its_error_and_no_history_line() -> None:
     (row,) = bench_serve_rows(steps, "r1", "bench-serve")
     assert row["workload"] == "chat" and "Initial test run failed" in row["error"]
     assert bench_history([{"id": "r1", "runbook": "bench-serve", "steps": steps}]) == []
+
+
+def test_two_layouts_print_side_by_side() -> None:
+    from sparkctl.cli.render import render_bench_table
+
+    wide = sb.summarise_result(json.loads((FIXTURES / "vllm-bench-serve-completions.json").read_text()))
+    one = {**wide, "layout": {**wide["layout"], "tensor_parallel_size": 1, "executor": "uni", "hosts": ["spark-a"]},
+           "request_throughput": 0.41}
+    head, first, second = render_bench_table([{**wide, "run": "r1"}, {**one, "run": "r1"}]).splitlines()
+    assert "TP=2 mp on spark-a,spark-b" in first and "0.6" in first
+    assert "TP=1 uni on spark-a " in second and "0.4" in second
+    assert head.index("layout") == first.index("TP=2") == second.index("TP=1")  # aligned columns
+    assert "8x512/128 c=4" in first
