@@ -360,3 +360,13 @@ def test_two_layouts_print_side_by_side() -> None:
     assert "TP=1 uni on spark-a " in second and "0.4" in second
     assert head.index("layout") == first.index("TP=2") == second.index("TP=1")  # aligned columns
     assert "8x512/128 c=4" in first
+
+
+def test_a_laptop_session_runs_laptop_steps_here_and_probes_only_the_hosts() -> None:
+    from sparkctl.runbook.session import Session
+
+    session = Session(inventory(), connect=lambda h, s: RecordingTransport(h.name))
+    assert sb.LAPTOP not in session.engine({}).transports
+    session.laptop = True
+    here = session.engine({}).transports[sb.LAPTOP]
+    assert isinstance(here, LocalTransport) and sb.LAPTOP not in session.transports  # never gathered
