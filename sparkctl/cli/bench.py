@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import enum
 import json
 from typing import Annotated
 
 import typer
 
 from sparkctl.cli import common as c
-from sparkctl.errors import EXIT_FAILED
+from sparkctl.cli.complete import complete_workload
+from sparkctl.errors import EXIT_FAILED, EXIT_INTERRUPTED, InputError, Problem
 
 app = typer.Typer(help="Measure the cluster.", no_args_is_help=True, rich_markup_mode=None)
 
@@ -40,3 +42,144 @@ def bench_fabric(
     c.echo(json.dumps(result, indent=2) if as_json else render_bench(result))
     if not report.ok:
         raise typer.Exit(EXIT_FAILED)
+
+
+
+class Api(str, enum.Enum):
+    auto = "auto"
+    completions = "completions"
+    embeddings = "embeddings"
+
+
+ApiOpt = Annotated[
+    Api,
+    typer.Option(
+        "--api",
+        help="auto: /v1/embeddings for the embed worker, /v1/completions for vLLM; embeddings: a vLLM serving an "
+        "embedding model.",
+    ),
+]
+
+
+@app.command("serve")
+@c.guard
+def bench_serve(
+    workload: Annotated[
+        str | None,
+        typer.Argument(
+            help="The workload to load (may be left out when there is one).", autocompletion=complete_workload
+        ),
+    ] = None,
+    inventory: c.InventoryOpt = None,
+    prompts: Annotated[int, typer.Option("--prompts", min=1, help="Requests sent (--num-prompts).")] = 100,
+    input_len: Annotated[int, typer.Option("--input-len", min=1, help="Prompt tokens per request.")] = 512,
+    output_len: Annotated[
+        int, typer.Option("--output-len", min=1, help="Tokens generated per request (completions).")
+    ] = 128,
+    concurrency: Annotated[
+        int, typer.Option("--concurrency", min=0, help="Requests in flight at most (--max-concurrency); 0: no cap.")
+    ] = 8,
+    request_rate: Annotated[
+        float | None,
+        typer.Option("--request-rate", min=0.001, help="Requests started per second (default: all at once)."),
+    ] = None,
+    api: ApiOpt = Api.auto,
+    source: Annotated[
+        str,
+        typer.Option("--from", help="Where the load generator runs: head (the workload's), laptop, or a host name."),
+    ] = "head",
+    as_json: c.JsonOpt = False,
+    plain: c.PlainOpt = False,
+    accept_new_host_keys: c.AcceptKeysOpt = False,
+    debug: c.DebugOpt = False,
+) -> None:
+    """Load a workload with vLLM's own load generator (vllm bench serve) and keep the result in the journal."""
+    import shutil
+    import sys
+
+    from sparkctl.cli.render import Progress, render_bench_serve, render_report_details
+    from sparkctl.runbook.access import pick_workload, stored_key
+    from sparkctl.runbook.load import load_runbook, resolve_params
+    from sparkctl.runbook.reports import summarise_bench_serve
+    from sparkctl.runbook.session import Session, ssh_connect
+
+    inv = c.start(debug, inventory)
+    w = pick_workload(inv, workload)
+    if source == "laptop" and shutil.which("vllm") is None:
+        raise InputError(
+            [
+                Problem(
+                    "--from laptop",
+                    "no `vllm` on this laptop's PATH: the load generator is vLLM's (vllm bench serve)",
+                    "install vLLM here (pip install vllm), or run the bench from the cluster: --from head (the "
+                    "default)",
+                )
+            ]
+        )
+    stored_key(inv, w)  # no key on this laptop yet: nothing to authenticate with (run `sparkctl up`)
+    rb = load_runbook("bench-serve")
+    sets = {
+        "workload": w.name,
+        "prompts": str(prompts),
+        "input_len": str(input_len),
+        "output_len": str(output_len),
+        "concurrency": str(concurrency) if concurrency else "null",
+        "request_rate": "null" if request_rate is None else repr(float(request_rate)),
+        "api": api.value,
+        "source": source,
+    }
+    params = resolve_params(rb, sets)
+    c.check_laptop_files(inv)
+    live = None
+    if c.live_wanted(plain, as_json):
+        from sparkctl.cli.live import LiveProgress
+
+        live = LiveProgress(stream=sys.stderr)
+    session = Session(inv, ssh_connect(accept_new_host_keys), emit=live or Progress(quiet=False))
+    session.laptop = source == "laptop"
+    try:
+        session.open()
+        secrets = session.secrets_for_plan()
+        plan = session.plan(rb, params, secrets)
+        if live is not None:
+            live.start()
+        try:
+            report = session.apply(rb, plan, params, secrets)
+        finally:
+            if live is not None:
+                live.stop()
+    finally:
+        session.close()
+    result = summarise_bench_serve(report)
+    if as_json:
+        c.echo(json.dumps(result, indent=2))
+    else:
+        c.echo(render_bench_serve(result))
+        for line in render_report_details(report):
+            c.echo(line, err=True)
+    if report.interrupted:
+        raise typer.Exit(EXIT_INTERRUPTED)
+    if not report.ok:
+        raise typer.Exit(EXIT_FAILED)
+
+
+@app.command("history")
+@c.guard
+def bench_history_cmd(
+    workload: Annotated[
+        str | None, typer.Option("--workload", "-w", help="Only this workload.", autocompletion=complete_workload)
+    ] = None,
+    as_json: c.JsonOpt = False,
+) -> None:
+    """Every bench serve result in the journal, side by side: layout, request shape, throughput, latencies."""
+    from sparkctl import state
+    from sparkctl.cli.render import render_bench_table
+    from sparkctl.runbook.reports import bench_history
+
+    rows = bench_history(state.read_journal(), workload)
+    if as_json:
+        c.echo(json.dumps(rows, indent=2))
+    elif not rows:
+        c.echo("no bench serve result in the journal yet: run `sparkctl bench serve`")
+    else:
+        c.echo(render_bench_table(rows))

@@ -167,6 +167,8 @@ def execute(
             print_report(shown, "\n".join(render_report_details(shown)), live)
         else:
             c.echo(show_report(report, as_json, hidden))
+        if not as_json:
+            _show_benches(report)
         if report.interrupted:
             raise typer.Exit(EXIT_INTERRUPTED)
         if not report.ok:
@@ -183,6 +185,18 @@ def execute(
             )
         with contextlib.suppress(ValueError):
             INTERRUPTS.before_exit.remove(session.journal_unfinished)
+
+
+def _show_benches(report: Report) -> None:
+    """A run that benchmarked workloads (bench_serve steps, e.g. playbooks/compare-layouts.yaml) ends with the
+    results side by side."""
+    from sparkctl.cli.render import render_bench_table
+    from sparkctl.runbook.reports import summarise_bench_serve
+
+    rows = [r for r in summarise_bench_serve(report)["results"] if "error" not in r]
+    if rows:
+        c.echo("bench serve results (all runs: sparkctl bench history)")
+        c.echo(render_bench_table(rows))
 
 
 def _left_behind(session: Session) -> str:

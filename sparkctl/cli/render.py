@@ -214,6 +214,84 @@ def render_bench(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _ms(value: Any) -> str:
+    return f"{value:.1f}" if isinstance(value, int | float) else "-"
+
+
+def _layout(row: dict[str, Any]) -> str:
+    lay = row.get("layout") or {}
+    pp = f" PP={lay['pipeline_parallel_size']}" if (lay.get("pipeline_parallel_size") or 1) > 1 else ""
+    rep = f" x{lay['replicas']}" if (lay.get("replicas") or 1) > 1 else ""
+    return f"TP={lay.get('tensor_parallel_size')}{pp}{rep} {lay.get('executor')} on {','.join(lay.get('hosts') or [])}"
+
+
+def _shape(row: dict[str, Any]) -> str:
+    sh = row.get("shape") or {}
+    out = f"/{sh['output_len']}" if sh.get("output_len") else ""
+    cap = sh.get("max_concurrency")
+    rate = sh.get("request_rate")
+    pace = f" @{rate:g}/s" if isinstance(rate, int | float) else ""
+    return f"{sh.get('prompts')}x{sh.get('input_len')}{out} c={cap if cap else 'all'}{pace}"
+
+
+def render_bench_serve(result: dict[str, Any]) -> str:
+    """`sparkctl bench serve`: per bench, the layout, the request shape and duration, then what vLLM measured."""
+    lines: list[str] = []
+    for row in result["results"]:
+        if "error" in row:
+            lines.append(f"{row['workload']} from {row['host']}: no result ({row['status']}): {row['error']}")
+            continue
+        sh = row["shape"]
+        out = f" / {sh['output_len']} out" if sh.get("output_len") else ""
+        cap = f"concurrency {sh['max_concurrency']}" if sh.get("max_concurrency") else "no concurrency cap"
+        rate = sh.get("request_rate")
+        lines.append(f"{row['workload']} ({row.get('api')}, vllm bench serve --backend {row.get('backend')}) "
+                     f"from {row.get('from')}")
+        lines.append(f"  layout      {_layout(row)}")
+        lines.append(
+            f"  requests    {sh['prompts']} x ({sh.get('input_len')} in{out} tokens), {cap}, "
+            f"rate {rate if rate == 'inf' or rate is None else f'{rate:g}/s'}"
+        )
+        dur = row.get("duration_s")
+        took = f" in {dur:.1f} s" if isinstance(dur, float) else ""
+        lines.append(f"  done        {row['completed']} ok, {row['failed']} failed{took}")
+        figures = [f"{_ms(row.get('request_throughput'))} req/s"]
+        if row.get("output_throughput") is not None:
+            figures.append(f"{_ms(row['output_throughput'])} output tok/s")
+        if row.get("total_token_throughput") is not None:
+            figures.append(f"{_ms(row['total_token_throughput'])} total tok/s")
+        lines.append(f"  throughput  {', '.join(figures)}")
+        for metric, lat in (row.get("latency_ms") or {}).items():
+            lines.append(f"  {metric.upper():<5} ms    mean {_ms(lat.get('mean'))}  median {_ms(lat.get('median'))}  "
+                         f"p99 {_ms(lat.get('p99'))}")
+    if result.get("journal"):
+        lines.append(f"journal: sparkctl history show {result['journal']}  (all runs: sparkctl bench history)")
+    return "\n".join(lines)
+
+
+def render_bench_table(rows: list[dict[str, Any]]) -> str:
+    """Bench serve results side by side, one line each: layout, where from, request shape, duration, the figures
+    (medians and p99 in ms)."""
+    head = ["run", "workload", "layout", "from", "requests", "time s", "req/s", "out tok/s", "TTFT med/p99",
+            "TPOT med/p99", "E2EL med/p99"]
+    table = [head]
+    for r in rows:
+        lat = r.get("latency_ms") or {}
+
+        def pair(m: str, lat: dict[str, Any] = lat) -> str:
+            v = lat.get(m)
+            return f"{_ms(v.get('median'))}/{_ms(v.get('p99'))}" if v else "-"
+
+        dur = r.get("duration_s")
+        table.append([
+            str(r.get("run", "")), str(r.get("workload")), _layout(r), str(r.get("from")), _shape(r),
+            f"{dur:.1f}" if isinstance(dur, float) else "-", _ms(r.get("request_throughput")),
+            _ms(r.get("output_throughput")), pair("ttft"), pair("tpot"), pair("e2el"),
+        ])
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    return "\n".join("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in table)
+
+
 class Progress:
     """Renders engine events: one plain line per event (stderr), compact on a terminal."""
 

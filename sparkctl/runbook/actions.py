@@ -10,7 +10,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sparkctl.inventory.models import Host
-from sparkctl.plan import bench, cluster, env, fabric, images, weights
+from sparkctl.plan import bench, cluster, env, fabric, images, serve_bench, weights
 from sparkctl.plan.context import PlanContext
 from sparkctl.plan.models import Command, Step
 
@@ -34,6 +34,28 @@ class DoctorArgs(NoArgs):
 class BenchArgs(NoArgs):
     mb: int = Field(256, ge=1, le=65536, description="MB sent per link")
     port: int = Field(5201, ge=1024, le=65535)
+
+
+class BenchServeArgs(WorkloadArgs):
+    prompts: int = Field(100, ge=1, le=1_000_000, description="requests sent (vllm bench serve --num-prompts)")
+    input_len: int = Field(512, ge=1, le=1_048_576, description="prompt tokens per request (--random-input-len)")
+    output_len: int = Field(128, ge=1, le=1_048_576, description="tokens generated per request (--random-output-len)")
+    concurrency: int | None = Field(8, ge=1, description="requests in flight at most (--max-concurrency); null: all")
+    request_rate: float | None = Field(
+        None, gt=0, description="requests started per second (--request-rate); null: all at once (vLLM's inf)"
+    )
+    api: Literal["auto", "completions", "embeddings"] = Field(
+        "auto", description="auto: /v1/embeddings for the embed worker, /v1/completions for vLLM"
+    )
+    source: str = Field("head", description="where the load generator runs: head (the workload's), laptop, a host")
+    timeout: float = Field(1800, gt=0, le=86400, description="seconds the bench may take")
+
+    @field_validator("workloads")
+    @classmethod
+    def _one(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and len(value) > 1:
+            raise ValueError("name one workload per bench step: the steps of one stage run side by side")
+        return value
 
 
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -193,6 +215,16 @@ class BenchFabric(Action):
         return bench.plan_bench_fabric(replace(ctx, params={**ctx.params, "mb": args.mb, "port": args.port}), host)
 
 
+class BenchServe(Action):
+    name = "bench_serve"
+    help = "vllm bench serve (upstream's load generator) against each selected workload; the JSON result kept"
+    Args = BenchServeArgs
+
+    def plan(self, ctx: PlanContext, host: Host, args: BenchServeArgs) -> list[Step]:
+        params = args.model_dump(exclude={"set"}) | {"workloads": ctx.params.get("workloads")}
+        return serve_bench.plan_bench_serve(replace(ctx, params={**ctx.params, **params}), host)
+
+
 class Pause(Action):
     name = "pause"
     help = "ask the operator to confirm before going on"
@@ -278,6 +310,7 @@ _ACTIONS: list[type[Action]] = [
     Pause,
     Doctor,
     BenchFabric,
+    BenchServe,
 ]
 
 ACTIONS: dict[str, Action] = {cls.name: cls() for cls in _ACTIONS}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from sparkctl.plan.bench import RDMA_QPS, parse_all_reduce_perf, parse_ib_write_bw
+from sparkctl.plan.serve_bench import parse_bench_result, summarise_result
 from sparkctl.runbook.engine import Report
 
 
@@ -47,3 +48,38 @@ def summarise_bench(report: Report) -> dict[str, Any]:
         "notes": notes,
         "journal": report.run_id,
     }
+
+
+def bench_serve_rows(steps: list[dict[str, Any]], run_id: str = "", runbook: str = "") -> list[dict[str, Any]]:
+    """One row per `bench_serve` step of a run (its StepResult as the report or the journal holds it): vLLM's result
+    read back and summarised, or why there is none."""
+    rows = []
+    for r in steps:
+        if r.get("kind") != "bench_serve":
+            continue
+        commands = r.get("commands") or []
+        raw = parse_bench_result(commands[-1].get("stdout", "")) if commands and r.get("status") == "ok" else None
+        row: dict[str, Any] = {"run": run_id, "runbook": runbook, "host": r.get("host"), "status": r.get("status")}
+        if raw is None:
+            row |= {"workload": str(r.get("step", "")).partition(":")[2], "error": r.get("error") or "no result"}
+        else:
+            row |= summarise_result(raw)
+        rows.append(row)
+    return rows
+
+
+def summarise_bench_serve(report: Report) -> dict[str, Any]:
+    """`bench serve`: each bench of the run with its layout, request shape and vLLM's figures; the journal entry."""
+    steps = [r.model_dump() for r in report.results]
+    return {"results": bench_serve_rows(steps, report.run_id, report.runbook), "journal": report.run_id}
+
+
+def bench_history(records: list[dict[str, Any]], workload: str | None = None) -> list[dict[str, Any]]:
+    """Every bench serve result kept in the journal, oldest first (only those that produced a result)."""
+    rows = []
+    for rec in records:
+        for row in bench_serve_rows(rec.get("steps") or [], str(rec.get("id", "")), str(rec.get("runbook", ""))):
+            if "error" in row or (workload and row.get("workload") != workload):
+                continue
+            rows.append({**row, "cluster": rec.get("cluster")})
+    return rows

@@ -26,6 +26,7 @@ from sparkctl.inventory.models import Host, Inventory, SshSettings
 from sparkctl.plan import images, weights
 from sparkctl.plan.context import PlanContext
 from sparkctl.plan.models import Command, Plan, Stage, Step
+from sparkctl.plan.serve_bench import LAPTOP
 from sparkctl.runbook import lock
 from sparkctl.runbook.engine import Engine, Event, Report
 from sparkctl.runbook.gather import PROBE_TIMEOUT, gather_facts, gather_outputs
@@ -111,6 +112,9 @@ class Session:
     """The run's secret values, scrubbed from its journal record."""
     follow_logs: bool = False
     """Workload waits read the workload's log for progress (a live view shows it; plain output does not)."""
+    laptop: bool = False
+    """Steps planned on `laptop` (a bench from this machine: `bench serve --from laptop`) run here, as local
+    processes; the laptop is never probed for facts."""
 
     def secrets_for_plan(self, *, create: bool = False) -> dict[str, str]:
         """Laptop-side secrets a run may need: the Ray token and the workloads' API keys.
@@ -279,8 +283,13 @@ class Session:
 
     def engine(self, secrets: Mapping[str, str], **options: Any) -> Engine:
         """The engine over this session's connections."""
+        transports: Mapping[str, Transport] = self.transports
+        if self.laptop:
+            from sparkctl.execute.local import LocalTransport  # noqa: TID251 - the laptop's own "connection"
+
+            transports = {**self.transports, LAPTOP: LocalTransport(LAPTOP)}
         return Engine(
-            transports=self.transports,
+            transports=transports,
             nopasswd={n: f.sudo_nopasswd for n, f in self.facts.items()},
             secrets=Secrets(secrets),
             blobs={"worker_code": worker_code(), weights.CODE_BLOB: weights_code()},

@@ -3,7 +3,8 @@
 Two embedding workloads on the disjoint pairs (spark-a, spark-b) and (spark-c, spark-d) each answer on their own
 head's address with their own API key; one embedding workload runs TP=4 over all four hosts. Every assertion reads
 the hosts (processes, the worker's own log of where each rank runs) or the endpoints, then compares the
-embeddings with a single-process sentence-transformers run.
+embeddings with a single-process sentence-transformers run. Next to real vLLM (TP=2, multiprocessing executor) and
+the embed worker, `sparkctl bench serve` loads each with vLLM's own `vllm bench serve` on the same bring-up.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 import pytest
 
 from sparkctl.inventory import load_inventory
-from tests.integration.helpers import changing, cli_env, plan_steps, spark_processes, sparkctl
+from tests.integration.helpers import changing, cli_env, journal, plan_steps, spark_processes, sparkctl
 from tests.testbed import Testbed
 
 pytestmark = pytest.mark.testbed
@@ -189,6 +190,8 @@ def test_real_vllm_on_one_pair_next_to_embed_on_the_other(vllm_and_embed: Cluste
     assert_matches_reference(f"http://{mgmt['spark-c']}:8000/v1", c.key("mini"), "mini", reference)
     assert_matches_reference(f"http://{mgmt['spark-a']}:8100/v1", c.key("embed-ab"), "embed-ab", reference)
 
+    _bench_serve_both(c)
+
     r = c.run("plan", "--json")
     assert r.returncode == 0, r.stderr
     assert changing(plan_steps(r.stdout)) == []
@@ -196,3 +199,53 @@ def test_real_vllm_on_one_pair_next_to_embed_on_the_other(vllm_and_embed: Cluste
     assert r.returncode == 0, r.stderr
     for h in tb.hosts:
         assert spark_processes(tb, h, "vllm serve") == [] and spark_processes(tb, h, "embed_worker") == [], h
+
+
+BENCH_PROMPTS = 6
+
+
+def _bench_serve_both(c: Cluster) -> None:
+    """`sparkctl bench serve` runs vLLM's own `vllm bench serve` (the hosts' runtime venv) from each workload's head
+    against vLLM itself (TP=2, mp; an embedding model, so `--api embeddings`) and the embed worker (TP=2): vLLM's
+    figures come back, the requests reached the servers, the journal keeps both results and `bench history` shows
+    them side by side. Few, short requests: the figures are not the point here."""
+    tb = c.tb
+    log = "/home/spark/.local/state/sparkctl/logs/mini.log"
+    served = "\"POST /v1/embeddings HTTP/1.1\" 200"
+    before = tb.exec("spark-c", ["cat", log]).stdout.count(served)
+    shape = ["--prompts", str(BENCH_PROMPTS), "--input-len", "32", "--concurrency", "2", "--json"]
+    results = {}
+    for name, extra in (("mini", ["--api", "embeddings"]), ("embed-ab", [])):
+        r = c.run("bench", "serve", name, *extra, *shape, timeout=900)
+        assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+        assert c.key(name) not in r.stdout + r.stderr  # the key reached vllm bench on stdin only
+        (row,) = json.loads(r.stdout)["results"]
+        assert row["completed"] == BENCH_PROMPTS and row["failed"] == 0, row
+        assert row["request_throughput"] > 0 and row["latency_ms"]["e2el"]["median"] > 0, row
+        assert row["layout"]["tensor_parallel_size"] == 2 and row["shape"]["input_len"] == 32, row
+        results[name] = row
+    assert results["mini"]["from"] == "spark-c" and results["mini"]["layout"]["executor"] == "mp"
+    assert results["mini"]["layout"]["hosts"] == ["spark-c", "spark-d"]
+    assert results["embed-ab"]["from"] == "spark-a" and results["embed-ab"]["backend"] == "openai-embeddings"
+    # vLLM's own access log on spark-c saw the bench's requests (and its answers were 200)
+    assert tb.exec("spark-c", ["cat", log]).stdout.count(served) >= before + BENCH_PROMPTS
+    for h in ("spark-a", "spark-c"):  # the load generator ended with its command
+        assert spark_processes(tb, h, "bench serve") == [], h
+
+    benches = [rec for rec in journal(c.state) if rec["runbook"] == "bench-serve"]
+    assert [rec["ok"] for rec in benches] == [True, True]
+    for rec, name in zip(benches, ("mini", "embed-ab"), strict=True):
+        (step,) = [s for s in rec["steps"] if s["kind"] == "bench_serve"]
+        assert step["step"] == f"bench_serve:{name}" and '"completed": 6' in step["commands"][-1]["stdout"]
+        assert c.key(name) not in json.dumps(rec)
+
+    r = sparkctl("bench", "history", "--json", env=c.env)  # the laptop's journal: no inventory, no host
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert [row["workload"] for row in rows] == ["mini", "embed-ab"]
+    assert [row["run"] for row in rows] == [rec["id"] for rec in benches]
+    r = sparkctl("bench", "history", env=c.env)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].split()[:3] == ["run", "workload", "layout"] and len(lines) == 3, r.stdout
+    assert "TP=2 mp on spark-c,spark-d" in lines[1] and "TP=2 ray on spark-a,spark-b" in lines[2], r.stdout

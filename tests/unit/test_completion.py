@@ -113,7 +113,9 @@ def test_yaml_files_and_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 def test_runbooks_builtin_names_then_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "drain.yaml").write_text("")
     monkeypatch.chdir(tmp_path)
-    assert complete_runbook("") == ["bench-fabric", "down", "models-sync", "restore-network", "up", "drain.yaml"]
+    assert complete_runbook("") == [
+        "bench-fabric", "bench-serve", "down", "models-sync", "restore-network", "up", "drain.yaml"
+    ]
     assert complete_runbook("d") == ["down", "drain.yaml"]
 
 

@@ -95,6 +95,7 @@ def sparkctl(*args: str, state: Path) -> subprocess.CompletedProcess[str]:
 def test_the_playbooks_are_bundled() -> None:
     assert [p.stem for p in BOOKS] == [
         "bringup",
+        "compare-layouts",
         "fabric-check",
         "pin-driver",
         "recover-oom",
