@@ -251,7 +251,7 @@ def plan_weights_fetch(ctx: PlanContext, host: Host) -> list[Step]:
         for t in r.targets:
             free = ctx.facts[t.name].hf_free
             if free >= 0:
-                peers.append(f"{t.name}={free}={bytes_held(ctx.facts[t.name].weights.get(key(w)))}")
+                peers.append(f"{t.name}={free >> 30}={bytes_held(ctx.facts[t.name].weights.get(key(w)))}")
         offline = hub_env(w).get("HF_HUB_OFFLINE", "").lower() in ("1", "on", "true", "yes")
         to = ", then copied to " + ", ".join(t.name for t in r.targets) if r.targets else ""
         hub = hub_env(w).get("HF_ENDPOINT", "the hub")

@@ -4,13 +4,16 @@ Installed on the hosts as `<state dir>/weights.py` and run there (standard libra
 under the runtime's own Python and imports its `huggingface_hub`):
 
     python weights.py fetch REPO REVISION CACHE MANIFEST [PEER...]   (token, if any, on the first line of stdin)
+        PEER: NAME=FREE_GIB=HAVE_BYTES, a target's free space (whole GiB, so that the command stays the same while
+        a disk's use moves by bytes) and what it already holds of the repository
     python3 weights.py verify REPO_DIR MANIFEST                       (the source's manifest JSON on stdin)
 
 `fetch` asks the hub for the file list with sizes and LFS sha256 (`HfApi.model_info(files_metadata=True)`,
-huggingface_hub hf_api.py), refuses when this host or a peer (`NAME=FREE_BYTES=HAVE_BYTES`, read by the plan) lacks
-the space, downloads with `snapshot_download` (huggingface_hub _snapshot_download.py: blobs land as `.incomplete`
-files and are renamed when whole, so an interrupted fetch resumes and a partial file is never at its final name),
-checks each LFS file's sha256 against the hub's, and writes the manifest. With HF_HUB_OFFLINE=1 the hub is not
+huggingface_hub hf_api.py), refuses when this host or a peer (read by the plan) lacks the space, downloads with
+`snapshot_download` (huggingface_hub 2.4.0 _snapshot_download.py, file_download.py: each file lands in a
+`.incomplete` blob renamed when whole, so a partial file is never at its final name; a finished file is not fetched
+again, one cut off by an interrupted run is fetched again from its start), checks each LFS file's sha256 against
+the hub's, and writes the manifest. With HF_HUB_OFFLINE=1 the hub is not
 asked: `snapshot_download` returns the cached snapshot (or fails if there is none) and the manifest takes the
 sha256 from the blob names (an LFS blob is stored under its sha256: huggingface_hub file_download.py names blobs
 by the ETag, which the hub sets to the LFS object's sha256).
@@ -85,7 +88,7 @@ def _check_space(where: str, path: Path, need: int) -> None:
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     if need + MARGIN > free:
-        sys.exit(f"refused: {where} {path} has {_gb(free)} free; the weights need {_gb(need)} more (+1 GB kept free)")
+        sys.exit(f"refused: {where} {path} has {_gb(free)} free; the weights need {_gb(need)} more (+1 GiB kept free)")
 
 
 def _check(snapshot: Path, files: list[dict[str, Any]], repo_dir: Path) -> list[str]:
@@ -145,11 +148,13 @@ def fetch(repo: str, revision: str, cache: str, manifest_path: str, peers: list[
         have = _dir_bytes(repo_dir / "blobs") if (repo_dir / "blobs").is_dir() else 0
         _check_space("this host:", Path(cache), total - have)
         for peer in peers:
-            name, free, peer_have = peer.split("=")
-            if total - int(peer_have) + MARGIN > int(free):
+            name, free_gib, peer_have = peer.split("=")
+            need = total - int(peer_have)
+            if need + MARGIN > int(free_gib) << 30:
+                free = "less than 1 GiB" if free_gib == "0" else f"about {free_gib} GiB"
                 sys.exit(
-                    f"refused: {name} has {_gb(int(free))} free for the weights; {repo} needs "
-                    f"{_gb(total - int(peer_have))} more there (+1 GB kept free)"
+                    f"refused: {name} has {free} free for the weights; {repo} needs {_gb(need)} more there "
+                    "(+1 GiB kept free)"
                 )
     stop = _progress(total, lambda: _dir_bytes(repo_dir / "blobs") if (repo_dir / "blobs").is_dir() else 0)
     try:
