@@ -204,7 +204,7 @@ def probe_sections(inventory: Inventory, host: Host) -> dict[str, str]:
         ),
         # measurement tools `bench fabric` uses when present (perftest, nccl-tests as NVIDIA's playbook builds it)
         "tools": (
-            "for t in ib_write_bw all_reduce_perf mpirun rsync rrsync; do "
+            "for t in ib_write_bw all_reduce_perf mpirun rsync; do "
             'p=$(command -v "$t" 2>/dev/null || ls "$HOME/nccl-tests/build/$t" 2>/dev/null); '
             '[ -n "$p" ] && echo "$t $p"; done; true'
         ),

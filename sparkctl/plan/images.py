@@ -33,19 +33,39 @@ PEER_KEY_SECRET = "peer_key"
 PEER_PUB_SECRET = "peer_key_pub"
 
 
+RSYNC_RECEIVE = (
+    # rsync's server side as the client's `rsync -a --partial-dir=.rsync-partial <dir>/ <host>:<folder>/` asks for
+    # it over ssh (rsync(1), "USING RSYNC-DAEMON FEATURES VIA A REMOTE-SHELL CONNECTION"; main.c server_options):
+    # `rsync --server -<flags>e.<capabilities> --partial-dir .rsync-partial . <folder>/`. Only that form is run:
+    # the flags of -a (no -L/-K/-k, which follow links on the receiver), no other option, the destination one
+    # models--* folder of the hub cache; and --safe-links, so no received symlink may point out of the copy.
+    '  "rsync --server "*)\n'
+    "    set -f; set -- $SSH_ORIGINAL_COMMAND; f=$3; pre=${f%%e.*}\n"
+    '    case "$#|$1|$2|$4|$5|$6" in "7|rsync|--server|--partial-dir|.rsync-partial|.") ;; *) deny ;; esac\n'
+    '    case "$pre" in -|-*[!logDtpr]*) deny ;; esac\n'
+    '    case "${f#"$pre"}" in e.*[!A-Za-z]*) deny ;; e.?*) ;; *) deny ;; esac\n'
+    '    case "$7" in models--*/) ;; *) deny ;; esac\n'
+    '    case "${7%/}" in *[!A-Za-z0-9._-]*|*..*) deny ;; esac\n'
+    '    mkdir -p "$hub" && cd "$hub" && exec rsync --server "$f" --partial-dir .rsync-partial --safe-links . "$7" ;;\n'
+)
+
+
 def render_peer_receive(cluster: str, hub: str) -> str:
-    """The forced command of the peer key on a target: `docker load` of what arrives on stdin, or an rsync
-    receiving model weights into this host's hub cache, confined there by rrsync (rrsync(1), shipped with rsync
-    since 3.2.4: `-wo` write-only, `-no-del` no deletion; it reads the client's request from SSH_ORIGINAL_COMMAND
-    and refuses paths outside its directory); nothing else."""
+    """The forced command of the peer key on a target: `docker load` of what arrives on stdin, or rsync receiving
+    one model repository into this host's hub cache (RSYNC_RECEIVE); nothing else."""
     return (
         "#!/bin/sh\n"
         f"# Managed by sparkctl: what another Spark of cluster {cluster} may run here with its peer key\n"
         "# (authorized_keys command=; sshd puts the command the client asked for in SSH_ORIGINAL_COMMAND).\n"
+        "deny() {\n"
+        '  echo "sparkctl peer key: only docker load and rsync of a model into the hub cache are allowed here" >&2\n'
+        "  exit 1\n"
+        "}\n"
+        f"hub={q(hub)}\n"
         'case "$SSH_ORIGINAL_COMMAND" in\n'
         '  "docker load") exec docker load ;;\n'
-        f'  "rsync --server "*) mkdir -p {q(hub)} && exec rrsync -wo -no-del {q(hub)} ;;\n'
-        '  *) echo "sparkctl peer key: only docker load and rsync into the hub cache are allowed here" >&2; exit 1 ;;\n'
+        + RSYNC_RECEIVE
+        + "  *) deny ;;\n"
         "esac\n"
     )
 

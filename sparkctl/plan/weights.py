@@ -6,8 +6,9 @@ For each workload naming a Hugging Face id (`Inventory.synced_weights`): the sou
 the runtime's own `huggingface_hub` (sparkctl/workers/weights.py `fetch`: hub file list, space check on every
 host, `snapshot_download`, sha256 of each LFS file against the hub's). Every other host of the group whose copy is
 not the source's gets it host to host over the fabric with rsync, through the cluster's peer key (plan/images.py:
-the same scoped access as the image copy; the target's forced command hands rsync to rrsync, confined to its
-hub cache and write-only), then checks it against the source's manifest (`verify`: names, sizes, LFS sha256).
+the same scoped access as the image copy; the target's forced command runs only rsync's receiving side, into one
+models--* folder of its hub cache, with --safe-links), then checks it against the source's manifest (`verify`:
+names, sizes, LFS sha256).
 
 A host's copy counts as verified when sparkctl's manifest for it is there and the probe's listing still shows every
 file of it with its size: a converged cluster costs one listing per host and moves nothing.
@@ -305,8 +306,8 @@ def plan_weights_copy(ctx: PlanContext, host: Host) -> list[Step]:
             if not ctx.offline and not verdict:
                 if "rsync" not in ctx.facts[host.name].tools:
                     verdict = f"{host.name} has no rsync (install it: apt install rsync)"
-                elif "rrsync" not in tf.tools:
-                    verdict = f"{t.name} has no rrsync, which confines the copy there (install rsync >= 3.2.4)"
+                elif "rsync" not in tf.tools:
+                    verdict = f"{t.name} has no rsync to receive the copy (install it: apt install rsync)"
             steps.append(
                 Step(
                     host=host.name,

@@ -4,8 +4,9 @@ verified, resumed after an interruption, refused when a disk is too small.
 The hub is the one SIMULATED service (tests/testbed/fakehub.py: the part of the Hugging Face Hub HTTP API that
 huggingface_hub 2.4.0 uses to download a repository, serving the MiniLM files the runtime ships); it listens on the
 laptop's management address and the hosts reach it through HF_ENDPOINT. The download client (the runtime's
-huggingface_hub), the copy (rsync over OpenSSH with the cluster's peer key, rrsync on the target), the checks and
-vLLM loading the copied files are real. One bring-up serves the module, in this order:
+huggingface_hub), the copy (rsync over OpenSSH with the cluster's peer key, its receiving side confined by the
+target's forced command), the checks and vLLM loading the copied files are real. One bring-up serves the module,
+in this order:
 
 - spark-b's cache on a 40 MB tmpfs: `up` is refused before any weight byte moves, naming spark-b and the numbers;
 - the twin slowed down (tc tbf on spark-a's side), the copy killed half-way: the next `models sync` resumes it

@@ -275,7 +275,7 @@ def _ctx(inv: Inventory, facts: dict[str, HostFacts]):  # type: ignore[no-untype
 
 
 @pytest.mark.parametrize("shell", SHELLS)
-def test_the_forced_command_runs_docker_load_and_nothing_else(tmp_path: Path, shell: str) -> None:
+def test_the_forced_command_runs_docker_load_or_a_confined_rsync_and_nothing_else(tmp_path: Path, shell: str) -> None:
     script = tmp_path / "peer-receive"
     hub = tmp_path / "hf" / "hub"
     script.write_text(images.render_peer_receive("spark-pair", str(hub)))
@@ -284,18 +284,33 @@ def test_the_forced_command_runs_docker_load_and_nothing_else(tmp_path: Path, sh
     bin_dir.mkdir()
     (bin_dir / "docker").write_text('#!/bin/sh\necho "docker $*"; cat > /dev/null\n')
     (bin_dir / "docker").chmod(0o755)
-    # rrsync reads the request from SSH_ORIGINAL_COMMAND itself: the stub shows its arguments and that request
-    (bin_dir / "rrsync").write_text('#!/bin/sh\necho "rrsync $* <$SSH_ORIGINAL_COMMAND>"\n')
-    (bin_dir / "rrsync").chmod(0o755)
+    # the receiving rsync: the stub shows the arguments it was started with, and where
+    (bin_dir / "rsync").write_text('#!/bin/sh\necho "rsync $* in $PWD"\n')
+    (bin_dir / "rsync").chmod(0o755)
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin"}
     ok = subprocess.run([shell, str(script)], input="tar bytes", env={**env, "SSH_ORIGINAL_COMMAND": "docker load"},
                         capture_output=True, text=True, timeout=10)
     assert (ok.returncode, ok.stdout) == (0, "docker load\n")
-    asked = "rsync --server -logDtpre.iLsfxCIvu --partial-dir=.rsync-partial . models--a--b/"
+    # what `rsync -a --partial-dir=.rsync-partial <dir>/ <host>:models--a--b/` asks for (rsync 3.2-3.5)
+    asked = "rsync --server -logDtpre.LsfxCIvu --partial-dir .rsync-partial . models--a--b/"
     r = subprocess.run([shell, str(script)], env={**env, "SSH_ORIGINAL_COMMAND": asked}, capture_output=True,
                        text=True, timeout=10)
-    assert (r.returncode, r.stdout) == (0, f"rrsync -wo -no-del {hub} <{asked}>\n") and hub.is_dir()
-    for asked in ("docker load; rm -rf ~", "sh", "docker run --privileged x", "", "rsync --sender x", "rrsync /"):
+    want = f"rsync --server -logDtpre.LsfxCIvu --partial-dir .rsync-partial --safe-links . models--a--b/ in {hub}\n"
+    assert (r.returncode, r.stdout) == (0, want) and hub.is_dir(), r.stderr
+    refused = [
+        "docker load; rm -rf ~", "sh", "docker run --privileged x", "", "rsync --sender x", "rrsync /",
+        asked.replace("models--a--b/", "models--../"),  # out of the hub cache
+        asked.replace("models--a--b/", "models--a/../../x/"),
+        asked.replace("models--a--b/", "/home/spark/.ssh/"),
+        asked.replace("models--a--b/", "models--*/"),
+        asked.replace("-logDtpre", "-logDtpLre"),  # -L: follow links on the receiver
+        asked.replace("-logDtpre", "-logDtpKre"),
+        asked.replace(" --partial-dir", " --delete --partial-dir"),
+        asked.replace(".rsync-partial", "/home/spark/.ssh"),
+        asked.replace("LsfxCIvu", "Ls;touch x"),
+        asked + " extra",
+    ]
+    for asked in refused:
         r = subprocess.run([shell, str(script)], env={**env, "SSH_ORIGINAL_COMMAND": asked}, capture_output=True,
                            text=True, timeout=10)
         assert r.returncode == 1 and r.stdout == "" and "only docker load and rsync" in r.stderr, asked
