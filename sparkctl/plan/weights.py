@@ -301,7 +301,7 @@ def plan_weights_copy(ctx: PlanContext, host: Host) -> list[Step]:
                 if tf.hf_free >= 0 and need + MARGIN > tf.hf_free:
                     verdict = (
                         f"refused: {t.name} has {_gb(tf.hf_free)} free in {hub_dir(inv, ctx.home(t))}; {key(w)} needs "
-                        f"{_gb(need)} more (+1 GB kept free)"
+                        f"{_gb(need)} more (+1 GiB kept free)"
                     )
             if not ctx.offline and not verdict:
                 if "rsync" not in ctx.facts[host.name].tools:
