@@ -93,7 +93,8 @@ def test_a_disk_too_small_is_refused_before_any_weight_moves(cluster: Cluster) -
     for host in tb.hosts:  # both caches empty
         assert sh(tb, host, f"ls -A {HF} 2>/dev/null; true").strip() == "", host
     # the mount point made as the login user's own, as the cache directory would be
-    sh(tb, "spark-b", f"install -d -o spark -g spark {HF} && mount -t tmpfs -o size=40m tmpfs {HF} && chown spark {HF}")
+    sh(tb, "spark-b", f"install -d -o spark -g spark /home/spark/.cache {HF} && mount -t tmpfs -o size=40m tmpfs {HF} "
+                      f"&& chown spark {HF}")
     try:
         r = cluster.run("up", "--yes", timeout=900)
     finally:
