@@ -5,8 +5,12 @@ from __future__ import annotations
 import contextlib
 import sys
 import threading
+import time
 import unicodedata
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TextIO
+
+from sparkctl.runbook.logphase import PROGRESS_LABELS
 
 if TYPE_CHECKING:  # annotations only: printing a plan loads neither the rules nor the engine
     from sparkctl.doctor.rules import Finding
@@ -295,13 +299,23 @@ def render_bench_table(rows: list[dict[str, Any]]) -> str:
 class Progress:
     """Renders engine events: one plain line per event (stderr), compact on a terminal."""
 
-    def __init__(self, stream: TextIO | None = None, quiet: bool = False) -> None:
+    COPY_EVERY = 5.0
+    """Seconds between two plain lines of one long copy's progress (the live view shows every update)."""
+
+    def __init__(
+        self, stream: TextIO | None = None, quiet: bool = False, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.stream = stream or sys.stderr
         self.quiet = quiet
+        self.clock = clock
         self._lock = threading.Lock()  # hosts report from their own threads
+        self._copy_said: dict[tuple[str, str], float] = {}
 
     def __call__(self, e: Event) -> None:
-        if self.quiet or e.kind == "progress":  # a workload log's progress: for the live view only
+        if self.quiet:
+            return
+        # a workload log's progress is for the live view only; a long copy's is printed now and then
+        if e.kind == "progress" and (e.status not in PROGRESS_LABELS.values() or not self._copy_due(e)):
             return
         if e.kind == "stage":
             text = f"== {e.stage}"
@@ -313,8 +327,19 @@ class Progress:
                 text += f": {e.message}"
         elif e.kind == "phase":
             text = f"   {e.host}: {e.step} phase {e.status}" + (f": {e.message}" if e.message else "")
+        elif e.kind == "progress":
+            text = f"   {e.host}: {e.step} {e.status} {e.message}"
         else:
             text = f"   note: {e.message}"
         with self._lock, contextlib.suppress(OSError):  # a terminal gone (SIGHUP) must not stop the cleanup
             self.stream.write(escape_controls(text) + "\n")
             self.stream.flush()
+
+    def _copy_due(self, e: Event) -> bool:
+        now = self.clock()
+        with self._lock:
+            last = self._copy_said.get((e.host, e.step))
+            if last is not None and now - last < self.COPY_EVERY:
+                return False
+            self._copy_said[(e.host, e.step)] = now
+            return True

@@ -78,10 +78,6 @@ class Report(BaseModel):
     executed: list[Step] = Field(default_factory=list, description="the steps as they were run, in order")
 
 
-PROGRESS_LABELS = {"weights_fetch": "downloading", "weights_copy": "copying", "weights_verify": "checking"}
-"""What a step whose command reports progress is doing, as the live view names it."""
-
-
 def remote_line(cmd: Command, nopasswd: bool, secrets: Secrets, blobs: Mapping[str, str]) -> tuple[str, str | None]:
     """The exact line sent to the host and its stdin: sudo password and secrets go on stdin, never in argv."""
     line = shlex.join(cmd.argv)
@@ -438,7 +434,7 @@ class Engine:
 
     def _progress_reader(self, host: str, res: StepResult, kind: str) -> Callable[[str], None]:
         """Emit `progress` events (at most one a second) from a long command's output as it arrives."""
-        from sparkctl.runbook.logphase import CopyProgress
+        from sparkctl.runbook.logphase import PROGRESS_LABELS, CopyProgress
 
         reader = CopyProgress(kind, self.clock)
         label = PROGRESS_LABELS.get(res.kind, "working")

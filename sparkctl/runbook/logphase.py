@@ -49,6 +49,9 @@ def parse_log_phase(text: str) -> tuple[str, str] | None:
     return None
 
 
+PROGRESS_LABELS = {"weights_fetch": "downloading", "weights_copy": "copying", "weights_verify": "checking"}
+"""What a step whose command reports progress is doing, as the live view names it (the event's status)."""
+
 # rsync --info=progress2 (rsync(1); progress.c, rprint_progress in rsync 3.2): "<bytes>  <pct>%  <rate>  <h:mm:ss>",
 # bytes with thousands separators, e.g. "  1,048,576,000  42%  110.53MB/s    0:00:14 (xfr#3, to-chk=5/12)".
 _RSYNC = re.compile(r"^\s*([\d,.]+)\s+(\d+)%\s+(\S+/s)\s+(\d+:\d\d:\d\d)")

@@ -325,3 +325,46 @@ def test_rsync_progress2_and_the_helpers_lines_become_one_line_a_second() -> Non
     now[0] = 12.0
     assert helper.feed("progress 1000000000 4000000000\nprog") == "1.00 GB of 4.00 GB (25%) at 500 MB/s"
     assert helper.feed("ress 1 2\n") is None  # a line split across reads is joined, then throttled
+
+
+def test_the_engine_reads_a_copys_output_as_it_arrives_and_says_how_far_it_got() -> None:
+    from sparkctl.execute.base import Result
+    from sparkctl.execute.fake import RecordingTransport
+    from sparkctl.plan.models import Command, Plan, Stage
+    from sparkctl.runbook.engine import Engine, Event
+
+    out = "  1,000,000,000  50%  100.00MB/s    0:00:10\r  2,000,000,000 100%  100.00MB/s    0:00:20\n"
+    transports = {"spark-a": RecordingTransport("spark-a", {"sh -c": Result(0, out, "")})}
+    seen: list[Event] = []
+    copy = Step(host="spark-a", kind="weights_copy", target="spark-b:org/m", description="copy",
+                commands=[Command(argv=["sh", "-c", "rsync ..."], progress="rsync")])
+    plain = Step(host="spark-a", kind="env_file", target="x", description="env",
+                 commands=[Command(argv=["sh", "-c", "cat ..."])])
+    plan = Plan(cluster="c", runbook="rb", hosts=["spark-a"],
+                stages=[Stage(name="weights-copy", action="weights_copy", steps=[copy, plain])])
+    report = Engine(transports=transports, nopasswd={"spark-a": True}, emit=seen.append).run(plan)
+    assert report.ok
+    said = [(e.step, e.status, e.message) for e in seen if e.kind == "progress"]
+    assert said == [("weights_copy:spark-b:org/m", "copying", "2.00 GB (100%) at 100.00MB/s")]
+
+
+def test_plain_output_prints_a_copys_progress_every_few_seconds_and_no_workload_log_progress() -> None:
+    import io
+
+    from sparkctl.cli.render import Progress
+    from sparkctl.runbook.engine import Event
+
+    now = [0.0]
+    stream = io.StringIO()
+    p = Progress(stream=stream, clock=lambda: now[0])
+    for t, message in ((0.0, "0.10 GB (1%) at 90MB/s"), (1.0, "0.20 GB (2%) at 90MB/s"),
+                       (5.5, "0.60 GB (7%) at 90MB/s")):
+        now[0] = t
+        p(Event("progress", host="spark-a", stage="weights-copy", step="weights_copy:spark-b:m", status="copying",
+                message=message))
+    p(Event("progress", host="spark-a", stage="ready", step="workload:chat", status="loading weights",
+            message="3/8"))
+    assert stream.getvalue().splitlines() == [
+        "   spark-a: weights_copy:spark-b:m copying 0.10 GB (1%) at 90MB/s",
+        "   spark-a: weights_copy:spark-b:m copying 0.60 GB (7%) at 90MB/s",
+    ]
