@@ -6,6 +6,7 @@ import json
 import shlex
 
 from sparkctl import paths
+from sparkctl.facts.probe import SYSTEM_NCCL
 from sparkctl.inventory.models import Host, Inventory, Workload
 
 q = shlex.quote
@@ -418,6 +419,13 @@ def workload_env(inv: Inventory, w: Workload) -> dict[str, str]:
     """
     # vLLM's multiprocessing executor and a single rank never join Ray.
     env = {"RAY_ADDRESS": f"{fabric_ip(inv.head)}:{inv.ray.port}"} if needs_ray(w) else {}
+    if inv.runtime.nccl == "system" and w.engine == "vllm" and workload_ranks(w) > 1:
+        # vLLM's pynccl communicator (its all-reduce, all-gather, reduce-scatter, send/recv between ranks) loads
+        # this file instead of "libnccl.so.2", which resolves to the NCCL torch already loaded: the nvidia-nccl
+        # wheel's (vllm/utils/nccl.py find_nccl_library, vllm/distributed/device_communicators/pynccl_wrapper.py,
+        # vllm/envs.py VLLM_NCCL_SO_PATH; vLLM 0.32.0). vLLM copies VLLM_* variables to its Ray workers
+        # (vllm/ray/ray_env.py), and the path is the same on every Spark.
+        env["VLLM_NCCL_SO_PATH"] = SYSTEM_NCCL
     if w in inv.synced_weights():
         # `up` put the weights on every host (plan/weights.py): vLLM reads the cache only and never downloads
         # on its own (HF_HUB_OFFLINE, huggingface_hub constants.py); the inventory's env may say otherwise.
