@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from sparkctl import paths
 from sparkctl.doctor.rules import Finding, Level, Rule
-from sparkctl.facts.models import HostFacts
+from sparkctl.facts.models import HostFacts, NcclLib
 from sparkctl.inventory.models import Host, Inventory, Workload
 from sparkctl.inventory.topology import check_pairs, interface, link_of
 from sparkctl.plan.cluster import RAY_MARKERS, workload_exit
@@ -164,6 +164,68 @@ def nccl_known_hang(ctx: CheckContext, rule: Rule) -> list[Finding]:
             out.append(_f(rule, True, subject, f"{have}; {set_} set (the reported workaround)"))
         else:
             out.append(_f(rule, False, subject, f"{have} across Sparks: the NVLS hang of NCCL {bad} at 8 ranks"))
+    return out
+
+
+def _nccl_text(lib: NcclLib, version: str) -> str:
+    """`<path> (NCCL <v>, build id <first 8 hex>..., <MB> MB)`, what is known of it."""
+    parts = [f"NCCL {version}" if version else "version not in its name"]
+    parts.append(f"build id {lib.build_id[:8]}..." if lib.build_id else "no build id")
+    if lib.size:
+        parts.append(f"{lib.size // 1_000_000} MB")
+    return f"{lib.path} ({', '.join(parts)})"
+
+
+@evaluator("nccl_build")
+def nccl_build(ctx: CheckContext, rule: Rule) -> list[Finding]:
+    """Which NCCL the runtime loads, against the host's own (DGX OS's): a different build of the same version is a
+    warning where a vLLM workload spans Sparks (rules.yaml nccl-two-builds); with runtime.nccl: system, the host
+    must have the file VLLM_NCCL_SO_PATH names.
+
+    Which one loads: torch preloads the nvidia-nccl wheel's library when the runtime has one (`_preload_cuda_deps`,
+    torch/__init__.py), and vLLM's pynccl asks for "libnccl.so.2", which then resolves to that one; without a wheel
+    both get what the dynamic loader finds (the system's). In an image, the image's (wheel, else its own system
+    library)."""
+    inv = ctx.inventory
+    system_path = str(rule.args["system_path"])
+    across = [
+        w.name for w in inv.workloads if w.engine == "vllm" and workload_ranks(w) > 1 and len(inv.group(w)) > 1
+    ]
+    wants_system = inv.runtime.nccl == "system"
+    out = []
+    for name, f in _hosts(ctx):
+        libs = f.nccl_libs
+        system, wheel = libs.get("system"), libs.get("runtime")
+        # nothing read at all (no python3 on the host to read them) is nothing to judge
+        if wants_system and libs and (system is None or system.path != system_path):
+            have = f"the host's NCCL is {system.path}" if system else "no system NCCL found"
+            evidence = f"runtime.nccl: system, but {system_path} is absent ({have})"
+            out.append(_f(rule, False, name, evidence, level="fail"))
+            continue
+        loaded = wheel or (libs.get("image") if inv.runtime.image else system)
+        if loaded is None or system is None:
+            continue
+        loaded_version = f.runtime.nccl if loaded is wheel else loaded.version
+        shown = f"runtime loads {_nccl_text(loaded, loaded_version)}; system {_nccl_text(system, system.version)}"
+        if wants_system:
+            shown = (
+                f"vLLM's collectives load {_nccl_text(system, system.version)} (VLLM_NCCL_SO_PATH); torch's "
+                f"process group keeps {_nccl_text(loaded, loaded_version)}"
+            )
+            out.append(_f(rule, True, name, shown))
+            continue
+        same_file = loaded.real == system.real
+        differs = (
+            not same_file
+            and bool(loaded_version)
+            and loaded_version.split("+")[0] == system.version
+            and loaded.build_id != system.build_id
+        )
+        if differs and across:
+            evidence = f"{shown}: the same version, another build, for {', '.join(across)} across Sparks"
+            out.append(_f(rule, False, name, evidence))
+        else:
+            out.append(_f(rule, True, name, shown))
     return out
 
 

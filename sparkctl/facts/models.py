@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -145,6 +147,22 @@ class Runtime(_Fact):
     )
 
 
+class NcclLib(_Fact):
+    """A libnccl.so.2 file as the probe read it (not loaded): where it is, what it resolves to, its GNU build id."""
+
+    path: str
+    real: str = Field("", description="the path with symlinks resolved, e.g. .../libnccl.so.2.28.9")
+    size: int = Field(0, description="bytes")
+    build_id: str = Field("", description="hex of its NT_GNU_BUILD_ID note; '' when it has none")
+
+    @property
+    def version(self) -> str:
+        """The version its resolved file name carries (`libnccl.so.2.28.9` -> 2.28.9; a wheel's plain
+        `libnccl.so.2` carries none: '')."""
+        m = re.search(r"libnccl\.so\.(\d+\.\d+\.\d+)$", self.real or self.path)
+        return m.group(1) if m else ""
+
+
 class WeightsCopy(_Fact):
     """A model repository in this host's Hugging Face cache, as the probe lists it."""
 
@@ -199,6 +217,11 @@ class HostFacts(_Fact):
     )
     hf_free: int = Field(-1, description="bytes free for the Hugging Face cache (-1: not read)")
     machine_id: str = Field("", description="/etc/machine-id: 32 hex digits, unique per installed system")
+    nccl_libs: dict[str, NcclLib] = Field(
+        default_factory=dict,
+        description="libnccl.so.2 by role: 'runtime' (the nvidia-nccl wheel's, in the venv or the image), 'image' "
+        "(the image's own system library), 'system' (the host's: DGX OS's libnccl2)",
+    )
     peer_authorized: str = Field(
         "", description="the login user's authorized_keys line for the cluster's peer key (sparkctl-peer-<cluster>)"
     )

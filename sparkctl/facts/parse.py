@@ -12,6 +12,7 @@ from sparkctl.facts.models import (
     HostFacts,
     Interface,
     Listener,
+    NcclLib,
     NmCheckpoints,
     NmConnection,
     NmDevice,
@@ -338,6 +339,24 @@ def parse_runtime(text: str) -> Runtime:
     return Runtime(**values)
 
 
+def parse_nccl_libs(text: str) -> dict[str, NcclLib]:
+    """`nccl-lib<TAB>role<TAB>path<TAB>resolved<TAB>bytes<TAB>build id` lines (probe.NCCL_ELF_READER; a build id of
+    `-`: the file has none) -> libraries by role, the first of each role."""
+    out: dict[str, NcclLib] = {}
+    for line in text.splitlines():
+        f = line.rstrip("\n").split("\t")
+        if len(f) != 6 or f[0] != "nccl-lib" or f[1] in out:
+            continue
+        build = f[5].strip().lower()
+        out[f[1]] = NcclLib(
+            path=f[2],
+            real=f[3],
+            size=int(f[4]) if f[4].isdigit() else 0,
+            build_id=build if re.fullmatch(r"[0-9a-f]+", build) else "",
+        )
+    return out
+
+
 def parse_netplan(text: str) -> dict[str, str]:
     """`== file` headers followed by file content -> {file: content}."""
     files: dict[str, list[str]] = {}
@@ -492,6 +511,8 @@ def parse_probe(host: str, output: str) -> HostFacts:
         ssh_host_key=s.get("host_key", "").strip(),
         machine_id=s.get("machine_id", "").strip(),
         peer_authorized=s.get("peer_authorized", "").strip(),
+        # container mode: the image's libraries come with its versions (`runtime`), the host's on their own
+        nccl_libs=parse_nccl_libs(s.get("runtime", "")) | parse_nccl_libs(s.get("nccl_libs", "")),
         weights=parse_weights(s.get("weights", "")),
         hf_free=int(s["hf_free"].strip()) if s.get("hf_free", "").strip().isdigit() else -1,
     )

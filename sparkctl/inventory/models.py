@@ -289,6 +289,14 @@ class Runtime(_Model):
         "lacks); the build installs from it with --no-index instead of from the package index.",
     )
 
+    nccl: Literal["bundled", "system"] = Field(
+        "bundled",
+        description="venv only: 'system' makes vLLM's own collectives (its pynccl communicator) load DGX OS's "
+        "/usr/lib/aarch64-linux-gnu/libnccl.so.2 instead of the runtime's nvidia-nccl wheel (VLLM_NCCL_SO_PATH in "
+        "every vLLM workload of several ranks); torch's own NCCL process group keeps the wheel's. See "
+        "docs/workers.md, 'Which NCCL the workloads load'.",
+    )
+
     @property
     def ray_image(self) -> str:
         """The image the Ray container runs: `image`, or with `add_ray` the image sparkctl derives from it with Ray
@@ -311,6 +319,12 @@ class Runtime(_Model):
     def _one_kind(self) -> Runtime:
         if self.venv is not None and (self.add_ray or self.ray_wheels):
             raise invalid("add_ray and ray_wheels are for an image", "install Ray into the venv, or remove them")
+        if self.image is not None and self.nccl == "system":
+            raise invalid(
+                "nccl: system is for a venv: the host's libnccl.so.2 is not inside the container",
+                "remove runtime.nccl, or use an image whose NCCL is the one you want (doctor rule nccl-two-builds "
+                "shows both)",
+            )
         if self.ray_wheels and not self.add_ray:
             raise invalid("ray_wheels is read only with add_ray", "set add_ray: <Ray version>, or remove ray_wheels")
         if (self.venv is None) == (self.image is None):

@@ -6,6 +6,7 @@ import json
 import shlex
 
 from sparkctl import paths
+from sparkctl.facts.probe import SYSTEM_NCCL
 from sparkctl.inventory.models import Host, Inventory, Workload
 
 q = shlex.quote
@@ -324,7 +325,7 @@ def workload_argv(inv: Inventory, w: Workload, home: str, host: Host | None = No
         worker = f"{paths.state_dir(home)}/{WORKER_FILE}" if inv.runtime.venv else f"{CONTAINER_STATE}/{WORKER_FILE}"
         bundle = embed_bundle(inv, w)
         # With `hosts` listed, rank i's bundle is pinned to the i-th host of the group (`--nodes`): Ray gives
-        # every node a `node:<ip>` resource, the same pin vLLM's Ray executor uses for its first bundle.
+        # every node a `node:<ip>` resource, the pin vLLM's V1 Ray executor used for its first bundle.
         nodes = ["--nodes", ",".join(fabric_ip(h) for h in inv.group(w))] if w.hosts is not None else []
         return [
             py,
@@ -411,13 +412,23 @@ def embed_bundle(inv: Inventory, w: Workload | None = None) -> dict[str, int]:
 def workload_env(inv: Inventory, w: Workload) -> dict[str, str]:
     """Extra environment of a workload process (besides the env file and the API key): where Ray's head is.
 
-    Nothing here chooses where the ranks go. vLLM's Ray executor (`initialize_ray_cluster` in
-    `vllm/v1/executor/ray_utils.py`) reserves one `{GPU: 1}` bundle per rank with strategy PACK and pins the first
-    bundle to `node:$VLLM_HOST_IP`; with one GPU per Ray node (`ray start --num-gpus=1`) PACK cannot fit two ranks
-    on one Spark, so rank 0 lands on the head and rank 1 on the other host. `verify_placement` checks it.
+    Nothing here chooses where the ranks go, and nothing can: vLLM's Ray executor (`initialize_ray_cluster` in
+    `vllm/v1/executor/ray_utils.py`, vLLM 0.32.0) reserves one `{GPU: 1}` bundle per rank with strategy PACK and
+    nothing else. Its default V2 executor calls it with `require_gpu_on_driver=False`
+    (`vllm/v1/executor/ray_executor_v2.py`), so not even the first bundle is pinned to `node:$VLLM_HOST_IP` (the V1
+    executor did that). With one GPU per Ray node (`ray start --num-gpus=1`) PACK cannot fit two ranks on one Spark:
+    the ranks are on distinct Sparks, whichever have a free GPU. `verify_placement` checks that; the inventory
+    checks refuse the layouts where "whichever" could be wrong (`check_placement`).
     """
     # vLLM's multiprocessing executor and a single rank never join Ray.
     env = {"RAY_ADDRESS": f"{fabric_ip(inv.head)}:{inv.ray.port}"} if needs_ray(w) else {}
+    if inv.runtime.nccl == "system" and w.engine == "vllm" and workload_ranks(w) > 1:
+        # vLLM's pynccl communicator (its all-reduce, all-gather, reduce-scatter, send/recv between ranks) loads
+        # this file instead of "libnccl.so.2", which resolves to the NCCL torch already loaded: the nvidia-nccl
+        # wheel's (vllm/utils/nccl.py find_nccl_library, vllm/distributed/device_communicators/pynccl_wrapper.py,
+        # vllm/envs.py VLLM_NCCL_SO_PATH; vLLM 0.32.0). vLLM copies VLLM_* variables to its Ray workers
+        # (vllm/ray/ray_env.py), and the path is the same on every Spark.
+        env["VLLM_NCCL_SO_PATH"] = SYSTEM_NCCL
     if w in inv.synced_weights():
         # `up` put the weights on every host (plan/weights.py): vLLM reads the cache only and never downloads
         # on its own (HF_HUB_OFFLINE, huggingface_hub constants.py); the inventory's env may say otherwise.

@@ -3,8 +3,9 @@
 Every variable written here is read by the tool it names (sources in docs/compatibility.md):
 NCCL_* by NCCL (docs "Environment Variables"), GLOO_SOCKET_IFNAME / TP_SOCKET_IFNAME by torch.distributed's
 gloo and tensorpipe backends, UCX_NET_DEVICES by UCX, OMPI_MCA_btl_tcp_if_include by Open MPI, VLLM_HOST_IP by
-vLLM (`vllm/envs.py`; `get_ip()` returns it, and `initialize_ray_cluster` pins the first placement bundle to
-`node:<that address>`), RAY_memory_monitor_refresh_ms by Ray (`ray_config_def.h`, RAY_<name> overrides).
+vLLM (`vllm/envs.py`; `get_ip()` returns it, and the V1 Ray executor's `initialize_ray_cluster` pins the first
+placement bundle to `node:<that address>`; the V2 executor, vLLM 0.32's default, pins none),
+RAY_memory_monitor_refresh_ms by Ray (`ray_config_def.h`, RAY_<name> overrides).
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ import yaml
 from sparkctl.doctor.evaluate import blocking, evaluate
 from sparkctl.doctor.evaluators import EVALUATORS, CheckContext
 from sparkctl.doctor.rules import Finding, Level, Rule, load_rules
-from sparkctl.facts.models import Gpu, HostFacts, Listener, Process, Runtime
+from sparkctl.facts.models import Gpu, HostFacts, Listener, NcclLib, Process, Runtime
 from sparkctl.facts.parse import parse_listeners, parse_nvidia_smi
 from sparkctl.inventory import parse_inventory
 from sparkctl.inventory.models import Inventory
@@ -133,6 +133,20 @@ HOST_KEYS = {
     A: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHq7cZk0bLx3wR2vTn8mYpQeD4sJ6uGfK1aHiNoVt9Wz",
     B: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFm2dXr8sLq5nV7cTb3wKyPzE0jH4gR6uA9oBiM1Ne2Y",
 }
+# The runtime's NCCL wheel file replaced by a link to DGX OS's libnccl.so.2 (the field fix of vllm#41725): one build
+SYSTEM_NCCL = {
+    "path": "/usr/lib/aarch64-linux-gnu/libnccl.so.2",
+    "real": "/usr/lib/aarch64-linux-gnu/libnccl.so.2.28.9",
+}
+NCCL_LIBS = {
+    "runtime": NcclLib(
+        path="/opt/sparkctl-runtime/lib/python3.12/site-packages/nvidia/nccl/lib/libnccl.so.2",
+        real=SYSTEM_NCCL["real"],
+        size=190_000_000,
+        build_id="c0db9360",
+    ),
+    "system": NcclLib(**SYSTEM_NCCL, size=190_000_000, build_id="c0db9360"),
+}
 HEALTHY: dict[str, HostFacts] = {
     name: patched(
         f,
@@ -145,6 +159,7 @@ HEALTHY: dict[str, HostFacts] = {
         links=SPARK_LINKS,
         machine_id=MACHINE_IDS[name],
         ssh_host_key=HOST_KEYS[name],
+        nccl_libs=NCCL_LIBS,
     )
     for name, f in _converged().items()
 }

@@ -748,3 +748,53 @@ def test_twin_links_from_sysfs() -> None:
     }  # fmt: skip
     assert links["enP2p1s0f1np1"].speed_mbps is None and links["enP2p1s0f1np1"].pcie_width is None
     assert links["veth0"].speed_mbps == 10000 and links["veth0"].pcie_width is None
+
+
+# --- the NCCL libraries (probe section nccl_libs) ----------------------------------------------------------
+
+
+def test_nccl_libs_section_gives_both_builds() -> None:
+    from sparkctl.facts.parse import parse_nccl_libs
+
+    libs = parse_nccl_libs((FIXTURES / "probe-nccl-libs-spark.txt").read_text())
+    assert set(libs) == {"runtime", "system"}
+    assert libs["runtime"].build_id == "a7f420a1" and libs["runtime"].size == 219_000_000
+    assert libs["runtime"].version == ""  # a wheel's libnccl.so.2 names no version: the dist-info does
+    assert libs["system"].version == "2.28.9" and libs["system"].build_id == "c0db9360"
+    assert libs["system"].path == "/usr/lib/aarch64-linux-gnu/libnccl.so.2"
+
+
+def test_nccl_libs_reach_the_facts_from_both_sections() -> None:
+    """Container mode: the image's libraries arrive in the `runtime` section, the host's in `nccl_libs`."""
+    from sparkctl.facts.probe import MARK
+
+    wheel = "/usr/local/lib/python3.12/dist-packages/nvidia/nccl/lib/libnccl.so.2"
+    image_line = f"nccl-lib\truntime\t{wheel}\t{wheel}\t219000000\ta7f420a1"
+    host = (FIXTURES / "probe-nccl-libs-spark.txt").read_text().splitlines()[1]
+    out = f"{MARK} runtime\nPython 3.12.3\n{image_line}\n{MARK} nccl_libs\n{host}\n{MARK} end\n"
+    facts = parse_probe("spark-a", out)
+    assert facts.nccl_libs["runtime"].path.startswith("/usr/local/lib/python3.12/dist-packages/")
+    assert facts.nccl_libs["system"].build_id == "c0db9360"
+
+
+@pytest.mark.skipif(shutil.which("readelf") is None, reason="needs binutils readelf to compare with")
+def test_nccl_reader_reads_the_build_id_readelf_prints(tmp_path: Path) -> None:
+    """The probe's reader, run as the probe runs it (paths on stdin), on a real ELF library of this machine."""
+    import sys
+
+    from sparkctl.facts.parse import parse_nccl_libs
+    from sparkctl.facts.probe import NCCL_HOST
+
+    lib = Path(sys.executable).resolve()
+    readelf = subprocess.run(["readelf", "-n", str(lib)], capture_output=True, text=True, check=True).stdout
+    want = re.search(r"Build ID: ([0-9a-f]+)", readelf)
+    if want is None:
+        pytest.skip(f"{lib} has no build id")
+    link = tmp_path / "libnccl.so.2"
+    link.symlink_to(lib)
+    out = subprocess.run(
+        [sys.executable, "-c", NCCL_HOST], input=f"system {link}\n", capture_output=True, text=True, check=True
+    ).stdout
+    got = parse_nccl_libs(out)["system"]
+    assert got.build_id == want.group(1)
+    assert got.real == str(lib) and got.size == lib.stat().st_size

@@ -314,6 +314,15 @@ def test_image_runtime_accepted(example) -> None:
     assert inv.runtime.image == "nvcr.io/nvidia/vllm:25.11-py3" and inv.runtime.venv is None
 
 
+def test_runtime_nccl_system_is_for_a_venv(problems, example) -> None:
+    venv = "  venv: /opt/sparkctl-runtime"
+    inv = parse_inventory(example.edit(venv, venv + "\n  nccl: system"))
+    assert inv.runtime.nccl == "system"
+    text = example.edit("  venv: /opt/sparkctl-runtime", "  image: nvcr.io/nvidia/vllm:26.05-py3\n  nccl: system")
+    p = only(problems(text))
+    assert p.where.endswith(" runtime") and "not inside the container" in p.message
+
+
 def test_ray_head_naming_an_unknown_host(problems, example) -> None:
     text = example.edit("head: spark-a", "head: spark-c")
     p = only(problems(text))

@@ -123,6 +123,17 @@ CASES = [
         "use executor: mp",
     ),
     Case(
+        "ray-executor-next-to-a-workload-outside-ray",
+        with_workloads(
+            "  - name: chat\n    engine: vllm\n    tensor_parallel_size: 2\n    executor: ray # placed by Ray\n"
+            "  - name: small\n    engine: vllm\n    tensor_parallel_size: 1\n    port: 8100\n"
+        ),
+        "# placed by Ray",
+        "workloads[0].executor",
+        "vLLM's Ray executor may place a rank of chat on a Spark whose GPU small already uses outside Ray",
+        "use executor: mp with hosts",
+    ),
+    Case(
         "pipeline-stages-on-embed",
         with_workloads("  - name: embed\n    engine: embed\n    pipeline_parallel_size: 2\n"),
         "pipeline_parallel_size: 2",
@@ -336,3 +347,18 @@ def test_the_groups_example_plans_offline(tmp_path: Path) -> None:
     steps = offline_steps(tmp_path, text)
     heads = sorted((s["host"], s["target"]) for s in steps if s["kind"] == "verify_workload")
     assert heads == [("spark-1", "chat"), ("spark-3", "embed")]
+
+
+def test_two_ray_executor_workloads_on_four_sparks_are_checked_for_distinct_hosts_only(tmp_path: Path) -> None:
+    """vLLM 0.32's V2 Ray executor pins no bundle: two TP=2 groups take any free GPUs, one rank per Spark. The plan
+    accepts the layout, and its placement check asks Ray for distinct hosts per group, not for given hosts."""
+    text = with_workloads(
+        "  - name: chat\n    engine: vllm\n    tensor_parallel_size: 2\n    executor: ray\n"
+        "  - name: code\n    engine: vllm\n    tensor_parallel_size: 2\n    executor: ray\n    port: 8100\n",
+        text=SWITCH4,
+    )
+    steps = offline_steps(tmp_path, text)
+    check = [s for s in steps if s["kind"] == "verify_placement"]
+    assert len(check) == 1 and check[0]["target"] == "chat,code"
+    script = check[0]["commands"][0]["stdin"]
+    assert "want = []" in script and "len(multi) < 2" in script
