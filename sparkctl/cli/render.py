@@ -188,6 +188,7 @@ def render_status(st: dict[str, Any]) -> str:
                 f"    {t['interface']}: {','.join(t['ipv4']) or 'no IPv4'} MTU {t['mtu']} "
                 f"({'ok' if t['ok'] else 'want ' + t['want']})"
             )
+    lines += [f"  {name}: UNREACHABLE" for name in st.get("unreachable", {})]  # why: on stderr, as an error
     for name, w in st["workloads"].items():
         on = f" on {','.join(w['hosts'])}" if w.get("hosts") else ""
         lines.append(f"  workload {name} ({w['engine']}{on}): {w['endpoint']} process {w['process']}, {w['health']}")

@@ -588,8 +588,22 @@ def release_locks(transports: Mapping[str, Transport], hosts: Sequence[str], run
     return [h for h, ok in zip(hosts, released, strict=True) if not ok]
 
 
-def open_session(inv: Inventory, accept_new_host_keys: bool, emit: Callable[[Event], None] | None = None) -> Session:
-    """Connect to and probe every host (one SSH connection each, in parallel)."""
+def open_session(
+    inv: Inventory,
+    accept_new_host_keys: bool,
+    emit: Callable[[Event], None] | None = None,
+    *,
+    partial: bool = False,
+) -> Session:
+    """Connect to and probe every host (one SSH connection each, in parallel).
+
+    With `partial` (read-only commands), the session goes on with the hosts it reached and names the others in
+    `unreachable`; only when no host answers does it raise Unreachable.
+    """
     session = Session(inv, ssh_connect(accept_new_host_keys), emit=emit or silent)
-    session.open()
+    session.open(partial=partial)
+    if partial and not session.facts:
+        problems = [p for h in inv.hosts for p in session.unreachable.get(h.name, [])]
+        session.close()
+        raise Unreachable(problems, hint="nothing was changed on any host")
     return session

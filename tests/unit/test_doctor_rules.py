@@ -23,6 +23,7 @@ The cases are data: tests/unit/doctor_cases/<rule id>.yaml, one file per rule. A
       fix: nvidia-smi                # optional fragment of the fix
       xfail: reason                  # optional: a known bug; the case must fail until it is fixed
       inventory: example-switch-8.yaml   # optional: that inventory instead of the pair (hosts start as spark-a)
+      unreachable: {spark-b: {message: .., hint: ..}}   # optional: hosts not read (no facts, no pings from them)
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import yaml
 from sparkctl.doctor.evaluate import blocking, evaluate
 from sparkctl.doctor.evaluators import EVALUATORS, CheckContext
 from sparkctl.doctor.rules import Finding, Level, Rule, load_rules
+from sparkctl.errors import Problem
 from sparkctl.facts.models import Gpu, HostFacts, Listener, Process, Runtime
 from sparkctl.facts.parse import parse_listeners, parse_nvidia_smi
 from sparkctl.inventory import parse_inventory
@@ -53,6 +55,8 @@ RULE = {r.id: r for r in RULES}
 A, B = "spark-a", "spark-b"
 SEVERITY = {"pass": 0, "warn": 1, "fail": 2}
 HOST_SPECIFIC_FIX = {"runtime-support"}
+OWN_FIX = {"host-reachable"}
+"""Rules whose fix is the one the failure itself gives (the connection's hint), the table's only when it gives none."""
 VERSIONED_FIX = {r.id for r in RULES if r.args.get("fix_by_vllm")}
 
 # --- the inventory: the example pair, workloads and runtime per case ----------------------------------------
@@ -191,10 +195,12 @@ class Case:
     inventory: str = ""
     """An inventory of inventories/ instead of the pair (its workloads unless the case gives some); every host
     starts from the healthy spark-a's facts."""
+    unreachable: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    """Hosts that could not be read: their connection error (message, hint); they have no facts and send no pings."""
 
 
 CASE_KEYS = {"name", "level", "facts", "workloads", "runtime", "pings", "subject", "evidence", "not_evidence", "fix"}
-CASE_KEYS |= {"xfail", "inventory"}
+CASE_KEYS |= {"xfail", "inventory", "unreachable"}
 
 
 def load_cases(path: Path) -> list[Case]:
@@ -219,7 +225,11 @@ def load_cases(path: Path) -> list[Case]:
                 workloads=tuple(raw.get("workloads", [] if "inventory" in raw else [CHAT])),
                 runtime=yaml.safe_dump(runtime, default_flow_style=True).strip() if runtime else VENV,
                 pings=pings,
-                **{k: raw[k] for k in ("subject", "evidence", "not_evidence", "fix", "xfail", "inventory") if k in raw},
+                **{
+                    k: raw[k]
+                    for k in ("subject", "evidence", "not_evidence", "fix", "xfail", "inventory", "unreachable")
+                    if k in raw
+                },
             )
         )
     return cases
@@ -237,8 +247,11 @@ def context(case: Case) -> CheckContext:
         base = {h.name: patched(HEALTHY[A], host=h.name) for h in inv.hosts}
         facts = {name: patched(f, **case.facts.get(name, {})) for name, f in base.items()}
         return CheckContext(inv, facts, case.pings)
-    facts = {name: patched(f, **case.facts.get(name, {})) for name, f in HEALTHY.items()}
-    return CheckContext(inventory(case.workloads, case.runtime), facts, case.pings)
+    read = {name: f for name, f in HEALTHY.items() if name not in case.unreachable}
+    facts = {name: patched(f, **case.facts.get(name, {})) for name, f in read.items()}
+    lost = {name: [Problem(name, e["message"], e.get("hint", ""))] for name, e in case.unreachable.items()}
+    pings = {k: v for k, v in case.pings.items() if k[0] not in case.unreachable}
+    return CheckContext(inventory(case.workloads, case.runtime), facts, pings, lost)
 
 
 def _param(case: Case) -> Any:
@@ -277,6 +290,8 @@ def test_rule_case(case: Case) -> None:
             assert f.fix == ""
         elif rule.id in HOST_SPECIFIC_FIX:  # the fix names the host and what to install there
             assert f.fix and f.subject in f.fix, f
+        elif rule.id in OWN_FIX:
+            assert f.fix, f
         elif rule.id in VERSIONED_FIX:  # one of the fixes for the head's vLLM version (flags that exist there)
             assert f.fix in [v["fix"] for v in rule.args["fix_by_vllm"]], f
         else:
