@@ -143,7 +143,9 @@ def render_report_details(report: Report) -> list[str]:
         )
     for rev in report.revisions:
         lines.append(f"note: plan revised: {rev}")
-    if report.run_id:
+    if report.journal_error:
+        lines.append(f"error: this run is not in the journal: {report.journal_error}")
+    elif report.run_id:
         lines.append(f"journal: sparkctl history show {report.run_id}")
     return lines
 
