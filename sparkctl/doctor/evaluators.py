@@ -86,6 +86,24 @@ def reachable(ctx: CheckContext, rule: Rule) -> list[Finding]:
     return out
 
 
+@evaluator("state_free")
+def state_free(ctx: CheckContext, rule: Rule) -> list[Finding]:
+    """Room where sparkctl writes on each host (its state directory, the workloads' logs): at least `min_free_mib`."""
+    need = int(rule.args["min_free_mib"]) * 2**20
+    out = []
+    for name, f in _hosts(ctx):
+        for path, free in f.state_free.items():
+            evidence = f"{path}: {free} bytes ({_mib(free)}) free"
+            if free < need:
+                evidence += f", below the {_mib(need)} a run needs there"
+            out.append(_f(rule, free >= need, name, evidence))
+    return out
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.1f} GiB"
+
+
 @evaluator("gpu_name")
 def gpu_name(ctx: CheckContext, rule: Rule) -> list[Finding]:
     out = []

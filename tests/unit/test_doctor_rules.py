@@ -149,6 +149,7 @@ HEALTHY: dict[str, HostFacts] = {
         links=SPARK_LINKS,
         machine_id=MACHINE_IDS[name],
         ssh_host_key=HOST_KEYS[name],
+        state_free={"/home/nvidia/.local/state/sparkctl": 51_234_567_890},  # ~48 GiB free in the home filesystem
     )
     for name, f in _converged().items()
 }
@@ -448,3 +449,20 @@ def test_a_ring_needs_the_nccl_that_reads_subnet_aware_routing() -> None:
     assert found["spark-2"].fix == rule.fix
     pair = [f for f in evaluate(healthy_context()) if f.rule == "nccl-version"]
     assert [f.evidence for f in pair] == ["NCCL 2.28.9", "NCCL 2.28.9"] and {f.level for f in pair} == {"pass"}
+
+
+def test_up_refuses_a_host_whose_state_filesystem_is_full_naming_host_path_and_free_space() -> None:
+    from sparkctl.doctor.preflight import preflight
+
+    full = {**HEALTHY, B: patched(HEALTHY[B], state_free={"/home/nvidia/.local/state/sparkctl": 1_048_576})}
+    for force in (False, True):  # writing records on a full filesystem leaves them cut short: --force does not help
+        _, stop = preflight(CheckContext(inventory(), full, ALL_PINGS_OK), force)
+        assert stop is not None
+        (problem,) = stop.problems
+        assert problem.where == "spark-b [state-dir-free]"
+        assert problem.message == (
+            "/home/nvidia/.local/state/sparkctl: 1048576 bytes (1.0 MiB) free, below the 64.0 MiB a run needs there"
+        )
+        assert "df -h" in problem.hint and "nothing was changed" in problem.hint
+    _, stop = preflight(CheckContext(inventory(), HEALTHY, ALL_PINGS_OK), False)
+    assert stop is None
