@@ -62,5 +62,9 @@ class Unreachable(HostError):
     """A host could not be connected to or probed (network, auth, or host key)."""
 
 
+class StateError(SparkctlError):
+    """The laptop's state directory could not be written (a full disk, a read-only filesystem)."""
+
+
 class SecretError(InputError):
     """A secret needed for the run is missing."""

@@ -1,7 +1,14 @@
-"""The laptop's state: secrets and the journal under the XDG state dir; every directory 0700, every file 0600."""
+"""The laptop's state: secrets and the journal under the XDG state dir; every directory 0700, every file 0600.
+
+Nothing is ever left half-written: a secret file is written to a temporary file in its directory, flushed to disk,
+then given its name in one step; a journal record is appended whole or taken back. A write that fails (a full disk,
+a read-only filesystem) is a StateError naming the path.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import secrets
@@ -10,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sparkctl.errors import Problem, SecretError
+from sparkctl.errors import Problem, SecretError, StateError
 
 DIR_MODE = 0o700
 FILE_MODE = 0o600
@@ -49,16 +56,98 @@ def _open_private(path: Path, flags: int) -> int:
 
 
 def _private_file(path: Path, make: str) -> str:
-    """Read a secret file, creating it 0600 (in 0700 dirs) with `make` if absent."""
+    """Read a secret file, creating it 0600 (in 0700 dirs) with `make` if absent (or left empty by a failed write)."""
     try:
-        fd = _open_private(path, os.O_RDONLY)
-        with os.fdopen(fd) as f:
-            return f.read().strip()
-    except FileNotFoundError:
-        fd = _open_private(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-        with os.fdopen(fd, "w") as f:
-            f.write(make + "\n")
-        return make
+        try:
+            fd = _open_private(path, os.O_RDONLY)
+            with os.fdopen(fd) as f:
+                value = f.read().strip()
+            if value:
+                return value
+            _write_whole(path, make + "\n", replace=True)  # an empty secret is none: made anew
+            return make
+        except FileNotFoundError:
+            if _write_whole(path, make + "\n"):
+                return make
+            return _private_file(path, make)  # another process made it meanwhile: that one counts
+    except StateError:
+        raise
+    except OSError as exc:
+        raise cannot_write(path, exc) from None
+
+
+_NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS}
+
+
+def _write_whole(path: Path, text: str, *, replace: bool = False) -> bool:
+    """Put `text` at `path` whole or not at all: written to a temporary 0600 file in the same directory, flushed to
+    disk (fsync), then given its name in one step. Without `replace`, a file that exists is kept (False: another
+    process made it first). A failed write (a full disk) leaves neither the file nor the temporary: StateError."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        private_dir(path.parent)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        try:
+            if stat.S_IMODE(os.fstat(fd).st_mode) != FILE_MODE:
+                os.fchmod(fd, FILE_MODE)
+            _write_all(fd, text.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # rename that never replaces a file made meanwhile
+            except FileExistsError:
+                return False
+            except OSError as exc:
+                if exc.errno not in _NO_HARD_LINKS:
+                    raise
+                if path.exists():  # a filesystem without hard links: rename, unless the name is taken
+                    return False
+                os.replace(tmp, path)
+        _sync_dir(path.parent)
+    except OSError as exc:
+        raise cannot_write(path, exc) from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+    return True
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """os.write until every byte is written (a write may take fewer), or raise."""
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _sync_dir(path: Path) -> None:
+    """Flush a directory's entries to disk, so that a new name survives a crash (best effort)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def cannot_write(path: Path, exc: OSError) -> StateError:
+    """The error for a state file that could not be written: the path, the system's reason and the fix."""
+    why = exc.strerror or str(exc)
+    where = path.parent
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        hint = (
+            f"free space on the filesystem of {where} (`df -h {where}`), or set XDG_STATE_HOME to a directory "
+            "with room"
+        )
+    elif exc.errno == errno.EROFS:
+        hint = f"{where} is on a read-only filesystem: set XDG_STATE_HOME to a writable directory"
+    else:
+        hint = f"check that you can write in {where} (`ls -ld {where}`)"
+    return StateError([Problem(str(path), f"cannot write: {why}", hint)])
 
 
 def _existing(path: Path) -> str | None:
@@ -145,10 +234,30 @@ def journal_path() -> Path:
 
 
 def append_journal(record: dict[str, Any]) -> None:
-    """Append one run's record (secrets already redacted by the caller)."""
-    fd = _open_private(journal_path(), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-    with os.fdopen(fd, "a") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
+    """Append one run's record (secrets already redacted by the caller), whole or not at all.
+
+    Appended in place (O_APPEND), not rewritten through a temporary file: appends of runs ending at once (of other
+    clusters, from other terminals) never lose one another, and a run's cost does not grow with the journal. A
+    record that cannot be written whole is cut off again, so no half line stays to swallow the next record;
+    StateError names the path.
+    """
+    path = journal_path()
+    line = (json.dumps(record, sort_keys=True) + "\n").encode()
+    try:
+        fd = _open_private(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        try:
+            end = os.fstat(fd).st_size
+            try:
+                _write_all(fd, line)
+                os.fsync(fd)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, end)
+                raise
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise cannot_write(path, exc) from None
 
 
 def read_journal() -> list[dict[str, Any]]:

@@ -40,7 +40,9 @@ def bench_fabric(
         session.close()
     result = summarise_bench(report)
     c.echo(json.dumps(result, indent=2) if as_json else render_bench(result))
-    if not report.ok:
+    if report.journal_error:
+        c.echo(f"error: this run is not in the journal: {report.journal_error}", err=True)
+    if not report.ok or report.journal_error:
         raise typer.Exit(EXIT_FAILED)
 
 
@@ -153,13 +155,15 @@ def bench_serve(
     result = summarise_bench_serve(report)
     if as_json:
         c.echo(json.dumps(result, indent=2))
+        if report.journal_error:
+            c.echo(f"error: this run is not in the journal: {report.journal_error}", err=True)
     else:
         c.echo(render_bench_serve(result))
         for line in render_report_details(report):
             c.echo(line, err=True)
     if report.interrupted:
         raise typer.Exit(EXIT_INTERRUPTED)
-    if not report.ok:
+    if not report.ok or report.journal_error:
         raise typer.Exit(EXIT_FAILED)
 
 

@@ -171,7 +171,7 @@ def execute(
             _show_benches(report)
         if report.interrupted:
             raise typer.Exit(EXIT_INTERRUPTED)
-        if not report.ok:
+        if not report.ok or report.journal_error:
             raise typer.Exit(EXIT_FAILED)
     finally:
         with INTERRUPTS.shielded("releasing the cluster lock"):

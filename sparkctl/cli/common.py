@@ -136,12 +136,26 @@ def _collect(problems: list[Problem]) -> Iterator[None]:
         problems += exc.problems
 
 
-def open_session(inv: Inventory, accept_new_host_keys: bool, emit: Callable[[Event], None] | None = None) -> Session:
-    """Check the laptop's files, then connect to and probe every host (one SSH connection each, in parallel)."""
+def open_session(
+    inv: Inventory,
+    accept_new_host_keys: bool,
+    emit: Callable[[Event], None] | None = None,
+    *,
+    partial: bool = False,
+) -> Session:
+    """Check the laptop's files, then connect to and probe every host (one SSH connection each, in parallel).
+
+    `partial` (read-only commands): go on with the hosts that answer; the others are in `session.unreachable`.
+    """
     from sparkctl.runbook import session as sessions
 
     check_laptop_files(inv)
-    return sessions.open_session(inv, accept_new_host_keys, emit)
+    return sessions.open_session(inv, accept_new_host_keys, emit, partial=partial)
+
+
+def unreachable_problems(session: Session) -> list[Problem]:
+    """Why each host a partial session could not read was left out, in inventory order."""
+    return [p for h in session.inventory.hosts for p in session.unreachable.get(h.name, [])]
 
 
 def sudo_password(inv: Inventory) -> str | None:

@@ -28,9 +28,10 @@ def doctor_cmd(
     from sparkctl.runbook.reads import measure_jumbo
 
     inv = c.start(debug, inventory)
-    session = c.open_session(inv, accept_new_host_keys)
+    # A host that does not answer is a failed `host-reachable` finding; the others are judged all the same.
+    session = c.open_session(inv, accept_new_host_keys, partial=True)
     try:
-        findings = evaluate(CheckContext(inv, session.facts, measure_jumbo(session)))
+        findings = evaluate(CheckContext(inv, session.facts, measure_jumbo(session), session.unreachable))
     finally:
         session.close()
     if as_json:

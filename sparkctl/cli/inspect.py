@@ -10,7 +10,7 @@ import typer
 
 from sparkctl.cli import common as c
 from sparkctl.cli.complete import complete_host, complete_log_name
-from sparkctl.errors import InputError, Problem
+from sparkctl.errors import HostError, InputError, Problem
 
 
 @c.guard
@@ -40,12 +40,16 @@ def status_cmd(
 
         watch_view(inv, interval=interval, accept_new_host_keys=accept_new_host_keys)
         return
-    session = c.open_session(inv, accept_new_host_keys)
+    # One host down must not hide the others: what the reachable hosts say is shown, the others are named (exit 1).
+    session = c.open_session(inv, accept_new_host_keys, partial=True)
     try:
         st = cluster_status(session, session.secrets_for_plan())
+        lost = c.unreachable_problems(session)
     finally:
         session.close()
     c.echo(json.dumps(st, indent=2) if as_json else render_status(st))
+    if lost:
+        c.fail(HostError(lost))
 
 
 @c.guard

@@ -147,7 +147,9 @@ def render_report_details(report: Report) -> list[str]:
         )
     for rev in report.revisions:
         lines.append(f"note: plan revised: {rev}")
-    if report.run_id:
+    if report.journal_error:
+        lines.append(f"error: this run is not in the journal: {report.journal_error}")
+    elif report.run_id:
         lines.append(f"journal: sparkctl history show {report.run_id}")
     return lines
 
@@ -192,6 +194,7 @@ def render_status(st: dict[str, Any]) -> str:
                 f"    {t['interface']}: {','.join(t['ipv4']) or 'no IPv4'} MTU {t['mtu']} "
                 f"({'ok' if t['ok'] else 'want ' + t['want']})"
             )
+    lines += [f"  {name}: UNREACHABLE" for name in st.get("unreachable", {})]  # why: on stderr, as an error
     for name, w in st["workloads"].items():
         on = f" on {','.join(w['hosts'])}" if w.get("hosts") else ""
         lines.append(f"  workload {name} ({w['engine']}{on}): {w['endpoint']} process {w['process']}, {w['health']}")

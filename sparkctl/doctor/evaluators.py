@@ -5,11 +5,12 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from sparkctl import paths
 from sparkctl.doctor.rules import Finding, Level, Rule
+from sparkctl.errors import Problem
 from sparkctl.facts.models import HostFacts, NcclLib
 from sparkctl.inventory.models import Host, Inventory, Workload
 from sparkctl.inventory.topology import check_pairs, interface, link_of
@@ -27,6 +28,8 @@ class CheckContext:
     facts: Mapping[str, HostFacts]
     pings: Mapping[tuple[str, str, str], tuple[bool, str]] = field(default_factory=dict)
     """(host, interface, peer address) -> (crossed?, output tail)."""
+    unreachable: Mapping[str, Sequence[Problem]] = field(default_factory=dict)
+    """Hosts that could not be read (no facts), with why: the other rules judge the hosts that were."""
 
 
 Evaluator = Callable[[CheckContext, Rule], list[Finding]]
@@ -66,6 +69,39 @@ def _probed(ctx: CheckContext) -> list[tuple[Host, HostFacts]]:
 
 def _hosts(ctx: CheckContext) -> list[tuple[str, HostFacts]]:
     return [(h.name, f) for h, f in _probed(ctx)]
+
+
+@evaluator("reachable")
+def reachable(ctx: CheckContext, rule: Rule) -> list[Finding]:
+    """Every host was connected to and read; one that was not is named with the connection's own error and fix."""
+    out = []
+    for h in ctx.inventory.hosts:
+        if h.name in ctx.facts:
+            out.append(_f(rule, True, h.name, "connected and read"))
+        elif h.name in ctx.unreachable:
+            problems = ctx.unreachable[h.name]
+            evidence = "; ".join(p.message for p in problems) or "could not be reached"
+            fix = "; ".join(dict.fromkeys(p.hint for p in problems if p.hint)) or None
+            out.append(_f(rule, False, h.name, f"not read: {evidence}", fix=fix))
+    return out
+
+
+@evaluator("state_free")
+def state_free(ctx: CheckContext, rule: Rule) -> list[Finding]:
+    """Room where sparkctl writes on each host (its state directory, the workloads' logs): at least `min_free_mib`."""
+    need = int(rule.args["min_free_mib"]) * 2**20
+    out = []
+    for name, f in _hosts(ctx):
+        for path, free in f.state_free.items():
+            evidence = f"{path}: {free} bytes ({_mib(free)}) free"
+            if free < need:
+                evidence += f", below the {_mib(need)} a run needs there"
+            out.append(_f(rule, free >= need, name, evidence))
+    return out
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.1f} GiB"
 
 
 @evaluator("gpu_name")

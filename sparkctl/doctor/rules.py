@@ -18,7 +18,7 @@ class Rule(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     id: str
-    category: Literal["gpu", "fabric", "memory", "flags", "ray"]
+    category: Literal["host", "gpu", "fabric", "memory", "flags", "ray"]
     check: str
     level: Literal["warn", "fail"]
     preflight: bool = False

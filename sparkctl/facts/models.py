@@ -216,6 +216,11 @@ class HostFacts(_Fact):
         default_factory=dict, description="synced model repositories: '<repo>@<revision>' -> what this host holds"
     )
     hf_free: int = Field(-1, description="bytes free for the Hugging Face cache (-1: not read)")
+    state_free: dict[str, int] = Field(
+        default_factory=dict,
+        description="bytes free where sparkctl writes on the host: its state directory, and its logs directory "
+        "when that is on another filesystem (path -> bytes; empty: not read)",
+    )
     machine_id: str = Field("", description="/etc/machine-id: 32 hex digits, unique per installed system")
     nccl_libs: dict[str, NcclLib] = Field(
         default_factory=dict,

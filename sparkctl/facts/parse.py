@@ -446,6 +446,20 @@ def parse_links(text: str) -> dict[str, TwinLink]:
     return out
 
 
+def parse_state_free(text: str) -> dict[str, int]:
+    """The probe's `state_free` lines (`<bytes free> <mount point> <path>`): path -> bytes free, one path per
+    filesystem (the first listed: the state directory, then its logs directory if mounted elsewhere)."""
+    out: dict[str, int] = {}
+    mounts: set[str] = set()
+    for line in text.splitlines():
+        parts = line.split(None, 2)
+        if len(parts) != 3 or not parts[0].isdigit() or parts[1] in mounts:
+            continue
+        mounts.add(parts[1])
+        out[parts[2]] = int(parts[0])
+    return out
+
+
 def parse_summary_driver(text: str) -> str:
     """The driver version in nvidia-smi's summary line: `Driver Version: 580.142` (drivers up to 590) or
     `KMD Version: 610.43.02` (R610 drivers on); empty when neither is there."""
@@ -515,4 +529,5 @@ def parse_probe(host: str, output: str) -> HostFacts:
         nccl_libs=parse_nccl_libs(s.get("runtime", "")) | parse_nccl_libs(s.get("nccl_libs", "")),
         weights=parse_weights(s.get("weights", "")),
         hf_free=int(s["hf_free"].strip()) if s.get("hf_free", "").strip().isdigit() else -1,
+        state_free=parse_state_free(s.get("state_free", "")),
     )

@@ -200,6 +200,12 @@ def probe_sections(inventory: Inventory, host: Host) -> dict[str, str]:
             "grep -H '' workload-*.pid workload-*.spec workload-*.health 2>/dev/null; "
             f"{EXITED_WORKLOADS if rt.venv else EXITED_CONTAINERS}}}; true"
         ),
+        # Bytes free where sparkctl writes on the host (its records, the workloads' logs): df(1) -P columns, -B1
+        # in bytes, of the nearest directory that exists; one line per directory, `<free> <mount point> <path>`.
+        "state_free": (
+            f"for d in {state} {state}/logs; do e=$d; while [ ! -d \"$e\" ]; do e=$(dirname \"$e\"); done; "
+            'df -P -B1 "$e" 2>/dev/null | awk -v d="$d" \'NR==2 {print $4, $6, d}\'; done; true'
+        ),
         "firewall": (
             f"cat {q(paths.FIREWALL_FILE)} 2>/dev/null && echo && echo '{MARK} present' || echo '{MARK} absent'"
         ),

@@ -27,7 +27,7 @@ class WorkloadArgs(NoArgs):
 
 
 class DoctorArgs(NoArgs):
-    categories: list[Literal["gpu", "fabric", "memory", "flags", "ray"]] | None = None
+    categories: list[Literal["host", "gpu", "fabric", "memory", "flags", "ray"]] | None = None
     fail_on: Literal["fail", "warn"] = "fail"
 
 

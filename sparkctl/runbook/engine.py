@@ -70,6 +70,7 @@ class Report(BaseModel):
     ok: bool = True
     interrupted: bool = False
     error: str = Field("", description="what ended the run if it was not a step (a bug, a force quit)")
+    journal_error: str = Field("", description="why the run could not be journaled (the laptop's disk full)")
     hosts: dict[str, str] = Field(default_factory=dict)
     host_errors: dict[str, str] = Field(default_factory=dict)
     results: list[StepResult] = Field(default_factory=list)

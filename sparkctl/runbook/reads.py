@@ -23,6 +23,7 @@ def measure_jumbo(session: Session) -> dict[Link, tuple[bool, str]]:
             update={"wait": None, "commands": [c.model_copy(update={"timeout": PING_TIMEOUT}) for c in s.commands]}
         )
         for h in session.inventory.hosts
+        if h.name in session.transports  # from every host read (towards every peer, read or not)
         for s in plan_verify_fabric(ctx, h)
     ]
     argv = {(s.host, s.id): s.commands[0].argv for s in steps}

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sparkctl import paths, state
-from sparkctl.errors import HostError, Problem, SecretError, Unreachable
+from sparkctl.errors import HostError, Problem, SecretError, StateError, Unreachable
 from sparkctl.execute.base import Connect, Endpoint, Result, Transport
 from sparkctl.execute.http import Probe, get_text, post_json, probe_workload
 from sparkctl.facts.models import HostFacts
@@ -378,6 +378,12 @@ class Session:
         self.running = None
         # Secret values (the token, API keys, the sudo password, `secret: true` parameters) may sit in the
         # commands as planned: the journal keeps none of them.
+        try:
+            self._append(record, report, force_quit)
+        except StateError as exc:  # the run happened all the same: its report says so, and that it is not journaled
+            report.journal_error = "; ".join(f"{p.where}: {p.message} (hint: {p.hint})" for p in exc.problems)
+
+    def _append(self, record: dict[str, Any], report: Report, force_quit: bool) -> None:
         state.append_journal(
             self.journal_secrets.scrub(
                 {
@@ -588,8 +594,22 @@ def release_locks(transports: Mapping[str, Transport], hosts: Sequence[str], run
     return [h for h, ok in zip(hosts, released, strict=True) if not ok]
 
 
-def open_session(inv: Inventory, accept_new_host_keys: bool, emit: Callable[[Event], None] | None = None) -> Session:
-    """Connect to and probe every host (one SSH connection each, in parallel)."""
+def open_session(
+    inv: Inventory,
+    accept_new_host_keys: bool,
+    emit: Callable[[Event], None] | None = None,
+    *,
+    partial: bool = False,
+) -> Session:
+    """Connect to and probe every host (one SSH connection each, in parallel).
+
+    With `partial` (read-only commands), the session goes on with the hosts it reached and names the others in
+    `unreachable`; only when no host answers does it raise Unreachable.
+    """
     session = Session(inv, ssh_connect(accept_new_host_keys), emit=emit or silent)
-    session.open()
+    session.open(partial=partial)
+    if partial and not session.facts:
+        problems = [p for h in inv.hosts for p in session.unreachable.get(h.name, [])]
+        session.close()
+        raise Unreachable(problems, hint="nothing was changed on any host")
     return session

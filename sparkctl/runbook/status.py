@@ -12,11 +12,17 @@ from sparkctl.runbook.session import Session
 
 
 def cluster_status(session: Session, secrets: Mapping[str, str]) -> dict[str, Any]:
-    """Per host: fabric state and Ray; per workload: endpoint, process and health."""
+    """Per host: fabric state and Ray; per workload: endpoint, process and health.
+
+    A host the session could not reach (a partial session) is listed under `unreachable` with why, and left out of
+    `hosts`; a workload whose process is judged from such a host has process 'unknown'.
+    """
     inv = session.inventory
     ctx = session.context(secrets, {})
     hosts: dict[str, Any] = {}
     for h in inv.hosts:
+        if h.name not in session.facts:
+            continue
         f = session.facts[h.name]
         fabric = []
         for t in h.fabric:
@@ -44,14 +50,30 @@ def cluster_status(session: Session, secrets: Mapping[str, str]) -> dict[str, An
     workloads = {}
     for w in inv.workloads:
         probe = session.probe(lc.endpoint(inv, w), w.name, secrets.get(f"api_key:{w.name}"), w.engine, timeout=5)
+        head = inv.workload_head(w).name
+        read = {head, *(r.name for r in lc.rank_hosts(inv, w))} <= session.facts.keys()
         workloads[w.name] = {
             "engine": w.engine,
             "endpoint": lc.endpoint(inv, w) + "/v1",
             "hosts": [h.name for h in inv.group(w)] if w.hosts is not None else None,
-            "head": inv.workload_head(w).name,
-            "process": workload_state(ctx, w),
+            "head": head,
+            "process": workload_state(ctx, w) if read else "unknown",
             "health": probe.phase,
             "detail": probe.detail,
-            "recorded": workload_health(ctx, w),
+            "recorded": workload_health(ctx, w) if head in session.facts else "",
         }
-    return {"cluster": inv.cluster, "topology": inv.network.topology, "hosts": hosts, "workloads": workloads}
+    unreachable = {
+        h.name: {
+            "error": "; ".join(p.message for p in session.unreachable[h.name]),
+            "hint": "; ".join(dict.fromkeys(p.hint for p in session.unreachable[h.name] if p.hint)),
+        }
+        for h in inv.hosts
+        if h.name in session.unreachable
+    }
+    return {
+        "cluster": inv.cluster,
+        "topology": inv.network.topology,
+        "hosts": hosts,
+        "workloads": workloads,
+        "unreachable": unreachable,
+    }

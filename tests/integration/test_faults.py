@@ -129,6 +129,31 @@ def test_occupied_ray_port_fails_preflight(fresh_testbed: Testbed, inventory: Pa
         _untouched(tb, before)
 
 
+@pytest.mark.parametrize("full", ["state", "logs"])
+def test_a_full_state_or_log_filesystem_on_a_host_fails_up_before_any_change(
+    fresh_testbed: Testbed, inventory: Path, sudo_env: dict[str, str], tmp_path: Path, full: str
+) -> None:
+    tb = fresh_testbed
+    state = "/home/spark/.local/state/sparkctl"
+    target = state if full == "state" else f"{state}/logs"
+    tb.exec("spark-b", ["mkdir", "-p", target], user="spark")
+    # a small tmpfs over the directory, in spark-b's own mount namespace, filled to the last byte
+    tb.exec("spark-b", ["sh", "-c", "mount -t tmpfs -o size=1m,mode=0700,uid=$(id -u spark),gid=$(id -g spark) "
+                        f"sparkctl-full {target} && cat /dev/zero > {target}/fill 2>/dev/null; true"])  # fmt: skip
+    try:
+        assert tb.exec("spark-b", ["df", "-P", "-B1", target]).stdout.split()[-3] == "0"  # full indeed
+        before = {h: host_snapshot(tb, h) for h in tb.hosts}
+        r = sparkctl("up", "--yes", "-i", str(inventory), env=cli_env(sudo_env, tmp_path))
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert f"error: spark-b [state-dir-free]: {target}: 0 bytes (0.0 MiB) free" in r.stderr, r.stderr
+        assert "df -h" in r.stderr and "nothing was changed" in r.stderr
+        assert "spark-a [state-dir-free]" not in r.stderr  # spark-a has room
+        assert "Traceback" not in r.stderr
+        _untouched(tb, before)
+    finally:
+        tb.exec("spark-b", ["umount", target], check=False)
+
+
 def test_ctrl_c_during_up_leaves_no_worker_running(fresh_testbed: Testbed, sudo_env: dict[str, str],
                                                    tmp_path: Path) -> None:
     import signal

@@ -1,10 +1,13 @@
 """The operator's view on the testbed: `ask` gets a real embedding, `endpoint --env` drives the official openai
-client, and `status --watch` under a pseudo-terminal shows hosts and workload, keeps one SSH connection per host
-across refreshes, and leaves with exit 0 on Ctrl-C."""
+client, `status --watch` under a pseudo-terminal shows hosts and workload, keeps one SSH connection per host
+across refreshes, and leaves with exit 0 on Ctrl-C; with one host unreachable, `status` and `doctor` still show the
+other and name the lost one."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import json
 import os
 import pty
 import re
@@ -23,6 +26,7 @@ import pytest
 
 from tests.integration.helpers import REPO, cli_env, sparkctl
 from tests.testbed import Testbed
+from tests.testbed.layout import MGMT_IFNAME
 
 pytestmark = pytest.mark.testbed
 
@@ -155,3 +159,57 @@ def test_status_watch_on_a_terminal_shows_the_cluster_and_leaves_on_ctrl_c(clust
     # nothing was left connected after the exit
     assert {h: _ssh_sessions(cluster.tb, h) for h in cluster.tb.hosts} == before
 
+
+
+@contextlib.contextmanager
+def _unreachable(tb: Testbed, host: str, how: str) -> Iterator[None]:
+    """`host` cannot be reached from the laptop: its sshd stopped, or its management link cut (the fabric, and so
+    the workload's ranks and Ray, stay up)."""
+    if how == "sshd-stopped":
+        tb.stop_sshd(host)
+    else:
+        tb.carrier_down(host, MGMT_IFNAME)
+    try:
+        yield
+    finally:
+        if how == "sshd-stopped":
+            tb.start_sshd(host)
+        else:
+            tb.carrier_up(host, MGMT_IFNAME)
+
+
+@pytest.mark.parametrize("how", ["sshd-stopped", "management-link-cut"])
+def test_one_host_unreachable_status_and_doctor_show_the_other_and_name_it(cluster: Cluster, how: str) -> None:
+    with _unreachable(cluster.tb, "spark-b", how):
+        text = cluster.run("status", timeout=120)
+        as_json = cluster.run("status", "--json", timeout=120)
+        doctor = cluster.run("doctor", "--json", timeout=120)
+    # status: spark-a's state as it is, spark-b named as unreachable with its connection error; exit 1
+    assert text.returncode == 1, text.stdout + text.stderr
+    assert "  spark-a: ray running" in text.stdout, text.stdout
+    assert "    enp1s0f1np1: 192.168.100.10/24 MTU 9000 (ok)" in text.stdout, text.stdout
+    assert "  spark-b: UNREACHABLE" in text.stdout, text.stdout
+    # the workload's head (spark-a) is read and its endpoint answers
+    assert "  workload embed (embed): http://10.77.0.11:8100/v1 process ok, ready" in text.stdout, text.stdout
+    assert "error: spark-b: " in text.stderr and "10.77.0.12" in text.stderr, text.stderr
+    assert "Traceback" not in text.stderr
+    assert as_json.returncode == 1, as_json.stderr
+    st = json.loads(as_json.stdout)
+    assert list(st["hosts"]) == ["spark-a"] and st["hosts"]["spark-a"]["ray"] == "running"
+    assert all(t["ok"] for t in st["hosts"]["spark-a"]["fabric"]), st["hosts"]["spark-a"]
+    assert list(st["unreachable"]) == ["spark-b"] and "10.77.0.12" in st["unreachable"]["spark-b"]["error"]
+    assert st["workloads"]["embed"]["health"] == "ready"
+    # doctor: spark-a judged as usual, spark-b a failed host-reachable naming its connection error; exit 1
+    assert doctor.returncode == 1, doctor.stderr
+    findings = json.loads(doctor.stdout)
+    reach = {f["subject"]: (f["level"], f["evidence"]) for f in findings if f["rule"] == "host-reachable"}
+    assert reach["spark-a"][0] == "pass" and reach["spark-b"][0] == "fail", reach
+    assert "10.77.0.12" in reach["spark-b"][1], reach
+    assert {f["subject"] for f in findings if f["rule"] == "gpu-present"} == {"spark-a"}
+    jumbo = {f["subject"]: f["level"] for f in findings if f["rule"] == "jumbo-path"}
+    assert jumbo and all(s.startswith("spark-a ") for s in jumbo), jumbo  # pinged from spark-a, over the fabric
+    assert set(jumbo.values()) == {"pass"}, jumbo
+    # back: both hosts answer again, nothing was left broken
+    after = cluster.run("status", "--json", timeout=120)
+    assert after.returncode == 0, after.stderr
+    assert list(json.loads(after.stdout)["hosts"]) == ["spark-a", "spark-b"]

@@ -23,6 +23,7 @@ The cases are data: tests/unit/doctor_cases/<rule id>.yaml, one file per rule. A
       fix: nvidia-smi                # optional fragment of the fix
       xfail: reason                  # optional: a known bug; the case must fail until it is fixed
       inventory: example-switch-8.yaml   # optional: that inventory instead of the pair (hosts start as spark-a)
+      unreachable: {spark-b: {message: .., hint: ..}}   # optional: hosts not read (no facts, no pings from them)
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import yaml
 from sparkctl.doctor.evaluate import blocking, evaluate
 from sparkctl.doctor.evaluators import EVALUATORS, CheckContext
 from sparkctl.doctor.rules import Finding, Level, Rule, load_rules
+from sparkctl.errors import Problem
 from sparkctl.facts.models import Gpu, HostFacts, Listener, NcclLib, Process, Runtime
 from sparkctl.facts.parse import parse_listeners, parse_nvidia_smi
 from sparkctl.inventory import parse_inventory
@@ -53,6 +55,8 @@ RULE = {r.id: r for r in RULES}
 A, B = "spark-a", "spark-b"
 SEVERITY = {"pass": 0, "warn": 1, "fail": 2}
 HOST_SPECIFIC_FIX = {"runtime-support"}
+OWN_FIX = {"host-reachable"}
+"""Rules whose fix is the one the failure itself gives (the connection's hint), the table's only when it gives none."""
 VERSIONED_FIX = {r.id for r in RULES if r.args.get("fix_by_vllm")}
 
 # --- the inventory: the example pair, workloads and runtime per case ----------------------------------------
@@ -160,6 +164,7 @@ HEALTHY: dict[str, HostFacts] = {
         machine_id=MACHINE_IDS[name],
         ssh_host_key=HOST_KEYS[name],
         nccl_libs=NCCL_LIBS,
+        state_free={"/home/nvidia/.local/state/sparkctl": 51_234_567_890},  # ~48 GiB free in the home filesystem
     )
     for name, f in _converged().items()
 }
@@ -206,10 +211,12 @@ class Case:
     inventory: str = ""
     """An inventory of inventories/ instead of the pair (its workloads unless the case gives some); every host
     starts from the healthy spark-a's facts."""
+    unreachable: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    """Hosts that could not be read: their connection error (message, hint); they have no facts and send no pings."""
 
 
 CASE_KEYS = {"name", "level", "facts", "workloads", "runtime", "pings", "subject", "evidence", "not_evidence", "fix"}
-CASE_KEYS |= {"xfail", "inventory"}
+CASE_KEYS |= {"xfail", "inventory", "unreachable"}
 
 
 def load_cases(path: Path) -> list[Case]:
@@ -234,7 +241,11 @@ def load_cases(path: Path) -> list[Case]:
                 workloads=tuple(raw.get("workloads", [] if "inventory" in raw else [CHAT])),
                 runtime=yaml.safe_dump(runtime, default_flow_style=True).strip() if runtime else VENV,
                 pings=pings,
-                **{k: raw[k] for k in ("subject", "evidence", "not_evidence", "fix", "xfail", "inventory") if k in raw},
+                **{
+                    k: raw[k]
+                    for k in ("subject", "evidence", "not_evidence", "fix", "xfail", "inventory", "unreachable")
+                    if k in raw
+                },
             )
         )
     return cases
@@ -252,8 +263,11 @@ def context(case: Case) -> CheckContext:
         base = {h.name: patched(HEALTHY[A], host=h.name) for h in inv.hosts}
         facts = {name: patched(f, **case.facts.get(name, {})) for name, f in base.items()}
         return CheckContext(inv, facts, case.pings)
-    facts = {name: patched(f, **case.facts.get(name, {})) for name, f in HEALTHY.items()}
-    return CheckContext(inventory(case.workloads, case.runtime), facts, case.pings)
+    read = {name: f for name, f in HEALTHY.items() if name not in case.unreachable}
+    facts = {name: patched(f, **case.facts.get(name, {})) for name, f in read.items()}
+    lost = {name: [Problem(name, e["message"], e.get("hint", ""))] for name, e in case.unreachable.items()}
+    pings = {k: v for k, v in case.pings.items() if k[0] not in case.unreachable}
+    return CheckContext(inventory(case.workloads, case.runtime), facts, pings, lost)
 
 
 def _param(case: Case) -> Any:
@@ -292,6 +306,8 @@ def test_rule_case(case: Case) -> None:
             assert f.fix == ""
         elif rule.id in HOST_SPECIFIC_FIX:  # the fix names the host and what to install there
             assert f.fix and f.subject in f.fix, f
+        elif rule.id in OWN_FIX:
+            assert f.fix, f
         elif rule.id in VERSIONED_FIX:  # one of the fixes for the head's vLLM version (flags that exist there)
             assert f.fix in [v["fix"] for v in rule.args["fix_by_vllm"]], f
         else:
@@ -448,3 +464,20 @@ def test_a_ring_needs_the_nccl_that_reads_subnet_aware_routing() -> None:
     assert found["spark-2"].fix == rule.fix
     pair = [f for f in evaluate(healthy_context()) if f.rule == "nccl-version"]
     assert [f.evidence for f in pair] == ["NCCL 2.28.9", "NCCL 2.28.9"] and {f.level for f in pair} == {"pass"}
+
+
+def test_up_refuses_a_host_whose_state_filesystem_is_full_naming_host_path_and_free_space() -> None:
+    from sparkctl.doctor.preflight import preflight
+
+    full = {**HEALTHY, B: patched(HEALTHY[B], state_free={"/home/nvidia/.local/state/sparkctl": 1_048_576})}
+    for force in (False, True):  # writing records on a full filesystem leaves them cut short: --force does not help
+        _, stop = preflight(CheckContext(inventory(), full, ALL_PINGS_OK), force)
+        assert stop is not None
+        (problem,) = stop.problems
+        assert problem.where == "spark-b [state-dir-free]"
+        assert problem.message == (
+            "/home/nvidia/.local/state/sparkctl: 1048576 bytes (1.0 MiB) free, below the 64.0 MiB a run needs there"
+        )
+        assert "df -h" in problem.hint and "nothing was changed" in problem.hint
+    _, stop = preflight(CheckContext(inventory(), HEALTHY, ALL_PINGS_OK), False)
+    assert stop is None

@@ -611,6 +611,7 @@ def test_probe_script_output_parses_back(tmp_path: Path, one_id: bool) -> None:
     assert held.links == {"snapshots/c0ffee/model.safetensors": f"../../blobs/{'ab' * 32}"}
     assert held.refs == {"main": "c0ffee"} and held.manifest == '{"commit": "c0ffee"}'
     assert facts.hf_free > 0
+    assert list(facts.state_free) == [str(state)] and facts.state_free[str(state)] > 0  # logs: on the same filesystem
 
     # The sections run side by side, yet print exactly what they print one after the other; nothing is left behind.
     assert list((tmp_path / "tmp").iterdir()) == []
@@ -622,11 +623,27 @@ def test_probe_script_output_parses_back(tmp_path: Path, one_id: bool) -> None:
     )
     seq = subprocess.run(["sh", "-s"], input=one_by_one, capture_output=True, text=True, env=env, timeout=30)
     assert seq.returncode == 0, seq.stderr
-    live = ("meminfo", "hf_free")  # this machine's /proc and free disk, changing between the two runs
+    live = ("meminfo", "hf_free", "state_free")  # this machine's /proc and free disk, changing between the two runs
     assert [k for k in parse_sections(r.stdout)] == [*sections, "end"]
     assert {k: v for k, v in parse_sections(r.stdout).items() if k not in live} == {
         k: v for k, v in parse_sections(seq.stdout).items() if k not in live
     }
+
+
+def test_state_free_keeps_one_path_per_filesystem() -> None:
+    from sparkctl.facts.parse import parse_state_free
+
+    # `df -P -B1 DIR | awk 'NR==2 {print $4, $6, d}'` for the state directory and its logs directory
+    same = "51234567890 / /home/nvidia/.local/state/sparkctl\n51234567890 / /home/nvidia/.local/state/sparkctl/logs\n"
+    assert parse_state_free(same) == {"/home/nvidia/.local/state/sparkctl": 51234567890}
+    apart = "1048576 /home/nvidia/.local/state/sparkctl /home/nvidia/.local/state/sparkctl\n" + (
+        "900000000 /srv/logs /home/nvidia/.local/state/sparkctl/logs\n"
+    )
+    assert parse_state_free(apart) == {
+        "/home/nvidia/.local/state/sparkctl": 1048576,
+        "/home/nvidia/.local/state/sparkctl/logs": 900000000,
+    }
+    assert parse_state_free("") == {} and parse_state_free("df: /x: No such file\n") == {}
 
 
 def test_gcs_links_from_ss_with_and_without_the_state_column() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -221,6 +222,133 @@ def test_probe_failing_after_changes_never_says_nothing_was_changed(isolated_sta
         session.gather()
     assert "nothing was changed" not in str(info.value)
     assert "what was applied" in str(info.value)
+
+
+# --- read-only commands with one host down: the others are shown, the lost one is named --------------------------
+
+RAY_ON_A = (
+    "@@sparkctl identity\nnvidia\n/home/nvidia\nspark-a\n@@sparkctl end\n"
+    "@@sparkctl ip_addr\n"
+    '[{"ifname": "enp1s0f1np1", "mtu": 9000, "operstate": "UP", '
+    '"addr_info": [{"family": "inet", "local": "192.168.100.10", "prefixlen": 24}]}]\n'
+    "@@sparkctl end\n"
+)
+
+
+def _one_host_down(mocker: Any, message: str = "no answer from 10.0.0.12:22 within 10s") -> RecordingTransport:
+    """The CLI's seam: spark-a answers the probe, spark-b cannot be connected to; workloads answer `ready`."""
+    lost = FailingConnect(unreachable=["spark-b"], message=message)
+    spark_a = RecordingTransport("spark-a", {"sh -s": Result(0, RAY_ON_A, "")})
+    mocker.patch(
+        "sparkctl.runbook.session.ssh_connect",
+        side_effect=lambda accept: lambda host, settings: spark_a if host.name == "spark-a" else lost(host, settings),
+    )
+    opened = run_mod.open_session
+
+    def open_session(*args: Any, **kwargs: Any) -> run_mod.Session:
+        session = opened(*args, **kwargs)
+        session.probe = lambda *a, **k: Probe("ready", "")  # no HTTP from a unit test
+        return session
+
+    mocker.patch("sparkctl.runbook.session.open_session", side_effect=open_session)
+    return spark_a
+
+
+def test_status_with_one_host_down_shows_the_other_and_names_the_lost_one(isolated_state: Path, mocker: Any) -> None:
+    from typer.testing import CliRunner
+
+    from sparkctl.cli.app import app
+
+    _one_host_down(mocker)
+    r = CliRunner().invoke(app, ["status", "-i", str(EXAMPLE)])
+    assert r.exit_code == 1, r.output
+    assert "  spark-a: ray not running" in r.stdout
+    assert "    enp1s0f1np1: 192.168.100.10/24 MTU 9000 (ok)" in r.stdout  # what spark-a said is shown
+    assert "  spark-b: UNREACHABLE" in r.stdout
+    assert "workload chat (vllm): http://10.0.0.11:8000/v1 process unknown, ready" in r.stdout
+    assert "error: spark-b: cannot connect: no answer from 10.0.0.12:22 within 10s" in r.stderr
+    assert "hint: check that the host is up" in r.stderr
+    assert "spark-a" not in r.stderr
+
+
+def test_status_json_with_one_host_down_carries_the_lost_host_and_its_error(isolated_state: Path, mocker: Any) -> None:
+    from typer.testing import CliRunner
+
+    from sparkctl.cli.app import app
+
+    _one_host_down(mocker)
+    r = CliRunner().invoke(app, ["status", "--json", "-i", str(EXAMPLE)])
+    assert r.exit_code == 1, r.output
+    st = json.loads(r.stdout)
+    assert list(st["hosts"]) == ["spark-a"]
+    assert st["hosts"]["spark-a"]["fabric"][0]["ok"] is True
+    why = "cannot connect: no answer from 10.0.0.12:22 within 10s"
+    assert st["unreachable"] == {"spark-b": {"error": why, "hint": "check that the host is up"}}
+    assert st["workloads"]["chat"]["process"] == "unknown"  # its second rank's host was not read
+    assert "error: spark-b: " in r.stderr
+
+
+def test_status_with_every_host_reachable_has_an_empty_unreachable(isolated_state: Path, mocker: Any) -> None:
+    from typer.testing import CliRunner
+
+    from sparkctl.cli.app import app
+
+    spark_a = RecordingTransport("spark-a", {"sh -s": Result(0, RAY_ON_A, "")})
+    spark_b = RecordingTransport("spark-b", {"sh -s": Result(0, PROBE_OK, "")})
+    both = {"spark-a": spark_a, "spark-b": spark_b}
+    mocker.patch("sparkctl.runbook.session.ssh_connect", side_effect=lambda a: lambda h, s: both[h.name])
+    opened = run_mod.open_session
+
+    def open_session(*args: Any, **kwargs: Any) -> run_mod.Session:
+        session = opened(*args, **kwargs)
+        session.probe = lambda *a, **k: Probe("down", "refused")
+        return session
+
+    mocker.patch("sparkctl.runbook.session.open_session", side_effect=open_session)
+    r = CliRunner().invoke(app, ["status", "--json", "-i", str(EXAMPLE)])
+    assert r.exit_code == 0, r.output
+    st = json.loads(r.stdout)
+    assert list(st["hosts"]) == ["spark-a", "spark-b"] and st["unreachable"] == {}
+    assert st["workloads"]["chat"]["process"] != "unknown"
+
+
+def test_status_with_no_host_reachable_names_them_all(isolated_state: Path, mocker: Any) -> None:
+    from typer.testing import CliRunner
+
+    from sparkctl.cli.app import app
+
+    lost = FailingConnect(message="Connection refused")
+    mocker.patch("sparkctl.runbook.session.ssh_connect", return_value=lost)
+    r = CliRunner().invoke(app, ["status", "-i", str(EXAMPLE)])
+    assert r.exit_code == 1, r.output
+    assert r.stdout == ""
+    assert "error: spark-a: cannot connect: Connection refused" in r.stderr
+    assert "error: spark-b: cannot connect: Connection refused" in r.stderr
+
+
+def test_doctor_with_one_host_down_judges_the_other_and_fails_naming_the_lost_one(
+    isolated_state: Path, mocker: Any
+) -> None:
+    from typer.testing import CliRunner
+
+    from sparkctl.cli.app import app
+
+    spark_a = _one_host_down(mocker)
+    r = CliRunner().invoke(app, ["doctor", "--json", "-i", str(EXAMPLE)])
+    assert r.exit_code == 1, r.output
+    findings = json.loads(r.stdout)
+    (lost,) = [f for f in findings if f["rule"] == "host-reachable" and f["level"] == "fail"]
+    assert lost["subject"] == "spark-b"
+    assert lost["evidence"] == "not read: cannot connect: no answer from 10.0.0.12:22 within 10s"
+    assert lost["fix"] == "check that the host is up"
+    judged = {f["subject"] for f in findings if f["rule"] == "gpu-present"}
+    assert judged == {"spark-a"}  # spark-a's facts were judged, spark-b's (none) were not
+    # the jumbo pings ran from spark-a only, towards spark-b's twins
+    pings = [c for c in spark_a.commands if "ping" in c]
+    assert pings and all("192.168.10" in c for c in pings)
+    text = CliRunner().invoke(app, ["doctor", "-i", str(EXAMPLE)])
+    assert text.exit_code == 1
+    assert "spark-b" in text.stdout and "no answer from 10.0.0.12:22" in text.stdout
 
 
 # --- secrets: only a run that needs them creates them ---------------------------------------------------------

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from sparkctl import state
 from sparkctl.cli.app import app
 from sparkctl.cli.render import Progress, escape_controls
-from sparkctl.errors import EXIT_BAD_INPUT, SecretError
+from sparkctl.errors import EXIT_BAD_INPUT, SecretError, StateError
 from sparkctl.execute.fake import RecordingTransport
 from sparkctl.inventory import parse_inventory
 from sparkctl.plan.context import fresh_facts
@@ -205,6 +205,120 @@ def test_state_left_open_by_an_older_version_is_narrowed(isolated_state: Path) -
     state.append_journal({"id": "y"})
     assert mode(home) == 0o700 and mode(home / "pair") == 0o700
     assert mode(home / "journal.jsonl") == 0o600 and mode(home / "pair" / "ray-token") == 0o600
+
+
+# --- the laptop's disk full: loud errors, nothing half-written ----------------------------------------------
+
+FULL_DISK = """
+import errno, json, os, resource, signal, sys
+from sparkctl import state
+from sparkctl.errors import StateError
+
+state.append_journal({"id": "before", "ok": True})
+journal = state.journal_path()
+size = journal.stat().st_size
+# The files of this process may not grow past `limit` bytes: a write beyond it fails with EFBIG (SIGXFSZ ignored),
+# as a write to a full filesystem fails with ENOSPC, after writing what fits.
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+limit = 40
+assert size < limit
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+out = {}
+for what, write in (
+    ("journal", lambda: state.append_journal({"id": "after", "steps": ["x" * 200]})),
+    ("token", lambda: state.ray_token("pair")),
+    ("peer", lambda: state.peer_key("pair")),
+):
+    try:
+        write()
+        out[what] = "written"
+    except StateError as exc:
+        out[what] = [p.where, p.message, p.hint] if (p := exc.problems[0]) else None
+    except BaseException as exc:
+        out[what] = "unexpected " + type(exc).__name__
+print(json.dumps(out))
+"""
+
+
+def test_a_full_laptop_disk_fails_loudly_and_leaves_nothing_half_written(isolated_state: Path) -> None:
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XDG_STATE_HOME": str(isolated_state), "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"}
+    r = subprocess.run([sys.executable, "-c", FULL_DISK], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    home = state.state_home()
+    journal, token = home / "journal.jsonl", home / "pair" / "ray-token"
+    # each write fails naming its file and the fix, never a traceback
+    assert out["journal"][0] == str(journal) and out["journal"][1] == "cannot write: File too large"
+    assert out["token"][0] == str(token) and out["token"][1] == "cannot write: File too large"
+    assert out["peer"][0] == str(home / "pair" / "peer-key")
+    assert all(f"`df -h {p.parent}`" in out[k][2] for k, p in (("journal", journal), ("token", token)))
+    # the journal keeps its whole records only: the half record was cut off again
+    assert [r["id"] for r in state.read_journal()] == ["before"]
+    assert journal.read_text().endswith("}\n")
+    # no secret file, half or empty, nor a temporary one, is left
+    assert sorted(p.name for p in (home / "pair").iterdir()) == []
+    # with room again, every write succeeds whole, and the journal reads on
+    state.append_journal({"id": "after"})
+    assert [r["id"] for r in state.read_journal()] == ["before", "after"]
+    assert len(state.ray_token("pair") or "") == 64
+    assert sorted(p.name for p in (home / "pair").iterdir()) == ["ray-token"]
+
+
+def test_a_secret_write_failing_midway_leaves_no_file(isolated_state: Path, monkeypatch) -> None:
+    import errno
+
+    real_write = os.write
+
+    def full(fd: int, data: bytes) -> int:
+        if len(data) > 8:
+            real_write(fd, bytes(data)[:8])  # what fits, then the disk is full
+            return 8
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(StateError) as info:
+        state.api_key("pair", "chat", None)
+    (problem,) = info.value.problems
+    path = state.state_home() / "pair" / "api-key-chat"
+    assert (problem.where, problem.message) == (str(path), "cannot write: No space left on device")
+    assert "XDG_STATE_HOME" in problem.hint
+    assert list(path.parent.iterdir()) == []
+    monkeypatch.setattr(os, "write", real_write)
+    key = state.api_key("pair", "chat", None)
+    assert key is not None and path.read_text() == key + "\n"
+
+
+def test_an_empty_secret_left_by_a_failed_write_is_made_anew(isolated_state: Path) -> None:
+    home = state.state_home()
+    (home / "pair").mkdir(parents=True)
+    (home / "pair" / "ray-token").write_text("")  # what an older version left when the disk was full
+    token = state.ray_token("pair")
+    assert token and len(token) == 64 and (home / "pair" / "ray-token").read_text() == token + "\n"
+    assert state.ray_token("pair", create=False) == token
+
+
+def test_a_run_whose_journal_cannot_be_written_reports_it_and_exits_1(isolated_state: Path, mocker) -> None:
+    import errno
+
+    from sparkctl.execute.base import Result
+    from sparkctl.execute.fake import FailingConnect
+
+    probe = "@@sparkctl identity\nspark\n/home/spark\nspark-x\n@@sparkctl end\n"
+    took_lock = Result(0, "@@sparkctl-lock taken\n" + probe, "")  # and the probe run right after it
+    fake = FailingConnect(unreachable=[], responses={"sh -s": Result(0, probe, ""), "t=$(mktemp": took_lock})
+    mocker.patch("sparkctl.runbook.session.ssh_connect", return_value=fake)
+    mocker.patch("sparkctl.state._write_all", side_effect=OSError(errno.ENOSPC, "No space left on device"))
+    r = CliRunner().invoke(app, ["down", "--plain", "-i", str(EXAMPLE)])
+    assert r.exit_code == 1, r.output
+    journal = state.journal_path()
+    assert f"error: this run is not in the journal: {journal}: cannot write: No space left on device" in r.stdout
+    assert f"df -h {journal.parent}" in r.stdout
+    assert "down on spark-pair: done" in r.stdout  # the run itself is reported as it went
+    assert "Traceback" not in r.output and "unexpected" not in r.output
+    assert state.read_journal() == []
 
 
 # --- key and password files others can read -----------------------------------------------------------------
