@@ -551,23 +551,11 @@ EPHEMERAL = "32768-60999"
 "Ports")."""
 VLLM_MASTER_PORT = 29501
 """Where vLLM's multiprocessing executor's ranks meet (torch.distributed's TCPStore on the head): `--master-port`,
-default 29501 (ParallelConfig.master_port, vllm/config/parallel.py, vLLM 0.32.0)."""
+default 29501 (ParallelConfig.master_port, vllm/config/parallel.py, vLLM 0.32.0); `Workload.master_port` reads it."""
 VLLM_PORT_SPAN = 10
 """Ports from VLLM_PORT on that the firewall drops when a workload sets it. vLLM's `get_open_port()` then takes the
 first free port from VLLM_PORT upwards instead of port 0 (`_get_open_port`, vllm/utils/network_utils.py, vLLM 0.32.0)
 and one process asks for at most five at once (`get_open_ports_list(5)`, vllm/config/parallel.py)."""
-
-
-def mp_master_port(w: Workload) -> int:
-    """The port the multiprocessing executor's TCPStore listens on: `--master-port` of extra_args, else vLLM's
-    default."""
-    args = list(w.extra_args)
-    for i, a in enumerate(args):
-        if a == "--master-port" and i + 1 < len(args) and args[i + 1].isdigit():
-            return int(args[i + 1])
-        if a.startswith("--master-port=") and a.split("=", 1)[1].isdigit():
-            return int(a.split("=", 1)[1])
-    return VLLM_MASTER_PORT
 
 
 def workload_listen_ports(inv: Inventory) -> list[str]:
@@ -578,7 +566,7 @@ def workload_listen_ports(inv: Inventory) -> list[str]:
     Ray executor's TCPStore, vllm/v1/executor/ray_executor.py). Everything else the workloads open binds port 0
     and lands in the ephemeral range (docs/workers.md, "Ports").
     """
-    ports: set[str] = {str(mp_master_port(w)) for w in inv.workloads if rank_hosts(inv, w)}
+    ports: set[str] = {str(w.master_port) for w in inv.workloads if rank_hosts(inv, w)}
     for w in inv.workloads:
         base = w.env.get("VLLM_PORT", "")
         if base.isdigit() and 0 < int(base) <= 65535:
@@ -593,8 +581,8 @@ def render_firewall(inv: Inventory, host: Host, ssh_port: int = 22) -> str:
     Ray 2.x binds its GCS, raylet and agents on all interfaces even with --node-ip-address, and torch's TCPStore
     binds all interfaces whatever host it is given, so binding alone cannot keep them off the management network.
     New inbound TCP to Ray's pinned ports, its worker range, the workloads' fixed ports (`workload_listen_ports`)
-    and the ephemeral range (Linux's default ip_local_port_range: Ray's unpinned helpers, vLLM's Ray-executor
-    TCPStore, its message queues, gloo and NCCL, the embed worker's rendezvous all bind port 0) is dropped unless
+    and the ephemeral range (Linux's default ip_local_port_range: vLLM's Ray-executor TCPStore, its message queues,
+    gloo and NCCL, the embed worker's rendezvous all bind port 0, and none can be told another port) is dropped unless
     it arrives on a twin or loopback. Established traffic, the SSH port this session uses, the workload API ports
     and `network.open_ports` are accepted first, so even an SSH port inside a dropped range stays reachable.
     """
@@ -614,7 +602,7 @@ def render_firewall(inv: Inventory, host: Host, ssh_port: int = 22) -> str:
     )
     drop = ", ".join([*map(str, ports), *workload_listen_ports(inv), f"{p.min_worker}-{p.max_worker}", EPHEMERAL])
     ifaces = ", ".join(f'"{i}"' for i in ["lo", *(t.interface for t in host.fabric)])
-    keep = ", ".join(str(p) for p in sorted({ssh_port, *(w.port for w in inv.workloads)}))
+    keep = ", ".join(str(p) for p in sorted({ssh_port, *(w.port for w in inv.workloads), *inv.network.open_ports}))
     return (
         "# Managed by sparkctl: Ray is reachable only over the fabric and loopback.\n"
         "table inet sparkctl\n"

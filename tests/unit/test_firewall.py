@@ -6,8 +6,10 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
+from sparkctl.errors import InventoryError
 from sparkctl.facts.parse import parse_probe
 from sparkctl.facts.probe import MARK, probe_sections
 from sparkctl.inventory import parse_inventory
@@ -243,3 +245,54 @@ def test_vllm_port_moves_get_open_port_and_the_firewall_follows() -> None:
         assert verdict(rules, MANAGEMENT, port) == "drop", port
         assert verdict(rules, "enp1s0f1np1", port) == "accept", port
     assert verdict(rules, MANAGEMENT, 20000 + lc.VLLM_PORT_SPAN) == "accept"
+
+
+# --- network.open_ports: the user's own services through the firewall ---------------------------------
+
+def _network(**edit: object) -> dict[str, object]:
+    return {"network": {"mtu": 9000, "topology": "direct", **edit}}
+
+
+def test_open_ports_are_let_in_from_the_management_network_before_the_drop() -> None:
+    inv = _inventory(_network(open_ports=[40000, 8443]))
+    rules = lc.render_firewall(inv, inv.host("spark-a"))
+    assert verdict(rules, MANAGEMENT, 40000) == "accept"  # inside the ephemeral range, listed
+    assert verdict(rules, MANAGEMENT, 40001) == "drop"  # its neighbour is not
+    assert verdict(rules, MANAGEMENT, 8443) == "accept"
+    assert lc.render_firewall(_inventory(), _inventory().host("spark-a")) != rules  # the file changes with them
+
+
+def test_open_ports_default_to_none() -> None:
+    assert _inventory().network.open_ports == []
+
+
+@pytest.mark.parametrize(
+    ("ports", "workloads", "problem"),
+    [
+        ([6381], [], "port 6381 is ray.ports.node_manager"),
+        ([6379], [], "port 6379 is ray.port"),
+        ([10150], [], "port 10150 is in Ray's worker port range 10100-10199"),
+        ([29501], [{**CHAT, "executor": "mp"}], "port 29501 is the rendezvous of workload 'chat'"),
+        ([29611], [{**CHAT, "executor": "mp", "extra_args": ["--master-port=29611"]}],
+         "port 29611 is the rendezvous of workload 'chat'"),
+        ([40000, 40000], [], "port 40000 is listed twice"),
+    ],
+)
+def test_open_ports_that_would_expose_ray_or_the_ranks_are_refused(
+    ports: list[int], workloads: list[dict[str, object]], problem: str
+) -> None:
+    with pytest.raises(InventoryError) as err:
+        _inventory({**_network(open_ports=ports), "workloads": workloads})
+    assert problem in str(err.value)
+    assert "network.open_ports" in str(err.value)
+
+
+def test_the_default_rendezvous_port_is_free_to_open_without_an_mp_workload_across_hosts() -> None:
+    inv = _inventory({**_network(open_ports=[29501]), "workloads": [{**CHAT, "executor": "ray"}]})
+    assert verdict(lc.render_firewall(inv, inv.host("spark-a")), MANAGEMENT, 29501) == "accept"
+
+
+@pytest.mark.parametrize("port", [0, 65536, -1])
+def test_open_ports_outside_the_tcp_range_are_refused(port: int) -> None:
+    with pytest.raises(InventoryError):
+        _inventory(_network(open_ports=[port]))
