@@ -19,6 +19,7 @@ def check_inventory(inv: Inventory) -> list[Found]:
     found += _check_fabric(inv)
     found += _check_ray_ports(inv)
     found += _check_ray_and_workloads(inv)
+    found += _check_open_ports(inv)
     return found
 
 
@@ -251,6 +252,32 @@ def _check_ray_ports(inv: Inventory) -> list[Found]:
                     loc,
                     f"port {port} is inside the worker port range {p.min_worker}-{p.max_worker}",
                     "move it out of the range, or move ray.ports.min_worker/max_worker",
+                )
+            )
+    return found
+
+
+def _check_open_ports(inv: Inventory) -> list[Found]:
+    """`network.open_ports`: distinct, and none of the ports the firewall keeps Ray and the ranks behind."""
+    found: list[Found] = []
+    p = inv.ray.ports
+    own = {inv.ray.port: "ray.port"} | {v: f"ray.ports.{k}" for k, v in p.model_dump().items()}
+    for w in inv.workloads:
+        if w.engine == "vllm" and w.executor == "mp" and w.tensor_parallel_size * w.pipeline_parallel_size > 1:
+            own.setdefault(w.master_port, f"the rendezvous of workload '{w.name}' (vLLM's --master-port)")
+    seen: set[int] = set()
+    for k, port in enumerate(inv.network.open_ports):
+        loc: tuple[str | int, ...] = ("network", "open_ports", k)
+        if port in seen:
+            found.append((loc, f"port {port} is listed twice", "list every port once"))
+        seen.add(port)
+        if port in own or p.min_worker <= port <= p.max_worker:
+            what = own.get(port, f"in Ray's worker port range {p.min_worker}-{p.max_worker}")
+            found.append(
+                (
+                    loc,
+                    f"port {port} is {what}: opening it would let the management network reach Ray or the ranks",
+                    "give your service another port, or move that Ray port",
                 )
             )
     return found

@@ -231,6 +231,11 @@ class Network(_Model):
         description="Seconds after which NetworkManager on a host undoes a fabric change by itself unless the run "
         "has committed it (after the jumbo-frame checks); covers a change that cuts the host off.",
     )
+    open_ports: list[Port] = Field(
+        default_factory=list,
+        description="TCP ports of your own services that the sparkctl firewall lets in on every interface, e.g. a "
+        "service in the ephemeral range 32768-60999, which it otherwise drops except over the fabric and loopback.",
+    )
 
 
 class RayPorts(_Model):
@@ -384,6 +389,18 @@ class Workload(_Model):
         None, description="Laptop env var holding a Hugging Face token (gated models); reaches the host on stdin."
     )
     ready_timeout: float = Field(1800, gt=0, le=86400, description="Seconds to wait for the endpoint to answer.")
+
+    @property
+    def master_port(self) -> int:
+        """Where vLLM's multiprocessing executor's ranks meet: `--master-port` in extra_args, else vLLM's default
+        29501 (ParallelConfig.master_port, vllm/config/parallel.py, vLLM 0.32.0)."""
+        args = list(self.extra_args)
+        for i, a in enumerate(args):
+            if a == "--master-port" and i + 1 < len(args) and args[i + 1].isdigit():
+                return int(args[i + 1])
+            if a.startswith("--master-port=") and a[len("--master-port=") :].isdigit():
+                return int(a[len("--master-port=") :])
+        return 29501
 
 
 class Inventory(_Model):

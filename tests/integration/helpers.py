@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +82,35 @@ def changing(steps: list[dict[str, Any]]) -> list[tuple[str, str, list[list[str]
 def plan_steps(plan_json: str) -> list[dict[str, Any]]:
     plan = json.loads(plan_json)
     return [s for st in plan["stages"] for s in st["steps"]]
+
+
+def listening_ports(tb: Testbed, host: str) -> set[int]:
+    """Every TCP port something listens on inside a host, on any address (`ss -ltnH`)."""
+    out = tb.exec(host, ["ss", "-ltnH"]).stdout
+    return {int(line.split()[3].rsplit(":", 1)[1]) for line in out.splitlines() if line.strip()}
+
+
+def open_from_laptop(tb: Testbed, host: str, timeout: float = 0.5) -> set[int]:
+    """The listening ports of `host` that accept a TCP connection from the laptop's side.
+
+    Connects from this (root) namespace, the laptop on the management bridge (tests/testbed/layout.py LAPTOP_IP), to
+    the host's management address, on every port `ss` lists inside the host, in parallel. A port the firewall drops
+    times out (`timeout` s); one bound to a fabric address or loopback only is refused. Before sparkctl starts
+    anything, a fake Spark listens on sshd's port 22 alone (tests/testbed/boot.sh: dbus, udev and NetworkManager
+    open no TCP socket), so the result needs no baseline subtracted.
+    """
+    address = tb.mgmt_ip(host)
+
+    def accepts(port: int) -> bool:
+        try:
+            with socket.create_connection((address, port), timeout=timeout):
+                return True
+        except OSError:
+            return False
+
+    ports = sorted(listening_ports(tb, host))
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        return {port for port, ok in zip(ports, pool.map(accepts, ports), strict=True) if ok}
 
 
 __all__ = ["TWINS", "os"]

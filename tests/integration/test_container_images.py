@@ -28,7 +28,7 @@ import openai
 import pytest
 import yaml
 
-from tests.integration.helpers import cli_env, plan_steps, sparkctl
+from tests.integration.helpers import cli_env, open_from_laptop, plan_steps, sparkctl
 from tests.integration.test_vllm_real import MINI, reference_cosines
 from tests.testbed import TWINS, Testbed
 from tests.testbed.layout import MGMT_IFNAME
@@ -168,6 +168,9 @@ def test_the_endpoint_matches_sentence_transformers_and_a_second_plan_is_empty(c
     view = json.loads(status.stdout)
     assert view["workloads"]["mini"]["process"] == "ok", view
     assert view["hosts"]["spark-b"]["ray"] == "not started (no workload needs it)", view
+    # the containers share the hosts' network (--network host): the mp rendezvous (29501, every interface), the
+    # message queues and gloo answer nobody on the management network, the API does
+    assert {h: open_from_laptop(tb, h) for h in tb.hosts} == {"spark-a": {22, MINI["port"]}, "spark-b": {22}}
 
 
 def test_an_embed_workload_on_the_same_image_gets_ray_through_a_derived_image(cluster: Cluster) -> None:
@@ -192,6 +195,8 @@ def test_an_embed_workload_on_the_same_image_gets_ray_through_a_derived_image(cl
         client = openai.OpenAI(base_url=f"http://{tb.mgmt_ip('spark-a')}:8100/v1", api_key=key, timeout=120)
         out = client.embeddings.create(model="embed", input=["two Sparks", "one cable"])
         assert [len(d.embedding) for d in out.data] == [384, 384]
+        # Ray in the derived image and the worker's gloo rendezvous: only SSH and the API answer the laptop
+        assert {h: open_from_laptop(tb, h) for h in tb.hosts} == {"spark-a": {22, 8100}, "spark-b": {22}}
         again = cluster.run(inv, "plan", "--json", timeout=300)
         assert again.returncode == 0, again.stderr
         assert [s["id"] for s in plan_steps(again.stdout) if s["changes"]] == []

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from sparkctl.plan.env import render_non_carry_over
-from tests.integration.helpers import REPO, cli_env, plan_steps, sparkctl
+from tests.integration.helpers import REPO, cli_env, open_from_laptop, plan_steps, sparkctl
 from tests.testbed import Testbed
 from tests.testbed.provision import IMAGE_STORE, TESTBED_IMAGE
 
@@ -106,6 +106,8 @@ def test_the_endpoint_answers_and_a_second_plan_changes_nothing(pair: Pair) -> N
     client = openai.OpenAI(base_url="http://10.77.0.11:8100/v1", api_key=key, max_retries=0, timeout=60)
     out = client.embeddings.create(model="embed", input=["two Sparks", "one cable"])
     assert [len(d.embedding) for d in out.data] == [384, 384]
+    # Ray in its container (--network host) and the worker's gloo rendezvous: only SSH and the API answer the laptop
+    assert {h: open_from_laptop(pair.tb, h) for h in pair.tb.hosts} == {"spark-a": {22, 8100}, "spark-b": {22}}
     r = pair.run("plan", "--json")
     assert r.returncode == 0, r.stderr
     assert [s["id"] for s in plan_steps(r.stdout) if s["changes"]] == []

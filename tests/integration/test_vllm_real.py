@@ -25,7 +25,7 @@ from typing import Any
 import openai
 import pytest
 
-from tests.integration.helpers import REPO, env_file, spark_processes
+from tests.integration.helpers import REPO, env_file, listening_ports, open_from_laptop, spark_processes
 from tests.integration.test_vllm_sim import http_status, leftovers, output, sparkctl
 from tests.testbed import TWINS, Testbed
 from tests.testbed.layout import RUNTIME_VENV
@@ -195,6 +195,12 @@ def test_models_auth_and_embeddings_match_the_single_process_reference(
     assert cos.min() >= 0.9999, cos
 
 
+def test_one_rank_opens_nothing_but_its_api_to_the_laptop(testbed: Testbed, mini_up: dict[str, Any]) -> None:
+    # one rank: vLLM's uni executor, its engine core over ZMQ ipc:// sockets (vllm/v1/engine/utils.py)
+    assert mini_up["up"].returncode == 0, output(mini_up["up"])
+    assert {h: open_from_laptop(testbed, h) for h in testbed.hosts} == {"spark-a": {22, MINI["port"]}, "spark-b": {22}}
+
+
 def test_status_and_logs_show_the_real_server(mini_up: dict[str, Any]) -> None:
     assert mini_up["up"].returncode == 0, output(mini_up["up"])
     env, inv = mini_up["env"], str(mini_up["inventory"])
@@ -298,6 +304,10 @@ def test_tp2_across_both_sparks_with_vllms_multiprocessing_executor(fresh_testbe
         log_b = tb.exec("spark-b", ["cat", log_path]).stdout
         assert "headless multiproc executor" in log_b, log_b[-3000:]  # vllm/entrypoints/cli/serve.py
         assert "TP rank 1" in log_b, log_b[-3000:]  # the second tensor-parallel rank runs on spark-b
+        # the ranks' rendezvous, torch's TCPStore at --master-port, listens on every interface of the head; it,
+        # the message queues and gloo (port 0 on the twin) answer nobody on the management network
+        assert 29501 in listening_ports(tb, HEAD)
+        assert {h: open_from_laptop(tb, h) for h in tb.hosts} == {"spark-a": {22, MINI["port"]}, "spark-b": {22}}
 
         key = (tmp_path / "sparkctl" / "testbed" / "api-key-mini").read_text().strip()
         client = openai.OpenAI(base_url=f"http://{tb.mgmt_ip(HEAD)}:{MINI['port']}/v1", api_key=key, timeout=120)

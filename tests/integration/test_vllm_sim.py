@@ -26,6 +26,7 @@ from typing import Any
 import openai
 import pytest
 
+from tests.integration.helpers import open_from_laptop
 from tests.testbed import LOGIN_USER, TWINS, Testbed
 
 pytestmark = pytest.mark.testbed
@@ -211,6 +212,11 @@ def test_up_launches_vllm_as_built_and_serves(testbed: Testbed, chat_up: dict[st
     assert status.returncode == 0, output(status)
     chat = json.loads(status.stdout)["workloads"]["chat"]
     assert (chat["process"], chat["health"]) == ("ok", "ready"), chat
+
+    # the Ray executor's ranks are Ray actors (worker port range) next to Ray's own listeners: from the laptop only
+    # SSH, and the API on the head, answer
+    for host in HOSTS:
+        assert open_from_laptop(testbed, host) == ({22, CHAT["port"]} if host == HEAD else {22}), host
 
 
 def test_down_stops_vllm_and_ray(testbed: Testbed, chat_up: dict[str, Any]) -> None:

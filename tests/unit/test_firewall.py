@@ -6,8 +6,10 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
+from sparkctl.errors import InventoryError
 from sparkctl.facts.parse import parse_probe
 from sparkctl.facts.probe import MARK, probe_sections
 from sparkctl.inventory import parse_inventory
@@ -177,3 +179,120 @@ def test_the_rules_sparkctl_writes_read_back_as_converged(tmp_path: Path) -> Non
     written.unlink()
     out = subprocess.run(["sh", "-c", line], capture_output=True, text=True, timeout=10, check=True).stdout
     assert "firewall.nft" not in parse_probe("spark-a", out + f"{MARK} end\n").files
+
+
+# --- the ports the workloads open (docs/workers.md, "Ports") -------------------------------------------
+
+CHAT = {"name": "chat", "engine": "vllm", "model": "Qwen/Qwen3-30B-A3B-Instruct-2507", "tensor_parallel_size": 2,
+        "port": 8000}
+EMBED = {"name": "emb", "engine": "embed", "tensor_parallel_size": 2, "port": 8001}
+# Where each mode listens besides its API port: torch's TCPStore binds every interface (the mp rendezvous at
+# --master-port; the Ray executor's and the embed worker's on port 0), vLLM's message queues, gloo and NCCL bind
+# port 0 on the fabric address, Ray's actors take its worker range; port 0 means Linux's ip_local_port_range.
+PORT_ZERO = (32768, 45000, 60999)
+MODES: dict[str, tuple[dict[str, object], list[dict[str, object]], list[int]]] = {
+    "venv, vLLM mp": ({}, [{**CHAT, "executor": "mp"}], [29501, *PORT_ZERO]),
+    "venv, vLLM Ray executor": ({}, [{**CHAT, "executor": "ray"}], [*PORT_ZERO, 10100, 10199]),
+    "venv, embed worker": ({}, [EMBED], [*PORT_ZERO, 10100, 10199]),
+    "container, vLLM mp": ({"image": "nvcr.io/nvidia/vllm:26.05-py3"}, [{**CHAT, "executor": "mp"}],
+                           [29501, *PORT_ZERO]),
+    "container, vLLM Ray executor": ({"image": "nvcr.io/nvidia/vllm:26.05-py3", "add_ray": "2.60.0"},
+                                     [{**CHAT, "executor": "ray"}], [*PORT_ZERO, 10100, 10199]),
+    "container, embed worker": ({"image": "nvcr.io/nvidia/vllm:26.05-py3", "add_ray": "2.60.0"}, [EMBED],
+                                [*PORT_ZERO, 10100, 10199]),
+}
+
+
+def _mode(name: str) -> Inventory:
+    runtime, workloads, _ = MODES[name]
+    return _inventory({"runtime": runtime or {"venv": "/opt/sparkctl-runtime"}, "workloads": workloads})
+
+
+def test_every_port_each_workload_mode_opens_is_dropped_on_the_management_network_only() -> None:
+    for name, (_, workloads, inner) in MODES.items():
+        inv = _mode(name)
+        for host in inv.hosts:
+            rules = lc.render_firewall(inv, host)
+            for port in [*inner, *_ray_pinned(inv)]:
+                assert verdict(rules, MANAGEMENT, port) == "drop", (name, host.name, port)
+                for iif in ["lo", *(t.interface for t in host.fabric)]:
+                    assert verdict(rules, iif, port) == "accept", (name, host.name, iif, port)
+            for w in workloads:  # the API answers the laptop
+                assert verdict(rules, MANAGEMENT, int(str(w["port"]))) == "accept", (name, w["name"])
+
+
+def test_the_mp_rendezvous_follows_a_master_port_given_in_extra_args() -> None:
+    for args in (["--master-port", "29611"], ["--master-port=29611"]):
+        inv = _inventory({"workloads": [{**CHAT, "executor": "mp", "extra_args": args}]})
+        rules = lc.render_firewall(inv, inv.host("spark-a"))
+        assert verdict(rules, MANAGEMENT, 29611) == "drop", args
+        assert "29501" not in rules, args
+
+
+def test_a_one_host_workload_opens_no_rendezvous_port() -> None:
+    # one rank: vLLM's uni executor rendezvous through a file store, no TCPStore (vllm/v1/executor/uniproc_executor.py)
+    inv = _inventory({"workloads": [{**CHAT, "tensor_parallel_size": 1}]})
+    assert "29501" not in lc.render_firewall(inv, inv.host("spark-a"))
+
+
+def test_vllm_port_moves_get_open_port_and_the_firewall_follows() -> None:
+    # with VLLM_PORT set, get_open_port() counts up from it (vllm/utils/network_utils.py, vLLM 0.32.0): the V1 Ray
+    # executor's TCPStore, on every interface, lands there instead of the ephemeral range
+    chat = {**CHAT, "executor": "ray", "env": {"VLLM_PORT": "20000", "VLLM_USE_RAY_V2_EXECUTOR_BACKEND": "0"}}
+    inv = _inventory({"workloads": [chat]})
+    rules = lc.render_firewall(inv, inv.host("spark-a"))
+    for port in (20000, 20000 + lc.VLLM_PORT_SPAN - 1):
+        assert verdict(rules, MANAGEMENT, port) == "drop", port
+        assert verdict(rules, "enp1s0f1np1", port) == "accept", port
+    assert verdict(rules, MANAGEMENT, 20000 + lc.VLLM_PORT_SPAN) == "accept"
+
+
+# --- network.open_ports: the user's own services through the firewall ---------------------------------
+
+def _network(**edit: object) -> dict[str, object]:
+    return {"network": {"mtu": 9000, "topology": "direct", **edit}}
+
+
+def test_open_ports_are_let_in_from_the_management_network_before_the_drop() -> None:
+    inv = _inventory(_network(open_ports=[40000, 8443]))
+    rules = lc.render_firewall(inv, inv.host("spark-a"))
+    assert verdict(rules, MANAGEMENT, 40000) == "accept"  # inside the ephemeral range, listed
+    assert verdict(rules, MANAGEMENT, 40001) == "drop"  # its neighbour is not
+    assert verdict(rules, MANAGEMENT, 8443) == "accept"
+    assert lc.render_firewall(_inventory(), _inventory().host("spark-a")) != rules  # the file changes with them
+
+
+def test_open_ports_default_to_none() -> None:
+    assert _inventory().network.open_ports == []
+
+
+@pytest.mark.parametrize(
+    ("ports", "workloads", "problem"),
+    [
+        ([6381], [], "port 6381 is ray.ports.node_manager"),
+        ([6379], [], "port 6379 is ray.port"),
+        ([10150], [], "port 10150 is in Ray's worker port range 10100-10199"),
+        ([29501], [{**CHAT, "executor": "mp"}], "port 29501 is the rendezvous of workload 'chat'"),
+        ([29611], [{**CHAT, "executor": "mp", "extra_args": ["--master-port=29611"]}],
+         "port 29611 is the rendezvous of workload 'chat'"),
+        ([40000, 40000], [], "port 40000 is listed twice"),
+    ],
+)
+def test_open_ports_that_would_expose_ray_or_the_ranks_are_refused(
+    ports: list[int], workloads: list[dict[str, object]], problem: str
+) -> None:
+    with pytest.raises(InventoryError) as err:
+        _inventory({**_network(open_ports=ports), "workloads": workloads})
+    assert problem in str(err.value)
+    assert "network.open_ports" in str(err.value)
+
+
+def test_the_default_rendezvous_port_is_free_to_open_without_an_mp_workload_across_hosts() -> None:
+    inv = _inventory({**_network(open_ports=[29501]), "workloads": [{**CHAT, "executor": "ray"}]})
+    assert verdict(lc.render_firewall(inv, inv.host("spark-a")), MANAGEMENT, 29501) == "accept"
+
+
+@pytest.mark.parametrize("port", [0, 65536, -1])
+def test_open_ports_outside_the_tcp_range_are_refused(port: int) -> None:
+    with pytest.raises(InventoryError):
+        _inventory(_network(open_ports=[port]))
