@@ -27,6 +27,7 @@ CHAT: dict[str, Any] = {
     "model": "Qwen/Qwen3-0.6B",
     "tensor_parallel_size": 2,
     "executor": "ray",  # vLLM's Ray executor (the default is mp), simulated
+    "sync_weights": False,  # the simulated vLLM reads no weights, and the testbed reaches no hub
     "port": 8000,
     "ready_timeout": 300,
 }

@@ -46,6 +46,17 @@ def repo_dir(tmp_path: Path) -> Path:
     return root
 
 
+@pytest.fixture(autouse=True)
+def online(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Other tests of the session run offline: huggingface_hub reads HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) once,
+    at import (constants.py), and its functions look the constant up when called."""
+    import huggingface_hub.constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+
+
 @pytest.fixture
 def hub(repo_dir: Path, tmp_path: Path) -> Iterator[FakeHub]:
     server = start_fakehub({REPO_ID: repo_dir}, log_path=tmp_path / "hub.log")
@@ -54,7 +65,7 @@ def hub(repo_dir: Path, tmp_path: Path) -> Iterator[FakeHub]:
 
 
 def hub_env(hub: FakeHub, home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_") and k != "TRANSFORMERS_OFFLINE"}
     return {**env, "HF_ENDPOINT": hub.url, "HF_HOME": str(home)}
 
 
