@@ -15,7 +15,7 @@ from sparkctl.facts.models import HostFacts, NcclLib
 from sparkctl.inventory.models import Host, Inventory, Workload
 from sparkctl.inventory.topology import check_pairs, interface, link_of
 from sparkctl.plan.cluster import RAY_MARKERS, workload_exit
-from sparkctl.plan.commands import needs_ray, ray_wanted, workload_ranks
+from sparkctl.plan.commands import needs_ray, rank_hosts, ray_wanted, workload_ranks
 from sparkctl.plan.env import detect_gid_index, version_tuple
 from sparkctl.plan.images import image_source
 
@@ -497,17 +497,20 @@ def unique_identity(ctx: CheckContext, rule: Rule) -> list[Finding]:
 @evaluator("workload_health")
 def workload_health(ctx: CheckContext, rule: Rule) -> list[Finding]:
     out: list[Finding] = []
-    for w in ctx.inventory.workloads:
-        head = ctx.inventory.workload_head(w)
-        f = ctx.facts.get(head.name)
-        if f is None or f"workload-{w.name}.pid" not in f.files:
-            continue  # not running: nothing to judge
-        exited = workload_exit(f.files, w.name)
-        health = f"failed exited by itself: {exited}" if exited is not None else None
-        health = health or f.files.get(f"workload-{w.name}.health", "").strip()
-        out.append(
-            _f(rule, not health.startswith("failed"), f"{head.name} workload {w.name}", health or "no health recorded")
-        )
+    inv = ctx.inventory
+    for w in inv.workloads:
+        # its head, and each host running a rank of vLLM's multiprocessing executor (a headless `vllm serve`)
+        hosts = dict.fromkeys([inv.workload_head(w).name, *(h.name for h in rank_hosts(inv, w))])
+        for name in hosts:
+            f = ctx.facts.get(name)
+            if f is None or not {f"workload-{w.name}.pid", f"workload-{w.name}.spec"} & f.files.keys():
+                continue  # not running there: nothing to judge
+            exited = workload_exit(f.files, w.name)
+            health = f"failed exited by itself: {exited}" if exited is not None else None
+            health = health or f.files.get(f"workload-{w.name}.health", "").strip()
+            out.append(
+                _f(rule, not health.startswith("failed"), f"{name} workload {w.name}", health or "no health recorded")
+            )
     return out
 
 

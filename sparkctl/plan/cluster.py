@@ -279,6 +279,19 @@ def workload_health(ctx: PlanContext, w: Workload, host: Host | None = None) -> 
     return files.get(f"workload-{w.name}.health", "").strip()
 
 
+def group_health(ctx: PlanContext, w: Workload) -> str:
+    """What the workload recorded about itself: its head's record, else (vLLM's multiprocessing executor across
+    Sparks) the first rank host's that recorded something, named: e.g. 'spark-b: failed exited by itself: ...'."""
+    head = ctx.inventory.workload_head(w)
+    said = workload_health(ctx, w, head) if head.name in ctx.facts else ""
+    if said:
+        return said
+    for h in lc.rank_hosts(ctx.inventory, w):
+        if h.name != head.name and h.name in ctx.facts and (rank := workload_health(ctx, w, h)):
+            return f"{h.name}: {rank}"
+    return ""
+
+
 def workload_exit(files: Mapping[str, str], name: str) -> str | None:
     """Why the workload's recorded process exited without sparkctl stopping it; None while it runs (or no record)."""
     if f"workload-{name}.exit" not in files:
@@ -316,7 +329,10 @@ def workload_state(ctx: PlanContext, w: Workload, host: Host | None = None) -> s
         states = [workload_state(ctx, w, h) for h in ranks] if ranks else []
         if not states:
             return workload_state(ctx, w, ctx.inventory.workload_head(w))
-        return "ok" if set(states) == {"ok"} else (states[0] if states[0] != "ok" else "changed")
+        if set(states) == {"ok"}:
+            return "ok"
+        # a rank that died (on any host) makes the group broken; else the head's state, or 'changed'
+        return "broken" if "broken" in states else (states[0] if states[0] != "ok" else "changed")
     facts = ctx.facts[host.name]
     pid = facts.files.get(f"workload-{w.name}.pid", "").strip()
     if own:  # a container of its own on each of its hosts

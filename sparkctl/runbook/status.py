@@ -7,7 +7,7 @@ from typing import Any
 
 from sparkctl.inventory.topology import neighbours
 from sparkctl.plan import commands as lc
-from sparkctl.plan.cluster import ray_running_ok, workload_health, workload_state
+from sparkctl.plan.cluster import group_health, ray_running_ok, workload_state
 from sparkctl.runbook.session import Session
 
 
@@ -60,7 +60,7 @@ def cluster_status(session: Session, secrets: Mapping[str, str]) -> dict[str, An
             "process": workload_state(ctx, w) if read else "unknown",
             "health": probe.phase,
             "detail": probe.detail,
-            "recorded": workload_health(ctx, w) if head in session.facts else "",
+            "recorded": group_health(ctx, w),
         }
     unreachable = {
         h.name: {

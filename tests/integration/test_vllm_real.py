@@ -315,6 +315,22 @@ def test_tp2_across_both_sparks_with_vllms_multiprocessing_executor(fresh_testbe
         print(f"TP=2 (mp) worst cosine {cos.min():.7f}")
         assert cos.min() >= 0.9999, cos
 
+        # A rank dies: the headless `vllm serve` on spark-b and every process of its group, killed (a crash, the
+        # OOM killer). status and doctor say the workload is broken and name spark-b; up restarts both ranks.
+        pid = tb.exec("spark-b", ["cat", "/home/spark/.local/state/sparkctl/workload-mini.pid"]).stdout.strip()
+        tb.exec("spark-b", ["kill", "-KILL", f"-{pid}"])
+        status = sparkctl(env, "status", "-i", inventory, "--json", timeout=300)
+        view = json.loads(status.stdout)["workloads"]["mini"]
+        assert view["process"] == "broken", (view, output(status))
+        assert view["recorded"].startswith("spark-b: failed exited by itself"), view
+        doctor = sparkctl(env, "doctor", "-i", inventory, "--json", timeout=300)
+        said = {f["subject"]: f for f in json.loads(doctor.stdout) if f["rule"] == "workload-health"}
+        assert doctor.returncode == 1 and said["spark-b workload mini"]["level"] == "fail", said
+        again = sparkctl(env, "up", "-i", inventory, "--yes", timeout=1500)
+        assert again.returncode == 0, output(again)
+        assert reference_cosines(client, "mini").min() >= 0.9999
+        assert len(_pids(tb, "spark-b")) >= 1 and _pids(tb, "spark-b")[0] != int(pid)  # a new rank on spark-b
+
         plan = sparkctl(env, "plan", "-i", inventory, "--json", timeout=300)
         assert plan.returncode == 0, output(plan)
         steps = [s for st_ in json.loads(plan.stdout)["stages"] for s in st_["steps"] if s["changes"]]

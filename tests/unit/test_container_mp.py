@@ -175,6 +175,17 @@ def test_a_rank_whose_container_exited_is_broken_and_the_group_restarts() -> Non
     assert sh_line(forget).startswith("docker rm -f sparkctl-chat >/dev/null 2>&1; rm -f ")  # no signal
     stop, _ = one(plan, "spark-a", "workload", "chat").commands  # the head's rank is restarted with it
     assert sh_line(stop).startswith("docker stop -t 30 sparkctl-chat")
+    # the group is broken, and what is said names the host whose rank died, in status and in doctor
+    from sparkctl.doctor.evaluators import EVALUATORS, CheckContext
+    from sparkctl.doctor.rules import load_rules
+    from sparkctl.plan.cluster import group_health
+
+    assert workload_state(ctx, inv.workload("chat")) == "broken"
+    assert group_health(ctx, inv.workload("chat")) == f"spark-b: failed exited by itself: {died}"
+    rule = next(r for r in load_rules().rules if r.check == "workload_health")
+    found = {f.subject: (f.level, f.evidence) for f in EVALUATORS["workload_health"](CheckContext(inv, facts), rule)}
+    assert found["spark-b workload chat"] == (rule.level, f"failed exited by itself: {died}")
+    assert found["spark-a workload chat"][0] == "pass"
 
 
 def test_down_stops_the_rank_containers_on_every_host() -> None:
