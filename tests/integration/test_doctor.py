@@ -56,6 +56,42 @@ def test_a_healthy_pair_passes(configured: tuple[Testbed, Path, dict[str, str]])
     assert set(levels(findings, "ray-exposure").values()) == {"pass"}
 
 
+def test_link_speed_cma_and_host_identity_are_read_from_the_hosts(
+    configured: tuple[Testbed, Path, dict[str, str]],
+) -> None:
+    """The rules reading sysfs, /proc/meminfo and /etc/machine-id judge what the fake hosts really show: their twins
+    are veths (no PCI device: not judged), their kernel is this machine's, each has its own machine-id and host
+    key until one is cloned."""
+    tb, inv, env = configured
+    _, findings = doctor(inv, env)
+    speed = {f["subject"]: (f["level"], f["evidence"]) for f in findings if f["rule"] == "twin-link-speed"}
+    assert set(speed) == {f"{h} {t}" for h in tb.hosts for t in ("enp1s0f1np1", "enP2p1s0f1np1")}, speed
+    assert all(level == "pass" and "not judged: no PCI device" in why for level, why in speed.values()), speed
+    meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    kernel = os.uname().release
+    cma = {f["subject"]: (f["level"], f["evidence"]) for f in findings if f["rule"] == "kernel-kho-cma"}
+    for host in tb.hosts:
+        level, why = cma[host]
+        assert why.startswith(f"kernel {kernel}"), why
+        if "CmaTotal" in meminfo:
+            total, free = (int(meminfo[k].split()[0]) for k in ("CmaTotal", "CmaFree"))
+            assert f"CmaTotal {total} kB" in why and level == ("warn" if free > total else "pass"), why
+        else:
+            assert "no CMA in /proc/meminfo" in why and level == "pass", why
+    assert levels(findings, "host-identity-unique") == {"cluster": "pass"}
+    # spark-b cloned from spark-a's disk: the same /etc/machine-id
+    own = tb.exec("spark-b", ["cat", "/etc/machine-id"]).stdout
+    cloned = tb.exec("spark-a", ["cat", "/etc/machine-id"]).stdout
+    tb.exec("spark-b", ["sh", "-c", "cat > /etc/machine-id"], input=cloned)
+    try:
+        _, findings = doctor(inv, env)
+    finally:
+        tb.exec("spark-b", ["sh", "-c", "cat > /etc/machine-id"], input=own)
+    clone = [f for f in findings if f["rule"] == "host-identity-unique"]
+    assert [f["level"] for f in clone] != ["pass"] and "spark-a" in clone[0]["evidence"], clone
+    assert "spark-b" in clone[0]["evidence"], clone
+
+
 def test_one_twin_at_mtu_1500_is_named(configured: tuple[Testbed, Path, dict[str, str]]) -> None:
     tb, inv, env = configured
     tb.set_mtu("spark-b", "enp1s0f1np1", 1500)
