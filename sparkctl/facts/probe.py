@@ -39,13 +39,20 @@ CONTAINER_WORKLOADS_PROBE = (
 )
 """Container mode: the workloads whose recorded process runs in the Ray container (pids of its namespace)."""
 EXITED_WORKLOADS = (
-    'for f in workload-*.pid; do [ -f "$f" ] || continue; p=$(cat "$f"); [ -n "$p" ] && [ -d "/proc/$p" ] && continue; '
+    'for f in workload-*.pid; do [ -f "$f" ] || continue; p=$(cat "$f"); '
+    # alive: the recorded pid runs a workload (after a reboot the number may belong to another process)
+    '[ -n "$p" ] && case "$(tr "\\0" " " < "/proc/$p/cmdline" 2>/dev/null)" in '
+    '*"vllm serve"*|*embed_worker.py*) continue ;; esac; '
     'n=${f%.pid}; n=${n#workload-}; '
     'r=$(grep -m1 "died unexpectedly" "logs/$n.log" 2>/dev/null || grep -E "ERROR|Error" "logs/$n.log" 2>/dev/null '
     "| tail -n 1); "
+    # started before the host's last boot (btime in /proc/stat, proc(5)): the host restarted under it
+    '[ "$(stat -c %Y "$f")" -lt "$(awk \'/^btime/ {print $2}\' /proc/stat)" ] && r="the host restarted since it was '
+    'started"; '
     'printf "workload-%s.exit:%s\\n" "$n" "$(printf %s "$r" | head -c 300)"; done; '
 )
-"""venv mode: a workload whose recorded process is gone although sparkctl never stopped it (its stop removes the
+"""venv mode: a workload whose recorded process is gone (or whose pid now runs something else)
+although sparkctl never stopped it (its stop removes the
 record) exited by itself; print `workload-<name>.exit:<why>`, the why from its log: vLLM's executor logs "RayWorkerProc
 rank=[..] died unexpectedly, shutting down executor." when a rank's Ray actor dies, and its API server then exits
 (vllm/v1/executor/ray_executor_v2.py, vllm/entrypoints/launchers/launcher.py, vLLM 0.32.0); else its last error."""

@@ -340,7 +340,10 @@ def workload_state(ctx: PlanContext, w: Workload, host: Host | None = None) -> s
     elif ctx.inventory.runtime.image:  # a process in the head's Ray container (`docker exec`)
         alive = lc.RAY_CONTAINER in facts.containers and w.name in facts.container_workloads
     else:
-        alive = pid.isdigit() and any(p.pid == int(pid) for p in facts.processes)
+        # the recorded pid, running a workload (after a reboot the number may belong to another process)
+        alive = pid.isdigit() and any(
+            p.pid == int(pid) and any(m in p.args for m in WORKLOAD_MARKERS) for p in facts.processes
+        )
     if not alive:
         # venv mode: recorded but gone, and sparkctl never stopped it (e.g. vLLM's API server ends once a Ray
         # worker of its engine died): broken, restarted like a group that lost a rank

@@ -429,6 +429,47 @@ class Testbed(FaultsMixin):
             timeout=60,
         )
 
+    # --- a reboot ----------------------------------------------------------------------------------
+
+    def reboot(self, host: str) -> float:
+        """Reboot one host: every process in it killed at once (its PID namespace's init, so the kernel ends them
+        all), what a power cycle clears cleared (the interfaces' addresses and MTU, the nftables ruleset; /run and
+        /dev/shm are tmpfs the new init mounts afresh), then booted again on the same disk (/etc, /home,
+        NetworkManager's profiles and state kept), NetworkManager bringing the autoconnect profiles back itself.
+        Returns the seconds it took until sshd answered and NetworkManager had activated its profiles."""
+        t0 = time.monotonic()
+        state = self._state()
+        rec = self._host(host, state)
+        spec = self.spec(host)
+        twins = [t.interface for t in spec.twins]
+        flush = "; ".join(
+            [f"ip addr flush dev {MGMT_IFNAME}", "nft flush ruleset 2>/dev/null"]
+            + [f"ip addr flush dev {t}; ip link set {t} mtu 1500" for t in twins]
+        )
+        self.exec(host, ["sh", "-c", flush + "; true"])
+        os.kill(rec["init_pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while pid_alive(rec["init_pid"], rec["init_start"]):
+            if time.monotonic() > deadline:
+                raise TestbedError(f"{host}: its init {rec['init_pid']} outlived SIGKILL for 30 s")
+            time.sleep(0.05)
+        self._reap_popens()
+        (Path(rec["dir"]) / "status").unlink(missing_ok=True)
+        self._spawn_host(state, spec)
+        lifecycle.wait_booted([rec], BOOT_TIMEOUT)
+        # the twins NetworkManager manages (as the testbed's first boot marks them), then their profiles active
+        deadline = time.monotonic() + SETTLE_TIMEOUT
+        while True:
+            for t in twins:
+                self.exec(host, ["nmcli", "device", "set", t, "managed", "yes"], check=False)
+            out = self.exec(host, ["nmcli", "-t", "-f", "DEVICE,STATE", "device", "status"], check=False).stdout
+            states = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+            if all(states.get(t) == "connected" for t in twins):
+                return time.monotonic() - t0
+            if time.monotonic() > deadline:
+                raise TestbedError(f"{host}: after the reboot the twins are {states}")
+            time.sleep(0.2)
+
     # --- which vLLM the hosts run ----------------------------------------------------------------
 
     def use_vllm(self, kind: str, hosts: Sequence[str] | None = None) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -272,10 +273,18 @@ def test_the_probe_names_a_workload_whose_process_is_gone_with_the_why_from_its_
     (tmp_path / "logs" / "chat.log").write_text(f"INFO loading\n{DIED}\nERROR EngineCore encountered a fatal error.\n")
     (tmp_path / "workload-embed.pid").write_text(f"{child.pid}\n")
     (tmp_path / "logs" / "embed.log").write_text("ERROR first\nRuntimeError: last\n")
-    (tmp_path / "workload-live.pid").write_text(f"{os.getpid()}\n")
-    r = subprocess.run(["sh", "-c", EXITED_WORKLOADS], cwd=tmp_path, capture_output=True, text=True, check=True)
+    # a live workload: its command line names `vllm serve`, as the recorded process's does
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "vllm", "serve", "m"])
+    (tmp_path / "workload-live.pid").write_text(f"{live.pid}\n")
+    # a pid that runs something else now (after a reboot the number may be another process's)
+    (tmp_path / "workload-reused.pid").write_text(f"{os.getpid()}\n")
+    try:
+        r = subprocess.run(["sh", "-c", EXITED_WORKLOADS], cwd=tmp_path, capture_output=True, text=True, check=True)
+    finally:
+        live.kill()
+        live.wait()
     assert sorted(r.stdout.splitlines()) == sorted(
-        [f"workload-chat.exit:{DIED}", "workload-embed.exit:RuntimeError: last"]
+        [f"workload-chat.exit:{DIED}", "workload-embed.exit:RuntimeError: last", "workload-reused.exit:"]
     )
 
 
@@ -326,3 +335,15 @@ def test_doctor_and_status_name_a_vllm_workload_that_exited_by_itself() -> None:
         }
     )
     assert f"broken: exited by itself: {DIED}; hint: sparkctl up restarts it" in text
+
+
+def test_a_recorded_pid_that_now_runs_something_else_is_not_the_workload() -> None:
+    """After a reboot the recorded number may belong to another process: it is not taken for the workload."""
+    inv = parse_inventory(RAY_EXECUTOR, "inv.yaml")
+    w = inv.workloads[0]
+    facts = _vllm_facts(inv, running=True, exit_line=None)
+    other = [p.model_copy(update={"args": "/usr/sbin/cron -f"}) for p in facts["spark-a"].processes]
+    facts = {n: f.model_copy(update={"processes": other}) for n, f in facts.items()}
+    assert cluster.workload_state(PlanContext(inv, facts, {}, {}), w) == "stopped"
+    facts = {n: f.model_copy(update={"files": {**f.files, "workload-chat.exit": ""}}) for n, f in facts.items()}
+    assert cluster.workload_state(PlanContext(inv, facts, {}, {}), w) == "broken"
