@@ -58,6 +58,7 @@ class Pair:
         self.fresh_plan: str = ""
         self.outputs: list[str] = []
         self.cmdlines: list[str] = []
+        self.up_seconds = 0.0
 
     def run(self, *args: str, timeout: float = 600) -> Any:
         r = sparkctl(*args, "-i", str(self.inventory), env=self.env, timeout=timeout)
@@ -113,9 +114,11 @@ def test_up_configures_fabric_env_ray_and_the_tp2_endpoint(pair: Pair) -> None:
 
     sampler = threading.Thread(target=sample_cmdlines, daemon=True)
     sampler.start()
+    t0 = time.monotonic()
     try:
         r = pair.run("up", "--yes")
     finally:
+        pair.up_seconds = time.monotonic() - t0
         stop.set()
         sampler.join()
     assert r.returncode == 0, r.stdout + r.stderr
@@ -238,6 +241,37 @@ def test_status_reports_fabric_ray_and_endpoint(pair: Pair) -> None:
     assert all(t["ok"] for h in st["hosts"].values() for t in h["fabric"])
     assert {h["ray"] for h in st["hosts"].values()} == {"running"}
     assert st["workloads"]["embed"]["health"] == "ready"
+
+
+def test_a_rebooted_spark_is_named_and_up_brings_back_only_what_it_lost(pair: Pair) -> None:
+    """spark-b reboots (every process killed, addresses and nftables gone, booted again on the same disk): its
+    fabric profiles come back by themselves; status says Ray and the embed worker's rank there are gone; `up`
+    restarts Ray on spark-b and the workload (its head on spark-a restarted, not duplicated), redoes nothing of the
+    network, in about the first bring-up's time."""
+    tb = pair.tb
+    workers = len(spark_processes(tb, "spark-a", "embed_worker"))
+    booted = tb.reboot("spark-b")
+    r = pair.run("status", "--json")
+    st = json.loads(r.stdout)
+    assert r.returncode != 0 or st["workloads"]["embed"]["health"] != "ready", st
+    assert all(t["ok"] for t in st["hosts"]["spark-b"]["fabric"]), st  # NetworkManager brought them back
+    assert (st["hosts"]["spark-a"]["ray"], st["hosts"]["spark-b"]["ray"]) == ("running", "not running"), st
+    assert st["workloads"]["embed"]["process"] in ("broken", "changed"), st
+    plan = changing(plan_steps(pair.run("plan", "--json").stdout))
+    ids = {(host, sid.split(":")[0]) for host, sid, _ in plan}
+    assert not {k for _, k in ids} & {"fabric_profile", "fabric_active", "fabric_checkpoint", "env_file"}, plan
+    assert ("spark-b", "ray_node") in ids and ("spark-a", "workload") in ids, plan
+    assert ("spark-b", "ray_firewall") in ids, plan  # the rules were in memory only: loaded again
+    t0 = time.monotonic()
+    up = pair.run("up", "--yes")
+    took = time.monotonic() - t0
+    assert up.returncode == 0, up.stdout + up.stderr
+    print(f"reboot {booted:.1f}s; up after it {took:.1f}s (first bring-up {pair.up_seconds:.1f}s)")
+    assert took < max(1.5 * pair.up_seconds, pair.up_seconds + 30), (took, pair.up_seconds)
+    assert len(spark_processes(tb, "spark-a", "embed_worker")) == workers  # restarted, not duplicated
+    assert changing(plan_steps(pair.run("plan", "--json").stdout)) == []
+    r = pair.run("status", "--json")
+    assert json.loads(r.stdout)["workloads"]["embed"]["health"] == "ready", r.stdout
 
 
 def test_down_leaves_nothing_running_and_up_converges_again(pair: Pair) -> None:
