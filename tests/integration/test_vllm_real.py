@@ -318,10 +318,12 @@ def test_tp2_across_both_sparks_with_vllms_multiprocessing_executor(fresh_testbe
         # A rank dies: the headless `vllm serve` on spark-b and every process of its group, killed (a crash, the
         # OOM killer). status and doctor say the workload is broken and name spark-b; up restarts both ranks.
         pid = tb.exec("spark-b", ["cat", "/home/spark/.local/state/sparkctl/workload-mini.pid"]).stdout.strip()
-        tb.exec("spark-b", ["kill", "-KILL", f"-{pid}"])
+        before = tb.exec("spark-b", ["ps", "-eo", "pid,pgid,stat,args"]).stdout
+        tb.exec("spark-b", ["kill", "-KILL", "--", f"-{pid}"])
+        after = tb.exec("spark-b", ["ps", "-eo", "pid,pgid,stat,args"]).stdout
         status = sparkctl(env, "status", "-i", inventory, "--json", timeout=300)
         view = json.loads(status.stdout)["workloads"]["mini"]
-        assert view["process"] == "broken", (view, output(status))
+        assert view["process"] == "broken", (view, pid, before, after, output(status))
         assert view["recorded"].startswith("spark-b: failed exited by itself"), view
         doctor = sparkctl(env, "doctor", "-i", inventory, "--json", timeout=300)
         said = {f["subject"]: f for f in json.loads(doctor.stdout) if f["rule"] == "workload-health"}
