@@ -35,6 +35,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.bench_testbed import phases  # noqa: E402
 from tests.testbed import Testbed  # noqa: E402
 from tests.testbed.layout import RUNTIME_VENV  # noqa: E402
 
@@ -69,17 +70,6 @@ def cli(env: dict[str, str], *args: str, timeout: float = 1800) -> subprocess.Co
     if r.returncode != 0:
         raise SystemExit(f"sparkctl {' '.join(args)} failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
     return r
-
-
-def stages(state: Path) -> dict[str, float]:
-    """Seconds per stage of the last run, from the journal (wall time of the stage across hosts)."""
-    record = json.loads((state / "sparkctl" / "journal.jsonl").read_text().splitlines()[-1])
-    spans: dict[str, list[float]] = {}
-    for s in record["steps"]:
-        if s["started"]:
-            lo, hi = spans.get(s["stage"], [s["started"], s["ended"]])
-            spans[s["stage"]] = [min(lo, s["started"]), max(hi, s["ended"])]
-    return {k: round(v[1] - v[0], 2) for k, v in spans.items()}
 
 
 def cold(tb: Testbed) -> None:
@@ -152,7 +142,7 @@ def main() -> None:
             t0 = time.monotonic()
             cli(env, "up", "--yes", "-i", inv)
             result["sparkctl_up_seconds"].append(round(time.monotonic() - t0, 2))
-            result["up_stages"].append(stages(state))
+            result["up_stages"].append({k: v for k, v in phases(state).items() if k != "total"})
             cli(env, "down", "-i", inv)
             commands = workload_commands(env, inv)
             cold(tb)

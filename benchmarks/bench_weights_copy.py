@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +29,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.bench_testbed import phases  # noqa: E402
+from benchmarks.bench_testbed import cli, phases  # noqa: E402
 from tests.testbed import TWINS, Testbed  # noqa: E402
 from tests.testbed.fakehub import start_fakehub  # noqa: E402
 from tests.testbed.layout import LAPTOP_IP  # noqa: E402
@@ -39,13 +38,6 @@ REPO_ID = "bench/big"
 HUB = "/home/spark/.cache/huggingface/hub"
 FOLDER = "models--bench--big"
 STATE = "/home/spark/.local/state/sparkctl"
-
-
-def cli(env: dict[str, str], inventory: Path, *args: str) -> None:
-    r = subprocess.run([sys.executable, "-m", "sparkctl", *args, "-i", str(inventory)], env=env, cwd=REPO,
-                       capture_output=True, text=True, check=False)
-    if r.returncode != 0:
-        raise SystemExit(f"sparkctl {' '.join(args)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
 
 
 def as_spark(tb: Testbed, host: str, script: str, timeout: float = 3600) -> str:
@@ -102,7 +94,8 @@ def main() -> None:
             workload = {"name": "big", "engine": "vllm", "model": REPO_ID, "tensor_parallel_size": 2,
                         "env": {"HF_ENDPOINT": hub.url}}
             inventory = tb.inventory_path(workloads=[workload])
-            cli(env, inventory, "models", "sync", "--yes", "--plain")  # the download onto spark-a, and a first copy
+            # the download onto spark-a, and a first copy
+            cli(env, "models", "sync", "--yes", "--plain", "-i", str(inventory))
             # the floor's own key: spark-a may run anything on spark-b with it (the benchmark's, not sparkctl's)
             as_spark(tb, "spark-a", "rm -f ~/.ssh/bench-floor*; ssh-keygen -q -t ed25519 -N '' -f ~/.ssh/bench-floor")
             pub = as_spark(tb, "spark-a", "cat ~/.ssh/bench-floor.pub").strip()
@@ -110,7 +103,7 @@ def main() -> None:
             for _ in range(args.rounds):
                 as_spark(tb, "spark-b", f"rm -rf {HUB}/{FOLDER} {STATE}/weights; sync")
                 tb.exec("spark-b", ["sh", "-c", "echo 3 > /proc/sys/vm/drop_caches"], check=False)
-                cli(env, inventory, "models", "sync", "--yes", "--plain")
+                cli(env, "models", "sync", "--yes", "--plain", "-i", str(inventory))
                 stages = phases(Path(tmp) / "state")
                 tb.exec("spark-a", ["sh", "-c", "echo 3 > /proc/sys/vm/drop_caches"], check=False)
                 floor = floor_copy(tb)
