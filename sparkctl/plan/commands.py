@@ -384,6 +384,7 @@ def workload_argv(inv: Inventory, w: Workload, home: str, host: Host | None = No
         w.name,
         "--tensor-parallel-size",
         str(w.tensor_parallel_size),
+        # the branch, tag or commit of a hub model (EngineArgs.revision, vllm/engine/arg_utils.py, vLLM 0.32.0)
         *(["--revision", w.revision] if w.revision else []),
         *pipeline,
         *executor,
