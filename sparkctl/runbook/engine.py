@@ -127,6 +127,24 @@ def _tail(text: str, lines: int = 20) -> str:
     return "\n".join(text.rstrip().splitlines()[-lines:])
 
 
+def _what_changed(
+    old: tuple[list[Command], str], new: tuple[list[Command], str], width: int = 160
+) -> str:
+    """The first difference between two versions of a step, short enough for one line of a report."""
+    if old[1] != new[1]:
+        return f" (verdict {old[1]!r} -> {new[1]!r})"
+    for i, (a, b) in enumerate(zip(old[0], new[0], strict=False)):
+        if a == b:
+            continue
+        if a.render() != b.render():
+            return f" (command {i + 1}: {a.render()[:width]!r} -> {b.render()[:width]!r})"
+        was, now = (a.stdin or "").splitlines(), (b.stdin or "").splitlines()
+        gone = [x for x in was if x not in now][:2]
+        came = [x for x in now if x not in was][:2]
+        return f" (command {i + 1} stdin: -{gone!r} +{came!r})"
+    return f" ({len(old[0])} -> {len(new[0])} commands)"
+
+
 @dataclass
 class Engine:
     """Runs plans. Effects come in as arguments: transports, clock, sleep, HTTP probe, confirm."""
@@ -285,7 +303,10 @@ class Engine:
         for key in sorted(set(old) | set(new)):
             if old.get(key) != new.get(key):
                 what = "added" if key not in old else "dropped" if key not in new else "changed"
-                diffs.append(self.secrets.redact(f"{key[1]} {key[0]}/{key[2]}: {what} after re-reading the hosts"))
+                line = f"{key[1]} {key[0]}/{key[2]}: {what} after re-reading the hosts"
+                if key in old and key in new:
+                    line += _what_changed(old[key], new[key])
+                diffs.append(self.secrets.redact(line))
         if not diffs:
             return stages
         report.revisions += diffs

@@ -587,6 +587,8 @@ def test_replan_revision_is_recorded_and_the_fresh_steps_run() -> None:
         and "worker_env" in report.revisions[0]
         and "changed" in report.revisions[0]
     )
+    # the record names what changed, not only where
+    assert report.revisions[0].endswith("(command 1 stdin: -['NCCL_IB_GID_INDEX=3'] +['NCCL_IB_GID_INDEX=5'])")
     assert [e.message for e in events if e.kind == "revised"] == report.revisions
     assert ts["spark-b"].calls[-1].stdin == "NCCL_IB_GID_INDEX=5\n"
     assert report.executed[-1].description == "gid 5"
