@@ -44,7 +44,9 @@ def detect_gid_index(facts: HostFacts, twin: FabricInterface) -> tuple[int | Non
     """(index of the RoCE v2 GID holding the twin's IPv4, predicted?) for the twin's RDMA device.
 
     When the twin has no address yet, the kernel will add the IPv4-mapped v1 and v2 entries in the first two
-    free slots of the table: that is the prediction. None when the device has no readable table.
+    free slots of the table: that is the prediction. A table read while the kernel is adding them (its v1 entry
+    there, the v2 entry not yet) predicts the same slot: the twin's own entries do not count as taken.
+    None when the device has no readable table.
     """
     if twin.rdma_device is None:
         return None, False
@@ -55,7 +57,7 @@ def detect_gid_index(facts: HostFacts, twin: FabricInterface) -> tuple[int | Non
     for g in table:
         if g.type.strip().lower() == "roce v2" and g.ipv4 == ip:
             return g.index, False
-    used = {g.index for g in table}
+    used = {g.index for g in table if g.ipv4 != ip}
     free = [i for i in range(256) if i not in used]
     return (free[1], True) if len(free) >= 2 else (None, False)
 

@@ -243,6 +243,15 @@ def test_status_reports_fabric_ray_and_endpoint(pair: Pair) -> None:
     assert st["workloads"]["embed"]["health"] == "ready"
 
 
+def embed_logs(tb: Testbed) -> str:
+    """The embed worker's log on each host (its head's names the rank that failed), for a failure's message."""
+    logs = []
+    for host in tb.hosts:
+        r = tb.exec(host, ["sh", "-c", "tail -n 40 ~spark/.local/state/sparkctl/logs/embed.log"], check=False)
+        logs.append(f"\n--- {host} embed.log ---\n{r.stdout}{r.stderr}")
+    return "".join(logs)
+
+
 def test_a_rebooted_spark_is_named_and_up_brings_back_only_what_it_lost(pair: Pair) -> None:
     """spark-b reboots (every process killed, addresses and nftables gone, booted again on the same disk): its
     fabric profiles come back by themselves; status says Ray and the embed worker's rank there are gone; `up`
@@ -269,7 +278,7 @@ def test_a_rebooted_spark_is_named_and_up_brings_back_only_what_it_lost(pair: Pa
     t0 = time.monotonic()
     up = pair.run("up", "--yes")
     took = time.monotonic() - t0
-    assert up.returncode == 0, up.stdout + up.stderr
+    assert up.returncode == 0, up.stdout + up.stderr + embed_logs(tb)
     print(f"reboot {booted:.1f}s; up after it {took:.1f}s (first bring-up {pair.up_seconds:.1f}s)")
     assert took < max(1.5 * pair.up_seconds, pair.up_seconds + 30), (took, pair.up_seconds)
     assert len(spark_processes(tb, "spark-a", "embed_worker")) == workers  # restarted, not duplicated
