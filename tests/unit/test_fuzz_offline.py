@@ -1,8 +1,10 @@
 """Fuzzing the offline commands with generated inventories and runbooks (hypothesis).
 
 Whatever the input, `plan --offline`, `run --dry-run --offline` and `runbook validate` answer 0 or 2: never a
-traceback, never "unexpected". Each example must finish within hypothesis' deadline (2 s, the promise for any
-input up to 5 MB; an offline plan takes milliseconds) and what the examples allocate may peak at 200 MB at most
+traceback, never "unexpected". Each example must finish within hypothesis' deadline, 10 s: a guard against a hang
+or a runaway loop, not a speed measurement (an offline plan takes milliseconds; the 2 s promise for inputs up to
+5 MB is measured in benchmarks/bench_input.py, where a loaded machine cannot fail a test), and what the examples
+allocate may peak at 200 MB at most
 (tracemalloc) over the whole run. The examples are derandomized (the same ones on every run, so CI cannot flake)
 and bounded in number.
 """
@@ -30,7 +32,7 @@ RUNBOOK_TEXTS = [p.read_text() for p in PLAYBOOKS]
 
 BOUNDED = settings(
     max_examples=80,
-    deadline=timedelta(seconds=2),
+    deadline=timedelta(seconds=10),
     derandomize=True,
     database=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
