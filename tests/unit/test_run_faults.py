@@ -229,7 +229,7 @@ def test_probe_failing_after_changes_never_says_nothing_was_changed(isolated_sta
 RAY_ON_A = (
     "@@sparkctl identity\nnvidia\n/home/nvidia\nspark-a\n@@sparkctl end\n"
     "@@sparkctl ip_addr\n"
-    '[{"ifname": "enp1s0f1np1", "mtu": 9000, "operstate": "UP", '
+    '[{"ifname": "enp1s0f1np1", "mtu": 9000, "flags": ["BROADCAST", "MULTICAST", "UP", "LOWER_UP"], "operstate": "UP", '
     '"addr_info": [{"family": "inet", "local": "192.168.100.10", "prefixlen": 24}]}]\n'
     "@@sparkctl end\n"
 )
