@@ -52,8 +52,8 @@ def main() -> None:
             raise SystemExit(up.stdout + up.stderr)
 
         from sparkctl.inventory import load_inventory
-        from sparkctl.runbook.session import open_session
-        from sparkctl.runbook.watch import Watch
+        from sparkctl.session.session import open_session
+        from sparkctl.session.watch import Watch
 
         t0 = time.perf_counter()
         session = open_session(load_inventory(inv_path), False)

@@ -52,7 +52,7 @@ Under /run (tmpfs) on purpose: NetworkManager keeps checkpoints in memory only, 
 
 
 LOCK_DIR = "/run/lock/sparkctl"
-"""The cluster lock on a host: a directory holding the owner record (see sparkctl.runbook.lock)."""
+"""The cluster lock on a host: a directory holding the owner record (see sparkctl.session.lock)."""
 
 
 def peer_comment(cluster: str) -> str:

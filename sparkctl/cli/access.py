@@ -31,7 +31,7 @@ def endpoint_cmd(
     debug: c.DebugOpt = False,
 ) -> None:
     """Print a workload's OpenAI-compatible base URL; with --env, shell lines that set it and its API key."""
-    from sparkctl.runbook.access import base_url, pick_workload, render_env, stored_key
+    from sparkctl.session.access import base_url, pick_workload, render_env, stored_key
 
     inv = c.start(debug, inventory)
     w = pick_workload(inv, workload)
@@ -53,8 +53,8 @@ def ask_cmd(
 ) -> None:
     """Send one request with the stored API key (a chat completion, or an embedding) and print the answer and
     the latency."""
-    from sparkctl.runbook.access import ask, pick_workload, stored_key
-    from sparkctl.runbook.session import Session, ssh_connect
+    from sparkctl.session.access import ask, pick_workload, stored_key
+    from sparkctl.session.session import Session, ssh_connect
 
     inv = c.start(debug, inventory)
     w = pick_workload(inv, workload)

@@ -27,7 +27,7 @@ def bench_fabric(
     """Measure the link without RDMA tools: jumbo frames per twin, one TCP stream per link (said so)."""
     from sparkctl.cli.render import render_bench
     from sparkctl.runbook.load import load_runbook, resolve_params
-    from sparkctl.runbook.reports import summarise_bench
+    from sparkctl.session.reports import summarise_bench
 
     inv = c.start(debug, inventory)
     rb = load_runbook("bench-fabric")
@@ -100,10 +100,10 @@ def bench_serve(
     import sys
 
     from sparkctl.cli.render import Progress, render_bench_serve, render_report_details
-    from sparkctl.runbook.access import pick_workload, stored_key
     from sparkctl.runbook.load import load_runbook, resolve_params
-    from sparkctl.runbook.reports import summarise_bench_serve
-    from sparkctl.runbook.session import Session, ssh_connect
+    from sparkctl.session.access import pick_workload, stored_key
+    from sparkctl.session.reports import summarise_bench_serve
+    from sparkctl.session.session import Session, ssh_connect
 
     inv = c.start(debug, inventory)
     w = pick_workload(inv, workload)
@@ -178,7 +178,7 @@ def bench_history_cmd(
     """Every bench serve result in the journal, side by side: layout, request shape, throughput, latencies."""
     from sparkctl import state
     from sparkctl.cli.render import render_bench_table
-    from sparkctl.runbook.reports import bench_history
+    from sparkctl.session.reports import bench_history
 
     rows = bench_history(state.read_journal(), workload)
     if as_json:

@@ -18,10 +18,10 @@ from sparkctl.errors import EXIT_FAILED, EXIT_INTERRUPTED, HostError, InputError
 if TYPE_CHECKING:
     from sparkctl.inventory.models import Inventory
     from sparkctl.plan.models import Plan
-    from sparkctl.runbook.engine import Report
     from sparkctl.runbook.models import Runbook
-    from sparkctl.runbook.secrets import Secrets
-    from sparkctl.runbook.session import Session
+    from sparkctl.session.engine import Report
+    from sparkctl.session.secrets import Secrets
+    from sparkctl.session.session import Session
 
 OfflineOpt = Annotated[
     bool, typer.Option("--offline", help="Plan as if the hosts were fresh, without contacting them.")
@@ -68,7 +68,7 @@ def show_plan(plan: Plan, as_json: bool, secrets: Secrets) -> str:
 def show_report(report: Report, as_json: bool, secrets: Secrets) -> str:
     """The report as printed: the executed steps' commands may hold secret parameter values."""
     from sparkctl.cli.render import render_report
-    from sparkctl.runbook.engine import Report
+    from sparkctl.session.engine import Report
 
     shown = Report.model_validate(secrets.scrub(report.model_dump()))
     return shown.model_dump_json(indent=2) if as_json else render_report(shown)
@@ -99,9 +99,9 @@ def execute(
     recap; otherwise the same events print as plain lines.
     """
     from sparkctl.cli.render import Progress
-    from sparkctl.runbook.lock import owner_here
-    from sparkctl.runbook.secrets import Secrets
-    from sparkctl.runbook.session import Session, secrets_needed, ssh_connect
+    from sparkctl.session.lock import owner_here
+    from sparkctl.session.secrets import Secrets
+    from sparkctl.session.session import Session, secrets_needed, ssh_connect
 
     c.check_laptop_files(inv)
     live = None
@@ -161,7 +161,7 @@ def execute(
         if live is not None:
             from sparkctl.cli.live import print_report
             from sparkctl.cli.render import render_report_details
-            from sparkctl.runbook.engine import Report
+            from sparkctl.session.engine import Report
 
             shown = Report.model_validate(hidden.scrub(report.model_dump()))
             print_report(shown, "\n".join(render_report_details(shown)), live)
@@ -191,7 +191,7 @@ def _show_benches(report: Report) -> None:
     """A run that benchmarked workloads (bench_serve steps, e.g. playbooks/compare-layouts.yaml) ends with the
     results side by side."""
     from sparkctl.cli.render import render_bench_table
-    from sparkctl.runbook.reports import summarise_bench_serve
+    from sparkctl.session.reports import summarise_bench_serve
 
     rows = [r for r in summarise_bench_serve(report)["results"] if "error" not in r]
     if rows:
@@ -212,8 +212,8 @@ def unlock(inv: Inventory, *, yes: bool, accept_new_host_keys: bool) -> None:
     """Show the lock on every reachable host, confirm, and remove it where it is still the one shown."""
     import time
 
-    from sparkctl.runbook.lock import build_break, build_read, is_stale_here, owner_here, parse_answer
-    from sparkctl.runbook.session import Session, ssh_connect
+    from sparkctl.session.lock import build_break, build_read, is_stale_here, owner_here, parse_answer
+    from sparkctl.session.session import Session, ssh_connect
 
     session = Session(inv, ssh_connect(accept_new_host_keys))
     try:
@@ -274,7 +274,7 @@ def plan_cmd(
     params = resolve_params(rb, {}) | {"workloads": _workloads(inv, workload)}
     if offline:
         from sparkctl.runbook.planner import offline_plan
-        from sparkctl.runbook.secrets import Secrets
+        from sparkctl.session.secrets import Secrets
 
         c.check_laptop_files(inv)
         plan = offline_plan(inv, rb, params)
@@ -422,7 +422,7 @@ def run_cmd(
         )
     if dry_run and offline:
         from sparkctl.runbook.planner import offline_plan
-        from sparkctl.runbook.secrets import Secrets
+        from sparkctl.session.secrets import Secrets
 
         c.check_laptop_files(inv)
         plan = offline_plan(inv, rb, params, start=start, only=only)

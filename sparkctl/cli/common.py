@@ -21,8 +21,8 @@ from sparkctl.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, Input
 # models, YAML, SSH or engine), and offline planning loads neither SSH nor the engine.
 if TYPE_CHECKING:
     from sparkctl.inventory.models import Inventory
-    from sparkctl.runbook.engine import Event
-    from sparkctl.runbook.session import Session
+    from sparkctl.session.engine import Event
+    from sparkctl.session.session import Session
 
 InventoryOpt = Annotated[
     Path | None,
@@ -147,7 +147,7 @@ def open_session(
 
     `partial` (read-only commands): go on with the hosts that answer; the others are in `session.unreachable`.
     """
-    from sparkctl.runbook import session as sessions
+    from sparkctl.session import session as sessions
 
     check_laptop_files(inv)
     return sessions.open_session(inv, accept_new_host_keys, emit, partial=partial)

@@ -25,7 +25,7 @@ def doctor_cmd(
     from sparkctl.cli.render import render_findings
     from sparkctl.doctor.evaluate import evaluate
     from sparkctl.doctor.evaluators import CheckContext
-    from sparkctl.runbook.reads import measure_jumbo
+    from sparkctl.session.reads import measure_jumbo
 
     inv = c.start(debug, inventory)
     # A host that does not answer is a failed `host-reachable` finding; the others are judged all the same.
@@ -57,7 +57,7 @@ def discover_cmd(
     """Connect to the given hosts and write a complete inventory for them."""
     from sparkctl.facts.discover import DISCOVER_PROBE, parse_discovery, propose_inventory
     from sparkctl.inventory.models import SshSettings
-    from sparkctl.runbook.discovery import open_discovery
+    from sparkctl.session.discovery import open_discovery
 
     c.set_debug(debug)
     settings = SshSettings(user=user, port=port, identity_file=identity, known_hosts=known_hosts)

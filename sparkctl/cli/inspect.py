@@ -30,7 +30,7 @@ def status_cmd(
 ) -> None:
     """Per host the fabric and Ray state; each workload's endpoint and health."""
     from sparkctl.cli.render import render_status
-    from sparkctl.runbook.status import cluster_status
+    from sparkctl.session.status import cluster_status
 
     inv = c.start(debug, inventory)
     if watch:
@@ -68,7 +68,7 @@ def logs_cmd(
     debug: c.DebugOpt = False,
 ) -> None:
     """Show the log of Ray or a workload on a host."""
-    from sparkctl.runbook.reads import read_log
+    from sparkctl.session.reads import read_log
 
     inv = c.start(debug, inventory)
     if name != "ray" and name not in {w.name for w in inv.workloads}:

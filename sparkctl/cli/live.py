@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TextIO
 
 from sparkctl.cli.render import SYMBOL, escape_controls
-from sparkctl.runbook.engine import Event, Report
+from sparkctl.session.engine import Event, Report
 
 if TYPE_CHECKING:
     from rich.console import Console, RenderableType

@@ -10,12 +10,12 @@ import unicodedata
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TextIO
 
-from sparkctl.runbook.logphase import PROGRESS_LABELS
+from sparkctl.session.logphase import PROGRESS_LABELS
 
 if TYPE_CHECKING:  # annotations only: printing a plan loads neither the rules nor the engine
     from sparkctl.doctor.rules import Finding
     from sparkctl.plan.models import Plan
-    from sparkctl.runbook.engine import Event, Report
+    from sparkctl.session.engine import Event, Report
 
 SYMBOL = {
     "ok": "ok",

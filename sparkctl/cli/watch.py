@@ -110,7 +110,7 @@ def watch(inv: Inventory, *, interval: float, accept_new_host_keys: bool) -> Non
     from rich.console import Console
     from rich.live import Live
 
-    from sparkctl.runbook.watch import Watch
+    from sparkctl.session.watch import Watch
 
     console = Console()
     session = c.open_session(inv, accept_new_host_keys)

@@ -17,6 +17,7 @@ from sparkctl.inventory.topology import check_pairs, interface, link_of
 from sparkctl.plan.cluster import RAY_MARKERS, workload_exit
 from sparkctl.plan.commands import needs_ray, rank_hosts, ray_wanted, workload_ranks
 from sparkctl.plan.env import detect_gid_index, version_tuple
+from sparkctl.plan.fabric import twin_state
 from sparkctl.plan.images import image_source
 
 
@@ -393,7 +394,7 @@ def twin_address(ctx: CheckContext, rule: Rule) -> list[Finding]:
             live = f.interfaces.get(t.interface)
             if live is None:
                 continue
-            ok = str(t.address) in live.ipv4 and live.mtu == mtu and live.up
+            ok = twin_state(t, live, mtu).ok
             out.append(
                 _f(
                     rule,

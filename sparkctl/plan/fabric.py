@@ -3,15 +3,38 @@
 from __future__ import annotations
 
 import shlex
+from dataclasses import dataclass
 
 from sparkctl import paths
 from sparkctl.errors import PlanError, Problem
-from sparkctl.facts.models import HostFacts, NmConnection
+from sparkctl.facts.models import HostFacts, Interface, NmConnection
 from sparkctl.facts.probe import NM_BUS
 from sparkctl.inventory.models import FabricInterface, Host, Inventory
 from sparkctl.inventory.topology import ring_routes, ring_source_policy
 from sparkctl.plan.context import PlanContext
 from sparkctl.plan.models import Command, Rollback, Step
+
+
+@dataclass(frozen=True)
+class TwinState:
+    """A twin against the inventory: the one definition plan, status, watch and doctor share."""
+
+    configured: bool
+    """It holds the inventory's address and the fabric MTU: what the fabric step makes true."""
+    up: bool
+    """Its link is up (carrier): nothing sparkctl can change; a cable or the peer."""
+
+    @property
+    def ok(self) -> bool:
+        """Configured and up: the twin can carry traffic as the inventory says."""
+        return self.configured and self.up
+
+
+def twin_state(twin: FabricInterface, live: Interface | None, mtu: int) -> TwinState:
+    """How the netdev as read (None: not there) stands against the inventory's twin."""
+    if live is None:
+        return TwinState(configured=False, up=False)
+    return TwinState(configured=str(twin.address) in live.ipv4 and live.mtu == mtu, up=live.up)
 
 ACTIVATE_WAIT = "30"
 
@@ -371,7 +394,7 @@ def _plan_twin(
     live = facts.interfaces.get(twin.interface)
     device = facts.nm_devices.get(twin.interface)
     active_con = device.connection if device else ""
-    live_ok = live is not None and live.mtu == mtu and str(twin.address) in live.ipv4
+    live_ok = twin_state(twin, live, mtu).configured  # a link that is down is not the profile's to fix
     if changed_profile or active_con != name or not live_ok:
         before = (
             f"{twin.interface}: {','.join(live.ipv4) or 'no IPv4'}, MTU {live.mtu}, profile {active_con or '--'}"

@@ -1,1 +1,2 @@
-"""Runbooks: built-in (`up`, `down`) and user-written, planned and applied by one engine."""
+"""The runbook language: a runbook's models, loading (built-in and user-written), the action library, and the
+pure planner that turns a runbook, an inventory and the hosts' facts into a Plan."""

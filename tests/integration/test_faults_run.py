@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from sparkctl.runbook.lock import LockOwner
+from sparkctl.session.lock import LockOwner
 from tests.integration.helpers import REPO, TWINS, cli_env, host_snapshot, journal, spark_processes, sparkctl
 from tests.testbed import Testbed
 

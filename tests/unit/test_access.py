@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from sparkctl.cli.app import app
 from sparkctl.errors import EXIT_BAD_INPUT
 from sparkctl.inventory import parse_inventory
-from sparkctl.runbook.access import ask, summarize_embedding
+from sparkctl.session.access import ask, summarize_embedding
 
 KEY = "sk-test-'quoted' $value"
 
@@ -34,7 +34,7 @@ def inv_file(tmp_path: Path, example: Any) -> Path:
 
 @pytest.fixture
 def run(isolated_state: Path, mocker: Any) -> Any:
-    mocker.patch("sparkctl.runbook.session.ssh_connect", side_effect=AssertionError("the CLI tried to connect"))
+    mocker.patch("sparkctl.session.session.ssh_connect", side_effect=AssertionError("the CLI tried to connect"))
     runner = CliRunner()
     return lambda *args: runner.invoke(app, list(args))
 
@@ -156,6 +156,6 @@ def test_an_embedding_summary() -> None:
 def test_the_new_commands_help_loads_no_terminal_http_or_metrics_library() -> None:
     from tests.unit.test_cli import _loaded_after
 
-    watched = ("rich", "prometheus_client", "openai", "httpx", "urllib.request", "sparkctl.runbook.session")
+    watched = ("rich", "prometheus_client", "openai", "httpx", "urllib.request", "sparkctl.session.session")
     for argv in (["status", "--help"], ["endpoint", "--help"], ["ask", "--help"]):
         assert _loaded_after(argv, watched) == [], argv

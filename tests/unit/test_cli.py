@@ -31,7 +31,7 @@ def cli(isolated_state, mocker):
     def refuse(*args, **kwargs):
         raise AssertionError("the CLI tried to connect")
 
-    mocker.patch("sparkctl.runbook.session.ssh_connect", side_effect=refuse)  # the one seam to the hosts
+    mocker.patch("sparkctl.session.session.ssh_connect", side_effect=refuse)  # the one seam to the hosts
     runner = CliRunner()
 
     def invoke(*args: str):
@@ -108,8 +108,8 @@ def test_help_loads_typer_and_the_command_signatures_only() -> None:
         "sparkctl.inventory.models",
         "sparkctl.plan.models",
         "sparkctl.runbook.load",
-        "sparkctl.runbook.engine",
-        "sparkctl.runbook.session",
+        "sparkctl.session.engine",
+        "sparkctl.session.session",
         "sparkctl.doctor.rules",
         "sparkctl.cli.render",
         "urllib.request",
@@ -123,8 +123,8 @@ def test_help_loads_typer_and_the_command_signatures_only() -> None:
 
 def test_offline_plan_loads_neither_the_session_nor_the_rules_nor_http() -> None:
     watched = (
-        "sparkctl.runbook.session",
-        "sparkctl.runbook.engine",
+        "sparkctl.session.session",
+        "sparkctl.session.engine",
         "sparkctl.doctor.rules",
         "sparkctl.doctor.preflight",
         "sparkctl.execute.http",
@@ -137,7 +137,7 @@ def test_offline_plan_loads_neither_the_session_nor_the_rules_nor_http() -> None
 def test_the_session_loads_urllib_only_when_a_command_talks_http() -> None:
     code = (
         "import sys\n"
-        "import sparkctl.runbook.session\n"
+        "import sparkctl.session.session\n"
         "print('urllib.request' in sys.modules, 'http.client' in sys.modules)\n"
         "from sparkctl.execute.http import probe_workload\n"
         "print(probe_workload('http://127.0.0.1:9', 'm', None, 'embed', timeout=1).phase)\n"

@@ -14,9 +14,9 @@ from sparkctl.execute.fake import FailingConnect, RecordingTransport
 from sparkctl.execute.http import Probe
 from sparkctl.inventory import parse_inventory
 from sparkctl.plan.models import Command, Plan, Stage, Step, Wait
-from sparkctl.runbook import session as run_mod
-from sparkctl.runbook.engine import Engine, Event, remote_line
-from sparkctl.runbook.secrets import Secrets
+from sparkctl.session import session as run_mod
+from sparkctl.session.engine import Engine, Event, remote_line
+from sparkctl.session.secrets import Secrets
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "inventories" / "example-pair.yaml"
 HOSTS = ["spark-a", "spark-b"]

@@ -23,9 +23,9 @@ from sparkctl.inventory.models import Inventory
 from sparkctl.plan import fabric
 from sparkctl.plan.context import PlanContext
 from sparkctl.plan.models import Command, Plan, Rollback, Stage, Step
-from sparkctl.runbook.engine import Engine
 from sparkctl.runbook.load import load_runbook, resolve_params
 from sparkctl.runbook.planner import build_runbook_plan
+from sparkctl.session.engine import Engine
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "inventories" / "example-pair.yaml"
 TWINS = ("enp1s0f1np1", "enP2p1s0f1np1")

@@ -220,7 +220,7 @@ def cli(isolated_state, mocker):
     def refuse(*args, **kwargs):
         raise AssertionError("an offline command tried to connect")
 
-    mocker.patch("sparkctl.runbook.session.ssh_connect", side_effect=refuse)  # the one seam to the hosts
+    mocker.patch("sparkctl.session.session.ssh_connect", side_effect=refuse)  # the one seam to the hosts
     runner = CliRunner()
     return lambda *args: runner.invoke(app, list(args))
 

@@ -428,7 +428,7 @@ def no_connect(mocker):
         raise AssertionError("a connection was attempted")
 
     mocks = [
-        mocker.patch("sparkctl.runbook.session.ssh_connect", side_effect=refuse),  # the one seam to the hosts
+        mocker.patch("sparkctl.session.session.ssh_connect", side_effect=refuse),  # the one seam to the hosts
         mocker.patch("sparkctl.execute.ssh.connect", side_effect=refuse),
     ]
     return mocks

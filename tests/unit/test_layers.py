@@ -1,6 +1,7 @@
 """The walls, read from the source: every import of every sparkctl module (function-level ones included).
 
-- layers import only downwards: inventory -> facts -> plan -> doctor -> runbook -> cli (docs/architecture.md);
+- layers import only downwards: inventory -> facts -> plan -> doctor -> runbook -> session -> cli
+  (docs/architecture.md);
 - nothing outside sparkctl/execute/ starts processes or opens connections (SSH, sockets, HTTP);
 - only the engine, the session, the session's fact probe and the discovery session use the execute layer, and
   only the session builds the real SSH connector, so no command reaches a host around them.
@@ -23,8 +24,9 @@ ALLOWED: dict[str, set[str]] = {
     "plan": {"base", "inventory", "facts", "plan"},
     "doctor": {"base", "inventory", "facts", "plan", "doctor"},
     "execute": {"base", "inventory", "execute"},
-    "runbook": {"base", "inventory", "facts", "plan", "doctor", "execute", "runbook"},
-    "cli": {"base", "inventory", "facts", "plan", "doctor", "runbook", "cli"},
+    "runbook": {"base", "inventory", "facts", "plan", "doctor", "runbook"},
+    "session": {"base", "inventory", "facts", "plan", "doctor", "execute", "runbook", "session"},
+    "cli": {"base", "inventory", "facts", "plan", "doctor", "runbook", "session", "cli"},
     "workers": set(),  # the worker program runs on the hosts on its own
 }
 BASE_NAMES = {"errors", "paths", "state", "__version__"}
@@ -37,12 +39,12 @@ OS_EFFECT_PREFIXES = ("exec", "spawn")
 
 # Who may use the execute layer at all, and who may build the real SSH connector.
 EXECUTE_USERS = {
-    "sparkctl.runbook.engine",
-    "sparkctl.runbook.session",
-    "sparkctl.runbook.gather",
-    "sparkctl.runbook.discovery",
+    "sparkctl.session.engine",
+    "sparkctl.session.session",
+    "sparkctl.session.gather",
+    "sparkctl.session.discovery",
 }
-CONNECTOR_BUILDERS = {"sparkctl.runbook.session"}
+CONNECTOR_BUILDERS = {"sparkctl.session.session"}
 CONNECTORS = {"sparkctl.execute.ssh", "sparkctl.execute.local"}
 
 
@@ -138,15 +140,15 @@ def test_module_respects_the_walls(module: str, path: Path) -> None:
 @pytest.mark.parametrize(
     ("module", "source", "expected"),
     [
-        ("sparkctl.plan.x", "from sparkctl.runbook.engine import Engine\n", "plan imports sparkctl.runbook.engine"),
+        ("sparkctl.plan.x", "from sparkctl.session.engine import Engine\n", "plan imports sparkctl.session.engine"),
         ("sparkctl.facts.x", "def f():\n    from sparkctl.plan import cluster\n", "facts imports sparkctl.plan"),
         ("sparkctl.inventory.x", "import sparkctl.doctor.rules\n", "inventory imports sparkctl.doctor.rules"),
         ("sparkctl.cli.x", "from sparkctl.execute import ssh\n", "cli imports sparkctl.execute"),
-        ("sparkctl.runbook.x", "from sparkctl.execute.base import Transport\n", "uses the execute layer"),
-        ("sparkctl.runbook.engine", "from sparkctl.execute import ssh\n", "builds a connector"),
+        ("sparkctl.session.x", "from sparkctl.execute.base import Transport\n", "uses the execute layer"),
+        ("sparkctl.session.engine", "from sparkctl.execute import ssh\n", "builds a connector"),
         ("sparkctl.doctor.x", "import subprocess\n", "imports subprocess"),
         ("sparkctl.cli.x", "def f():\n    import paramiko\n", "imports paramiko"),
-        ("sparkctl.runbook.x", "from urllib.request import urlopen\n", "imports urllib.request"),
+        ("sparkctl.session.x", "from urllib.request import urlopen\n", "imports urllib.request"),
         ("sparkctl.plan.x", "import os\nos.system('ls')\n", "calls os.system"),
         ("sparkctl.plan.x", "from os import execvp\n", "calls os.execvp"),
         ("sparkctl.cli.x", "import socket\n", "imports socket"),
@@ -158,7 +160,7 @@ def test_the_walk_catches_a_breach(module: str, source: str, expected: str) -> N
 
 
 def test_the_walk_allows_what_the_layers_allow() -> None:
-    assert violations("sparkctl.runbook.session", "from sparkctl.execute import ssh\n") == []
+    assert violations("sparkctl.session.session", "from sparkctl.execute import ssh\n") == []
     assert violations("sparkctl.execute.local", "import subprocess\nimport os\nos.killpg(1, 9)\n") == []
     assert violations("sparkctl.doctor.x", "from sparkctl.plan.env import detect_gid_index\n") == []
     assert violations("sparkctl.plan.x", "from sparkctl import paths\nfrom sparkctl.errors import Problem\n") == []

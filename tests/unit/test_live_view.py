@@ -17,9 +17,9 @@ from sparkctl.execute.base import Result
 from sparkctl.execute.fake import RecordingTransport
 from sparkctl.execute.http import Probe
 from sparkctl.plan.models import Plan, Stage, Step, Wait
-from sparkctl.runbook.engine import Engine, Event, Report, StepResult
-from sparkctl.runbook.logphase import parse_log_phase
-from sparkctl.runbook.secrets import Secrets
+from sparkctl.session.engine import Engine, Event, Report, StepResult
+from sparkctl.session.logphase import parse_log_phase
+from sparkctl.session.secrets import Secrets
 
 EVENTS = Path(__file__).parent / "fixtures" / "events"
 
@@ -227,7 +227,7 @@ def test_paused_stops_and_resumes_the_live_region() -> None:
     assert view._live is None
 
 
-# --- what a workload's log says (formats copied from the upstream sources named in sparkctl/runbook/logphase.py)
+# --- what a workload's log says (formats copied from the upstream sources named in sparkctl/session/logphase.py)
 
 VLLM_LOG = (
     "INFO 11-30 13:00:01 [ray_utils.py:607] No current placement group found. Creating a new placement group.\n"
@@ -362,7 +362,7 @@ def test_down_through_the_cli_ends_with_the_recap_or_the_plain_report(
     def ssh_connect(accept_new_host_keys: bool) -> Any:
         return lambda host, settings: spark_a if host.name == "spark-a" else lost(host, settings)
 
-    mocker.patch("sparkctl.runbook.session.ssh_connect", side_effect=ssh_connect)
+    mocker.patch("sparkctl.session.session.ssh_connect", side_effect=ssh_connect)
     mocker.patch("sparkctl.cli.common.live_wanted", side_effect=lambda plain, as_json: not plain and not as_json)
     args = ["down", "-i", str(EXAMPLE)] + (["--plain"] if plain else [])
     r = CliRunner().invoke(app, args)

@@ -12,9 +12,9 @@ from sparkctl.errors import HostError
 from sparkctl.execute.base import Result
 from sparkctl.execute.fake import RecordingTransport
 from sparkctl.execute.local import LocalTransport
-from sparkctl.runbook import lock
-from sparkctl.runbook.lock import LockHeld, LockOwner
-from sparkctl.runbook.session import take_locks
+from sparkctl.session import lock
+from sparkctl.session.lock import LockHeld, LockOwner
+from sparkctl.session.session import take_locks
 
 
 def owner(run_id: str = "20261130-101500-ab12", **kw: object) -> LockOwner:

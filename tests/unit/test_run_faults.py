@@ -17,9 +17,9 @@ from sparkctl.execute.fake import FailingConnect, RecordingTransport
 from sparkctl.execute.http import Probe
 from sparkctl.inventory import parse_inventory
 from sparkctl.plan.models import Command, Plan, Stage, Step, Wait
-from sparkctl.runbook import session as run_mod
-from sparkctl.runbook.engine import Engine, Event, Report
 from sparkctl.runbook.load import load_runbook
+from sparkctl.session import session as run_mod
+from sparkctl.session.engine import Engine, Event, Report
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "inventories" / "example-pair.yaml"
 HOSTS = ["spark-a", "spark-b"]
@@ -229,7 +229,7 @@ def test_probe_failing_after_changes_never_says_nothing_was_changed(isolated_sta
 RAY_ON_A = (
     "@@sparkctl identity\nnvidia\n/home/nvidia\nspark-a\n@@sparkctl end\n"
     "@@sparkctl ip_addr\n"
-    '[{"ifname": "enp1s0f1np1", "mtu": 9000, "operstate": "UP", '
+    '[{"ifname": "enp1s0f1np1", "mtu": 9000, "flags": ["BROADCAST", "MULTICAST", "UP", "LOWER_UP"], "operstate": "UP", '
     '"addr_info": [{"family": "inet", "local": "192.168.100.10", "prefixlen": 24}]}]\n'
     "@@sparkctl end\n"
 )
@@ -240,7 +240,7 @@ def _one_host_down(mocker: Any, message: str = "no answer from 10.0.0.12:22 with
     lost = FailingConnect(unreachable=["spark-b"], message=message)
     spark_a = RecordingTransport("spark-a", {"sh -s": Result(0, RAY_ON_A, "")})
     mocker.patch(
-        "sparkctl.runbook.session.ssh_connect",
+        "sparkctl.session.session.ssh_connect",
         side_effect=lambda accept: lambda host, settings: spark_a if host.name == "spark-a" else lost(host, settings),
     )
     opened = run_mod.open_session
@@ -250,7 +250,7 @@ def _one_host_down(mocker: Any, message: str = "no answer from 10.0.0.12:22 with
         session.probe = lambda *a, **k: Probe("ready", "")  # no HTTP from a unit test
         return session
 
-    mocker.patch("sparkctl.runbook.session.open_session", side_effect=open_session)
+    mocker.patch("sparkctl.session.session.open_session", side_effect=open_session)
     return spark_a
 
 
@@ -296,7 +296,7 @@ def test_status_with_every_host_reachable_has_an_empty_unreachable(isolated_stat
     spark_a = RecordingTransport("spark-a", {"sh -s": Result(0, RAY_ON_A, "")})
     spark_b = RecordingTransport("spark-b", {"sh -s": Result(0, PROBE_OK, "")})
     both = {"spark-a": spark_a, "spark-b": spark_b}
-    mocker.patch("sparkctl.runbook.session.ssh_connect", side_effect=lambda a: lambda h, s: both[h.name])
+    mocker.patch("sparkctl.session.session.ssh_connect", side_effect=lambda a: lambda h, s: both[h.name])
     opened = run_mod.open_session
 
     def open_session(*args: Any, **kwargs: Any) -> run_mod.Session:
@@ -304,7 +304,7 @@ def test_status_with_every_host_reachable_has_an_empty_unreachable(isolated_stat
         session.probe = lambda *a, **k: Probe("down", "refused")
         return session
 
-    mocker.patch("sparkctl.runbook.session.open_session", side_effect=open_session)
+    mocker.patch("sparkctl.session.session.open_session", side_effect=open_session)
     r = CliRunner().invoke(app, ["status", "--json", "-i", str(EXAMPLE)])
     assert r.exit_code == 0, r.output
     st = json.loads(r.stdout)
@@ -318,7 +318,7 @@ def test_status_with_no_host_reachable_names_them_all(isolated_state: Path, mock
     from sparkctl.cli.app import app
 
     lost = FailingConnect(message="Connection refused")
-    mocker.patch("sparkctl.runbook.session.ssh_connect", return_value=lost)
+    mocker.patch("sparkctl.session.session.ssh_connect", return_value=lost)
     r = CliRunner().invoke(app, ["status", "-i", str(EXAMPLE)])
     assert r.exit_code == 1, r.output
     assert r.stdout == ""

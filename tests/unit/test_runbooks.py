@@ -185,7 +185,7 @@ def test_not_yaml_and_not_a_runbook() -> None:
 def test_invalid_runbook_through_the_cli_exits_2(tmp_path: Path, isolated_state, mocker) -> None:
     from sparkctl.cli.app import app
 
-    connect = mocker.patch("sparkctl.runbook.session.ssh_connect")
+    connect = mocker.patch("sparkctl.session.session.ssh_connect")
     path = tmp_path / "rb.yaml"
     text = edit(GOOD, "action: verify_fabric", "action: verify_fabirc")
     path.write_text(text)

@@ -21,9 +21,9 @@ from sparkctl.errors import EXIT_BAD_INPUT, SecretError, StateError
 from sparkctl.execute.fake import RecordingTransport
 from sparkctl.inventory import parse_inventory
 from sparkctl.plan.context import fresh_facts
-from sparkctl.runbook.engine import Event
 from sparkctl.runbook.load import parse_runbook, resolve_params
-from sparkctl.runbook.session import Session
+from sparkctl.session.engine import Event
+from sparkctl.session.session import Session
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "inventories" / "example-pair.yaml"
@@ -54,7 +54,7 @@ def cli(isolated_state, mocker):
     def refuse(*args, **kwargs):
         raise AssertionError("the CLI tried to connect")
 
-    mocker.patch("sparkctl.runbook.session.ssh_connect", side_effect=refuse)  # the one seam to the hosts
+    mocker.patch("sparkctl.session.session.ssh_connect", side_effect=refuse)  # the one seam to the hosts
     runner = CliRunner()
     return lambda *args: runner.invoke(app, list(args))
 
@@ -309,7 +309,7 @@ def test_a_run_whose_journal_cannot_be_written_reports_it_and_exits_1(isolated_s
     probe = "@@sparkctl identity\nspark\n/home/spark\nspark-x\n@@sparkctl end\n"
     took_lock = Result(0, "@@sparkctl-lock taken\n" + probe, "")  # and the probe run right after it
     fake = FailingConnect(unreachable=[], responses={"sh -s": Result(0, probe, ""), "t=$(mktemp": took_lock})
-    mocker.patch("sparkctl.runbook.session.ssh_connect", return_value=fake)
+    mocker.patch("sparkctl.session.session.ssh_connect", return_value=fake)
     mocker.patch("sparkctl.state._write_all", side_effect=OSError(errno.ENOSPC, "No space left on device"))
     r = CliRunner().invoke(app, ["down", "--plain", "-i", str(EXAMPLE)])
     assert r.exit_code == 1, r.output

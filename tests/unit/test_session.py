@@ -14,11 +14,11 @@ from sparkctl.execute.fake import FailingConnect, RecordingTransport
 from sparkctl.inventory import parse_inventory
 from sparkctl.plan.context import fresh_facts
 from sparkctl.plan.models import Command, Plan, Stage, Step
-from sparkctl.runbook import session as sessions
-from sparkctl.runbook.discovery import Discovery
 from sparkctl.runbook.load import load_runbook, parse_runbook
 from sparkctl.runbook.models import RunbookError
-from sparkctl.runbook.reads import measure_jumbo, read_log
+from sparkctl.session import session as sessions
+from sparkctl.session.discovery import Discovery
+from sparkctl.session.reads import measure_jumbo, read_log
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "inventories" / "example-pair.yaml"
 PROBE_OUTPUT = "@@sparkctl identity\nnvidia\n@@sparkctl end\n"
@@ -40,7 +40,7 @@ def session_with(responses, *, nopasswd: bool = True) -> tuple[sessions.Session,
 
 def test_open_session_connects_through_the_one_seam(mocker, isolated_state) -> None:
     fake = FailingConnect(unreachable=[], responses={"sh -s": Result(0, PROBE_OUTPUT, "")})
-    seam = mocker.patch("sparkctl.runbook.session.ssh_connect", return_value=fake)
+    seam = mocker.patch("sparkctl.session.session.ssh_connect", return_value=fake)
     inv = parse_inventory(EXAMPLE.read_text())
     session = sessions.open_session(inv, accept_new_host_keys=True)
     seam.assert_called_once_with(True)
@@ -246,7 +246,7 @@ def test_discover_reaches_hosts_only_through_the_session_seam(mocker, isolated_s
     from sparkctl.cli.app import app
 
     fake = FailingConnect(message="No route to host")  # every host unreachable
-    seam = mocker.patch("sparkctl.runbook.session.ssh_connect", return_value=fake)
+    seam = mocker.patch("sparkctl.session.session.ssh_connect", return_value=fake)
     result = CliRunner().invoke(app, ["discover", "10.0.0.11", "10.0.0.12", "--accept-new-host-keys"])
     assert result.exit_code == 1, result.output
     seam.assert_called_once_with(True)

@@ -37,7 +37,7 @@ def where(text: Text, fragment: str, path: str) -> str:
 @pytest.fixture
 def cli(isolated_state, mocker):
     """Invoke the app; any attempt to connect fails the test."""
-    mocker.patch("sparkctl.runbook.session.ssh_connect", side_effect=AssertionError("the CLI tried to connect"))
+    mocker.patch("sparkctl.session.session.ssh_connect", side_effect=AssertionError("the CLI tried to connect"))
     runner = CliRunner()
     return lambda *args: runner.invoke(app, list(args))
 

@@ -192,7 +192,7 @@ class RecordedSession:
 
 def test_a_refresh_warns_by_doctors_rules_and_turns_counters_into_rates(example: Any) -> None:
     from sparkctl.errors import HostError
-    from sparkctl.runbook.watch import Watch
+    from sparkctl.session.watch import Watch
 
     inv = parse_inventory(example, "inv.yaml")
     ip = json.dumps(

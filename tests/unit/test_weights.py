@@ -26,7 +26,7 @@ from sparkctl.plan import commands as lc
 from sparkctl.plan import images, weights
 from sparkctl.plan.context import PlanContext
 from sparkctl.plan.models import Step
-from sparkctl.runbook.logphase import CopyProgress
+from sparkctl.session.logphase import CopyProgress
 from tests.unit.test_container_plan import EXAMPLE, edit, fresh
 
 REPO_ID = "Qwen/Qwen3-30B-A3B-Instruct-2507"
@@ -331,7 +331,7 @@ def test_the_engine_reads_a_copys_output_as_it_arrives_and_says_how_far_it_got()
     from sparkctl.execute.base import Result
     from sparkctl.execute.fake import RecordingTransport
     from sparkctl.plan.models import Command, Plan, Stage
-    from sparkctl.runbook.engine import Engine, Event
+    from sparkctl.session.engine import Engine, Event
 
     out = "  1,000,000,000  50%  100.00MB/s    0:00:10\r  2,000,000,000 100%  100.00MB/s    0:00:20\n"
     transports = {"spark-a": RecordingTransport("spark-a", {"sh -c": Result(0, out, "")})}
@@ -352,7 +352,7 @@ def test_plain_output_prints_a_copys_progress_every_few_seconds_and_no_workload_
     import io
 
     from sparkctl.cli.render import Progress
-    from sparkctl.runbook.engine import Event
+    from sparkctl.session.engine import Event
 
     now = [0.0]
     stream = io.StringIO()

@@ -23,7 +23,7 @@ from sparkctl.plan import cluster
 from sparkctl.plan import commands as lc
 from sparkctl.plan.context import PlanContext
 from sparkctl.plan.models import Plan, Stage, Step, Wait
-from sparkctl.runbook.engine import Engine
+from sparkctl.session.engine import Engine
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "inventories" / "example-pair.yaml"
 WHY = "tensor-parallel rank lost: group 0 rank 1 on spark-b (192.168.100.11) died (ActorDiedError)"

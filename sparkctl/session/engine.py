@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field
 from sparkctl.errors import HostError
 from sparkctl.execute.base import Result, Transport, Unreachable
 from sparkctl.plan.models import Command, Plan, Stage, Step
-from sparkctl.runbook.secrets import Secrets
+from sparkctl.session.secrets import Secrets
 
 if TYPE_CHECKING:
     from sparkctl.execute.http import Probe
@@ -456,7 +456,7 @@ class Engine:
 
     def _progress_reader(self, host: str, res: StepResult, kind: str) -> Callable[[str], None]:
         """Emit `progress` events (at most one a second) from a long command's output as it arrives."""
-        from sparkctl.runbook.logphase import PROGRESS_LABELS, CopyProgress
+        from sparkctl.session.logphase import PROGRESS_LABELS, CopyProgress
 
         reader = CopyProgress(kind, self.clock)
         label = PROGRESS_LABELS.get(res.kind, "working")
@@ -531,7 +531,7 @@ class Engine:
 
     def _log_progress(self, stage: str, step: Step, said: tuple[str, str] | None) -> tuple[str, str] | None:
         """Emit what the workload's log names now (phase, progress), when it differs from what was said."""
-        from sparkctl.runbook.logphase import parse_log_phase
+        from sparkctl.session.logphase import parse_log_phase
 
         assert step.wait is not None
         try:

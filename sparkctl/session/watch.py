@@ -25,7 +25,8 @@ from sparkctl.inventory.models import Inventory, Workload
 from sparkctl.plan import commands as lc
 from sparkctl.plan.cluster import ray_node_state, workload_state
 from sparkctl.plan.context import PlanContext
-from sparkctl.runbook.session import Session
+from sparkctl.plan.fabric import twin_state
+from sparkctl.session.session import Session
 
 WATCH_RULES = ("gpu-temperature", "page-cache")
 """Doctor rules whose thresholds the view colours by (their levels and limits live in the rule table only)."""
@@ -40,7 +41,7 @@ def host_view(inv: Inventory, name: str, sample: WatchSample) -> dict[str, Any]:
     fabric = []
     for t in host.fabric:
         live = f.interfaces.get(t.interface)
-        ok = live is not None and live.up and str(t.address) in live.ipv4 and live.mtu == inv.network.mtu
+        ok = twin_state(t, live, inv.network.mtu).ok
         fabric.append(
             {
                 "interface": t.interface,

@@ -1,7 +1,7 @@
 """A run against the hosts: connect through the one connect seam, probe, plan, apply, journal.
 
 Every command that reaches a host goes through here: plans through the engine (`apply`), read-only steps
-through `read` (doctor's pings, the sudo check, `logs`); runbook/discovery.py does the same for hosts that have
+through `read` (doctor's pings, the sudo check, `logs`); session/discovery.py does the same for hosts that have
 no inventory yet.
 Tests replace the network once: `ssh_connect` below, or a `connect` given to the Session.
 """
@@ -27,14 +27,14 @@ from sparkctl.plan import images, weights
 from sparkctl.plan.context import PlanContext
 from sparkctl.plan.models import Command, Plan, Stage, Step
 from sparkctl.plan.serve_bench import LAPTOP
-from sparkctl.runbook import lock
-from sparkctl.runbook.engine import Engine, Event, Report
-from sparkctl.runbook.gather import PROBE_TIMEOUT, gather_facts, gather_outputs
 from sparkctl.runbook.load import load_runbook, resolve_params
-from sparkctl.runbook.lock import LockOwner
 from sparkctl.runbook.models import Runbook
 from sparkctl.runbook.planner import build_runbook_plan, plan_stage, sha256, weights_code, worker_code
-from sparkctl.runbook.secrets import Secrets
+from sparkctl.session import lock
+from sparkctl.session.engine import Engine, Event, Report
+from sparkctl.session.gather import PROBE_TIMEOUT, gather_facts, gather_outputs
+from sparkctl.session.lock import LockOwner
+from sparkctl.session.secrets import Secrets
 
 __all__ = ["Connect", "Session", "Unreachable", "open_session", "secrets_needed", "ssh_connect"]
 
@@ -443,7 +443,7 @@ class Session:
         self.transports.clear()
 
 
-# --- the cluster lock on the hosts (commands and parsing in sparkctl.runbook.lock) ---------------------
+# --- the cluster lock on the hosts (commands and parsing in sparkctl.session.lock) ---------------------
 
 
 def take_locks(

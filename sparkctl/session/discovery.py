@@ -12,9 +12,9 @@ from sparkctl.errors import HostError, InputError, Problem
 from sparkctl.execute.base import Connect, Transport
 from sparkctl.inventory.models import HostAddress, SshOverride, SshSettings
 from sparkctl.plan.models import Command, Step
-from sparkctl.runbook import session
-from sparkctl.runbook.engine import Engine
-from sparkctl.runbook.session import read_plan, run_read, silent
+from sparkctl.session import session
+from sparkctl.session.engine import Engine
+from sparkctl.session.session import read_plan, run_read, silent
 
 
 class Target(BaseModel):

@@ -12,7 +12,7 @@ from sparkctl import state
 from sparkctl.errors import HostError, InputError, Problem, SecretError
 from sparkctl.inventory.models import Inventory, Workload
 from sparkctl.plan import commands as lc
-from sparkctl.runbook.session import Session
+from sparkctl.session.session import Session
 
 
 def pick_workload(inv: Inventory, name: str | None) -> Workload:

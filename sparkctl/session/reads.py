@@ -7,7 +7,7 @@ from sparkctl.errors import HostError, Problem
 from sparkctl.plan.cluster import plan_verify_fabric
 from sparkctl.plan.context import PlanContext
 from sparkctl.plan.models import Command, Step
-from sparkctl.runbook.session import Session
+from sparkctl.session.session import Session
 
 Link = tuple[str, str, str]
 """(host, twin interface, peer address) of one jumbo-ping direction."""

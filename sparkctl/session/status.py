@@ -8,7 +8,8 @@ from typing import Any
 from sparkctl.inventory.topology import neighbours
 from sparkctl.plan import commands as lc
 from sparkctl.plan.cluster import group_health, ray_running_ok, workload_state
-from sparkctl.runbook.session import Session
+from sparkctl.plan.fabric import twin_state
+from sparkctl.session.session import Session
 
 
 def cluster_status(session: Session, secrets: Mapping[str, str]) -> dict[str, Any]:
@@ -27,7 +28,7 @@ def cluster_status(session: Session, secrets: Mapping[str, str]) -> dict[str, An
         fabric = []
         for t in h.fabric:
             live = f.interfaces.get(t.interface)
-            ok = live is not None and str(t.address) in live.ipv4 and live.mtu == inv.network.mtu
+            ok = twin_state(t, live, inv.network.mtu).ok
             fabric.append(
                 {
                     "interface": t.interface,
