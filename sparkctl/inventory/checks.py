@@ -263,7 +263,7 @@ def _check_open_ports(inv: Inventory) -> list[Found]:
     p = inv.ray.ports
     own = {inv.ray.port: "ray.port"} | {v: f"ray.ports.{k}" for k, v in p.model_dump().items()}
     for w in inv.workloads:
-        if w.engine == "vllm" and w.executor == "mp" and w.tensor_parallel_size * w.pipeline_parallel_size > 1:
+        if w.engine == "vllm" and w.executor == "mp" and w.ranks > 1:
             own.setdefault(w.master_port, f"the rendezvous of workload '{w.name}' (vLLM's --master-port)")
     seen: set[int] = set()
     for k, port in enumerate(inv.network.open_ports):
@@ -303,11 +303,11 @@ def _check_ray_and_workloads(inv: Inventory) -> list[Found]:
             found.append((("workloads", k, "name"), "'ray' is reserved for Ray's log and container", "rename it"))
         if w.port in ray_ports or inv.ray.ports.min_worker <= w.port <= inv.ray.ports.max_worker:
             found.append((("workloads", k, "port"), f"port {w.port} is one of Ray's ports", "pick another port"))
-        if w.engine == "vllm" and w.hosts is None and w.tensor_parallel_size * w.pipeline_parallel_size > gpus:
+        if w.engine == "vllm" and w.hosts is None and w.ranks > gpus:
             found.append(
                 (
                     ("workloads", k, "tensor_parallel_size"),
-                    f"{w.tensor_parallel_size * w.pipeline_parallel_size} ranks but the cluster has {gpus} GPU(s)",
+                    f"{w.ranks} ranks but the cluster has {gpus} GPU(s)",
                     f"use tensor_parallel_size <= {gpus}"
                     if w.pipeline_parallel_size == 1
                     else f"use tensor_parallel_size x pipeline_parallel_size <= {gpus}",
@@ -316,7 +316,7 @@ def _check_ray_and_workloads(inv: Inventory) -> list[Found]:
         if (
             w.engine == "embed"
             and w.hosts is None
-            and w.tensor_parallel_size * w.replicas > len(inv.hosts)
+            and w.ranks > len(inv.hosts)
             and w.replicas > 1
         ):
             found.append(
@@ -341,12 +341,12 @@ def _check_ray_and_workloads(inv: Inventory) -> list[Found]:
         elif (
             w.executor == "mp"
             and w.hosts is None
-            and len(inv.hosts) < w.tensor_parallel_size * w.pipeline_parallel_size <= gpus
+            and len(inv.hosts) < w.ranks <= gpus
         ):
             found.append(
                 (
                     ("workloads", k, "tensor_parallel_size"),
-                    f"executor mp runs one rank per host: {w.tensor_parallel_size * w.pipeline_parallel_size} ranks "
+                    f"executor mp runs one rank per host: {w.ranks} ranks "
                     f"but {len(inv.hosts)} host(s)",
                     f"use tensor_parallel_size <= {len(inv.hosts)}"
                     if w.pipeline_parallel_size == 1
@@ -359,10 +359,6 @@ def _check_ray_and_workloads(inv: Inventory) -> list[Found]:
             )
     found += check_placement(inv)
     return found
-
-
-def _ranks(w: Workload) -> int:
-    return w.tensor_parallel_size * (w.replicas if w.engine == "embed" else w.pipeline_parallel_size)
 
 
 def _split_hint(gpus: int) -> str:
@@ -398,7 +394,7 @@ def check_placement(inv: Inventory) -> list[Found]:
                 continue
             group = inv.group(w)
             gpus = sum(h.gpus for h in group)
-            ranks = _ranks(w)
+            ranks = w.ranks
             where = f"{', '.join(w.hosts)}"
             if w.engine == "vllm" and ranks != gpus:
                 found.append(
@@ -476,7 +472,7 @@ def check_placement(inv: Inventory) -> list[Found]:
         total = sum(h.gpus for h in inv.hosts)
         need = 0
         for k, w in enumerate(inv.workloads):
-            need += _ranks(w)
+            need += w.ranks
             if need > total:
                 found.append(
                     (
@@ -496,7 +492,7 @@ def _check_ray_placed_next_to_unseen(inv: Inventory) -> list[Found]:
     off their Sparks (PACK over `{GPU: 1}` bundles, no node pin with its default V2 executor; nothing in `vllm
     serve` adds a resource to the bundles: docs/workers.md, "What places the ranks")."""
     def ray_placed(w: Workload) -> bool:
-        return w.engine == "vllm" and w.executor == "ray" and _ranks(w) > 1
+        return w.engine == "vllm" and w.executor == "ray" and w.ranks > 1
 
     unseen = [w.name for w in inv.workloads if w.engine == "vllm" and not ray_placed(w)]
     if not unseen:

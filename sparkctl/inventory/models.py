@@ -391,6 +391,14 @@ class Workload(_Model):
     ready_timeout: float = Field(1800, gt=0, le=86400, description="Seconds to wait for the endpoint to answer.")
 
     @property
+    def ranks(self) -> int:
+        """Ranks of the workload, one device each: the one definition of the rank layout (vLLM: tensor x pipeline
+        parallel; embed: tensor parallel x replicas)."""
+        if self.engine == "embed":
+            return self.tensor_parallel_size * self.replicas
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
     def master_port(self) -> int:
         """Where vLLM's multiprocessing executor's ranks meet: `--master-port` in extra_args, else vLLM's default
         29501 (ParallelConfig.master_port, vllm/config/parallel.py, vLLM 0.32.0)."""

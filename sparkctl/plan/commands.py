@@ -259,10 +259,8 @@ def placement_check_script(min_groups: int, expected: list[list[str]] | None = N
 
 
 def workload_ranks(w: Workload) -> int:
-    """Ranks of a workload, one device each (vLLM: tensor x pipeline parallel; embed: tp x replicas)."""
-    if w.engine == "embed":
-        return w.tensor_parallel_size * w.replicas
-    return w.tensor_parallel_size * w.pipeline_parallel_size
+    """Ranks of a workload, one device each (`Workload.ranks`, the one definition)."""
+    return w.ranks
 
 
 def bind_address(inv: Inventory, w: Workload) -> str:

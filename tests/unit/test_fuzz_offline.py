@@ -4,8 +4,8 @@ Whatever the input, `plan --offline`, `run --dry-run --offline` and `runbook val
 traceback, never "unexpected". Each example must finish within hypothesis' deadline, 10 s: a guard against a hang
 or a runaway loop, not a speed measurement (an offline plan takes milliseconds; the 2 s promise for inputs up to
 5 MB is measured in benchmarks/bench_input.py, where a loaded machine cannot fail a test), and what the examples
-allocate may peak at 200 MB at most (tracemalloc) over the whole run. The examples are derandomized (the same ones on every run, so CI cannot flake)
-and bounded in number.
+allocate may peak at 200 MB at most (tracemalloc) over the whole run. The examples are derandomized (the same
+ones on every run, so CI cannot flake) and bounded in number.
 """
 
 from __future__ import annotations
