@@ -54,11 +54,11 @@ def ask_cmd(
     """Send one request with the stored API key (a chat completion, or an embedding) and print the answer and
     the latency."""
     from sparkctl.session.access import ask, pick_workload, stored_key
-    from sparkctl.session.session import Session, ssh_connect
+    from sparkctl.session.door import endpoint_session
 
     inv = c.start(debug, inventory)
     w = pick_workload(inv, workload)
-    session = Session(inv, ssh_connect(False))  # HTTP only: no host is connected to
+    session = endpoint_session(inv)  # HTTP only: no host is connected to
     result = ask(session, w, text, stored_key(inv, w), max_tokens=max_tokens)
     if as_json:
         c.echo(json.dumps(result, indent=2))

@@ -50,7 +50,7 @@ def _root(
 def main() -> None:
     """Console entry point."""
     from sparkctl.cli.common import quiet_logs
-    from sparkctl.cli.interrupts import INTERRUPTS
+    from sparkctl.session.interrupts import INTERRUPTS
 
     quiet_logs()
     INTERRUPTS.install()

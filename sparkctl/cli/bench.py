@@ -96,14 +96,16 @@ def bench_serve(
     debug: c.DebugOpt = False,
 ) -> None:
     """Load a workload with vLLM's own load generator (vllm bench serve) and keep the result in the journal."""
+    import contextlib
     import shutil
     import sys
+    from collections.abc import Iterator
 
     from sparkctl.cli.render import Progress, render_bench_serve, render_report_details
     from sparkctl.runbook.load import load_runbook, resolve_params
     from sparkctl.session.access import pick_workload, stored_key
     from sparkctl.session.reports import summarise_bench_serve
-    from sparkctl.session.session import Session, ssh_connect
+    from sparkctl.session.run import RunHooks, RunRequest, run_runbook
 
     inv = c.start(debug, inventory)
     w = pick_workload(inv, workload)
@@ -131,27 +133,34 @@ def bench_serve(
         "source": source,
     }
     params = resolve_params(rb, sets)
-    c.check_laptop_files(inv)
     live = None
     if c.live_wanted(plain, as_json):
         from sparkctl.cli.live import LiveProgress
 
         live = LiveProgress(stream=sys.stderr)
-    session = Session(inv, ssh_connect(accept_new_host_keys), emit=live or Progress(quiet=False))
-    session.laptop = source == "laptop"
-    try:
-        session.open()
-        secrets = session.secrets_for_plan()
-        plan = session.plan(rb, params, secrets)
+
+    @contextlib.contextmanager
+    def applying() -> Iterator[None]:
         if live is not None:
             live.start()
         try:
-            report = session.apply(rb, plan, params, secrets)
+            yield
         finally:
             if live is not None:
                 live.stop()
-    finally:
-        session.close()
+
+    req = RunRequest(
+        inv,
+        rb,
+        params,
+        accept_new_host_keys=accept_new_host_keys,
+        lock=False,  # it reads and loads a workload; it changes nothing a lock protects
+        confirm_plan=False,
+        laptop=source == "laptop",
+    )
+    hooks = RunHooks(emit=live or Progress(quiet=False), confirm=lambda m: True, applying=applying)
+    report = run_runbook(req, hooks).report
+    assert report is not None  # applied: nothing to confirm
     result = summarise_bench_serve(report)
     if as_json:
         c.echo(json.dumps(result, indent=2))

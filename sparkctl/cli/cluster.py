@@ -2,26 +2,26 @@
 
 from __future__ import annotations
 
-import contextlib
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from sparkctl import state
 from sparkctl.cli import common as c
 from sparkctl.cli.complete import complete_runbook
-from sparkctl.cli.interrupts import INTERRUPTS
-from sparkctl.errors import EXIT_FAILED, EXIT_INTERRUPTED, HostError, InputError, Problem
+from sparkctl.errors import EXIT_FAILED, EXIT_INTERRUPTED, InputError, Problem
 
 # Loaded when a command runs (see common.py): the models and the planner to plan; the session, the engine and
 # the preflight rules only for commands that reach the hosts.
 if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+    from sparkctl.cli.live import LiveProgress
     from sparkctl.inventory.models import Inventory
     from sparkctl.plan.models import Plan
     from sparkctl.runbook.models import Runbook
-    from sparkctl.session.engine import Report
+    from sparkctl.session.engine import Event, Report
+    from sparkctl.session.run import RunHooks
     from sparkctl.session.secrets import Secrets
-    from sparkctl.session.session import Session
 
 OfflineOpt = Annotated[
     bool, typer.Option("--offline", help="Plan as if the hosts were fresh, without contacting them.")
@@ -91,19 +91,14 @@ def execute(
     partial: bool = False,
     plain: bool = False,
 ) -> None:
-    """Connect, lock, gather, plan, (confirm), apply, report. Shared by up, down, run and restore-network.
+    """Run a runbook (session/run.py) and render it. Shared by plan, up, down, run and restore-network.
 
-    A run that may change hosts takes the cluster lock on every host before anything else (dry runs do not).
-    `partial` (teardown): go on with the hosts that answer, and fail at the end naming the others.
     On a terminal (both stdout and stderr, without --plain or --json) the run shows as a live view and ends with a
     recap; otherwise the same events print as plain lines.
     """
     from sparkctl.cli.render import Progress
-    from sparkctl.session.lock import owner_here
-    from sparkctl.session.secrets import Secrets
-    from sparkctl.session.session import Session, secrets_needed, ssh_connect
+    from sparkctl.session.run import RunRequest, run_runbook
 
-    c.check_laptop_files(inv)
     live = None
     if not dry_run and c.live_wanted(plain, as_json):
         import sys
@@ -111,80 +106,77 @@ def execute(
         from sparkctl.cli.live import LiveProgress
 
         live = LiveProgress(stream=sys.stderr)
-    session = Session(inv, ssh_connect(accept_new_host_keys), emit=live or Progress(quiet=False))
-    session.follow_logs = live is not None
-    run_id = state.new_run_id()
-    owner = None if dry_run else owner_here(inv.cluster, run_id, command or f"sparkctl run {rb.name}")
-    INTERRUPTS.left_behind = lambda: _left_behind(session)
-    INTERRUPTS.before_exit.append(session.journal_unfinished)
-    try:
-        session.open(lock=owner, partial=partial and not dry_run)
-        secrets = session.secrets_for_plan()
-        plan = session.plan(rb, params, secrets, start=start, only=only)
-        if not dry_run and secrets_needed(plan) - secrets.keys():
-            # Only a run that applies a step needing a secret creates it (then plans again with it).
-            secrets = session.secrets_for_plan(create=True)
-            plan = session.plan(rb, params, secrets, start=start, only=only)
-        if checks and not dry_run:
-            from sparkctl.doctor.evaluators import CheckContext
-            from sparkctl.doctor.preflight import preflight
-
-            warnings, stop = preflight(CheckContext(session.inventory, session.facts), force)
-            for f in warnings:
-                c.echo(f"warning: {f.rule} {f.subject}: {f.evidence}", err=True)
-            if stop:
-                raise stop
-        hidden = Secrets({**secrets, **rb.secret_values(params)})
-        if dry_run:
-            c.echo(show_plan(plan, as_json, hidden))
-            return
-        if not as_json:
-            c.echo(show_plan(plan, False, hidden))
-        if plan.changes and not c.confirm(f"apply {plan.changes} change(s) to {inv.cluster}?", yes):
+    req = RunRequest(
+        inv,
+        rb,
+        dict(params),
+        command=command,
+        dry_run=dry_run,
+        start=start,
+        only=only,
+        checks=checks,
+        force=force,
+        partial=partial,
+        accept_new_host_keys=accept_new_host_keys,
+        follow_logs=live is not None,
+    )
+    outcome = run_runbook(req, _hooks(inv, live or Progress(quiet=False), live, yes, as_json))
+    if outcome.report is None:
+        if outcome.declined:
             raise typer.Exit(EXIT_FAILED)
-        secrets = {**secrets, **session.check_sudo(plan, lambda: c.sudo_password(inv))}
+        c.echo(show_plan(outcome.plan, as_json, outcome.hidden))
+        return
+    report = outcome.report
+    if live is not None:
+        from sparkctl.cli.live import print_report
+        from sparkctl.cli.render import render_report_details
+        from sparkctl.session.engine import Report
 
-        def ask(message: str) -> bool:
-            if live is None:
-                return c.confirm(message, yes)
-            with live.paused():
-                return c.confirm(message, yes)
+        shown = Report.model_validate(outcome.hidden.scrub(report.model_dump()))
+        print_report(shown, "\n".join(render_report_details(shown)), live)
+    else:
+        c.echo(show_report(report, as_json, outcome.hidden))
+    if not as_json:
+        _show_benches(report)
+    if report.interrupted:
+        raise typer.Exit(EXIT_INTERRUPTED)
+    if not report.ok or report.journal_error:
+        raise typer.Exit(EXIT_FAILED)
 
+
+def _hooks(
+    inv: Inventory, emit: Callable[[Event], None], live: LiveProgress | None, yes: bool, as_json: bool
+) -> RunHooks:
+    """The run's questions answered on this terminal: the plan shown before confirming (not with --json), a
+    confirmation paused out of the live view, the sudo password from env, file or one prompt."""
+    import contextlib
+
+    from sparkctl.session.run import RunHooks
+
+    def confirm(message: str) -> bool:
+        if live is None:
+            return c.confirm(message, yes)
+        with live.paused():
+            return c.confirm(message, yes)
+
+    @contextlib.contextmanager
+    def applying() -> Iterator[None]:
         if live is not None:
             live.start()
         try:
-            report = session.apply(rb, plan, params, secrets, confirm=ask, start=start, run_id=run_id)
+            yield
         finally:
             if live is not None:
                 live.stop()
-        hidden = Secrets({**secrets, **rb.secret_values(params)})
-        if live is not None:
-            from sparkctl.cli.live import print_report
-            from sparkctl.cli.render import render_report_details
-            from sparkctl.session.engine import Report
 
-            shown = Report.model_validate(hidden.scrub(report.model_dump()))
-            print_report(shown, "\n".join(render_report_details(shown)), live)
-        else:
-            c.echo(show_report(report, as_json, hidden))
-        if not as_json:
-            _show_benches(report)
-        if report.interrupted:
-            raise typer.Exit(EXIT_INTERRUPTED)
-        if not report.ok or report.journal_error:
-            raise typer.Exit(EXIT_FAILED)
-    finally:
-        with INTERRUPTS.shielded("releasing the cluster lock"):
-            kept = session.release()
-            session.close()
-        if kept:
-            c.echo(
-                f"warning: the cluster lock stays on {', '.join(kept)} (unreachable); the next run from this laptop "
-                "takes it over, another laptop needs `sparkctl unlock`",
-                err=True,
-            )
-        with contextlib.suppress(ValueError):
-            INTERRUPTS.before_exit.remove(session.journal_unfinished)
+    return RunHooks(
+        emit=emit,
+        show_plan=lambda plan, hidden: None if as_json else c.echo(show_plan(plan, False, hidden)),
+        confirm=confirm,
+        sudo_password=lambda: c.sudo_password(inv),
+        warn=lambda message: c.echo(f"warning: {message}", err=True),
+        applying=applying,
+    )
 
 
 def _show_benches(report: Report) -> None:
@@ -197,64 +189,6 @@ def _show_benches(report: Report) -> None:
     if rows:
         c.echo("bench serve results (all runs: sparkctl bench history)")
         c.echo(render_bench_table(rows))
-
-
-def _left_behind(session: Session) -> str:
-    """What a force quit leaves: for the warning printed before the process ends."""
-    hosts = ", ".join(sorted(session.transports)) or "the hosts"
-    return (
-        f"the cleanup did not finish: Ray and workloads may still run on {hosts}, and this run's lock stays "
-        "there (the next sparkctl run from this laptop takes it over); run `sparkctl down`"
-    )
-
-
-def unlock(inv: Inventory, *, yes: bool, accept_new_host_keys: bool) -> None:
-    """Show the lock on every reachable host, confirm, and remove it where it is still the one shown."""
-    import time
-
-    from sparkctl.session.lock import build_break, build_read, is_stale_here, owner_here, parse_answer
-    from sparkctl.session.session import Session, ssh_connect
-
-    session = Session(inv, ssh_connect(accept_new_host_keys))
-    try:
-        session.open(partial=True)
-        me = owner_here(inv.cluster, "-", "sparkctl unlock")
-        held = {}
-        for host in [h.name for h in inv.hosts if h.name in session.transports]:
-            status, holder = parse_answer(session.transports[host].run(build_read(), timeout=20).stdout)
-            if status == "held":
-                held[host] = holder
-                who = holder.describe(time.time()) if holder else "an unreadable lock record"
-                c.echo(f"{host}: locked by {who}")
-                if holder and holder.user == me.user and holder.laptop == me.laptop and not is_stale_here(holder, me):
-                    c.echo(f"warning: {host}: pid {holder.pid} still runs on this laptop: is that run alive?", err=True)
-            elif status == "free":
-                c.echo(f"{host}: not locked")
-            else:
-                raise HostError([Problem(host, "could not read the cluster lock", "check the host's /run/lock")])
-        if held and c.confirm(f"break the lock on {', '.join(held)}?", yes):
-            failed = []
-            for host, holder in held.items():
-                r = session.transports[host].run(build_break(holder.run_id if holder else None), timeout=20)
-                if not r.ok:
-                    failed.append(
-                        Problem(
-                            host,
-                            f"could not remove the lock: {r.stderr.strip()[-200:]}",
-                            "it belongs to another login user: remove it there with sudo rm -rf /run/lock/sparkctl",
-                        )
-                    )
-                else:
-                    c.echo(f"{host}: lock removed")
-            if failed:
-                raise HostError(failed)
-        if session.unreachable:
-            raise HostError(
-                [p for ps in session.unreachable.values() for p in ps],
-                hint="the lock there (if any) stays; run `sparkctl unlock` again once the host is reachable",
-            )
-    finally:
-        session.close()
 
 
 @c.guard
@@ -353,8 +287,16 @@ def unlock_cmd(
     debug: c.DebugOpt = False,
 ) -> None:
     """Break a stale cluster lock: show who holds each host, then remove it. Only for a run that is dead."""
+    from sparkctl.session.unlock import unlock
+
     inv = c.start(debug, inventory)
-    unlock(inv, yes=yes, accept_new_host_keys=accept_new_host_keys)
+    unlock(
+        inv,
+        accept_new_host_keys,
+        say=c.echo,
+        warn=lambda m: c.echo(f"warning: {m}", err=True),
+        confirm=lambda m: c.confirm(m, yes),
+    )
 
 
 @c.guard

@@ -7,7 +7,7 @@ import getpass
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
@@ -105,35 +105,10 @@ def parse_sets(sets: list[str] | None) -> dict[str, str]:
 
 
 def check_laptop_files(inv: Inventory) -> None:
-    """The laptop's files a run uses, before any connection (and in offline plans, which would run the same):
-    key files exist and others cannot read them (as ssh refuses such a key), nor the sudo password file;
-    known_hosts, if it exists, is a file."""
-    problems: list[Problem] = []
-    keys = {inv.ssh.identity_file, *(h.ssh.identity_file for h in inv.hosts)} - {None}
-    fix = (
-        "set ssh.identity_file in the inventory to your private key (e.g. ~/.ssh/id_ed25519), "
-        "or remove it to log in with ssh-agent and ~/.ssh/config"
-    )
-    for key in sorted(k for k in keys if k):
-        with _collect(problems):
-            state.check_private_key(key, "ssh.identity_file", fix)
-    if inv.sudo.password_file:
-        with _collect(problems):
-            state.refuse_exposed(inv.sudo.password_file, "sudo.password_file")
-    known = inv.ssh.known_hosts
-    if Path(known).expanduser().is_dir():
-        fix_known = "set ssh.known_hosts to a file, e.g. ~/.ssh/known_hosts"
-        problems.append(Problem(f"ssh.known_hosts {known}", "is a directory", fix_known))
-    if problems:
-        raise InputError(problems)
+    """The laptop's key and password files, checked as every run checks them (offline plans too)."""
+    from sparkctl.session.laptop import check_laptop_files as check
 
-
-@contextlib.contextmanager
-def _collect(problems: list[Problem]) -> Iterator[None]:
-    try:
-        yield
-    except SparkctlError as exc:
-        problems += exc.problems
+    check(inv)
 
 
 def open_session(
@@ -143,19 +118,18 @@ def open_session(
     *,
     partial: bool = False,
 ) -> Session:
-    """Check the laptop's files, then connect to and probe every host (one SSH connection each, in parallel).
+    """The one door (session/door.py): the laptop's files checked, then every host connected to and probed.
 
     `partial` (read-only commands): go on with the hosts that answer; the others are in `session.unreachable`.
     """
-    from sparkctl.session import session as sessions
+    from sparkctl.session import door
 
-    check_laptop_files(inv)
-    return sessions.open_session(inv, accept_new_host_keys, emit, partial=partial)
+    return door.open_session(inv, accept_new_host_keys, emit, partial=partial)
 
 
 def unreachable_problems(session: Session) -> list[Problem]:
     """Why each host a partial session could not read was left out, in inventory order."""
-    return [p for h in session.inventory.hosts for p in session.unreachable.get(h.name, [])]
+    return session.unreachable_problems()
 
 
 def sudo_password(inv: Inventory) -> str | None:

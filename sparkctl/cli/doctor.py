@@ -8,7 +8,6 @@ from typing import Annotated
 
 import typer
 
-from sparkctl import state
 from sparkctl.cli import common as c
 from sparkctl.errors import EXIT_FAILED
 
@@ -23,17 +22,10 @@ def doctor_cmd(
 ) -> None:
     """Read-only checks on every host and across the pair: pass / warn / fail, evidence and fix."""
     from sparkctl.cli.render import render_findings
-    from sparkctl.doctor.evaluate import evaluate
-    from sparkctl.doctor.evaluators import CheckContext
-    from sparkctl.session.reads import measure_jumbo
+    from sparkctl.session.diagnose import doctor_findings
 
     inv = c.start(debug, inventory)
-    # A host that does not answer is a failed `host-reachable` finding; the others are judged all the same.
-    session = c.open_session(inv, accept_new_host_keys, partial=True)
-    try:
-        findings = evaluate(CheckContext(inv, session.facts, measure_jumbo(session), session.unreachable))
-    finally:
-        session.close()
+    findings = doctor_findings(inv, accept_new_host_keys)
     if as_json:
         c.echo(json.dumps([f.model_dump() for f in findings], indent=2))
     else:
@@ -55,23 +47,18 @@ def discover_cmd(
     debug: c.DebugOpt = False,
 ) -> None:
     """Connect to the given hosts and write a complete inventory for them."""
-    from sparkctl.facts.discover import DISCOVER_PROBE, parse_discovery, propose_inventory
     from sparkctl.inventory.models import SshSettings
-    from sparkctl.session.discovery import open_discovery
+    from sparkctl.session.diagnose import discover_inventory
 
     c.set_debug(debug)
     settings = SshSettings(user=user, port=port, identity_file=identity, known_hosts=known_hosts)
-    if identity:
-        state.refuse_exposed(identity, "--identity-file")
-    outputs = open_discovery(hosts, settings, accept_new_host_keys).probe(DISCOVER_PROBE)
-    found = [parse_discovery(addr, outputs[addr]) for addr in hosts]
     used = {
         "user": user,
         "port": port,
         "identity_file": identity,
         "known_hosts": known_hosts if known_hosts != "~/.ssh/known_hosts" else None,
     }
-    text, unknown = propose_inventory(found, cluster, used)
+    text, unknown = discover_inventory(hosts, settings, accept_new_host_keys, cluster, used)
     for u in unknown:
         c.echo(f"warning: could not determine: {u}", err=True)
     if output:

@@ -6,9 +6,9 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from sparkctl.cli import common as c
-from sparkctl.cli.interrupts import INTERRUPTS
 from sparkctl.cli.render import escape_controls
 from sparkctl.inventory.models import Inventory
+from sparkctl.session.interrupts import INTERRUPTS
 
 if TYPE_CHECKING:
     from rich.console import Group

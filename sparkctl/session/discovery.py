@@ -12,7 +12,6 @@ from sparkctl.errors import HostError, InputError, Problem
 from sparkctl.execute.base import Connect, Transport
 from sparkctl.inventory.models import HostAddress, SshOverride, SshSettings
 from sparkctl.plan.models import Command, Step
-from sparkctl.session import session
 from sparkctl.session.engine import Engine
 from sparkctl.session.session import read_plan, run_read, silent
 
@@ -94,9 +93,3 @@ class Discovery:
         if problems:
             raise HostError(problems)
         return {a: outputs[a] for a in self.addresses}
-
-
-def open_discovery(addresses: list[str], settings: SshSettings, accept_new_host_keys: bool) -> Discovery:
-    """A Discovery over the real connector (the session's seam); bad addresses are refused first."""
-    targets_of(addresses)
-    return Discovery(addresses, settings, session.ssh_connect(accept_new_host_keys))

@@ -10,14 +10,18 @@ bug #751392), so a reboot frees it, any login user can take it, and it never sho
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 from sparkctl import paths
-from sparkctl.errors import HostError
+from sparkctl.errors import HostError, Problem
+from sparkctl.execute.base import Result, Transport
+from sparkctl.session.gather import PROBE_TIMEOUT
 
 TAKEN = "@@sparkctl-lock taken"
 HELD = "@@sparkctl-lock held"
@@ -165,3 +169,154 @@ def pid_alive(pid: int) -> bool:
 def is_stale_here(holder: LockOwner, me: LockOwner, alive: Callable[[int], bool] = pid_alive) -> bool:
     """A lock left by an earlier run of this user on this laptop whose process is gone (killed, force-quit)."""
     return holder.user == me.user and holder.laptop == me.laptop and holder.pid != me.pid and not alive(holder.pid)
+
+
+# --- taking and releasing it over the hosts' connections ------------------------------------------------
+
+
+def take_locks(
+    transports: Mapping[str, Transport],
+    order: Sequence[str],
+    me: LockOwner,
+    note: Callable[[str], None] = lambda m: None,
+    alive: Callable[[int], bool] = pid_alive,
+    probe: Callable[[str], str] | None = None,
+    probed: dict[str, Result] | None = None,
+) -> list[str]:
+    """Take the lock on every host in `order`: the first host alone, then all the others at once.
+
+    The first host's lock decides between racing runs of one cluster (taking it is one atomic rename): only the run
+    that holds it goes on to the others, so of two racing runs exactly one gets them all and the other takes none.
+    Taking the others side by side costs one round trip however many hosts there are. Returns the hosts now locked.
+    If a host is held by another run (say, one of another inventory that shares it), the locks taken so far are
+    released and LockHeld names every holder. A lock left by a dead run of this user on this laptop is taken over
+    (said so).
+
+    With `probe` (host -> the fact probe script), each host's facts are read as soon as its lock is held, into
+    `probed`: the first host's beside the others' locks, and on every other host in the same round trip as taking
+    its lock. A host missing from `probed` (its probe failed, or a dead run's lock was taken over) is probed later.
+    """
+    taken: list[str] = []
+    probed = {} if probed is None else probed
+    try:
+        if not order:
+            return taken
+        _take_host(transports[order[0]], order[0], me, note, alive)
+        taken.append(order[0])
+        rest = list(order[1:])
+        if not rest and probe is None:
+            return taken
+
+        def first_facts(script: str) -> None:
+            with contextlib.suppress(HostError):  # read again (and reported) by the gather that follows
+                probed[order[0]] = transports[order[0]].run("sh -s", stdin=script, timeout=PROBE_TIMEOUT)
+
+        def one(host: str) -> Exception | None:
+            try:
+                got = _take_host(transports[host], host, me, note, alive, probe(host) if probe else None)
+            except Exception as exc:  # handed back, raised below once every lock taken is released
+                return exc
+            taken.append(host)  # at once, so that an interrupt meanwhile still releases it
+            if got is not None:
+                probed[host] = got
+            return None
+
+        with ThreadPoolExecutor(max_workers=len(rest) + 1) as pool:
+            reading = pool.submit(first_facts, probe(order[0])) if probe is not None else None
+            errors = [e for e in pool.map(one, rest) if e is not None]
+            if reading is not None:
+                reading.result()
+        for e in errors:
+            if not isinstance(e, HostError):
+                raise e
+        if errors:
+            problems = [p for e in errors if isinstance(e, HostError) for p in e.problems]
+            raise LockHeld(problems) if all(isinstance(e, LockHeld) for e in errors) else HostError(problems)
+    except BaseException:
+        release_locks(transports, taken, me.run_id)
+        raise
+    return sorted(taken, key=list(order).index)
+
+
+def _take_host(
+    t: Transport,
+    host: str,
+    me: LockOwner,
+    note: Callable[[str], None],
+    alive: Callable[[int], bool],
+    script: str | None = None,
+) -> Result | None:
+    """Take the lock on one host, taking over a dead run's of this laptop; raise LockHeld if another run holds it.
+
+    With `script`, it runs on the host right after the lock is taken, in the same command: its result is returned
+    (None when it did not run: the lock was taken over, or no script)."""
+    holder, result = _take_one(t, host, me, script)
+    if holder is not None and is_stale_here(holder, me, alive):
+        t.run(build_break(holder.run_id), timeout=TIMEOUT)
+        note(f"{host}: took over the lock left by run {holder.run_id} (pid {holder.pid} no longer runs here)")
+        holder, result = _take_one(t, host, me)
+    if holder is not None:
+        raise LockHeld(
+            [
+                Problem(
+                    host,
+                    f"the cluster is locked by {holder.describe()}; nothing was changed",
+                    "wait for that run to end; if it is dead (its laptop crashed or lost the network), "
+                    "break the lock with `sparkctl unlock`",
+                )
+            ]
+        )
+    return result
+
+
+def _take_one(
+    t: Transport, host: str, me: LockOwner, script: str | None = None
+) -> tuple[LockOwner | None, Result | None]:
+    """(None, the script's result if one ran) when taken by `me`; else (the holder, None); a placeholder record if
+    the holder's cannot be read."""
+    if script is None:
+        r = t.run(build_take(me), timeout=TIMEOUT)
+    else:
+        r = t.run(build_take(me, then="exec sh -s"), stdin=script, timeout=max(TIMEOUT, PROBE_TIMEOUT))
+    status, holder = parse_answer(r.stdout)
+    if status == "taken":
+        return None, r if script is not None else None
+    if status != "held":
+        raise HostError(
+            [
+                Problem(
+                    host,
+                    f"could not take the cluster lock {paths.LOCK_DIR} (exit {r.exit_code}): {r.stderr.strip()[-200:]}",
+                    "the login user must be able to write in /run/lock (Ubuntu: a tmpfs, mode 1777)",
+                )
+            ]
+        )
+    if holder is None:
+        return LockOwner("?", "?", "an unknown laptop", 0, "?", 0.0, "unreadable lock record"), None
+    if holder.run_id == me.run_id:
+        return None, None  # this run already holds it
+    return holder, None
+
+
+def release_locks(transports: Mapping[str, Transport], hosts: Sequence[str], run_id: str) -> list[str]:
+    """Release this run's lock on each host; returns the hosts where that failed (unreachable).
+
+    All hosts at once: unlike taking (one host after the other, so that of two racing runs one gets them all),
+    releasing has no order to keep.
+    """
+
+    def one(host: str) -> bool:
+        t = transports.get(host)
+        try:
+            if t is None:
+                raise HostError(f"{host}: not connected")
+            t.run(build_release(run_id), timeout=TIMEOUT)
+        except HostError:
+            return False
+        return True
+
+    if not hosts:
+        return []
+    with ThreadPoolExecutor(max_workers=len(hosts)) as pool:
+        released = list(pool.map(one, hosts))
+    return [h for h, ok in zip(hosts, released, strict=True) if not ok]

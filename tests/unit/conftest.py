@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -68,3 +69,34 @@ def isolated_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("XDG_STATE_HOME", str(state))
     monkeypatch.delenv("SPARKCTL_INVENTORY", raising=False)
     return state
+
+
+@pytest.fixture
+def connector(mocker: Any) -> Callable[..., Any]:
+    """Replace the one door's connector (`sparkctl.session.door.CONNECTOR`, called with --accept-new-host-keys and
+    returning a `Connect`) for this test: `connector(return_value=fake_connect)` or `connector(side_effect=...)`.
+    Returns the mock, to assert on how the door was called."""
+    from sparkctl.session import door
+
+    return lambda **kwargs: mocker.patch.object(door, "CONNECTOR", **kwargs)
+
+
+@pytest.fixture
+def no_connection(connector: Callable[..., Any]) -> Any:
+    """Any attempt to connect to a host fails the test."""
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the CLI tried to connect")
+
+    return connector(side_effect=refuse)
+
+
+@pytest.fixture
+def cli(isolated_state: Path, no_connection: Any) -> Callable[..., Any]:
+    """Invoke the app in-process (laptop state isolated); any attempt to connect fails the test."""
+    from typer.testing import CliRunner
+
+    from sparkctl.cli.app import app
+
+    runner = CliRunner()
+    return lambda *args: runner.invoke(app, list(args))

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from sparkctl.cli.app import app
 from sparkctl.errors import EXIT_BAD_INPUT
 from sparkctl.inventory import parse_inventory
+from sparkctl.session import door
 from sparkctl.session.access import ask, summarize_embedding
 
 KEY = "sk-test-'quoted' $value"
@@ -34,7 +35,7 @@ def inv_file(tmp_path: Path, example: Any) -> Path:
 
 @pytest.fixture
 def run(isolated_state: Path, mocker: Any) -> Any:
-    mocker.patch("sparkctl.session.session.ssh_connect", side_effect=AssertionError("the CLI tried to connect"))
+    mocker.patch.object(door, "CONNECTOR", side_effect=AssertionError("the CLI tried to connect"))
     runner = CliRunner()
     return lambda *args: runner.invoke(app, list(args))
 

@@ -11,9 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from sparkctl.cli.app import app
 from sparkctl.errors import EXIT_BAD_INPUT
 from sparkctl.inventory import reader
 
@@ -357,16 +355,6 @@ INVENTORY_CASES = [
 ]
 
 
-@pytest.fixture
-def cli(isolated_state, mocker):
-    """Invoke the app; any attempt to connect fails the test."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the CLI tried to connect")
-
-    mocker.patch("sparkctl.session.session.ssh_connect", side_effect=refuse)  # the one seam to the hosts
-    runner = CliRunner()
-    return lambda *args: runner.invoke(app, list(args))
 
 
 def _only_error(output: str) -> tuple[str, str]:

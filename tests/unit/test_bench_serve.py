@@ -26,6 +26,7 @@ from sparkctl.plan.context import PlanContext, fresh_facts
 from sparkctl.plan.models import Plan, Step
 from sparkctl.runbook.load import load_runbook, resolve_params
 from sparkctl.runbook.planner import build_runbook_plan
+from sparkctl.session import door
 from sparkctl.session.reports import bench_history, bench_serve_rows
 from tests.unit.conftest import EXAMPLE, FIXTURES
 
@@ -304,7 +305,7 @@ def test_bench_serve_through_the_cli_keeps_the_result_and_history_shows_it(
         "spark-a": RecordingTransport("spark-a", {"sh -s": Result(0, PROBE_OK, ""), "sh -c": Result(0, result, "")}),
         "spark-b": RecordingTransport("spark-b", {"sh -s": Result(0, PROBE_OK, "")}),
     }
-    mocker.patch("sparkctl.session.session.ssh_connect", side_effect=lambda accept: lambda h, s: hosts[h.name])
+    mocker.patch.object(door, "CONNECTOR", side_effect=lambda accept: lambda h, s: hosts[h.name])
     mocker.patch("sparkctl.plan.serve_bench.workload_state", return_value="ok")  # the probe shows no workload
     r = CliRunner().invoke(app, ["bench", "serve", "chat", "-i", str(EXAMPLE), "--prompts", "8", "--json"])
     assert r.exit_code == 0, r.output
@@ -336,7 +337,7 @@ def test_bench_serve_from_the_laptop_without_vllm_is_bad_input(isolated_state: P
     from sparkctl.cli.app import app
 
     mocker.patch("shutil.which", return_value=None)
-    mocker.patch("sparkctl.session.session.ssh_connect", side_effect=AssertionError("connected"))
+    mocker.patch.object(door, "CONNECTOR", side_effect=AssertionError("connected"))
     r = CliRunner().invoke(app, ["bench", "serve", "chat", "-i", str(EXAMPLE), "--from", "laptop"])
     assert r.exit_code == 2 and "no `vllm` on this laptop's PATH" in r.output
 

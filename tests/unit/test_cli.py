@@ -12,10 +12,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from typer.testing import CliRunner
 
 from sparkctl import state
-from sparkctl.cli.app import app
 from sparkctl.errors import EXIT_BAD_INPUT, EXIT_FAILED
 from sparkctl.plan.models import Plan
 from sparkctl.runbook.load import parse_runbook
@@ -24,20 +22,6 @@ REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "inventories" / "example-pair.yaml"
 
 
-@pytest.fixture
-def cli(isolated_state, mocker):
-    """Invoke the app; any attempt to connect fails the test."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the CLI tried to connect")
-
-    mocker.patch("sparkctl.session.session.ssh_connect", side_effect=refuse)  # the one seam to the hosts
-    runner = CliRunner()
-
-    def invoke(*args: str):
-        return runner.invoke(app, list(args))
-
-    return invoke
 
 
 def test_help_lists_the_commands(cli) -> None:

@@ -213,16 +213,6 @@ set_values = st.lists(
 )
 
 
-@pytest.fixture
-def cli(isolated_state, mocker):
-    """Invoke the app; any attempt to connect fails the test (offline commands never connect)."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("an offline command tried to connect")
-
-    mocker.patch("sparkctl.session.session.ssh_connect", side_effect=refuse)  # the one seam to the hosts
-    runner = CliRunner()
-    return lambda *args: runner.invoke(app, list(args))
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from typing import NoReturn
 
 import pytest
 
-from sparkctl.cli.interrupts import Interrupts
+from sparkctl.session.interrupts import Interrupts
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -95,7 +95,7 @@ def test_a_failing_before_exit_hook_does_not_prevent_the_exit() -> None:
 CHILD = textwrap.dedent(
     """
     import sys, time
-    from sparkctl.cli.interrupts import INTERRUPTS
+    from sparkctl.session.interrupts import INTERRUPTS
     INTERRUPTS.install()
     INTERRUPTS.left_behind = lambda: "LEFT-BEHIND"
     try:

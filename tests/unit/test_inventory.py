@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from sparkctl.errors import EXIT_BAD_INPUT, InventoryError
 from sparkctl.inventory import example_inventory_text, load_inventory, parse_inventory
+from sparkctl.session import door
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "inventories" / "example-pair.yaml"
@@ -428,7 +429,7 @@ def no_connect(mocker):
         raise AssertionError("a connection was attempted")
 
     mocks = [
-        mocker.patch("sparkctl.session.session.ssh_connect", side_effect=refuse),  # the one seam to the hosts
+        mocker.patch.object(door, "CONNECTOR", side_effect=refuse),  # the one seam to the hosts
         mocker.patch("sparkctl.execute.ssh.connect", side_effect=refuse),
     ]
     return mocks

@@ -39,12 +39,14 @@ OS_EFFECT_PREFIXES = ("exec", "spawn")
 
 # Who may use the execute layer at all, and who may build the real SSH connector.
 EXECUTE_USERS = {
+    "sparkctl.session.door",
     "sparkctl.session.engine",
     "sparkctl.session.session",
     "sparkctl.session.gather",
+    "sparkctl.session.lock",
     "sparkctl.session.discovery",
 }
-CONNECTOR_BUILDERS = {"sparkctl.session.session"}
+CONNECTOR_BUILDERS = {"sparkctl.session.door", "sparkctl.session.session"}
 CONNECTORS = {"sparkctl.execute.ssh", "sparkctl.execute.local"}
 
 
@@ -164,3 +166,92 @@ def test_the_walk_allows_what_the_layers_allow() -> None:
     assert violations("sparkctl.execute.local", "import subprocess\nimport os\nos.killpg(1, 9)\n") == []
     assert violations("sparkctl.doctor.x", "from sparkctl.plan.env import detect_gid_index\n") == []
     assert violations("sparkctl.plan.x", "from sparkctl import paths\nfrom sparkctl.errors import Problem\n") == []
+
+
+# --- one door to the hosts -------------------------------------------------------------------------------------
+
+HOST_STATE = {"transports", "facts", "unreachable"}
+"""A Session's per-host state: the connections, what each host said, and who did not answer."""
+
+
+def host_state_touches(tree: ast.AST) -> list[tuple[int, str]]:
+    """`x.transports` anywhere, and loops (for, comprehensions) over a Session's per-host state or `inv.hosts`."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr == "transports":
+            found.append((node.lineno, "reaches a transport"))
+        iters = [node.iter] if isinstance(node, ast.For) else []
+        if isinstance(node, (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)):
+            iters = [g.iter for g in node.generators]
+        for it in iters:
+            for sub in ast.walk(it):
+                if isinstance(sub, ast.Attribute) and (
+                    sub.attr in HOST_STATE or (sub.attr == "hosts" and _names_inventory(sub.value))
+                ):
+                    found.append((it.lineno, f"loops over hosts ({ast.unparse(it)})"))
+    return found
+
+
+def _names_inventory(node: ast.expr) -> bool:
+    return (isinstance(node, ast.Name) and node.id in ("inv", "inventory")) or (
+        isinstance(node, ast.Attribute) and node.attr == "inventory"
+    )
+
+
+@pytest.mark.parametrize(("module", "path"), [m for m in modules() if layer_of(m[0]) == "cli"], ids=str)
+def test_the_cli_neither_reaches_a_transport_nor_loops_over_hosts(module: str, path: Path) -> None:
+    """The CLI parses, calls one function of the session layer, and renders: the work per host is done below."""
+    assert [f"{module}:{ln} {what}" for ln, what in host_state_touches(ast.parse(path.read_text()))] == []
+
+
+def test_nothing_outside_the_session_layer_and_execute_reaches_a_transport() -> None:
+    outside = [
+        f"{m}:{ln}"
+        for m, p in modules()
+        if layer_of(m) not in ("session", "execute")
+        for ln, what in host_state_touches(ast.parse(p.read_text()))
+        if what == "reaches a transport"
+    ]
+    assert outside == []
+
+
+def test_the_host_state_check_catches_a_cli_loop_and_a_transport() -> None:
+    src = (
+        "def f(session, inv):\n"
+        "    for h in inv.hosts:\n"
+        "        session.transports[h.name].run('true')\n"
+        "    return [n for n in session.facts]\n"
+    )
+    found = sorted((ln, what.split(" (")[0]) for ln, what in host_state_touches(ast.parse(src)))
+    assert found == [(2, "loops over hosts"), (3, "reaches a transport"), (4, "loops over hosts")]
+
+
+# --- docs/architecture.md draws the same picture ----------------------------------------------------------------
+
+ARCHITECTURE = PACKAGE.parent / "docs" / "architecture.md"
+
+
+def documented_layers() -> list[tuple[str, set[str]]]:
+    """(layer, may import) per row of the layer table in docs/architecture.md, in the table's order."""
+    rows = []
+    for line in ARCHITECTURE.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0].startswith("`") and cells[0].endswith("/`"):
+            allowed = {a.strip() for a in cells[2].split(",")} - {"nothing"}
+            rows.append((cells[0].strip("`/"), allowed))
+    return rows
+
+
+def test_the_architecture_doc_names_every_layer_and_what_it_may_import() -> None:
+    rows = documented_layers()
+    folders = sorted(p.name for p in PACKAGE.iterdir() if p.is_dir() and any(p.glob("*.py")))
+    assert sorted(name for name, _ in rows) == folders
+    for name, allowed in rows:
+        assert allowed == ALLOWED[name] - {name}, name
+
+
+def test_the_doc_table_runs_in_the_order_of_the_imports() -> None:
+    """A layer's row comes after every layer it may import (the table reads in the order the data flows)."""
+    order = [name for name, _ in documented_layers()]
+    for i, (name, allowed) in enumerate(documented_layers()):
+        assert allowed - {"base"} <= set(order[:i]), name

@@ -17,6 +17,7 @@ from sparkctl.execute.base import Result
 from sparkctl.execute.fake import RecordingTransport
 from sparkctl.execute.http import Probe
 from sparkctl.plan.models import Plan, Stage, Step, Wait
+from sparkctl.session import door
 from sparkctl.session.engine import Engine, Event, Report, StepResult
 from sparkctl.session.logphase import parse_log_phase
 from sparkctl.session.secrets import Secrets
@@ -362,7 +363,7 @@ def test_down_through_the_cli_ends_with_the_recap_or_the_plain_report(
     def ssh_connect(accept_new_host_keys: bool) -> Any:
         return lambda host, settings: spark_a if host.name == "spark-a" else lost(host, settings)
 
-    mocker.patch("sparkctl.session.session.ssh_connect", side_effect=ssh_connect)
+    mocker.patch.object(door, "CONNECTOR", side_effect=ssh_connect)
     mocker.patch("sparkctl.cli.common.live_wanted", side_effect=lambda plain, as_json: not plain and not as_json)
     args = ["down", "-i", str(EXAMPLE)] + (["--plain"] if plain else [])
     r = CliRunner().invoke(app, args)

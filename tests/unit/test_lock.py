@@ -13,8 +13,7 @@ from sparkctl.execute.base import Result
 from sparkctl.execute.fake import RecordingTransport
 from sparkctl.execute.local import LocalTransport
 from sparkctl.session import lock
-from sparkctl.session.lock import LockHeld, LockOwner
-from sparkctl.session.session import take_locks
+from sparkctl.session.lock import LockHeld, LockOwner, take_locks
 
 
 def owner(run_id: str = "20261130-101500-ab12", **kw: object) -> LockOwner:

@@ -18,6 +18,7 @@ from sparkctl.execute.http import Probe
 from sparkctl.inventory import parse_inventory
 from sparkctl.plan.models import Command, Plan, Stage, Step, Wait
 from sparkctl.runbook.load import load_runbook
+from sparkctl.session import door
 from sparkctl.session import session as run_mod
 from sparkctl.session.engine import Engine, Event, Report
 
@@ -239,18 +240,19 @@ def _one_host_down(mocker: Any, message: str = "no answer from 10.0.0.12:22 with
     """The CLI's seam: spark-a answers the probe, spark-b cannot be connected to; workloads answer `ready`."""
     lost = FailingConnect(unreachable=["spark-b"], message=message)
     spark_a = RecordingTransport("spark-a", {"sh -s": Result(0, RAY_ON_A, "")})
-    mocker.patch(
-        "sparkctl.session.session.ssh_connect",
+    mocker.patch.object(
+        door,
+        "CONNECTOR",
         side_effect=lambda accept: lambda host, settings: spark_a if host.name == "spark-a" else lost(host, settings),
     )
-    opened = run_mod.open_session
+    opened = door.open_session
 
     def open_session(*args: Any, **kwargs: Any) -> run_mod.Session:
         session = opened(*args, **kwargs)
         session.probe = lambda *a, **k: Probe("ready", "")  # no HTTP from a unit test
         return session
 
-    mocker.patch("sparkctl.session.session.open_session", side_effect=open_session)
+    mocker.patch.object(door, "open_session", side_effect=open_session)
     return spark_a
 
 
@@ -296,15 +298,15 @@ def test_status_with_every_host_reachable_has_an_empty_unreachable(isolated_stat
     spark_a = RecordingTransport("spark-a", {"sh -s": Result(0, RAY_ON_A, "")})
     spark_b = RecordingTransport("spark-b", {"sh -s": Result(0, PROBE_OK, "")})
     both = {"spark-a": spark_a, "spark-b": spark_b}
-    mocker.patch("sparkctl.session.session.ssh_connect", side_effect=lambda a: lambda h, s: both[h.name])
-    opened = run_mod.open_session
+    mocker.patch.object(door, "CONNECTOR", side_effect=lambda a: lambda h, s: both[h.name])
+    opened = door.open_session
 
     def open_session(*args: Any, **kwargs: Any) -> run_mod.Session:
         session = opened(*args, **kwargs)
         session.probe = lambda *a, **k: Probe("down", "refused")
         return session
 
-    mocker.patch("sparkctl.session.session.open_session", side_effect=open_session)
+    mocker.patch.object(door, "open_session", side_effect=open_session)
     r = CliRunner().invoke(app, ["status", "--json", "-i", str(EXAMPLE)])
     assert r.exit_code == 0, r.output
     st = json.loads(r.stdout)
@@ -318,7 +320,7 @@ def test_status_with_no_host_reachable_names_them_all(isolated_state: Path, mock
     from sparkctl.cli.app import app
 
     lost = FailingConnect(message="Connection refused")
-    mocker.patch("sparkctl.session.session.ssh_connect", return_value=lost)
+    mocker.patch.object(door, "CONNECTOR", return_value=lost)
     r = CliRunner().invoke(app, ["status", "-i", str(EXAMPLE)])
     assert r.exit_code == 1, r.output
     assert r.stdout == ""

@@ -22,6 +22,7 @@ from sparkctl.runbook.load import (
     step_index,
 )
 from sparkctl.runbook.planner import build_runbook_plan, select_hosts, when_holds
+from sparkctl.session import door
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "inventories" / "example-pair.yaml"
 
@@ -185,7 +186,7 @@ def test_not_yaml_and_not_a_runbook() -> None:
 def test_invalid_runbook_through_the_cli_exits_2(tmp_path: Path, isolated_state, mocker) -> None:
     from sparkctl.cli.app import app
 
-    connect = mocker.patch("sparkctl.session.session.ssh_connect")
+    connect = mocker.patch.object(door, "CONNECTOR")
     path = tmp_path / "rb.yaml"
     text = edit(GOOD, "action: verify_fabric", "action: verify_fabirc")
     path.write_text(text)

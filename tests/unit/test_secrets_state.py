@@ -22,6 +22,7 @@ from sparkctl.execute.fake import RecordingTransport
 from sparkctl.inventory import parse_inventory
 from sparkctl.plan.context import fresh_facts
 from sparkctl.runbook.load import parse_runbook, resolve_params
+from sparkctl.session import door
 from sparkctl.session.engine import Event
 from sparkctl.session.session import Session
 
@@ -49,14 +50,6 @@ ARGV_RUNBOOK = SECRET_RUNBOOK.replace(
 """The parameter on the command line (refused while it is secret)."""
 
 
-@pytest.fixture
-def cli(isolated_state, mocker):
-    def refuse(*args, **kwargs):
-        raise AssertionError("the CLI tried to connect")
-
-    mocker.patch("sparkctl.session.session.ssh_connect", side_effect=refuse)  # the one seam to the hosts
-    runner = CliRunner()
-    return lambda *args: runner.invoke(app, list(args))
 
 
 def mode(path: Path) -> int:
@@ -213,6 +206,7 @@ FULL_DISK = """
 import errno, json, os, resource, signal, sys
 from sparkctl import state
 from sparkctl.errors import StateError
+from sparkctl.session import door
 
 state.append_journal({"id": "before", "ok": True})
 journal = state.journal_path()
@@ -309,7 +303,7 @@ def test_a_run_whose_journal_cannot_be_written_reports_it_and_exits_1(isolated_s
     probe = "@@sparkctl identity\nspark\n/home/spark\nspark-x\n@@sparkctl end\n"
     took_lock = Result(0, "@@sparkctl-lock taken\n" + probe, "")  # and the probe run right after it
     fake = FailingConnect(unreachable=[], responses={"sh -s": Result(0, probe, ""), "t=$(mktemp": took_lock})
-    mocker.patch("sparkctl.session.session.ssh_connect", return_value=fake)
+    mocker.patch.object(door, "CONNECTOR", return_value=fake)
     mocker.patch("sparkctl.state._write_all", side_effect=OSError(errno.ENOSPC, "No space left on device"))
     r = CliRunner().invoke(app, ["down", "--plain", "-i", str(EXAMPLE)])
     assert r.exit_code == 1, r.output
@@ -476,3 +470,32 @@ def test_discover_refuses_an_exposed_identity_file(cli, tmp_path: Path, mocker) 
     assert result.exit_code == EXIT_BAD_INPUT, result.output
     assert "permissions 0604 are too open" in result.output and f"hint: chmod 600 {key}" in result.output
     connect.assert_not_called()
+
+
+HOST_COMMANDS = [
+    ("plan",),
+    ("up", "--yes"),
+    ("down",),
+    ("unlock", "--yes"),
+    ("restore-network", "--yes"),
+    ("run", "up", "--yes"),
+    ("status",),
+    ("logs", "ray"),
+    ("doctor",),
+    ("bench", "fabric"),
+    ("models", "sync", "--yes"),
+]
+
+
+@pytest.mark.parametrize("command", HOST_COMMANDS, ids=[" ".join(c) for c in HOST_COMMANDS])
+def test_every_command_that_reaches_hosts_refuses_a_world_readable_key(cli, tmp_path: Path, command) -> None:
+    """They all open their session through the one door (session/door.py), which checks the laptop's files
+    before any connection: `unlock` included."""
+    key = tmp_path / "id_ed25519"
+    key.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\nx\n-----END OPENSSH PRIVATE KEY-----\n")
+    key.chmod(0o644)
+    inv = tmp_path / "inv.yaml"
+    inv.write_text(EXAMPLE.read_text().replace("  user: nvidia\n", f"  user: nvidia\n  identity_file: {key}\n"))
+    result = cli(*command, "-i", str(inv))  # the connector fails the test if it is reached
+    assert result.exit_code == EXIT_BAD_INPUT, result.output
+    assert f"error: ssh.identity_file {key}: permissions 0644 are too open" in result.output

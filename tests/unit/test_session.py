@@ -16,6 +16,7 @@ from sparkctl.plan.context import fresh_facts
 from sparkctl.plan.models import Command, Plan, Stage, Step
 from sparkctl.runbook.load import load_runbook, parse_runbook
 from sparkctl.runbook.models import RunbookError
+from sparkctl.session import door
 from sparkctl.session import session as sessions
 from sparkctl.session.discovery import Discovery
 from sparkctl.session.reads import measure_jumbo, read_log
@@ -38,11 +39,11 @@ def session_with(responses, *, nopasswd: bool = True) -> tuple[sessions.Session,
 # --- the seam ------------------------------------------------------------------------------------------
 
 
-def test_open_session_connects_through_the_one_seam(mocker, isolated_state) -> None:
+def test_open_session_connects_through_the_one_door(mocker, isolated_state) -> None:
     fake = FailingConnect(unreachable=[], responses={"sh -s": Result(0, PROBE_OUTPUT, "")})
-    seam = mocker.patch("sparkctl.session.session.ssh_connect", return_value=fake)
+    seam = mocker.patch.object(door, "CONNECTOR", return_value=fake)
     inv = parse_inventory(EXAMPLE.read_text())
-    session = sessions.open_session(inv, accept_new_host_keys=True)
+    session = door.open_session(inv, accept_new_host_keys=True)
     seam.assert_called_once_with(True)
     assert sorted(fake.attempts) == ["spark-a", "spark-b"]
     assert sorted(session.facts) == ["spark-a", "spark-b"]
@@ -246,7 +247,7 @@ def test_discover_reaches_hosts_only_through_the_session_seam(mocker, isolated_s
     from sparkctl.cli.app import app
 
     fake = FailingConnect(message="No route to host")  # every host unreachable
-    seam = mocker.patch("sparkctl.session.session.ssh_connect", return_value=fake)
+    seam = mocker.patch.object(door, "CONNECTOR", return_value=fake)
     result = CliRunner().invoke(app, ["discover", "10.0.0.11", "10.0.0.12", "--accept-new-host-keys"])
     assert result.exit_code == 1, result.output
     seam.assert_called_once_with(True)

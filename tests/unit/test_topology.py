@@ -14,6 +14,7 @@ from sparkctl.cli.app import app
 from sparkctl.errors import Problem
 from sparkctl.inventory import load_inventory, parse_inventory
 from sparkctl.inventory.topology import End, check_pairs, interface, links, neighbours, ring_routes
+from sparkctl.session import door
 
 REPO = Path(__file__).resolve().parents[2]
 RING = REPO / "inventories" / "example-ring.yaml"
@@ -37,7 +38,7 @@ def where(text: Text, fragment: str, path: str) -> str:
 @pytest.fixture
 def cli(isolated_state, mocker):
     """Invoke the app; any attempt to connect fails the test."""
-    mocker.patch("sparkctl.session.session.ssh_connect", side_effect=AssertionError("the CLI tried to connect"))
+    mocker.patch.object(door, "CONNECTOR", side_effect=AssertionError("the CLI tried to connect"))
     runner = CliRunner()
     return lambda *args: runner.invoke(app, list(args))
 
