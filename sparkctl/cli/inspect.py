@@ -47,7 +47,7 @@ def status_cmd(
         lost = c.unreachable_problems(session)
     finally:
         session.close()
-    c.echo(json.dumps(st, indent=2) if as_json else render_status(st))
+    c.echo(json.dumps(st.model_dump(mode="json"), indent=2) if as_json else render_status(st))
     if lost:
         c.fail(HostError(lost))
 

@@ -16,6 +16,7 @@ if TYPE_CHECKING:  # annotations only: printing a plan loads neither the rules n
     from sparkctl.doctor.rules import Finding
     from sparkctl.plan.models import Plan
     from sparkctl.session.engine import Event, Report
+    from sparkctl.session.views import ClusterStatus
 
 SYMBOL = {
     "ok": "ok",
@@ -184,23 +185,22 @@ def render_findings(findings: list[Finding], verbose: bool = False) -> str:
     return "\n".join(lines)
 
 
-def render_status(st: dict[str, Any]) -> str:
+def render_status(st: ClusterStatus) -> str:
     """`sparkctl status`: per host Ray and the twins, per workload its endpoint, process and health."""
-    lines = [f"cluster {st['cluster']}"]
-    for name, h in st["hosts"].items():
-        lines.append(f"  {name}: ray {h['ray']}")
-        for t in h["fabric"]:
+    lines = [f"cluster {st.cluster}"]
+    for name, h in st.hosts.items():
+        lines.append(f"  {name}: ray {h.ray}")
+        for t in h.fabric:
             lines.append(
-                f"    {t['interface']}: {','.join(t['ipv4']) or 'no IPv4'} MTU {t['mtu']} "
-                f"({'ok' if t['ok'] else 'want ' + t['want']})"
+                f"    {t.interface}: {','.join(t.ipv4) or 'no IPv4'} MTU {t.mtu} ({'ok' if t.ok else 'want ' + t.want})"
             )
-    lines += [f"  {name}: UNREACHABLE" for name in st.get("unreachable", {})]  # why: on stderr, as an error
-    for name, w in st["workloads"].items():
-        on = f" on {','.join(w['hosts'])}" if w.get("hosts") else ""
-        lines.append(f"  workload {name} ({w['engine']}{on}): {w['endpoint']} process {w['process']}, {w['health']}")
-        if "broken" in (w["process"], w["health"]):
+    lines += [f"  {name}: UNREACHABLE" for name in st.unreachable]  # why: on stderr, as an error
+    for name, w in st.workloads.items():
+        on = f" on {','.join(w.hosts)}" if w.hosts else ""
+        lines.append(f"  workload {name} ({w.engine}{on}): {w.endpoint} process {w.process}, {w.health}")
+        if "broken" in (w.process, w.health):
             # what the workload recorded (a rank lost, or why it exited by itself), else what its endpoint says
-            why = str(w.get("recorded") or "").removeprefix("failed ").strip() or w["detail"]
+            why = w.recorded.removeprefix("failed ").strip() or w.detail
             lines.append(f"    broken: {why}; hint: sparkctl up restarts it")
     return "\n".join(lines)
 

@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
+from sparkctl.facts.models import HostFacts
+from sparkctl.inventory.models import Host, Workload
 from sparkctl.inventory.topology import neighbours
 from sparkctl.plan import commands as lc
 from sparkctl.plan.cluster import group_health, ray_running_ok, workload_state
+from sparkctl.plan.context import PlanContext
 from sparkctl.plan.fabric import twin_state
 from sparkctl.session.session import Session
+from sparkctl.session.views import (
+    ClusterStatus,
+    FabricTwin,
+    HostStatus,
+    RayStatus,
+    UnreachableHost,
+    WorkloadStatus,
+)
 
 
-def cluster_status(session: Session, secrets: Mapping[str, str]) -> dict[str, Any]:
+def cluster_status(session: Session, secrets: Mapping[str, str]) -> ClusterStatus:
     """Per host: fabric state and Ray; per workload: endpoint, process and health.
 
     A host the session could not reach (a partial session) is listed under `unreachable` with why, and left out of
@@ -20,61 +30,64 @@ def cluster_status(session: Session, secrets: Mapping[str, str]) -> dict[str, An
     """
     inv = session.inventory
     ctx = session.context(secrets, {})
-    hosts: dict[str, Any] = {}
-    for h in inv.hosts:
-        if h.name not in session.facts:
-            continue
-        f = session.facts[h.name]
-        fabric = []
-        for t in h.fabric:
-            live = f.interfaces.get(t.interface)
-            ok = twin_state(t, live, inv.network.mtu).ok
-            fabric.append(
-                {
-                    "interface": t.interface,
-                    "want": str(t.address),
-                    "mtu": live.mtu if live else None,
-                    "ipv4": live.ipv4 if live else [],
-                    "ok": ok,
-                }
+    return ClusterStatus(
+        cluster=inv.cluster,
+        topology=inv.network.topology,
+        hosts={h.name: host_status(ctx, h, session.facts[h.name]) for h in inv.hosts if h.name in session.facts},
+        workloads={w.name: workload_status(session, ctx, w, secrets) for w in inv.workloads},
+        unreachable={
+            h.name: UnreachableHost(
+                error="; ".join(p.message for p in session.unreachable[h.name]),
+                hint="; ".join(dict.fromkeys(p.hint for p in session.unreachable[h.name] if p.hint)),
             )
-        hosts[h.name] = {
-            "fabric": fabric,
-            "neighbours": [n.name for n in neighbours(inv, h)],
-            "ray": "running"
-            if ray_running_ok(ctx, h)
-            else "not running"
-            if lc.ray_wanted(inv)
-            else "not started (no workload needs it)",
-            "env_file": f.env_file is not None,
-        }
-    workloads = {}
-    for w in inv.workloads:
-        probe = session.probe(lc.endpoint(inv, w), w.name, secrets.get(f"api_key:{w.name}"), w.engine, timeout=5)
-        head = inv.workload_head(w).name
-        read = {head, *(r.name for r in lc.rank_hosts(inv, w))} <= session.facts.keys()
-        workloads[w.name] = {
-            "engine": w.engine,
-            "endpoint": lc.endpoint(inv, w) + "/v1",
-            "hosts": [h.name for h in inv.group(w)] if w.hosts is not None else None,
-            "head": head,
-            "process": workload_state(ctx, w) if read else "unknown",
-            "health": probe.phase,
-            "detail": probe.detail,
-            "recorded": group_health(ctx, w),
-        }
-    unreachable = {
-        h.name: {
-            "error": "; ".join(p.message for p in session.unreachable[h.name]),
-            "hint": "; ".join(dict.fromkeys(p.hint for p in session.unreachable[h.name] if p.hint)),
-        }
-        for h in inv.hosts
-        if h.name in session.unreachable
-    }
-    return {
-        "cluster": inv.cluster,
-        "topology": inv.network.topology,
-        "hosts": hosts,
-        "workloads": workloads,
-        "unreachable": unreachable,
-    }
+            for h in inv.hosts
+            if h.name in session.unreachable
+        },
+    )
+
+
+def host_status(ctx: PlanContext, h: Host, f: HostFacts) -> HostStatus:
+    """One reachable host: its twins as the facts show them, its neighbours, Ray, the env file (pure)."""
+    inv = ctx.inventory
+    fabric = []
+    for t in h.fabric:
+        live = f.interfaces.get(t.interface)
+        fabric.append(
+            FabricTwin(
+                interface=t.interface,
+                want=str(t.address),
+                mtu=live.mtu if live else None,
+                ipv4=live.ipv4 if live else [],
+                ok=twin_state(t, live, inv.network.mtu).ok,
+            )
+        )
+    return HostStatus(
+        fabric=fabric,
+        neighbours=[n.name for n in neighbours(inv, h)],
+        ray=_ray(ctx, h),
+        env_file=f.env_file is not None,
+    )
+
+
+def _ray(ctx: PlanContext, h: Host) -> RayStatus:
+    if ray_running_ok(ctx, h):
+        return "running"
+    return "not running" if lc.ray_wanted(ctx.inventory) else "not started (no workload needs it)"
+
+
+def workload_status(session: Session, ctx: PlanContext, w: Workload, secrets: Mapping[str, str]) -> WorkloadStatus:
+    """One workload: its endpoint, its process (when every host running it was read) and the HTTP probe's phase."""
+    inv = session.inventory
+    probe = session.probe(lc.endpoint(inv, w), w.name, secrets.get(f"api_key:{w.name}"), w.engine, timeout=5)
+    head = inv.workload_head(w).name
+    read = {head, *(r.name for r in lc.rank_hosts(inv, w))} <= session.facts.keys()
+    return WorkloadStatus(
+        engine=w.engine,
+        endpoint=lc.endpoint(inv, w) + "/v1",
+        hosts=[h.name for h in inv.group(w)] if w.hosts is not None else None,
+        head=head,
+        process=workload_state(ctx, w) if read else "unknown",
+        health=probe.phase,
+        detail=probe.detail,
+        recorded=group_health(ctx, w),
+    )

@@ -314,6 +314,33 @@ def test_status_with_every_host_reachable_has_an_empty_unreachable(isolated_stat
     assert st["workloads"]["chat"]["process"] != "unknown"
 
 
+def test_status_json_keeps_its_keys_in_their_order(isolated_state: Path, mocker: Any) -> None:
+    """`status --json` is parsed by users and scripts: its keys, nesting and value types stay as they are."""
+    from typer.testing import CliRunner
+
+    from sparkctl.cli.app import app
+
+    _one_host_down(mocker)
+    r = CliRunner().invoke(app, ["status", "--json", "-i", str(EXAMPLE)])
+    st = json.loads(r.stdout)
+    assert list(st) == ["cluster", "topology", "hosts", "workloads", "unreachable"]
+    assert (st["cluster"], st["topology"]) == ("spark-pair", "direct")
+    a = st["hosts"]["spark-a"]
+    assert list(a) == ["fabric", "neighbours", "ray", "env_file"]
+    assert (a["neighbours"], a["ray"], a["env_file"]) == (["spark-b"], "not running", False)
+    assert a["fabric"][0] == {
+        "interface": "enp1s0f1np1", "want": "192.168.100.10/24", "mtu": 9000, "ipv4": ["192.168.100.10/24"], "ok": True
+    }  # fmt: skip
+    assert a["fabric"][1] == {
+        "interface": "enP2p1s0f1np1", "want": "192.168.101.10/24", "mtu": None, "ipv4": [], "ok": False
+    }  # fmt: skip
+    chat = st["workloads"]["chat"]
+    assert list(chat) == ["engine", "endpoint", "hosts", "head", "process", "health", "detail", "recorded"]
+    assert (chat["hosts"], chat["head"], chat["health"], chat["detail"]) == (None, "spark-a", "ready", "")
+    assert list(st["unreachable"]["spark-b"]) == ["error", "hint"]
+    assert r.stdout.startswith('{\n  "cluster": "spark-pair",\n  "topology": "direct",\n  "hosts": {\n')
+
+
 def test_status_with_no_host_reachable_names_them_all(isolated_state: Path, mocker: Any) -> None:
     from typer.testing import CliRunner
 

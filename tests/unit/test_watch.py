@@ -20,8 +20,9 @@ from sparkctl.facts.metrics import (
 )
 from sparkctl.facts.models import Gpu, HostFacts
 from sparkctl.facts.probe import MARK, build_watch_probe
-from sparkctl.facts.watch import parse_gpu_use, parse_watch
+from sparkctl.facts.watch import GpuUse, parse_gpu_use, parse_watch
 from sparkctl.inventory import parse_inventory
+from sparkctl.session.views import HostLost, WatchView
 
 # --- /metrics ------------------------------------------------------------------------------------------------
 
@@ -214,30 +215,45 @@ def test_a_refresh_warns_by_doctors_rules_and_turns_counters_into_rates(example:
     first = watch.sample()
     session.pages[f"{base}/metrics"] = (200, page % 30)
     view = watch.sample()
-    a = view["hosts"]["spark-a"]
-    assert a["gpus"] == [{"temperature": 90, "utilization": 97, "memory_used_mib": None, "memory_total_mib": None}]
-    assert {w["rule"]: w["level"] for w in a["warnings"]} == {"gpu-temperature": "warn", "page-cache": "warn"}
-    assert "GPU at 90 C" in next(w["evidence"] for w in a["warnings"] if w["rule"] == "gpu-temperature")
-    assert [(f["interface"], f["ok"]) for f in a["fabric"]] == [("enp1s0f1np1", True), ("enP2p1s0f1np1", False)]
-    assert a["ray"] == "not running"
-    assert view["hosts"]["spark-b"] == {"reachable": False, "error": "spark-b: connection lost"}
-    chat = view["workloads"]["chat"]
-    assert first["workloads"]["chat"]["rates"] == {"requests": None}
-    assert (chat["health"], chat["rates"], chat["totals"]) == ("ok", {"requests": 5.0}, {"requests": 30.0})
+    a = view.hosts["spark-a"]
+    assert a.reachable
+    assert a.gpus == [GpuUse(temperature=90, utilization=97, memory_used_mib=None, memory_total_mib=None)]
+    assert {w.rule: w.level for w in a.warnings} == {"gpu-temperature": "warn", "page-cache": "warn"}
+    assert "GPU at 90 C" in next(w.evidence for w in a.warnings if w.rule == "gpu-temperature")
+    assert [(f.interface, f.ok) for f in a.fabric] == [("enp1s0f1np1", True), ("enP2p1s0f1np1", False)]
+    assert a.ray == "not running"
+    assert view.hosts["spark-b"] == HostLost(error="spark-b: connection lost")
+    chat = view.workloads["chat"]
+    assert first.workloads["chat"].rates == {"requests": None}
+    assert (chat.health, chat.rates, chat.totals) == ("ok", {"requests": 5.0}, {"requests": 30.0})
     # a cool GPU and a small page cache: no warning (the thresholds are the rule table's, not the view's)
     small_cache = MEMINFO.replace("Cached:  65536000 kB", "Cached:  1024 kB")
     outputs["spark-a"] = _output({"gpu_use": "50, 0, [N/A], [N/A]", "meminfo": small_cache})
     session.pages.clear()
     times = iter([108.0])
     cool = watch.sample()
-    assert cool["hosts"]["spark-a"]["warnings"] == []
-    assert cool["workloads"]["chat"]["health"] == "down"
+    assert cool.hosts["spark-a"].reachable and cool.hosts["spark-a"].warnings == []
+    assert cool.workloads["chat"].health == "down"
+
+
+def test_the_refresh_dumps_as_the_views_dict() -> None:
+    """The view's serialisation: the keys and nesting the dict view had, a lost host as reachable false."""
+    dumped = _view().model_dump(mode="json")
+    assert list(dumped) == ["cluster", "time", "hosts", "workloads"]
+    assert list(dumped["hosts"]["spark-a"]) == [
+        "reachable", "gpus", "gpu_simulated", "memory", "fabric", "ray", "warnings"
+    ]  # fmt: skip
+    assert dumped["hosts"]["spark-b"] == {"reachable": False, "error": "timed out"}
+    assert list(dumped["workloads"]["embed"]) == [
+        "engine", "endpoint", "process", "rates", "totals", "gauges", "metrics_error", "health"
+    ]  # fmt: skip
+    assert WatchView.model_validate(dumped) == _view()
 
 
 # --- the rendered view ---------------------------------------------------------------------------------------
 
 
-def _view(**host: Any) -> dict[str, Any]:
+def _view(**host: Any) -> WatchView:
     a = {
         "reachable": True,
         "gpus": [{"temperature": 90, "utilization": 3, "memory_used_mib": None, "memory_total_mib": None}],
@@ -248,29 +264,32 @@ def _view(**host: Any) -> dict[str, Any]:
         ],
         "ray": "alive",
         "warnings": [
-            {"rule": "gpu-temperature", "level": "warn", "evidence": "GPU at 90 C", "fix": "check airflow"},
+            {"rule": "gpu-temperature", "level": "warn", "subject": "spark-a", "evidence": "GPU at 90 C",
+             "fix": "check airflow"},
         ],
-    } | host
-    return {
-        "cluster": "pair",
-        "time": "12:00:00",
-        "hosts": {"spark-a": a, "spark-b": {"reachable": False, "error": "timed out"}},
-        "workloads": {
-            "embed": {
-                "engine": "embed",
-                "endpoint": "http://10.0.0.11:8100/v1",
-                "process": "ok",
-                "health": "ok",
-                "rates": {"requests": 2.5, "prompt_tokens": 40.0},
-                "totals": {"requests": 12.0, "prompt_tokens": 192.0},
-                "gauges": {},
-                "metrics_error": "",
-            }
-        },
-    }
+    } | host  # fmt: skip
+    return WatchView.model_validate(
+        {
+            "cluster": "pair",
+            "time": "12:00:00",
+            "hosts": {"spark-a": a, "spark-b": {"reachable": False, "error": "timed out"}},
+            "workloads": {
+                "embed": {
+                    "engine": "embed",
+                    "endpoint": "http://10.0.0.11:8100/v1",
+                    "process": "ok",
+                    "health": "ok",
+                    "rates": {"requests": 2.5, "prompt_tokens": 40.0},
+                    "totals": {"requests": 12.0, "prompt_tokens": 192.0},
+                    "gauges": {},
+                    "metrics_error": "",
+                }
+            },
+        }
+    )
 
 
-def _screen(view: dict[str, Any]) -> tuple[str, str]:
+def _screen(view: WatchView) -> tuple[str, str]:
     """The view as printed on a terminal: (plain text, the same with its ANSI colour codes)."""
     from rich.console import Console
 

@@ -311,6 +311,7 @@ def test_doctor_and_status_name_a_vllm_workload_that_exited_by_itself() -> None:
     from sparkctl.cli.render import render_status
     from sparkctl.doctor.evaluate import evaluate
     from sparkctl.doctor.evaluators import CheckContext
+    from sparkctl.session.views import ClusterStatus, WorkloadStatus
 
     inv = parse_inventory(RAY_EXECUTOR, "inv.yaml")
     facts = _vllm_facts(inv, running=False, exit_line=DIED)
@@ -319,20 +320,22 @@ def test_doctor_and_status_name_a_vllm_workload_that_exited_by_itself() -> None:
     ok = _vllm_facts(inv, running=True, exit_line=None)
     assert [f.level for f in evaluate(CheckContext(inv, ok)) if f.rule == "workload-health"] == ["pass"]
     text = render_status(
-        {
-            "cluster": "c",
-            "hosts": {},
-            "workloads": {
-                "chat": {
-                    "engine": "vllm",
-                    "endpoint": "http://x/v1",
-                    "process": "broken",
-                    "health": "down",
-                    "detail": "[Errno 111] Connection refused",
-                    "recorded": f"failed exited by itself: {DIED}",
-                }
+        ClusterStatus(
+            cluster="c",
+            topology="direct",
+            hosts={},
+            workloads={
+                "chat": WorkloadStatus(
+                    engine="vllm",
+                    endpoint="http://x/v1",
+                    head="spark-a",
+                    process="broken",
+                    health="down",
+                    detail="[Errno 111] Connection refused",
+                    recorded=f"failed exited by itself: {DIED}",
+                )
             },
-        }
+        )
     )
     assert f"broken: exited by itself: {DIED}; hint: sparkctl up restarts it" in text
 
