@@ -186,10 +186,17 @@ def host_state_touches(tree: ast.AST) -> list[tuple[int, str]]:
         for it in iters:
             for sub in ast.walk(it):
                 if isinstance(sub, ast.Attribute) and (
-                    sub.attr in HOST_STATE or (sub.attr == "hosts" and _names_inventory(sub.value))
+                    (sub.attr in HOST_STATE and _names_session(sub.value))
+                    or (sub.attr == "hosts" and _names_inventory(sub.value))
                 ):
                     found.append((it.lineno, f"loops over hosts ({ast.unparse(it)})"))
     return found
+
+
+def _names_session(node: ast.expr) -> bool:
+    return (isinstance(node, ast.Name) and node.id == "session") or (
+        isinstance(node, ast.Attribute) and node.attr == "session"
+    )
 
 
 def _names_inventory(node: ast.expr) -> bool:
