@@ -382,34 +382,13 @@ def _append_known_host(path: Path, line: str) -> None:
 
 def _describe_connect_failure(exc: BaseException, conn: Connection, settings: SshSettings) -> tuple[str, str]:
     """(what happened, how to fix it) for an exception raised while connecting."""
+    host_key = _describe_host_key_failure(exc, conn, settings.known_hosts)
+    if host_key is not None:
+        return host_key
     target = _hostport(conn.host, conn.port)
     via = f" (via jump host {conn.gateway.host})" if isinstance(conn.gateway, Connection) else ""
-    known = settings.known_hosts
     ssh_port = f"-p {conn.port} " if conn.port != _SSH_PORT else ""
     login = f"{conn.user}@{conn.original_host}"
-    if isinstance(exc, _UnknownHostKey) and exc.revoked:
-        return (
-            f"host key of {exc.hostname} ({_fingerprint(exc.key)}) is marked @revoked in {known}; refusing to connect",
-            "the host must get a new key: ask whoever manages it, and check the host's identity",
-        )
-    if isinstance(exc, _UnknownHostKey):
-        addr, port = _split_known_name(exc.hostname)
-        scan_port = f"-p {port} " if port != _SSH_PORT else ""
-        keyscan = f"ssh-keyscan -H {scan_port}{addr} >> {_shell_path(known)}"
-        return (
-            f"host key of {exc.hostname} is not in {known}; the host offers {_fingerprint(exc.key)}",
-            "if that is the host's key (on the host: `ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub`), "
-            f"re-run with --accept-new-host-keys, or record it with `{keyscan}`",
-        )
-    if isinstance(exc, paramiko.BadHostKeyException):
-        name = _known_name(exc.hostname, _hop_port(conn, exc.hostname))
-        return (
-            f"host key of {name} has CHANGED: {known} has {_fingerprint(exc.expected_key)}, "
-            f"the host offers {_fingerprint(exc.key)}; refusing to connect (the host may have been "
-            "reinstalled, or someone may be intercepting the connection)",
-            "if the host was reinstalled, verify the new key on its console, then remove the old one with "
-            f"`ssh-keygen -R {shlex.quote(name)} -f {_shell_path(known)}` and connect again",
-        )
     if isinstance(exc, paramiko.PasswordRequiredException):
         return (
             f"the private key for {conn.user}@{target}{via} needs a passphrase",
@@ -454,6 +433,35 @@ def _describe_connect_failure(exc: BaseException, conn: Connection, settings: Ss
         f"SSH session with {target}{via} failed: {exc or type(exc).__name__}",
         f"run `ssh -v {ssh_port}{login} true` to see why",
     )
+
+
+def _describe_host_key_failure(exc: BaseException, conn: Connection, known: str) -> tuple[str, str] | None:
+    """(what happened, how to fix it) when the host's key is revoked, unknown or changed; None for any other
+    failure."""
+    if isinstance(exc, _UnknownHostKey) and exc.revoked:
+        return (
+            f"host key of {exc.hostname} ({_fingerprint(exc.key)}) is marked @revoked in {known}; refusing to connect",
+            "the host must get a new key: ask whoever manages it, and check the host's identity",
+        )
+    if isinstance(exc, _UnknownHostKey):
+        addr, port = _split_known_name(exc.hostname)
+        scan_port = f"-p {port} " if port != _SSH_PORT else ""
+        keyscan = f"ssh-keyscan -H {scan_port}{addr} >> {_shell_path(known)}"
+        return (
+            f"host key of {exc.hostname} is not in {known}; the host offers {_fingerprint(exc.key)}",
+            "if that is the host's key (on the host: `ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub`), "
+            f"re-run with --accept-new-host-keys, or record it with `{keyscan}`",
+        )
+    if isinstance(exc, paramiko.BadHostKeyException):
+        name = _known_name(exc.hostname, _hop_port(conn, exc.hostname))
+        return (
+            f"host key of {name} has CHANGED: {known} has {_fingerprint(exc.expected_key)}, "
+            f"the host offers {_fingerprint(exc.key)}; refusing to connect (the host may have been "
+            "reinstalled, or someone may be intercepting the connection)",
+            "if the host was reinstalled, verify the new key on its console, then remove the old one with "
+            f"`ssh-keygen -R {shlex.quote(name)} -f {_shell_path(known)}` and connect again",
+        )
+    return None
 
 
 def _key_files(conn: Connection) -> list[str]:

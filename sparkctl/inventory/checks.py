@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections import defaultdict
 
 from sparkctl.inventory.models import Inventory, Workload
 from sparkctl.inventory.topology import RING_HOSTS, RING_TWINS, End, interface, links
@@ -64,52 +63,7 @@ def _check_topology(inv: Inventory) -> list[Found]:
     elif topo == "switch" and n < 2:
         found.append((("network", "topology"), f"'switch' joins 2 or more hosts, found {n}", "list every Spark"))
     elif topo == "ring":
-        if n != RING_HOSTS:
-            found.append(
-                (
-                    ("network", "topology"),
-                    f"'ring' joins exactly {RING_HOSTS} hosts (NVIDIA's three-Spark ring), found {n}",
-                    "two Sparks: topology: direct; four or more: topology: switch",
-                )
-            )
-        for i, h in enumerate(inv.hosts):
-            if len(h.fabric) != RING_TWINS:
-                found.append(
-                    (
-                        ("hosts", i, "fabric"),
-                        f"a ring host lists its {RING_TWINS} logical interfaces (two per cable), found {len(h.fabric)}",
-                        "list Port0's two interfaces, then Port1's, e.g. enp1s0f0np0, enP2p1s0f0np0, "
-                        "enp1s0f1np1, enP2p1s0f1np1",
-                    )
-                )
-                continue
-            # Spark netdev names end in np<port> (ibdev2netdev: enp1s0f0np0 and enP2p1s0f0np0 are Port0).
-            ports = [_PORT_SUFFIX.search(t.interface) for t in h.fabric]
-            if all(ports):
-                want = ["0", "0", "1", "1"]
-                for j, (m, w) in enumerate(zip(ports, want, strict=True)):
-                    if m is not None and m.group(1) != w:
-                        found.append(
-                            (
-                                ("hosts", i, "fabric", j, "interface"),
-                                f"{h.fabric[j].interface} is a Port{m.group(1)} interface at fabric[{j}], "
-                                f"where the ring expects Port{w}",
-                                "list Port0's two interfaces (…np0) first, then Port1's (…np1): cable c joins "
-                                "hosts[c] Port0 to the next host's Port1",
-                            )
-                        )
-        # NCCL matches a peer's subnet with one prefix length for every HCA (NCCL_IB_SUBNET_PREFIX_LEN, which
-        # sparkctl writes in a ring: plan/env.py), so every fabric address of a ring carries the same one.
-        prefixes = sorted({t.address.network.prefixlen for h in inv.hosts for t in h.fabric})
-        if len(prefixes) > 1:
-            found.append(
-                (
-                    ("hosts",),
-                    f"a ring's fabric addresses mix prefix lengths ({', '.join(f'/{p}' for p in prefixes)})",
-                    "give every fabric address of the ring the same prefix length, e.g. /24: NCCL matches subnets "
-                    "with one length (NCCL_IB_SUBNET_PREFIX_LEN)",
-                )
-            )
+        found += _check_ring(inv)
     counts = {len(h.fabric) for h in inv.hosts}
     if len(counts) > 1 and topo != "ring":
         found.append(
@@ -118,10 +72,69 @@ def _check_topology(inv: Inventory) -> list[Found]:
     return found
 
 
+def _check_ring(inv: Inventory) -> list[Found]:
+    """A ring: three hosts, four logical interfaces each in port order, one prefix length for every address."""
+    found: list[Found] = []
+    n = len(inv.hosts)
+    if n != RING_HOSTS:
+        found.append(
+            (
+                ("network", "topology"),
+                f"'ring' joins exactly {RING_HOSTS} hosts (NVIDIA's three-Spark ring), found {n}",
+                "two Sparks: topology: direct; four or more: topology: switch",
+            )
+        )
+    for i, h in enumerate(inv.hosts):
+        if len(h.fabric) != RING_TWINS:
+            found.append(
+                (
+                    ("hosts", i, "fabric"),
+                    f"a ring host lists its {RING_TWINS} logical interfaces (two per cable), found {len(h.fabric)}",
+                    "list Port0's two interfaces, then Port1's, e.g. enp1s0f0np0, enP2p1s0f0np0, "
+                    "enp1s0f1np1, enP2p1s0f1np1",
+                )
+            )
+            continue
+        # Spark netdev names end in np<port> (ibdev2netdev: enp1s0f0np0 and enP2p1s0f0np0 are Port0).
+        ports = [_PORT_SUFFIX.search(t.interface) for t in h.fabric]
+        if all(ports):
+            want = ["0", "0", "1", "1"]
+            for j, (m, w) in enumerate(zip(ports, want, strict=True)):
+                if m is not None and m.group(1) != w:
+                    found.append(
+                        (
+                            ("hosts", i, "fabric", j, "interface"),
+                            f"{h.fabric[j].interface} is a Port{m.group(1)} interface at fabric[{j}], "
+                            f"where the ring expects Port{w}",
+                            "list Port0's two interfaces (…np0) first, then Port1's (…np1): cable c joins "
+                            "hosts[c] Port0 to the next host's Port1",
+                        )
+                    )
+    # NCCL matches a peer's subnet with one prefix length for every HCA (NCCL_IB_SUBNET_PREFIX_LEN, which
+    # sparkctl writes in a ring: plan/env.py), so every fabric address of a ring carries the same one.
+    prefixes = sorted({t.address.network.prefixlen for h in inv.hosts for t in h.fabric})
+    if len(prefixes) > 1:
+        found.append(
+            (
+                ("hosts",),
+                f"a ring's fabric addresses mix prefix lengths ({', '.join(f'/{p}' for p in prefixes)})",
+                "give every fabric address of the ring the same prefix length, e.g. /24: NCCL matches subnets "
+                "with one length (NCCL_IB_SUBNET_PREFIX_LEN)",
+            )
+        )
+    return found
+
+
 def _check_fabric(inv: Inventory) -> list[Found]:
+    found = _check_twin_addresses(inv)
+    on_links, link_of_end = _check_link_subnets(inv)
+    return found + on_links + _check_host_subnets(inv, link_of_end)
+
+
+def _check_twin_addresses(inv: Inventory) -> list[Found]:
+    """Every twin's own address: a host address of a real subnet, used once, off the management network."""
     found: list[Found] = []
     used: dict[ipaddress.IPv4Address, str] = {}
-    # Every twin's own address: a host address of a real subnet, used once, off the management network.
     for i, h in enumerate(inv.hosts):
         for j, twin in enumerate(h.fabric):
             loc = ("hosts", i, "fabric", j, "address")
@@ -161,7 +174,13 @@ def _check_fabric(inv: Inventory) -> list[Found]:
                         "fabric subnets must not overlap the management network",
                     )
                 )
-    # Links (derived from the topology): the ends of one link in one subnet, every link its own subnet.
+    return found
+
+
+def _check_link_subnets(inv: Inventory) -> tuple[list[Found], dict[End, int]]:
+    """Links (derived from the topology): the ends of one link in one subnet, every link its own subnet; and the link
+    of each end (of the links with an end whose address is not a /32)."""
+    found: list[Found] = []
     link_of_end: dict[End, int] = {}
     net_owner: dict[ipaddress.IPv4Network, int] = {}
     for link in links(inv):
@@ -190,7 +209,12 @@ def _check_fabric(inv: Inventory) -> list[Found]:
                         _link_hint(inv, link.index),
                     )
                 )
-    # One host's interfaces on different links never share a subnet (the kernel could not tell them apart).
+    return found, link_of_end
+
+
+def _check_host_subnets(inv: Inventory, link_of_end: dict[End, int]) -> list[Found]:
+    """One host's interfaces on different links never share a subnet (the kernel could not tell them apart)."""
+    found: list[Found] = []
     for i, h in enumerate(inv.hosts):
         host_nets: dict[ipaddress.IPv4Network, tuple[str, int | None]] = {}
         for j, twin in enumerate(h.fabric):
@@ -288,12 +312,8 @@ def _check_ray_and_workloads(inv: Inventory) -> list[Found]:
     names = {h.name for h in inv.hosts}
     if inv.ray.head is not None and inv.ray.head not in names:
         found.append((("ray", "head"), f"'{inv.ray.head}' is not a host", f"use one of: {', '.join(sorted(names))}"))
-    ray_ports = {inv.ray.port, *inv.ray.ports.model_dump().values()}
-    gpus = sum(h.gpus for h in inv.hosts)
     seen_names: set[str] = set()
-    by_name: defaultdict[str, int] = defaultdict(int)
     for k, w in enumerate(inv.workloads):
-        by_name[w.name] += 1
         if w.name in seen_names:
             found.append(
                 (("workloads", k, "name"), f"duplicate workload name '{w.name}'", "give every workload its own name")
@@ -301,63 +321,73 @@ def _check_ray_and_workloads(inv: Inventory) -> list[Found]:
         seen_names.add(w.name)
         if w.name == "ray":  # Ray's own log (logs/ray.log) and container (sparkctl-ray) carry that name
             found.append((("workloads", k, "name"), "'ray' is reserved for Ray's log and container", "rename it"))
-        if w.port in ray_ports or inv.ray.ports.min_worker <= w.port <= inv.ray.ports.max_worker:
-            found.append((("workloads", k, "port"), f"port {w.port} is one of Ray's ports", "pick another port"))
-        if w.engine == "vllm" and w.hosts is None and w.ranks > gpus:
-            found.append(
-                (
-                    ("workloads", k, "tensor_parallel_size"),
-                    f"{w.ranks} ranks but the cluster has {gpus} GPU(s)",
-                    f"use tensor_parallel_size <= {gpus}"
-                    if w.pipeline_parallel_size == 1
-                    else f"use tensor_parallel_size x pipeline_parallel_size <= {gpus}",
-                )
-            )
-        if (
-            w.engine == "embed"
-            and w.hosts is None
-            and w.ranks > len(inv.hosts)
-            and w.replicas > 1
-        ):
-            found.append(
-                (
-                    ("workloads", k, "replicas"),
-                    f"{w.replicas} replicas need {w.replicas} hosts",
-                    f"use replicas <= {len(inv.hosts)}",
-                )
-            )
-        if w.engine == "embed" and w.hosts is None and w.tensor_parallel_size > len(inv.hosts):
-            found.append(
-                (
-                    ("workloads", k, "tensor_parallel_size"),
-                    f"{w.tensor_parallel_size} ranks but the cluster has {len(inv.hosts)} host(s)",
-                    "the embed worker places one rank per host",
-                )
-            )
-        if w.engine == "vllm" and w.replicas != 1:
-            found.append((("workloads", k, "replicas"), "replicas is for engine 'embed'", "remove it"))
-        if w.executor == "ray" and w.engine != "vllm":  # the default, mp, is the absence of vLLM's Ray executor
-            found.append((("workloads", k, "executor"), "executor is for engine 'vllm'", "remove it"))
-        elif (
-            w.executor == "mp"
-            and w.hosts is None
-            and len(inv.hosts) < w.ranks <= gpus
-        ):
-            found.append(
-                (
-                    ("workloads", k, "tensor_parallel_size"),
-                    f"executor mp runs one rank per host: {w.ranks} ranks "
-                    f"but {len(inv.hosts)} host(s)",
-                    f"use tensor_parallel_size <= {len(inv.hosts)}"
-                    if w.pipeline_parallel_size == 1
-                    else f"use tensor_parallel_size x pipeline_parallel_size <= {len(inv.hosts)}",
-                )
-            )
-        if w.engine == "embed" and w.pipeline_parallel_size != 1:
-            found.append(
-                (("workloads", k, "pipeline_parallel_size"), "pipeline stages are for engine 'vllm'", "remove it")
-            )
+        found += _check_workload(inv, k, w)
     found += check_placement(inv)
+    return found
+
+
+def _check_workload(inv: Inventory, k: int, w: Workload) -> list[Found]:
+    """One workload against the cluster: its port off Ray's, its ranks within the GPUs or hosts there are, and only
+    the fields of its engine."""
+    found: list[Found] = []
+    ray_ports = {inv.ray.port, *inv.ray.ports.model_dump().values()}
+    gpus = sum(h.gpus for h in inv.hosts)
+    if w.port in ray_ports or inv.ray.ports.min_worker <= w.port <= inv.ray.ports.max_worker:
+        found.append((("workloads", k, "port"), f"port {w.port} is one of Ray's ports", "pick another port"))
+    if w.engine == "vllm" and w.hosts is None and w.ranks > gpus:
+        found.append(
+            (
+                ("workloads", k, "tensor_parallel_size"),
+                f"{w.ranks} ranks but the cluster has {gpus} GPU(s)",
+                f"use tensor_parallel_size <= {gpus}"
+                if w.pipeline_parallel_size == 1
+                else f"use tensor_parallel_size x pipeline_parallel_size <= {gpus}",
+            )
+        )
+    if (
+        w.engine == "embed"
+        and w.hosts is None
+        and w.ranks > len(inv.hosts)
+        and w.replicas > 1
+    ):
+        found.append(
+            (
+                ("workloads", k, "replicas"),
+                f"{w.replicas} replicas need {w.replicas} hosts",
+                f"use replicas <= {len(inv.hosts)}",
+            )
+        )
+    if w.engine == "embed" and w.hosts is None and w.tensor_parallel_size > len(inv.hosts):
+        found.append(
+            (
+                ("workloads", k, "tensor_parallel_size"),
+                f"{w.tensor_parallel_size} ranks but the cluster has {len(inv.hosts)} host(s)",
+                "the embed worker places one rank per host",
+            )
+        )
+    if w.engine == "vllm" and w.replicas != 1:
+        found.append((("workloads", k, "replicas"), "replicas is for engine 'embed'", "remove it"))
+    if w.executor == "ray" and w.engine != "vllm":  # the default, mp, is the absence of vLLM's Ray executor
+        found.append((("workloads", k, "executor"), "executor is for engine 'vllm'", "remove it"))
+    elif (
+        w.executor == "mp"
+        and w.hosts is None
+        and len(inv.hosts) < w.ranks <= gpus
+    ):
+        found.append(
+            (
+                ("workloads", k, "tensor_parallel_size"),
+                f"executor mp runs one rank per host: {w.ranks} ranks "
+                f"but {len(inv.hosts)} host(s)",
+                f"use tensor_parallel_size <= {len(inv.hosts)}"
+                if w.pipeline_parallel_size == 1
+                else f"use tensor_parallel_size x pipeline_parallel_size <= {len(inv.hosts)}",
+            )
+        )
+    if w.engine == "embed" and w.pipeline_parallel_size != 1:
+        found.append(
+            (("workloads", k, "pipeline_parallel_size"), "pipeline stages are for engine 'vllm'", "remove it")
+        )
     return found
 
 
@@ -378,81 +408,11 @@ def check_placement(inv: Inventory) -> list[Found]:
     for k, w in enumerate(inv.workloads):
         if w.hosts is not None:
             explicit = True
-            bad = False
-            seen: set[str] = set()
-            for i, name in enumerate(w.hosts):
-                if name not in names:
-                    bad = True
-                    found.append(
-                        (("workloads", k, "hosts", i), f"'{name}' is not a host", f"use one of: {', '.join(names)}")
-                    )
-                elif name in seen:
-                    bad = True
-                    found.append((("workloads", k, "hosts", i), f"'{name}' is listed twice", "list each host once"))
-                seen.add(name)
-            if bad:
+            listed = _check_group_listing(k, w.hosts, names)
+            if listed:  # a group that is not one: nothing more to judge of this workload
+                found += listed
                 continue
-            group = inv.group(w)
-            gpus = sum(h.gpus for h in group)
-            ranks = w.ranks
-            where = f"{', '.join(w.hosts)}"
-            if w.engine == "vllm" and ranks != gpus:
-                found.append(
-                    (
-                        (
-                            "workloads",
-                            k,
-                            "pipeline_parallel_size" if w.pipeline_parallel_size > 1 else "tensor_parallel_size",
-                        ),
-                        f"tensor_parallel_size x pipeline_parallel_size = {w.tensor_parallel_size} x "
-                        f"{w.pipeline_parallel_size} = {ranks} rank(s), but the group {where} has {gpus} GPU(s)",
-                        f"one rank per GPU of the group: use TP x PP of {_split_hint(gpus)}"
-                        if gpus
-                        else "list hosts that have GPUs",
-                    )
-                )
-            if w.engine == "embed" and ranks != len(group):
-                found.append(
-                    (
-                        ("workloads", k, "replicas" if w.replicas > 1 else "tensor_parallel_size"),
-                        f"tensor_parallel_size x replicas = {ranks} rank(s), but the group {where} has "
-                        f"{len(group)} host(s): the embed worker runs one rank per host",
-                        f"use tensor_parallel_size x replicas = {len(group)}, or list {ranks} host(s)",
-                    )
-                )
-            if w.engine == "vllm" and w.executor == "ray" and ranks > 1 and len(group) < len(inv.hosts):
-                found.append(
-                    (
-                        ("workloads", k, "hosts"),
-                        f"vLLM's Ray executor places its {ranks} ranks anywhere in the Ray cluster (one PACK "
-                        "placement group of {GPU: 1} bundles over all nodes, none pinned with vLLM 0.32's default "
-                        "V2 executor: vllm/v1/executor/ray_utils.py, ray_executor_v2.py), not on the group "
-                        f"{where}",
-                        "use executor: mp (one `vllm serve` per host of the group), or list every host",
-                    )
-                )
-            if w.engine == "vllm" and w.executor == "mp" and len({h.gpus for h in group}) > 1:
-                found.append(
-                    (
-                        ("workloads", k, "hosts"),
-                        f"the hosts of {where} have different GPU counts "
-                        f"({', '.join(f'{h.name}: {h.gpus}' for h in group)})",
-                        "vLLM's multiprocessing executor runs the same number of ranks on every node: "
-                        "group hosts with equal gpus",
-                    )
-                )
-            for i, h in enumerate(group):
-                if h.name in claimed:
-                    found.append(
-                        (
-                            ("workloads", k, "hosts", i),
-                            f"{h.name}'s GPU(s) are already taken by workload {claimed[h.name]}: the groups overlap "
-                            "and would not fit",
-                            "give each workload its own hosts (disjoint groups)",
-                        )
-                    )
-                else:
-                    claimed[h.name] = w.name
+            found += _check_group(inv, k, w, claimed)
         if w.hosts is not None:
             head = w.hosts[0] if w.hosts[0] in names else ""
         else:
@@ -469,21 +429,113 @@ def check_placement(inv: Inventory) -> list[Found]:
         placed.setdefault((head, w.port), w.name)
     found += _check_ray_placed_next_to_unseen(inv)
     if explicit and not found:  # each group fits on its own: do they fit together?
-        total = sum(h.gpus for h in inv.hosts)
-        need = 0
-        for k, w in enumerate(inv.workloads):
-            need += w.ranks
-            if need > total:
-                found.append(
-                    (
-                        ("workloads", k),
-                        f"with {w.name} the workloads need {need} rank(s) but the cluster has {total} GPU(s): "
-                        "over-committed",
-                        "give each workload its own hosts; a workload without `hosts` shares every host's GPUs",
-                    )
-                )
-                break
+        found += _check_overcommit(inv)
     return found
+
+
+def _check_group_listing(k: int, hosts: list[str], names: list[str]) -> list[Found]:
+    """A workload's `hosts`: each a host of the inventory, each once."""
+    found: list[Found] = []
+    seen: set[str] = set()
+    for i, name in enumerate(hosts):
+        if name not in names:
+            found.append((("workloads", k, "hosts", i), f"'{name}' is not a host", f"use one of: {', '.join(names)}"))
+        elif name in seen:
+            found.append((("workloads", k, "hosts", i), f"'{name}' is listed twice", "list each host once"))
+        seen.add(name)
+    return found
+
+
+def _check_group(inv: Inventory, k: int, w: Workload, claimed: dict[str, str]) -> list[Found]:
+    """A workload's listed group: its ranks fit the group, and no other group took its hosts (`claimed`, host ->
+    workload, is updated with this group's)."""
+    found = _check_group_ranks(inv, k, w)
+    for i, h in enumerate(inv.group(w)):
+        if h.name in claimed:
+            found.append(
+                (
+                    ("workloads", k, "hosts", i),
+                    f"{h.name}'s GPU(s) are already taken by workload {claimed[h.name]}: the groups overlap "
+                    "and would not fit",
+                    "give each workload its own hosts (disjoint groups)",
+                )
+            )
+        else:
+            claimed[h.name] = w.name
+    return found
+
+
+def _check_group_ranks(inv: Inventory, k: int, w: Workload) -> list[Found]:
+    """A rank per GPU (vLLM) or per host (embed) of the group, and an executor that can keep the ranks on it."""
+    found: list[Found] = []
+    group = inv.group(w)
+    gpus = sum(h.gpus for h in group)
+    ranks = w.ranks
+    where = f"{', '.join(w.hosts or [])}"
+    if w.engine == "vllm" and ranks != gpus:
+        found.append(
+            (
+                (
+                    "workloads",
+                    k,
+                    "pipeline_parallel_size" if w.pipeline_parallel_size > 1 else "tensor_parallel_size",
+                ),
+                f"tensor_parallel_size x pipeline_parallel_size = {w.tensor_parallel_size} x "
+                f"{w.pipeline_parallel_size} = {ranks} rank(s), but the group {where} has {gpus} GPU(s)",
+                f"one rank per GPU of the group: use TP x PP of {_split_hint(gpus)}"
+                if gpus
+                else "list hosts that have GPUs",
+            )
+        )
+    if w.engine == "embed" and ranks != len(group):
+        found.append(
+            (
+                ("workloads", k, "replicas" if w.replicas > 1 else "tensor_parallel_size"),
+                f"tensor_parallel_size x replicas = {ranks} rank(s), but the group {where} has "
+                f"{len(group)} host(s): the embed worker runs one rank per host",
+                f"use tensor_parallel_size x replicas = {len(group)}, or list {ranks} host(s)",
+            )
+        )
+    if w.engine == "vllm" and w.executor == "ray" and ranks > 1 and len(group) < len(inv.hosts):
+        found.append(
+            (
+                ("workloads", k, "hosts"),
+                f"vLLM's Ray executor places its {ranks} ranks anywhere in the Ray cluster (one PACK "
+                "placement group of {GPU: 1} bundles over all nodes, none pinned with vLLM 0.32's default "
+                "V2 executor: vllm/v1/executor/ray_utils.py, ray_executor_v2.py), not on the group "
+                f"{where}",
+                "use executor: mp (one `vllm serve` per host of the group), or list every host",
+            )
+        )
+    if w.engine == "vllm" and w.executor == "mp" and len({h.gpus for h in group}) > 1:
+        found.append(
+            (
+                ("workloads", k, "hosts"),
+                f"the hosts of {where} have different GPU counts "
+                f"({', '.join(f'{h.name}: {h.gpus}' for h in group)})",
+                "vLLM's multiprocessing executor runs the same number of ranks on every node: "
+                "group hosts with equal gpus",
+            )
+        )
+    return found
+
+
+def _check_overcommit(inv: Inventory) -> list[Found]:
+    """Groups that each fit may still not fit together: the first workload past the cluster's GPUs."""
+    total = sum(h.gpus for h in inv.hosts)
+    need = 0
+    for k, w in enumerate(inv.workloads):
+        need += w.ranks
+        if need > total:
+            return [
+                (
+                    ("workloads", k),
+                    f"with {w.name} the workloads need {need} rank(s) but the cluster has {total} GPU(s): "
+                    "over-committed",
+                    "give each workload its own hosts; a workload without `hosts` shares every host's GPUs",
+                )
+            ]
+    return []
 
 
 def _check_ray_placed_next_to_unseen(inv: Inventory) -> list[Found]:

@@ -146,187 +146,231 @@ def read_yaml(text: str) -> Document:
     """Parse one YAML document within the limits above; ReadError (located) for anything else."""
     if len(text) > MAX_BYTES:
         raise ReadError(text.count("\n", 0, MAX_BYTES) + 1, (), f"larger than {MAX_BYTES // 1024} KiB", "keep it small")
-    doc = Document(None)
-    stack: list[_Frame] = []
-    anchors: dict[str, _Anchored] = {}
-    anchored_on: dict[str, int] = {}  # the line of each anchor (&name) so far
-    values = 0
-    documents = 0
+    reader = _Reader(text)
     try:
         loader = _PARSER(str(text))  # libyaml wants exactly a str, not a subclass
     except yaml.reader.ReaderError as exc:  # the pure-Python reader checks every character up front
         raise _not_allowed(text, exc, ()) from None
     try:
-        while True:
-            try:
-                event = loader.get_event()
-            except yaml.MarkedYAMLError as exc:
-                mark = exc.problem_mark or exc.context_mark
-                line = mark.line + 1 if mark else 1
-                lines = text.split("\n", line)
-                source_line = lines[line - 1] if 0 < line <= len(lines) else ""
-                tab = "\t" in source_line[: len(source_line) - len(source_line.lstrip())]
-                raise ReadError(
-                    line,
-                    stack[-1].loc if stack else (),
-                    f"not valid YAML: {exc.problem or exc}",
-                    "indent with spaces: YAML does not allow tabs there"
-                    if tab
-                    else "check indentation and quoting on that line or just above it",
-                ) from None
-            except yaml.reader.ReaderError as exc:  # a control character: located by its offset, not a mark
-                raise _not_allowed(text, exc, stack[-1].loc if stack else ()) from None
-            if event is None or isinstance(event, yaml.StreamEndEvent):
-                break
-            if isinstance(event, yaml.DocumentStartEvent):
-                documents += 1
-                if documents > 1:
-                    raise ReadError(
-                        line_of(event),
-                        (),
-                        "a second YAML document (after '---')",
-                        "keep one document per file",
-                    )
-                continue
-            if isinstance(event, yaml.StreamStartEvent | yaml.DocumentEndEvent):
-                continue
-            line = line_of(event)
-            if isinstance(event, yaml.MappingEndEvent | yaml.SequenceEndEvent):
-                frame = stack.pop()
-                if frame.merges:
-                    _merge(frame)
-                if frame.anchor is not None:
-                    anchors[frame.anchor] = _Anchored(frame.container, values - frame.start, frame.height)
-                if stack:
-                    stack[-1].height = max(stack[-1].height, frame.height + 1)
-                else:
-                    doc.data = frame.container
-                continue
-            top = stack[-1] if stack else None
-            # Where this event goes: a mapping key, a mapping value, a list item, or the document itself.
-            is_key = top is not None and isinstance(top.container, dict) and top.key is None
-            if top is None:
-                loc: Loc = ()
-            elif isinstance(top.container, list):
-                loc = (*top.loc, len(top.container))
-            else:
-                loc = (*top.loc, top.key if top.key is not None else "")
-            if isinstance(event, yaml.AliasEvent):
-                name = str(event.anchor)
-                if is_key and top is not None:
-                    raise ReadError(
-                        line, top.loc, "keys must be plain text, not an alias", f"write the key out, not *{name}"
-                    )
-                target = anchors.get(name)
-                if target is None:
-                    if any(f.anchor == name for f in stack):
-                        raise ReadError(
-                            line, loc, f"alias '*{name}' is inside the value it names", "a value cannot contain itself"
-                        )
-                    raise ReadError(
-                        line,
-                        loc,
-                        f"alias '*{name}' names no anchor before it",
-                        f"define the anchor (&{name}) on the value before using it, or write the value out",
-                    )
-                if values + target.size > MAX_VALUES:
-                    raise ReadError(
-                        line,
-                        loc,
-                        f"alias '*{name}' expands to {target.size} values: more than {MAX_VALUES} in all",
-                        "share smaller blocks, or write the values out: an inventory holds ~50 values",
-                    )
-                if len(stack) + target.height > MAX_DEPTH:
-                    raise ReadError(
-                        line, loc, f"alias '*{name}' nests more than {MAX_DEPTH} levels deep", "flatten the structure"
-                    )
-                values += target.size
-                value = copy.deepcopy(target.value)  # at most MAX_VALUES values in all, counted above
-                doc.lines.setdefault(loc, line)
-                if top is None:
-                    doc.data = value
-                    continue
-                top.height = max(top.height, target.height + 1)
-                _store(top, value, line)
-                continue
-            anchor = getattr(event, "anchor", None)
-            if anchor is not None:
-                if anchor in anchored_on:
-                    raise ReadError(
-                        line,
-                        top.loc if is_key and top else loc,
-                        f"anchor '&{anchor}' is defined twice (first on line {anchored_on[anchor]})",
-                        "give each anchor its own name",
-                    )
-                anchored_on[anchor] = line
-            values += 1
-            if values > MAX_VALUES:
-                raise ReadError(
-                    line, loc, f"more than {MAX_VALUES} values: not an inventory or runbook", "check the file name"
-                )
-            tag = getattr(event, "tag", None)
-            if isinstance(event, yaml.ScalarEvent):
-                explicit = tag not in (None, "!")
-                if explicit and tag not in _SCALAR_TAGS:
-                    raise ReadError(
-                        line, loc, f"YAML tag {_short(tag or '')} is not allowed", "remove the tag: plain values only"
-                    )
-                if is_key:
-                    assert top is not None
-                    if explicit and tag != f"{_CORE}str":
-                        raise ReadError(line, top.loc, "keys must be plain text", "remove the tag from the key")
-                    key = event.value
-                    if key in top.keys:
-                        raise ReadError(
-                            line,
-                            (*top.loc, key),
-                            f"key {key!r} appears twice (first on line {top.keys[key]})",
-                            "keep one of them: YAML would silently use the last",
-                        )
-                    top.keys[key] = line
-                    top.key = key
-                    doc.lines[(*top.loc, key)] = line
-                    if key == _MERGE and not explicit and not event.style:
-                        top.key = _MERGE_KEY
-                    if anchor is not None:
-                        anchors[anchor] = _Anchored(key, 1, 0)
-                    continue
-                plain = not event.style and event.implicit[0]
-                resolved = tag if explicit and tag else (_resolve(event.value) if plain else f"{_CORE}str")
-                try:
-                    value = _scalar(event.value, resolved)
-                except (yaml.YAMLError, ValueError, OverflowError) as exc:
-                    raise ReadError(
-                        line, loc, f"cannot read {event.value!r} as {_short(resolved)}: {exc}", "quote it as a string"
-                    ) from None
-                if resolved != f"{_CORE}str":
-                    doc.raw[loc] = event.value
-                doc.lines.setdefault(loc, line)
-                if anchor is not None:
-                    anchors[anchor] = _Anchored(value, 1, 0)
-                if top is None:
-                    doc.data = value
-                    continue
-                _store(top, value, line)
-                continue
-            # A mapping or a sequence starts.
-            if tag not in (None, "!") and tag not in _COLLECTION_TAGS:
-                raise ReadError(
-                    line, loc, f"YAML tag {_short(tag or '')} is not allowed", "remove the tag: plain values only"
-                )
-            if is_key:
-                assert top is not None
-                raise ReadError(line, top.loc, "keys must be plain text, not a list or a mapping", "use a plain key")
-            if len(stack) >= MAX_DEPTH:
-                raise ReadError(line, loc[:2], f"nested more than {MAX_DEPTH} levels deep", "flatten the structure")
-            container: dict[str, Any] | list[Any] = {} if isinstance(event, yaml.MappingStartEvent) else []
-            doc.lines.setdefault(loc, line)
-            if top is not None:
-                _store(top, container, line)
-            stack.append(_Frame(container, loc, anchor, values - 1))
+        while (event := reader.next_event(loader)) is not None:
+            reader.feed(event)
     finally:
         loader.dispose()
-    return doc
+    return reader.doc
+
+
+class _Reader:
+    """One pass of read_yaml: the document so far, the collections still open, the anchors, the values counted."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.doc = Document(None)
+        self.stack: list[_Frame] = []
+        self.anchors: dict[str, _Anchored] = {}
+        self.anchored_on: dict[str, int] = {}  # the line of each anchor (&name) so far
+        self.values = 0
+        self.documents = 0
+
+    def _open_loc(self) -> Loc:
+        return self.stack[-1].loc if self.stack else ()
+
+    def next_event(self, loader: Any) -> Any:
+        """The parser's next event, None at the end of the stream; a parse error as a located ReadError."""
+        try:
+            event = loader.get_event()
+        except yaml.MarkedYAMLError as exc:
+            raise self._invalid(exc) from None
+        except yaml.reader.ReaderError as exc:  # a control character: located by its offset, not a mark
+            raise _not_allowed(self.text, exc, self._open_loc()) from None
+        if event is None or isinstance(event, yaml.StreamEndEvent):
+            return None
+        return event
+
+    def _invalid(self, exc: yaml.MarkedYAMLError) -> ReadError:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else 1
+        lines = self.text.split("\n", line)
+        source_line = lines[line - 1] if 0 < line <= len(lines) else ""
+        tab = "\t" in source_line[: len(source_line) - len(source_line.lstrip())]
+        return ReadError(
+            line,
+            self._open_loc(),
+            f"not valid YAML: {exc.problem or exc}",
+            "indent with spaces: YAML does not allow tabs there"
+            if tab
+            else "check indentation and quoting on that line or just above it",
+        )
+
+    def feed(self, event: Any) -> None:
+        """Take one event: a document boundary, the end of a collection, an alias, a scalar or a collection's start."""
+        if isinstance(event, yaml.DocumentStartEvent):
+            self.documents += 1
+            if self.documents > 1:
+                raise ReadError(
+                    line_of(event),
+                    (),
+                    "a second YAML document (after '---')",
+                    "keep one document per file",
+                )
+            return
+        if isinstance(event, yaml.StreamStartEvent | yaml.DocumentEndEvent):
+            return
+        line = line_of(event)
+        if isinstance(event, yaml.MappingEndEvent | yaml.SequenceEndEvent):
+            self._close()
+            return
+        top = self.stack[-1] if self.stack else None
+        # Where this event goes: a mapping key, a mapping value, a list item, or the document itself.
+        is_key = top is not None and isinstance(top.container, dict) and top.key is None
+        if top is None:
+            loc: Loc = ()
+        elif isinstance(top.container, list):
+            loc = (*top.loc, len(top.container))
+        else:
+            loc = (*top.loc, top.key if top.key is not None else "")
+        if isinstance(event, yaml.AliasEvent):
+            self._alias(str(event.anchor), line, top, loc, is_key)
+            return
+        anchor = getattr(event, "anchor", None)
+        if anchor is not None:
+            self._note_anchor(anchor, line, top.loc if is_key and top else loc)
+        self.values += 1
+        if self.values > MAX_VALUES:
+            raise ReadError(
+                line, loc, f"more than {MAX_VALUES} values: not an inventory or runbook", "check the file name"
+            )
+        if isinstance(event, yaml.ScalarEvent):
+            self._scalar(event, line, top, loc, is_key, anchor)
+        else:
+            self._start(event, line, top, loc, is_key, anchor)
+
+    def _place(self, top: _Frame | None, value: Any, line: int) -> None:
+        """A value into the open collection, or as the document itself."""
+        if top is None:
+            self.doc.data = value
+        else:
+            _store(top, value, line)
+
+    def _close(self) -> None:
+        """A mapping or a sequence ends: merge keys applied, its anchor recorded, its height passed up."""
+        frame = self.stack.pop()
+        if frame.merges:
+            _merge(frame)
+        if frame.anchor is not None:
+            self.anchors[frame.anchor] = _Anchored(frame.container, self.values - frame.start, frame.height)
+        if self.stack:
+            self.stack[-1].height = max(self.stack[-1].height, frame.height + 1)
+        else:
+            self.doc.data = frame.container
+
+    def _alias(self, name: str, line: int, top: _Frame | None, loc: Loc, is_key: bool) -> None:
+        """`*name`: a copy of the anchored value, counted as the values it expands to."""
+        if is_key and top is not None:
+            raise ReadError(line, top.loc, "keys must be plain text, not an alias", f"write the key out, not *{name}")
+        target = self.anchors.get(name)
+        if target is None:
+            if any(f.anchor == name for f in self.stack):
+                raise ReadError(
+                    line, loc, f"alias '*{name}' is inside the value it names", "a value cannot contain itself"
+                )
+            raise ReadError(
+                line,
+                loc,
+                f"alias '*{name}' names no anchor before it",
+                f"define the anchor (&{name}) on the value before using it, or write the value out",
+            )
+        if self.values + target.size > MAX_VALUES:
+            raise ReadError(
+                line,
+                loc,
+                f"alias '*{name}' expands to {target.size} values: more than {MAX_VALUES} in all",
+                "share smaller blocks, or write the values out: an inventory holds ~50 values",
+            )
+        if len(self.stack) + target.height > MAX_DEPTH:
+            raise ReadError(
+                line, loc, f"alias '*{name}' nests more than {MAX_DEPTH} levels deep", "flatten the structure"
+            )
+        self.values += target.size
+        value = copy.deepcopy(target.value)  # at most MAX_VALUES values in all, counted above
+        self.doc.lines.setdefault(loc, line)
+        if top is not None:
+            top.height = max(top.height, target.height + 1)
+        self._place(top, value, line)
+
+    def _note_anchor(self, anchor: str, line: int, loc: Loc) -> None:
+        if anchor in self.anchored_on:
+            raise ReadError(
+                line,
+                loc,
+                f"anchor '&{anchor}' is defined twice (first on line {self.anchored_on[anchor]})",
+                "give each anchor its own name",
+            )
+        self.anchored_on[anchor] = line
+
+    def _scalar(self, event: Any, line: int, top: _Frame | None, loc: Loc, is_key: bool, anchor: str | None) -> None:
+        """A scalar: a mapping's key, or a value read as `yaml.safe_load` reads it (core-schema tags only)."""
+        tag = event.tag
+        explicit = tag not in (None, "!")
+        if explicit and tag not in _SCALAR_TAGS:
+            raise ReadError(
+                line, loc, f"YAML tag {_short(tag or '')} is not allowed", "remove the tag: plain values only"
+            )
+        if is_key:
+            assert top is not None
+            self._key(event, line, top, explicit, anchor)
+            return
+        plain = not event.style and event.implicit[0]
+        resolved = tag if explicit and tag else (_resolve(event.value) if plain else f"{_CORE}str")
+        try:
+            value = _scalar(event.value, resolved)
+        except (yaml.YAMLError, ValueError, OverflowError) as exc:
+            raise ReadError(
+                line, loc, f"cannot read {event.value!r} as {_short(resolved)}: {exc}", "quote it as a string"
+            ) from None
+        if resolved != f"{_CORE}str":
+            self.doc.raw[loc] = event.value
+        self.doc.lines.setdefault(loc, line)
+        if anchor is not None:
+            self.anchors[anchor] = _Anchored(value, 1, 0)
+        self._place(top, value, line)
+
+    def _key(self, event: Any, line: int, top: _Frame, explicit: bool, anchor: str | None) -> None:
+        """A mapping's key: plain text, once per mapping; a plain `<<` is a merge key."""
+        if explicit and event.tag != f"{_CORE}str":
+            raise ReadError(line, top.loc, "keys must be plain text", "remove the tag from the key")
+        key = event.value
+        if key in top.keys:
+            raise ReadError(
+                line,
+                (*top.loc, key),
+                f"key {key!r} appears twice (first on line {top.keys[key]})",
+                "keep one of them: YAML would silently use the last",
+            )
+        top.keys[key] = line
+        top.key = key
+        self.doc.lines[(*top.loc, key)] = line
+        if key == _MERGE and not explicit and not event.style:
+            top.key = _MERGE_KEY
+        if anchor is not None:
+            self.anchors[anchor] = _Anchored(key, 1, 0)
+
+    def _start(self, event: Any, line: int, top: _Frame | None, loc: Loc, is_key: bool, anchor: str | None) -> None:
+        """A mapping or a sequence starts: an open frame, stored into its parent now and filled as events come."""
+        tag = getattr(event, "tag", None)
+        if tag not in (None, "!") and tag not in _COLLECTION_TAGS:
+            raise ReadError(
+                line, loc, f"YAML tag {_short(tag or '')} is not allowed", "remove the tag: plain values only"
+            )
+        if is_key:
+            assert top is not None
+            raise ReadError(line, top.loc, "keys must be plain text, not a list or a mapping", "use a plain key")
+        if len(self.stack) >= MAX_DEPTH:
+            raise ReadError(line, loc[:2], f"nested more than {MAX_DEPTH} levels deep", "flatten the structure")
+        container: dict[str, Any] | list[Any] = {} if isinstance(event, yaml.MappingStartEvent) else []
+        self.doc.lines.setdefault(loc, line)
+        if top is not None:
+            _store(top, container, line)
+        self.stack.append(_Frame(container, loc, anchor, self.values - 1))
 
 
 def _not_allowed(text: str, exc: yaml.reader.ReaderError, loc: Loc) -> ReadError:

@@ -14,7 +14,7 @@ from sparkctl.errors import Problem
 from sparkctl.inventory.load import Source, read_text, validate_source
 from sparkctl.inventory.reader import ReadError, read_yaml
 from sparkctl.runbook.actions import ACTIONS
-from sparkctl.runbook.models import Runbook, RunbookError, parse_when
+from sparkctl.runbook.models import Runbook, RunbookError, RunbookStep, parse_when
 from sparkctl.runbook.planner import PARAM, Found, check_overrides, once, step_args
 
 
@@ -32,63 +32,86 @@ def builtin_text(name: str) -> str:
 
 
 def _check(rb: Runbook) -> list[tuple[tuple[str | int, ...], str, str]]:
-    found: list[tuple[tuple[str | int, ...], str, str]] = []
+    found: Found = []
     overrides: Found = []
     names = [s.name for s in rb.steps] + [s.name for s in rb.cleanup]
     for group in ("steps", "cleanup"):
         for i, step in enumerate(getattr(rb, group)):
-            action = ACTIONS.get(step.action)
-            if action is None:
-                close = difflib.get_close_matches(step.action, list(ACTIONS), n=1)
-                found.append(
-                    (
-                        (group, i, "action"),
-                        f"unknown action '{step.action}'",
-                        f"did you mean '{close[0]}'?" if close else f"one of: {', '.join(sorted(ACTIONS))}",
-                    )
-                )
-                continue
-            if action.needs_shell_opt_in and not step.shell:
-                found.append(
-                    (
-                        (group, i, "shell"),
-                        f"action '{step.action}' runs arbitrary commands",
-                        "opt in with `shell: true` on this step",
-                    )
-                )
-            found += _unknown_params(rb, step.args, (group, i, "args"))
-            try:
-                defaults = {k: p.default for k, p in rb.parameters.items()}
-                args = action.Args.model_validate(step_args(step, defaults, rb.raw_params(), strict=False))
-            except ValidationError as exc:
-                found += _args_problems(action.Args, exc, (group, i, "args"))
-            else:
-                # `set:` with the defaults, as a run without --set would use them (a default used by several steps:
-                # one problem)
-                bad = check_overrides(getattr(args, "set", None))
-                overrides += [((group, i, "args", *loc), msg, hint) for loc, msg, hint in bad]
-            if isinstance(step.on_failure, list):
-                cleanup = {s.name for s in rb.cleanup}
-                for ref in step.on_failure:
-                    if ref not in cleanup:
-                        found.append(
-                            (
-                                (group, i, "on_failure"),
-                                f"'{ref}' is not a cleanup step",
-                                "name a step listed under cleanup:",
-                            )
-                        )
-            elif step.on_failure not in ("stop", "continue"):
-                found.append(
-                    (
-                        (group, i, "on_failure"),
-                        f"'{step.on_failure}' is not stop, continue or a list",
-                        "use stop, continue, or a list of cleanup step names",
-                    )
-                )
-            when = parse_when(step.when) if step.when else None
-            if when is not None and when[1] not in rb.parameters:
-                found.append(((group, i, "when"), f"'{when[1]}' is not a parameter of this runbook", _params_hint(rb)))
+            on_step, on_set = _check_step(rb, (group, i), step)
+            found += on_step
+            overrides += on_set
+    found += _check_commits(rb)
+    found += _check_on_interrupt(rb)
+    dupes = {n for n in names if names.count(n) > 1}
+    if dupes:
+        found.append((("steps",), f"duplicate step names: {', '.join(sorted(dupes))}", "name every step once"))
+    return found + once(overrides)
+
+
+def _check_step(rb: Runbook, at: tuple[str, int], step: RunbookStep) -> tuple[Found, Found]:
+    """One step's problems: (its action, shell opt-in, arguments, on_failure and when; what its `set:` overrides
+    with the defaults would break, gathered apart so that a default used by several steps is one problem)."""
+    found: Found = []
+    overrides: Found = []
+    action = ACTIONS.get(step.action)
+    if action is None:
+        close = difflib.get_close_matches(step.action, list(ACTIONS), n=1)
+        found.append(
+            (
+                (*at, "action"),
+                f"unknown action '{step.action}'",
+                f"did you mean '{close[0]}'?" if close else f"one of: {', '.join(sorted(ACTIONS))}",
+            )
+        )
+        return found, overrides
+    if action.needs_shell_opt_in and not step.shell:
+        found.append(
+            (
+                (*at, "shell"),
+                f"action '{step.action}' runs arbitrary commands",
+                "opt in with `shell: true` on this step",
+            )
+        )
+    found += _unknown_params(rb, step.args, (*at, "args"))
+    try:
+        defaults = {k: p.default for k, p in rb.parameters.items()}
+        args = action.Args.model_validate(step_args(step, defaults, rb.raw_params(), strict=False))
+    except ValidationError as exc:
+        found += _args_problems(action.Args, exc, (*at, "args"))
+    else:
+        # `set:` with the defaults, as a run without --set would use them
+        bad = check_overrides(getattr(args, "set", None))
+        overrides += [((*at, "args", *loc), msg, hint) for loc, msg, hint in bad]
+    found += _check_on_failure(rb, at, step)
+    when = parse_when(step.when) if step.when else None
+    if when is not None and when[1] not in rb.parameters:
+        found.append(((*at, "when"), f"'{when[1]}' is not a parameter of this runbook", _params_hint(rb)))
+    return found, overrides
+
+
+def _check_on_failure(rb: Runbook, at: tuple[str, int], step: RunbookStep) -> Found:
+    """`on_failure:` is stop, continue, or a list of cleanup steps."""
+    if isinstance(step.on_failure, list):
+        cleanup = {s.name for s in rb.cleanup}
+        return [
+            ((*at, "on_failure"), f"'{ref}' is not a cleanup step", "name a step listed under cleanup:")
+            for ref in step.on_failure
+            if ref not in cleanup
+        ]
+    if step.on_failure not in ("stop", "continue"):
+        return [
+            (
+                (*at, "on_failure"),
+                f"'{step.on_failure}' is not stop, continue or a list",
+                "use stop, continue, or a list of cleanup step names",
+            )
+        ]
+    return []
+
+
+def _check_commits(rb: Runbook) -> Found:
+    """A step whose changes the hosts roll back unless committed has a later step that commits them."""
+    found: Found = []
     for i, step in enumerate(rb.steps):
         needs = [a for a in ACTIONS.values() if a.commits and a.commits == step.action]
         later = {s.action for s in rb.steps[i + 1 :]}
@@ -102,19 +125,20 @@ def _check(rb: Runbook) -> list[tuple[tuple[str | int, ...], str, str]]:
                         "e.g. verify_fabric)",
                     )
                 )
-    for i, ref in enumerate(rb.on_interrupt):
-        if ref not in {s.name for s in rb.cleanup} and ref not in builtin_names():
-            found.append(
-                (
-                    ("on_interrupt", i),
-                    f"'{ref}' is neither a cleanup step nor a built-in runbook",
-                    f"name a step listed under cleanup:, or one of: {', '.join(builtin_names())}",
-                )
-            )
-    dupes = {n for n in names if names.count(n) > 1}
-    if dupes:
-        found.append((("steps",), f"duplicate step names: {', '.join(sorted(dupes))}", "name every step once"))
-    return found + once(overrides)
+    return found
+
+
+def _check_on_interrupt(rb: Runbook) -> Found:
+    """`on_interrupt:` names cleanup steps or built-in runbooks."""
+    return [
+        (
+            ("on_interrupt", i),
+            f"'{ref}' is neither a cleanup step nor a built-in runbook",
+            f"name a step listed under cleanup:, or one of: {', '.join(builtin_names())}",
+        )
+        for i, ref in enumerate(rb.on_interrupt)
+        if ref not in {s.name for s in rb.cleanup} and ref not in builtin_names()
+    ]
 
 
 def _params_hint(rb: Runbook, name: str = "") -> str:

@@ -3,6 +3,22 @@
 sparkctl uploads this one file to the head host and runs it with the host's runtime Python, so it imports
 nothing from sparkctl: only the standard library, torch, safetensors, ray and the transformers tokenizer.
 
+It stays one file on purpose. The hosts have no sparkctl package: the file is installed into the state directory
+as `embed_worker.py` (plan/cluster.py, from runbook/planner.worker_code) and kept current by its one sha256, and
+Ray ships it to the actors by value. A package would need its own layout on the hosts and a digest over many files.
+
+Sections, in order (each opens with a `# ----- name` rule):
+
+- model files: `BertConfig`, `PoolingConfig`, `ModelSpec`; finding the model directory, reading its config and
+  safetensors weights;
+- tensor parallelism: `check_tp`, `shard_state_dict`, the sharded `TPBert`, pooling, `encode`, the gloo all-reduce;
+- batching, tokens: `plan_batches`, `build_token_batch`, `TextTokenizer`;
+- backends: `LocalBackend` (in-process), `RankWorker` (one Ray actor per rank) and `RayBackend` (the placement
+  group, the actors, the groups, their health);
+- HTTP API: request parsing, response rendering, `EmbeddingService` (batching, auth, health file), the handler
+  and server;
+- CLI: the argument parser, placement bundles, `main`.
+
     SPARKCTL_API_KEY=... python embed_worker.py --model all-MiniLM-L6-v2 --tp 2 --host 0.0.0.0 --port 8001
 
 Tensor parallelism is Megatron style: rank r of T holds heads [r*H/T, (r+1)*H/T) of Q/K/V and the matching
@@ -692,11 +708,24 @@ class RayBackend:
     def start(self) -> None:
         """Connect, reserve one bundle per rank, start the actors and form the groups; logs each phase."""
         ray = _ray()
-        PlacementGroupSchedulingStrategy = ray.util.scheduling_strategies.PlacementGroupSchedulingStrategy
-
         opts = self.options
         bundle = dict(opts.bundle or {"CPU": 1})
         count = opts.tp * opts.replicas
+        self._connect(ray, bundle, count)
+        self._reserve(ray, bundle, count)
+        actors = self._start_actors(ray, bundle, count)
+        self.groups = [actors[g * opts.tp : (g + 1) * opts.tp] for g in range(opts.replicas)]
+        log.info("loading weights (%d group(s) of tp=%d)", opts.replicas, opts.tp)
+        pending = []
+        for g, group in enumerate(self.groups):
+            pending += self._setup_group(ray, g, group)
+        for line in ray.get(pending, timeout=opts.timeout_s):
+            log.info("%s", line)
+        self._locks = [threading.Lock() for _ in self.groups]
+        self._pool = ThreadPoolExecutor(max_workers=len(self.groups), thread_name_prefix="embed-group")
+
+    def _connect(self, ray: Any, bundle: dict[str, float], count: int) -> None:
+        opts = self.options
         log.info("connecting to ray (address=%s)", opts.address)
         if __name__ != "__main__":
             # workers cannot import this module by name when it was loaded from a package: ship it by value
@@ -706,6 +735,11 @@ class RayBackend:
             ray.init(address="local", num_cpus=max(count * int(bundle.get("CPU", 1)), 1), include_dashboard=False)
         else:
             ray.init(address=opts.address)
+
+    def _reserve(self, ray: Any, bundle: dict[str, float], count: int) -> None:
+        """The placement group of `count` bundles, placed within the timeout; WorkerError with the cluster's
+        resources otherwise."""
+        opts = self.options
         log.info("reserving %d bundles %s with strategy %s", count, json.dumps(bundle), opts.strategy)
         self._pg = ray.util.placement_group(pinned_bundles(bundle, count, opts.nodes), strategy=opts.strategy)
         ready, _ = ray.wait([self._pg.ready()], timeout=opts.timeout_s)
@@ -722,9 +756,13 @@ class RayBackend:
                 "or lower --tp/--replicas",
             )
         log.info("placement group ready")
+
+    def _start_actors(self, ray: Any, bundle: dict[str, float], count: int) -> list[Any]:
+        """One RankWorker actor per bundle of the placement group, in bundle order."""
+        PlacementGroupSchedulingStrategy = ray.util.scheduling_strategies.PlacementGroupSchedulingStrategy
         extra = {k: v for k, v in bundle.items() if k not in ("CPU", "GPU", "memory")}
         actor_cls = ray.remote(RankWorker)
-        actors = [
+        return [
             actor_cls.options(
                 num_cpus=bundle.get("CPU", 0),
                 num_gpus=bundle.get("GPU", 0),
@@ -732,39 +770,36 @@ class RayBackend:
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=self._pg, placement_group_bundle_index=i
                 ),
-            ).remote(opts.log_level)
+            ).remote(self.options.log_level)
             for i in range(count)
         ]
-        self.groups = [actors[g * opts.tp : (g + 1) * opts.tp] for g in range(opts.replicas)]
-        log.info("loading weights (%d group(s) of tp=%d)", opts.replicas, opts.tp)
-        pending = []
-        for g, group in enumerate(self.groups):
-            addrs = ray.get([a.address.remote(opts.ifname) for a in group], timeout=opts.timeout_s)
-            for rank, addr in enumerate(addrs):
-                log.info("group %d rank %d: %s ip %s ifname %s", g, rank, addr["host"], addr["ip"], addr["ifname"])
-                self.where[(g, rank)] = f"{addr['host']} ({addr['ip']})"
-            init_method = None
-            if opts.tp > 1:
-                master = str(addrs[0]["ip"])
-                port = ray.get(group[0].free_port.remote(master), timeout=opts.timeout_s)
-                init_method = f"tcp://{master}:{port}"
-            pending += [
-                actor.setup.remote(
-                    opts.model,
-                    opts.max_seq_length,
-                    rank,
-                    opts.tp,
-                    init_method,
-                    opts.ifname or addrs[rank]["ifname"],
-                    opts.device,
-                    opts.timeout_s,
-                )
-                for rank, actor in enumerate(group)
-            ]
-        for line in ray.get(pending, timeout=opts.timeout_s):
-            log.info("%s", line)
-        self._locks = [threading.Lock() for _ in self.groups]
-        self._pool = ThreadPoolExecutor(max_workers=len(self.groups), thread_name_prefix="embed-group")
+
+    def _setup_group(self, ray: Any, g: int, group: list[Any]) -> list[Any]:
+        """Where each rank of group `g` runs, the group's rendezvous, and the pending setup (weight loading) of its
+        ranks."""
+        opts = self.options
+        addrs = ray.get([a.address.remote(opts.ifname) for a in group], timeout=opts.timeout_s)
+        for rank, addr in enumerate(addrs):
+            log.info("group %d rank %d: %s ip %s ifname %s", g, rank, addr["host"], addr["ip"], addr["ifname"])
+            self.where[(g, rank)] = f"{addr['host']} ({addr['ip']})"
+        init_method = None
+        if opts.tp > 1:
+            master = str(addrs[0]["ip"])
+            port = ray.get(group[0].free_port.remote(master), timeout=opts.timeout_s)
+            init_method = f"tcp://{master}:{port}"
+        return [
+            actor.setup.remote(
+                opts.model,
+                opts.max_seq_length,
+                rank,
+                opts.tp,
+                init_method,
+                opts.ifname or addrs[rank]["ifname"],
+                opts.device,
+                opts.timeout_s,
+            )
+            for rank, actor in enumerate(group)
+        ]
 
     def _run(self, batch: TokenBatch) -> torch.Tensor:
         # round-robin, but skip to an idle group when the next one is busy
@@ -1316,6 +1351,56 @@ def _api_key_from_env() -> str | None:
     return next((os.environ[name] for name in API_KEY_ENV_VARS if os.environ.get(name)), None)
 
 
+def _checked_api_key(args: argparse.Namespace) -> str:
+    """The API key from the environment, once the arguments are known to be consistent; WorkerError otherwise."""
+    api_key = _api_key_from_env()
+    if not api_key:
+        raise WorkerError(
+            "no API key in the environment",
+            hint=f"export {API_KEY_ENV_VARS[0]}=<key> (it is never read from the command line)",
+        )
+    if args.tp < 1 or args.replicas < 1 or args.max_batch_size < 1:
+        raise WorkerError("--tp, --replicas and --max-batch-size must be at least 1")
+    if args.nodes and len(args.nodes) != args.tp * args.replicas:
+        raise WorkerError(
+            f"--nodes names {len(args.nodes)} node(s) for {args.tp * args.replicas} rank(s)",
+            hint="name one node per rank: --tp x --replicas addresses",
+        )
+    if args.backend == "local" and (args.tp, args.replicas) != (1, 1):
+        raise WorkerError("--backend local runs one TP=1 copy", hint="drop --tp/--replicas or use --backend ray")
+    return api_key
+
+
+def _ray_options(args: argparse.Namespace, spec: ModelSpec) -> RayOptions:
+    return RayOptions(
+        model=str(spec.model_dir) if Path(args.model).expanduser().is_dir() else args.model,
+        max_seq_length=args.max_seq_length,
+        tp=args.tp,
+        replicas=args.replicas,
+        bundle=args.bundle_resources,
+        strategy=args.placement_strategy,
+        nodes=tuple(args.nodes),
+        ifname=args.gloo_ifname,
+        device=args.device,
+        address=args.ray_address,
+        timeout_s=args.startup_timeout,
+        log_level=args.log_level,
+    )
+
+
+def _serve_until(stop: threading.Event, service: EmbeddingService, backend: Backend, interval: float) -> None:
+    """Wait for `stop`; with Ray, check the ranks every `interval` seconds and fail the service on a lost one."""
+    watch = isinstance(backend, RayBackend)
+    while not stop.wait(interval if watch else 1.0):
+        if watch and service.failure is None:
+            assert isinstance(backend, RayBackend)
+            dead = backend.dead_ranks()
+            if dead:  # a tensor-parallel group with a dead rank cannot answer: say so at once
+                service.fail("tensor-parallel rank lost: " + "; ".join(dead))
+
+
+# One function on purpose: the signal handler reads `starting`, and the `finally` closes whatever of the server and
+# the backend was started, in order, however far the start got; the exit code depends on whether a backend was.
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the worker until SIGTERM/SIGINT; exit 0 on a clean stop, 1 on failure, 2 on bad input."""
     args = build_parser().parse_args(argv)
@@ -1341,21 +1426,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     backend: Backend | None = None
     code = _EXIT_OK
     try:
-        api_key = _api_key_from_env()
-        if not api_key:
-            raise WorkerError(
-                "no API key in the environment",
-                hint=f"export {API_KEY_ENV_VARS[0]}=<key> (it is never read from the command line)",
-            )
-        if args.tp < 1 or args.replicas < 1 or args.max_batch_size < 1:
-            raise WorkerError("--tp, --replicas and --max-batch-size must be at least 1")
-        if args.nodes and len(args.nodes) != args.tp * args.replicas:
-            raise WorkerError(
-                f"--nodes names {len(args.nodes)} node(s) for {args.tp * args.replicas} rank(s)",
-                hint="name one node per rank: --tp x --replicas addresses",
-            )
-        if args.backend == "local" and (args.tp, args.replicas) != (1, 1):
-            raise WorkerError("--backend local runs one TP=1 copy", hint="drop --tp/--replicas or use --backend ray")
+        api_key = _checked_api_key(args)
         spec = load_model_spec(resolve_model_dir(args.model), args.max_seq_length)
         check_tp(spec.config, args.tp)
         served_name = args.served_name or Path(args.model.rstrip("/")).name
@@ -1378,22 +1449,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.info("loading weights (in-process)")
             backend = LocalBackend(spec, args.device)
         else:
-            ray_backend = RayBackend(
-                RayOptions(
-                    model=str(spec.model_dir) if Path(args.model).expanduser().is_dir() else args.model,
-                    max_seq_length=args.max_seq_length,
-                    tp=args.tp,
-                    replicas=args.replicas,
-                    bundle=args.bundle_resources,
-                    strategy=args.placement_strategy,
-                    nodes=tuple(args.nodes),
-                    ifname=args.gloo_ifname,
-                    device=args.device,
-                    address=args.ray_address,
-                    timeout_s=args.startup_timeout,
-                    log_level=args.log_level,
-                )
-            )
+            ray_backend = RayBackend(_ray_options(args, spec))
             backend = ray_backend
             ray_backend.start()
             install_handlers()  # ray.init replaces the SIGTERM handler with a bare sys.exit
@@ -1406,13 +1462,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         service.attach(backend)
         starting = False
         log.info("ready: %s tp=%d replicas=%d", served_name, args.tp, args.replicas)
-        watch = isinstance(backend, RayBackend)
-        while not stop.wait(args.watch_interval if watch else 1.0):
-            if watch and service.failure is None:
-                assert isinstance(backend, RayBackend)
-                dead = backend.dead_ranks()
-                if dead:  # a tensor-parallel group with a dead rank cannot answer: say so at once
-                    service.fail("tensor-parallel rank lost: " + "; ".join(dead))
+        _serve_until(stop, service, backend, args.watch_interval)
     except (_Terminated, KeyboardInterrupt):
         code = _EXIT_OK
     except SystemExit as exc:  # ray's own SIGTERM handler, if the signal lands inside ray.init
