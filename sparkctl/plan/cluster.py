@@ -14,7 +14,6 @@ from sparkctl.plan.context import PlanContext
 from sparkctl.plan.models import Command, Step, Wait
 
 RAY_MARKERS = ("raylet", "gcs_server", "ray::", "ray/dashboard", "ray/_private", "default_worker.py")
-WORKLOAD_MARKERS = (lc.WORKER_FILE, "vllm serve")
 
 
 def _sh(line: str, *, stdin: str | None = None, stdin_secret: str | None = None) -> Command:
@@ -342,7 +341,7 @@ def workload_state(ctx: PlanContext, w: Workload, host: Host | None = None) -> s
     else:
         # the recorded pid, running a workload (after a reboot the number may belong to another process)
         alive = pid.isdigit() and any(
-            p.pid == int(pid) and any(m in p.args for m in WORKLOAD_MARKERS) for p in facts.processes
+            p.pid == int(pid) and any(m in p.args for m in paths.WORKLOAD_MARKERS) for p in facts.processes
         )
     if not alive:
         # venv mode: recorded but gone, and sparkctl never stopped it (e.g. vLLM's API server ends once a Ray
@@ -548,7 +547,7 @@ def _stray_workload_pids(facts: HostFacts) -> list[int]:
         for p in facts.processes
         if p.user == facts.user
         and p.pid not in recorded
-        and any(m in p.args for m in WORKLOAD_MARKERS)
+        and any(m in p.args for m in paths.WORKLOAD_MARKERS)
         and "sh -c" not in p.args
     ]
 

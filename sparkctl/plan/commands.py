@@ -11,7 +11,7 @@ from sparkctl.inventory.models import Host, Inventory, Workload
 
 q = shlex.quote
 
-WORKER_FILE = "embed_worker.py"
+WORKER_FILE = paths.WORKER_FILE
 RAY_CONTAINER = paths.RAY_CONTAINER
 
 
