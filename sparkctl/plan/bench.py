@@ -8,10 +8,10 @@ import shlex
 from sparkctl import paths
 from sparkctl.inventory.models import Host, Inventory
 from sparkctl.inventory.topology import End, links
-from sparkctl.plan.commands import runtime_python
 from sparkctl.plan.context import PlanContext
 from sparkctl.plan.env import detect_gid_index
 from sparkctl.plan.models import Command, Step
+from sparkctl.plan.runtime import runtime_python
 
 _SERVER = """
 import socket, sys, time

@@ -14,10 +14,11 @@ import shlex
 from typing import Any
 
 from sparkctl.inventory.models import Host, Inventory, Workload
-from sparkctl.plan import commands as lc
 from sparkctl.plan.cluster import workload_state
 from sparkctl.plan.context import PlanContext
+from sparkctl.plan.layout import bind_address, endpoint, fabric_ip, rank_hosts, workload_ranks
 from sparkctl.plan.models import Command, Step
+from sparkctl.plan.runtime import runtime_python
 
 q = shlex.quote
 
@@ -48,8 +49,8 @@ def default_api(w: Workload) -> str:
 def serving_hosts(inv: Inventory, w: Workload) -> list[Host]:
     """The hosts the workload's ranks occupy, its head first: one per rank (a GPU each), as sparkctl places them
     (vLLM's multiprocessing executor: `rank_hosts`; Ray-placed ranks: checked by `verify_placement`)."""
-    ranks = lc.workload_ranks(w)
-    return lc.rank_hosts(inv, w) or inv.group(w)[: max(1, ranks)]
+    ranks = workload_ranks(w)
+    return rank_hosts(inv, w) or inv.group(w)[: max(1, ranks)]
 
 
 def executor_of(w: Workload) -> str:
@@ -57,7 +58,7 @@ def executor_of(w: Workload) -> str:
     the embed worker's ranks are Ray actors."""
     if w.engine == "embed":
         return "ray"
-    return w.executor if lc.workload_ranks(w) > 1 else "uni"
+    return w.executor if workload_ranks(w) > 1 else "uni"
 
 
 def layout(inv: Inventory, w: Workload) -> dict[str, str]:
@@ -78,12 +79,12 @@ def target_url(inv: Inventory, w: Workload, source: str) -> str | None:
     it cannot (an API bound to its head's loopback, asked from elsewhere)."""
     head = inv.workload_head(w)
     if source == head.name:
-        return f"http://{lc.bind_address(inv, w)}:{w.port}"
+        return f"http://{bind_address(inv, w)}:{w.port}"
     if w.bind == "loopback":
         return None
     if source == LAPTOP:
-        return lc.endpoint(inv, w)
-    host = head.address if w.bind == "management" else lc.fabric_ip(head)
+        return endpoint(inv, w)
+    host = head.address if w.bind == "management" else fabric_ip(head)
     return f"http://{host}:{w.port}"
 
 
@@ -175,7 +176,7 @@ def build_bench_serve(inv: Inventory, w: Workload, source: str, home: str, argv:
     if inv.runtime.venv:
         hint = f"the runtime venv {inv.runtime.venv} has no vLLM (vllm bench serve comes with vLLM)"
         prefix = shlex.join(["env", *(f"{k}={v}" for k, v in env.items())]) + " " if env else ""
-        return f"{key} && exec {prefix}{_run(hint, _tokenizer(w, lc.runtime_python(inv)), argv)}"
+        return f"{key} && exec {prefix}{_run(hint, _tokenizer(w, runtime_python(inv)), argv)}"
     hf = inv.runtime.hf_cache.replace("~", home, 1)
     envs = [x for k, v in env.items() for x in ("-e", f"{k}={v}")]
     # The entrypoint is named (`sh`), never inherited: the vllm-openai images' ENTRYPOINT is `vllm serve`.
