@@ -14,11 +14,11 @@ from sparkctl.errors import Problem
 from sparkctl.facts.models import HostFacts, NcclLib
 from sparkctl.inventory.models import Host, Inventory, Workload
 from sparkctl.inventory.topology import check_pairs, interface, link_of
-from sparkctl.plan.cluster import RAY_MARKERS, workload_exit
 from sparkctl.plan.env import detect_gid_index, version_tuple
 from sparkctl.plan.fabric import twin_state
 from sparkctl.plan.images import image_source
 from sparkctl.plan.layout import needs_ray, rank_hosts, ray_wanted, workload_ranks
+from sparkctl.plan.live_state import RAY_MARKERS, workload_exit
 
 
 @dataclass(frozen=True)

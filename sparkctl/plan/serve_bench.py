@@ -14,9 +14,9 @@ import shlex
 from typing import Any
 
 from sparkctl.inventory.models import Host, Inventory, Workload
-from sparkctl.plan.cluster import workload_state
 from sparkctl.plan.context import PlanContext
 from sparkctl.plan.layout import bind_address, endpoint, fabric_ip, rank_hosts, workload_ranks
+from sparkctl.plan.live_state import workload_state
 from sparkctl.plan.models import Command, Step
 from sparkctl.plan.runtime import runtime_python
 

@@ -7,8 +7,8 @@ from typing import Any
 
 from sparkctl.inventory.topology import neighbours
 from sparkctl.plan import layout as lc
-from sparkctl.plan.cluster import group_health, ray_running_ok, workload_state
 from sparkctl.plan.fabric import twin_state
+from sparkctl.plan.live_state import group_health, ray_running_ok, workload_state
 from sparkctl.session.session import Session
 
 
