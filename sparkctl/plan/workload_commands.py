@@ -38,36 +38,46 @@ WORKER_FILE = paths.WORKER_FILE
 def workload_argv(inv: Inventory, w: Workload, home: str, host: Host | None = None) -> list[str]:
     """The program and arguments a workload runs on `host` (default: the head)."""
     if w.engine == "embed":
-        py = runtime_python(inv)
-        worker = f"{paths.state_dir(home)}/{WORKER_FILE}" if inv.runtime.venv else f"{CONTAINER_STATE}/{WORKER_FILE}"
-        bundle = embed_bundle(inv, w)
-        # With `hosts` listed, rank i's bundle is pinned to the i-th host of the group (`--nodes`): Ray gives
-        # every node a `node:<ip>` resource, the pin vLLM's V1 Ray executor used for its first bundle.
-        nodes = ["--nodes", ",".join(fabric_ip(h) for h in inv.group(w))] if w.hosts is not None else []
-        return [
-            py,
-            worker,
-            "--model",
-            w.model,
-            "--tp",
-            str(w.tensor_parallel_size),
-            "--replicas",
-            str(w.replicas),
-            "--host",
-            bind_address(inv, w),
-            "--port",
-            str(w.port),
-            "--served-name",
-            w.name,
-            "--ray-address",
-            f"{fabric_ip(inv.head)}:{inv.ray.port}",
-            "--bundle-resources",
-            json.dumps(bundle, separators=(",", ":")),
-            *nodes,
-            "--health-file",
-            health_file(home, w.name) if inv.runtime.venv else f"/sparkctl/workload-{w.name}.health",
-            *w.extra_args,
-        ]
+        return _embed_argv(inv, w, home)
+    return _vllm_argv(inv, w, host)
+
+
+def _embed_argv(inv: Inventory, w: Workload, home: str) -> list[str]:
+    """sparkctl's embedding worker: its ranks as Ray actors, one bundle each, its health in a file."""
+    py = runtime_python(inv)
+    worker = f"{paths.state_dir(home)}/{WORKER_FILE}" if inv.runtime.venv else f"{CONTAINER_STATE}/{WORKER_FILE}"
+    bundle = embed_bundle(inv, w)
+    # With `hosts` listed, rank i's bundle is pinned to the i-th host of the group (`--nodes`): Ray gives
+    # every node a `node:<ip>` resource, the pin vLLM's V1 Ray executor used for its first bundle.
+    nodes = ["--nodes", ",".join(fabric_ip(h) for h in inv.group(w))] if w.hosts is not None else []
+    return [
+        py,
+        worker,
+        "--model",
+        w.model,
+        "--tp",
+        str(w.tensor_parallel_size),
+        "--replicas",
+        str(w.replicas),
+        "--host",
+        bind_address(inv, w),
+        "--port",
+        str(w.port),
+        "--served-name",
+        w.name,
+        "--ray-address",
+        f"{fabric_ip(inv.head)}:{inv.ray.port}",
+        "--bundle-resources",
+        json.dumps(bundle, separators=(",", ":")),
+        *nodes,
+        "--health-file",
+        health_file(home, w.name) if inv.runtime.venv else f"/sparkctl/workload-{w.name}.health",
+        *w.extra_args,
+    ]
+
+
+def _vllm_argv(inv: Inventory, w: Workload, host: Host | None) -> list[str]:
+    """`vllm serve` of the workload on `host` (default: the head): its executor, pipeline stages and API."""
     vllm = f"{inv.runtime.venv}/bin/vllm" if inv.runtime.venv else "vllm"
     # Ranks on several Sparks need the Ray executor, which vLLM only uses when asked: with the backend unset and
     # more ranks than local GPUs it refuses ("World size ... is larger than the number of available GPUs ...
