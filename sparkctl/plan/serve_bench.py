@@ -217,42 +217,19 @@ def plan_bench_serve(ctx: PlanContext, host: Host) -> list[Step]:
         api = default_api(w) if ctx.params.get("api", "auto") in ("auto", None) else str(ctx.params["api"])
         shape = _bench_settings(ctx)
         url = target_url(inv, w, source) if source == LAPTOP or source in ctx.facts else None
-        verdict, notes = "", []
-        if len(chosen) > 1:
-            verdict = "name the workload to load (workloads: [NAME]): benches side by side would load each other"
-        elif source not in (LAPTOP, *(h.name for h in inv.hosts)):
-            verdict = f"no host named {source}: run the bench from head, laptop or one of {[h.name for h in inv.hosts]}"
-        elif source not in (LAPTOP, *ctx.facts):
-            verdict = f"{source} was not read: it cannot run the bench"
-        elif url is None:
-            verdict = f"{w.name} listens on {head.name}'s loopback (bind: loopback): only {head.name} can reach it"
-        if not ctx.offline and not verdict and not {"workload", "workload_stopped"} & ctx.changed:
-            state = workload_state(ctx, w)
-            if state in ("stopped", "broken"):
-                verdict = f"{w.name} is {state} on {head.name}: start it first (sparkctl up)"
-            elif state == "changed":
-                notes.append(
-                    f"{w.name} runs otherwise than the inventory says (a playbook's override?): the layout recorded "
-                    "is the inventory's"
-                )
+        verdict, notes = _verdict(ctx, w, source, url, several=len(chosen) > 1)
         if source == LAPTOP and w.model.startswith(("/", "~", ".")):
             notes.append(f"the tokenizer is read from {w.model} on this laptop")
         vllm = "vllm" if source == LAPTOP or inv.runtime.image else f"{inv.runtime.venv}/bin/vllm"
         argv = bench_argv(inv, w, vllm=vllm, base_url=url or "http://unreachable", api=api, source=source, **shape)
         home = ctx.home(inv.host(source)) if source in ctx.facts else ctx.home(head)
         line = build_bench_serve(inv, w, source, home, argv)
-        lay = layout(inv, w)
-        conc = f"concurrency {shape['concurrency']}" if shape["concurrency"] else "no concurrency cap"
-        rate = f", {shape['request_rate']:g} req/s" if shape["request_rate"] else ""
-        out = f" / {shape['output_len']} out" if api == "completions" else ""
         steps.append(
             Step(
                 host=source if source == LAPTOP else planner_host,
                 kind="bench_serve",
                 target=w.name,
-                description=f"vllm bench serve {w.name} ({api}, TP={lay['tensor_parallel_size']} on "
-                f"{lay['hosts']}, {lay['executor']}) from {source}: {shape['prompts']} prompts, "
-                f"{shape['input_len']} in{out} tokens, {conc}{rate}",
+                description=_description(inv, w, api, source, shape),
                 commands=[
                     Command(
                         argv=["sh", "-c", line],
@@ -266,6 +243,44 @@ def plan_bench_serve(ctx: PlanContext, host: Host) -> list[Step]:
             )
         )
     return steps
+
+
+def _verdict(ctx: PlanContext, w: Workload, source: str, url: str | None, *, several: bool) -> tuple[str, list[str]]:
+    """Why the bench of `w` from `source` cannot run ('' when it can), and notes on what it will measure."""
+    inv = ctx.inventory
+    head = inv.workload_head(w)
+    verdict, notes = "", []
+    if several:
+        verdict = "name the workload to load (workloads: [NAME]): benches side by side would load each other"
+    elif source not in (LAPTOP, *(h.name for h in inv.hosts)):
+        verdict = f"no host named {source}: run the bench from head, laptop or one of {[h.name for h in inv.hosts]}"
+    elif source not in (LAPTOP, *ctx.facts):
+        verdict = f"{source} was not read: it cannot run the bench"
+    elif url is None:
+        verdict = f"{w.name} listens on {head.name}'s loopback (bind: loopback): only {head.name} can reach it"
+    if not ctx.offline and not verdict and not {"workload", "workload_stopped"} & ctx.changed:
+        state = workload_state(ctx, w)
+        if state in ("stopped", "broken"):
+            verdict = f"{w.name} is {state} on {head.name}: start it first (sparkctl up)"
+        elif state == "changed":
+            notes.append(
+                f"{w.name} runs otherwise than the inventory says (a playbook's override?): the layout recorded "
+                "is the inventory's"
+            )
+    return verdict, notes
+
+
+def _description(inv: Inventory, w: Workload, api: str, source: str, shape: dict[str, Any]) -> str:
+    """The step's description: the workload's layout and the request shape."""
+    lay = layout(inv, w)
+    conc = f"concurrency {shape['concurrency']}" if shape["concurrency"] else "no concurrency cap"
+    rate = f", {shape['request_rate']:g} req/s" if shape["request_rate"] else ""
+    out = f" / {shape['output_len']} out" if api == "completions" else ""
+    return (
+        f"vllm bench serve {w.name} ({api}, TP={lay['tensor_parallel_size']} on "
+        f"{lay['hosts']}, {lay['executor']}) from {source}: {shape['prompts']} prompts, "
+        f"{shape['input_len']} in{out} tokens, {conc}{rate}"
+    )
 
 
 # --- reading the result -------------------------------------------------------------------------------------------
