@@ -150,6 +150,9 @@ system library."""
 NM_BUS = ("org.freedesktop.NetworkManager", "/org/freedesktop/NetworkManager", "org.freedesktop.NetworkManager")
 
 
+# One function on purpose: the sections are one literal table read top to bottom, each entry the exact shell text
+# of one section, in the order the output prints them (the parser and the pinned probe text follow that order).
+# Split into helpers, the order and the whole round trip's script would no longer be visible in one place.
 def probe_sections(inventory: Inventory, host: Host) -> dict[str, str]:
     """Section name -> the shell commands printing it, in the order of the output."""
     q = shlex.quote
