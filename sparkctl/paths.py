@@ -20,6 +20,12 @@ RAY_CONTAINER = "sparkctl-ray"
 CONTAINER_STATE = "/sparkctl"
 """Container mode: where the host's state dir is mounted in the Ray container."""
 
+WORKER_FILE = "embed_worker.py"
+"""sparkctl's embedding worker (sparkctl/workers/embed.py) as installed in the state dir."""
+
+WORKLOAD_MARKERS = ("vllm serve", WORKER_FILE)
+"""What the command line of a live workload process contains: vLLM's server or sparkctl's embedding worker."""
+
 CONNECTION_PREFIX = "sparkctl-"
 """NetworkManager profiles sparkctl owns are named sparkctl-<interface>."""
 

@@ -81,20 +81,26 @@ def guess_topology(found: list[Discovered]) -> str:
     return "switch"
 
 
-def propose_inventory(
-    found: list[Discovered], cluster: str = "spark-pair", ssh: Mapping[str, object] | None = None
-) -> tuple[str, list[str]]:
-    """A complete inventory as YAML, and what could not be determined."""
+def _free_subnets(found: list[Discovered], count: int) -> list[ipaddress.IPv4Network]:
+    """Up to `count` /24s from 192.168.100.0 on that overlap no network the hosts already use, one per link."""
     used = {ipaddress.ip_network(n) for d in found for n in d.used_nets}
-    topology = guess_topology(found)
-    links = len(found) if topology == "ring" else max((len(d.twins) for d in found), default=0)
     subnets: list[ipaddress.IPv4Network] = []
     third = 100
-    while len(subnets) < links and third < 255:
+    while len(subnets) < count and third < 255:
         net = ipaddress.IPv4Network(f"192.168.{third}.0/24")
         if not any(net.overlaps(u) for u in used):
             subnets.append(net)
         third += 1
+    return subnets
+
+
+def propose_inventory(
+    found: list[Discovered], cluster: str = "spark-pair", ssh: Mapping[str, object] | None = None
+) -> tuple[str, list[str]]:
+    """A complete inventory as YAML, and what could not be determined."""
+    topology = guess_topology(found)
+    links = len(found) if topology == "ring" else max((len(d.twins) for d in found), default=0)
+    subnets = _free_subnets(found, links)
     problems = [f"{d.address}: {u}" for d in found for u in d.unknown]
     counts = {len(d.twins) for d in found}
     if len(counts) > 1:

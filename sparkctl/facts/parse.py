@@ -467,24 +467,33 @@ def parse_summary_driver(text: str) -> str:
     return m.group(1) if m else ""
 
 
+def _state_files(s: dict[str, str]) -> dict[str, str]:
+    """The state dir's records (`name:value` lines) and the firewall file, as `files` keeps them."""
+    files = {}
+    for line in s.get("state_files", "").splitlines():
+        name, _, value = line.partition(":")
+        files[name] = value
+    firewall = _file_section(s.get("firewall", ""))
+    if firewall is not None:
+        files["firewall.nft"] = firewall
+    return files
+
+
+def _runtime_section(s: dict[str, str]) -> Runtime:
+    """The runtime's versions, with the derived Ray image's ID and the ID of the image it was built from."""
+    ray_image = s.get("ray_image", "").split()
+    return parse_runtime(s.get("runtime", "")).model_copy(
+        update={"ray_image_id": ray_image[0] if ray_image else "", "ray_image_base": " ".join(ray_image[1:2])}
+    )
+
+
 def parse_probe(host: str, output: str) -> HostFacts:
     """Whole probe output -> HostFacts."""
     s = parse_sections(output)
     ident = [*s.get("identity", "").splitlines(), "", "", ""]
     ssh_lines = [*s.get("ssh", "").split("\n", 1), ""]
     ssh_conn = ssh_lines[0].split()
-    state_files = {}
-    for line in s.get("state_files", "").splitlines():
-        name, _, value = line.partition(":")
-        state_files[name] = value
-    firewall = _file_section(s.get("firewall", ""))
-    if firewall is not None:
-        state_files["firewall.nft"] = firewall
-    ray_image = s.get("ray_image", "").split()
     kernel = [*s.get("kernel", "").splitlines(), "", ""]
-    runtime = parse_runtime(s.get("runtime", "")).model_copy(
-        update={"ray_image_id": ray_image[0] if ray_image else "", "ray_image_base": " ".join(ray_image[1:2])}
-    )
     return HostFacts(
         host=host,
         user=ident[0].strip(),
@@ -520,8 +529,8 @@ def parse_probe(host: str, output: str) -> HostFacts:
         gpus=parse_nvidia_smi(s.get("gpus", ""), parse_summary_driver(s.get("cuda", ""))),
         cuda_version=parse_cuda_version(s.get("cuda", "")),
         netplan=parse_netplan(s.get("netplan", "")),
-        runtime=runtime,
-        files=state_files,
+        runtime=_runtime_section(s),
+        files=_state_files(s),
         ssh_host_key=s.get("host_key", "").strip(),
         machine_id=s.get("machine_id", "").strip(),
         peer_authorized=s.get("peer_authorized", "").strip(),

@@ -28,7 +28,15 @@ NO_DRIVER_FIELD = "# driver_version refused"
 The R610 drivers renamed the summary's "Driver Version" to "KMD Version" (nvidia-smi documentation,
 docs.nvidia.com/deploy/nvidia-smi; 610.43.02 output quoted in sgl-project/sglang#27487); no source says whether the
 `driver_version` query field was renamed too, so the probe reads both."""
-DIGESTED_FILES = ("ray-token", "embed_worker.py", "peer-key", "peer-known-hosts", "peer-receive", paths.WEIGHTS_SCRIPT)
+DIGESTED_FILES = ("ray-token", paths.WORKER_FILE, "peer-key", "peer-known-hosts", "peer-receive", paths.WEIGHTS_SCRIPT)
+
+
+def _case_patterns(markers: tuple[str, ...]) -> str:
+    """A `case` pattern list matching a text that contains any of `markers` (a marker with a character the shell
+    treats specially, such as a space, in double quotes)."""
+    return "|".join(f"*{m}*" if shlex.quote(m) == m else f'*"{m}"*' for m in markers)
+
+
 CONTAINER_WORKLOADS_PROBE = (
     f"docker exec {paths.RAY_CONTAINER} sh -c "
     + shlex.quote(
@@ -40,9 +48,10 @@ CONTAINER_WORKLOADS_PROBE = (
 """Container mode: the workloads whose recorded process runs in the Ray container (pids of its namespace)."""
 EXITED_WORKLOADS = (
     'for f in workload-*.pid; do [ -f "$f" ] || continue; p=$(cat "$f"); '
-    # alive: the recorded pid runs a workload (after a reboot the number may belong to another process)
+    # alive: the recorded pid runs a workload (paths.WORKLOAD_MARKERS; after a reboot the number may belong to another
+    # process)
     '[ -n "$p" ] && case "$(tr "\\0" " " < "/proc/$p/cmdline" 2>/dev/null)" in '
-    '*"vllm serve"*|*embed_worker.py*) continue ;; esac; '
+    f"{_case_patterns(paths.WORKLOAD_MARKERS)}) continue ;; esac; "
     'n=${f%.pid}; n=${n#workload-}; '
     'r=$(grep -m1 "died unexpectedly" "logs/$n.log" 2>/dev/null || grep -E "ERROR|Error" "logs/$n.log" 2>/dev/null '
     "| tail -n 1); "
@@ -141,6 +150,9 @@ system library."""
 NM_BUS = ("org.freedesktop.NetworkManager", "/org/freedesktop/NetworkManager", "org.freedesktop.NetworkManager")
 
 
+# One function on purpose: the sections are one literal table read top to bottom, each entry the exact shell text
+# of one section, in the order the output prints them (the parser and the pinned probe text follow that order).
+# Split into helpers, the order and the whole round trip's script would no longer be visible in one place.
 def probe_sections(inventory: Inventory, host: Host) -> dict[str, str]:
     """Section name -> the shell commands printing it, in the order of the output."""
     q = shlex.quote

@@ -8,10 +8,10 @@ import shlex
 from sparkctl import paths
 from sparkctl.inventory.models import Host, Inventory
 from sparkctl.inventory.topology import End, links
-from sparkctl.plan.commands import runtime_python
 from sparkctl.plan.context import PlanContext
 from sparkctl.plan.env import detect_gid_index
 from sparkctl.plan.models import Command, Step
+from sparkctl.plan.runtime import runtime_python
 
 _SERVER = """
 import socket, sys, time
@@ -124,90 +124,112 @@ def plan_bench_fabric(ctx: PlanContext, host: Host) -> list[Step]:
     `ctx.params` carries the action's arguments: `mb` sent per link and the `port` the peers listen on.
     """
     inv = ctx.inventory
-    mb, port = int(ctx.params["mb"]), int(ctx.params["port"])
-    python = runtime_python(inv)
     steps = []
     for a, b in bench_pairs(inv):
-        src, peer, j, k = inv.hosts[a.host], inv.hosts[b.host], a.twin, b.twin
-        twin, far = src.fabric[j], peer.fabric[k]
-        dst = str(far.address.ip)
-        if _rdma_ready(ctx, src, j, peer, k):
-            if host.name == peer.name:
-                argv = _ib_write_bw(ctx, peer, k, None, k)
-                steps.append(
-                    Step(
-                        host=host.name,
-                        kind="bench_rdma_listen",
-                        target=far.interface,
-                        description=f"ib_write_bw server on {far.rdma_device} ({RDMA_QPS} QPs)",
-                        changes=False,
-                        commands=[Command(argv=argv, timeout=120)],
-                    )
-                )
-            elif host.name == src.name:
-                client = shlex.join(_ib_write_bw(ctx, src, j, dst, k))
-                retry = f"for i in $(seq 50); do {client} && exit 0; sleep 0.2; done; exit 1"
-                steps.append(
-                    Step(
-                        host=host.name,
-                        kind="bench_rdma_send",
-                        target=f"{twin.interface}->{peer.name}",
-                        description=f"ib_write_bw {twin.rdma_device} -> {peer.name} {dst}, {RDMA_QPS} QPs, "
-                        f"{RDMA_SECONDS} s",
-                        changes=False,
-                        commands=[Command(argv=["sh", "-c", retry], timeout=120)],
-                    )
-                )
-            continue
-        if host.name == peer.name:
-            steps.append(
-                Step(
-                    host=host.name,
-                    kind="bench_listen",
-                    target=f"{far.interface}",
-                    description=f"receive {mb} MB on {dst}:{port} (TCP fallback: no ib_write_bw on both ends)",
-                    changes=False,
-                    commands=[Command(argv=[python, "-c", _SERVER, dst, str(port)], timeout=120)],
-                )
-            )
-        elif host.name == src.name:
-            steps.append(
-                Step(
-                    host=host.name,
-                    kind="bench_send",
-                    target=f"{twin.interface}->{peer.name}",
-                    description=f"send {mb} MB over {twin.interface} to {peer.name} {dst} (TCP fallback)",
-                    changes=False,
-                    commands=[Command(argv=[python, "-c", _CLIENT, dst, str(port), str(mb)], timeout=120)],
-                )
-            )
+        if _rdma_ready(ctx, inv.hosts[a.host], a.twin, inv.hosts[b.host], b.twin):
+            steps += _rdma_link_steps(ctx, host, a, b)
+        else:
+            steps += _tcp_link_steps(ctx, host, a, b)
     src = inv.hosts[0]
     if host.name == src.name and len(inv.hosts) > 1 and _nccl_ready(ctx):
-        facts = ctx.facts[src.name]
-        hosts = ",".join(f"{h.fabric[0].address.ip}:1" for h in inv.hosts)
-        rank = f"set -a; . {shlex.quote(paths.ENV_FILE)}; set +a; exec {shlex.quote(facts.tools['all_reduce_perf'])}"
-        argv = [
-            facts.tools["mpirun"],
-            "-np",
-            str(len(inv.hosts)),
-            "-H",
-            hosts,
-            "--mca",
-            "btl_tcp_if_include",
-            src.fabric[0].interface,
-            "sh",
-            "-c",
-            rank + ' -b 16M -e 1G -f 2 "$@"',
-            "all_reduce_perf",
-        ]
-        steps.append(
+        steps.append(_nccl_step(ctx, src))
+    return steps
+
+
+def _rdma_link_steps(ctx: PlanContext, host: Host, a: End, b: End) -> list[Step]:
+    """`host`'s part of one link's `ib_write_bw`: the server on the far end, the client (retried until the server
+    listens) on the near end, nothing elsewhere."""
+    inv = ctx.inventory
+    src, peer, j, k = inv.hosts[a.host], inv.hosts[b.host], a.twin, b.twin
+    twin, far = src.fabric[j], peer.fabric[k]
+    dst = str(far.address.ip)
+    if host.name == peer.name:
+        argv = _ib_write_bw(ctx, peer, k, None, k)
+        return [
             Step(
                 host=host.name,
-                kind="bench_nccl",
-                target="all_reduce_perf",
-                description=f"nccl-tests all_reduce_perf across {len(inv.hosts)} hosts (each rank with its env file)",
+                kind="bench_rdma_listen",
+                target=far.interface,
+                description=f"ib_write_bw server on {far.rdma_device} ({RDMA_QPS} QPs)",
                 changes=False,
-                commands=[Command(argv=argv, timeout=600)],
+                commands=[Command(argv=argv, timeout=120)],
             )
-        )
-    return steps
+        ]
+    if host.name == src.name:
+        client = shlex.join(_ib_write_bw(ctx, src, j, dst, k))
+        retry = f"for i in $(seq 50); do {client} && exit 0; sleep 0.2; done; exit 1"
+        return [
+            Step(
+                host=host.name,
+                kind="bench_rdma_send",
+                target=f"{twin.interface}->{peer.name}",
+                description=f"ib_write_bw {twin.rdma_device} -> {peer.name} {dst}, {RDMA_QPS} QPs, "
+                f"{RDMA_SECONDS} s",
+                changes=False,
+                commands=[Command(argv=["sh", "-c", retry], timeout=120)],
+            )
+        ]
+    return []
+
+
+def _tcp_link_steps(ctx: PlanContext, host: Host, a: End, b: End) -> list[Step]:
+    """`host`'s part of one link's TCP fallback: the receiver on the far end, the sender on the near end."""
+    inv = ctx.inventory
+    mb, port = int(ctx.params["mb"]), int(ctx.params["port"])
+    python = runtime_python(inv)
+    src, peer = inv.hosts[a.host], inv.hosts[b.host]
+    twin, far = src.fabric[a.twin], peer.fabric[b.twin]
+    dst = str(far.address.ip)
+    if host.name == peer.name:
+        return [
+            Step(
+                host=host.name,
+                kind="bench_listen",
+                target=f"{far.interface}",
+                description=f"receive {mb} MB on {dst}:{port} (TCP fallback: no ib_write_bw on both ends)",
+                changes=False,
+                commands=[Command(argv=[python, "-c", _SERVER, dst, str(port)], timeout=120)],
+            )
+        ]
+    if host.name == src.name:
+        return [
+            Step(
+                host=host.name,
+                kind="bench_send",
+                target=f"{twin.interface}->{peer.name}",
+                description=f"send {mb} MB over {twin.interface} to {peer.name} {dst} (TCP fallback)",
+                changes=False,
+                commands=[Command(argv=[python, "-c", _CLIENT, dst, str(port), str(mb)], timeout=120)],
+            )
+        ]
+    return []
+
+
+def _nccl_step(ctx: PlanContext, src: Host) -> Step:
+    """nccl-tests' `all_reduce_perf` across every host, started by mpirun on `src` (the first host)."""
+    inv = ctx.inventory
+    facts = ctx.facts[src.name]
+    hosts = ",".join(f"{h.fabric[0].address.ip}:1" for h in inv.hosts)
+    rank = f"set -a; . {shlex.quote(paths.ENV_FILE)}; set +a; exec {shlex.quote(facts.tools['all_reduce_perf'])}"
+    argv = [
+        facts.tools["mpirun"],
+        "-np",
+        str(len(inv.hosts)),
+        "-H",
+        hosts,
+        "--mca",
+        "btl_tcp_if_include",
+        src.fabric[0].interface,
+        "sh",
+        "-c",
+        rank + ' -b 16M -e 1G -f 2 "$@"',
+        "all_reduce_perf",
+    ]
+    return Step(
+        host=src.name,
+        kind="bench_nccl",
+        target="all_reduce_perf",
+        description=f"nccl-tests all_reduce_perf across {len(inv.hosts)} hosts (each rank with its env file)",
+        changes=False,
+        commands=[Command(argv=argv, timeout=600)],
+    )

@@ -334,10 +334,17 @@ def _plan_twin(
     name = paths.connection_name(twin.interface)
     want = desired_settings(twin, mtu, routes)
     ours, extra = pick_profile(facts, name, twin.interface, want)
-    steps: list[Step] = []
+    duplicates = _duplicate_steps(hostname, name, twin, ours, extra)
+    profile = _profile_steps(hostname, name, twin, mtu, want, ours)
+    return duplicates + profile + _activate_steps(hostname, name, twin, mtu, facts, changed_profile=bool(profile))
 
-    # Two runs at once (or a profile copied by hand) leave several profiles of one name: `nmcli ... id NAME`
-    # then acts on whichever NetworkManager lists first. Keep one, delete the others by UUID, before any change.
+
+def _duplicate_steps(
+    hostname: str, name: str, twin: FabricInterface, ours: NmConnection | None, extra: list[NmConnection]
+) -> list[Step]:
+    """Two runs at once (or a profile copied by hand) leave several profiles of one name: `nmcli ... id NAME` then
+    acts on whichever NetworkManager lists first. Keep one, delete the others by UUID, before any change."""
+    steps = []
     for dup in extra:
         where = f", active on {dup.device}" if dup.device else ""
         steps.append(
@@ -351,13 +358,19 @@ def _plan_twin(
                 diff=[f"- {name} {dup.uuid}{(' ' + dup.filename) if dup.filename else ''}"],
             )
         )
+    return steps
 
+
+def _profile_steps(
+    hostname: str, name: str, twin: FabricInterface, mtu: int, want: dict[str, str], ours: NmConnection | None
+) -> list[Step]:
+    """The twin's profile created, or the settings that differ from `want` modified; nothing when it matches."""
     if ours is None:
         argv = ["nmcli", "connection", "add", "type", "ethernet", "con-name", name, "ifname", twin.interface]
         for key, value in want.items():
             if key != "connection.interface-name" and value:
                 argv += [key, value]
-        steps.append(
+        return [
             Step(
                 host=hostname,
                 kind="fabric_profile",
@@ -367,51 +380,55 @@ def _plan_twin(
                 commands=[Command(argv=argv, sudo=True)],
                 diff=[f"+ {name}: {k} {v}" for k, v in want.items() if v],
             )
+        ]
+    have = current_settings(ours)
+    differ = {k: v for k, v in want.items() if have.get(k) != v}
+    if not differ:
+        return []
+    argv = ["nmcli", "connection", "modify", "id", name]  # unambiguous: duplicates are deleted first
+    for key, value in differ.items():
+        argv += [key, value]
+    diff = []
+    for k, v in differ.items():
+        diff += [f"- {name}: {k} {have.get(k) or '--'}", f"+ {name}: {k} {v}"]
+    return [
+        Step(
+            host=hostname,
+            kind="fabric_profile",
+            target=twin.interface,
+            description=f"update profile {name}: {', '.join(differ)}",
+            commands=[Command(argv=argv, sudo=True)],
+            diff=diff,
         )
-        changed_profile = True
-    else:
-        have = current_settings(ours)
-        differ = {k: v for k, v in want.items() if have.get(k) != v}
-        changed_profile = bool(differ)
-        if differ:
-            argv = ["nmcli", "connection", "modify", "id", name]  # unambiguous: duplicates are deleted first
-            for key, value in differ.items():
-                argv += [key, value]
-            diff = []
-            for k, v in differ.items():
-                diff += [f"- {name}: {k} {have.get(k) or '--'}", f"+ {name}: {k} {v}"]
-            steps.append(
-                Step(
-                    host=hostname,
-                    kind="fabric_profile",
-                    target=twin.interface,
-                    description=f"update profile {name}: {', '.join(differ)}",
-                    commands=[Command(argv=argv, sudo=True)],
-                    diff=diff,
-                )
-            )
+    ]
 
+
+def _activate_steps(
+    hostname: str, name: str, twin: FabricInterface, mtu: int, facts: HostFacts, *, changed_profile: bool
+) -> list[Step]:
+    """The profile brought up on the twin when it changed, another profile is active there, or the link does not
+    show the twin's address and MTU."""
     live = facts.interfaces.get(twin.interface)
     device = facts.nm_devices.get(twin.interface)
     active_con = device.connection if device else ""
     live_ok = twin_state(twin, live, mtu).configured  # a link that is down is not the profile's to fix
-    if changed_profile or active_con != name or not live_ok:
-        before = (
-            f"{twin.interface}: {','.join(live.ipv4) or 'no IPv4'}, MTU {live.mtu}, profile {active_con or '--'}"
-            if live
-            else f"{twin.interface}: unknown"
+    if not (changed_profile or active_con != name or not live_ok):
+        return []
+    before = (
+        f"{twin.interface}: {','.join(live.ipv4) or 'no IPv4'}, MTU {live.mtu}, profile {active_con or '--'}"
+        if live
+        else f"{twin.interface}: unknown"
+    )
+    return [
+        Step(
+            host=hostname,
+            kind="fabric_active",
+            target=twin.interface,
+            description=f"activate {name} on {twin.interface}",
+            commands=[Command(argv=["nmcli", "--wait", ACTIVATE_WAIT, "connection", "up", "id", name], sudo=True)],
+            diff=[f"- {before}", f"+ {twin.interface}: {twin.address}, MTU {mtu}, profile {name}"],
         )
-        steps.append(
-            Step(
-                host=hostname,
-                kind="fabric_active",
-                target=twin.interface,
-                description=f"activate {name} on {twin.interface}",
-                commands=[Command(argv=["nmcli", "--wait", ACTIVATE_WAIT, "connection", "up", "id", name], sudo=True)],
-                diff=[f"- {before}", f"+ {twin.interface}: {twin.address}, MTU {mtu}, profile {name}"],
-            )
-        )
-    return steps
+    ]
 
 
 def plan_restore_network(ctx: PlanContext, host: Host) -> list[Step]:

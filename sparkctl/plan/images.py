@@ -22,10 +22,11 @@ import shlex
 
 from sparkctl import paths
 from sparkctl.inventory.models import Host, Inventory
-from sparkctl.plan import commands as lc
 from sparkctl.plan import weights
 from sparkctl.plan.context import PlanContext
+from sparkctl.plan.layout import fabric_ip, ray_wanted
 from sparkctl.plan.models import Command, Step, Wait
+from sparkctl.plan.runtime import peer_ssh
 
 q = shlex.quote
 
@@ -219,7 +220,7 @@ def build_image_copy(inv: Inventory, source_home: str, target: Host, user: str) 
     """Stream the image from this host to `target`'s fabric address: `docker save` into the peer key's ssh, whose
     forced command on the target runs `docker load`. `docker save` writes the image as a tar stream to stdout,
     `docker load` reads one from stdin (Docker CLI reference)."""
-    ssh = [*lc.peer_ssh(source_home), f"{user}@{lc.fabric_ip(target)}", "docker load"]
+    ssh = [*peer_ssh(source_home), f"{user}@{fabric_ip(target)}", "docker load"]
     return f"docker save {q(inv.runtime.image or '')} | {shlex.join(ssh)}"
 
 
@@ -256,7 +257,7 @@ def plan_image_copy(ctx: PlanContext, host: Host) -> list[Step]:
                 kind="image_copy",
                 target=t.name,
                 description=f"copy {image} to {t.name} over the fabric "
-                f"({lc.fabric_ip(source)} -> {lc.fabric_ip(t)}, {_gb(rt.image_size)})",
+                f"({fabric_ip(source)} -> {fabric_ip(t)}, {_gb(rt.image_size)})",
                 commands=[
                     Command(
                         argv=["sh", "-c", build_image_copy(inv, ctx.home(host), t, ctx.facts[t.name].user)]
@@ -332,7 +333,7 @@ def plan_ray_image(ctx: PlanContext, host: Host) -> list[Step]:
     """runtime.add_ray, when a workload needs Ray: the derived image on this host, built from the image this host
     holds (after the copy, the source's) unless already built from that very image."""
     inv = ctx.inventory
-    if not inv.runtime.add_ray or not lc.ray_wanted(inv):
+    if not inv.runtime.add_ray or not ray_wanted(inv):
         return []
     rt = ctx.facts[host.name].runtime
     found = transfers(ctx)

@@ -41,6 +41,11 @@ class Command(_Data):
         return text
 
 
+def sh(line: str, *, stdin: str | None = None, stdin_secret: str | None = None) -> Command:
+    """A shell line (built from quoted, validated values) run by `sh -c`."""
+    return Command(argv=["sh", "-c", line], stdin=stdin, stdin_secret=stdin_secret)
+
+
 class Wait(_Data):
     """A readiness condition the engine polls after the step's commands, until a deadline."""
 

@@ -14,10 +14,11 @@ import shlex
 from typing import Any
 
 from sparkctl.inventory.models import Host, Inventory, Workload
-from sparkctl.plan import commands as lc
-from sparkctl.plan.cluster import workload_state
 from sparkctl.plan.context import PlanContext
+from sparkctl.plan.layout import bind_address, endpoint, fabric_ip, rank_hosts, workload_ranks
+from sparkctl.plan.live_state import workload_state
 from sparkctl.plan.models import Command, Step
+from sparkctl.plan.runtime import runtime_python
 
 q = shlex.quote
 
@@ -48,8 +49,8 @@ def default_api(w: Workload) -> str:
 def serving_hosts(inv: Inventory, w: Workload) -> list[Host]:
     """The hosts the workload's ranks occupy, its head first: one per rank (a GPU each), as sparkctl places them
     (vLLM's multiprocessing executor: `rank_hosts`; Ray-placed ranks: checked by `verify_placement`)."""
-    ranks = lc.workload_ranks(w)
-    return lc.rank_hosts(inv, w) or inv.group(w)[: max(1, ranks)]
+    ranks = workload_ranks(w)
+    return rank_hosts(inv, w) or inv.group(w)[: max(1, ranks)]
 
 
 def executor_of(w: Workload) -> str:
@@ -57,7 +58,7 @@ def executor_of(w: Workload) -> str:
     the embed worker's ranks are Ray actors."""
     if w.engine == "embed":
         return "ray"
-    return w.executor if lc.workload_ranks(w) > 1 else "uni"
+    return w.executor if workload_ranks(w) > 1 else "uni"
 
 
 def layout(inv: Inventory, w: Workload) -> dict[str, str]:
@@ -78,12 +79,12 @@ def target_url(inv: Inventory, w: Workload, source: str) -> str | None:
     it cannot (an API bound to its head's loopback, asked from elsewhere)."""
     head = inv.workload_head(w)
     if source == head.name:
-        return f"http://{lc.bind_address(inv, w)}:{w.port}"
+        return f"http://{bind_address(inv, w)}:{w.port}"
     if w.bind == "loopback":
         return None
     if source == LAPTOP:
-        return lc.endpoint(inv, w)
-    host = head.address if w.bind == "management" else lc.fabric_ip(head)
+        return endpoint(inv, w)
+    host = head.address if w.bind == "management" else fabric_ip(head)
     return f"http://{host}:{w.port}"
 
 
@@ -175,7 +176,7 @@ def build_bench_serve(inv: Inventory, w: Workload, source: str, home: str, argv:
     if inv.runtime.venv:
         hint = f"the runtime venv {inv.runtime.venv} has no vLLM (vllm bench serve comes with vLLM)"
         prefix = shlex.join(["env", *(f"{k}={v}" for k, v in env.items())]) + " " if env else ""
-        return f"{key} && exec {prefix}{_run(hint, _tokenizer(w, lc.runtime_python(inv)), argv)}"
+        return f"{key} && exec {prefix}{_run(hint, _tokenizer(w, runtime_python(inv)), argv)}"
     hf = inv.runtime.hf_cache.replace("~", home, 1)
     envs = [x for k, v in env.items() for x in ("-e", f"{k}={v}")]
     # The entrypoint is named (`sh`), never inherited: the vllm-openai images' ENTRYPOINT is `vllm serve`.
@@ -216,42 +217,19 @@ def plan_bench_serve(ctx: PlanContext, host: Host) -> list[Step]:
         api = default_api(w) if ctx.params.get("api", "auto") in ("auto", None) else str(ctx.params["api"])
         shape = _bench_settings(ctx)
         url = target_url(inv, w, source) if source == LAPTOP or source in ctx.facts else None
-        verdict, notes = "", []
-        if len(chosen) > 1:
-            verdict = "name the workload to load (workloads: [NAME]): benches side by side would load each other"
-        elif source not in (LAPTOP, *(h.name for h in inv.hosts)):
-            verdict = f"no host named {source}: run the bench from head, laptop or one of {[h.name for h in inv.hosts]}"
-        elif source not in (LAPTOP, *ctx.facts):
-            verdict = f"{source} was not read: it cannot run the bench"
-        elif url is None:
-            verdict = f"{w.name} listens on {head.name}'s loopback (bind: loopback): only {head.name} can reach it"
-        if not ctx.offline and not verdict and not {"workload", "workload_stopped"} & ctx.changed:
-            state = workload_state(ctx, w)
-            if state in ("stopped", "broken"):
-                verdict = f"{w.name} is {state} on {head.name}: start it first (sparkctl up)"
-            elif state == "changed":
-                notes.append(
-                    f"{w.name} runs otherwise than the inventory says (a playbook's override?): the layout recorded "
-                    "is the inventory's"
-                )
+        verdict, notes = _verdict(ctx, w, source, url, several=len(chosen) > 1)
         if source == LAPTOP and w.model.startswith(("/", "~", ".")):
             notes.append(f"the tokenizer is read from {w.model} on this laptop")
         vllm = "vllm" if source == LAPTOP or inv.runtime.image else f"{inv.runtime.venv}/bin/vllm"
         argv = bench_argv(inv, w, vllm=vllm, base_url=url or "http://unreachable", api=api, source=source, **shape)
         home = ctx.home(inv.host(source)) if source in ctx.facts else ctx.home(head)
         line = build_bench_serve(inv, w, source, home, argv)
-        lay = layout(inv, w)
-        conc = f"concurrency {shape['concurrency']}" if shape["concurrency"] else "no concurrency cap"
-        rate = f", {shape['request_rate']:g} req/s" if shape["request_rate"] else ""
-        out = f" / {shape['output_len']} out" if api == "completions" else ""
         steps.append(
             Step(
                 host=source if source == LAPTOP else planner_host,
                 kind="bench_serve",
                 target=w.name,
-                description=f"vllm bench serve {w.name} ({api}, TP={lay['tensor_parallel_size']} on "
-                f"{lay['hosts']}, {lay['executor']}) from {source}: {shape['prompts']} prompts, "
-                f"{shape['input_len']} in{out} tokens, {conc}{rate}",
+                description=_description(inv, w, api, source, shape),
                 commands=[
                     Command(
                         argv=["sh", "-c", line],
@@ -265,6 +243,44 @@ def plan_bench_serve(ctx: PlanContext, host: Host) -> list[Step]:
             )
         )
     return steps
+
+
+def _verdict(ctx: PlanContext, w: Workload, source: str, url: str | None, *, several: bool) -> tuple[str, list[str]]:
+    """Why the bench of `w` from `source` cannot run ('' when it can), and notes on what it will measure."""
+    inv = ctx.inventory
+    head = inv.workload_head(w)
+    verdict, notes = "", []
+    if several:
+        verdict = "name the workload to load (workloads: [NAME]): benches side by side would load each other"
+    elif source not in (LAPTOP, *(h.name for h in inv.hosts)):
+        verdict = f"no host named {source}: run the bench from head, laptop or one of {[h.name for h in inv.hosts]}"
+    elif source not in (LAPTOP, *ctx.facts):
+        verdict = f"{source} was not read: it cannot run the bench"
+    elif url is None:
+        verdict = f"{w.name} listens on {head.name}'s loopback (bind: loopback): only {head.name} can reach it"
+    if not ctx.offline and not verdict and not {"workload", "workload_stopped"} & ctx.changed:
+        state = workload_state(ctx, w)
+        if state in ("stopped", "broken"):
+            verdict = f"{w.name} is {state} on {head.name}: start it first (sparkctl up)"
+        elif state == "changed":
+            notes.append(
+                f"{w.name} runs otherwise than the inventory says (a playbook's override?): the layout recorded "
+                "is the inventory's"
+            )
+    return verdict, notes
+
+
+def _description(inv: Inventory, w: Workload, api: str, source: str, shape: dict[str, Any]) -> str:
+    """The step's description: the workload's layout and the request shape."""
+    lay = layout(inv, w)
+    conc = f"concurrency {shape['concurrency']}" if shape["concurrency"] else "no concurrency cap"
+    rate = f", {shape['request_rate']:g} req/s" if shape["request_rate"] else ""
+    out = f" / {shape['output_len']} out" if api == "completions" else ""
+    return (
+        f"vllm bench serve {w.name} ({api}, TP={lay['tensor_parallel_size']} on "
+        f"{lay['hosts']}, {lay['executor']}) from {source}: {shape['prompts']} prompts, "
+        f"{shape['input_len']} in{out} tokens, {conc}{rate}"
+    )
 
 
 # --- reading the result -------------------------------------------------------------------------------------------

@@ -28,9 +28,10 @@ from typing import Any
 from sparkctl import paths
 from sparkctl.facts.models import WeightsCopy
 from sparkctl.inventory.models import Host, Inventory, Workload
-from sparkctl.plan import commands as lc
 from sparkctl.plan.context import PlanContext
+from sparkctl.plan.layout import fabric_ip
 from sparkctl.plan.models import Command, Step
+from sparkctl.plan.runtime import peer_ssh
 
 q = shlex.quote
 
@@ -40,7 +41,7 @@ MARGIN = 1 << 30
 """Bytes kept free on a disk after the weights land (as the helper keeps)."""
 PARTIAL_DIR = ".rsync-partial"
 CONTAINER_HF = "/root/.cache/huggingface"
-"""Where the hub cache is mounted in a container (as the workloads' containers mount it: plan/commands.py)."""
+"""Where the hub cache is mounted in a container (as the workloads' containers mount it: plan/runtime.py)."""
 
 
 def key(w: Workload) -> str:
@@ -199,9 +200,9 @@ def build_copy(inv: Inventory, home: str, w: Workload, target: Host, user: str) 
     """rsync of the repository folder to `target`'s fabric address, through the peer key; the target's forced
     command confines it to its hub cache (plan/images.py, render_peer_receive)."""
     folder = paths.hub_folder(w.model)
-    ssh = shlex.join(lc.peer_ssh(home))
+    ssh = shlex.join(peer_ssh(home))
     argv = ["rsync", "-a", f"--partial-dir={PARTIAL_DIR}", "--no-inc-recursive", "--info=progress2"]
-    argv += ["-e", ssh, f"{repo_dir(inv, home, w)}/", f"{user}@{lc.fabric_ip(target)}:{folder}/"]
+    argv += ["-e", ssh, f"{repo_dir(inv, home, w)}/", f"{user}@{fabric_ip(target)}:{folder}/"]
     return shlex.join(argv)
 
 
@@ -314,7 +315,7 @@ def plan_weights_copy(ctx: PlanContext, host: Host) -> list[Step]:
                     kind="weights_copy",
                     target=f"{t.name}:{w.model}",
                     description=f"copy {key(w)} to {t.name} over the fabric "
-                    f"({lc.fabric_ip(host)} -> {lc.fabric_ip(t)}, {move}), resuming any earlier copy",
+                    f"({fabric_ip(host)} -> {fabric_ip(t)}, {move}), resuming any earlier copy",
                     commands=[
                         Command(
                             argv=["sh", "-c", build_copy(inv, ctx.home(host), w, t, tf.user or "user")],

@@ -11,7 +11,7 @@ from typing import Any
 from sparkctl import state
 from sparkctl.errors import HostError, InputError, Problem, SecretError
 from sparkctl.inventory.models import Inventory, Workload
-from sparkctl.plan import commands as lc
+from sparkctl.plan import layout as lc
 from sparkctl.session.session import Session
 
 

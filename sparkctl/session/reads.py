@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from sparkctl import paths
 from sparkctl.errors import HostError, Problem
-from sparkctl.plan.cluster import plan_verify_fabric
 from sparkctl.plan.context import PlanContext
 from sparkctl.plan.models import Command, Step
+from sparkctl.plan.ray_stages import plan_verify_fabric
 from sparkctl.session.session import Session
 
 Link = tuple[str, str, str]

@@ -7,10 +7,10 @@ from collections.abc import Mapping
 from sparkctl.facts.models import HostFacts
 from sparkctl.inventory.models import Host, Workload
 from sparkctl.inventory.topology import neighbours
-from sparkctl.plan import commands as lc
-from sparkctl.plan.cluster import group_health, ray_running_ok, workload_state
+from sparkctl.plan import layout as lc
 from sparkctl.plan.context import PlanContext
 from sparkctl.plan.fabric import twin_state
+from sparkctl.plan.live_state import group_health, ray_running_ok, workload_state
 from sparkctl.session.session import Session
 from sparkctl.session.views import (
     ClusterStatus,

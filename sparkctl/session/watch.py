@@ -21,10 +21,10 @@ from sparkctl.facts.models import Gpu, HostFacts
 from sparkctl.facts.probe import build_watch_probe
 from sparkctl.facts.watch import WatchSample, parse_watch
 from sparkctl.inventory.models import Inventory, Workload
-from sparkctl.plan import commands as lc
-from sparkctl.plan.cluster import ray_node_state, workload_state
+from sparkctl.plan import layout as lc
 from sparkctl.plan.context import PlanContext
 from sparkctl.plan.fabric import twin_state
+from sparkctl.plan.live_state import ray_node_state, workload_state
 from sparkctl.session.session import Session
 from sparkctl.session.views import Health, HostLost, HostWatch, Memory, WatchTwin, WatchView, WorkloadWatch
 

@@ -16,7 +16,7 @@ import yaml
 
 from sparkctl.inventory import parse_inventory
 from sparkctl.inventory.models import Inventory
-from sparkctl.plan import commands as lc
+from sparkctl.plan import firewall as lc
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "inventories" / "example-pair.yaml"

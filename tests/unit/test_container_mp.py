@@ -165,8 +165,8 @@ def test_a_rank_whose_container_exited_is_broken_and_the_group_restarts() -> Non
     b = facts["spark-b"]
     died = "ERROR 12-06 22:51:03 [multiproc_executor.py:154] Worker proc VllmWorker-0 died unexpectedly"
     facts["spark-b"] = b.model_copy(update={"containers": {}, "files": {**b.files, "workload-chat.exit": died}})
-    from sparkctl.plan.cluster import workload_state
     from sparkctl.plan.context import PlanContext
+    from sparkctl.plan.live_state import workload_state
 
     ctx = PlanContext(inv, facts, {}, DIGESTS)
     assert workload_state(ctx, inv.workload("chat"), inv.host("spark-b")) == "broken"
@@ -178,7 +178,7 @@ def test_a_rank_whose_container_exited_is_broken_and_the_group_restarts() -> Non
     # the group is broken, and what is said names the host whose rank died, in status and in doctor
     from sparkctl.doctor.evaluators import EVALUATORS, CheckContext
     from sparkctl.doctor.rules import load_rules
-    from sparkctl.plan.cluster import group_health
+    from sparkctl.plan.live_state import group_health
 
     assert workload_state(ctx, inv.workload("chat")) == "broken"
     assert group_health(ctx, inv.workload("chat")) == f"spark-b: failed exited by itself: {died}"

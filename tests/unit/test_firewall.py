@@ -15,7 +15,7 @@ from sparkctl.facts.probe import MARK, probe_sections
 from sparkctl.inventory import parse_inventory
 from sparkctl.inventory.models import Inventory
 from sparkctl.paths import FIREWALL_FILE
-from sparkctl.plan import commands as lc
+from sparkctl.plan import firewall as lc
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "inventories" / "example-pair.yaml"

@@ -13,7 +13,8 @@ import pytest
 from sparkctl.execute.http import probe_workload
 from sparkctl.inventory.checks import check_inventory
 from sparkctl.inventory.models import Inventory
-from sparkctl.plan.commands import rank_hosts, workload_argv, workload_env
+from sparkctl.plan.layout import rank_hosts
+from sparkctl.plan.workload_commands import workload_argv, workload_env
 
 PAIR: dict[str, Any] = {
     "cluster": "lab",

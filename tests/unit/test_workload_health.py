@@ -20,7 +20,7 @@ from sparkctl.facts.parse import parse_probe
 from sparkctl.facts.probe import MARK
 from sparkctl.inventory import parse_inventory
 from sparkctl.plan import cluster
-from sparkctl.plan import commands as lc
+from sparkctl.plan import workload_commands as lc
 from sparkctl.plan.context import PlanContext
 from sparkctl.plan.models import Plan, Stage, Step, Wait
 from sparkctl.session.engine import Engine

@@ -1,0 +1,250 @@
+"""Planners of the stages that form and remove the Ray cluster: the fabric's jumbo-frame check that precedes it,
+Ray's firewall and token, the nodes and the wait until Ray shows them, and the teardown (Ray's stop, then the check
+that no Ray or worker process is left)."""
+
+from __future__ import annotations
+
+import shlex
+
+from sparkctl import paths
+from sparkctl.inventory.models import Host
+from sparkctl.inventory.topology import check_pairs, interface
+from sparkctl.plan.context import PlanContext
+from sparkctl.plan.firewall import render_firewall
+from sparkctl.plan.layout import fabric_ip, ray_wanted
+from sparkctl.plan.live_state import RAY_MARKERS, ray_formed, ray_running_ok, raylet_ips
+from sparkctl.plan.models import Command, Step, Wait, sh
+from sparkctl.plan.ray_commands import build_ray_check, build_ray_start, build_ray_stop, ray_check_script
+from sparkctl.plan.runtime import RAY_CONTAINER
+
+
+def plan_verify_fabric(ctx: PlanContext, host: Host) -> list[Step]:
+    """Jumbo frames, unfragmented, from this host's interfaces to the peers the topology pairs them with.
+
+    topology.check_pairs chooses the pairs: both ways on a cable, each host to the next on a switch lane (every
+    switch port sends and receives once). The target names the peer and the interface expected at the other end,
+    so a failed check says which cable or switch port is wrong.
+
+    The reference check is `ping -M do -s 8972 -c 3`. Its three echoes go 10 ms apart (`-i 0.01`), not at ping's
+    default of one second: iputils lets any user go down to 2 ms for a single host (`MIN_USER_INTERVAL_MS` in
+    iputils ping/ping.h; ping(8) of iputils 20221126: "Only super-user may set interval to values less than
+    2 ms"), so the check costs one round trip instead of 0.4 s.
+    """
+    inv = ctx.inventory
+    mtu = inv.network.mtu
+    me = next(i for i, h in enumerate(inv.hosts) if h.name == host.name)
+    steps = []
+    for src, dst in check_pairs(inv):
+        if src.host != me:
+            continue
+        twin = interface(inv, src)
+        peer = inv.hosts[dst.host]
+        far = interface(inv, dst)
+        ip = str(far.address.ip)
+        steps.append(
+            Step(
+                host=host.name,
+                kind="verify_jumbo",
+                target=f"{twin.interface}->{peer.name}",
+                description=f"unfragmented {mtu}-byte frames: {host.name} {twin.interface} -> "
+                f"{peer.name} {far.interface} {ip}",
+                commands=[
+                    Command(
+                        argv=[
+                            "ping",
+                            "-M",
+                            "do",
+                            "-s",
+                            str(mtu - 28),
+                            "-c",
+                            "3",
+                            "-i",
+                            "0.01",
+                            "-W",
+                            "2",
+                            "-I",
+                            twin.interface,
+                            ip,
+                        ]
+                    )
+                ],
+                changes=False,
+                wait=Wait(kind="remote", deadline=20, interval=1),
+            )
+        )
+    return steps
+
+
+def plan_ray_firewall(ctx: PlanContext, host: Host) -> list[Step]:
+    """Keep Ray's listeners off the management network; (re)loaded whenever Ray is not running as specified."""
+    facts = ctx.facts[host.name]
+    rules = render_firewall(ctx.inventory, host, facts.ssh_server_port)
+    have = facts.files.get("firewall.nft")
+    if have == rules and (ray_running_ok(ctx, host) or not ray_wanted(ctx.inventory)):
+        return []
+    return [
+        Step(
+            host=host.name,
+            kind="ray_firewall",
+            target=paths.FIREWALL_FILE,
+            description="allow Ray only on the fabric and loopback (nftables table inet sparkctl)",
+            commands=[
+                Command(
+                    argv=["install", "-D", "-m", "0644", "/dev/stdin", paths.FIREWALL_FILE], sudo=True, stdin=rules
+                ),
+                Command(argv=["nft", "-f", paths.FIREWALL_FILE], sudo=True),
+            ],
+            diff=[f"- {paths.FIREWALL_FILE}: {'present' if have else 'absent'}"]
+            + [f"+ {line}" for line in rules.splitlines() if "dport" in line or "iifname" in line],
+        )
+    ]
+
+
+def plan_ray_token(ctx: PlanContext, host: Host) -> list[Step]:
+    """The cluster's Ray token on the host, 0600."""
+    facts = ctx.facts[host.name]
+    have = facts.files.get("ray-token.sha256")
+    want = ctx.digests.get("ray_token", "")
+    if have == want or not ray_wanted(ctx.inventory):
+        return []
+    target = paths.token_path(ctx.home(host))
+    return [
+        Step(
+            host=host.name,
+            kind="ray_token",
+            target=target,
+            description="install the cluster's Ray auth token (0600)",
+            commands=[Command(argv=["install", "-D", "-m", "0600", "/dev/stdin", target], stdin_secret="ray_token")],
+            diff=[f"- sha256 {have or '(absent)'}", f"+ sha256 {want}"],
+        )
+    ]
+
+
+def plan_ray_node(ctx: PlanContext, host: Host) -> list[Step]:
+    """Ray on this host: the head on the head host, a worker elsewhere; restarted when wrong."""
+    facts = ctx.facts[host.name]
+    if not ray_wanted(ctx.inventory):
+        return _ray_not_wanted(ctx, host)
+    is_head = host.name == ctx.inventory.head.name
+    role = "head" if is_head else "worker"
+    depends = bool(ctx.changed & {"ray_token", "worker_env", "fabric_active"})
+    if ray_running_ok(ctx, host) and not depends and not (not is_head and "ray_node" in ctx.changed):
+        return []
+    home = ctx.home(host)
+    cmds = []
+    running = (
+        raylet_ips(facts)
+        or any(m in p.args for p in facts.processes for m in RAY_MARKERS[:2])
+        or RAY_CONTAINER in facts.containers
+    )
+    if running:
+        cmds.append(sh(build_ray_stop(ctx.inventory, home)))
+    cmds.append(sh(build_ray_start(ctx.inventory, host, home)))
+    return [
+        Step(
+            host=host.name,
+            kind="ray_node",
+            target=role,
+            description=f"start the Ray {role} on {fabric_ip(host)} (token auth, ports pinned)",
+            commands=cmds,
+            diff=[
+                f"- ray: {'running on ' + ','.join(sorted(raylet_ips(facts))) if running else 'stopped'}",
+                f"+ ray {role}: {fabric_ip(host)}",
+            ],
+            depends_on_earlier=depends,
+        )
+    ]
+
+
+RAY_NOT_WANTED = "no workload needs Ray (vLLM's multiprocessing executor and single-rank vLLM run without it)"
+
+
+def _ray_not_wanted(ctx: PlanContext, host: Host) -> list[Step]:
+    """Container mode with no workload needing Ray: Ray is not started (the image may have none), and a Ray
+    container left from an earlier layout is removed; the plan says so either way."""
+    facts = ctx.facts[host.name]
+    if RAY_CONTAINER in facts.containers:
+        return [
+            Step(
+                host=host.name,
+                kind="ray_stopped",  # not ray_node: nothing that runs without Ray restarts for it
+                target="ray",
+                description=f"remove the Ray container: {RAY_NOT_WANTED}",
+                commands=[sh(build_ray_stop(ctx.inventory, ctx.home(host)))],
+                diff=[f"- ray: container {RAY_CONTAINER}", "+ ray: not started"],
+            )
+        ]
+    return [
+        Step(
+            host=host.name,
+            kind="ray_node",
+            target="not started",
+            description=f"Ray is not started: {RAY_NOT_WANTED}",
+            changes=False,
+        )
+    ]
+
+
+def plan_ray_ready(ctx: PlanContext, host: Host) -> list[Step]:
+    """Wait until Ray shows this host's node alive (on the head: every node), so a timeout names the missing host
+    and shows that host's own Ray log. Nothing to wait for when the facts show the cluster already formed."""
+    inv = ctx.inventory
+    if ray_formed(ctx) or not ray_wanted(inv):
+        return []
+    is_head = host.name == inv.head.name
+    expected = [fabric_ip(h) for h in inv.hosts] if is_head else [fabric_ip(host)]
+    return [
+        Step(
+            host=host.name,
+            kind="verify_ray",
+            target="formation" if is_head else "node",
+            description=f"Ray shows all {len(inv.hosts)} nodes alive"
+            if is_head
+            else f"Ray shows {host.name} ({expected[0]}) alive",
+            commands=[sh(build_ray_check(inv, ctx.home(host)), stdin=ray_check_script(expected))],
+            changes=False,
+            wait=Wait(kind="remote", deadline=120, interval=2, log=paths.log_path(ctx.home(host), "ray")),
+        )
+    ]
+
+
+def plan_ray_stop(ctx: PlanContext, host: Host) -> list[Step]:
+    """Stop Ray on a host if any of it runs."""
+    facts = ctx.facts[host.name]
+    procs = [p for p in facts.processes if p.user == facts.user and any(m in p.args for m in RAY_MARKERS)]
+    container = RAY_CONTAINER in facts.containers  # its processes belong to root, not to the login user
+    if not procs and not container:
+        return []
+    return [
+        Step(
+            host=host.name,
+            kind="ray_stopped",
+            target="ray",
+            description="stop Ray",
+            commands=[sh(build_ray_stop(ctx.inventory, ctx.home(host)))],
+            diff=[
+                f"- ray: {f'container {RAY_CONTAINER}' if container else f'{len(procs)} processes'}",
+                "+ ray: stopped",
+            ],
+        )
+    ]
+
+
+def plan_verify_clean(ctx: PlanContext, host: Host) -> list[Step]:
+    """Check that no Ray or worker process of the login user is left."""
+    # "[r]aylet" matches "raylet" but not this check's own command line.
+    pattern = "[r]aylet|[g]cs_server|[r]ay/dashboard|[r]ay/_private|[r]ay::|[e]mbed_worker[.]py|[v]llm serve"
+    line = f'! pgrep -u "$(id -un)" -f -a -- {shlex.quote(pattern)}'
+    if ctx.inventory.runtime.image:  # containers run as root: ask docker
+        line += " && ! docker ps -q --filter name=sparkctl- | grep -q ."
+    return [
+        Step(
+            host=host.name,
+            kind="verify_clean",
+            target="processes",
+            description="no Ray or worker process is left",
+            commands=[sh(line)],
+            changes=False,
+            wait=Wait(kind="remote", deadline=30, interval=1),
+        )
+    ]
