@@ -10,7 +10,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sparkctl.inventory.models import Host
-from sparkctl.plan import bench, cluster, env, fabric, images, serve_bench, weights
+from sparkctl.plan import bench, env, fabric, images, ray_stages, serve_bench, weights, workload_stages
 from sparkctl.plan.context import PlanContext
 from sparkctl.plan.models import Command, Step
 
@@ -243,7 +243,7 @@ _ACTIONS: list[type[Action]] = [
         fabric.plan_fabric,
     ),
     FabricCommit,
-    _simple("verify_fabric", "jumbo frames cross every twin both ways (ping -M do)", cluster.plan_verify_fabric),
+    _simple("verify_fabric", "jumbo frames cross every twin both ways (ping -M do)", ray_stages.plan_verify_fabric),
     _simple(
         "worker_env",
         "per-host env file (GID index, NCCL/GLOO/UCX) + vLLM's Ray list",
@@ -280,27 +280,27 @@ _ACTIONS: list[type[Action]] = [
         "each copy checked against the source's file list, sizes and LFS sha256, and recorded",
         weights.plan_weights_verify,
     ),
-    _simple("ray_firewall", "nftables: Ray reachable only over the fabric and loopback", cluster.plan_ray_firewall),
-    _simple("ray_token", "the cluster's Ray auth token on every host", cluster.plan_ray_token),
-    _simple("ray_start", "Ray head / workers on the fabric addresses", cluster.plan_ray_node),
-    _simple("ray_ready", "wait until Ray shows every node", cluster.plan_ray_ready),
+    _simple("ray_firewall", "nftables: Ray reachable only over the fabric and loopback", ray_stages.plan_ray_firewall),
+    _simple("ray_token", "the cluster's Ray auth token on every host", ray_stages.plan_ray_token),
+    _simple("ray_start", "Ray head / workers on the fabric addresses", ray_stages.plan_ray_node),
+    _simple("ray_ready", "wait until Ray shows every node", ray_stages.plan_ray_ready),
     _simple(
         "drop_caches",
         "sync + drop the page cache when weights are about to load",
-        cluster.plan_drop_caches,
+        workload_stages.plan_drop_caches,
         WorkloadArgs,
     ),
-    _simple("workload_start", "start workloads not running as specified", cluster.plan_workloads, WorkloadArgs),
-    _simple("workload_ready", "wait until endpoints answer", cluster.plan_workload_ready, WorkloadArgs),
+    _simple("workload_start", "start workloads not running as specified", workload_stages.plan_workloads, WorkloadArgs),
+    _simple("workload_ready", "wait until endpoints answer", workload_stages.plan_workload_ready, WorkloadArgs),
     _simple(
         "verify_placement",
         "the workloads' ranks sit on distinct hosts (Ray's placement groups)",
-        cluster.plan_verify_placement,
+        workload_stages.plan_verify_placement,
         WorkloadArgs,
     ),
-    _simple("workload_stop", "stop workloads (and strays)", cluster.plan_workload_stop, WorkloadArgs),
-    _simple("ray_stop", "stop Ray", cluster.plan_ray_stop),
-    _simple("verify_clean", "no Ray or worker process left", cluster.plan_verify_clean),
+    _simple("workload_stop", "stop workloads (and strays)", workload_stages.plan_workload_stop, WorkloadArgs),
+    _simple("ray_stop", "stop Ray", ray_stages.plan_ray_stop),
+    _simple("verify_clean", "no Ray or worker process left", ray_stages.plan_verify_clean),
     _simple(
         "restore_network",
         "delete sparkctl profiles, re-enable the profiles it disabled",

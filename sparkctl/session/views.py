@@ -53,7 +53,7 @@ class WorkloadStatus(_View):
     process: str = Field(description="'ok', 'stopped', 'broken', 'changed', or 'unknown' when a host was not read")
     health: str = Field(description="the HTTP probe's phase: 'down', 'loading', 'broken', 'listed' or 'ready'")
     detail: str = ""
-    recorded: str = Field("", description="what the workload recorded about itself (plan/cluster.group_health)")
+    recorded: str = Field("", description="what the workload recorded about itself (plan/live_state.group_health)")
 
 
 class UnreachableHost(_View):
@@ -104,7 +104,7 @@ class HostWatch(_View):
     gpu_simulated: bool
     memory: Memory
     fabric: list[WatchTwin]
-    ray: str = Field(description="plan/cluster.ray_node_state: 'alive', 'not connected', 'not as specified', ...")
+    ray: str = Field(description="plan/live_state.ray_node_state: 'alive', 'not connected', 'not as specified', ...")
     warnings: list[Finding] = Field(default_factory=list, description="the watched rules' warn and fail findings")
 
 

@@ -4,7 +4,7 @@ sparkctl uploads this one file to the head host and runs it with the host's runt
 nothing from sparkctl: only the standard library, torch, safetensors, ray and the transformers tokenizer.
 
 It stays one file on purpose. The hosts have no sparkctl package: the file is installed into the state directory
-as `embed_worker.py` (plan/cluster.py, from runbook/planner.worker_code) and kept current by its one sha256, and
+as `embed_worker.py` (plan/workload_stages.py, from runbook/planner.worker_code) and kept current by its one sha256, and
 Ray ships it to the actors by value. A package would need its own layout on the hosts and a digest over many files.
 
 Sections, in order (each opens with a `# ----- name` rule):

@@ -22,8 +22,7 @@ from sparkctl.facts.models import HostFacts, Runtime
 from sparkctl.facts.parse import parse_runtime
 from sparkctl.inventory import parse_inventory
 from sparkctl.inventory.models import Inventory
-from sparkctl.plan import commands as lc
-from sparkctl.plan import images
+from sparkctl.plan import firewall, images, workload_commands
 from sparkctl.plan.models import Plan
 from tests.unit.test_container_plan import (
     EXAMPLE,
@@ -140,11 +139,11 @@ def converged(inv: Inventory) -> dict[str, HostFacts]:
     facts = with_images(inv, {"spark-a": ID_A, "spark-b": ID_A})
     out = {}
     for h in inv.hosts:
-        spec = lc.workload_spec(inv, inv.workload("chat"), HOME, h)
+        spec = workload_commands.workload_spec(inv, inv.workload("chat"), HOME, h)
         out[h.name] = facts[h.name].model_copy(
             update={
                 "containers": {"sparkctl-chat": IMAGE},
-                "files": {"workload-chat.spec": spec, "firewall.nft": lc.render_firewall(inv, h)},
+                "files": {"workload-chat.spec": spec, "firewall.nft": firewall.render_firewall(inv, h)},
                 "env_file": None,
             }
         )
@@ -455,10 +454,10 @@ def test_add_ray_mistakes_are_refused(runtime: str, message: str) -> None:
 def test_the_firewall_keeps_the_mp_rendezvous_off_the_management_network() -> None:
     # vLLM's multiprocessing executor meets at <master-addr>:29501 (torch's TCPStore, vllm/config/parallel.py)
     inv = mp_inventory()
-    drop = next(line for line in lc.render_firewall(inv, inv.hosts[0]).splitlines() if line.endswith("drop"))
+    drop = next(line for line in firewall.render_firewall(inv, inv.hosts[0]).splitlines() if line.endswith("drop"))
     assert "29501" in drop
     ray = mp_inventory(("    tensor_parallel_size: 2\n", "    tensor_parallel_size: 2\n    executor: ray\n"))
-    assert "29501" not in lc.render_firewall(ray, ray.hosts[0])
+    assert "29501" not in firewall.render_firewall(ray, ray.hosts[0])
 
 
 def test_starting_ray_for_the_embed_worker_leaves_the_running_mp_containers_alone() -> None:

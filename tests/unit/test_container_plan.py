@@ -34,7 +34,7 @@ from sparkctl.facts.parse import parse_runtime
 from sparkctl.facts.probe import build_probe
 from sparkctl.inventory import parse_inventory
 from sparkctl.inventory.models import Inventory
-from sparkctl.plan import commands as lc
+from sparkctl.plan import ray_commands, workload_commands
 from sparkctl.plan.context import PlanContext, fresh_facts
 from sparkctl.plan.models import Command, Plan, Step
 from sparkctl.runbook.load import load_runbook, resolve_params
@@ -361,7 +361,7 @@ def test_embed_worker_runs_from_the_mounted_state_dir() -> None:
     options, _, _ = docker_exec(line)
     assert has(options, "-e", "SPARKCTL_API_KEY")
     command = inside(line)
-    assert command[:2] == ["python3", f"/sparkctl/{lc.WORKER_FILE}"]
+    assert command[:2] == ["python3", f"/sparkctl/{workload_commands.WORKER_FILE}"]
     assert has(command, "--bundle-resources", '{"GPU":1}')
     assert has(command, "--ray-address", "192.168.100.10:6379")
 
@@ -370,7 +370,7 @@ def test_venv_mode_ships_the_embed_worker() -> None:
     text = edit(EXAMPLE.read_text(), *WITH_EMBED)
     inv = parse_inventory(text, "venv-pair.yaml")
     (cmd,) = one(plan_of(inv, fresh(inv)), "spark-a", "worker_code").commands
-    assert cmd.argv == ["install", "-D", "-m", "0644", "/dev/stdin", f"{STATE}/{lc.WORKER_FILE}"]
+    assert cmd.argv == ["install", "-D", "-m", "0644", "/dev/stdin", f"{STATE}/{workload_commands.WORKER_FILE}"]
     assert cmd.stdin_blob == "worker_code"
 
 
@@ -379,7 +379,7 @@ def test_container_mode_ships_the_embed_worker_it_runs() -> None:
     inv = container_inventory(WITH_EMBED)
     plan = plan_of(inv, fresh(inv))
     (cmd,) = one(plan, "spark-a", "worker_code").commands
-    assert cmd.argv == ["install", "-D", "-m", "0644", "/dev/stdin", f"{STATE}/{lc.WORKER_FILE}"]
+    assert cmd.argv == ["install", "-D", "-m", "0644", "/dev/stdin", f"{STATE}/{workload_commands.WORKER_FILE}"]
     assert cmd.stdin_blob == "worker_code"
     ids = [s.id for s in steps(plan, "spark-a")]
     assert ids.index(one(plan, "spark-a", "worker_code").id) < ids.index("workload:emb")
@@ -638,7 +638,7 @@ def test_workload_line_gives_docker_the_key_by_name_only(stubs: tuple[dict[str, 
     env, tmp = stubs
     home = str(tmp / "home")
     inv = container_inventory()
-    line = lc.build_workload_start(inv, inv.workload("chat"), home)
+    line = workload_commands.build_workload_start(inv, inv.workload("chat"), home)
     r = subprocess.run([shell, "-c", line], input="sk-unit-test\n", env=env, capture_output=True, text=True, timeout=20)
     assert r.returncode == 0, r.stderr
     argv = (tmp / "exec.argv").read_text().splitlines()
@@ -647,7 +647,7 @@ def test_workload_line_gives_docker_the_key_by_name_only(stubs: tuple[dict[str, 
     assert argv[:3] == ["exec", "-e", "VLLM_API_KEY"]
     assert has(argv, "-e", "RAY_ADDRESS=192.168.100.10:6379")
     assert argv[argv.index("sparkctl-ray") + 1 : argv.index("sparkctl-ray") + 3] == ["sh", "-c"]
-    assert Path(lc.spec_file(home, "chat")).read_text() == lc.workload_spec(inv, inv.workload("chat"), home) + "\n"
+    assert Path(workload_commands.spec_file(home, "chat")).read_text() == workload_commands.workload_spec(inv, inv.workload("chat"), home) + "\n"
     assert _calls(tmp) == ["exec -e VLLM_API_KEY"]
     # what the container's sh runs, here on this machine with /sparkctl as the state dir: the pid is recorded
     inner = argv[argv.index("sparkctl-ray") + 3]
@@ -673,7 +673,7 @@ def test_ray_line_survives_both_levels_of_quoting(stubs: tuple[dict[str, str], P
     env, tmp = stubs
     inv = container_inventory()
     home = str(tmp / "home")
-    line = lc.build_ray_start(inv, inv.host("spark-b"), home)
+    line = ray_commands.build_ray_start(inv, inv.host("spark-b"), home)
     r = subprocess.run([shell, "-c", line], env=env, capture_output=True, text=True, timeout=20)
     assert r.returncode == 0, r.stderr
     assert _followed(Path(paths.log_path(home, "ray"))) == "output of sparkctl-ray\n"

@@ -15,8 +15,7 @@ import pytest
 from sparkctl.facts.models import GidEntry, HostFacts, Runtime
 from sparkctl.inventory import parse_inventory
 from sparkctl.inventory.models import Inventory
-from sparkctl.plan import commands as lc
-from sparkctl.plan import env
+from sparkctl.plan import env, ray_commands, runtime, workload_commands
 from sparkctl.plan.context import PlanContext, fresh_facts
 from sparkctl.plan.models import Plan
 from sparkctl.runbook.load import load_runbook, resolve_params
@@ -135,15 +134,15 @@ def test_embed_ranks_ask_ray_for_the_gpu_on_gpu_hosts(image: bool) -> None:
     RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO is on, the default before ray-project/ray#62492, CUDA_VISIBLE_DEVICES="" in the
     actor)."""
     inv = inventory(image=image, embed=True)
-    argv = lc.workload_argv(inv, inv.workload("emb"), "/home/nvidia")
+    argv = workload_commands.workload_argv(inv, inv.workload("emb"), "/home/nvidia")
     assert argv[argv.index("--bundle-resources") + 1] == '{"GPU":1}'
 
 
 def test_embed_ranks_fall_back_to_cpu_bundles_when_a_host_has_no_gpu() -> None:
     inv = inventory(embed=True, gpus=0)
-    argv = lc.workload_argv(inv, inv.workload("emb"), "/home/nvidia")
+    argv = workload_commands.workload_argv(inv, inv.workload("emb"), "/home/nvidia")
     assert argv[argv.index("--bundle-resources") + 1] == '{"CPU":1}'
-    assert "--num-gpus=0" in lc.ray_start_argv(inv, inv.host("spark-b"))
+    assert "--num-gpus=0" in ray_commands.ray_start_argv(inv, inv.host("spark-b"))
 
 
 @pytest.mark.parametrize("image", [False, True], ids=["venv", "container"])
@@ -154,7 +153,7 @@ def test_up_checks_the_ranks_placement_after_the_endpoints_answer(image: bool) -
     (step,) = [s for st in plan.stages for s in st.steps if s.kind == "verify_placement"]
     # chat runs under vLLM's multiprocessing executor (the default): no Ray placement group to read back
     assert step.host == "spark-a" and not step.changes and step.target == "emb"
-    assert step.commands[0].stdin == lc.placement_check_script(1)
+    assert step.commands[0].stdin == ray_commands.placement_check_script(1)
 
 
 FAKE_RAY = '''
@@ -182,7 +181,7 @@ def _run_check(tmp_path: Path, groups: dict[str, object], min_groups: int = 1) -
     }
     r = subprocess.run(
         [sys.executable, "-"],
-        input=lc.placement_check_script(min_groups),
+        input=ray_commands.placement_check_script(min_groups),
         capture_output=True,
         text=True,
         env={"PYTHONPATH": str(tmp_path), "FAKE_RAY_STATE": json.dumps(state)},
@@ -258,8 +257,8 @@ def test_ray_container_limits_and_devices_follow_the_inventory() -> None:
         "  venv: /opt/sparkctl-runtime\n", f"  image: {IMAGE}\n  ulimits: [host]\n  devices: []\n"
     )
     inv = parse_inventory(text, "pair.yaml")
-    flags = lc.container_flags(inv, "/home/nvidia")
+    flags = runtime.container_flags(inv, "/home/nvidia")
     assert flags[flags.index("--ulimit") + 1] == "host" and flags.count("--ulimit") == 1
     assert "--device" not in flags
-    default = lc.container_flags(inventory(image=True), "/home/nvidia")
+    default = runtime.container_flags(inventory(image=True), "/home/nvidia")
     assert default.count("--ulimit") == 2 and "memlock=-1" in default and "/dev/infiniband" in default

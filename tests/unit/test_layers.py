@@ -143,7 +143,7 @@ def test_module_respects_the_walls(module: str, path: Path) -> None:
     ("module", "source", "expected"),
     [
         ("sparkctl.plan.x", "from sparkctl.session.engine import Engine\n", "plan imports sparkctl.session.engine"),
-        ("sparkctl.facts.x", "def f():\n    from sparkctl.plan import cluster\n", "facts imports sparkctl.plan"),
+        ("sparkctl.facts.x", "def f():\n    from sparkctl.plan import layout\n", "facts imports sparkctl.plan"),
         ("sparkctl.inventory.x", "import sparkctl.doctor.rules\n", "inventory imports sparkctl.doctor.rules"),
         ("sparkctl.cli.x", "from sparkctl.execute import ssh\n", "cli imports sparkctl.execute"),
         ("sparkctl.session.x", "from sparkctl.execute.base import Transport\n", "uses the execute layer"),

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from sparkctl.cli.app import app
 from sparkctl.errors import EXIT_BAD_INPUT
 from sparkctl.inventory import parse_inventory
-from sparkctl.plan import commands as lc
+from sparkctl.plan import layout, ray_commands, workload_commands
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = (REPO / "inventories" / "example-pair.yaml").read_text()
@@ -206,9 +206,9 @@ def test_one_port_on_two_heads_is_fine_and_each_endpoint_is_on_its_head(tmp_path
     assert code == 0, output
     inv = parse_inventory(text)
     chat, embed = inv.workloads
-    assert lc.endpoint(inv, chat) == "http://10.0.0.11:8000"
-    assert lc.endpoint(inv, embed) == "http://192.168.100.11:8000"
-    argv = lc.workload_argv(inv, embed, "/home/nvidia")
+    assert layout.endpoint(inv, chat) == "http://10.0.0.11:8000"
+    assert layout.endpoint(inv, embed) == "http://192.168.100.11:8000"
+    argv = workload_commands.workload_argv(inv, embed, "/home/nvidia")
     assert argv[argv.index("--host") + 1] == "192.168.100.11"
     assert argv[argv.index("--nodes") + 1] == "192.168.100.11"
 
@@ -217,8 +217,8 @@ def test_without_hosts_a_workload_keeps_the_whole_cluster_and_the_ray_head() -> 
     inv = parse_inventory(edit(("  head: spark-a\n", "  head: spark-b\n")))
     (chat,) = inv.workloads
     assert [h.name for h in inv.group(chat)] == ["spark-b", "spark-a"]
-    assert lc.endpoint(inv, chat) == "http://10.0.0.12:8000"
-    assert "--nodes" not in lc.workload_argv(inv, chat, "/home/nvidia")
+    assert layout.endpoint(inv, chat) == "http://10.0.0.12:8000"
+    assert "--nodes" not in workload_commands.workload_argv(inv, chat, "/home/nvidia")
 
 
 def test_mp_ranks_follow_the_listed_order_and_pp_stages_are_consecutive_hosts() -> None:
@@ -232,20 +232,20 @@ def test_mp_ranks_follow_the_listed_order_and_pp_stages_are_consecutive_hosts() 
         )
     )
     (chat,) = inv.workloads
-    assert [h.name for h in lc.rank_hosts(inv, chat)] == ["spark-b", "spark-a"]
-    head = lc.workload_argv(inv, chat, "/h", inv.host("spark-b"))
-    other = lc.workload_argv(inv, chat, "/h", inv.host("spark-a"))
+    assert [h.name for h in layout.rank_hosts(inv, chat)] == ["spark-b", "spark-a"]
+    head = workload_commands.workload_argv(inv, chat, "/h", inv.host("spark-b"))
+    other = workload_commands.workload_argv(inv, chat, "/h", inv.host("spark-a"))
     for argv, rank in ((head, "0"), (other, "1")):
         assert argv[argv.index("--node-rank") + 1] == rank
         assert argv[argv.index("--master-addr") + 1] == "192.168.100.11"
         assert argv[argv.index("--pipeline-parallel-size") + 1] == "2"
         assert argv[argv.index("--nnodes") + 1] == "2"
     assert "--headless" in other and "--headless" not in head
-    assert lc.workload_ranks(chat) == 2
+    assert layout.workload_ranks(chat) == 2
 
 
 def test_placement_check_script_wants_each_listed_group_on_its_own_hosts() -> None:
-    script = lc.placement_check_script(1, [["192.168.100.11", "192.168.100.10"]])
+    script = ray_commands.placement_check_script(1, [["192.168.100.11", "192.168.100.10"]])
     assert 'want = [["192.168.100.10", "192.168.100.11"]]' in script
     assert "misplaced" in script
 

@@ -54,7 +54,7 @@ from sparkctl.facts.parse import parse_probe
 from sparkctl.facts.probe import MARK
 from sparkctl.inventory import parse_inventory
 from sparkctl.inventory.models import Inventory
-from sparkctl.plan import commands as lc
+from sparkctl.plan import ray_commands, workload_commands
 from sparkctl.plan.context import PlanContext
 from sparkctl.plan.models import Command, Plan, Step
 from sparkctl.runbook.load import load_runbook, resolve_params
@@ -292,7 +292,7 @@ def _record(path: Path, deadline: float = 3.0) -> dict[str, str]:
 @pytest.mark.parametrize("shell", SHELLS)
 def test_ray_start_line_loads_the_env_file_and_token_auth(sandbox, shell: str) -> None:
     inv, home, env_file, tmp = sandbox
-    line = _localize(lc.build_ray_start(inv, inv.host("spark-b"), home), env_file)
+    line = _localize(ray_commands.build_ray_start(inv, inv.host("spark-b"), home), env_file)
     r = subprocess.run(
         [shell, "-c", line], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=20
     )
@@ -313,7 +313,7 @@ def test_ray_start_line_loads_the_env_file_and_token_auth(sandbox, shell: str) -
 def test_workload_start_line_reads_the_key_from_stdin_and_records_the_pid(sandbox, shell: str) -> None:
     inv, home, env_file, tmp = sandbox
     w = inv.workload("chat")
-    line = _localize(lc.build_workload_start(inv, w, home), env_file)
+    line = _localize(workload_commands.build_workload_start(inv, w, home), env_file)
     r = subprocess.run(
         [shell, "-c", line], input="sk-unit-test\n", capture_output=True, text=True, timeout=20
     )
@@ -321,7 +321,7 @@ def test_workload_start_line_reads_the_key_from_stdin_and_records_the_pid(sandbo
     try:
         rec = _record(tmp / "vllm.record", deadline=2.0)
     finally:
-        pid_file = Path(lc.pid_file(home, "chat"))
+        pid_file = Path(workload_commands.pid_file(home, "chat"))
         if pid_file.exists() and pid_file.read_text().strip().isdigit():
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(int(pid_file.read_text()), signal.SIGKILL)
@@ -334,7 +334,7 @@ def test_workload_start_line_reads_the_key_from_stdin_and_records_the_pid(sandbo
     assert "--nnodes 2 --node-rank 0 --master-addr 192.168.100.10" in rec["argv"]
     assert rec["NCCL_IB_GID_INDEX"] == "5"
     assert pid_file.read_text().strip() == rec["pid"]
-    assert Path(lc.spec_file(home, "chat")).read_text() == lc.workload_spec(inv, w, home) + "\n"
+    assert Path(workload_commands.spec_file(home, "chat")).read_text() == workload_commands.workload_spec(inv, w, home) + "\n"
     assert "sk-unit-test" not in line
 
 
@@ -357,11 +357,11 @@ def test_workload_stop_line_stops_the_process_group_and_forgets_it(sandbox, shel
     reaper = threading.Thread(target=proc.wait, daemon=True)
     reaper.start()
     try:
-        pid_file, spec_file = Path(lc.pid_file(home, "chat")), Path(lc.spec_file(home, "chat"))
+        pid_file, spec_file = Path(workload_commands.pid_file(home, "chat")), Path(workload_commands.spec_file(home, "chat"))
         pid_file.parent.mkdir(parents=True, exist_ok=True)
         pid_file.write_text(f"{proc.pid}\n")
         spec_file.write_text("spec\n")
-        line = lc.build_workload_stop(inv, "chat", home)
+        line = workload_commands.build_workload_stop(inv, "chat", home)
         r = subprocess.run([shell, "-c", line], capture_output=True, text=True, timeout=40)
         assert r.returncode == 0, r.stderr
         reaper.join(timeout=1)
@@ -437,4 +437,4 @@ def test_container_case_facts_read_back_from_probe_output() -> None:
         assert read.files == files
         if head:
             inv = case_inventory(case)
-            assert read.files["workload-chat.spec"] == lc.workload_spec(inv, inv.workload("chat"), "/home/nvidia")
+            assert read.files["workload-chat.spec"] == workload_commands.workload_spec(inv, inv.workload("chat"), "/home/nvidia")

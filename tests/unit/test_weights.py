@@ -22,8 +22,7 @@ from sparkctl.facts.models import HostFacts, WeightsCopy
 from sparkctl.facts.parse import parse_weights
 from sparkctl.inventory import parse_inventory
 from sparkctl.inventory.models import Inventory
-from sparkctl.plan import commands as lc
-from sparkctl.plan import images, weights
+from sparkctl.plan import images, runtime, weights, workload_commands
 from sparkctl.plan.context import PlanContext
 from sparkctl.plan.models import Step
 from sparkctl.session.logphase import CopyProgress
@@ -121,7 +120,7 @@ def test_a_fresh_pair_downloads_once_on_the_head_copies_over_the_fabric_and_chec
     rsync = sh_argv(copy)
     assert rsync[:5] == ["rsync", "-a", "--partial-dir=.rsync-partial", "--no-inc-recursive", "--info=progress2"]
     assert rsync[-2:] == [f"{HUB}/{FOLDER}/", f"nvidia@192.168.100.11:{FOLDER}/"]  # spark-b's fabric address
-    assert shlex.split(rsync[rsync.index("-e") + 1]) == lc.peer_ssh("/home/nvidia")
+    assert shlex.split(rsync[rsync.index("-e") + 1]) == runtime.peer_ssh("/home/nvidia")
     check = only(steps, "weights_verify")
     assert check.host == "spark-b" and check.depends_on_earlier
     assert {s.kind for s in steps if s.host == "spark-b"} >= {"peer_access", "weights_code", "weights_verify"}
@@ -180,15 +179,15 @@ def test_hosts_without_rsync_are_named_before_the_copy() -> None:
 def test_the_workload_reads_the_cache_only_and_names_its_revision() -> None:
     inv = inventory(("    tensor_parallel_size: 2\n", "    tensor_parallel_size: 2\n    revision: v2.0\n"))
     w = inv.workloads[0]
-    assert lc.workload_env(inv, w)["HF_HUB_OFFLINE"] == "1"
-    argv = lc.workload_argv(inv, w, "/home/nvidia", inv.hosts[0])
+    assert workload_commands.workload_env(inv, w)["HF_HUB_OFFLINE"] == "1"
+    argv = workload_commands.workload_argv(inv, w, "/home/nvidia", inv.hosts[0])
     assert argv[argv.index("--revision") + 1] == "v2.0"
     assert "models--Qwen--Qwen3-30B-A3B-Instruct-2507@v2.0.json" in paths.weights_manifest(w.model, "v2.0")
     # the user's own setting wins; and without sync, the weights are left alone
     own = inventory(("    tensor_parallel_size: 2\n", "    tensor_parallel_size: 2\n    env: {HF_HUB_OFFLINE: '0'}\n"))
-    assert lc.workload_env(own, own.workloads[0])["HF_HUB_OFFLINE"] == "0"
+    assert workload_commands.workload_env(own, own.workloads[0])["HF_HUB_OFFLINE"] == "0"
     off = inventory(("    tensor_parallel_size: 2\n", "    tensor_parallel_size: 2\n    sync_weights: false\n"))
-    assert "HF_HUB_OFFLINE" not in lc.workload_env(off, off.workloads[0]) and off.synced_weights() == []
+    assert "HF_HUB_OFFLINE" not in workload_commands.workload_env(off, off.workloads[0]) and off.synced_weights() == []
     assert planned(off, facts(off)) == []
 
 

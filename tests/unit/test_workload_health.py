@@ -19,7 +19,7 @@ from sparkctl.execute.http import Probe, probe_workload
 from sparkctl.facts.parse import parse_probe
 from sparkctl.facts.probe import MARK
 from sparkctl.inventory import parse_inventory
-from sparkctl.plan import cluster
+from sparkctl.plan import live_state, workload_stages
 from sparkctl.plan import workload_commands as lc
 from sparkctl.plan.context import PlanContext
 from sparkctl.plan.models import Plan, Stage, Step, Wait
@@ -134,11 +134,11 @@ def test_the_probe_reads_the_recorded_health(embed_ctx: Any) -> None:
 def test_a_broken_workload_is_planned_for_a_restart(embed_ctx: Any) -> None:
     inv = embed_ctx
     ok = PlanContext(inv, _facts(inv, "ok"), {}, {"worker_code": "x"})
-    assert cluster.workload_state(ok, inv.workloads[0]) == "ok"
-    assert cluster.plan_workloads(ok, inv.head) == []
+    assert live_state.workload_state(ok, inv.workloads[0]) == "ok"
+    assert workload_stages.plan_workloads(ok, inv.head) == []
     broken = PlanContext(inv, _facts(inv, f"failed {WHY}"), {}, {"worker_code": "x"})
-    assert cluster.workload_state(broken, inv.workloads[0]) == "broken"
-    steps = [s for s in cluster.plan_workloads(broken, inv.head) if s.kind == "workload"]
+    assert live_state.workload_state(broken, inv.workloads[0]) == "broken"
+    steps = [s for s in workload_stages.plan_workloads(broken, inv.head) if s.kind == "workload"]
     (restart,) = steps
     stop, start = restart.commands
     assert "kill -TERM" in stop.argv[2] and "setsid" in start.argv[2]
@@ -292,11 +292,11 @@ def test_a_vllm_workload_that_exited_by_itself_is_broken_and_restarted_without_a
     inv = parse_inventory(RAY_EXECUTOR, "inv.yaml")
     w = inv.workloads[0]
     running = PlanContext(inv, _vllm_facts(inv, running=True, exit_line=None), {}, {})
-    assert cluster.workload_state(running, w) == "ok"
+    assert live_state.workload_state(running, w) == "ok"
     gone = PlanContext(inv, _vllm_facts(inv, running=False, exit_line=DIED), {}, {})
-    assert cluster.workload_state(gone, w) == "broken"
-    assert cluster.workload_health(gone, w) == f"failed exited by itself: {DIED}"
-    (restart,) = [s for s in cluster.plan_workloads(gone, inv.head) if s.kind == "workload"]
+    assert live_state.workload_state(gone, w) == "broken"
+    assert live_state.workload_health(gone, w) == f"failed exited by itself: {DIED}"
+    (restart,) = [s for s in workload_stages.plan_workloads(gone, inv.head) if s.kind == "workload"]
     forget, start = restart.commands
     # the pid of a process that is gone is never signalled: its records are removed, then it starts again
     assert "kill" not in forget.argv[2] and forget.argv[2] == lc.build_workload_forget("/home/nvidia", "chat")
@@ -304,7 +304,7 @@ def test_a_vllm_workload_that_exited_by_itself_is_broken_and_restarted_without_a
     assert restart.diff[0] == f"- chat: broken (failed exited by itself: {DIED})"
     # without an exit record (an older probe) the same facts read as stopped, and it is only started
     old = PlanContext(inv, _vllm_facts(inv, running=False, exit_line=None), {}, {})
-    assert cluster.workload_state(old, w) == "stopped"
+    assert live_state.workload_state(old, w) == "stopped"
 
 
 def test_doctor_and_status_name_a_vllm_workload_that_exited_by_itself() -> None:
@@ -347,6 +347,6 @@ def test_a_recorded_pid_that_now_runs_something_else_is_not_the_workload() -> No
     facts = _vllm_facts(inv, running=True, exit_line=None)
     other = [p.model_copy(update={"args": "/usr/sbin/cron -f"}) for p in facts["spark-a"].processes]
     facts = {n: f.model_copy(update={"processes": other}) for n, f in facts.items()}
-    assert cluster.workload_state(PlanContext(inv, facts, {}, {}), w) == "stopped"
+    assert live_state.workload_state(PlanContext(inv, facts, {}, {}), w) == "stopped"
     facts = {n: f.model_copy(update={"files": {**f.files, "workload-chat.exit": ""}}) for n, f in facts.items()}
-    assert cluster.workload_state(PlanContext(inv, facts, {}, {}), w) == "broken"
+    assert live_state.workload_state(PlanContext(inv, facts, {}, {}), w) == "broken"

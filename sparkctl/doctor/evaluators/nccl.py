@@ -5,8 +5,8 @@ from __future__ import annotations
 from sparkctl.doctor.evaluators.core import CheckContext, _f, _hosts, _probed, evaluator
 from sparkctl.doctor.rules import Finding, Rule
 from sparkctl.facts.models import NcclLib
-from sparkctl.plan.commands import workload_ranks
 from sparkctl.plan.env import detect_gid_index, version_tuple
+from sparkctl.plan.layout import workload_ranks
 
 
 @evaluator("nccl_version")

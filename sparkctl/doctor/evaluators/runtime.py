@@ -6,10 +6,10 @@ from sparkctl.doctor.evaluators.core import CheckContext, _f, _hosts, _probed, e
 from sparkctl.doctor.rules import Finding, Rule
 from sparkctl.facts.models import HostFacts
 from sparkctl.inventory.models import Inventory
-from sparkctl.plan.cluster import RAY_MARKERS
-from sparkctl.plan.commands import needs_ray, ray_wanted
 from sparkctl.plan.env import version_tuple
 from sparkctl.plan.images import image_source
+from sparkctl.plan.layout import needs_ray, ray_wanted
+from sparkctl.plan.live_state import RAY_MARKERS
 
 
 def _needed_ports(inv: Inventory, host: str) -> dict[int, str]:

@@ -8,9 +8,9 @@ import re
 from sparkctl.doctor.evaluators.core import CheckContext, _f, _hosts, evaluator
 from sparkctl.doctor.rules import Finding, Rule
 from sparkctl.inventory.models import Workload
-from sparkctl.plan.cluster import workload_exit
-from sparkctl.plan.commands import rank_hosts
 from sparkctl.plan.env import version_tuple
+from sparkctl.plan.layout import rank_hosts
+from sparkctl.plan.live_state import workload_exit
 
 
 @evaluator("workload_health")
