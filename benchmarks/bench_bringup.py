@@ -65,8 +65,15 @@ def workload() -> dict[str, Any]:
 
 
 def cli(env: dict[str, str], *args: str, timeout: float = 1800) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run([sys.executable, "-m", "sparkctl", *args], env=env, cwd=REPO, capture_output=True, text=True,
-                       check=False, timeout=timeout)
+    r = subprocess.run(
+        [sys.executable, "-m", "sparkctl", *args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=timeout,
+    )
     if r.returncode != 0:
         raise SystemExit(f"sparkctl {' '.join(args)} failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
     return r
@@ -81,8 +88,13 @@ def cold(tb: Testbed) -> None:
 def workload_commands(env: dict[str, str], inv: str) -> list[tuple[str, list[str]]]:
     """(host, argv) of every `workload` step `sparkctl up` would run now: the two ranks' `vllm serve` lines."""
     plan = json.loads(cli(env, "plan", "--json", "-i", inv).stdout)
-    found = [(s["host"], c["argv"]) for st in plan["stages"] for s in st["steps"] if s["kind"] == "workload"
-             for c in s["commands"]]
+    found = [
+        (s["host"], c["argv"])
+        for st in plan["stages"]
+        for s in st["steps"]
+        if s["kind"] == "workload"
+        for c in s["commands"]
+    ]
     if sorted(h for h, _ in found) != ["spark-a", "spark-b"]:
         raise SystemExit(f"expected one workload command per host, found {found}")
     return found
@@ -103,8 +115,14 @@ def floor(tb: Testbed, commands: list[tuple[str, list[str]]], key: str, deadline
 
     def start(item: tuple[str, list[str]]) -> None:
         host, argv = item
-        subprocess.run(tb.ssh_argv(host, shlex.join(argv)), input=key + "\n", text=True, check=True,
-                       capture_output=True, timeout=120)
+        subprocess.run(
+            tb.ssh_argv(host, shlex.join(argv)),
+            input=key + "\n",
+            text=True,
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
 
     with ThreadPoolExecutor(max_workers=len(commands)) as pool:
         list(pool.map(start, commands))
@@ -126,13 +144,20 @@ def main() -> None:
     tb.up(hosts=2)
     tb.use_vllm("real")
     state = Path(tempfile.mkdtemp(prefix="sparkctl-bench-"))
-    env = {**os.environ, "XDG_STATE_HOME": str(state), "SPARKCTL_SUDO_PASSWORD": tb.sudo_password,
-           "PYTHONPATH": str(REPO)}
+    env = {
+        **os.environ,
+        "XDG_STATE_HOME": str(state),
+        "SPARKCTL_SUDO_PASSWORD": tb.sudo_password,
+        "PYTHONPATH": str(REPO),
+    }
     inv = str(tb.inventory_path(workloads=[workload()]))
-    result: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                                          "python": platform.python_version()},
-                              "workload": "vLLM 0.32.0 CPU build, MiniLM, TP=2, executor mp, 2 fake Sparks",
-                              "sparkctl_up_seconds": [], "floor_seconds": [], "up_stages": []}
+    result: dict[str, Any] = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "workload": "vLLM 0.32.0 CPU build, MiniLM, TP=2, executor mp, 2 fake Sparks",
+        "sparkctl_up_seconds": [],
+        "floor_seconds": [],
+        "up_stages": [],
+    }
     try:
         cli(env, "up", "--yes", "-i", inv)  # the network, env file and firewall once; the API key made
         cli(env, "down", "-i", inv)

@@ -39,9 +39,11 @@ def main() -> None:
         "sparkctl --help": timed([py, "-m", "sparkctl", "--help"], runs),
         "sparkctl plan --offline": timed([py, "-m", "sparkctl", "plan", "--offline", "-i", example], runs),
     }
-    probe = ("import sys; from typer.testing import CliRunner; from sparkctl.cli.app import app; "
-             f"CliRunner().invoke(app, ['plan', '--offline', '-i', {example!r}]); "
-             f"print(' '.join(m for m in {HEAVY!r} if m in sys.modules) or 'none')")
+    probe = (
+        "import sys; from typer.testing import CliRunner; from sparkctl.cli.app import app; "
+        f"CliRunner().invoke(app, ['plan', '--offline', '-i', {example!r}]); "
+        f"print(' '.join(m for m in {HEAVY!r} if m in sys.modules) or 'none')"
+    )
     loaded = subprocess.run([py, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
     print("| command | median seconds |\n|---|---|")
     for name, secs in rows.items():

@@ -64,9 +64,7 @@ WORDS = [
 def build_sentences(count: int, seed: int = 7) -> list[str]:
     """A fixed mix of short and long sentences (4 to 120 words)."""
     rng = random.Random(seed)
-    return [
-        " ".join(rng.choice(WORDS) for _ in range(rng.choice((4, 8, 16, 32, 64, 120)))) for _ in range(count)
-    ]
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.choice((4, 8, 16, 32, 64, 120)))) for _ in range(count)]
 
 
 def accuracy(actual: torch.Tensor, expected: torch.Tensor) -> str:

@@ -49,7 +49,6 @@ def deep_nesting(size: int = 5 * 1024 * 1024) -> str:
 UNDER = 1024 * 1024 - 100  # just under the reader's size limit: the parser really runs
 
 
-
 CASES: dict[str, Callable[[], str]] = {
     "alias-bomb (9 lines)": alias_bomb,
     "one huge list (5 MB)": huge_list,
@@ -86,8 +85,21 @@ def main() -> None:
     if args.case is None:
         # One measuring process per case, so ru_maxrss is that case's own peak.
         for name in [*CASES, "/dev/zero"]:
-            subprocess.run([sys.executable, "-m", "benchmarks.bench_input", "--case", name,
-                            "--timeout", str(args.timeout), "--limit-gb", str(args.limit_gb)], cwd=REPO, check=False)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "benchmarks.bench_input",
+                    "--case",
+                    name,
+                    "--timeout",
+                    str(args.timeout),
+                    "--limit-gb",
+                    str(args.limit_gb),
+                ],
+                cwd=REPO,
+                check=False,
+            )
         return
     limit = int(args.limit_gb * 1024**3)
     with tempfile.TemporaryDirectory() as tmp:

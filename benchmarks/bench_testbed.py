@@ -25,23 +25,55 @@ sys.path.insert(0, str(REPO))
 
 from tests.testbed import Testbed  # noqa: E402
 
-EMBED = {"name": "embed", "engine": "embed", "model": "all-MiniLM-L6-v2", "tensor_parallel_size": 2,
-         "port": 8100, "ready_timeout": 300}
-LAYOUTS = [("TP=2", {"tensor_parallel_size": 2, "replicas": 1}),
-           ("TP=1", {"tensor_parallel_size": 1, "replicas": 1}),
-           ("replicas=2", {"tensor_parallel_size": 1, "replicas": 2})]
+EMBED = {
+    "name": "embed",
+    "engine": "embed",
+    "model": "all-MiniLM-L6-v2",
+    "tensor_parallel_size": 2,
+    "port": 8100,
+    "ready_timeout": 300,
+}
+LAYOUTS = [
+    ("TP=2", {"tensor_parallel_size": 2, "replicas": 1}),
+    ("TP=1", {"tensor_parallel_size": 1, "replicas": 1}),
+    ("replicas=2", {"tensor_parallel_size": 1, "replicas": 2}),
+]
 
 
 def sentences(n: int) -> list[str]:
-    words = ["fabric", "twin", "jumbo", "frame", "tensor", "rank", "gloo", "ray", "spark", "unified", "memory", "page",
-             "cache", "driver", "kernel", "attention", "head", "column", "split", "reduce", "embedding", "vector",
-             "model", "weights"]
+    words = [
+        "fabric",
+        "twin",
+        "jumbo",
+        "frame",
+        "tensor",
+        "rank",
+        "gloo",
+        "ray",
+        "spark",
+        "unified",
+        "memory",
+        "page",
+        "cache",
+        "driver",
+        "kernel",
+        "attention",
+        "head",
+        "column",
+        "split",
+        "reduce",
+        "embedding",
+        "vector",
+        "model",
+        "weights",
+    ]
     return [" ".join(words[(i * 7 + k) % len(words)] for k in range(8 + i % 24)) for i in range(n)]
 
 
 def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run([sys.executable, "-m", "sparkctl", *args], env=env, cwd=REPO, capture_output=True, text=True,
-                       check=False)
+    r = subprocess.run(
+        [sys.executable, "-m", "sparkctl", *args], env=env, cwd=REPO, capture_output=True, text=True, check=False
+    )
     if r.returncode != 0:
         raise SystemExit(f"sparkctl {' '.join(args)} failed:\n{r.stdout}\n{r.stderr}")
     return r
@@ -69,7 +101,7 @@ def throughput(key: str, texts: list[str], batch: int, rounds: int) -> dict[str,
     for _ in range(rounds):
         t0 = time.perf_counter()
         for i in range(0, len(texts), batch):
-            client.embeddings.create(model="embed", input=texts[i:i + batch])
+            client.embeddings.create(model="embed", input=texts[i : i + batch])
         rates.append(len(texts) / (time.perf_counter() - t0))
     return {"median": round(statistics.median(rates), 1), "min": round(min(rates), 1), "max": round(max(rates), 1)}
 
@@ -86,12 +118,18 @@ def main() -> None:
     tb.down()
     tb.up(hosts=2)
     state = Path(tempfile.mkdtemp(prefix="sparkctl-bench-"))
-    env = {**os.environ, "XDG_STATE_HOME": str(state), "SPARKCTL_SUDO_PASSWORD": tb.sudo_password,
-           "PYTHONPATH": str(REPO)}
+    env = {
+        **os.environ,
+        "XDG_STATE_HOME": str(state),
+        "SPARKCTL_SUDO_PASSWORD": tb.sudo_password,
+        "PYTHONPATH": str(REPO),
+    }
     inv = str(tb.inventory_path(workloads=[EMBED]))
-    result: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                                          "python": platform.python_version()},
-                              "sentences": args.sentences, "batch": args.batch}
+    result: dict[str, Any] = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "sentences": args.sentences,
+        "batch": args.batch,
+    }
     try:
         t0 = time.monotonic()
         cli(env, "up", "--yes", "-i", inv)
@@ -109,8 +147,19 @@ def main() -> None:
         for label, layout in LAYOUTS:
             sets = [x for k, v in layout.items() for x in ("--set", f"{k}={v}")]
             t0 = time.monotonic()
-            cli(env, "run", str(REPO / "playbooks" / "swap-model.yaml"), "--yes", "-i", inv,
-                "--set", "workload=embed", "--set", "model=all-MiniLM-L6-v2", *sets)
+            cli(
+                env,
+                "run",
+                str(REPO / "playbooks" / "swap-model.yaml"),
+                "--yes",
+                "-i",
+                inv,
+                "--set",
+                "workload=embed",
+                "--set",
+                "model=all-MiniLM-L6-v2",
+                *sets,
+            )
             result.setdefault("swap_seconds", {})[label] = round(time.monotonic() - t0, 2)
             result["embeddings_per_second"][label] = throughput(key, texts, args.batch, args.rounds)
         cli(env, "down", "-i", inv)

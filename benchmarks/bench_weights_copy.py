@@ -65,9 +65,13 @@ def floor_copy(tb: Testbed) -> float:
     fabric_b = tb.spec("spark-b").fabric_ip(TWINS[0])
     as_spark(tb, "spark-b", "rm -rf /tmp/floor && mkdir -p /tmp/floor")
     t0 = time.monotonic()
-    as_spark(tb, "spark-a", f"tar -C {HUB} -cf - {FOLDER} | ssh -i ~/.ssh/bench-floor -o BatchMode=yes "
-                            f"-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null spark@{fabric_b} "
-                            "'tar -C /tmp/floor -xf -'")
+    as_spark(
+        tb,
+        "spark-a",
+        f"tar -C {HUB} -cf - {FOLDER} | ssh -i ~/.ssh/bench-floor -o BatchMode=yes "
+        f"-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null spark@{fabric_b} "
+        "'tar -C /tmp/floor -xf -'",
+    )
     return time.monotonic() - t0
 
 
@@ -82,17 +86,30 @@ def main() -> None:
     tb = Testbed()
     tb.down()
     tb.up(hosts=2)
-    results: dict[str, Any] = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "gb": args.gb,
-                               "files": args.files, "rounds": []}
+    results: dict[str, Any] = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "gb": args.gb,
+        "files": args.files,
+        "rounds": [],
+    }
     with tempfile.TemporaryDirectory(prefix="bench-weights-") as tmp:
         model = Path("/var/tmp/sparkctl-bench-model")
         size = make_model(model, args.gb, args.files)
         hub = start_fakehub({REPO_ID: model}, host=LAPTOP_IP, port=0, log_path=Path(tmp) / "hub.log")
         try:
-            env = {**os.environ, "XDG_STATE_HOME": f"{tmp}/state", "PYTHONPATH": str(REPO),
-                   "SPARKCTL_SUDO_PASSWORD": tb.sudo_password}
-            workload = {"name": "big", "engine": "vllm", "model": REPO_ID, "tensor_parallel_size": 2,
-                        "env": {"HF_ENDPOINT": hub.url}}
+            env = {
+                **os.environ,
+                "XDG_STATE_HOME": f"{tmp}/state",
+                "PYTHONPATH": str(REPO),
+                "SPARKCTL_SUDO_PASSWORD": tb.sudo_password,
+            }
+            workload = {
+                "name": "big",
+                "engine": "vllm",
+                "model": REPO_ID,
+                "tensor_parallel_size": 2,
+                "env": {"HF_ENDPOINT": hub.url},
+            }
             inventory = tb.inventory_path(workloads=[workload])
             # the download onto spark-a, and a first copy
             cli(env, "models", "sync", "--yes", "--plain", "-i", str(inventory))
@@ -107,9 +124,14 @@ def main() -> None:
                 stages = phases(Path(tmp) / "state")
                 tb.exec("spark-a", ["sh", "-c", "echo 3 > /proc/sys/vm/drop_caches"], check=False)
                 floor = floor_copy(tb)
-                results["rounds"].append({"copy_s": stages.get("weights-copy", 0.0),
-                                          "check_s": stages.get("weights-check", 0.0),
-                                          "sync_total_s": stages["total"], "floor_s": round(floor, 2)})
+                results["rounds"].append(
+                    {
+                        "copy_s": stages.get("weights-copy", 0.0),
+                        "check_s": stages.get("weights-check", 0.0),
+                        "sync_total_s": stages["total"],
+                        "floor_s": round(floor, 2),
+                    }
+                )
         finally:
             hub.stop()
     tb.down()
@@ -118,8 +140,13 @@ def main() -> None:
     copy = statistics.median(r["copy_s"] for r in rounds)
     floor = statistics.median(r["floor_s"] for r in rounds)
     check = statistics.median(r["check_s"] for r in rounds)
-    results |= {"bytes": size, "copy_median_s": copy, "floor_median_s": floor, "check_median_s": check,
-                "ratio_copy_over_floor": round(copy / floor, 3)}
+    results |= {
+        "bytes": size,
+        "copy_median_s": copy,
+        "floor_median_s": floor,
+        "check_median_s": check,
+        "ratio_copy_over_floor": round(copy / floor, 3),
+    }
     print("| what | median s | GB/s |")
     print("|---|---|---|")
     print(f"| plain `tar \\| ssh \\| tar` (floor) | {floor:.2f} | {size / 1e9 / floor:.2f} |")

@@ -140,8 +140,7 @@ def cannot_write(path: Path, exc: OSError) -> StateError:
     where = path.parent
     if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         hint = (
-            f"free space on the filesystem of {where} (`df -h {where}`), or set XDG_STATE_HOME to a directory "
-            "with room"
+            f"free space on the filesystem of {where} (`df -h {where}`), or set XDG_STATE_HOME to a directory with room"
         )
     elif exc.errno == errno.EROFS:
         hint = f"{where} is on a read-only filesystem: set XDG_STATE_HOME to a writable directory"

@@ -12,9 +12,7 @@ from sparkctl.cli.complete import complete_workload
 
 WorkloadArg = Annotated[
     str | None,
-    typer.Argument(
-        help="Workload name (default: the only one).", show_default=False, autocompletion=complete_workload
-    ),
+    typer.Argument(help="Workload name (default: the only one).", show_default=False, autocompletion=complete_workload),
 ]
 
 

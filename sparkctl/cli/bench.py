@@ -46,7 +46,6 @@ def bench_fabric(
         raise typer.Exit(EXIT_FAILED)
 
 
-
 class Api(str, enum.Enum):
     auto = "auto"
     completions = "completions"

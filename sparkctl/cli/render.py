@@ -252,8 +252,10 @@ def render_bench_serve(result: dict[str, Any]) -> str:
         out = f" / {sh['output_len']} out" if sh.get("output_len") else ""
         cap = f"concurrency {sh['max_concurrency']}" if sh.get("max_concurrency") else "no concurrency cap"
         rate = sh.get("request_rate")
-        lines.append(f"{row['workload']} ({row.get('api')}, vllm bench serve --backend {row.get('backend')}) "
-                     f"from {row.get('from')}")
+        lines.append(
+            f"{row['workload']} ({row.get('api')}, vllm bench serve --backend {row.get('backend')}) "
+            f"from {row.get('from')}"
+        )
         lines.append(f"  layout      {_layout(row)}")
         lines.append(
             f"  requests    {sh['prompts']} x ({sh.get('input_len')} in{out} tokens), {cap}, "
@@ -269,8 +271,10 @@ def render_bench_serve(result: dict[str, Any]) -> str:
             figures.append(f"{_ms(row['total_token_throughput'])} total tok/s")
         lines.append(f"  throughput  {', '.join(figures)}")
         for metric, lat in (row.get("latency_ms") or {}).items():
-            lines.append(f"  {metric.upper():<5} ms    mean {_ms(lat.get('mean'))}  median {_ms(lat.get('median'))}  "
-                         f"p99 {_ms(lat.get('p99'))}")
+            lines.append(
+                f"  {metric.upper():<5} ms    mean {_ms(lat.get('mean'))}  median {_ms(lat.get('median'))}  "
+                f"p99 {_ms(lat.get('p99'))}"
+            )
     if result.get("journal"):
         lines.append(f"journal: sparkctl history show {result['journal']}  (all runs: sparkctl bench history)")
     return "\n".join(lines)
@@ -279,8 +283,19 @@ def render_bench_serve(result: dict[str, Any]) -> str:
 def render_bench_table(rows: list[dict[str, Any]]) -> str:
     """Bench serve results side by side, one line each: layout, where from, request shape, duration, the figures
     (medians and p99 in ms)."""
-    head = ["run", "workload", "layout", "from", "requests", "time s", "req/s", "out tok/s", "TTFT med/p99",
-            "TPOT med/p99", "E2EL med/p99"]
+    head = [
+        "run",
+        "workload",
+        "layout",
+        "from",
+        "requests",
+        "time s",
+        "req/s",
+        "out tok/s",
+        "TTFT med/p99",
+        "TPOT med/p99",
+        "E2EL med/p99",
+    ]
     table = [head]
     for r in rows:
         lat = r.get("latency_ms") or {}
@@ -290,11 +305,21 @@ def render_bench_table(rows: list[dict[str, Any]]) -> str:
             return f"{_ms(v.get('median'))}/{_ms(v.get('p99'))}" if v else "-"
 
         dur = r.get("duration_s")
-        table.append([
-            str(r.get("run", "")), str(r.get("workload")), _layout(r), str(r.get("from")), _shape(r),
-            f"{dur:.1f}" if isinstance(dur, float) else "-", _ms(r.get("request_throughput")),
-            _ms(r.get("output_throughput")), pair("ttft"), pair("tpot"), pair("e2el"),
-        ])
+        table.append(
+            [
+                str(r.get("run", "")),
+                str(r.get("workload")),
+                _layout(r),
+                str(r.get("from")),
+                _shape(r),
+                f"{dur:.1f}" if isinstance(dur, float) else "-",
+                _ms(r.get("request_throughput")),
+                _ms(r.get("output_throughput")),
+                pair("ttft"),
+                pair("tpot"),
+                pair("e2el"),
+            ]
+        )
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     return "\n".join("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in table)
 

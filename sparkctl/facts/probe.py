@@ -52,7 +52,7 @@ EXITED_WORKLOADS = (
     # process)
     '[ -n "$p" ] && case "$(tr "\\0" " " < "/proc/$p/cmdline" 2>/dev/null)" in '
     f"{_case_patterns(paths.WORKLOAD_MARKERS)}) continue ;; esac; "
-    'n=${f%.pid}; n=${n#workload-}; '
+    "n=${f%.pid}; n=${n#workload-}; "
     'r=$(grep -m1 "died unexpectedly" "logs/$n.log" 2>/dev/null || grep -E "ERROR|Error" "logs/$n.log" 2>/dev/null '
     "| tail -n 1); "
     # started before the host's last boot (btime in /proc/stat, proc(5)): the host restarted under it
@@ -131,9 +131,7 @@ IMAGE_VERSIONS = (
     "    try:\n"
     "        print(d.replace('-', '_') + '-' + m.version(d) + '.dist-info')\n"
     "    except m.PackageNotFoundError:\n"
-    "        pass\n"
-    + NCCL_ELF_READER
-    + "spec = importlib.util.find_spec('nvidia')\n"
+    "        pass\n" + NCCL_ELF_READER + "spec = importlib.util.find_spec('nvidia')\n"
     "for loc in (spec.submodule_search_locations or []) if spec else []:\n"
     "    for p in sorted(glob.glob(loc + '/nccl/lib/libnccl.so.2') + glob.glob(loc + '/cu[0-9]*/lib/libnccl.so.2')):\n"
     "        report('runtime', p)\n"
@@ -222,7 +220,7 @@ def probe_sections(inventory: Inventory, host: Host) -> dict[str, str]:
         # Bytes free where sparkctl writes on the host (its records, the workloads' logs): df(1) -P columns, -B1
         # in bytes, of the nearest directory that exists; one line per directory, `<free> <mount point> <path>`.
         "state_free": (
-            f"for d in {state} {state}/logs; do e=$d; while [ ! -d \"$e\" ]; do e=$(dirname \"$e\"); done; "
+            f'for d in {state} {state}/logs; do e=$d; while [ ! -d "$e" ]; do e=$(dirname "$e"); done; '
             'df -P -B1 "$e" 2>/dev/null | awk -v d="$d" \'NR==2 {print $4, $6, d}\'; done; true'
         ),
         "firewall": (
@@ -239,7 +237,7 @@ def probe_sections(inventory: Inventory, host: Host) -> dict[str, str]:
         # what tells hosts cloned from one disk apart (machine-id(5)); doctor's host-identity-unique compares them
         "machine_id": "cat /etc/machine-id 2>/dev/null; true",
         "peer_authorized": (
-            f"grep -F {q(' ' + peer_comment(inventory.cluster))} \"$HOME/.ssh/authorized_keys\" 2>/dev/null "
+            f'grep -F {q(" " + peer_comment(inventory.cluster))} "$HOME/.ssh/authorized_keys" 2>/dev/null '
             "| head -n 1; true"
         ),
         "listeners": "ss -ltnH 2>/dev/null || true",
@@ -306,7 +304,7 @@ def probe_sections(inventory: Inventory, host: Host) -> dict[str, str]:
                 if rt.venv
                 else ""
             )
-            + f"s={q(SYSTEM_NCCL)}; [ -e \"$s\" ] || s=$(ldconfig -p 2>/dev/null | "
+            + f's={q(SYSTEM_NCCL)}; [ -e "$s" ] || s=$(ldconfig -p 2>/dev/null | '
             "awk '$1 == \"libnccl.so.2\" {print $NF; exit}'); "
             '[ -n "$s" ] && [ -e "$s" ] && echo "system $s"; true'
         )

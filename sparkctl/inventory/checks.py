@@ -344,12 +344,7 @@ def _check_workload(inv: Inventory, k: int, w: Workload) -> list[Found]:
                 else f"use tensor_parallel_size x pipeline_parallel_size <= {gpus}",
             )
         )
-    if (
-        w.engine == "embed"
-        and w.hosts is None
-        and w.ranks > len(inv.hosts)
-        and w.replicas > 1
-    ):
+    if w.engine == "embed" and w.hosts is None and w.ranks > len(inv.hosts) and w.replicas > 1:
         found.append(
             (
                 ("workloads", k, "replicas"),
@@ -369,25 +364,18 @@ def _check_workload(inv: Inventory, k: int, w: Workload) -> list[Found]:
         found.append((("workloads", k, "replicas"), "replicas is for engine 'embed'", "remove it"))
     if w.executor == "ray" and w.engine != "vllm":  # the default, mp, is the absence of vLLM's Ray executor
         found.append((("workloads", k, "executor"), "executor is for engine 'vllm'", "remove it"))
-    elif (
-        w.executor == "mp"
-        and w.hosts is None
-        and len(inv.hosts) < w.ranks <= gpus
-    ):
+    elif w.executor == "mp" and w.hosts is None and len(inv.hosts) < w.ranks <= gpus:
         found.append(
             (
                 ("workloads", k, "tensor_parallel_size"),
-                f"executor mp runs one rank per host: {w.ranks} ranks "
-                f"but {len(inv.hosts)} host(s)",
+                f"executor mp runs one rank per host: {w.ranks} ranks but {len(inv.hosts)} host(s)",
                 f"use tensor_parallel_size <= {len(inv.hosts)}"
                 if w.pipeline_parallel_size == 1
                 else f"use tensor_parallel_size x pipeline_parallel_size <= {len(inv.hosts)}",
             )
         )
     if w.engine == "embed" and w.pipeline_parallel_size != 1:
-        found.append(
-            (("workloads", k, "pipeline_parallel_size"), "pipeline stages are for engine 'vllm'", "remove it")
-        )
+        found.append((("workloads", k, "pipeline_parallel_size"), "pipeline stages are for engine 'vllm'", "remove it"))
     return found
 
 
@@ -511,8 +499,7 @@ def _check_group_ranks(inv: Inventory, k: int, w: Workload) -> list[Found]:
         found.append(
             (
                 ("workloads", k, "hosts"),
-                f"the hosts of {where} have different GPU counts "
-                f"({', '.join(f'{h.name}: {h.gpus}' for h in group)})",
+                f"the hosts of {where} have different GPU counts ({', '.join(f'{h.name}: {h.gpus}' for h in group)})",
                 "vLLM's multiprocessing executor runs the same number of ranks on every node: "
                 "group hosts with equal gpus",
             )
@@ -543,6 +530,7 @@ def _check_ray_placed_next_to_unseen(inv: Inventory) -> list[Found]:
     executor, or one rank): Ray does not know those GPUs are taken, and vLLM 0.32's placement group cannot be kept
     off their Sparks (PACK over `{GPU: 1}` bundles, no node pin with its default V2 executor; nothing in `vllm
     serve` adds a resource to the bundles: docs/workers.md, "What places the ranks")."""
+
     def ray_placed(w: Workload) -> bool:
         return w.engine == "vllm" and w.executor == "ray" and w.ranks > 1
 

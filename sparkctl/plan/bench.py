@@ -163,8 +163,7 @@ def _rdma_link_steps(ctx: PlanContext, host: Host, a: End, b: End) -> list[Step]
                 host=host.name,
                 kind="bench_rdma_send",
                 target=f"{twin.interface}->{peer.name}",
-                description=f"ib_write_bw {twin.rdma_device} -> {peer.name} {dst}, {RDMA_QPS} QPs, "
-                f"{RDMA_SECONDS} s",
+                description=f"ib_write_bw {twin.rdma_device} -> {peer.name} {dst}, {RDMA_QPS} QPs, {RDMA_SECONDS} s",
                 changes=False,
                 commands=[Command(argv=["sh", "-c", retry], timeout=120)],
             )

@@ -36,6 +36,7 @@ def twin_state(twin: FabricInterface, live: Interface | None, mtu: int) -> TwinS
         return TwinState(configured=False, up=False)
     return TwinState(configured=str(twin.address) in live.ipv4 and live.mtu == mtu, up=live.up)
 
+
 ACTIVATE_WAIT = "30"
 
 # NetworkManager checkpoints (D-Bus API, introspection/org.freedesktop.NetworkManager.xml; CheckpointCreate,

@@ -64,9 +64,7 @@ def render_peer_receive(cluster: str, hub: str) -> str:
         "}\n"
         f"hub={q(hub)}\n"
         'case "$SSH_ORIGINAL_COMMAND" in\n'
-        '  "docker load") exec docker load ;;\n'
-        + RSYNC_RECEIVE
-        + "  *) deny ;;\n"
+        '  "docker load") exec docker load ;;\n' + RSYNC_RECEIVE + "  *) deny ;;\n"
         "esac\n"
     )
 
@@ -165,22 +163,36 @@ def plan_peer_access(ctx: PlanContext, host: Host) -> list[Step]:
         copies_to = ", ".join(t.name for t in targets)
         # no key on the laptop yet (a plan before the first copy): the run that applies this step makes one
         steps += _state_file(
-            host, "peer_key", paths.peer_file(home, "peer-key"), "0600", facts.files.get("peer-key.sha256"),
+            host,
+            "peer_key",
+            paths.peer_file(home, "peer-key"),
+            "0600",
+            facts.files.get("peer-key.sha256"),
             ctx.digests.get(PEER_KEY_SECRET, "(made by the run)"),
             f"install the cluster's peer key (0600): this host copies to {copies_to}",
             stdin_secret=PEER_KEY_SECRET,
         )
         steps += _state_file(
-            host, "peer_key", paths.peer_file(home, "peer-known-hosts"), "0644",
-            facts.files.get("peer-known-hosts.sha256"), sha256(known),
-            "record the targets' host keys for their fabric addresses", stdin=known,
+            host,
+            "peer_key",
+            paths.peer_file(home, "peer-known-hosts"),
+            "0644",
+            facts.files.get("peer-known-hosts.sha256"),
+            sha256(known),
+            "record the targets' host keys for their fabric addresses",
+            stdin=known,
         )
     sources = [name for name, targets in copies.items() if host in targets]
     if sources:
         script = render_peer_receive(inv.cluster, weights.hub_dir(inv, home))
         steps += _state_file(
-            host, "peer_access", paths.peer_file(home, "peer-receive"), "0755", facts.files.get("peer-receive.sha256"),
-            sha256(script), "install the peer key's forced command (docker load, or rsync into the hub cache)",
+            host,
+            "peer_access",
+            paths.peer_file(home, "peer-receive"),
+            "0755",
+            facts.files.get("peer-receive.sha256"),
+            sha256(script),
+            "install the peer key's forced command (docker load, or rsync into the hub cache)",
             stdin=script,
         )
         options = peer_options(inv, host, home)
@@ -193,9 +205,7 @@ def plan_peer_access(ctx: PlanContext, host: Host) -> list[Step]:
                     target="~/.ssh/authorized_keys",
                     description=f"let {', '.join(sources)} copy here over the fabric (key restricted: {options})",
                     commands=[
-                        Command(
-                            argv=["sh", "-c", build_authorize(inv.cluster, options)], stdin_secret=PEER_PUB_SECRET
-                        )
+                        Command(argv=["sh", "-c", build_authorize(inv.cluster, options)], stdin_secret=PEER_PUB_SECRET)
                     ],
                     diff=[f"- {facts.peer_authorized or '(no peer key)'}", f"+ {options} <peer key of {inv.cluster}>"],
                 )
@@ -258,11 +268,7 @@ def plan_image_copy(ctx: PlanContext, host: Host) -> list[Step]:
                 target=t.name,
                 description=f"copy {image} to {t.name} over the fabric "
                 f"({fabric_ip(source)} -> {fabric_ip(t)}, {_gb(rt.image_size)})",
-                commands=[
-                    Command(
-                        argv=["sh", "-c", build_image_copy(inv, ctx.home(host), t, ctx.facts[t.name].user)]
-                    )
-                ],
+                commands=[Command(argv=["sh", "-c", build_image_copy(inv, ctx.home(host), t, ctx.facts[t.name].user)])],
                 diff=[
                     f"- {t.name}: {'image ' + have[:19] if have else 'no image'}",
                     f"+ {t.name}: image {rt.image_id[:19] or image} ({_gb(rt.image_size, ' to move')})",
@@ -324,9 +330,7 @@ def build_ray_image(inv: Inventory, base_id: str) -> str:
     label = q(f"sparkctl.base={base_id}")
     if inv.runtime.ray_wheels:
         return f"docker build -q -t {tag} --label {label} -f - {q(inv.runtime.ray_wheels)}"
-    return (
-        f'ctx=$(mktemp -d) && docker build -q -t {tag} --label {label} -f - "$ctx"; rc=$?; rmdir "$ctx"; exit $rc'
-    )
+    return f'ctx=$(mktemp -d) && docker build -q -t {tag} --label {label} -f - "$ctx"; rc=$?; rmdir "$ctx"; exit $rc'
 
 
 def plan_ray_image(ctx: PlanContext, host: Host) -> list[Step]:

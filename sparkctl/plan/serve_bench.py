@@ -144,7 +144,7 @@ def _tokenizer(w: Workload, python: str) -> str:
 _RUN = (
     'h=$1; eval "$2"; shift 2; '
     'command -v "$1" >/dev/null 2>&1 || { echo "$1: not found; $h" >&2; exit 127; }; '
-    'd=$(mktemp -d) || exit 1; '
+    "d=$(mktemp -d) || exit 1; "
     f'"$@" --tokenizer "$TOK" --result-dir "$d" --result-filename {RESULT_FILE} > "$d/bench.log" 2>&1; rc=$?; '
     f'if [ "$rc" -eq 0 ] && [ -s "$d/{RESULT_FILE}" ]; then cat "$d/{RESULT_FILE}"; echo; '
     'else tail -n 25 "$d/bench.log" >&2; [ "$rc" -eq 0 ] && rc=1; fi; '

@@ -65,7 +65,7 @@ class ShellArgs(NoArgs):
     argv: list[str] = Field(min_length=1, description="program and arguments, run verbatim (no shell)")
     env: dict[str, str] = Field(
         default_factory=dict,
-        description="variables for the command, e.g. {TOKEN: \"${token}\"}: their values reach the host on stdin, "
+        description='variables for the command, e.g. {TOKEN: "${token}"}: their values reach the host on stdin, '
         "never in a command line (the way for `secret: true` parameters)",
     )
     sudo: bool = False

@@ -325,7 +325,7 @@ def _secrets_on_command_lines(rb: Runbook) -> Found:
                 if not used:
                     continue
                 hint = (
-                    f"pass it in the step's env: (e.g. env: {{TOKEN: \"${{{used[0]}}}\"}}), which reaches the host on "
+                    f'pass it in the step\'s env: (e.g. env: {{TOKEN: "${{{used[0]}}}"}}), which reaches the host on '
                     "stdin, and let the program read the variable"
                     if step.action == "shell"
                     else "a workload's fields reach the host's command line: keep secrets out of `set:`"

@@ -41,9 +41,7 @@ def _no_connection(host: Endpoint, settings: SshSettings) -> Transport:
     raise HostError([Problem(host.name, "this command talks to the workloads' endpoints only, not over SSH")])
 
 
-def session_for(
-    inv: Inventory, accept_new_host_keys: bool, emit: Callable[[Event], None] | None = None
-) -> Session:
+def session_for(inv: Inventory, accept_new_host_keys: bool, emit: Callable[[Event], None] | None = None) -> Session:
     """A session for `inv`, not connected yet (the caller opens it: with the cluster lock, or partial); the
     laptop's files are checked first."""
     check_laptop_files(inv)

@@ -127,9 +127,7 @@ def _tail(text: str, lines: int = 20) -> str:
     return "\n".join(text.rstrip().splitlines()[-lines:])
 
 
-def _what_changed(
-    old: tuple[list[Command], str], new: tuple[list[Command], str], width: int = 160
-) -> str:
+def _what_changed(old: tuple[list[Command], str], new: tuple[list[Command], str], width: int = 160) -> str:
     """The first difference between two versions of a step, short enough for one line of a report."""
     if old[1] != new[1]:
         return f" (verdict {old[1]!r} -> {new[1]!r})"

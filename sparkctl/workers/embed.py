@@ -1045,8 +1045,11 @@ class EmbeddingService:
         families = [
             ("sparkctl_embed_request_success", "Embedding requests answered.", counts["success"]),
             ("sparkctl_embed_request_failure", "Embedding requests refused or failed.", counts["failure"]),
-            ("sparkctl_embed_prompt_tokens", "Tokens embedded (prompt tokens of answered requests).",
-             counts["prompt_tokens"]),
+            (
+                "sparkctl_embed_prompt_tokens",
+                "Tokens embedded (prompt tokens of answered requests).",
+                counts["prompt_tokens"],
+            ),
         ]
         lines = []
         for name, help_text, value in families:

@@ -19,8 +19,15 @@ TWINS = ("enp1s0f1np1", "enP2p1s0f1np1")
 
 def sparkctl(*args: str, env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess[str]:
     """Run the real CLI in a subprocess, as a user would."""
-    return subprocess.run([sys.executable, "-m", "sparkctl", *args], env=env, cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "sparkctl", *args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def cli_env(base: dict[str, str], state: Path) -> dict[str, str]:
@@ -42,8 +49,14 @@ def host_snapshot(tb: Testbed, host: str) -> dict[str, Any]:
     """What sparkctl could change on a host, read from the host itself."""
     cons = tb.exec(host, ["nmcli", "-t", "-f", "NAME,UUID,AUTOCONNECT,DEVICE", "connection", "show"]).stdout
     addrs = {k: (v["mtu"], ipv4(v)) for k, v in ip_addrs(tb, host).items()}
-    files = tb.exec(host, ["sh", "-c", "ls -a /etc/sparkctl ~spark/.local/state/sparkctl 2>/dev/null; "
-                           "ls /etc/NetworkManager/system-connections"]).stdout
+    files = tb.exec(
+        host,
+        [
+            "sh",
+            "-c",
+            "ls -a /etc/sparkctl ~spark/.local/state/sparkctl 2>/dev/null; ls /etc/NetworkManager/system-connections",
+        ],
+    ).stdout
     procs = sorted(p.split(None, 2)[2] for p in tb.processes(host) if p.split()[1] == "spark")
     return {"connections": sorted(cons.splitlines()), "addrs": addrs, "files": files, "procs": procs}
 

@@ -58,8 +58,9 @@ def rx_bytes(tb: Testbed, host: str, ifname: str) -> int:
 
 
 def log_tail(tb: Testbed, host: str, name: str, lines: int = 60) -> str:
-    return tb.exec(host, ["tail", "-n", str(lines), f"/home/spark/.local/state/sparkctl/logs/{name}.log"],
-                   check=False).stdout
+    return tb.exec(
+        host, ["tail", "-n", str(lines), f"/home/spark/.local/state/sparkctl/logs/{name}.log"], check=False
+    ).stdout
 
 
 def write_inventory(tb: Testbed, path: Path, workloads: list[dict[str, Any]], **runtime: Any) -> Path:
@@ -109,8 +110,22 @@ def test_only_spark_a_holds_the_image_and_it_has_no_ray(cluster: Cluster) -> Non
     assert image_id(tb, "spark-a") and image_id(tb, "spark-b") == ""  # podman prints the ID without "sha256:"
     entry = podman(tb, "spark-a", "image", "inspect", "--format", "{{json .Config.Entrypoint}}", IMAGE)
     assert json.loads(entry) == ["vllm", "serve"]
-    probe = tb.exec("spark-a", ["podman", "run", "--rm", "--network", "none", "--entrypoint", "python3", IMAGE, "-c",
-                                "import importlib.util as u; print(u.find_spec('ray'))"], timeout=120)
+    probe = tb.exec(
+        "spark-a",
+        [
+            "podman",
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            "--entrypoint",
+            "python3",
+            IMAGE,
+            "-c",
+            "import importlib.util as u; print(u.find_spec('ray'))",
+        ],
+        timeout=120,
+    )
     assert probe.stdout.strip() == "None"
 
 

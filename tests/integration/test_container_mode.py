@@ -34,6 +34,7 @@ def test_the_engine_and_the_image_are_installed() -> None:
     assert Path("/usr/bin/podman").exists(), "podman missing: run tests/prepare.sh"
     assert IMAGE_STORE.exists(), f"{IMAGE_STORE} missing: run tests/prepare.sh (tests/testbed/build_image.sh)"
 
+
 EMBED = {"name": "embed", "engine": "embed", "tensor_parallel_size": 2, "port": 8100, "ready_timeout": 600}
 
 
@@ -80,21 +81,44 @@ def test_up_runs_ray_in_one_container_per_host_and_the_workload_inside_the_heads
         image = podman(tb, host, "inspect", "-f", "{{.ImageName}}", "sparkctl-ray").strip()
         assert image == TESTBED_IMAGE
     # the worker runs in the head's Ray container: its recorded pid is a live process there
-    cmdline = podman(tb, "spark-a", "exec", "sparkctl-ray", "sh", "-c",
-                     "tr '\\0' ' ' < /proc/$(cat /sparkctl/workload-embed.pid)/cmdline")
+    cmdline = podman(
+        tb,
+        "spark-a",
+        "exec",
+        "sparkctl-ray",
+        "sh",
+        "-c",
+        "tr '\\0' ' ' < /proc/$(cat /sparkctl/workload-embed.pid)/cmdline",
+    )
     assert "/sparkctl/embed_worker.py" in cmdline and '{"GPU":1}' in cmdline
     # what the container carries: the worker env, the token, the non-carry-over list where vLLM reads it
-    inside = podman(tb, "spark-a", "exec", "sparkctl-ray", "sh", "-c",
-                    'echo "$GLOO_SOCKET_IFNAME $RAY_AUTH_MODE $VLLM_CONFIG_ROOT"; test -s "$RAY_AUTH_TOKEN_PATH" && '
-                    'echo token; cat "$VLLM_CONFIG_ROOT/ray_non_carry_over_env_vars.json"')
+    inside = podman(
+        tb,
+        "spark-a",
+        "exec",
+        "sparkctl-ray",
+        "sh",
+        "-c",
+        'echo "$GLOO_SOCKET_IFNAME $RAY_AUTH_MODE $VLLM_CONFIG_ROOT"; test -s "$RAY_AUTH_TOKEN_PATH" && '
+        'echo token; cat "$VLLM_CONFIG_ROOT/ray_non_carry_over_env_vars.json"',
+    )
     first, token, rest = inside.split("\n", 2)
     assert first == "enp1s0f1np1 token /sparkctl-config/vllm"
     assert token == "token"
     assert json.loads(rest) == json.loads(render_non_carry_over())
     # Ray over the fabric, both nodes, the ranks one per host (the placement step passed; read it again here)
-    nodes = podman(tb, "spark-a", "exec", "-e", "RAY_ADDRESS=192.168.100.10:6379", "sparkctl-ray", "python3", "-c",
-                   "import ray, json; ray.init(address='auto', logging_level='ERROR'); "
-                   "print(json.dumps(sorted(n['NodeManagerAddress'] for n in ray.nodes() if n['Alive'])))")
+    nodes = podman(
+        tb,
+        "spark-a",
+        "exec",
+        "-e",
+        "RAY_ADDRESS=192.168.100.10:6379",
+        "sparkctl-ray",
+        "python3",
+        "-c",
+        "import ray, json; ray.init(address='auto', logging_level='ERROR'); "
+        "print(json.dumps(sorted(n['NodeManagerAddress'] for n in ray.nodes() if n['Alive'])))",
+    )
     assert json.loads(nodes.strip().splitlines()[-1]) == ["192.168.100.10", "192.168.100.11"]
     assert "placement" in r.stdout + r.stderr
 
@@ -132,8 +156,14 @@ def test_down_leaves_no_container(pair: Pair) -> None:
 
 
 def test_ctrl_c_during_readiness_removes_the_containers(pair: Pair) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "sparkctl", "up", "--yes", "-i", str(pair.inventory)], cwd=REPO,
-                            env=pair.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sparkctl", "up", "--yes", "-i", str(pair.inventory)],
+        cwd=REPO,
+        env=pair.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     assert proc.stdout is not None
     seen = []
     for line in proc.stdout:

@@ -115,8 +115,9 @@ def test_a_removed_address_is_named(configured: tuple[Testbed, Path, dict[str, s
         tb.exec("spark-a", ["ip", "addr", "add", "192.168.101.10/24", "dev", "enP2p1s0f1np1"])
     assert code == 1
     assert levels(findings, "twin-address")["spark-a enP2p1s0f1np1"] == "fail"
-    assert "no IPv4" in next(f["evidence"] for f in findings
-                             if f["rule"] == "twin-address" and f["subject"] == "spark-a enP2p1s0f1np1")
+    assert "no IPv4" in next(
+        f["evidence"] for f in findings if f["rule"] == "twin-address" and f["subject"] == "spark-a enP2p1s0f1np1"
+    )
 
 
 def test_hosts_with_different_gid_indices_are_named(configured: tuple[Testbed, Path, dict[str, str]]) -> None:
@@ -172,20 +173,36 @@ def test_the_cuda_version_of_an_r610_driver_is_read(configured: tuple[Testbed, P
     assert cuda["spark-b"]["level"] == "pass" and cuda["spark-b"]["evidence"] == "CUDA 13.0"
 
 
-def test_discover_writes_an_inventory_that_up_uses(fresh_testbed: Testbed, tmp_path: Path,
-                                                   sudo_env: dict[str, str]) -> None:
+def test_discover_writes_an_inventory_that_up_uses(
+    fresh_testbed: Testbed, tmp_path: Path, sudo_env: dict[str, str]
+) -> None:
     tb = fresh_testbed
     env = cli_env(sudo_env, tmp_path)
     out = tmp_path / "discovered.yaml"
-    r = sparkctl("discover", "10.77.0.11", "10.77.0.12", "--user", "spark", "--identity-file",
-                 str(tb.identity_file), "--known-hosts", str(tb.known_hosts), "--cluster", "found", "-o", str(out),
-                 env=env)
+    r = sparkctl(
+        "discover",
+        "10.77.0.11",
+        "10.77.0.12",
+        "--user",
+        "spark",
+        "--identity-file",
+        str(tb.identity_file),
+        "--known-hosts",
+        str(tb.known_hosts),
+        "--cluster",
+        "found",
+        "-o",
+        str(out),
+        env=env,
+    )
     assert r.returncode == 0, r.stderr
     data = yaml.safe_load(out.read_text())
     assert [h["name"] for h in data["hosts"]] == ["spark-a", "spark-b"]
     twins = [[(t["interface"], t["rdma_device"], t["address"]) for t in h["fabric"]] for h in data["hosts"]]
-    assert twins[0] == [("enp1s0f1np1", "rocep1s0f1", "192.168.100.10/24"),
-                        ("enP2p1s0f1np1", "roceP2p1s0f1", "192.168.101.10/24")]
+    assert twins[0] == [
+        ("enp1s0f1np1", "rocep1s0f1", "192.168.100.10/24"),
+        ("enP2p1s0f1np1", "roceP2p1s0f1", "192.168.101.10/24"),
+    ]
     assert [t[2] for t in twins[1]] == ["192.168.100.11/24", "192.168.101.11/24"]
     r = sparkctl("up", "--yes", "-i", str(out), env=env)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -199,7 +216,7 @@ def test_bench_fabric_measures_every_link_through_the_engine(configured: tuple[T
     tb, inv, env = configured
     r = sparkctl("bench", "fabric", "--json", "--mb", "16", "-i", str(inv), env=env)
     assert r.returncode == 0, r.stdout + r.stderr
-    result = json.loads(r.stdout[r.stdout.index("{"):])
+    result = json.loads(r.stdout[r.stdout.index("{") :])
     links = {(x["host"], x["link"]): x for x in result["links"]}
     assert len(links) == 4 and all(x["jumbo"] for x in links.values())  # both twins, both directions
     sent = [x for x in links.values() if "mbytes_per_s" in x]
@@ -216,6 +233,6 @@ def test_bench_fabric_measures_every_link_through_the_engine(configured: tuple[T
     finally:
         tb.set_mtu("spark-b", "enP2p1s0f1np1", 9000)
     assert r.returncode == 1
-    links = {(x["host"], x["link"]): x for x in json.loads(r.stdout[r.stdout.index("{"):])["links"]}
+    links = {(x["host"], x["link"]): x for x in json.loads(r.stdout[r.stdout.index("{") :])["links"]}
     assert links[("spark-a", "enP2p1s0f1np1->spark-b")]["jumbo"] is False
     assert links[("spark-a", "enp1s0f1np1->spark-b")]["jumbo"] is True

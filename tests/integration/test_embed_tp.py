@@ -102,9 +102,7 @@ def test_unknown_model_name_says_how_to_fix() -> None:
 
 
 def test_parse_pooling_mode_accepts_old_and_new_keys() -> None:
-    assert (
-        embed.parse_pooling_mode({"pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False}) == "cls"
-    )
+    assert embed.parse_pooling_mode({"pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False}) == "cls"
     assert embed.parse_pooling_mode({"pooling_mode": "mean"}) == "mean"
     with pytest.raises(embed.WorkerError):
         embed.parse_pooling_mode({"pooling_mode_cls_token": True, "pooling_mode_mean_tokens": True})
@@ -185,9 +183,7 @@ def test_each_rank_holds_exactly_its_slice(model_dir: Path) -> None:
             assert torch.equal(
                 shard[f"{p}attention.self.{name}.weight"], state[f"{p}attention.self.{name}.weight"][heads]
             )
-            assert torch.equal(
-                shard[f"{p}attention.self.{name}.bias"], state[f"{p}attention.self.{name}.bias"][heads]
-            )
+            assert torch.equal(shard[f"{p}attention.self.{name}.bias"], state[f"{p}attention.self.{name}.bias"][heads])
         assert shard[f"{p}attention.output.dense.weight"].shape == (384, 192)
         assert torch.equal(
             shard[f"{p}attention.output.dense.weight"], state[f"{p}attention.output.dense.weight"][:, heads]
@@ -292,12 +288,8 @@ def test_parse_request_accepts_token_lists_and_rejects_bad_ids() -> None:
 
 
 @pytest.fixture(scope="module")
-def server(
-    spec: embed.ModelSpec, tokenizer: embed.TextTokenizer
-) -> Iterator[tuple[str, embed.EmbeddingService]]:
-    service = embed.EmbeddingService(
-        "minilm", API_KEY, tokenizer, spec.config, max_batch_size=3, max_inputs=16
-    )
+def server(spec: embed.ModelSpec, tokenizer: embed.TextTokenizer) -> Iterator[tuple[str, embed.EmbeddingService]]:
+    service = embed.EmbeddingService("minilm", API_KEY, tokenizer, spec.config, max_batch_size=3, max_inputs=16)
     http, thread = embed.start_http_server(service, "127.0.0.1", 0)
     yield f"http://127.0.0.1:{http.server_address[1]}", service
     http.shutdown()
@@ -312,9 +304,7 @@ def _request(
     headers = {"Content-Type": "application/json"}
     if key is not None:
         headers["Authorization"] = f"Bearer {key}"
-    req = urllib.request.Request(
-        url, data=data, headers=headers, method="POST" if data is not None else "GET"
-    )
+    req = urllib.request.Request(url, data=data, headers=headers, method="POST" if data is not None else "GET")
     try:
         with urllib.request.urlopen(req, timeout=60) as resp:
             return resp.status, json.loads(resp.read())
@@ -337,9 +327,7 @@ def test_health_turns_200_once_loaded(ready_server: str) -> None:
     assert _request(f"{ready_server}/health", key=None) == (200, {"status": "ok"})
 
 
-def test_openai_client_models_and_embeddings(
-    ready_server: str, reference: Any, tokenizer: embed.TextTokenizer
-) -> None:
+def test_openai_client_models_and_embeddings(ready_server: str, reference: Any, tokenizer: embed.TextTokenizer) -> None:
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=f"{ready_server}/v1", api_key=API_KEY, max_retries=0)
     assert [m.id for m in client.models.list().data] == ["minilm"]
@@ -373,9 +361,7 @@ def test_token_id_input_embeds_like_text(ready_server: str, tokenizer: embed.Tex
     status, from_ids = _request(f"{ready_server}/v1/embeddings", {"input": [ids], "model": "minilm"})
     assert status == 200
     assert from_ids["usage"]["prompt_tokens"] == len(ids) == 4
-    assert_matches(
-        torch.tensor([from_ids["data"][0]["embedding"]]), torch.tensor([from_text["data"][0]["embedding"]])
-    )
+    assert_matches(torch.tensor([from_ids["data"][0]["embedding"]]), torch.tensor([from_text["data"][0]["embedding"]]))
 
 
 def test_api_key_is_required_on_v1_only(ready_server: str) -> None:

@@ -20,8 +20,9 @@ def _untouched(tb: Testbed, before: dict[str, dict[str, object]]) -> None:
         assert host_snapshot(tb, host) == snap, f"{host} was changed"
 
 
-def test_unreachable_host_changes_nothing_anywhere(fresh_testbed: Testbed, inventory: Path, sudo_env: dict[str, str],
-                                                    tmp_path: Path) -> None:
+def test_unreachable_host_changes_nothing_anywhere(
+    fresh_testbed: Testbed, inventory: Path, sudo_env: dict[str, str], tmp_path: Path
+) -> None:
     tb = fresh_testbed
     tb.stop_sshd("spark-b")
     before = {h: host_snapshot(tb, h) for h in tb.hosts}
@@ -32,8 +33,9 @@ def test_unreachable_host_changes_nothing_anywhere(fresh_testbed: Testbed, inven
     _untouched(tb, before)
 
 
-def test_changed_host_key_is_refused_before_any_command(fresh_testbed: Testbed, inventory: Path,
-                                                         sudo_env: dict[str, str], tmp_path: Path) -> None:
+def test_changed_host_key_is_refused_before_any_command(
+    fresh_testbed: Testbed, inventory: Path, sudo_env: dict[str, str], tmp_path: Path
+) -> None:
     tb = fresh_testbed
     tb.change_host_key("spark-b")
     before = {h: host_snapshot(tb, h) for h in tb.hosts}
@@ -43,8 +45,9 @@ def test_changed_host_key_is_refused_before_any_command(fresh_testbed: Testbed, 
     _untouched(tb, before)
 
 
-def test_unknown_host_key_is_refused_unless_accepted(fresh_testbed: Testbed, inventory: Path,
-                                                     sudo_env: dict[str, str], tmp_path: Path) -> None:
+def test_unknown_host_key_is_refused_unless_accepted(
+    fresh_testbed: Testbed, inventory: Path, sudo_env: dict[str, str], tmp_path: Path
+) -> None:
     data = yaml.safe_load(inventory.read_text())
     empty = tmp_path / "known_hosts"
     empty.write_text("")
@@ -60,8 +63,9 @@ def test_unknown_host_key_is_refused_unless_accepted(fresh_testbed: Testbed, inv
     assert "10.77.0.11" in empty.read_text() and "10.77.0.12" in empty.read_text()
 
 
-def test_management_interface_listed_as_a_twin_is_refused(fresh_testbed: Testbed, inventory: Path,
-                                                          sudo_env: dict[str, str], tmp_path: Path) -> None:
+def test_management_interface_listed_as_a_twin_is_refused(
+    fresh_testbed: Testbed, inventory: Path, sudo_env: dict[str, str], tmp_path: Path
+) -> None:
     tb = fresh_testbed
     data = yaml.safe_load(inventory.read_text())
     data["hosts"][1]["fabric"][0]["interface"] = "enP7s7"  # spark-b's management interface
@@ -74,8 +78,9 @@ def test_management_interface_listed_as_a_twin_is_refused(fresh_testbed: Testbed
     _untouched(tb, before)
 
 
-def test_peer_twin_at_mtu_1500_fails_the_jumbo_check_naming_the_link(fresh_testbed: Testbed, inventory: Path,
-                                                                     sudo_env: dict[str, str], tmp_path: Path) -> None:
+def test_peer_twin_at_mtu_1500_fails_the_jumbo_check_naming_the_link(
+    fresh_testbed: Testbed, inventory: Path, sudo_env: dict[str, str], tmp_path: Path
+) -> None:
     tb = fresh_testbed
     env = cli_env(sudo_env, tmp_path)
     assert sparkctl("run", "up", "--only", "fabric", "--yes", "-i", str(inventory), env=env).returncode == 0
@@ -90,8 +95,9 @@ def test_peer_twin_at_mtu_1500_fails_the_jumbo_check_naming_the_link(fresh_testb
     assert jumbo["spark-a enP2p1s0f1np1 -> spark-b enP2p1s0f1np1 192.168.101.11"] == "pass"
 
 
-def test_wrong_sudo_password_fails_fast_and_is_never_shown(fresh_testbed: Testbed, inventory: Path,
-                                                           sudo_env: dict[str, str], tmp_path: Path) -> None:
+def test_wrong_sudo_password_fails_fast_and_is_never_shown(
+    fresh_testbed: Testbed, inventory: Path, sudo_env: dict[str, str], tmp_path: Path
+) -> None:
     tb = fresh_testbed
     wrong = "not-the-password-4711"
     env = {**cli_env(sudo_env, tmp_path), "SPARKCTL_SUDO_PASSWORD": wrong}
@@ -107,8 +113,9 @@ def test_wrong_sudo_password_fails_fast_and_is_never_shown(fresh_testbed: Testbe
     _untouched(tb, before)
 
 
-def test_twin_missing_on_a_host_is_refused_before_any_change(fresh_testbed: Testbed, inventory: Path,
-                                                             sudo_env: dict[str, str], tmp_path: Path) -> None:
+def test_twin_missing_on_a_host_is_refused_before_any_change(
+    fresh_testbed: Testbed, inventory: Path, sudo_env: dict[str, str], tmp_path: Path
+) -> None:
     tb = fresh_testbed
     tb.fail_nm_activation("spark-b", "enP2p1s0f1np1")  # the device disappears from spark-b
     before = {h: host_snapshot(tb, h) for h in tb.hosts}
@@ -118,8 +125,9 @@ def test_twin_missing_on_a_host_is_refused_before_any_change(fresh_testbed: Test
     _untouched(tb, before)
 
 
-def test_occupied_ray_port_fails_preflight(fresh_testbed: Testbed, inventory: Path, sudo_env: dict[str, str],
-                                           tmp_path: Path) -> None:
+def test_occupied_ray_port_fails_preflight(
+    fresh_testbed: Testbed, inventory: Path, sudo_env: dict[str, str], tmp_path: Path
+) -> None:
     tb = fresh_testbed
     with tb.occupy_port("spark-a", 6379):
         before = {h: host_snapshot(tb, h) for h in tb.hosts}
@@ -154,8 +162,9 @@ def test_a_full_state_or_log_filesystem_on_a_host_fails_up_before_any_change(
         tb.exec("spark-b", ["umount", target], check=False)
 
 
-def test_ctrl_c_during_up_leaves_no_worker_running(fresh_testbed: Testbed, sudo_env: dict[str, str],
-                                                   tmp_path: Path) -> None:
+def test_ctrl_c_during_up_leaves_no_worker_running(
+    fresh_testbed: Testbed, sudo_env: dict[str, str], tmp_path: Path
+) -> None:
     import signal
     import subprocess
     import sys
@@ -163,11 +172,17 @@ def test_ctrl_c_during_up_leaves_no_worker_running(fresh_testbed: Testbed, sudo_
     from tests.integration.helpers import REPO, spark_processes
 
     tb = fresh_testbed
-    inv = tb.inventory_path(workloads=[{"name": "embed", "engine": "embed", "tensor_parallel_size": 2,
-                                        "port": 8100, "ready_timeout": 600}])
-    proc = subprocess.Popen([sys.executable, "-m", "sparkctl", "up", "--yes", "-i", str(inv)], cwd=REPO,
-                            env=cli_env(sudo_env, tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    inv = tb.inventory_path(
+        workloads=[{"name": "embed", "engine": "embed", "tensor_parallel_size": 2, "port": 8100, "ready_timeout": 600}]
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sparkctl", "up", "--yes", "-i", str(inv)],
+        cwd=REPO,
+        env=cli_env(sudo_env, tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     assert proc.stdout is not None
     seen = []
     for line in proc.stdout:  # interrupt once the workload has been launched and up is waiting for it

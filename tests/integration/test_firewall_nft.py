@@ -70,10 +70,21 @@ RULESETS = {
     # the overlapping intervals of an anonymous set)
     # a service of the user's inside the ephemeral range, accepted before the drop
     "open-ports": lambda: _inventory({"network": {"mtu": 9000, "topology": "direct", "open_ports": [40000, 8443]}}),
-    "mp-and-vllm-port": lambda: _inventory({"workloads": [
-        {"name": "chat", "engine": "vllm", "model": "m/m", "tensor_parallel_size": 2, "port": 8000,
-         "extra_args": ["--master-port", "29611"], "env": {"VLLM_PORT": "10150"}},
-    ]}),
+    "mp-and-vllm-port": lambda: _inventory(
+        {
+            "workloads": [
+                {
+                    "name": "chat",
+                    "engine": "vllm",
+                    "model": "m/m",
+                    "tensor_parallel_size": 2,
+                    "port": 8000,
+                    "extra_args": ["--master-port", "29611"],
+                    "env": {"VLLM_PORT": "10150"},
+                },
+            ]
+        }
+    ),
 }
 
 

@@ -36,8 +36,15 @@ MAX_ABS = 1e-4
 
 
 def embed(name: str, hosts: list[str], tp: int, port: int) -> dict[str, Any]:
-    return {"name": name, "engine": "embed", "model": "all-MiniLM-L6-v2", "hosts": hosts,
-            "tensor_parallel_size": tp, "port": port, "ready_timeout": 300}
+    return {
+        "name": name,
+        "engine": "embed",
+        "model": "all-MiniLM-L6-v2",
+        "hosts": hosts,
+        "tensor_parallel_size": tp,
+        "port": port,
+        "ready_timeout": 300,
+    }
 
 
 class Cluster:
@@ -87,14 +94,18 @@ def assert_matches_reference(base_url: str, key: str, model: str, reference: Any
 
 @pytest.fixture
 def two_pairs(shaped_testbed: Testbed, tmp_path: Path) -> Iterator[Cluster]:
-    yield from _cluster(shaped_testbed, tmp_path, [embed("embed-ab", ["spark-a", "spark-b"], 2, 8100),
-                                                   embed("embed-cd", ["spark-c", "spark-d"], 2, 8100)])
+    yield from _cluster(
+        shaped_testbed,
+        tmp_path,
+        [embed("embed-ab", ["spark-a", "spark-b"], 2, 8100), embed("embed-cd", ["spark-c", "spark-d"], 2, 8100)],
+    )
 
 
 @pytest.fixture
 def four_wide(shaped_testbed: Testbed, tmp_path: Path) -> Iterator[Cluster]:
-    yield from _cluster(shaped_testbed, tmp_path, [embed("embed4", ["spark-a", "spark-b", "spark-c", "spark-d"], 4,
-                                                         8100)])
+    yield from _cluster(
+        shaped_testbed, tmp_path, [embed("embed4", ["spark-a", "spark-b", "spark-c", "spark-d"], 4, 8100)]
+    )
 
 
 @pytest.mark.testbed_shape(hosts=4, topology="switch")
@@ -123,7 +134,8 @@ def test_two_workloads_on_disjoint_pairs_answer_on_their_own_endpoints(two_pairs
     assert c.key("embed-ab") != c.key("embed-cd")
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"http://{mgmt['spark-c']}:8100/v1", api_key=c.key("embed-ab")).embeddings.create(
-            model="embed-cd", input="x")
+            model="embed-cd", input="x"
+        )
 
     r = c.run("status", "--json")
     assert r.returncode == 0, r.stderr
@@ -161,8 +173,15 @@ def vllm_and_embed(shaped_testbed: Testbed, tmp_path: Path) -> Iterator[Cluster]
     from tests.integration.test_vllm_real import MINI  # vLLM's CPU build serving the MiniLM weights
 
     shaped_testbed.use_vllm("real")
-    chat = {**MINI, "name": "mini", "hosts": ["spark-c", "spark-d"], "tensor_parallel_size": 2, "executor": "mp",
-            "port": 8000, "ready_timeout": 900}
+    chat = {
+        **MINI,
+        "name": "mini",
+        "hosts": ["spark-c", "spark-d"],
+        "tensor_parallel_size": 2,
+        "executor": "mp",
+        "port": 8000,
+        "ready_timeout": 900,
+    }
     yield from _cluster(shaped_testbed, tmp_path, [embed("embed-ab", ["spark-a", "spark-b"], 2, 8100), chat])
 
 
@@ -211,7 +230,7 @@ def _bench_serve_both(c: Cluster) -> None:
     them side by side. Few, short requests: the figures are not the point here."""
     tb = c.tb
     log = "/home/spark/.local/state/sparkctl/logs/mini.log"
-    served = "\"POST /v1/embeddings HTTP/1.1\" 200"
+    served = '"POST /v1/embeddings HTTP/1.1" 200'
     before = tb.exec("spark-c", ["cat", log]).stdout.count(served)
     shape = ["--prompts", str(BENCH_PROMPTS), "--input-len", "32", "--concurrency", "2", "--json"]
     results = {}

@@ -30,8 +30,14 @@ from tests.testbed.layout import MGMT_IFNAME
 
 pytestmark = pytest.mark.testbed
 
-EMBED = {"name": "embed", "engine": "embed", "model": "all-MiniLM-L6-v2", "tensor_parallel_size": 2,
-         "port": 8100, "ready_timeout": 300}
+EMBED = {
+    "name": "embed",
+    "engine": "embed",
+    "model": "all-MiniLM-L6-v2",
+    "tensor_parallel_size": 2,
+    "port": 8100,
+    "ready_timeout": 300,
+}
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
@@ -158,7 +164,6 @@ def test_status_watch_on_a_terminal_shows_the_cluster_and_leaves_on_ctrl_c(clust
     assert any(r > 0 for r in rates), text[-3000:]
     # nothing was left connected after the exit
     assert {h: _ssh_sessions(cluster.tb, h) for h in cluster.tb.hosts} == before
-
 
 
 @contextlib.contextmanager

@@ -36,8 +36,14 @@ from tests.testbed import Testbed
 
 pytestmark = pytest.mark.testbed
 
-EMBED = {"name": "embed", "engine": "embed", "model": "all-MiniLM-L6-v2", "tensor_parallel_size": 2,
-         "port": 8100, "ready_timeout": 300}
+EMBED = {
+    "name": "embed",
+    "engine": "embed",
+    "model": "all-MiniLM-L6-v2",
+    "tensor_parallel_size": 2,
+    "port": 8100,
+    "ready_timeout": 300,
+}
 SENTENCES = [
     "The two Sparks are joined by one QSFP cable.",
     "Tensor parallelism splits attention heads across ranks.",
@@ -100,8 +106,9 @@ def test_up_configures_fabric_env_ray_and_the_tp2_endpoint(pair: Pair) -> None:
     tb = pair.tb
     # a clean, cached file: after the page-cache step its pages are no longer resident
     for h in tb.hosts:
-        tb.exec(h, ["sh", "-c",
-                    "head -c 64M /dev/urandom > /tmp/cache-probe && sync && cat /tmp/cache-probe >/dev/null"])
+        tb.exec(
+            h, ["sh", "-c", "head -c 64M /dev/urandom > /tmp/cache-probe && sync && cat /tmp/cache-probe >/dev/null"]
+        )
     secrets_seen: list[str] = []
     stop = threading.Event()
 
@@ -137,8 +144,11 @@ def test_up_configures_fabric_env_ray_and_the_tp2_endpoint(pair: Pair) -> None:
     # every twin carries unfragmented jumbo frames, both ways
     for src, dst_third in (("spark-a", 11), ("spark-b", 10)):
         for j, twin in enumerate(TWINS):
-            ping = tb.exec(src, ["ping", "-M", "do", "-s", "8972", "-c", "2", "-W", "2", "-I", twin,
-                                 f"192.168.{100 + j}.{dst_third}"], check=False)
+            ping = tb.exec(
+                src,
+                ["ping", "-M", "do", "-s", "8972", "-c", "2", "-W", "2", "-I", twin, f"192.168.{100 + j}.{dst_third}"],
+                check=False,
+            )
             assert ping.returncode == 0, ping.stdout + ping.stderr
 
     env_a, env_b = env_file(tb, "spark-a"), env_file(tb, "spark-b")
@@ -170,15 +180,19 @@ def test_the_embed_endpoint_matches_a_single_process_reference(pair: Pair) -> No
     assert cos.min() >= 0.9999
     assert np.abs(vectors - reference).max() <= 1e-4
     with pytest.raises(openai.AuthenticationError):
-        openai.OpenAI(base_url="http://10.77.0.11:8100/v1", api_key="wrong").embeddings.create(
-            model="embed", input="x")
+        openai.OpenAI(base_url="http://10.77.0.11:8100/v1", api_key="wrong").embeddings.create(model="embed", input="x")
 
 
 def test_ray_spans_both_hosts_and_the_ranks_run_one_per_host(pair: Pair) -> None:
-    script = ("import json, ray; ray.init(address='auto', logging_level='ERROR'); "
-              "print(json.dumps([n['NodeManagerAddress'] for n in ray.nodes() if n['Alive']]))")
-    env = ["RAY_AUTH_MODE=token", "RAY_AUTH_TOKEN_PATH=/home/spark/.local/state/sparkctl/ray-token",
-           "RAY_ADDRESS=192.168.100.10:6379"]
+    script = (
+        "import json, ray; ray.init(address='auto', logging_level='ERROR'); "
+        "print(json.dumps([n['NodeManagerAddress'] for n in ray.nodes() if n['Alive']]))"
+    )
+    env = [
+        "RAY_AUTH_MODE=token",
+        "RAY_AUTH_TOKEN_PATH=/home/spark/.local/state/sparkctl/ray-token",
+        "RAY_ADDRESS=192.168.100.10:6379",
+    ]
     out = pair.tb.exec("spark-a", ["env", *env, "/opt/sparkctl-runtime/bin/python", "-c", script], user="spark")
     assert sorted(json.loads(out.stdout.strip().splitlines()[-1])) == ["192.168.100.10", "192.168.100.11"]
     for host in pair.tb.hosts:  # one tensor-parallel rank actor on each host
@@ -210,6 +224,7 @@ def test_what_up_executed_is_what_plan_showed(pair: Pair) -> None:
     ups = [r for r in journal(pair.state) if r["runbook"] == "up"]
     first_up = ups[0]
     assert first_up["revisions"] == []
+
     def per_host(steps: list[tuple[str, str, list[list[str]]]]) -> dict[str, list[tuple[str, list[list[str]]]]]:
         out: dict[str, list[tuple[str, list[list[str]]]]] = {}
         for host, sid, argv in steps:  # hosts ran in parallel: compare each host's own sequence
@@ -224,13 +239,19 @@ def test_what_up_executed_is_what_plan_showed(pair: Pair) -> None:
 def test_secrets_never_reach_argv_logs_or_output(pair: Pair) -> None:
     secrets = [*secrets_of(pair.state), pair.tb.sudo_password]
     assert len(secrets) >= 3  # ray token, api key, sudo password
-    host_logs = [pair.tb.exec(h, ["sh", "-c", "cat ~spark/.local/state/sparkctl/logs/* 2>/dev/null"],
-                              check=False).stdout for h in pair.tb.hosts]
+    host_logs = [
+        pair.tb.exec(h, ["sh", "-c", "cat ~spark/.local/state/sparkctl/logs/* 2>/dev/null"], check=False).stdout
+        for h in pair.tb.hosts
+    ]
     journal_text = (pair.state / "sparkctl" / "journal.jsonl").read_text()
     assert pair.cmdlines, "no /proc/*/cmdline samples were taken during up"
     for secret in secrets:
-        for name, texts in (("cmdline", pair.cmdlines), ("host logs", host_logs), ("journal", [journal_text]),
-                            ("cli output", pair.outputs)):
+        for name, texts in (
+            ("cmdline", pair.cmdlines),
+            ("host logs", host_logs),
+            ("journal", [journal_text]),
+            ("cli output", pair.outputs),
+        ):
             assert not any(secret in t for t in texts), f"a secret appears in {name}"
 
 

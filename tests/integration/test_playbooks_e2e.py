@@ -117,9 +117,7 @@ def test_bringup_swap_model_teardown(fresh_testbed: Testbed, env: dict[str, str]
     assert "--tp 2 --replicas 1" in before, before
 
     # --- fabric-check on the configured pair: doctor, jumbo pings both ways, a short TCP stream per link ---
-    result = ok(
-        sparkctl(env, "run", str(PLAYBOOKS / "fabric-check.yaml"), "-i", inv, "--yes", "--set", "mb=16")
-    )
+    result = ok(sparkctl(env, "run", str(PLAYBOOKS / "fabric-check.yaml"), "-i", inv, "--yes", "--set", "mb=16"))
     last = journal(env)[-1]
     assert last["runbook"] == "fabric-check" and last["ok"] is True, result.stdout
     steps = run_record(env, str(last["id"]))["steps"]
@@ -185,9 +183,7 @@ def exists(tb: Testbed, host: str, path: str) -> bool:
     return tb.exec(host, ["test", "-e", path], check=False).returncode == 0
 
 
-def test_failing_step_stops_the_run_and_from_resumes(
-    testbed: Testbed, env: dict[str, str], tmp_path: Path
-) -> None:
+def test_failing_step_stops_the_run_and_from_resumes(testbed: Testbed, env: dict[str, str], tmp_path: Path) -> None:
     tb = testbed
     inv = str(tb.inventory_path())
     book = tmp_path / "stops.yaml"
@@ -213,11 +209,7 @@ def test_failing_step_stops_the_run_and_from_resumes(
 
         # --from resumes at the named step: the earlier ones (and the broken one) are not run again.
         tb.exec("spark-a", ["rm", "-f", first])
-        ok(
-            sparkctl(
-                env, "run", str(book), "-i", inv, "--yes", "--set", f"marker={marker}", "--from", "after"
-            )
-        )
+        ok(sparkctl(env, "run", str(book), "-i", inv, "--yes", "--set", f"marker={marker}", "--from", "after"))
         assert all(exists(tb, h, after) for h in HOSTS)
         assert not exists(tb, "spark-a", first), "--from re-ran an earlier step"
         runs = journal(env)

@@ -29,14 +29,23 @@ def _inventory(tb: Testbed, tmp_path: Path) -> Path:
     return path
 
 
-def test_preflight_refuses_an_old_ray_and_a_runtime_without_ray(fresh_testbed: Testbed, sudo_env: dict[str, str],
-                                                                tmp_path: Path) -> None:
+def test_preflight_refuses_an_old_ray_and_a_runtime_without_ray(
+    fresh_testbed: Testbed, sudo_env: dict[str, str], tmp_path: Path
+) -> None:
     tb = fresh_testbed
     for host in tb.hosts:
         tb.exec(host, ["/usr/bin/python3", "-m", "venv", "--without-pip", RUNTIME], user="spark")
-    tb.exec("spark-a", ["sh", "-c", f"d=$(echo {RUNTIME}/lib/python3*/site-packages)/ray-2.40.0.dist-info && "
-                        "mkdir -p \"$d\" && printf 'Metadata-Version: 2.1\\nName: ray\\nVersion: 2.40.0\\n' "
-                        "> \"$d/METADATA\""], user="spark")
+    tb.exec(
+        "spark-a",
+        [
+            "sh",
+            "-c",
+            f"d=$(echo {RUNTIME}/lib/python3*/site-packages)/ray-2.40.0.dist-info && "
+            "mkdir -p \"$d\" && printf 'Metadata-Version: 2.1\\nName: ray\\nVersion: 2.40.0\\n' "
+            '> "$d/METADATA"',
+        ],
+        user="spark",
+    )
     inventory = _inventory(tb, tmp_path)
     env = cli_env(sudo_env, tmp_path)
     try:

@@ -38,9 +38,7 @@ def nmcli_fields(tb: Testbed, host: str, *args: str) -> list[list[str]]:
 
 
 def link(tb: Testbed, host: str, ifname: str) -> dict[str, object]:
-    data: list[dict[str, object]] = json.loads(
-        tb.exec(host, ["ip", "-j", "addr", "show", "dev", ifname]).stdout
-    )
+    data: list[dict[str, object]] = json.loads(tb.exec(host, ["ip", "-j", "addr", "show", "dev", ifname]).stdout)
     return data[0]
 
 
@@ -264,9 +262,7 @@ def test_runtime_venv_shows_real_vllm_or_the_simulated_one_on_demand(fresh_testb
 
 def test_fresh_twins_are_managed_with_wired_connection_profiles(fresh_testbed: Testbed) -> None:
     for host in HOSTS:
-        states = {
-            d[0]: d[1] for d in nmcli_fields(fresh_testbed, host, "-f", "DEVICE,STATE", "device", "status")
-        }
+        states = {d[0]: d[1] for d in nmcli_fields(fresh_testbed, host, "-f", "DEVICE,STATE", "device", "status")}
         for twin in TWINS:
             assert states[twin.interface] not in ("unmanaged", "unavailable"), states
         assert states["enP7s7"] == "unmanaged"

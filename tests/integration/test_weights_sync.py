@@ -93,8 +93,12 @@ def test_a_disk_too_small_is_refused_before_any_weight_moves(cluster: Cluster) -
     for host in tb.hosts:  # both caches empty
         assert sh(tb, host, f"ls -A {HF} 2>/dev/null; true").strip() == "", host
     # the mount point made as the login user's own, as the cache directory would be
-    sh(tb, "spark-b", f"install -d -o spark -g spark /home/spark/.cache {HF} && mount -t tmpfs -o size=40m tmpfs {HF} "
-                      f"&& chown spark {HF}")
+    sh(
+        tb,
+        "spark-b",
+        f"install -d -o spark -g spark /home/spark/.cache {HF} && mount -t tmpfs -o size=40m tmpfs {HF} "
+        f"&& chown spark {HF}",
+    )
     try:
         r = cluster.run("up", "--yes", timeout=900)
     finally:
@@ -114,7 +118,11 @@ def test_an_interrupted_copy_resumes_and_ends_verified(cluster: Cluster) -> None
     try:
         up = subprocess.Popen(
             [sys.executable, "-m", "sparkctl", "models", "sync", "--yes", "-i", str(cluster.inventory)],
-            env=cluster.env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=cluster.env,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         blobs = f"{HF}/hub/{FOLDER}/blobs"
         deadline = time.monotonic() + 600

@@ -56,8 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"up in {tb.timings['total']:.1f}s", file=sys.stderr)
             if asking:
                 print(
-                    f"sudo asks for a password on {', '.join(asking)}: "
-                    f"SPARKCTL_SUDO_PASSWORD={tb.sudo_password}",
+                    f"sudo asks for a password on {', '.join(asking)}: SPARKCTL_SUDO_PASSWORD={tb.sudo_password}",
                     file=sys.stderr,
                 )
         elif args.command == "down":

@@ -19,9 +19,7 @@ class CommandError(TestbedError, subprocess.CalledProcessError):
     """A command failed; str() includes its output, unlike CalledProcessError's."""
 
     def __init__(self, result: subprocess.CompletedProcess[str], where: str = "") -> None:
-        subprocess.CalledProcessError.__init__(
-            self, result.returncode, result.args, result.stdout, result.stderr
-        )
+        subprocess.CalledProcessError.__init__(self, result.returncode, result.args, result.stdout, result.stderr)
         self.where = where
 
     def __str__(self) -> str:

@@ -69,9 +69,37 @@ if TYPE_CHECKING:
 
 # The Hub's default .gitattributes (the patterns a new repo gets) for the suffixes model repos carry.
 _LFS_SUFFIXES = frozenset(
-    {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".onnx", ".h5", ".msgpack", ".pkl", ".gguf", ".tflite", ".npz",
-     ".model", ".zip", ".tar", ".gz", ".ot", ".parquet", ".arrow", ".joblib", ".pb", ".tgz", ".zst", ".7z", ".bz2",
-     ".xz", ".npy", ".mlmodel", ".rar"}
+    {
+        ".safetensors",
+        ".bin",
+        ".pt",
+        ".pth",
+        ".ckpt",
+        ".onnx",
+        ".h5",
+        ".msgpack",
+        ".pkl",
+        ".gguf",
+        ".tflite",
+        ".npz",
+        ".model",
+        ".zip",
+        ".tar",
+        ".gz",
+        ".ot",
+        ".parquet",
+        ".arrow",
+        ".joblib",
+        ".pb",
+        ".tgz",
+        ".zst",
+        ".7z",
+        ".bz2",
+        ".xz",
+        ".npy",
+        ".mlmodel",
+        ".rar",
+    }
 )
 _LFS_MIN_SIZE = 10 * 1024 * 1024
 _COMMIT_DATE = "2024-01-01T00:00:00.000Z"
@@ -160,9 +188,20 @@ def build_model_info(repo: HubRepo, blobs: bool) -> dict[str, object]:
         siblings.append(sibling)
     author = repo.repo_id.split("/")[0] if "/" in repo.repo_id else None
     return {
-        "_id": repo.sha[:24], "id": repo.repo_id, "modelId": repo.repo_id, "author": author, "sha": repo.sha,
-        "lastModified": _COMMIT_DATE, "createdAt": _COMMIT_DATE, "private": False, "gated": False,
-        "disabled": False, "downloads": 0, "likes": 0, "tags": [], "siblings": siblings,
+        "_id": repo.sha[:24],
+        "id": repo.repo_id,
+        "modelId": repo.repo_id,
+        "author": author,
+        "sha": repo.sha,
+        "lastModified": _COMMIT_DATE,
+        "createdAt": _COMMIT_DATE,
+        "private": False,
+        "gated": False,
+        "disabled": False,
+        "downloads": 0,
+        "likes": 0,
+        "tags": [],
+        "siblings": siblings,
         "usedStorage": sum(f.size for f in repo.files.values()),
     }
 
@@ -174,7 +213,7 @@ def build_tree(repo: HubRepo, path: str, recursive: bool) -> list[dict[str, obje
         return None
 
     def inside(p: str) -> bool:
-        return p.startswith(prefix) and (recursive or "/" not in p[len(prefix):])
+        return p.startswith(prefix) and (recursive or "/" not in p[len(prefix) :])
 
     entries: list[dict[str, object]] = []
     for d in repo.folders():
@@ -262,8 +301,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             data, verb, name, count = build_model_info(repo, blobs), "INFO", "-", 0
         body = json.dumps(data).encode()
         self.server.record(verb, repo_id, revision, name, str(count))
-        self._send(200, {"Content-Type": "application/json", "X-Repo-Commit": repo.sha}, b"" if head else body,
-                   len(body))
+        self._send(
+            200, {"Content-Type": "application/json", "X-Repo-Commit": repo.sha}, b"" if head else body, len(body)
+        )
 
     def _resolve(self, repo_id: str, revision: str, name: str, head: bool) -> None:
         self._subject = (repo_id, revision, name)
@@ -548,8 +588,14 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         repos[repo_id] = folder
     try:
-        hub = FakeHub(repos, host=args.host, port=args.port, log_path=args.log,
-                      throttle_bytes_per_s=args.throttle_bytes_per_s, drop_once_after_bytes=args.drop_once_after_bytes)
+        hub = FakeHub(
+            repos,
+            host=args.host,
+            port=args.port,
+            log_path=args.log,
+            throttle_bytes_per_s=args.throttle_bytes_per_s,
+            drop_once_after_bytes=args.drop_once_after_bytes,
+        )
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

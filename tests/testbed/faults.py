@@ -109,12 +109,12 @@ class FaultsMixin:
             [
                 "/bin/sh",
                 "-c",
-                'p=$(cat /run/sshd.pid 2>/dev/null) || exit 0; '
-                "pids=$(ps -eo pid=,ppid=,comm= | awk -v root=\"$p\" "
+                "p=$(cat /run/sshd.pid 2>/dev/null) || exit 0; "
+                'pids=$(ps -eo pid=,ppid=,comm= | awk -v root="$p" '
                 "'{ parent[$1] = $2; name[$1] = $3 } END { for (q in parent) { r = q; "
-                "while (r != \"\" && r != root && r > 1) r = parent[r]; "
+                'while (r != "" && r != root && r > 1) r = parent[r]; '
                 "if (r == root && name[q] ~ /^sshd/) print q } }'); "
-                'kill -KILL $pids 2>/dev/null; '
+                "kill -KILL $pids 2>/dev/null; "
                 'while kill -0 "$p" 2>/dev/null; do sleep 0.05; done; rm -f /run/sshd.pid',
             ],
         )
@@ -331,7 +331,6 @@ class FaultsMixin:
         while passes() < start + 2:
             if time.monotonic() > deadline:
                 raise TestbedError(
-                    f"{host}: the SIMULATED GID updater is not running "
-                    f"(see {self.hostdir(host) / 'boot.log'})"
+                    f"{host}: the SIMULATED GID updater is not running (see {self.hostdir(host) / 'boot.log'})"
                 )
             time.sleep(0.05)

@@ -38,9 +38,7 @@ def cgroup_mounts(mountinfo: str = "/proc/self/mountinfo") -> str:
     return " ".join(words)
 
 
-def spawn_host(
-    root: Path, spec: HostSpec, hostdir: Path, started: Callable[[subprocess.Popen[bytes]], None]
-) -> int:
+def spawn_host(root: Path, spec: HostSpec, hostdir: Path, started: Callable[[subprocess.Popen[bytes]], None]) -> int:
     """Start boot.sh as PID 1 of new mount/PID/UTS/IPC namespaces inside the host's netns.
 
     `started` gets the Popen (the `unshare` parent) as soon as it exists, so it can be recorded.
@@ -99,9 +97,7 @@ def wait_booted(records: Sequence[dict[str, Any]], timeout: float) -> None:
         time.sleep(0.05)
 
 
-def settle_host(
-    exec_in: Exec, host: str, hostdir: Path, timeout: float, host_twins: Sequence[Twin] = TWINS
-) -> None:
+def settle_host(exec_in: Exec, host: str, hostdir: Path, timeout: float, host_twins: Sequence[Twin] = TWINS) -> None:
     """Mark the twins managed; wait for NM's "Wired connection" profiles and the GID tables."""
     twins = [t.interface for t in host_twins]
     deadline = time.monotonic() + timeout

@@ -57,10 +57,7 @@ def wire_hosts(specs: Sequence[HostSpec], record: Record) -> None:
     elif len(specs) == 2:
         a, b = specs
         for twin in TWINS:
-            ip(
-                f"link add name {twin.interface} netns {a.netns} type veth"
-                f" peer name {twin.interface} netns {b.netns}"
-            )
+            ip(f"link add name {twin.interface} netns {a.netns} type veth peer name {twin.interface} netns {b.netns}")
     else:
         ns = specs[0].netns
         for twin in TWINS:

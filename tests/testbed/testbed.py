@@ -142,8 +142,7 @@ class Testbed(FaultsMixin):
         specs = build_host_specs(hosts, gid_index, topology)
         if self.is_up():
             raise TestbedError(
-                f"a testbed is already up ({self.state_file})\n"
-                "hint: python -m tests.testbed down (or Testbed().down())"
+                f"a testbed is already up ({self.state_file})\nhint: python -m tests.testbed down (or Testbed().down())"
             )
         if self.root.exists() and any(self.root.iterdir()):
             raise TestbedError(

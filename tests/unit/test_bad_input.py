@@ -185,7 +185,7 @@ INVENTORY_CASES = [
     ),
     Case(
         "text-for-a-list",
-        edit("    extra_args: [\"--max-model-len\", \"32768\"]", "    extra_args: --max-model-len 32768"),
+        edit('    extra_args: ["--max-model-len", "32768"]', "    extra_args: --max-model-len 32768"),
         "extra_args",
         "workloads[0].extra_args",
         "valid list",
@@ -353,8 +353,6 @@ INVENTORY_CASES = [
         "shorten it",
     ),
 ]
-
-
 
 
 def _only_error(output: str) -> tuple[str, str]:
@@ -639,15 +637,18 @@ def test_runbook_validate_holds_workload_overrides_to_the_defaults(cli, tmp_path
     assert cli("runbook", "validate", str(REPO / "playbooks" / "swap-model.yaml")).exit_code == 0
 
 
-SHARED = edit(
-    "    address: 10.0.0.12\n",
-    "    address: 10.0.0.12\n    ssh: {user: *user}\n",
+SHARED = (
     edit(
-        "  - name: chat\n    engine: vllm\n",
-        "  - &chat\n    name: chat\n    engine: vllm\n",
-        edit("  user: nvidia\n", "  user: &user nvidia\n"),
-    ),
-) + "  - <<: *chat\n    name: chat-small\n    port: 8001\n    gpu_memory_utilization: 0.05\n"
+        "    address: 10.0.0.12\n",
+        "    address: 10.0.0.12\n    ssh: {user: *user}\n",
+        edit(
+            "  - name: chat\n    engine: vllm\n",
+            "  - &chat\n    name: chat\n    engine: vllm\n",
+            edit("  user: nvidia\n", "  user: &user nvidia\n"),
+        ),
+    )
+    + "  - <<: *chat\n    name: chat-small\n    port: 8001\n    gpu_memory_utilization: 0.05\n"
+)
 
 
 def test_an_inventory_sharing_blocks_with_anchors_loads(cli, tmp_path: Path) -> None:

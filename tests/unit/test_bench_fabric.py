@@ -18,8 +18,11 @@ from sparkctl.runbook.load import load_runbook, resolve_params
 from sparkctl.runbook.planner import build_runbook_plan
 from tests.unit.conftest import EXAMPLE, FIXTURES
 
-TOOLS = {"ib_write_bw": "/usr/bin/ib_write_bw", "all_reduce_perf": "/home/nvidia/nccl-tests/build/all_reduce_perf",
-         "mpirun": "/usr/bin/mpirun"}
+TOOLS = {
+    "ib_write_bw": "/usr/bin/ib_write_bw",
+    "all_reduce_perf": "/home/nvidia/nccl-tests/build/all_reduce_perf",
+    "mpirun": "/usr/bin/mpirun",
+}
 
 
 def test_ib_write_bw_average_from_nvidias_spark_run() -> None:
@@ -66,8 +69,21 @@ def test_with_perftest_each_twin_runs_ib_write_bw_with_several_queue_pairs() -> 
     clients = [s for s in steps if s.kind == "bench_rdma_send"]
     assert [s.host for s in servers] == ["spark-b", "spark-b"] and [s.host for s in clients] == ["spark-a", "spark-a"]
     server = servers[0].commands[0].argv
-    assert server == ["/usr/bin/ib_write_bw", "-d", "rocep1s0f1", "-q", str(RDMA_QPS), "-F", "--report_gbits",
-                      "-D", "5", "-p", "18515", "-x", "3"]
+    assert server == [
+        "/usr/bin/ib_write_bw",
+        "-d",
+        "rocep1s0f1",
+        "-q",
+        str(RDMA_QPS),
+        "-F",
+        "--report_gbits",
+        "-D",
+        "5",
+        "-p",
+        "18515",
+        "-x",
+        "3",
+    ]
     client = shlex.split(clients[1].commands[0].argv[2].split("do ", 1)[1].split(" &&", 1)[0])
     assert client[:3] == ["/usr/bin/ib_write_bw", "-d", "roceP2p1s0f1"] and client[-1] == "192.168.101.11"
     assert "-p" in client and client[client.index("-p") + 1] == "18516"
@@ -78,8 +94,13 @@ def test_with_nccl_tests_the_pair_runs_all_reduce_with_each_hosts_env_file() -> 
     steps = _steps(_plan(TOOLS))
     (nccl,) = [s for s in steps if s.kind == "bench_nccl"]
     argv = nccl.commands[0].argv
-    assert nccl.host == "spark-a" and argv[:5] == ["/usr/bin/mpirun", "-np", "2", "-H",
-                                                   "192.168.100.10:1,192.168.100.11:1"]
+    assert nccl.host == "spark-a" and argv[:5] == [
+        "/usr/bin/mpirun",
+        "-np",
+        "2",
+        "-H",
+        "192.168.100.10:1,192.168.100.11:1",
+    ]
     # every rank sources its own host's env file (its own GID index and interfaces), not the head's via mpirun -x
     assert ". /etc/sparkctl/worker.env" in argv[argv.index("-c") + 1]
     assert not any(a == "-x" for a in argv)

@@ -73,10 +73,20 @@ def test_completions_result_is_read_with_its_layout_shape_and_figures() -> None:
     assert raw is not None
     row = sb.summarise_result(raw)
     assert row["workload"] == "chat" and row["api"] == "completions" and row["from"] == "spark-a"
-    assert row["layout"] == {"tensor_parallel_size": 2, "pipeline_parallel_size": 1, "replicas": 1,
-                             "executor": "mp", "hosts": ["spark-a", "spark-b"]}
-    assert row["shape"] == {"prompts": 8, "input_len": 512, "output_len": 128, "max_concurrency": 4,
-                            "request_rate": "inf"}
+    assert row["layout"] == {
+        "tensor_parallel_size": 2,
+        "pipeline_parallel_size": 1,
+        "replicas": 1,
+        "executor": "mp",
+        "hosts": ["spark-a", "spark-b"],
+    }
+    assert row["shape"] == {
+        "prompts": 8,
+        "input_len": 512,
+        "output_len": 128,
+        "max_concurrency": 4,
+        "request_rate": "inf",
+    }
     assert (row["completed"], row["failed"], row["duration_s"]) == (8, 0, 12.6891)
     assert row["request_throughput"] == pytest.approx(0.6304627593)
     assert row["output_throughput"] == pytest.approx(80.69923)
@@ -110,22 +120,54 @@ def test_from_the_head_the_runtime_venvs_vllm_loads_the_endpoint_with_the_key_on
     line = step.commands[0].argv[2]
     assert line.startswith("IFS= read -r OPENAI_API_KEY && export OPENAI_API_KEY && exec sh -c ")
     assert bench_argv_of(step) == [
-        "/opt/sparkctl-runtime/bin/vllm", "bench", "serve",
-        "--backend", "openai", "--base-url", "http://10.0.0.11:8000", "--endpoint", "/v1/completions",
-        "--model", "Qwen/Qwen3-30B-A3B-Instruct-2507", "--served-model-name", "chat",
-        "--dataset-name", "random", "--num-prompts", "100", "--random-input-len", "512", "--random-output-len", "128",
-        "--max-concurrency", "8", "--percentile-metrics", "ttft,tpot,itl,e2el", "--disable-tqdm",
-        "--save-result", "--metadata", "workload=chat", "engine=vllm", "tensor_parallel_size=2",
-        "pipeline_parallel_size=1", "replicas=1", "executor=mp", "hosts=spark-a,spark-b", "api=completions",
-        "input_len=512", "bench_from=spark-a", "output_len=128",
+        "/opt/sparkctl-runtime/bin/vllm",
+        "bench",
+        "serve",
+        "--backend",
+        "openai",
+        "--base-url",
+        "http://10.0.0.11:8000",
+        "--endpoint",
+        "/v1/completions",
+        "--model",
+        "Qwen/Qwen3-30B-A3B-Instruct-2507",
+        "--served-model-name",
+        "chat",
+        "--dataset-name",
+        "random",
+        "--num-prompts",
+        "100",
+        "--random-input-len",
+        "512",
+        "--random-output-len",
+        "128",
+        "--max-concurrency",
+        "8",
+        "--percentile-metrics",
+        "ttft,tpot,itl,e2el",
+        "--disable-tqdm",
+        "--save-result",
+        "--metadata",
+        "workload=chat",
+        "engine=vllm",
+        "tensor_parallel_size=2",
+        "pipeline_parallel_size=1",
+        "replicas=1",
+        "executor=mp",
+        "hosts=spark-a,spark-b",
+        "api=completions",
+        "input_len=512",
+        "bench_from=spark-a",
+        "output_len=128",
     ]
     assert "TOK=Qwen/Qwen3-30B-A3B-Instruct-2507" in shlex.split(line)
     assert "TP=2 on spark-a,spark-b, mp) from spark-a: 100 prompts, 512 in / 128 out tokens" in step.description
 
 
 def test_the_request_shape_and_pace_are_passed_as_given() -> None:
-    step = only_step(plan(inventory(), prompts="20", input_len="64", output_len="16", concurrency="null",
-                          request_rate="2.5"))
+    step = only_step(
+        plan(inventory(), prompts="20", input_len="64", output_len="16", concurrency="null", request_rate="2.5")
+    )
     argv = bench_argv_of(step)
     assert argv[argv.index("--num-prompts") + 1] == "20" and argv[argv.index("--random-input-len") + 1] == "64"
     assert argv[argv.index("--random-output-len") + 1] == "16" and argv[argv.index("--request-rate") + 1] == "2.5"
@@ -143,7 +185,12 @@ def test_the_embed_worker_is_loaded_on_v1_embeddings_with_the_tokenizer_it_loads
     step = only_step(plan(inventory(embed=True), workload="embed"))
     argv = bench_argv_of(step)
     assert argv[argv.index("--backend") + 1 : argv.index("--backend") + 6] == [
-        "openai-embeddings", "--base-url", "http://10.0.0.11:8100", "--endpoint", "/v1/embeddings"]
+        "openai-embeddings",
+        "--base-url",
+        "http://10.0.0.11:8100",
+        "--endpoint",
+        "/v1/embeddings",
+    ]
     assert "--random-output-len" not in argv and argv[argv.index("--percentile-metrics") + 1] == "e2el"
     assert "engine=embed" in argv and "executor=ray" in argv
     # the packaged default model has no Hub id of that name: the worker's own directory, else the Hub id
@@ -180,9 +227,20 @@ def test_container_mode_runs_the_bench_in_a_throwaway_container_of_the_image() -
     step = only_step(plan(inventory(image=True)))
     words = shlex.split(step.commands[0].argv[2])
     run = words[words.index("exec") + 1 : words.index("-c")]
-    assert run == ["docker", "run", "--rm", "--network", "host", "-e", "OPENAI_API_KEY",
-                   "-v", "/home/nvidia/.cache/huggingface:/root/.cache/huggingface", "--entrypoint", "sh",
-                   "nvcr.io/nvidia/vllm:26.05-py3"]
+    assert run == [
+        "docker",
+        "run",
+        "--rm",
+        "--network",
+        "host",
+        "-e",
+        "OPENAI_API_KEY",
+        "-v",
+        "/home/nvidia/.cache/huggingface:/root/.cache/huggingface",
+        "--entrypoint",
+        "sh",
+        "nvcr.io/nvidia/vllm:26.05-py3",
+    ]
     assert bench_argv_of(step)[:3] == ["vllm", "bench", "serve"]
     assert not any("sk-" in w for w in words)
 
@@ -219,8 +277,9 @@ def test_the_argv_parses_with_vllms_own_parser(tmp_path: Path) -> None:
         "                ns.save_result, ns.result_filename, ns.served_model_name, ns.dataset_name])\n"
         "print(json.dumps(out))\n"
     )
-    r = subprocess.run([str(RUNTIME_PYTHON), "-c", script, json.dumps(argvs)], capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        [str(RUNTIME_PYTHON), "-c", script, json.dumps(argvs)], capture_output=True, text=True, timeout=300
+    )
     if r.returncode and "No module named 'vllm" in r.stderr:
         pytest.skip("the runtime venv has no vLLM")
     assert r.returncode == 0, r.stderr[-2000:]
@@ -291,9 +350,7 @@ def test_no_vllm_on_the_laptop_says_what_to_do(tmp_path: Path, monkeypatch: pyte
 PROBE_OK = "@@sparkctl identity\nspark\n/home/spark\nspark-x\n@@sparkctl end\n"
 
 
-def test_bench_serve_through_the_cli_keeps_the_result_and_history_shows_it(
-    isolated_state: Path, mocker: Any
-) -> None:
+def test_bench_serve_through_the_cli_keeps_the_result_and_history_shows_it(isolated_state: Path, mocker: Any) -> None:
     from typer.testing import CliRunner
 
     from sparkctl.cli.app import app
@@ -343,8 +400,16 @@ def test_bench_serve_from_the_laptop_without_vllm_is_bad_input(isolated_state: P
 
 
 def test_a_failed_bench_is_a_row_with_its_error_and_no_history_line() -> None:
-    steps = [{"kind": "bench_serve", "host": "spark-a", "step": "bench_serve:chat", "status": "failed",
-              "error": "`sh -c ...` exited 1: ValueError: Initial test run failed", "commands": []}]
+    steps = [
+        {
+            "kind": "bench_serve",
+            "host": "spark-a",
+            "step": "bench_serve:chat",
+            "status": "failed",
+            "error": "`sh -c ...` exited 1: ValueError: Initial test run failed",
+            "commands": [],
+        }
+    ]
     (row,) = bench_serve_rows(steps, "r1", "bench-serve")
     assert row["workload"] == "chat" and "Initial test run failed" in row["error"]
     assert bench_history([{"id": "r1", "runbook": "bench-serve", "steps": steps}]) == []
@@ -354,8 +419,11 @@ def test_two_layouts_print_side_by_side() -> None:
     from sparkctl.cli.render import render_bench_table
 
     wide = sb.summarise_result(json.loads((FIXTURES / "vllm-bench-serve-completions.json").read_text()))
-    one = {**wide, "layout": {**wide["layout"], "tensor_parallel_size": 1, "executor": "uni", "hosts": ["spark-a"]},
-           "request_throughput": 0.41}
+    one = {
+        **wide,
+        "layout": {**wide["layout"], "tensor_parallel_size": 1, "executor": "uni", "hosts": ["spark-a"]},
+        "request_throughput": 0.41,
+    }
     head, first, second = render_bench_table([{**wide, "run": "r1"}, {**one, "run": "r1"}]).splitlines()
     assert "TP=2 mp on spark-a,spark-b" in first and "0.6" in first
     assert "TP=1 uni on spark-a " in second and "0.4" in second

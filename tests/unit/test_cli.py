@@ -22,8 +22,6 @@ REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "inventories" / "example-pair.yaml"
 
 
-
-
 def test_help_lists_the_commands(cli) -> None:
     result = cli("--help")
     assert result.exit_code == 0

@@ -114,7 +114,13 @@ def test_runbooks_builtin_names_then_files(tmp_path: Path, monkeypatch: pytest.M
     (tmp_path / "drain.yaml").write_text("")
     monkeypatch.chdir(tmp_path)
     assert complete_runbook("") == [
-        "bench-fabric", "bench-serve", "down", "models-sync", "restore-network", "up", "drain.yaml"
+        "bench-fabric",
+        "bench-serve",
+        "down",
+        "models-sync",
+        "restore-network",
+        "up",
+        "drain.yaml",
     ]
     assert complete_runbook("d") == ["down", "drain.yaml"]
 

@@ -65,8 +65,12 @@ def with_images(inv: Inventory, ids: dict[str, str], **more: object) -> dict[str
     """Fresh facts with the given image IDs (and host keys) per host."""
     out = {}
     for name, f in fresh(inv).items():
-        rt = Runtime(python="3.12.3", vllm="0.19.0", image_id=ids.get(name, ""), image_size=21_500_000_000 if ids.get(
-            name) else 0)
+        rt = Runtime(
+            python="3.12.3",
+            vllm="0.19.0",
+            image_id=ids.get(name, ""),
+            image_size=21_500_000_000 if ids.get(name) else 0,
+        )
         out[name] = f.model_copy(update={"runtime": rt, "ssh_host_key": HOST_KEYS[name], **more})
     return out
 
@@ -125,8 +129,12 @@ def test_a_leftover_ray_container_is_removed_when_nothing_needs_ray() -> None:
 
 
 def test_an_embed_workload_still_forms_ray_and_runs_in_the_ray_container() -> None:
-    inv = mp_inventory(('extra_args: ["--max-model-len", "32768"]\n',
-                        'extra_args: ["--max-model-len", "32768"]\n  - {name: emb, engine: embed, port: 8001}\n'))
+    inv = mp_inventory(
+        (
+            'extra_args: ["--max-model-len", "32768"]\n',
+            'extra_args: ["--max-model-len", "32768"]\n  - {name: emb, engine: embed, port: 8001}\n',
+        )
+    )
     plan = mp_plan(inv, with_images(inv, {"spark-a": ID_A, "spark-b": ID_A}))
     assert one(plan, "spark-a", "ray_node", "head").changes
     emb = sh_line(one(plan, "spark-a", "workload", "emb").commands[-1])
@@ -227,8 +235,12 @@ def test_an_image_only_on_the_head_is_copied_over_the_fabric_with_scoped_access(
     assert save == f"docker save {IMAGE}"
     argv = shlex.split(ssh)
     assert argv[-2:] == ["nvidia@192.168.100.11", "docker load"]  # the target's fabric address, never 10.0.0.12
-    for opt in ("IdentitiesOnly=yes", "BatchMode=yes", "StrictHostKeyChecking=yes",
-                f"UserKnownHostsFile={STATE}/peer-known-hosts"):
+    for opt in (
+        "IdentitiesOnly=yes",
+        "BatchMode=yes",
+        "StrictHostKeyChecking=yes",
+        f"UserKnownHostsFile={STATE}/peer-known-hosts",
+    ):
         assert has(argv, "-o", opt), opt
     assert has(argv, "-i", f"{STATE}/peer-key")
     assert "21.5 GB" in copy.description
@@ -266,13 +278,16 @@ def test_peer_access_already_in_place_is_not_planned_again() -> None:
     facts = with_images(inv, {"spark-a": ID_A})
     known = images.render_peer_known_hosts(_ctx(inv, facts), [inv.host("spark-b")])
     a, b = facts["spark-a"], facts["spark-b"]
-    facts["spark-a"] = a.model_copy(update={"files": {"peer-key.sha256": "d1g3st",
-                                                      "peer-known-hosts.sha256": images.sha256(known)}})
+    facts["spark-a"] = a.model_copy(
+        update={"files": {"peer-key.sha256": "d1g3st", "peer-known-hosts.sha256": images.sha256(known)}}
+    )
     options = images.peer_options(inv, inv.host("spark-b"), HOME)
-    facts["spark-b"] = b.model_copy(update={
-        "files": {"peer-receive.sha256": images.sha256(images.render_peer_receive("spark-pair", HUB))},
-        "peer_authorized": f"{options} {PUB}",
-    })
+    facts["spark-b"] = b.model_copy(
+        update={
+            "files": {"peer-receive.sha256": images.sha256(images.render_peer_receive("spark-pair", HUB))},
+            "peer_authorized": f"{options} {PUB}",
+        }
+    )
     plan = mp_plan(inv, facts)
     assert not steps(plan, kind="peer_key") and not steps(plan, kind="peer_access")
     assert one(plan, "spark-a", "image_copy")
@@ -298,17 +313,29 @@ def test_the_forced_command_runs_docker_load_or_a_confined_rsync_and_nothing_els
     (bin_dir / "rsync").write_text('#!/bin/sh\necho "rsync $* in $PWD"\n')
     (bin_dir / "rsync").chmod(0o755)
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin"}
-    ok = subprocess.run([shell, str(script)], input="tar bytes", env={**env, "SSH_ORIGINAL_COMMAND": "docker load"},
-                        capture_output=True, text=True, timeout=10)
+    ok = subprocess.run(
+        [shell, str(script)],
+        input="tar bytes",
+        env={**env, "SSH_ORIGINAL_COMMAND": "docker load"},
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
     assert (ok.returncode, ok.stdout) == (0, "docker load\n")
     # what `rsync -a --partial-dir=.rsync-partial <dir>/ <host>:models--a--b/` asks for (rsync 3.2-3.5)
     asked = "rsync --server -logDtpre.LsfxCIvu --partial-dir .rsync-partial . models--a--b/"
-    r = subprocess.run([shell, str(script)], env={**env, "SSH_ORIGINAL_COMMAND": asked}, capture_output=True,
-                       text=True, timeout=10)
+    r = subprocess.run(
+        [shell, str(script)], env={**env, "SSH_ORIGINAL_COMMAND": asked}, capture_output=True, text=True, timeout=10
+    )
     want = f"rsync --server -logDtpre.LsfxCIvu --partial-dir .rsync-partial --safe-links . models--a--b/ in {hub}\n"
     assert (r.returncode, r.stdout) == (0, want) and hub.is_dir(), r.stderr
     refused = [
-        "docker load; rm -rf ~", "sh", "docker run --privileged x", "", "rsync --sender x", "rrsync /",
+        "docker load; rm -rf ~",
+        "sh",
+        "docker run --privileged x",
+        "",
+        "rsync --sender x",
+        "rrsync /",
         asked.replace("models--a--b/", "models--../"),  # out of the hub cache
         asked.replace("models--a--b/", "models--a/../../x/"),
         asked.replace("models--a--b/", "/home/spark/.ssh/"),
@@ -321,8 +348,9 @@ def test_the_forced_command_runs_docker_load_or_a_confined_rsync_and_nothing_els
         asked + " extra",
     ]
     for asked in refused:
-        r = subprocess.run([shell, str(script)], env={**env, "SSH_ORIGINAL_COMMAND": asked}, capture_output=True,
-                           text=True, timeout=10)
+        r = subprocess.run(
+            [shell, str(script)], env={**env, "SSH_ORIGINAL_COMMAND": asked}, capture_output=True, text=True, timeout=10
+        )
         assert r.returncode == 1 and r.stdout == "" and "only docker load and rsync" in r.stderr, asked
 
 
@@ -331,13 +359,21 @@ def test_authorizing_replaces_only_the_clusters_peer_line(tmp_path: Path, shell:
     ssh = tmp_path / ".ssh"
     ssh.mkdir()
     ak = ssh / "authorized_keys"
-    ak.write_text("ssh-ed25519 AAAAmine me@laptop\nrestrict ssh-ed25519 AAAAold sparkctl-peer-spark-pair\n"
-                  "ssh-ed25519 AAAAother sparkctl-peer-other-cluster\n")
+    ak.write_text(
+        "ssh-ed25519 AAAAmine me@laptop\nrestrict ssh-ed25519 AAAAold sparkctl-peer-spark-pair\n"
+        "ssh-ed25519 AAAAother sparkctl-peer-other-cluster\n"
+    )
     options = 'restrict,from="192.168.100.10",command="/h/peer-receive"'
     line = images.build_authorize("spark-pair", options)
     for _ in range(2):  # idempotent
-        r = subprocess.run([shell, "-c", line], input=PUB + "\n", env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
-                           capture_output=True, text=True, timeout=10)
+        r = subprocess.run(
+            [shell, "-c", line],
+            input=PUB + "\n",
+            env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         assert r.returncode == 0, r.stderr
     assert ak.read_text().splitlines() == [
         "ssh-ed25519 AAAAmine me@laptop",
@@ -367,8 +403,13 @@ def test_the_laptop_makes_one_peer_key_pair_per_cluster(tmp_path: Path, monkeypa
     for name in ("peer-key", "peer-key.pub"):
         assert stat.S_IMODE((tmp_path / "sparkctl" / "lab" / name).stat().st_mode) == 0o600
     if shutil.which("ssh-keygen"):  # OpenSSH reads the private key and derives the same public key
-        derived = subprocess.run(["ssh-keygen", "-y", "-f", str(tmp_path / "sparkctl" / "lab" / "peer-key")],
-                                 capture_output=True, text=True, timeout=10, env={**os.environ})
+        derived = subprocess.run(
+            ["ssh-keygen", "-y", "-f", str(tmp_path / "sparkctl" / "lab" / "peer-key")],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            env={**os.environ},
+        )
         assert derived.returncode == 0, derived.stderr
         assert derived.stdout.split()[:2] == public.split()[:2]
 
@@ -382,16 +423,23 @@ def test_venv_mode_has_no_image_steps() -> None:
 
 # --- Ray for images that lack it (runtime.add_ray) -----------------------------------------------------------------
 
-EMB = ('extra_args: ["--max-model-len", "32768"]\n',
-       'extra_args: ["--max-model-len", "32768"]\n  - {name: emb, engine: embed, port: 8001}\n')
-WITH_RAY = ("  image: nvcr.io/nvidia/vllm:25.11-py3\n",
-            "  image: nvcr.io/nvidia/vllm:25.11-py3\n  add_ray: 2.60.0\n  ray_wheels: /opt/wheels\n")
+EMB = (
+    'extra_args: ["--max-model-len", "32768"]\n',
+    'extra_args: ["--max-model-len", "32768"]\n  - {name: emb, engine: embed, port: 8001}\n',
+)
+WITH_RAY = (
+    "  image: nvcr.io/nvidia/vllm:25.11-py3\n",
+    "  image: nvcr.io/nvidia/vllm:25.11-py3\n  add_ray: 2.60.0\n  ray_wheels: /opt/wheels\n",
+)
 
 
 def test_add_ray_derives_an_image_on_each_host_and_runs_ray_from_it() -> None:
     inv = parse_inventory(
-        edit(edit(edit(EXAMPLE.read_text(), "  venv: /opt/sparkctl-runtime\n", f"  image: {IMAGE}\n"), *EMB),
-             *WITH_RAY), "x.yaml")
+        edit(
+            edit(edit(EXAMPLE.read_text(), "  venv: /opt/sparkctl-runtime\n", f"  image: {IMAGE}\n"), *EMB), *WITH_RAY
+        ),
+        "x.yaml",
+    )
     derived = "localhost/sparkctl/vllm:25.11-py3-ray2.60.0"
     assert inv.runtime.ray_image == derived
     plan = mp_plan(inv, with_images(inv, {"spark-a": ID_A}))
@@ -410,29 +458,39 @@ def test_add_ray_derives_an_image_on_each_host_and_runs_ray_from_it() -> None:
     assert stages.index("image") < stages.index("ray-image") < stages.index("ray-head")
     # built from that base already: nothing to do; a new base image: built again
     built = with_images(inv, {"spark-a": ID_A, "spark-b": ID_A})
-    done = {h: f.model_copy(update={"runtime": f.runtime.model_copy(
-        update={"ray_image_id": "c3" * 32, "ray_image_base": ID_A})}) for h, f in built.items()}
+    done = {
+        h: f.model_copy(
+            update={"runtime": f.runtime.model_copy(update={"ray_image_id": "c3" * 32, "ray_image_base": ID_A})}
+        )
+        for h, f in built.items()
+    }
     assert not steps(mp_plan(inv, done), kind="ray_image")
-    stale = {h: f.model_copy(update={"runtime": f.runtime.model_copy(update={"image_id": ID_B})})
-             for h, f in done.items()}
+    stale = {
+        h: f.model_copy(update={"runtime": f.runtime.model_copy(update={"image_id": ID_B})}) for h, f in done.items()
+    }
     assert len(steps(mp_plan(inv, stale), kind="ray_image")) == 2
 
 
 def test_add_ray_builds_nothing_when_no_workload_needs_ray() -> None:
-    inv = parse_inventory(edit(edit(EXAMPLE.read_text(), "  venv: /opt/sparkctl-runtime\n", f"  image: {IMAGE}\n"),
-                               *WITH_RAY), "x.yaml")
+    inv = parse_inventory(
+        edit(edit(EXAMPLE.read_text(), "  venv: /opt/sparkctl-runtime\n", f"  image: {IMAGE}\n"), *WITH_RAY), "x.yaml"
+    )
     assert not steps(mp_plan(inv, with_images(inv, {"spark-a": ID_A, "spark-b": ID_A})), kind="ray_image")
 
 
 def test_without_wheels_the_build_installs_from_the_index_in_an_empty_context() -> None:
     inv = parse_inventory(
-        edit(edit(edit(EXAMPLE.read_text(), "  venv: /opt/sparkctl-runtime\n", f"  image: {IMAGE}\n"), *EMB),
-             "  image: nvcr.io/nvidia/vllm:25.11-py3\n", "  image: nvcr.io/nvidia/vllm@sha256:" + "9f" * 32
-             + "\n  add_ray: 2.60.0\n"), "x.yaml")
+        edit(
+            edit(edit(EXAMPLE.read_text(), "  venv: /opt/sparkctl-runtime\n", f"  image: {IMAGE}\n"), *EMB),
+            "  image: nvcr.io/nvidia/vllm:25.11-py3\n",
+            "  image: nvcr.io/nvidia/vllm@sha256:" + "9f" * 32 + "\n  add_ray: 2.60.0\n",
+        ),
+        "x.yaml",
+    )
     assert inv.runtime.ray_image == "localhost/sparkctl/vllm:digest-9f9f9f9f9f9f-ray2.60.0"
     step = one(mp_plan(inv, with_images(inv, {"spark-a": ID_A, "spark-b": ID_A})), "spark-b", "ray_image")
     assert step.commands[0].stdin.endswith("RUN python3 -m pip install --no-cache-dir 'ray[default]==2.60.0'\n")
-    assert sh_line(step.commands[0]).startswith('ctx=$(mktemp -d) && docker build -q -t ')
+    assert sh_line(step.commands[0]).startswith("ctx=$(mktemp -d) && docker build -q -t ")
 
 
 @pytest.mark.parametrize(

@@ -524,7 +524,7 @@ def test_down_on_a_clean_container_pair_stops_nothing() -> None:
 def test_verify_clean_also_asks_docker_in_container_mode() -> None:
     """Root's processes in the containers escape `pgrep -u $(id -un)`: docker must list no sparkctl-* container."""
     pgrep = (
-        "! pgrep -u \"$(id -un)\" -f -a -- "
+        '! pgrep -u "$(id -un)" -f -a -- '
         "'[r]aylet|[g]cs_server|[r]ay/dashboard|[r]ay/_private|[r]ay::|[e]mbed_worker[.]py|[v]llm serve'"
     )
     plan = plan_of(container_inventory(), converged_facts(), runbook="down")
@@ -647,7 +647,10 @@ def test_workload_line_gives_docker_the_key_by_name_only(stubs: tuple[dict[str, 
     assert argv[:3] == ["exec", "-e", "VLLM_API_KEY"]
     assert has(argv, "-e", "RAY_ADDRESS=192.168.100.10:6379")
     assert argv[argv.index("sparkctl-ray") + 1 : argv.index("sparkctl-ray") + 3] == ["sh", "-c"]
-    assert Path(workload_commands.spec_file(home, "chat")).read_text() == workload_commands.workload_spec(inv, inv.workload("chat"), home) + "\n"
+    assert (
+        Path(workload_commands.spec_file(home, "chat")).read_text()
+        == workload_commands.workload_spec(inv, inv.workload("chat"), home) + "\n"
+    )
     assert _calls(tmp) == ["exec -e VLLM_API_KEY"]
     # what the container's sh runs, here on this machine with /sparkctl as the state dir: the pid is recorded
     inner = argv[argv.index("sparkctl-ray") + 3]

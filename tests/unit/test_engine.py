@@ -246,9 +246,7 @@ def test_cleanup_steps_run_on_failure_and_nothing_after() -> None:
             on_failure="stop-workloads",
             steps=[step("spark-a", "workload", ["start-workload"])],
         ),
-        Stage(
-            name="ready", action="workload_ready", steps=[step("spark-a", "verify", ["curl"], changes=False)]
-        ),
+        Stage(name="ready", action="workload_ready", steps=[step("spark-a", "verify", ["curl"], changes=False)]),
     )
     report = engine(ts).run(p, cleanup=cleanup)
     assert asked == [["stop-workloads"]]
@@ -323,9 +321,7 @@ def test_remote_line_sudo_password_goes_on_stdin_only() -> None:
 
 def test_remote_line_secret_and_blob_on_stdin() -> None:
     secrets = Secrets({"ray_token": "tok-abcdef"})
-    line, data = remote_line(
-        Command(argv=["install", "/dev/stdin", "t"], stdin_secret="ray_token"), True, secrets, {}
-    )
+    line, data = remote_line(Command(argv=["install", "/dev/stdin", "t"], stdin_secret="ray_token"), True, secrets, {})
     assert data == "tok-abcdef\n" and "tok-abcdef" not in line
     _, blob = remote_line(
         Command(argv=["install"], stdin_blob="worker_code"), True, secrets, {"worker_code": "print()"}
@@ -415,9 +411,7 @@ def test_remote_wait_retries_until_true() -> None:
     answers = iter([FAIL, FAIL, Result(0, "ok", "")])
     ts = recording(lambda c: next(answers))
     clock = FakeClock()
-    s = step(
-        "spark-a", "verify_jumbo", ["ping"], changes=False, wait=Wait(kind="remote", deadline=20, interval=1)
-    )
+    s = step("spark-a", "verify_jumbo", ["ping"], changes=False, wait=Wait(kind="remote", deadline=20, interval=1))
     report = engine(ts, fake_clock=clock).run(plan_of(Stage(name="s", action="x", steps=[s])))
     assert report.ok
     assert report.results[0].status == "ok"
@@ -481,9 +475,7 @@ def test_http_wait_reports_phases() -> None:
         secrets=Secrets({"api_key:chat": "sk-key-1234"}),
     )
     report = eng.run(
-        Plan(
-            cluster="c", runbook="up", hosts=["spark-a"], stages=[Stage(name="ready", action="r", steps=[s])]
-        )
+        Plan(cluster="c", runbook="up", hosts=["spark-a"], stages=[Stage(name="ready", action="r", steps=[s])])
     )
     assert report.ok
     assert seen[0] == ("http://10.0.0.11:8000", "chat", "sk-key-1234", "vllm")
@@ -519,10 +511,9 @@ def test_http_wait_deadline_names_the_phase() -> None:
     assert sum(clock.sleeps) == 30
 
 
-
 def test_http_wait_ends_at_once_when_the_workload_has_exited() -> None:
     clock = FakeClock()
-    alive = Command(argv=["sh", "-c", "kill -0 \"$(cat /s/workload-chat.pid)\""])
+    alive = Command(argv=["sh", "-c", 'kill -0 "$(cat /s/workload-chat.pid)"'])
     s = Step(
         host="spark-a",
         kind="verify_workload",
@@ -530,8 +521,9 @@ def test_http_wait_ends_at_once_when_the_workload_has_exited() -> None:
         description="d",
         changes=False,
         notes=["vllm"],
-        wait=Wait(kind="http", deadline=1800, interval=1, url="http://x", model="chat", alive=alive,
-                  log="/s/logs/chat.log"),
+        wait=Wait(
+            kind="http", deadline=1800, interval=1, url="http://x", model="chat", alive=alive, log="/s/logs/chat.log"
+        ),
     )
     head = RecordingTransport("spark-a", {"sh -c": Result(1, "", ""), "tail": Result(0, "Traceback: boom\n", "")})
     eng = engine({"spark-a": head}, fake_clock=clock, probe=lambda *a: Probe("down", "connection refused"))
@@ -582,11 +574,7 @@ def test_replan_revision_is_recorded_and_the_fresh_steps_run() -> None:
     report = engine(ts, emit=events.append).run(p, replan=replan)
     assert calls == [(frozenset({"fabric_active"}), 1)]
     assert len(report.revisions) == 1
-    assert (
-        "spark-b" in report.revisions[0]
-        and "worker_env" in report.revisions[0]
-        and "changed" in report.revisions[0]
-    )
+    assert "spark-b" in report.revisions[0] and "worker_env" in report.revisions[0] and "changed" in report.revisions[0]
     # the record names what changed, not only where
     assert report.revisions[0].endswith("(command 1 stdin: -['NCCL_IB_GID_INDEX=3'] +['NCCL_IB_GID_INDEX=5'])")
     assert [e.message for e in events if e.kind == "revised"] == report.revisions
@@ -636,9 +624,7 @@ def test_session_open_with_one_host_unreachable_changes_nothing(isolated_state) 
 def test_session_open_with_a_failing_probe_names_the_host(isolated_state) -> None:
     inv = parse_inventory(EXAMPLE.read_text())
     transports = {
-        "spark-a": RecordingTransport(
-            "spark-a", {"sh -s": Result(0, "@@sparkctl identity\nu\n@@sparkctl end\n", "")}
-        ),
+        "spark-a": RecordingTransport("spark-a", {"sh -s": Result(0, "@@sparkctl identity\nu\n@@sparkctl end\n", "")}),
         "spark-b": RecordingTransport("spark-b", {"sh -s": Result(127, "", "sh: not found")}),
     }
     session = run_mod.Session(inv, lambda host, settings: transports[host.name])
@@ -666,11 +652,7 @@ def test_replan_differing_only_in_notes_is_no_revision() -> None:
     ts = recording()
     fabric = Stage(name="fabric", action="fabric", steps=[step("spark-b", "fabric_active", ["nmcli"])])
     fresh = _env_stage(3).model_copy(
-        update={
-            "steps": [
-                _env_stage(3).steps[0].model_copy(update={"notes": ["GID index 3 read from the table"]})
-            ]
-        }
+        update={"steps": [_env_stage(3).steps[0].model_copy(update={"notes": ["GID index 3 read from the table"]})]}
     )
     report = engine(ts).run(plan_of(fabric, _env_stage(3)), replan=lambda done, i: plan_of(fresh))
     assert report.revisions == []

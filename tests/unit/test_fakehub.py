@@ -185,7 +185,12 @@ def test_hf_download_cli_prints_the_snapshot_path(hub: FakeHub, tmp_path: Path, 
     home = tmp_path / "hf-home"
     result = subprocess.run(
         [python, "-m", "huggingface_hub.cli.hf", "download", "--quiet", REPO_ID],
-        env=hub_env(hub, home), capture_output=True, text=True, timeout=120, check=False, cwd=tmp_path,
+        env=hub_env(hub, home),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
     snapshot = home / "hub" / "models--acme--tiny-embedder" / "snapshots" / hub.repos[REPO_ID].sha
@@ -199,10 +204,24 @@ def test_command_line_server_writes_its_port_and_log(repo_dir: Path, tmp_path: P
     # Debian's python3 runs it on the hosts' side of the testbed; the runner's python3 elsewhere.
     python = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
     ready, log = tmp_path / "port", tmp_path / "hub.log"
-    argv = [python, "-m", "tests.testbed.fakehub", "--dir", str(repo_dir), "--repo", REPO_ID,
-            "--port", "0", "--log", str(log), "--ready-file", str(ready)]
-    server = subprocess.Popen(argv, cwd=WORKTREE, env={**os.environ, "PYTHONPATH": str(WORKTREE)},
-                              stderr=subprocess.PIPE, text=True)
+    argv = [
+        python,
+        "-m",
+        "tests.testbed.fakehub",
+        "--dir",
+        str(repo_dir),
+        "--repo",
+        REPO_ID,
+        "--port",
+        "0",
+        "--log",
+        str(log),
+        "--ready-file",
+        str(ready),
+    ]
+    server = subprocess.Popen(
+        argv, cwd=WORKTREE, env={**os.environ, "PYTHONPATH": str(WORKTREE)}, stderr=subprocess.PIPE, text=True
+    )
     try:
         deadline = time.monotonic() + 30
         while not ready.exists():

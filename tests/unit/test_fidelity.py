@@ -72,8 +72,9 @@ def _gids(facts: HostFacts, indices: dict[str, int], nccl: str = "") -> HostFact
         raw = "".join(f"{int(o):02x}" for o in str(twin.address.ip).split("."))
         gid = f"0000:0000:0000:0000:0000:ffff:{raw[:4]}:{raw[4:]}"
         for i, kind in ((idx - 1, "IB/RoCE v1"), (idx, "RoCE v2")):
-            gids.append(GidEntry(device=twin.rdma_device or "", port=1, index=i, gid=gid, type=kind,
-                                 ndev=twin.interface))
+            gids.append(
+                GidEntry(device=twin.rdma_device or "", port=1, index=i, gid=gid, type=kind, ndev=twin.interface)
+            )
     return facts.model_copy(update={"gids": gids, "runtime": Runtime(nccl=nccl)})
 
 
@@ -156,7 +157,7 @@ def test_up_checks_the_ranks_placement_after_the_endpoints_answer(image: bool) -
     assert step.commands[0].stdin == ray_commands.placement_check_script(1)
 
 
-FAKE_RAY = '''
+FAKE_RAY = """
 import json, os
 _state = json.loads(os.environ["FAKE_RAY_STATE"])
 def init(**kw):
@@ -167,7 +168,7 @@ class util:
     @staticmethod
     def placement_group_table():
         return _state["groups"]
-'''
+"""
 
 
 def _run_check(tmp_path: Path, groups: dict[str, object], min_groups: int = 1) -> tuple[int, dict[str, object]]:
@@ -198,8 +199,9 @@ def _group(*nodes: str, state: str = "CREATED") -> dict[str, object]:
 def test_placement_check_passes_when_each_rank_is_on_its_own_host(tmp_path: Path) -> None:
     rc, out = _run_check(tmp_path, {"0123456789abcdef": _group("aa11", "bb22")})
     assert rc == 0
-    assert out["groups"] == [{"group": "0123456789ab", "strategy": "PACK",
-                              "hosts": ["192.168.100.10", "192.168.100.11"]}]
+    assert out["groups"] == [
+        {"group": "0123456789ab", "strategy": "PACK", "hosts": ["192.168.100.10", "192.168.100.11"]}
+    ]
 
 
 def test_placement_check_fails_when_two_ranks_share_a_host(tmp_path: Path) -> None:

@@ -38,9 +38,7 @@ def _with_distinct_twins() -> Inventory:
 
 # --- a first-match reading of the input chain, limited to the rule forms render_firewall writes ---------
 
-_RULE = re.compile(
-    r"^(iifname|tcp dport|ct state) (\{ (?P<set>[^}]*) \}|(?P<one>\S+)) (?P<verdict>accept|drop)$"
-)
+_RULE = re.compile(r"^(iifname|tcp dport|ct state) (\{ (?P<set>[^}]*) \}|(?P<one>\S+)) (?P<verdict>accept|drop)$")
 
 
 def _rules(ruleset: str) -> tuple[list[tuple[str, list[str], str]], str]:
@@ -183,8 +181,13 @@ def test_the_rules_sparkctl_writes_read_back_as_converged(tmp_path: Path) -> Non
 
 # --- the ports the workloads open (docs/workers.md, "Ports") -------------------------------------------
 
-CHAT = {"name": "chat", "engine": "vllm", "model": "Qwen/Qwen3-30B-A3B-Instruct-2507", "tensor_parallel_size": 2,
-        "port": 8000}
+CHAT = {
+    "name": "chat",
+    "engine": "vllm",
+    "model": "Qwen/Qwen3-30B-A3B-Instruct-2507",
+    "tensor_parallel_size": 2,
+    "port": 8000,
+}
 EMBED = {"name": "emb", "engine": "embed", "tensor_parallel_size": 2, "port": 8001}
 # Where each mode listens besides its API port: torch's TCPStore binds every interface (the mp rendezvous at
 # --master-port; the Ray executor's and the embed worker's on port 0), vLLM's message queues, gloo and NCCL bind
@@ -194,12 +197,21 @@ MODES: dict[str, tuple[dict[str, object], list[dict[str, object]], list[int]]] =
     "venv, vLLM mp": ({}, [{**CHAT, "executor": "mp"}], [29501, *PORT_ZERO]),
     "venv, vLLM Ray executor": ({}, [{**CHAT, "executor": "ray"}], [*PORT_ZERO, 10100, 10199]),
     "venv, embed worker": ({}, [EMBED], [*PORT_ZERO, 10100, 10199]),
-    "container, vLLM mp": ({"image": "nvcr.io/nvidia/vllm:26.05-py3"}, [{**CHAT, "executor": "mp"}],
-                           [29501, *PORT_ZERO]),
-    "container, vLLM Ray executor": ({"image": "nvcr.io/nvidia/vllm:26.05-py3", "add_ray": "2.60.0"},
-                                     [{**CHAT, "executor": "ray"}], [*PORT_ZERO, 10100, 10199]),
-    "container, embed worker": ({"image": "nvcr.io/nvidia/vllm:26.05-py3", "add_ray": "2.60.0"}, [EMBED],
-                                [*PORT_ZERO, 10100, 10199]),
+    "container, vLLM mp": (
+        {"image": "nvcr.io/nvidia/vllm:26.05-py3"},
+        [{**CHAT, "executor": "mp"}],
+        [29501, *PORT_ZERO],
+    ),
+    "container, vLLM Ray executor": (
+        {"image": "nvcr.io/nvidia/vllm:26.05-py3", "add_ray": "2.60.0"},
+        [{**CHAT, "executor": "ray"}],
+        [*PORT_ZERO, 10100, 10199],
+    ),
+    "container, embed worker": (
+        {"image": "nvcr.io/nvidia/vllm:26.05-py3", "add_ray": "2.60.0"},
+        [EMBED],
+        [*PORT_ZERO, 10100, 10199],
+    ),
 }
 
 
@@ -249,6 +261,7 @@ def test_vllm_port_moves_get_open_port_and_the_firewall_follows() -> None:
 
 # --- network.open_ports: the user's own services through the firewall ---------------------------------
 
+
 def _network(**edit: object) -> dict[str, object]:
     return {"network": {"mtu": 9000, "topology": "direct", **edit}}
 
@@ -273,8 +286,11 @@ def test_open_ports_default_to_none() -> None:
         ([6379], [], "port 6379 is ray.port"),
         ([10150], [], "port 10150 is in Ray's worker port range 10100-10199"),
         ([29501], [{**CHAT, "executor": "mp"}], "port 29501 is the rendezvous of workload 'chat'"),
-        ([29611], [{**CHAT, "executor": "mp", "extra_args": ["--master-port=29611"]}],
-         "port 29611 is the rendezvous of workload 'chat'"),
+        (
+            [29611],
+            [{**CHAT, "executor": "mp", "extra_args": ["--master-port=29611"]}],
+            "port 29611 is the rendezvous of workload 'chat'",
+        ),
         ([40000, 40000], [], "port 40000 is listed twice"),
     ],
 )

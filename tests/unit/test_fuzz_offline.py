@@ -213,8 +213,6 @@ set_values = st.lists(
 )
 
 
-
-
 @pytest.fixture(scope="module")
 def memory_budget():
     """What the examples allocate may peak at MAX_GROWTH_MB at most: no input made sparkctl hold more than that.

@@ -132,18 +132,14 @@ def test_a_cluster_name_of_63_characters_is_the_longest(problems, example) -> No
     assert name not in p.message, "the message shows the start of the name, not all of it"
 
 
-@pytest.mark.parametrize(
-    "bad", ["eth0;rm -rf /", "-x", "a b", "$(id)", "enp1s0f1np1&&x", "averyveryverylongname0"]
-)
+@pytest.mark.parametrize("bad", ["eth0;rm -rf /", "-x", "a b", "$(id)", "enp1s0f1np1&&x", "averyveryverylongname0"])
 def test_interface_names_with_shell_characters_are_rejected(problems, example, bad: str) -> None:
     text = example.edit(
         "- interface: enP2p1s0f1np1\n        address: 192.168.101.11/24",
         f"- interface: {_yaml_str(bad)}\n        address: 192.168.101.11/24",
     )
     p = only(problems(text))
-    assert (
-        p.where == f"inv.yaml:{text.line_of('- interface: ' + _yaml_str(bad))} hosts[1].fabric[1].interface"
-    )
+    assert p.where == f"inv.yaml:{text.line_of('- interface: ' + _yaml_str(bad))} hosts[1].fabric[1].interface"
     assert repr(bad) in p.message
     assert "enp1s0f1np1" in p.hint, "the hint shows what an interface name looks like"
 
@@ -201,9 +197,7 @@ def test_fabric_subnet_must_not_contain_the_management_address(problems, example
     assert any(p.where.endswith("hosts[1].fabric[1].address") and "management" in p.message for p in found)
 
 
-@pytest.mark.parametrize(
-    ("mtu", "ok"), [(1279, False), (1280, True), (9000, True), (9216, True), (9217, False)]
-)
+@pytest.mark.parametrize(("mtu", "ok"), [(1279, False), (1280, True), (9000, True), (9216, True), (9217, False)])
 def test_mtu_bounds(problems, example, mtu: int, ok: bool) -> None:
     text = example.edit("  mtu: 9000", f"  mtu: {mtu}")
     if ok:
@@ -259,13 +253,9 @@ def test_model_names_with_quotes_or_shell_characters_are_rejected(problems, exam
     assert repr(bad) in p.message
 
 
-@pytest.mark.parametrize(
-    "good", ["Qwen/Qwen3-30B-A3B-Instruct-2507", "/models/llama-3.1", "~/m/x@main", "org/m:fp8"]
-)
+@pytest.mark.parametrize("good", ["Qwen/Qwen3-30B-A3B-Instruct-2507", "/models/llama-3.1", "~/m/x@main", "org/m:fp8"])
 def test_model_ids_and_paths_are_accepted(example, good: str) -> None:
-    inv = parse_inventory(
-        example.edit("model: Qwen/Qwen3-30B-A3B-Instruct-2507", f"model: {_yaml_str(good)}")
-    )
+    inv = parse_inventory(example.edit("model: Qwen/Qwen3-30B-A3B-Instruct-2507", f"model: {_yaml_str(good)}"))
     assert inv.workloads[0].model == good
 
 
@@ -309,9 +299,7 @@ def test_runtime_with_neither_rejected_but_absent_section_defaults_to_a_venv(pro
 
 
 def test_image_runtime_accepted(example) -> None:
-    inv = parse_inventory(
-        example.edit("  venv: /opt/sparkctl-runtime", "  image: nvcr.io/nvidia/vllm:25.11-py3")
-    )
+    inv = parse_inventory(example.edit("  venv: /opt/sparkctl-runtime", "  image: nvcr.io/nvidia/vllm:25.11-py3"))
     assert inv.runtime.image == "nvcr.io/nvidia/vllm:25.11-py3" and inv.runtime.venv is None
 
 
@@ -454,9 +442,7 @@ def test_cli_bad_inventory_exits_2_without_traceback_or_connection(
         m.assert_not_called()
 
 
-def test_cli_good_inventory_plans_offline_without_connecting(
-    tmp_path: Path, isolated_state, no_connect
-) -> None:
+def test_cli_good_inventory_plans_offline_without_connecting(tmp_path: Path, isolated_state, no_connect) -> None:
     from sparkctl.cli.app import app
 
     result = CliRunner().invoke(app, ["plan", "--offline", "-i", str(EXAMPLE)])

@@ -114,9 +114,7 @@ def plan_case(case: dict[str, Any]) -> Plan:
 def _check_command(where: str, want: dict[str, Any], got: Command) -> None:
     assert set(want) <= COMMAND_KEYS, f"{where}: unknown command keys {set(want) - COMMAND_KEYS}"
     if "sh_contains" in want:
-        assert got.argv[:2] == ["sh", "-c"] and len(got.argv) == 3, (
-            f"{where}: expected sh -c LINE, got {got.argv}"
-        )
+        assert got.argv[:2] == ["sh", "-c"] and len(got.argv) == 3, f"{where}: expected sh -c LINE, got {got.argv}"
         for fragment in want["sh_contains"]:
             assert fragment in got.argv[2], f"{where}: {fragment!r} not in:\n{got.argv[2]}"
     else:
@@ -161,8 +159,7 @@ def check_case(case: dict[str, Any]) -> None:
         with pytest.raises(error_type) as info:
             plan_case(case)
         assert any(
-            want.get("where", "") in p.where and want.get("message", "") in p.message
-            for p in info.value.problems
+            want.get("where", "") in p.where and want.get("message", "") in p.message for p in info.value.problems
         ), [p.render() for p in info.value.problems]
         return
     plan = plan_case(case)
@@ -208,9 +205,7 @@ def test_there_are_cases() -> None:
 def test_every_shell_line_parses(path: Path) -> None:
     """Every `sh -c LINE` the planner builds is valid sh (quoting mistakes show up here)."""
     plan = plan_case(load_case(path))
-    lines = [
-        c.argv[2] for st in plan.stages for s in st.steps for c in s.commands if c.argv[:2] == ["sh", "-c"]
-    ]
+    lines = [c.argv[2] for st in plan.stages for s in st.steps for c in s.commands if c.argv[:2] == ["sh", "-c"]]
     for line in lines:
         r = subprocess.run(["sh", "-n", "-c", line], capture_output=True, text=True, timeout=10)
         assert r.returncode == 0, f"{line}\n{r.stderr}"
@@ -293,9 +288,7 @@ def _record(path: Path, deadline: float = 3.0) -> dict[str, str]:
 def test_ray_start_line_loads_the_env_file_and_token_auth(sandbox, shell: str) -> None:
     inv, home, env_file, tmp = sandbox
     line = _localize(ray_commands.build_ray_start(inv, inv.host("spark-b"), home), env_file)
-    r = subprocess.run(
-        [shell, "-c", line], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=20
-    )
+    r = subprocess.run([shell, "-c", line], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=20)
     assert r.returncode == 0, r.stderr
     rec = _record(tmp / "ray.record")
     argv = rec["argv"].split()
@@ -314,9 +307,7 @@ def test_workload_start_line_reads_the_key_from_stdin_and_records_the_pid(sandbo
     inv, home, env_file, tmp = sandbox
     w = inv.workload("chat")
     line = _localize(workload_commands.build_workload_start(inv, w, home), env_file)
-    r = subprocess.run(
-        [shell, "-c", line], input="sk-unit-test\n", capture_output=True, text=True, timeout=20
-    )
+    r = subprocess.run([shell, "-c", line], input="sk-unit-test\n", capture_output=True, text=True, timeout=20)
     assert r.returncode == 0, r.stderr
     try:
         rec = _record(tmp / "vllm.record", deadline=2.0)
@@ -334,7 +325,10 @@ def test_workload_start_line_reads_the_key_from_stdin_and_records_the_pid(sandbo
     assert "--nnodes 2 --node-rank 0 --master-addr 192.168.100.10" in rec["argv"]
     assert rec["NCCL_IB_GID_INDEX"] == "5"
     assert pid_file.read_text().strip() == rec["pid"]
-    assert Path(workload_commands.spec_file(home, "chat")).read_text() == workload_commands.workload_spec(inv, w, home) + "\n"
+    assert (
+        Path(workload_commands.spec_file(home, "chat")).read_text()
+        == workload_commands.workload_spec(inv, w, home) + "\n"
+    )
     assert "sk-unit-test" not in line
 
 
@@ -357,7 +351,10 @@ def test_workload_stop_line_stops_the_process_group_and_forgets_it(sandbox, shel
     reaper = threading.Thread(target=proc.wait, daemon=True)
     reaper.start()
     try:
-        pid_file, spec_file = Path(workload_commands.pid_file(home, "chat")), Path(workload_commands.spec_file(home, "chat"))
+        pid_file, spec_file = (
+            Path(workload_commands.pid_file(home, "chat")),
+            Path(workload_commands.spec_file(home, "chat")),
+        )
         pid_file.parent.mkdir(parents=True, exist_ok=True)
         pid_file.write_text(f"{proc.pid}\n")
         spec_file.write_text("spec\n")
@@ -437,4 +434,6 @@ def test_container_case_facts_read_back_from_probe_output() -> None:
         assert read.files == files
         if head:
             inv = case_inventory(case)
-            assert read.files["workload-chat.spec"] == workload_commands.workload_spec(inv, inv.workload("chat"), "/home/nvidia")
+            assert read.files["workload-chat.spec"] == workload_commands.workload_spec(
+                inv, inv.workload("chat"), "/home/nvidia"
+            )

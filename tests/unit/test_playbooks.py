@@ -140,12 +140,8 @@ def _stages(plan: Plan) -> list[tuple[str, str, str, list[dict[str, Any]]]]:
 
 
 @pytest.mark.parametrize("facts_from", [None, "up-converged-pair.yaml", "up-half-converged.yaml"])
-@pytest.mark.parametrize(
-    ("book", "builtin", "first"), [("bringup", "up", "fabric"), ("teardown", "down", None)]
-)
-def test_playbook_spells_out_its_builtin(
-    book: str, builtin: str, first: str | None, facts_from: str | None
-) -> None:
+@pytest.mark.parametrize(("book", "builtin", "first"), [("bringup", "up", "fabric"), ("teardown", "down", None)])
+def test_playbook_spells_out_its_builtin(book: str, builtin: str, first: str | None, facts_from: str | None) -> None:
     """bringup after its preflight plans exactly what `up` plans; teardown exactly what `down` plans."""
     inv = parse_inventory(EXAMPLE.read_text(), str(EXAMPLE))
     if facts_from:

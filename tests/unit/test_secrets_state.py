@@ -50,8 +50,6 @@ ARGV_RUNBOOK = SECRET_RUNBOOK.replace(
 """The parameter on the command line (refused while it is secret)."""
 
 
-
-
 def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
@@ -148,8 +146,7 @@ def test_a_shell_steps_env_reaches_the_program_but_no_command_line(tmp_path: Pat
     inv = parse_inventory(EXAMPLE.read_text())
     ctx = PlanContext(inv, {h.name: fresh_facts(inv, h) for h in inv.hosts})
     probe = (
-        "import os; print(os.environ['TOKEN']); print(os.environ['OTHER']); "
-        "print(open('/proc/self/cmdline').read())"
+        "import os; print(os.environ['TOKEN']); print(os.environ['OTHER']); print(open('/proc/self/cmdline').read())"
     )
     args = ShellArgs(argv=[sys.executable, "-c", probe], env={"TOKEN": SECRET, "OTHER": "two words"})
     (step,) = ACTIONS["shell"].plan(ctx, inv.head, args)

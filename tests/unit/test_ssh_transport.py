@@ -140,13 +140,9 @@ def test_unknown_host_keys_are_rejected_by_default(paramiko_connect, ssh_config)
     assert not isinstance(call.policy, paramiko.AutoAddPolicy)
 
 
-@pytest.mark.parametrize(
-    ("flag", "policy"), [(True, "reject"), (False, "accept_new")], ids=["flag", "inventory"]
-)
+@pytest.mark.parametrize(("flag", "policy"), [(True, "reject"), (False, "accept_new")], ids=["flag", "inventory"])
 def test_accept_new_is_chosen_by_the_flag_or_the_inventory(paramiko_connect, ssh_config, flag, policy):
-    connect(
-        make_host(), SshSettings(host_key_policy=policy), accept_new_host_keys=flag, ssh_config=ssh_config()
-    )
+    connect(make_host(), SshSettings(host_key_policy=policy), accept_new_host_keys=flag, ssh_config=ssh_config())
 
     (call,) = paramiko_connect
     assert not isinstance(call.policy, (paramiko.RejectPolicy, paramiko.AutoAddPolicy))
@@ -231,9 +227,7 @@ class FakeSshd(paramiko.ServerInterface):
         self.transport: paramiko.Transport | None = None
 
     def check_channel_request(self, kind: str, chanid: int) -> int:
-        return (
-            paramiko.OPEN_SUCCEEDED if kind == "session" else paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
-        )
+        return paramiko.OPEN_SUCCEEDED if kind == "session" else paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
 
     def get_allowed_auths(self, username: str) -> str:
         return "publickey"
@@ -389,9 +383,7 @@ def test_a_revoked_host_key_is_refused_even_if_listed(network, settings, ssh_con
 def test_accept_new_creates_a_missing_known_hosts_file_private(network, settings, ssh_config, tmp_path):
     known = tmp_path / "new" / "known_hosts"
 
-    connect(
-        make_host(), settings(known_hosts=str(known), host_key_policy="accept_new"), ssh_config=ssh_config()
-    )
+    connect(make_host(), settings(known_hosts=str(known), host_key_policy="accept_new"), ssh_config=ssh_config())
 
     assert known.read_text() == known_line(network.host_key)
     assert known.stat().st_mode & 0o777 == 0o600
@@ -519,7 +511,6 @@ def test_timeout_closes_the_channel_and_names_host_and_command(network, trusted,
     assert SECRET not in str(caught.value)
     assert SECRET not in caplog.text
     assert network.server.channel_closed.wait(10)
-
 
 
 def test_the_host_stopping_a_command_at_its_limit_is_a_timeout(network, trusted):

@@ -26,8 +26,13 @@ PAIR: dict[str, Any] = {
 
 
 def _inventory(tp: int, executor: str = "ray") -> Inventory:
-    workload = {"name": "chat", "engine": "vllm", "model": "Qwen/Qwen3-0.6B", "tensor_parallel_size": tp,
-                "executor": executor}
+    workload = {
+        "name": "chat",
+        "engine": "vllm",
+        "model": "Qwen/Qwen3-0.6B",
+        "tensor_parallel_size": tp,
+        "executor": executor,
+    }
     return Inventory.model_validate({**PAIR, "workloads": [workload]})
 
 
@@ -130,8 +135,14 @@ def test_a_model_answering_neither_stays_listed(server: tuple[str, list[str]]) -
 
 
 def _mp(tp: int = 2, **extra: Any) -> Inventory:
-    workload = {"name": "mini", "engine": "vllm", "model": "/models/mini", "tensor_parallel_size": tp,
-                "executor": "mp", **extra}
+    workload = {
+        "name": "mini",
+        "engine": "vllm",
+        "model": "/models/mini",
+        "tensor_parallel_size": tp,
+        "executor": "mp",
+        **extra,
+    }
     return Inventory.model_validate({**PAIR, "workloads": [workload]})
 
 
@@ -141,12 +152,42 @@ def test_mp_executor_runs_one_vllm_serve_per_spark_head_first() -> None:
     assert [h.name for h in rank_hosts(inv, w)] == ["a", "b"]
     head = workload_argv(inv, w, "/home/spark", inv.host("a"))
     other = workload_argv(inv, w, "/home/spark", inv.host("b"))
-    common = ["/opt/sparkctl-runtime/bin/vllm", "serve", "/models/mini", "--served-model-name", "mini",
-              "--tensor-parallel-size", "2", "--distributed-executor-backend", "mp", "--nnodes", "2"]
-    assert head == [*common, "--node-rank", "0", "--master-addr", "192.168.100.10", "--gpu-memory-utilization",
-                    "0.85", "--host", "10.0.0.11", "--port", "8000"]
-    assert other == [*common, "--node-rank", "1", "--master-addr", "192.168.100.10", "--gpu-memory-utilization",
-                     "0.85", "--headless"]
+    common = [
+        "/opt/sparkctl-runtime/bin/vllm",
+        "serve",
+        "/models/mini",
+        "--served-model-name",
+        "mini",
+        "--tensor-parallel-size",
+        "2",
+        "--distributed-executor-backend",
+        "mp",
+        "--nnodes",
+        "2",
+    ]
+    assert head == [
+        *common,
+        "--node-rank",
+        "0",
+        "--master-addr",
+        "192.168.100.10",
+        "--gpu-memory-utilization",
+        "0.85",
+        "--host",
+        "10.0.0.11",
+        "--port",
+        "8000",
+    ]
+    assert other == [
+        *common,
+        "--node-rank",
+        "1",
+        "--master-addr",
+        "192.168.100.10",
+        "--gpu-memory-utilization",
+        "0.85",
+        "--headless",
+    ]
     assert workload_argv(inv, w, "/home/spark") == head  # no host: the head
     assert "RAY_ADDRESS" not in workload_env(inv, w)  # it never joins Ray
 
@@ -166,8 +207,14 @@ def test_mp_with_one_rank_is_a_plain_single_process() -> None:
     ],
 )
 def test_mp_inventory_mistakes_are_refused(extra: dict[str, Any], wanted: str) -> None:
-    workload = {"name": "mini", "engine": "vllm", "model": "/models/mini", "tensor_parallel_size": 2,
-                "executor": "mp", **extra}
+    workload = {
+        "name": "mini",
+        "engine": "vllm",
+        "model": "/models/mini",
+        "tensor_parallel_size": 2,
+        "executor": "mp",
+        **extra,
+    }
     hosts = [{**h, "gpus": 2} for h in PAIR["hosts"]]
     inv = Inventory.model_validate({**PAIR, "hosts": hosts, "workloads": [workload]})
     assert wanted in [msg for _, msg, _ in check_inventory(inv)]

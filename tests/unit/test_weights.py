@@ -69,7 +69,10 @@ def facts(inv: Inventory, **hosts: dict[str, Any]) -> dict[str, HostFacts]:
     out = {}
     for name, f in base.items():
         update: dict[str, Any] = {
-            "user": "nvidia", "home": "/home/nvidia", "hf_free": 500 << 30, "tools": {"rsync": "/usr/bin/rsync"},
+            "user": "nvidia",
+            "home": "/home/nvidia",
+            "hf_free": 500 << 30,
+            "tools": {"rsync": "/usr/bin/rsync"},
             "files": {f"{paths.WEIGHTS_SCRIPT}.sha256": DIGESTS["weights_code"]},
         }
         out[name] = f.model_copy(update={**update, **hosts.get(name.replace("-", "_"), {})})
@@ -85,8 +88,12 @@ def planned(inv: Inventory, f: dict[str, HostFacts]) -> list[Step]:
     return [
         s
         for h in inv.hosts
-        for plan in (images.plan_peer_access, weights.plan_weights_fetch, weights.plan_weights_copy,
-                     weights.plan_weights_verify)
+        for plan in (
+            images.plan_peer_access,
+            weights.plan_weights_fetch,
+            weights.plan_weights_copy,
+            weights.plan_weights_verify,
+        )
         for s in plan(c, h)
     ]
 
@@ -110,7 +117,11 @@ def test_a_fresh_pair_downloads_once_on_the_head_copies_over_the_fabric_and_chec
     assert fetch.host == "spark-a" and fetch.target == REPO_ID
     argv = sh_argv(fetch)
     assert argv[-6:] == [
-        "fetch", REPO_ID, "main", HUB, f"/home/nvidia/.local/state/sparkctl/weights/{FOLDER}@main.json",
+        "fetch",
+        REPO_ID,
+        "main",
+        HUB,
+        f"/home/nvidia/.local/state/sparkctl/weights/{FOLDER}@main.json",
         "spark-b=500=0",  # the target's free space (GiB) and what it holds, checked before any byte moves
     ]
     assert argv[argv.index("exec") + 1] == "/opt/sparkctl-runtime/bin/python"
@@ -147,8 +158,13 @@ def test_a_partial_copy_is_resumed_with_the_bytes_to_move_and_checked_against_th
     assert json.loads(check.commands[0].stdin or "") == MANIFEST  # the source's manifest, on stdin
     assert "2 files, 61.00 GB, 1 with the hub's sha256" in check.description
     argv = sh_argv(check)
-    assert argv == ["python3", f"/home/nvidia/.local/state/sparkctl/{paths.WEIGHTS_SCRIPT}", "verify",
-                    f"{HUB}/{FOLDER}", f"/home/nvidia/.local/state/sparkctl/weights/{FOLDER}@main.json"]
+    assert argv == [
+        "python3",
+        f"/home/nvidia/.local/state/sparkctl/{paths.WEIGHTS_SCRIPT}",
+        "verify",
+        f"{HUB}/{FOLDER}",
+        f"/home/nvidia/.local/state/sparkctl/weights/{FOLDER}@main.json",
+    ]
 
 
 def test_a_record_whose_files_are_gone_is_not_trusted() -> None:
@@ -192,8 +208,13 @@ def test_the_workload_reads_the_cache_only_and_names_its_revision() -> None:
 
 
 def test_a_token_and_the_hub_settings_reach_the_download_and_a_path_model_is_not_synced() -> None:
-    inv = inventory(("    tensor_parallel_size: 2\n", "    tensor_parallel_size: 2\n    hf_token_env: HF_TOKEN\n"
-                     "    env: {HF_ENDPOINT: 'http://10.0.0.1:8080', VLLM_CPU_KVCACHE_SPACE: '1'}\n"))
+    inv = inventory(
+        (
+            "    tensor_parallel_size: 2\n",
+            "    tensor_parallel_size: 2\n    hf_token_env: HF_TOKEN\n"
+            "    env: {HF_ENDPOINT: 'http://10.0.0.1:8080', VLLM_CPU_KVCACHE_SPACE: '1'}\n",
+        )
+    )
     fetch = only(planned(inv, facts(inv)), "weights_fetch")
     assert fetch.commands[0].stdin_secret == weights.token_secret(inv.workloads[0]) and fetch.commands[0].stdin is None
     line = fetch.commands[0].argv[2]
@@ -210,13 +231,13 @@ def test_container_mode_fetches_in_a_throwaway_container_of_the_image() -> None:
         f[name] = f[name].model_copy(update={"runtime": f[name].runtime.model_copy(update={"image_id": "sha256:1"})})
     argv = sh_argv(only(planned(inv, f), "weights_fetch"))
     assert argv[:2] == ["mkdir", "-p"]
-    run = argv[argv.index("exec") + 1:]
+    run = argv[argv.index("exec") + 1 :]
     assert run[:6] == ["docker", "run", "--rm", "-i", "--network", "host"]
     assert "/home/nvidia/.cache/huggingface:/root/.cache/huggingface" in run
     entry = run.index("--entrypoint")
-    assert run[entry + 1: entry + 4] == ["python3", "nvcr.io/nvidia/vllm:26.05-py3", "/sparkctl/weights.py"]
+    assert run[entry + 1 : entry + 4] == ["python3", "nvcr.io/nvidia/vllm:26.05-py3", "/sparkctl/weights.py"]
     assert run[-2:] == [f"/sparkctl/weights/{FOLDER}@main.json", "spark-b=500=0"]
-    assert run[run.index("fetch") + 1: run.index("fetch") + 4] == [REPO_ID, "main", "/root/.cache/huggingface/hub"]
+    assert run[run.index("fetch") + 1 : run.index("fetch") + 4] == [REPO_ID, "main", "/root/.cache/huggingface/hub"]
 
 
 def test_the_probe_listing_parses_into_what_the_plan_compares() -> None:
@@ -247,8 +268,9 @@ def _repo(tmp: Path) -> Path:
 
 
 def run_helper(*args: str, stdin: str = "\n", env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(HELPER), *args], input=stdin, capture_output=True, text=True,
-                          timeout=120, env=env)
+    return subprocess.run(
+        [sys.executable, str(HELPER), *args], input=stdin, capture_output=True, text=True, timeout=120, env=env
+    )
 
 
 def test_the_helper_fetches_once_checks_the_hubs_sha256_and_refuses_a_short_peer(tmp_path: Path) -> None:
@@ -265,7 +287,9 @@ def test_the_helper_fetches_once_checks_the_hubs_sha256_and_refuses_a_short_peer
         ok = run_helper("fetch", "org/mini", "main", str(cache), str(manifest), "spark-b=100=0", env=env)
         assert ok.returncode == 0, ok.stderr
         assert count_gets(read_log(tmp_path / "hub.log")) == {
-            "config.json": 1, "1_Pooling/config.json": 1, "model.safetensors": 1
+            "config.json": 1,
+            "1_Pooling/config.json": 1,
+            "model.safetensors": 1,
         }
         m = json.loads(manifest.read_text())
         lfs = next(f for f in m["files"] if f["path"] == "model.safetensors")
@@ -299,8 +323,12 @@ def test_the_helper_fetches_once_checks_the_hubs_sha256_and_refuses_a_short_peer
 def test_the_helper_refuses_a_manifest_path_out_of_the_snapshot(tmp_path: Path) -> None:
     outside = tmp_path / "keep"
     outside.write_text("x")
-    manifest = {"repo": "a/b", "revision": "main", "commit": "c", "files": [
-        {"path": "../../../keep", "size": 5, "sha256": None, "blob": "x"}]}
+    manifest = {
+        "repo": "a/b",
+        "revision": "main",
+        "commit": "c",
+        "files": [{"path": "../../../keep", "size": 5, "sha256": None, "blob": "x"}],
+    }
     (tmp_path / "r" / "snapshots" / "c").mkdir(parents=True)
     r = run_helper("verify", str(tmp_path / "r"), str(tmp_path / "m.json"), stdin=json.dumps(manifest))
     assert r.returncode == 1 and "not a path inside the snapshot" in r.stderr and outside.exists()
@@ -335,12 +363,22 @@ def test_the_engine_reads_a_copys_output_as_it_arrives_and_says_how_far_it_got()
     out = "  1,000,000,000  50%  100.00MB/s    0:00:10\r  2,000,000,000 100%  100.00MB/s    0:00:20\n"
     transports = {"spark-a": RecordingTransport("spark-a", {"sh -c": Result(0, out, "")})}
     seen: list[Event] = []
-    copy = Step(host="spark-a", kind="weights_copy", target="spark-b:org/m", description="copy",
-                commands=[Command(argv=["sh", "-c", "rsync ..."], progress="rsync")])
-    plain = Step(host="spark-a", kind="env_file", target="x", description="env",
-                 commands=[Command(argv=["sh", "-c", "cat ..."])])
-    plan = Plan(cluster="c", runbook="rb", hosts=["spark-a"],
-                stages=[Stage(name="weights-copy", action="weights_copy", steps=[copy, plain])])
+    copy = Step(
+        host="spark-a",
+        kind="weights_copy",
+        target="spark-b:org/m",
+        description="copy",
+        commands=[Command(argv=["sh", "-c", "rsync ..."], progress="rsync")],
+    )
+    plain = Step(
+        host="spark-a", kind="env_file", target="x", description="env", commands=[Command(argv=["sh", "-c", "cat ..."])]
+    )
+    plan = Plan(
+        cluster="c",
+        runbook="rb",
+        hosts=["spark-a"],
+        stages=[Stage(name="weights-copy", action="weights_copy", steps=[copy, plain])],
+    )
     report = Engine(transports=transports, nopasswd={"spark-a": True}, emit=seen.append).run(plan)
     assert report.ok
     said = [(e.step, e.status, e.message) for e in seen if e.kind == "progress"]
@@ -356,13 +394,23 @@ def test_plain_output_prints_a_copys_progress_every_few_seconds_and_no_workload_
     now = [0.0]
     stream = io.StringIO()
     p = Progress(stream=stream, clock=lambda: now[0])
-    for t, message in ((0.0, "0.10 GB (1%) at 90MB/s"), (1.0, "0.20 GB (2%) at 90MB/s"),
-                       (5.5, "0.60 GB (7%) at 90MB/s")):
+    for t, message in (
+        (0.0, "0.10 GB (1%) at 90MB/s"),
+        (1.0, "0.20 GB (2%) at 90MB/s"),
+        (5.5, "0.60 GB (7%) at 90MB/s"),
+    ):
         now[0] = t
-        p(Event("progress", host="spark-a", stage="weights-copy", step="weights_copy:spark-b:m", status="copying",
-                message=message))
-    p(Event("progress", host="spark-a", stage="ready", step="workload:chat", status="loading weights",
-            message="3/8"))
+        p(
+            Event(
+                "progress",
+                host="spark-a",
+                stage="weights-copy",
+                step="weights_copy:spark-b:m",
+                status="copying",
+                message=message,
+            )
+        )
+    p(Event("progress", host="spark-a", stage="ready", step="workload:chat", status="loading weights", message="3/8"))
     assert stream.getvalue().splitlines() == [
         "   spark-a: weights_copy:spark-b:m copying 0.10 GB (1%) at 90MB/s",
         "   spark-a: weights_copy:spark-b:m copying 0.60 GB (7%) at 90MB/s",

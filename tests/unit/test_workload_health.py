@@ -34,6 +34,7 @@ RAY_EXECUTOR = EXAMPLE.read_text().replace(
     "    tensor_parallel_size: 2\n", "    tensor_parallel_size: 2\n    executor: ray\n"
 )
 
+
 def _server(status: int, body: dict[str, Any]) -> Iterator[str]:
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args: Any) -> None:
@@ -251,9 +252,8 @@ def _vllm_facts(inv: Any, *, running: bool, exit_line: str | None) -> dict[str, 
     if exit_line is not None:
         files["workload-chat.exit"] = exit_line
     procs = " 4242 nvidia /opt/venv/bin/vllm serve\n" if running else " 17 nvidia bash\n"
-    out = (
-        f"{MARK} identity\nnvidia\n{home}\nspark-a\n{MARK} processes\n{procs}"
-        f"{MARK} state_files\n" + "".join(f"{k}:{v}\n" for k, v in files.items())
+    out = f"{MARK} identity\nnvidia\n{home}\nspark-a\n{MARK} processes\n{procs}{MARK} state_files\n" + "".join(
+        f"{k}:{v}\n" for k, v in files.items()
     )
     head = parse_probe("spark-a", out)
     return {h.name: head.model_copy(update={"host": h.name}) for h in inv.hosts}

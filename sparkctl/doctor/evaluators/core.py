@@ -29,6 +29,7 @@ EVALUATORS: dict[str, Evaluator] = {}
 
 def evaluator(name: str) -> Callable[[Evaluator], Evaluator]:
     """Registers the decorated function as the evaluator of the rules whose `check` is `name`."""
+
     def register(fn: Evaluator) -> Evaluator:
         EVALUATORS[name] = fn
         return fn

@@ -77,9 +77,7 @@ def nccl_build(ctx: CheckContext, rule: Rule) -> list[Finding]:
     library)."""
     inv = ctx.inventory
     system_path = str(rule.args["system_path"])
-    across = [
-        w.name for w in inv.workloads if w.engine == "vllm" and workload_ranks(w) > 1 and len(inv.group(w)) > 1
-    ]
+    across = [w.name for w in inv.workloads if w.engine == "vllm" and workload_ranks(w) > 1 and len(inv.group(w)) > 1]
     wants_system = inv.runtime.nccl == "system"
     out = []
     for name, f in _hosts(ctx):

@@ -132,8 +132,15 @@ def runtime_support(ctx: CheckContext, rule: Rule) -> list[Finding]:
         problems, fixes = [], []
         image_missing = bool(inv.runtime.image) and not rt.image_id
         if image_missing and source is None:
-            out.append(_f(rule, True, name, f"image {inv.runtime.image} is on no host yet: up pulls it on "
-                          f"{inv.head.name}, then copies it (judged once it is there)"))
+            out.append(
+                _f(
+                    rule,
+                    True,
+                    name,
+                    f"image {inv.runtime.image} is on no host yet: up pulls it on "
+                    f"{inv.head.name}, then copies it (judged once it is there)",
+                )
+            )
             continue
         if inv.runtime.image and source is not None and rt.image_id != ctx.facts[source].runtime.image_id:
             # up copies the source's image here before anything runs: what counts is what that image holds
@@ -191,8 +198,6 @@ def image_driver(ctx: CheckContext, rule: Rule) -> list[Finding]:
             out.append(_f(rule, True, name, f"not judged: {what}"))
             continue
         ok = version_tuple(f.cuda_version) >= version_tuple(need)
-        evidence = (
-            f"image {inv.runtime.image} requires CUDA >= {need}; driver {driver} supports CUDA {f.cuda_version}"
-        )
+        evidence = f"image {inv.runtime.image} requires CUDA >= {need}; driver {driver} supports CUDA {f.cuda_version}"
         out.append(_f(rule, ok, name, evidence))
     return out

@@ -102,9 +102,7 @@ def write_if_changed(path: Path, content: str) -> None:
 
 
 def ipv4_by_netdev() -> dict[str, list[str]]:
-    out = subprocess.run(
-        ["ip", "-j", "-4", "addr", "show"], capture_output=True, text=True, check=True
-    ).stdout
+    out = subprocess.run(["ip", "-j", "-4", "addr", "show"], capture_output=True, text=True, check=True).stdout
     result: dict[str, list[str]] = {}
     for link in json.loads(out or "[]"):
         addrs = [a["local"] for a in link.get("addr_info", []) if a.get("family") == "inet"]
