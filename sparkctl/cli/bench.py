@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import enum
 import json
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from sparkctl.cli import common as c
 from sparkctl.cli.complete import complete_workload
 from sparkctl.errors import EXIT_FAILED, EXIT_INTERRUPTED, InputError, Problem
+
+if TYPE_CHECKING:
+    from sparkctl.session.engine import Report
 
 app = typer.Typer(help="Measure the cluster.", no_args_is_help=True, rich_markup_mode=None)
 
@@ -95,30 +98,15 @@ def bench_serve(
     debug: c.DebugOpt = False,
 ) -> None:
     """Load a workload with vLLM's own load generator (vllm bench serve) and keep the result in the journal."""
-    import contextlib
-    import shutil
-    import sys
-    from collections.abc import Iterator
-
-    from sparkctl.cli.render import Progress, render_bench_serve, render_report_details
+    from sparkctl.cli.render import Progress
     from sparkctl.runbook.load import load_runbook, resolve_params
     from sparkctl.session.access import pick_workload, stored_key
-    from sparkctl.session.reports import summarise_bench_serve
     from sparkctl.session.run import RunHooks, RunRequest, run_runbook
 
     inv = c.start(debug, inventory)
     w = pick_workload(inv, workload)
-    if source == "laptop" and shutil.which("vllm") is None:
-        raise InputError(
-            [
-                Problem(
-                    "--from laptop",
-                    "no `vllm` on this laptop's PATH: the load generator is vLLM's (vllm bench serve)",
-                    "install vLLM here (pip install vllm), or run the bench from the cluster: --from head (the "
-                    "default)",
-                )
-            ]
-        )
+    if source == "laptop":
+        _vllm_on_this_laptop()
     stored_key(inv, w)  # no key on this laptop yet: nothing to authenticate with (run `sparkctl up`)
     rb = load_runbook("bench-serve")
     sets = {
@@ -131,35 +119,44 @@ def bench_serve(
         "api": api.value,
         "source": source,
     }
-    params = resolve_params(rb, sets)
-    live = None
-    if c.live_wanted(plain, as_json):
-        from sparkctl.cli.live import LiveProgress
-
-        live = LiveProgress(stream=sys.stderr)
-
-    @contextlib.contextmanager
-    def applying() -> Iterator[None]:
-        if live is not None:
-            live.start()
-        try:
-            yield
-        finally:
-            if live is not None:
-                live.stop()
-
     req = RunRequest(
         inv,
         rb,
-        params,
+        resolve_params(rb, sets),
         accept_new_host_keys=accept_new_host_keys,
         lock=False,  # it reads and loads a workload; it changes nothing a lock protects
         confirm_plan=False,
         laptop=source == "laptop",
     )
-    hooks = RunHooks(emit=live or Progress(quiet=False), confirm=lambda m: True, applying=applying)
+    live = c.live_view(plain, as_json)
+    hooks = RunHooks(emit=live or Progress(quiet=False), confirm=lambda m: True, applying=lambda: c.drawing(live))
     report = run_runbook(req, hooks).report
     assert report is not None  # applied: nothing to confirm
+    _show_bench(report, as_json)
+
+
+def _vllm_on_this_laptop() -> None:
+    """`--from laptop` runs vLLM's load generator here: refused before any connection when there is none."""
+    import shutil
+
+    if shutil.which("vllm") is None:
+        raise InputError(
+            [
+                Problem(
+                    "--from laptop",
+                    "no `vllm` on this laptop's PATH: the load generator is vLLM's (vllm bench serve)",
+                    "install vLLM here (pip install vllm), or run the bench from the cluster: --from head (the "
+                    "default)",
+                )
+            ]
+        )
+
+
+def _show_bench(report: Report, as_json: bool) -> None:
+    """The bench's figures (text or JSON), the run's details on stderr, and the exit code of how it went."""
+    from sparkctl.cli.render import render_bench_serve, render_report_details
+    from sparkctl.session.reports import summarise_bench_serve
+
     result = summarise_bench_serve(report)
     if as_json:
         c.echo(json.dumps(result, indent=2))

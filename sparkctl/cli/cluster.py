@@ -13,7 +13,7 @@ from sparkctl.errors import EXIT_FAILED, EXIT_INTERRUPTED, InputError, Problem
 # Loaded when a command runs (see common.py): the models and the planner to plan; the session, the engine and
 # the preflight rules only for commands that reach the hosts.
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable
 
     from sparkctl.cli.live import LiveProgress
     from sparkctl.inventory.models import Inventory
@@ -99,13 +99,7 @@ def execute(
     from sparkctl.cli.render import Progress
     from sparkctl.session.run import RunRequest, run_runbook
 
-    live = None
-    if not dry_run and c.live_wanted(plain, as_json):
-        import sys
-
-        from sparkctl.cli.live import LiveProgress
-
-        live = LiveProgress(stream=sys.stderr)
+    live = None if dry_run else c.live_view(plain, as_json)
     req = RunRequest(
         inv,
         rb,
@@ -126,16 +120,20 @@ def execute(
             raise typer.Exit(EXIT_FAILED)
         c.echo(show_plan(outcome.plan, as_json, outcome.hidden))
         return
-    report = outcome.report
+    _show_outcome(outcome.report, outcome.hidden, live, as_json)
+
+
+def _show_outcome(report: Report, hidden: Secrets, live: LiveProgress | None, as_json: bool) -> None:
+    """The applied run's report (the live view's recap, or plain/JSON), its benches, and its exit code."""
     if live is not None:
         from sparkctl.cli.live import print_report
         from sparkctl.cli.render import render_report_details
         from sparkctl.session.engine import Report
 
-        shown = Report.model_validate(outcome.hidden.scrub(report.model_dump()))
+        shown = Report.model_validate(hidden.scrub(report.model_dump()))
         print_report(shown, "\n".join(render_report_details(shown)), live)
     else:
-        c.echo(show_report(report, as_json, outcome.hidden))
+        c.echo(show_report(report, as_json, hidden))
     if not as_json:
         _show_benches(report)
     if report.interrupted:
@@ -149,8 +147,6 @@ def _hooks(
 ) -> RunHooks:
     """The run's questions answered on this terminal: the plan shown before confirming (not with --json), a
     confirmation paused out of the live view, the sudo password from env, file or one prompt."""
-    import contextlib
-
     from sparkctl.session.run import RunHooks
 
     def confirm(message: str) -> bool:
@@ -159,23 +155,13 @@ def _hooks(
         with live.paused():
             return c.confirm(message, yes)
 
-    @contextlib.contextmanager
-    def applying() -> Iterator[None]:
-        if live is not None:
-            live.start()
-        try:
-            yield
-        finally:
-            if live is not None:
-                live.stop()
-
     return RunHooks(
         emit=emit,
         show_plan=lambda plan, hidden: None if as_json else c.echo(show_plan(plan, False, hidden)),
         confirm=confirm,
         sudo_password=lambda: c.sudo_password(inv),
         warn=lambda message: c.echo(f"warning: {message}", err=True),
-        applying=applying,
+        applying=lambda: c.drawing(live),
     )
 
 

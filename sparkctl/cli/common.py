@@ -7,7 +7,7 @@ import getpass
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
@@ -20,6 +20,7 @@ from sparkctl.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, Input
 # Commands import what they need when they run: `--help` loads Typer and these signatures only (no pydantic,
 # models, YAML, SSH or engine), and offline planning loads neither SSH nor the engine.
 if TYPE_CHECKING:
+    from sparkctl.cli.live import LiveProgress
     from sparkctl.inventory.models import Inventory
     from sparkctl.session.engine import Event
     from sparkctl.session.session import Session
@@ -165,6 +166,27 @@ def live_wanted(plain: bool, as_json: bool) -> bool:
         return sys.stdout.isatty() and sys.stderr.isatty()
     except (AttributeError, ValueError):  # replaced or closed streams
         return False
+
+
+def live_view(plain: bool, as_json: bool) -> LiveProgress | None:
+    """The live view on stderr when `live_wanted`, else None (plain progress lines)."""
+    if not live_wanted(plain, as_json):
+        return None
+    from sparkctl.cli.live import LiveProgress
+
+    return LiveProgress(stream=sys.stderr)
+
+
+@contextlib.contextmanager
+def drawing(live: LiveProgress | None) -> Iterator[None]:
+    """While a run applies its plan, the live view (if any) draws."""
+    if live is not None:
+        live.start()
+    try:
+        yield
+    finally:
+        if live is not None:
+            live.stop()
 
 
 def echo(text: str = "", err: bool = False) -> None:
