@@ -90,15 +90,24 @@ def build_ray_stop(inv: Inventory, home: str) -> str:
 
 
 def ray_check_script(expected_ips: list[str]) -> str:
-    """Python run on the head: exit 0 when every expected node is alive with its resources."""
+    """Python run on the head: exit 0 when every expected node is alive with its resources, each address once.
+
+    A raylet that died and was started again on the same address (a host rebooted, `up` restarting it at once) is a
+    new node, while the GCS keeps the dead one's record alive until its health checks fail: they name the node id,
+    so the new raylet does not answer them (ray-project/ray#30841), and they take seconds to give up (#40837). Until
+    then Ray may place a placement group's bundle on the dead record; the check waits until each address has one
+    alive node."""
     return (
-        "import json, sys, ray\n"
+        "import collections, json, sys, ray\n"
         'ray.init(address="auto", logging_level="ERROR", log_to_driver=False)\n'
-        'alive = {n["NodeManagerAddress"]: n["Resources"] for n in ray.nodes() if n["Alive"]}\n'
+        'nodes = [n for n in ray.nodes() if n["Alive"]]\n'
+        'alive = {n["NodeManagerAddress"]: n["Resources"] for n in nodes}\n'
+        'count = collections.Counter(n["NodeManagerAddress"] for n in nodes)\n'
         f"want = {json.dumps(expected_ips)}\n"
         "missing = [ip for ip in want if ip not in alive]\n"
-        'print(json.dumps({"alive": alive, "missing": missing}))\n'
-        "sys.exit(1 if missing else 0)\n"
+        "stale = [ip for ip in want if count[ip] > 1]\n"
+        'print(json.dumps({"alive": alive, "missing": missing, "twice": stale}))\n'
+        "sys.exit(1 if missing or stale else 0)\n"
     )
 
 
