@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,8 @@ import yaml
 
 from tests.integration.helpers import cli_env, ip_addrs, ipv4, sparkctl
 from tests.testbed import Testbed
+from tests.testbed.inventory import write_inventory
+from tests.testbed.layout import RUNTIME_VENV
 
 pytestmark = pytest.mark.testbed
 
@@ -236,3 +239,70 @@ def test_bench_fabric_measures_every_link_through_the_engine(configured: tuple[T
     links = {(x["host"], x["link"]): x for x in json.loads(r.stdout[r.stdout.index("{") :])["links"]}
     assert links[("spark-a", "enP2p1s0f1np1->spark-b")]["jumbo"] is False
     assert links[("spark-a", "enp1s0f1np1->spark-b")]["jumbo"] is True
+
+
+CHAT = {
+    "name": "chat",
+    "engine": "vllm",
+    "model": "Qwen/Qwen3-0.6B",
+    "tensor_parallel_size": 2,
+    "port": 8000,
+    "sync_weights": False,
+}  # executor: the default, mp; doctor only reads, nothing is started
+
+
+@contextlib.contextmanager
+def two_nccl_builds(tb: Testbed, host: str) -> Iterator[None]:
+    """Inside `host` only (overlays in its mount namespace; this machine's files untouched): the runtime venv gets
+    an nvidia-nccl-cu13 2.28.9 wheel's libnccl.so.2, and the host DGX OS's /usr/lib/aarch64-linux-gnu/libnccl.so.2
+    -> libnccl.so.2.28.9. Two builds of one version: the files are two different shared objects of this machine's
+    Python (its _json and _bz2 modules), each with its own GNU build id, which is all the probe reads of them (it
+    never loads them)."""
+    site = next(Path(RUNTIME_VENV, "lib").glob("python3*/site-packages"))
+    dynload = Path(str(sysconfig.get_config_var("DESTSHARED")))
+    wheel_lib, system_lib = next(dynload.glob("_json*.so")), next(dynload.glob("_bz2*.so"))
+    s = f"/tmp/nccl-builds-{host}"
+    sp, lib = f"{s}/sp-up", f"{s}/lib-up"
+    script = "\n".join(
+        [
+            "set -e",
+            f"mkdir -p {sp}/nvidia/nccl/lib {sp}/nvidia_nccl_cu13-2.28.9.dist-info {s}/sp-work",
+            f"mkdir -p {lib}/aarch64-linux-gnu {s}/lib-work",
+            f"cp {wheel_lib} {sp}/nvidia/nccl/lib/libnccl.so.2",
+            f"cp {system_lib} {lib}/aarch64-linux-gnu/libnccl.so.2.28.9",
+            f"ln -sf libnccl.so.2.28.9 {lib}/aarch64-linux-gnu/libnccl.so.2",
+            f"mount -t overlay overlay -o lowerdir={site},upperdir={sp},workdir={s}/sp-work {site}",
+            f"mount -t overlay overlay -o lowerdir=/usr/lib,upperdir={lib},workdir={s}/lib-work /usr/lib",
+        ]
+    )
+    tb.exec(host, ["sh", "-c", script])
+    try:
+        yield
+    finally:
+        tb.exec(host, ["sh", "-c", f"umount -l {site}; umount -l /usr/lib; rm -rf {s}"], check=False)
+
+
+def test_two_nccl_builds_of_one_version_are_named(
+    configured: tuple[Testbed, Path, dict[str, str]], tmp_path: Path
+) -> None:
+    """nccl-two-builds on what the probe reads from the hosts: spark-a's runtime and its system hold NCCL 2.28.9
+    with different build ids, for a vLLM workload across both Sparks: a warning naming both; with
+    `runtime.nccl: system` the same host passes (vLLM's collectives load the system's). spark-b has no NCCL at all:
+    nothing to judge."""
+    tb, _, env = configured
+    data = tb.inventory_data([CHAT])
+    inv = write_inventory(tmp_path / "chat.yaml", data)
+    with two_nccl_builds(tb, "spark-a"):
+        _, findings = doctor(inv, env)
+        system = write_inventory(tmp_path / "system.yaml", {**data, "runtime": {**data["runtime"], "nccl": "system"}})
+        _, with_system = doctor(system, env)
+    found = {f["subject"]: f for f in findings if f["rule"] == "nccl-two-builds"}
+    assert set(found) == {"spark-a"} and found["spark-a"]["level"] == "warn", found
+    why = found["spark-a"]["evidence"]
+    assert "NCCL 2.28.9" in why and "/usr/lib/aarch64-linux-gnu/libnccl.so.2" in why, why
+    assert "the same version, another build, for chat across Sparks" in why, why
+    chosen = {f["subject"]: (f["level"], f["evidence"]) for f in with_system if f["rule"] == "nccl-two-builds"}
+    assert chosen["spark-a"][0] == "pass" and "VLLM_NCCL_SO_PATH" in chosen["spark-a"][1], chosen
+    # and spark-a is back as it was: no NCCL read there any more
+    _, after = doctor(inv, env)
+    assert [f for f in after if f["rule"] == "nccl-two-builds"] == [], after
