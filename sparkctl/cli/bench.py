@@ -13,7 +13,7 @@ from sparkctl.cli.complete import complete_workload
 from sparkctl.errors import EXIT_FAILED, EXIT_INTERRUPTED, InputError, Problem
 
 if TYPE_CHECKING:
-    from sparkctl.session.engine import Report
+    from sparkctl.session.report import Report
 
 app = typer.Typer(help="Measure the cluster.", no_args_is_help=True, rich_markup_mode=None)
 

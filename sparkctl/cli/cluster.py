@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from sparkctl.inventory.models import Inventory
     from sparkctl.plan.models import Plan
     from sparkctl.runbook.models import Runbook
-    from sparkctl.session.engine import Event, Report
+    from sparkctl.session.report import Event, Report
     from sparkctl.session.run import RunHooks
     from sparkctl.session.secrets import Secrets
 
@@ -68,7 +68,7 @@ def show_plan(plan: Plan, as_json: bool, secrets: Secrets) -> str:
 def show_report(report: Report, as_json: bool, secrets: Secrets) -> str:
     """The report as printed: the executed steps' commands may hold secret parameter values."""
     from sparkctl.cli.render import render_report
-    from sparkctl.session.engine import Report
+    from sparkctl.session.report import Report
 
     shown = Report.model_validate(secrets.scrub(report.model_dump()))
     return shown.model_dump_json(indent=2) if as_json else render_report(shown)
@@ -128,7 +128,7 @@ def _show_outcome(report: Report, hidden: Secrets, live: LiveProgress | None, as
     if live is not None:
         from sparkctl.cli.live import print_report
         from sparkctl.cli.render import render_report_details
-        from sparkctl.session.engine import Report
+        from sparkctl.session.report import Report
 
         shown = Report.model_validate(hidden.scrub(report.model_dump()))
         print_report(shown, "\n".join(render_report_details(shown)), live)

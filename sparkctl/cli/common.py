@@ -22,7 +22,7 @@ from sparkctl.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, Input
 if TYPE_CHECKING:
     from sparkctl.cli.live import LiveProgress
     from sparkctl.inventory.models import Inventory
-    from sparkctl.session.engine import Event
+    from sparkctl.session.report import Event
     from sparkctl.session.session import Session
 
 InventoryOpt = Annotated[

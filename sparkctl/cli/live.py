@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TextIO
 
 from sparkctl.cli.render import SYMBOL, escape_controls
-from sparkctl.session.engine import Event, Report
+from sparkctl.session.report import Event, Report
 
 if TYPE_CHECKING:
     from rich.console import Console, RenderableType

@@ -15,7 +15,7 @@ from sparkctl.session.logphase import PROGRESS_LABELS
 if TYPE_CHECKING:  # annotations only: printing a plan loads neither the rules nor the engine
     from sparkctl.doctor.rules import Finding
     from sparkctl.plan.models import Plan
-    from sparkctl.session.engine import Event, Report
+    from sparkctl.session.report import Event, Report
     from sparkctl.session.views import ClusterStatus
 
 SYMBOL = {

@@ -17,8 +17,8 @@ from sparkctl.errors import HostError, Problem, Unreachable
 from sparkctl.execute.base import Connect, Endpoint, Transport
 from sparkctl.inventory.models import Inventory, SshSettings
 from sparkctl.session.discovery import Discovery, targets_of
-from sparkctl.session.engine import Event
 from sparkctl.session.laptop import check_laptop_files
+from sparkctl.session.report import Event
 from sparkctl.session.session import Session, silent
 
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from sparkctl.plan.bench import RDMA_QPS, parse_all_reduce_perf, parse_ib_write_bw
 from sparkctl.plan.serve_bench import parse_bench_result, summarise_result
-from sparkctl.session.engine import Report
+from sparkctl.session.report import Report
 
 
 def summarise_bench(report: Report) -> dict[str, Any]:

@@ -15,9 +15,9 @@ from sparkctl.inventory.models import Inventory
 from sparkctl.plan.models import Plan
 from sparkctl.runbook.models import Runbook
 from sparkctl.session.door import session_for
-from sparkctl.session.engine import Event, Report
 from sparkctl.session.interrupts import INTERRUPTS
 from sparkctl.session.lock import owner_here
+from sparkctl.session.report import Event, Report
 from sparkctl.session.secrets import Secrets
 from sparkctl.session.session import Session, secrets_needed
 

@@ -30,9 +30,10 @@ from sparkctl.plan.serve_bench import LAPTOP
 from sparkctl.runbook.load import load_runbook, resolve_params
 from sparkctl.runbook.models import Runbook
 from sparkctl.runbook.planner import build_runbook_plan, plan_stage, sha256, weights_code, worker_code
-from sparkctl.session.engine import Engine, Event, Report
+from sparkctl.session.engine import Engine
 from sparkctl.session.gather import gather_facts, gather_outputs
 from sparkctl.session.lock import LockOwner, release_locks, take_locks
+from sparkctl.session.report import Event, Report
 from sparkctl.session.secrets import Secrets
 
 __all__ = ["Connect", "Session", "Unreachable", "secrets_needed"]

@@ -15,7 +15,8 @@ from sparkctl.execute.http import Probe
 from sparkctl.inventory import parse_inventory
 from sparkctl.plan.models import Command, Plan, Stage, Step, Wait
 from sparkctl.session import session as run_mod
-from sparkctl.session.engine import Engine, Event, remote_line
+from sparkctl.session.engine import Engine, remote_line
+from sparkctl.session.report import Event
 from sparkctl.session.secrets import Secrets
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "inventories" / "example-pair.yaml"

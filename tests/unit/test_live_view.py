@@ -18,8 +18,9 @@ from sparkctl.execute.fake import RecordingTransport
 from sparkctl.execute.http import Probe
 from sparkctl.plan.models import Plan, Stage, Step, Wait
 from sparkctl.session import door
-from sparkctl.session.engine import Engine, Event, Report, StepResult
+from sparkctl.session.engine import Engine
 from sparkctl.session.logphase import parse_log_phase
+from sparkctl.session.report import Event, Report, StepResult
 from sparkctl.session.secrets import Secrets
 
 EVENTS = Path(__file__).parent / "fixtures" / "events"

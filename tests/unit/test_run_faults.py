@@ -20,7 +20,8 @@ from sparkctl.plan.models import Command, Plan, Stage, Step, Wait
 from sparkctl.runbook.load import load_runbook
 from sparkctl.session import door
 from sparkctl.session import session as run_mod
-from sparkctl.session.engine import Engine, Event, Report
+from sparkctl.session.engine import Engine
+from sparkctl.session.report import Event, Report
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "inventories" / "example-pair.yaml"
 HOSTS = ["spark-a", "spark-b"]

@@ -23,7 +23,7 @@ from sparkctl.inventory import parse_inventory
 from sparkctl.plan.context import fresh_facts
 from sparkctl.runbook.load import parse_runbook, resolve_params
 from sparkctl.session import door
-from sparkctl.session.engine import Event
+from sparkctl.session.report import Event
 from sparkctl.session.session import Session
 
 REPO = Path(__file__).resolve().parents[2]

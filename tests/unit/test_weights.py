@@ -358,7 +358,8 @@ def test_the_engine_reads_a_copys_output_as_it_arrives_and_says_how_far_it_got()
     from sparkctl.execute.base import Result
     from sparkctl.execute.fake import RecordingTransport
     from sparkctl.plan.models import Command, Plan, Stage
-    from sparkctl.session.engine import Engine, Event
+    from sparkctl.session.engine import Engine
+    from sparkctl.session.report import Event
 
     out = "  1,000,000,000  50%  100.00MB/s    0:00:10\r  2,000,000,000 100%  100.00MB/s    0:00:20\n"
     transports = {"spark-a": RecordingTransport("spark-a", {"sh -c": Result(0, out, "")})}
@@ -389,7 +390,7 @@ def test_plain_output_prints_a_copys_progress_every_few_seconds_and_no_workload_
     import io
 
     from sparkctl.cli.render import Progress
-    from sparkctl.session.engine import Event
+    from sparkctl.session.report import Event
 
     now = [0.0]
     stream = io.StringIO()
