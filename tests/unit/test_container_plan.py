@@ -480,12 +480,16 @@ def test_a_new_image_restarts_ray_and_the_workloads() -> None:
 
 
 def test_ray_converges_on_the_container_docker_lists() -> None:
-    """In container mode Ray runs as specified when `docker ps` lists sparkctl-ray from the inventory's image."""
+    """In container mode Ray runs as specified when `docker ps` lists sparkctl-ray from the inventory's image.
+
+    spark-b's runs another image: it is replaced, and since the chat workload (Ray executor) is recorded on the
+    head, the head's Ray starts anew too (plan/ray_stages.lost_ray_nodes)."""
     facts = converged_facts()
     b = facts["spark-b"]
     facts["spark-b"] = b.model_copy(update={"containers": {"sparkctl-ray": "nvcr.io/nvidia/vllm:25.09-py3"}})
     plan = plan_of(container_inventory(), facts)
-    assert {s.id for s in steps(plan) if s.changes and s.kind == "ray_node"} == {"ray_node:worker"}
+    assert {s.id for s in steps(plan) if s.changes and s.kind == "ray_node"} == {"ray_node:worker", "ray_node:head"}
+    assert "the cluster lost spark-b under a placement group" in one(plan, "spark-a", "ray_node").description
     stop, _ = one(plan, "spark-b", "ray_node").commands
     assert sh_line(stop) == RAY_RM
 

@@ -12,11 +12,11 @@ from sparkctl.plan.layout import fabric_ip
 from sparkctl.plan.ray_stages import lost_ray_nodes, plan_ray_node
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "inventories" / "example-pair.yaml"
-EMBED = '''  - name: embed
+EMBED = """  - name: embed
     engine: embed
     tensor_parallel_size: 2
     port: 8100
-'''
+"""
 TOKEN = "5f2b6c1d0a9e8f7c"
 
 
