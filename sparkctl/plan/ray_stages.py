@@ -159,8 +159,9 @@ def plan_ray_node(ctx: PlanContext, host: Host) -> list[Step]:
 
 
 def lost_ray_nodes(ctx: PlanContext) -> list[str]:
-    """Hosts whose Ray node is gone (the host rebooted, its raylet died) while the head's kept running and a
-    workload on Ray is recorded on its head: that workload's placement group had a bundle on the lost node.
+    """Hosts whose Ray node is gone (the host rebooted, its raylet died) or not as specified (it is replaced), while
+    the head's kept running and a workload on Ray is recorded on its head: that workload's placement group had a
+    bundle on the node lost or replaced.
 
     The whole cluster is then restarted, head included, not only the lost node. A placement group that is removed
     while Ray reschedules its lost bundle can keep its reservation on the surviving nodes and stall every later
