@@ -276,8 +276,9 @@ def embed_logs(tb: Testbed) -> str:
 def test_a_rebooted_spark_is_named_and_up_brings_back_only_what_it_lost(pair: Pair) -> None:
     """spark-b reboots (every process killed, addresses and nftables gone, booted again on the same disk): its
     fabric profiles come back by themselves; status says Ray and the embed worker's rank there are gone; `up`
-    restarts Ray on spark-b and the workload (its head on spark-a restarted, not duplicated), redoes nothing of the
-    network, in about the first bring-up's time."""
+    restarts the Ray cluster (spark-b's node was lost under the embed worker's placement group: the head starts anew
+    too, see plan/ray_stages.lost_ray_nodes) and the workload (its head on spark-a restarted, not duplicated),
+    redoes nothing of the network, in about the first bring-up's time."""
     tb = pair.tb
     workers = len(spark_processes(tb, "spark-a", "embed_worker"))
     booted = tb.reboot("spark-b")
@@ -295,6 +296,7 @@ def test_a_rebooted_spark_is_named_and_up_brings_back_only_what_it_lost(pair: Pa
     ids = {(host, sid.split(":")[0]) for host, sid, _ in plan}
     assert not {k for _, k in ids} & {"fabric_profile", "fabric_active", "fabric_checkpoint", "env_file"}, plan
     assert ("spark-b", "ray_node") in ids and ("spark-a", "workload") in ids, plan
+    assert ("spark-a", "ray_node") in ids, plan  # a new GCS: no placement group of the lost node left behind
     assert ("spark-b", "ray_firewall") in ids, plan  # the rules were in memory only: loaded again
     t0 = time.monotonic()
     up = pair.run("up", "--yes")
