@@ -5,7 +5,7 @@ the sudo password file likewise; known_hosts is a file), then connects through `
 and probes every host. `unlock`, `discover`, `status --watch` and the runs of runbooks (`session/run.py`) all
 come through here, so a refusal that protects one command protects them all.
 
-Tests replace the network in one place: the `connector` fixture (tests/conftest.py) sets `CONNECTOR`.
+Tests replace the network in one place: the `connector` fixture (tests/unit/conftest.py) sets `CONNECTOR`.
 """
 
 from __future__ import annotations
