@@ -22,7 +22,7 @@ from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, 
 from tests.testbed.fakehub import FakeHub, count_gets, load_repo, parse_log, read_log, start_fakehub
 
 REPO_ID = "acme/tiny-embedder"
-WORKTREE = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[2]
 FILES = {
     "config.json": b'{"hidden_size": 8}\n',
     "README.md": b"# tiny\n",
@@ -220,7 +220,7 @@ def test_command_line_server_writes_its_port_and_log(repo_dir: Path, tmp_path: P
         str(ready),
     ]
     server = subprocess.Popen(
-        argv, cwd=WORKTREE, env={**os.environ, "PYTHONPATH": str(WORKTREE)}, stderr=subprocess.PIPE, text=True
+        argv, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stderr=subprocess.PIPE, text=True
     )
     try:
         deadline = time.monotonic() + 30
