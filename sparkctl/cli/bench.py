@@ -31,16 +31,16 @@ def bench_fabric(
     from sparkctl.cli.render import render_bench
     from sparkctl.runbook.load import load_runbook, resolve_params
     from sparkctl.session.reports import summarise_bench
+    from sparkctl.session.run import RunHooks, RunRequest, run_runbook
 
     inv = c.start(debug, inventory)
     rb = load_runbook("bench-fabric")
     params = resolve_params(rb, {"mb": str(mb)})
-    session = c.open_session(inv, accept_new_host_keys)
-    try:
-        secrets = session.secrets_for_plan()
-        report = session.apply(rb, session.plan(rb, params, secrets), params, secrets)
-    finally:
-        session.close()
+    # measurements only: no lock, nothing to confirm; journaled like every applied run
+    req = RunRequest(inv, rb, params, accept_new_host_keys=accept_new_host_keys, lock=False, confirm_plan=False)
+    hooks = RunHooks(confirm=lambda m: True, sudo_password=lambda: c.sudo_password(inv))
+    report = run_runbook(req, hooks).report
+    assert report is not None  # applied: nothing to confirm
     result = summarise_bench(report)
     c.echo(json.dumps(result, indent=2) if as_json else render_bench(result))
     if report.journal_error:

@@ -194,9 +194,10 @@ def plan_cmd(
     params = resolve_params(rb, {}) | {"workloads": _workloads(inv, workload)}
     if offline:
         from sparkctl.runbook.planner import offline_plan
+        from sparkctl.session.laptop import check_laptop_files
         from sparkctl.session.secrets import Secrets
 
-        c.check_laptop_files(inv)
+        check_laptop_files(inv)
         plan = offline_plan(inv, rb, params)
         c.echo(show_plan(plan, as_json, Secrets(rb.secret_values(params))))
         return
@@ -350,9 +351,10 @@ def run_cmd(
         )
     if dry_run and offline:
         from sparkctl.runbook.planner import offline_plan
+        from sparkctl.session.laptop import check_laptop_files
         from sparkctl.session.secrets import Secrets
 
-        c.check_laptop_files(inv)
+        check_laptop_files(inv)
         plan = offline_plan(inv, rb, params, start=start, only=only)
         c.echo(show_plan(plan, as_json, Secrets(rb.secret_values(params))))
         return

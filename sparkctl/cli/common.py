@@ -7,7 +7,7 @@ import getpass
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
@@ -22,8 +22,6 @@ from sparkctl.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, Input
 if TYPE_CHECKING:
     from sparkctl.cli.live import LiveProgress
     from sparkctl.inventory.models import Inventory
-    from sparkctl.session.report import Event
-    from sparkctl.session.session import Session
 
 InventoryOpt = Annotated[
     Path | None,
@@ -103,34 +101,6 @@ def parse_sets(sets: list[str] | None) -> dict[str, str]:
             raise InputError([Problem(f"--set {item}", "expected name=value", "e.g. --set model=Qwen/Qwen3-8B")])
         out[key.strip()] = value
     return out
-
-
-def check_laptop_files(inv: Inventory) -> None:
-    """The laptop's key and password files, checked as every run checks them (offline plans too)."""
-    from sparkctl.session.laptop import check_laptop_files as check
-
-    check(inv)
-
-
-def open_session(
-    inv: Inventory,
-    accept_new_host_keys: bool,
-    emit: Callable[[Event], None] | None = None,
-    *,
-    partial: bool = False,
-) -> Session:
-    """The one door (session/door.py): the laptop's files checked, then every host connected to and probed.
-
-    `partial` (read-only commands): go on with the hosts that answer; the others are in `session.unreachable`.
-    """
-    from sparkctl.session import door
-
-    return door.open_session(inv, accept_new_host_keys, emit, partial=partial)
-
-
-def unreachable_problems(session: Session) -> list[Problem]:
-    """Why each host a partial session could not read was left out, in inventory order."""
-    return session.unreachable_problems()
 
 
 def sudo_password(inv: Inventory) -> str | None:

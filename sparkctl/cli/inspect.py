@@ -30,7 +30,7 @@ def status_cmd(
 ) -> None:
     """Per host the fabric and Ray state; each workload's endpoint and health."""
     from sparkctl.cli.render import render_status
-    from sparkctl.session.status import cluster_status
+    from sparkctl.session.status import read_status
 
     inv = c.start(debug, inventory)
     if watch:
@@ -41,12 +41,7 @@ def status_cmd(
         watch_view(inv, interval=interval, accept_new_host_keys=accept_new_host_keys)
         return
     # One host down must not hide the others: what the reachable hosts say is shown, the others are named (exit 1).
-    session = c.open_session(inv, accept_new_host_keys, partial=True)
-    try:
-        st = cluster_status(session, session.secrets_for_plan())
-        lost = c.unreachable_problems(session)
-    finally:
-        session.close()
+    st, lost = read_status(inv, accept_new_host_keys)
     c.echo(json.dumps(st.model_dump(mode="json"), indent=2) if as_json else render_status(st))
     if lost:
         c.fail(HostError(lost))
@@ -68,17 +63,13 @@ def logs_cmd(
     debug: c.DebugOpt = False,
 ) -> None:
     """Show the log of Ray or a workload on a host."""
-    from sparkctl.session.reads import read_log
+    from sparkctl.session.reads import host_log
 
     inv = c.start(debug, inventory)
     if name != "ray" and name not in {w.name for w in inv.workloads}:
         raise InputError([Problem(name, "not 'ray' nor a workload", "see the inventory's workloads")])
     target = inv.host(host) if host else inv.head if name == "ray" else inv.workload_head(inv.workload(name))
-    session = c.open_session(inv, accept_new_host_keys)
-    try:
-        c.echo(read_log(session, target.name, name, lines=lines, follow=follow).rstrip())
-    finally:
-        session.close()
+    c.echo(host_log(inv, accept_new_host_keys, target.name, name, lines=lines, follow=follow).rstrip())
 
 
 @c.guard

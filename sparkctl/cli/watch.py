@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from sparkctl.cli import common as c
 from sparkctl.cli.render import escape_controls
 from sparkctl.inventory.models import Inventory
 from sparkctl.session.interrupts import INTERRUPTS
@@ -144,10 +143,11 @@ def watch(inv: Inventory, *, interval: float, accept_new_host_keys: bool) -> Non
     from rich.console import Console
     from rich.live import Live
 
+    from sparkctl.session.door import open_session
     from sparkctl.session.watch import Watch
 
     console = Console()
-    session = c.open_session(inv, accept_new_host_keys)
+    session = open_session(inv, accept_new_host_keys)
     try:
         watcher = Watch(session, session.secrets_for_plan())
         if not console.is_terminal:  # piped: one screen per refresh, appended (like `kubectl get -w`)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from sparkctl import paths
 from sparkctl.errors import HostError, Problem
+from sparkctl.inventory.models import Inventory
 from sparkctl.plan.context import PlanContext
 from sparkctl.plan.models import Command, Step
 from sparkctl.plan.ray_stages import plan_verify_fabric
+from sparkctl.session import door
 from sparkctl.session.session import Session
 
 Link = tuple[str, str, str]
@@ -55,3 +57,12 @@ def read_log(session: Session, host: str, name: str, *, lines: int, follow: bool
     if result.status == "failed":
         raise HostError([Problem(host, result.error, f"the log of {name} appears once `up` has started it")])
     return result.commands[-1].stdout
+
+
+def host_log(inv: Inventory, accept_new_host_keys: bool, host: str, name: str, *, lines: int, follow: bool) -> str:
+    """`logs`: the log of Ray or a workload on `host`, through a session of its own."""
+    session = door.open_session(inv, accept_new_host_keys)
+    try:
+        return read_log(session, host, name, lines=lines, follow=follow)
+    finally:
+        session.close()

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from sparkctl.errors import Problem
 from sparkctl.facts.models import HostFacts
-from sparkctl.inventory.models import Host, Workload
+from sparkctl.inventory.models import Host, Inventory, Workload
 from sparkctl.inventory.topology import neighbours
 from sparkctl.plan import layout as lc
 from sparkctl.plan.context import PlanContext
 from sparkctl.plan.fabric import twin_state
 from sparkctl.plan.live_state import group_health, ray_running_ok, workload_state
+from sparkctl.session import door
 from sparkctl.session.session import Session
 from sparkctl.session.views import (
     ClusterStatus,
@@ -20,6 +22,16 @@ from sparkctl.session.views import (
     UnreachableHost,
     WorkloadStatus,
 )
+
+
+def read_status(inv: Inventory, accept_new_host_keys: bool) -> tuple[ClusterStatus, list[Problem]]:
+    """`status`: what every host that answers shows, and why each other host could not be read. One host down does
+    not hide the others."""
+    session = door.open_session(inv, accept_new_host_keys, partial=True)
+    try:
+        return cluster_status(session, session.secrets_for_plan()), session.unreachable_problems()
+    finally:
+        session.close()
 
 
 def cluster_status(session: Session, secrets: Mapping[str, str]) -> ClusterStatus:
