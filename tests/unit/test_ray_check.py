@@ -1,5 +1,8 @@
 """The Ray formation check (`ray_check_script`), run by Python against a stand-in `ray` module that answers
-`ray.nodes()` as Ray does (a list of dicts with NodeID, Alive, NodeManagerAddress, Resources)."""
+`ray.nodes()` as Ray 2.60.0 does: `ray.nodes()` is `GlobalState.node_table()` (ray/_private/state.py), a list of
+dicts built by `GlobalStateAccessor.get_node_table` (python/ray/includes/global_state_accessor.pxi) whose keys include
+NodeID, Alive, NodeManagerAddress and Resources; a dead node's record stays in the list with Alive false. The same
+keys were read from the testbed's real GCS (a rebooted spark-b: its old record dead, its new one alive)."""
 
 from __future__ import annotations
 
