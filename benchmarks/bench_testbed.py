@@ -23,16 +23,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from tests.integration.helpers import EMBED  # noqa: E402
 from tests.testbed import Testbed  # noqa: E402
 
-EMBED = {
-    "name": "embed",
-    "engine": "embed",
-    "model": "all-MiniLM-L6-v2",
-    "tensor_parallel_size": 2,
-    "port": 8100,
-    "ready_timeout": 300,
-}
 LAYOUTS = [
     ("TP=2", {"tensor_parallel_size": 2, "replicas": 1}),
     ("TP=1", {"tensor_parallel_size": 1, "replicas": 1}),

@@ -17,6 +17,17 @@ REPO = Path(__file__).resolve().parents[2]
 TWINS = ("enp1s0f1np1", "enP2p1s0f1np1")
 
 
+EMBED = {
+    "name": "embed",
+    "engine": "embed",
+    "model": "all-MiniLM-L6-v2",
+    "tensor_parallel_size": 2,
+    "port": 8100,
+    "ready_timeout": 300,
+}
+"""The built-in embedding worker across the pair (TP=2), as the end-to-end tests and benchmarks/ bring it up."""
+
+
 def sparkctl(*args: str, env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess[str]:
     """Run the real CLI in a subprocess, as a user would."""
     return subprocess.run(

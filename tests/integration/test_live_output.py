@@ -19,19 +19,11 @@ from pathlib import Path
 import pytest
 
 from sparkctl.cli.live import PHASES
-from tests.integration.helpers import REPO, TWINS, cli_env, ip_addrs, spark_processes, sparkctl
+from tests.integration.helpers import EMBED, REPO, TWINS, cli_env, ip_addrs, spark_processes, sparkctl
 from tests.testbed import Testbed
 
 pytestmark = pytest.mark.testbed
 
-EMBED = {
-    "name": "embed",
-    "engine": "embed",
-    "model": "all-MiniLM-L6-v2",
-    "tensor_parallel_size": 2,
-    "port": 8100,
-    "ready_timeout": 300,
-}
 SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"  # rich's "dots"
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
 PLAIN_STEP = re.compile(r"^   (spark-[ab]): (.+?) (\.\.\.|ok \(\d+\.\ds\)|changed \(\d+\.\ds\))$")

@@ -24,20 +24,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.helpers import REPO, cli_env, sparkctl
+from tests.integration.helpers import EMBED, REPO, cli_env, sparkctl
 from tests.testbed import Testbed
 from tests.testbed.layout import MGMT_IFNAME
 
 pytestmark = pytest.mark.testbed
 
-EMBED = {
-    "name": "embed",
-    "engine": "embed",
-    "model": "all-MiniLM-L6-v2",
-    "tensor_parallel_size": 2,
-    "port": 8100,
-    "ready_timeout": 300,
-}
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 

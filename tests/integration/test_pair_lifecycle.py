@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from tests.integration.helpers import (
+    EMBED,
     TWINS,
     changing,
     cli_env,
@@ -36,14 +37,6 @@ from tests.testbed import Testbed
 
 pytestmark = pytest.mark.testbed
 
-EMBED = {
-    "name": "embed",
-    "engine": "embed",
-    "model": "all-MiniLM-L6-v2",
-    "tensor_parallel_size": 2,
-    "port": 8100,
-    "ready_timeout": 300,
-}
 SENTENCES = [
     "The two Sparks are joined by one QSFP cable.",
     "Tensor parallelism splits attention heads across ranks.",
