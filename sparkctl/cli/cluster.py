@@ -216,7 +216,7 @@ def up_cmd(
     plain: c.PlainOpt = False,
     debug: c.DebugOpt = False,
 ) -> None:
-    """Configure the fabric and env, form Ray, start the workloads and wait until they answer."""
+    """Configure the fabric and env, form Ray where a workload needs it, start the workloads, wait until they answer."""
     from sparkctl.runbook.load import load_runbook, resolve_params
 
     inv = c.start(debug, inventory)

@@ -260,6 +260,11 @@ class RaySettings(_Model):
     port: Port = Field(6379, description="GCS port on the head's fabric address.")
     ports: RayPorts = Field(default_factory=RayPorts, description="Other Ray ports, pinned.")
     dashboard: bool = Field(True, description="Run the dashboard on 127.0.0.1 (reach it with `sparkctl dashboard`).")
+    form: Literal["when-needed", "always"] = Field(
+        "when-needed",
+        description="'when-needed': Ray runs only when a workload needs it (the embed worker, vLLM's Ray executor) "
+        "or when there is no workload; 'always': formed on every `up`, for your own Ray jobs.",
+    )
 
 
 class Runtime(_Model):

@@ -50,12 +50,15 @@ def needs_ray(w: Workload) -> bool:
 
 
 def ray_wanted(inv: Inventory) -> bool:
-    """Whether sparkctl forms Ray on this cluster.
+    """Whether sparkctl forms Ray on this cluster: when a workload needs it, when there is no workload at all (the
+    cluster is then a Ray cluster for the user's own jobs), or when the inventory asks for it (`ray.form: always`).
 
-    A venv runtime always (it carries Ray, which the runtime check requires); an image only when a workload needs
-    Ray, or when there is no workload at all (the cluster is then a Ray cluster for the user's own jobs): NVIDIA's
-    current vLLM image and the vllm-openai images ship without Ray (docs/compatibility.md)."""
-    return inv.runtime.venv is not None or not inv.workloads or any(needs_ray(w) for w in inv.workloads)
+    The same rule for a venv and an image. Nothing else uses Ray: vLLM's multiprocessing executor (the default) and a
+    one-rank vLLM run without it, NVIDIA's current vLLM image and the vllm-openai images ship without it
+    (docs/compatibility.md), and a Ray node holds memory a Spark's vLLM wants: by default its object store is 30% of
+    the memory available when it starts (`DEFAULT_OBJECT_STORE_MEMORY_PROPORTION`, ray/_private/ray_constants.py
+    2.60.0), in the unified memory the GPU shares."""
+    return inv.ray.form == "always" or not inv.workloads or any(needs_ray(w) for w in inv.workloads)
 
 
 def own_container(inv: Inventory, w: Workload) -> bool:

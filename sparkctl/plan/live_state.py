@@ -28,6 +28,15 @@ def raylet_ips(facts: HostFacts) -> set[str]:
     return ips
 
 
+def ray_present(facts: HostFacts) -> str:
+    """What of Ray runs on a host, for a diff ('container sparkctl-ray', 'N processes'), or '' when nothing does:
+    the login user's Ray processes, or the Ray container (its processes belong to root, not to the login user)."""
+    if RAY_CONTAINER in facts.containers:
+        return f"container {RAY_CONTAINER}"
+    procs = [p for p in facts.processes if p.user == facts.user and any(m in p.args for m in RAY_MARKERS)]
+    return f"{len(procs)} processes" if procs else ""
+
+
 def ray_running_ok(ctx: PlanContext, host: Host) -> bool:
     """Ray runs on this host, on its fabric address, with the cluster's token."""
     facts = ctx.facts[host.name]

@@ -12,7 +12,7 @@ from sparkctl.inventory.topology import check_pairs, interface
 from sparkctl.plan.context import PlanContext
 from sparkctl.plan.firewall import render_firewall
 from sparkctl.plan.layout import fabric_ip, needs_ray, ray_wanted
-from sparkctl.plan.live_state import RAY_MARKERS, ray_formed, ray_running_ok, raylet_ips
+from sparkctl.plan.live_state import RAY_MARKERS, ray_formed, ray_present, ray_running_ok, raylet_ips
 from sparkctl.plan.models import Command, Step, Wait, sh
 from sparkctl.plan.ray_commands import build_ray_check, build_ray_start, build_ray_stop, ray_check_script
 from sparkctl.plan.runtime import RAY_CONTAINER
@@ -181,22 +181,26 @@ def lost_ray_nodes(ctx: PlanContext) -> list[str]:
     return [h.name for h in inv.hosts if h.name in ctx.facts and not ray_running_ok(ctx, h)]
 
 
-RAY_NOT_WANTED = "no workload needs Ray (vLLM's multiprocessing executor and single-rank vLLM run without it)"
+RAY_NOT_WANTED = (
+    "no workload needs Ray (vLLM's multiprocessing executor and single-rank vLLM run without it; "
+    "`ray.form: always` forms it anyway)"
+)
 
 
 def _ray_not_wanted(ctx: PlanContext, host: Host) -> list[Step]:
-    """Container mode with no workload needing Ray: Ray is not started (the image may have none), and a Ray
-    container left from an earlier layout is removed; the plan says so either way."""
-    facts = ctx.facts[host.name]
-    if RAY_CONTAINER in facts.containers:
+    """No workload needs Ray (and the inventory does not ask for it): Ray is not started (an image may have none),
+    and a Ray left running from an earlier layout, its processes or its container, is stopped; the plan says so
+    either way."""
+    running = ray_present(ctx.facts[host.name])
+    if running:
         return [
             Step(
                 host=host.name,
                 kind="ray_stopped",  # not ray_node: nothing that runs without Ray restarts for it
                 target="ray",
-                description=f"remove the Ray container: {RAY_NOT_WANTED}",
+                description=f"stop Ray: {RAY_NOT_WANTED}",
                 commands=[sh(build_ray_stop(ctx.inventory, ctx.home(host)))],
-                diff=[f"- ray: container {RAY_CONTAINER}", "+ ray: not started"],
+                diff=[f"- ray: {running}", "+ ray: not started"],
             )
         ]
     return [
@@ -235,10 +239,8 @@ def plan_ray_ready(ctx: PlanContext, host: Host) -> list[Step]:
 
 def plan_ray_stop(ctx: PlanContext, host: Host) -> list[Step]:
     """Stop Ray on a host if any of it runs."""
-    facts = ctx.facts[host.name]
-    procs = [p for p in facts.processes if p.user == facts.user and any(m in p.args for m in RAY_MARKERS)]
-    container = RAY_CONTAINER in facts.containers  # its processes belong to root, not to the login user
-    if not procs and not container:
+    running = ray_present(ctx.facts[host.name])
+    if not running:
         return []
     return [
         Step(
@@ -247,10 +249,7 @@ def plan_ray_stop(ctx: PlanContext, host: Host) -> list[Step]:
             target="ray",
             description="stop Ray",
             commands=[sh(build_ray_stop(ctx.inventory, ctx.home(host)))],
-            diff=[
-                f"- ray: {f'container {RAY_CONTAINER}' if container else f'{len(procs)} processes'}",
-                "+ ray: stopped",
-            ],
+            diff=[f"- ray: {running}", "+ ray: stopped"],
         )
     ]
 

@@ -11,7 +11,7 @@ from sparkctl.inventory.topology import neighbours
 from sparkctl.plan import layout as lc
 from sparkctl.plan.context import PlanContext
 from sparkctl.plan.fabric import twin_state
-from sparkctl.plan.live_state import group_health, ray_running_ok, workload_state
+from sparkctl.plan.live_state import group_health, ray_present, ray_running_ok, workload_state
 from sparkctl.session import door
 from sparkctl.session.session import Session
 from sparkctl.session.views import (
@@ -82,9 +82,11 @@ def host_status(ctx: PlanContext, h: Host, f: HostFacts) -> HostStatus:
 
 
 def _ray(ctx: PlanContext, h: Host) -> RayStatus:
-    if ray_running_ok(ctx, h):
-        return "running"
-    return "not running" if lc.ray_wanted(ctx.inventory) else "not started (no workload needs it)"
+    if not lc.ray_wanted(ctx.inventory):
+        if ray_present(ctx.facts[h.name]):
+            return "left running (no workload needs it: up stops it)"
+        return "not started (no workload needs it)"
+    return "running" if ray_running_ok(ctx, h) else "not running"
 
 
 def workload_status(session: Session, ctx: PlanContext, w: Workload, secrets: Mapping[str, str]) -> WorkloadStatus:

@@ -31,7 +31,9 @@ class FabricTwin(_View):
     ok: bool = Field(description="plan/fabric.twin_state's verdict")
 
 
-RayStatus = Literal["running", "not running", "not started (no workload needs it)"]
+RayStatus = Literal[
+    "running", "not running", "not started (no workload needs it)", "left running (no workload needs it: up stops it)"
+]
 
 
 class HostStatus(_View):

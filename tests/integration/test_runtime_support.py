@@ -18,7 +18,9 @@ from tests.testbed import Testbed
 pytestmark = pytest.mark.testbed
 
 RUNTIME = "/home/spark/rt"
+# on vLLM's Ray executor, so the runtime needs Ray (under the default, mp, it would not)
 CHAT = {"name": "chat", "engine": "vllm", "model": "/models/none", "tensor_parallel_size": 2, "port": 8000}
+CHAT["executor"] = "ray"
 
 
 def _inventory(tb: Testbed, tmp_path: Path) -> Path:

@@ -265,7 +265,7 @@ def test_status_with_one_host_down_shows_the_other_and_names_the_lost_one(isolat
     _one_host_down(mocker)
     r = CliRunner().invoke(app, ["status", "-i", str(EXAMPLE)])
     assert r.exit_code == 1, r.output
-    assert "  spark-a: ray not running" in r.stdout
+    assert "  spark-a: ray not started (no workload needs it)" in r.stdout  # chat runs on mp
     assert "    enp1s0f1np1: 192.168.100.10/24 MTU 9000 (ok)" in r.stdout  # what spark-a said is shown
     assert "  spark-b: UNREACHABLE" in r.stdout
     assert "workload chat (vllm): http://10.0.0.11:8000/v1 process unknown, ready" in r.stdout
@@ -328,7 +328,7 @@ def test_status_json_keeps_its_keys_in_their_order(isolated_state: Path, mocker:
     assert (st["cluster"], st["topology"]) == ("spark-pair", "direct")
     a = st["hosts"]["spark-a"]
     assert list(a) == ["fabric", "neighbours", "ray", "env_file"]
-    assert (a["neighbours"], a["ray"], a["env_file"]) == (["spark-b"], "not running", False)
+    assert (a["neighbours"], a["ray"], a["env_file"]) == (["spark-b"], "not started (no workload needs it)", False)
     assert a["fabric"][0] == {
         "interface": "enp1s0f1np1", "want": "192.168.100.10/24", "mtu": 9000, "ipv4": ["192.168.100.10/24"], "ok": True
     }  # fmt: skip

@@ -163,7 +163,7 @@ def runtime_support(ctx: CheckContext, rule: Rule) -> list[Finding]:
                 f"{inv.runtime.image} with Ray added, on each host), or use an image that ships Ray >= {minimum} "
                 f"on {name}"
             )
-        elif rt.ray and version_tuple(rt.ray) < version_tuple(minimum):
+        elif rt.ray and ray_wanted(inv) and version_tuple(rt.ray) < version_tuple(minimum):
             problems.append(f"Ray {rt.ray} in the {here} is older than {minimum} (no token authentication)")
             fixes.append(f"upgrade Ray on {name} to >= {minimum} ({rule.args['install']})")
         if needs_vllm and rt.python and not rt.vllm:

@@ -1,0 +1,56 @@
+"""Ray is formed only when something needs it (plan/layout.ray_wanted), and `status` says which of the three a
+host's Ray is: running as wanted, not started, or left running from an earlier layout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sparkctl.facts.models import Process
+from sparkctl.inventory import parse_inventory
+from sparkctl.inventory.models import Inventory
+from sparkctl.plan.context import PlanContext, fresh_facts
+from sparkctl.plan.layout import fabric_ip, ray_wanted
+from sparkctl.plan.ray_stages import plan_ray_node
+from sparkctl.session.status import _ray
+
+EXAMPLE = (Path(__file__).resolve().parents[2] / "inventories" / "example-pair.yaml").read_text()
+EMBED = "  - {name: embed, engine: embed, tensor_parallel_size: 2, port: 8100}\n"
+
+
+def inventory(edit: tuple[str, str] = ("", "")) -> Inventory:
+    return parse_inventory(EXAMPLE.replace(*edit, 1) if edit[0] else EXAMPLE)
+
+
+@pytest.mark.parametrize(
+    ("edit", "wanted"),
+    [
+        (("", ""), False),  # the example: chat on vLLM's multiprocessing executor
+        (("    tensor_parallel_size: 2\n", "    tensor_parallel_size: 2\n    executor: ray\n"), True),
+        (("workloads:\n", "workloads:\n" + EMBED), True),  # the embed worker runs on Ray actors
+        (("  port: 6379\n", "  port: 6379\n  form: always\n"), True),
+        (("    tensor_parallel_size: 2\n", "    tensor_parallel_size: 1\n    executor: ray\n"), False),  # one rank
+    ],
+)
+def test_ray_is_wanted_only_when_something_needs_it(edit: tuple[str, str], wanted: bool) -> None:
+    assert ray_wanted(inventory(edit)) is wanted
+
+
+def test_no_workload_means_a_ray_cluster_for_the_users_own_jobs() -> None:
+    text = EXAMPLE[: EXAMPLE.index("workloads:")]
+    assert ray_wanted(parse_inventory(text))
+
+
+def test_status_tells_ray_left_running_from_ray_not_started() -> None:
+    inv = inventory()
+    facts = {h.name: fresh_facts(inv, h) for h in inv.hosts}
+    ctx = PlanContext(inv, facts, digests={})
+    assert _ray(ctx, inv.head) == "not started (no workload needs it)"
+    assert [s.target for s in plan_ray_node(ctx, inv.head)] == ["not started"]
+    raylet = Process(pid=100, user="nvidia", args=f"/r/raylet --node_ip_address={fabric_ip(inv.head)} --x")
+    facts["spark-a"] = facts["spark-a"].model_copy(update={"processes": [raylet]})
+    ctx = PlanContext(inv, facts, digests={})
+    assert _ray(ctx, inv.head) == "left running (no workload needs it: up stops it)"
+    [stop] = plan_ray_node(ctx, inv.head)
+    assert stop.kind == "ray_stopped" and stop.changes and "ray stop --force" in stop.commands[0].argv[-1]
