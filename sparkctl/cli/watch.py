@@ -86,7 +86,7 @@ def _host_table(view: WatchView) -> Table:
             t(_gpu_cell(h), LEVEL_STYLE.get(levels.get("gpu-temperature", ""), "")),
             t(_memory_cell(h), LEVEL_STYLE.get(levels.get("page-cache", ""), "")),
             _fabric_cell(h),
-            t(h.ray, "green" if h.ray == "alive" else "red"),
+            t(h.ray, {"alive": "green", "not needed": "dim"}.get(h.ray, "red")),
         )
     return hosts
 

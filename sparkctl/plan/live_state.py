@@ -9,7 +9,7 @@ from sparkctl import paths
 from sparkctl.facts.models import HostFacts
 from sparkctl.inventory.models import Host, Workload
 from sparkctl.plan.context import PlanContext
-from sparkctl.plan.layout import fabric_ip, own_container, rank_hosts, workload_container
+from sparkctl.plan.layout import fabric_ip, own_container, rank_hosts, ray_wanted, workload_container
 from sparkctl.plan.runtime import RAY_CONTAINER, ray_image
 from sparkctl.plan.workload_commands import workload_spec
 
@@ -68,8 +68,10 @@ def _gcs_connected(ctx: PlanContext, host: Host) -> bool:
 def ray_node_state(ctx: PlanContext, host: Host) -> str:
     """One host's Ray node as the facts show it: 'alive' (running as specified and connected to the head's GCS),
     'not connected' (running, but no GCS connection), 'not as specified' (another address or token), or
-    'not running'."""
+    'not running'; when no workload needs Ray, 'not needed', or 'left running' (up stops it)."""
     facts = ctx.facts[host.name]
+    if not ray_wanted(ctx.inventory):
+        return "left running" if ray_present(facts) else "not needed"
     if ray_running_ok(ctx, host):
         return "alive" if _gcs_connected(ctx, host) else "not connected"
     running = any(m in p.args for p in facts.processes for m in RAY_MARKERS[:2]) or RAY_CONTAINER in facts.containers

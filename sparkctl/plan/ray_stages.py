@@ -76,7 +76,8 @@ def plan_verify_fabric(ctx: PlanContext, host: Host) -> list[Step]:
 
 
 def plan_ray_firewall(ctx: PlanContext, host: Host) -> list[Step]:
-    """Keep Ray's listeners off the management network; (re)loaded whenever Ray is not running as specified."""
+    """Keep Ray's and the workloads' listeners off the management network; (re)loaded whenever Ray is not running as
+    specified."""
     facts = ctx.facts[host.name]
     rules = render_firewall(ctx.inventory, host, facts.ssh_server_port)
     have = facts.files.get("firewall.nft")
@@ -87,7 +88,8 @@ def plan_ray_firewall(ctx: PlanContext, host: Host) -> list[Step]:
             host=host.name,
             kind="ray_firewall",
             target=paths.FIREWALL_FILE,
-            description="allow Ray only on the fabric and loopback (nftables table inet sparkctl)",
+            description=f"allow {'Ray and ' if ray_wanted(ctx.inventory) else ''}the workloads' ports only on the "
+            "fabric and loopback (nftables table inet sparkctl)",
             commands=[
                 Command(
                     argv=["install", "-D", "-m", "0644", "/dev/stdin", paths.FIREWALL_FILE], sudo=True, stdin=rules

@@ -178,3 +178,47 @@ def test_ctrl_c_during_readiness_removes_the_containers(pair: Pair) -> None:
     assert proc.returncode == 130, "".join(seen) + rest
     for host in pair.tb.hosts:
         assert sparkctl_containers(pair.tb, host) == [], host
+
+
+# vLLM's Ray executor (the default is mp) needs a GPU per rank, so it is the SIMULATED vllm here
+# (tests/testbed/sim/vllm: vLLM's own parser and Ray placement, one Ray actor per rank), mounted over the image's by
+# Testbed.use_vllm("simulated"); Ray, podman and the containers are real.
+CHAT_RAY: dict[str, Any] = {
+    "name": "chat",
+    "engine": "vllm",
+    "model": "Qwen/Qwen3-0.6B",
+    "tensor_parallel_size": 2,
+    "executor": "ray",
+    "sync_weights": False,  # the simulated vLLM reads no weights, and the testbed reaches no hub
+    "port": 8000,
+    "ready_timeout": 300,
+}
+
+
+def test_vllms_ray_executor_in_the_containers_opens_only_the_api_to_the_laptop(pair: Pair, tmp_path: Path) -> None:
+    """Container mode with vLLM's Ray executor: `vllm serve` runs in the head's Ray container (`docker exec`), one
+    rank as a Ray actor in each host's Ray container; every container shares its host's network, and from the
+    laptop's side only SSH, and the API on the head, answer (Ray's ports, the actors' worker ports, the
+    executor's own listeners stay behind the firewall)."""
+    tb = pair.tb
+    data = yaml.safe_load(pair.inventory.read_text())
+    data["workloads"] = [CHAT_RAY]
+    inventory = tmp_path / "chat-ray.yaml"
+    inventory.write_text(yaml.safe_dump(data, sort_keys=False))
+    tb.use_vllm("simulated")
+    try:
+        r = sparkctl("up", "--yes", "-i", str(inventory), env=pair.env, timeout=900)
+        assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+        for host in tb.hosts:
+            assert sparkctl_containers(tb, host) == ["sparkctl-ray"], host
+            ranks = podman(tb, host, "exec", "sparkctl-ray", "pgrep", "-f", "-a", "ray::RayWorkerProc", check=False)
+            assert ranks.strip(), f"no rank of chat in {host}'s Ray container"
+        served = podman(tb, "spark-a", "exec", "sparkctl-ray", "pgrep", "-f", "-a", "vllm serve")
+        assert "--distributed-executor-backend ray" in served, served
+        assert {h: open_from_laptop(tb, h) for h in tb.hosts} == {"spark-a": {22, 8000}, "spark-b": {22}}
+    finally:
+        down = sparkctl("down", "-i", str(inventory), env=pair.env, timeout=900)
+        tb.use_vllm("real")
+    assert down.returncode == 0, down.stdout + down.stderr
+    for host in tb.hosts:
+        assert sparkctl_containers(tb, host) == [], host

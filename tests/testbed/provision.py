@@ -145,12 +145,17 @@ IMAGE_STORE = Path("/var/lib/sparkctl-testbed-images")
 TESTBED_IMAGE = "localhost/sparkctl-runtime:test"
 
 
-def render_containers_conf() -> str:
+def render_containers_conf(volumes: Sequence[str] = ()) -> str:
     """podman settings this machine needs (docs/testbed.md, "A real container engine"): it is itself a container
-    (cgroup v1/hybrid, no CAP_SYS_RESOURCE), so runc with cgroupfs, and no default rlimits to raise."""
+    (cgroup v1/hybrid, no CAP_SYS_RESOURCE), so runc with cgroupfs, and no default rlimits to raise.
+
+    `volumes` are mounted into every container the host starts (containers.conf(5), [containers] `volumes`,
+    "<directory-on-host>:<directory-in-container>:<options>"): Testbed.use_vllm("simulated") lays the SIMULATED
+    vllm over the image's this way, as it overlays the venv's on the host."""
+    listed = ", ".join(json.dumps(v) for v in volumes)
     return (
         "# sparkctl testbed: podman inside a fake Spark\n"
-        "[containers]\ndefault_ulimits = []\n\n"
+        f"[containers]\ndefault_ulimits = []\nvolumes = [{listed}]\n\n"
         '[engine]\nruntime = "runc"\ncgroup_manager = "cgroupfs"\nevents_logger = "file"\n'
     )
 

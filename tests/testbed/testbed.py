@@ -477,6 +477,8 @@ class Testbed(FaultsMixin):
         "real" (the state after up()): the venv's own bin/, i.e. vLLM's CPU build installed by tests/prepare.sh.
         "simulated": tests/testbed/sim/vllm laid over the venv's bin/ (an overlay inside each host's mount
         namespace; the machine's venv is never written), for what needs a GPU: the Ray executor across nodes.
+        The containers a host starts from then on see it too: podman mounts it over the image's
+        `<venv>/bin/vllm` (the host's containers.conf `volumes`), so container mode runs it exactly as the venv does.
         """
         if kind not in VLLM_KINDS:
             raise TestbedError(f"use_vllm: kind {kind!r} is not one of {', '.join(VLLM_KINDS)}")
@@ -489,8 +491,12 @@ class Testbed(FaultsMixin):
         else:
             script = f"mountpoint -q {bindir} || mount -t overlay overlay -o lowerdir={simbin}:{bindir} {bindir}"
 
+        volumes = [] if kind == "real" else [f"{simbin}/vllm:{bindir}/vllm:ro"]
+
         def switch(host: str) -> None:
             self.exec(host, ["sh", "-c", script])
+            conf = provision.render_containers_conf(volumes)
+            self.exec(host, ["sh", "-c", "cat > /etc/containers/containers.conf"], input=conf)
 
         self._parallel(switch, list(hosts or self.hosts))
 

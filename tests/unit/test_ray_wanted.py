@@ -54,3 +54,13 @@ def test_status_tells_ray_left_running_from_ray_not_started() -> None:
     assert _ray(ctx, inv.head) == "left running (no workload needs it: up stops it)"
     [stop] = plan_ray_node(ctx, inv.head)
     assert stop.kind == "ray_stopped" and stop.changes and "ray stop --force" in stop.commands[0].argv[-1]
+
+
+def test_watch_shows_ray_not_needed_apart_from_ray_down() -> None:
+    from sparkctl.plan.live_state import ray_node_state
+
+    cases = [(("", ""), "not needed"), (("workloads:\n", "workloads:\n" + EMBED), "not running")]
+    for edit, want in cases:
+        inv = inventory(edit)
+        ctx = PlanContext(inv, {h.name: fresh_facts(inv, h) for h in inv.hosts}, digests={"ray_token": "t"})
+        assert ray_node_state(ctx, inv.head) == want
