@@ -12,10 +12,11 @@ from sparkctl.inventory.topology import check_pairs, interface
 from sparkctl.plan.context import PlanContext
 from sparkctl.plan.firewall import render_firewall
 from sparkctl.plan.layout import fabric_ip, needs_ray, ray_wanted
-from sparkctl.plan.live_state import RAY_MARKERS, ray_formed, ray_present, ray_running_ok, raylet_ips
+from sparkctl.plan.live_state import RAY_MARKERS, ray_formed, ray_present, ray_running_ok, raylet_ips, workload_exit
 from sparkctl.plan.models import Command, Step, Wait, sh
 from sparkctl.plan.ray_commands import build_ray_check, build_ray_start, build_ray_stop, ray_check_script
 from sparkctl.plan.runtime import RAY_CONTAINER
+from sparkctl.plan.workload_commands import build_workload_stop
 
 
 def plan_verify_fabric(ctx: PlanContext, host: Host) -> list[Step]:
@@ -141,6 +142,7 @@ def plan_ray_node(ctx: PlanContext, host: Host) -> list[Step]:
         or RAY_CONTAINER in facts.containers
     )
     if running:
+        cmds += [sh(build_workload_stop(ctx.inventory, name, home)) for name in _ray_drivers(ctx, host)]
         cmds.append(sh(build_ray_stop(ctx.inventory, home)))
     cmds.append(sh(build_ray_start(ctx.inventory, host, home)))
     return [
@@ -157,6 +159,24 @@ def plan_ray_node(ctx: PlanContext, host: Host) -> list[Step]:
             ],
             depends_on_earlier=depends,
         )
+    ]
+
+
+def _ray_drivers(ctx: PlanContext, host: Host) -> list[str]:
+    """The workloads on Ray whose driver process is recorded on this host (a venv's; in an image `ray stop` removes
+    the container and every process in it). They are stopped before their Ray is: a driver whose GCS is gone
+    does not answer SIGTERM while it retries the GCS, and waits out the stop's grace until SIGKILL (30 s on the
+    testbed's reboot case). The workload stage starts them again (it restarts whatever runs on a restarted Ray)."""
+    if ctx.inventory.runtime.image:
+        return []
+    files = ctx.facts[host.name].files
+    return [
+        w.name
+        for w in ctx.inventory.workloads
+        if needs_ray(w)
+        and ctx.inventory.workload_head(w).name == host.name
+        and f"workload-{w.name}.pid" in files
+        and workload_exit(files, w.name) is None  # gone by itself: nothing to signal (the workload stage forgets it)
     ]
 
 
