@@ -77,6 +77,8 @@ def dashboard_cmd(
     inventory: c.InventoryOpt = None, local_port: Annotated[int, typer.Option("--local-port")] = 8265
 ) -> None:
     """Print the SSH tunnel command that reaches the Ray dashboard (it listens on the head's 127.0.0.1)."""
+    from sparkctl.plan.layout import ray_wanted
+
     inv = c.inventory(inventory)
     head = inv.head
     user = head.ssh.user or inv.ssh.user
@@ -87,6 +89,12 @@ def dashboard_cmd(
         cmd[1:1] = ["-p", str(port)]
     c.echo(shlex.join(cmd))
     c.echo(f"then open http://127.0.0.1:{local_port}")
+    if not ray_wanted(inv):
+        c.echo(
+            "note: no workload of this inventory needs Ray, so `up` does not start it and the dashboard does not "
+            "answer; `ray.form: always` in the inventory starts it anyway",
+            err=True,
+        )
 
 
 def register(app: typer.Typer) -> None:

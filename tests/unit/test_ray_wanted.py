@@ -64,3 +64,17 @@ def test_watch_shows_ray_not_needed_apart_from_ray_down() -> None:
         inv = inventory(edit)
         ctx = PlanContext(inv, {h.name: fresh_facts(inv, h) for h in inv.hosts}, digests={"ray_token": "t"})
         assert ray_node_state(ctx, inv.head) == want
+
+
+def test_dashboard_says_when_no_workload_needs_ray(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from sparkctl.cli.app import app
+
+    for text, noted in ((EXAMPLE, True), (EXAMPLE.replace("workloads:\n", "workloads:\n" + EMBED, 1), False)):
+        path = tmp_path / "inv.yaml"
+        path.write_text(text)
+        r = CliRunner().invoke(app, ["dashboard", "-i", str(path)])
+        assert r.exit_code == 0, r.output
+        assert "ssh -p 22 -N -L 8265:127.0.0.1:8265 nvidia@10.0.0.11" in r.stdout
+        assert ("no workload of this inventory needs Ray" in r.stderr) is noted, r.stderr
