@@ -270,7 +270,9 @@ class RaySettings(_Model):
 class Runtime(_Model):
     """Where Ray and the workers run on every host: a venv, or a container image."""
 
-    venv: AbsPath | None = Field(None, description="Python venv present on every host (holds ray, vllm, torch).")
+    venv: AbsPath | None = Field(
+        None, description="Python venv present on every host (vllm and torch; Ray when a workload needs it)."
+    )
     image: Annotated[str, AfterValidator(_image_name)] | None = Field(
         None,
         description="Container image (e.g. nvcr.io/nvidia/vllm:26.05-py3) run with docker on every host; needed on "
