@@ -164,9 +164,9 @@ def plan_ray_node(ctx: PlanContext, host: Host) -> list[Step]:
 
 def _ray_drivers(ctx: PlanContext, host: Host) -> list[str]:
     """The workloads on Ray whose driver process is recorded on this host (a venv's; in an image `ray stop` removes
-    the container and every process in it). They are stopped before their Ray is: a driver whose GCS is gone
-    does not answer SIGTERM while it retries the GCS, and waits out the stop's grace until SIGKILL (30 s on the
-    testbed's reboot case). The workload stage starts them again (it restarts whatever runs on a restarted Ray)."""
+    the container and every process in it). They are stopped before their Ray is: on the testbed's reboot case the
+    embed worker, stopped once its GCS was gone, did not end on SIGTERM and waited out the stop's 30 s grace until
+    SIGKILL. The workload stage starts them again (it restarts whatever runs on a restarted Ray)."""
     if ctx.inventory.runtime.image:
         return []
     files = ctx.facts[host.name].files
