@@ -162,21 +162,27 @@ def plan_ray_node(ctx: PlanContext, host: Host) -> list[Step]:
     ]
 
 
+RAY_LAUNCH_MARKERS = (paths.WORKER_FILE, "--distributed-executor-backend ray")
+"""What a recorded launch spec of a workload on Ray holds: sparkctl's embed worker, or vLLM's Ray executor."""
+
+
 def _ray_drivers(ctx: PlanContext, host: Host) -> list[str]:
-    """The workloads on Ray whose driver process is recorded on this host (a venv's; in an image `ray stop` removes
-    the container and every process in it). They are stopped before their Ray is: on the testbed's reboot case the
-    embed worker, stopped once its GCS was gone, did not end on SIGTERM and waited out the stop's 30 s grace until
-    SIGKILL. The workload stage starts them again (it restarts whatever runs on a restarted Ray)."""
+    """The workloads whose driver process is recorded on this host (a venv's; in an image `ray stop` removes the
+    container and every process in it) and was launched on Ray, as its recorded spec shows: in the inventory or
+    not (a workload removed from it keeps running, unless its Ray goes).
+
+    They are stopped before their Ray is. On the testbed's reboot case the embed worker, stopped once its GCS was
+    gone, did not end on SIGTERM and waited out the stop's 30 s grace until SIGKILL. A workload of the inventory
+    is started again by the workload stage (it restarts whatever ran on a restarted Ray)."""
     if ctx.inventory.runtime.image:
         return []
     files = ctx.facts[host.name].files
+    names = sorted(k.removeprefix("workload-").removesuffix(".pid") for k in files if k.endswith(".pid"))
     return [
-        w.name
-        for w in ctx.inventory.workloads
-        if needs_ray(w)
-        and ctx.inventory.workload_head(w).name == host.name
-        and f"workload-{w.name}.pid" in files
-        and workload_exit(files, w.name) is None  # gone by itself: nothing to signal (the workload stage forgets it)
+        name
+        for name in names
+        if any(m in files.get(f"workload-{name}.spec", "") for m in RAY_LAUNCH_MARKERS)
+        and workload_exit(files, name) is None  # gone by itself: nothing to signal (the workload stage forgets it)
     ]
 
 
@@ -221,7 +227,10 @@ def _ray_not_wanted(ctx: PlanContext, host: Host) -> list[Step]:
                 kind="ray_stopped",  # not ray_node: nothing that runs without Ray restarts for it
                 target="ray",
                 description=f"stop Ray: {RAY_NOT_WANTED}",
-                commands=[sh(build_ray_stop(ctx.inventory, ctx.home(host)))],
+                commands=[
+                    *(sh(build_workload_stop(ctx.inventory, n, ctx.home(host))) for n in _ray_drivers(ctx, host)),
+                    sh(build_ray_stop(ctx.inventory, ctx.home(host))),
+                ],
                 diff=[f"- ray: {running}", "+ ray: not started"],
             )
         ]

@@ -78,3 +78,30 @@ def test_dashboard_says_when_no_workload_needs_ray(tmp_path: Path) -> None:
         assert r.exit_code == 0, r.output
         assert "ssh -p 22 -N -L 8265:127.0.0.1:8265 nvidia@10.0.0.11" in r.stdout
         assert ("no workload of this inventory needs Ray" in r.stderr) is noted, r.stderr
+
+
+def test_ray_stopped_for_good_takes_the_drivers_on_it_first_and_nothing_else() -> None:
+    """A workload removed from the inventory keeps running, unless it ran on the Ray that `up` now stops: its
+    recorded launch says so (the embed worker, vLLM's Ray executor). An mp vLLM's launch does not."""
+    inv = inventory()  # chat on mp: no Ray wanted
+    raylet = Process(pid=100, user="nvidia", args=f"/r/raylet --node_ip_address={fabric_ip(inv.head)} --x")
+    old = {
+        "workload-emb.pid": "200",
+        "workload-emb.spec": "/opt/sparkctl-runtime/bin/python /home/nvidia/.local/state/sparkctl/embed_worker.py",
+        "workload-other.pid": "300",
+        "workload-other.spec": "/opt/sparkctl-runtime/bin/vllm serve m --distributed-executor-backend mp --nnodes 2",
+    }
+    facts = {h.name: fresh_facts(inv, h) for h in inv.hosts}
+    head = facts["spark-a"]
+    procs = [
+        raylet,
+        Process(pid=200, user="nvidia", args="python embed_worker.py"),
+        Process(pid=300, user="nvidia", args="vllm serve m"),
+    ]
+    facts["spark-a"] = head.model_copy(update={"processes": procs, "files": {**head.files, **old}})
+    [step] = plan_ray_node(PlanContext(inv, facts, digests={}), inv.head)
+    lines = [c.argv[-1] for c in step.commands]
+    assert step.kind == "ray_stopped" and len(lines) == 2, lines
+    assert "workload-emb.pid" in lines[0] and "kill -TERM" in lines[0]
+    assert "ray stop --force" in lines[1]
+    assert not any("workload-other" in line for line in lines)
