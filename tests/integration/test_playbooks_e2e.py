@@ -12,21 +12,13 @@ from typing import Any
 
 import pytest
 
+from tests.integration.helpers import EMBED, REPO
 from tests.testbed import TWINS, Testbed
 
 pytestmark = pytest.mark.testbed
 
-REPO = Path(__file__).resolve().parents[2]
 PLAYBOOKS = REPO / "playbooks"
 HOSTS = ["spark-a", "spark-b"]
-EMBED = {
-    "name": "embed",
-    "engine": "embed",
-    "model": "all-MiniLM-L6-v2",
-    "tensor_parallel_size": 2,
-    "port": 8100,
-    "ready_timeout": 240,
-}
 
 
 def sparkctl(env: dict[str, str], *args: str, timeout: float = 420) -> subprocess.CompletedProcess[str]:
