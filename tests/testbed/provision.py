@@ -149,9 +149,10 @@ def render_containers_conf(volumes: Sequence[str] = ()) -> str:
     """podman settings this machine needs (docs/testbed.md, "A real container engine"): it is itself a container
     (cgroup v1/hybrid, no CAP_SYS_RESOURCE), so runc with cgroupfs, and no default rlimits to raise.
 
-    `volumes` are mounted into every container the host starts (containers.conf(5), [containers] `volumes`,
-    "<directory-on-host>:<directory-in-container>:<options>"): Testbed.use_vllm("simulated") lays the SIMULATED
-    vllm over the image's this way, as it overlays the venv's on the host."""
+    `volumes` are mounted into every container the host starts ([containers] `volumes`,
+    "<directory-on-host>:<directory-in-container>:<options>": /usr/share/containers/containers.conf of Debian's
+    golang-github-containers-common 0.50.1, the library podman 4.3 reads it with). Testbed.use_vllm("simulated")
+    lays the SIMULATED vllm over the image's this way, as it overlays the venv's on the host."""
     listed = ", ".join(json.dumps(v) for v in volumes)
     return (
         "# sparkctl testbed: podman inside a fake Spark\n"
